@@ -1,0 +1,28 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "LoLDU",
+    products: [
+        // libloldu.so: the C ABI declared in include/loldu.h.
+        .library(name: "loldu", type: .dynamic, targets: ["LoLDUCAPI"]),
+    ],
+    targets: [
+        // OpenBLAS (cblas) and LAPACKE, found through pkg-config.
+        .systemLibrary(
+            name: "CLinearAlgebra",
+            pkgConfig: "openblas",
+            providers: [.apt(["libopenblas-dev", "liblapacke-dev"])]
+        ),
+        // include/loldu.h as a Clang module, for the thunks' types and for the tests.
+        .systemLibrary(name: "CLoLDU"),
+        // The Swift core: factorisation, adapter, kernels, optimisers, checkpoints.
+        .target(name: "LoLDU", dependencies: ["CLinearAlgebra"]),
+        // The @_cdecl thunks: validation and error mapping only.
+        .target(name: "LoLDUCAPI", dependencies: ["LoLDU", "CLoLDU"], exclude: ["exports.map"]),
+        .testTarget(
+            name: "LoLDUTests",
+            dependencies: ["CLoLDU", "LoLDUCAPI", "CLinearAlgebra"]
+        ),
+    ]
+)

@@ -1,0 +1,84 @@
+/// Element type of an adapter and of every buffer passed to it.
+public enum DType: Int32, Sendable {
+    case float32 = 1   // LOLDU_FLOAT32
+    case float64 = 2   // LOLDU_FLOAT64
+
+    public var byteSize: Int { self == .float32 ? 4 : 8 }
+    public var name: String { self == .float32 ? "float32" : "float64" }
+}
+
+/// Initialisation of the trainable diagonal `z` (names as in the reference code).
+public enum ZInit: Int32, Sendable, CaseIterable {
+    case lu = 0          // z = D_r
+    case constant = 1    // z_k = mean(D_r)
+    case uniform = 2     // U(-|μ|/2, |μ|/2), μ = mean(D_r)
+    case normal = 3      // N(mean(D_r), std(D_r))
+    case sUniform = 4    // U(-1, 1)
+    case sNormal = 5     // N(0, 1)
+    case ones = 6
+    case zeros = 7
+
+    public var name: String {
+        switch self {
+        case .lu: "lu"
+        case .constant: "constant"
+        case .uniform: "uniform"
+        case .normal: "normal"
+        case .sUniform: "s_uniform"
+        case .sNormal: "s_normal"
+        case .ones: "ones"
+        case .zeros: "zeros"
+        }
+    }
+}
+
+/// What the frozen residual subtracts: `W_res = W − σ₀ · P L_r diag(z_ref) U_r`.
+public enum Residual: Int32, Sendable {
+    case pivots = 0   // z_ref = D_r: the paper's behaviour
+    case initial = 1  // z_ref = z₀: the output is unchanged at initialisation for every z init
+
+    public var name: String { self == .pivots ? "pivots" : "init" }
+}
+
+/// How forward and backward compute; `auto` picks by counting FLOPs for the shape and batch.
+public enum ComputePath: Int32, Sendable, CaseIterable {
+    case auto = 0
+    case factored = 1      // y, dX and dz from the factors and the activations
+    case merged = 2        // y and dX through the cached W_eff; dz from the activations
+    case mergedWeightGrad = 3  // y and dX through W_eff; dz from the weight gradient dYᵀx
+
+    public var name: String {
+        switch self {
+        case .auto: "auto"
+        case .factored: "factored"
+        case .merged: "merged"
+        case .mergedWeightGrad: "merged_wgrad"
+        }
+    }
+}
+
+/// Everything that decides an adapter besides its weight. Validated by `validate(m:n:)`.
+public struct AdapterConfig: Sendable, Equatable {
+    public var rank: Int = 8
+    /// `σ = alpha / rank`; `0` means `alpha = rank`, so `σ = 1` (the paper's runs).
+    public var alpha: Double = 0
+    public var zInit: ZInit = .lu
+    public var residual: Residual = .pivots
+    public var seed: UInt64 = 0
+    public var trainSigma: Bool = true
+
+    public init() {}
+
+    public var effectiveAlpha: Double { alpha == 0 ? Double(rank) : alpha }
+    public var sigma: Double { effectiveAlpha / Double(rank) }
+
+    public func validate(m: Int, n: Int) throws(LoLDUError) {
+        let k = min(m, n)
+        guard rank >= 1, rank <= k else {
+            throw .invalid("config.rank must be in [1, min(m, n)] = [1, \(k)], got \(rank)")
+        }
+        guard alpha.isFinite, alpha >= 0 else {
+            throw .invalid("config.alpha must be finite and >= 0 (0 means alpha = rank), got \(alpha)")
+        }
+    }
+}

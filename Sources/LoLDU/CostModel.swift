@@ -1,0 +1,51 @@
+/// FLOP counts of one training step (forward + backward with `dX`) on each compute path,
+/// from the table in DESIGN.md; `auto` takes the cheapest for the shape and batch.
+///
+/// With `A = P L_r` (`m × r`), `h = x U_rᵀ`, `g = dY A` (both `B × r`):
+/// - factored: `4Bmn + 4Br(m + n)`, plus `2Bnr` when `h` is not kept from the forward;
+/// - merged (y, dX through `W_eff`; dz from `h`, `g`): `2mnr + 4Bmn + 2Br(m + n)`;
+/// - merged, dz through the weight gradient `G = dYᵀx`: `2mnr + 4Bmn + 2Bmn + 2mnr`.
+/// The floor is the bare frozen layer, `4Bmn`.
+public struct CostModel: Sendable {
+    public let m: Double, n: Double, r: Double, batch: Double
+
+    public init(m: Int, n: Int, rank: Int, batch: Int) {
+        self.m = Double(m); self.n = Double(n); self.r = Double(rank); self.batch = Double(batch)
+    }
+
+    /// `x Wᵀ` and `dY W`: the floor of a training step.
+    public var bareStep: Double { 4 * batch * m * n }
+    /// Building `W_eff = W + A diag(c) U_r` once.
+    public var rebuild: Double { 2 * m * n * r }
+    /// `h = x U_rᵀ`.
+    public var project: Double { 2 * batch * n * r }
+    /// `g = dY A`.
+    public var gather: Double { 2 * batch * m * r }
+    /// `dz` from a weight gradient: `G = dYᵀ x` and `diag(Aᵀ G U_rᵀ)`.
+    public var weightGradient: Double { 2 * batch * m * n + 2 * m * n * r }
+
+    public func step(_ path: ComputePath, keepsH: Bool) -> Double {
+        switch path {
+        case .factored, .auto:
+            return bareStep + 2 * (project + gather) + (keepsH ? 0 : project)
+        case .merged:
+            return rebuild + bareStep + project + gather
+        case .mergedWeightGrad:
+            return rebuild + bareStep + weightGradient
+        }
+    }
+
+    /// The cheapest path for a training step; ties go to the factored path (no `m × n` cache).
+    public func cheapest(keepsH: Bool) -> ComputePath {
+        var best = ComputePath.factored
+        for path in [ComputePath.merged, .mergedWeightGrad] where step(path, keepsH: keepsH) < step(best, keepsH: keepsH) {
+            best = path
+        }
+        return best
+    }
+
+    /// The step's FLOP lower bound as a multiple of the bare layer.
+    public func lowerBoundRatio(keepsH: Bool) -> Double {
+        step(cheapest(keepsH: keepsH), keepsH: keepsH) / bareStep
+    }
+}

@@ -1,0 +1,51 @@
+import Glibc
+
+/// An owned, 64-byte-aligned, uninitialised array of `T` whose address never changes.
+///
+/// Allocation failure is an error (`outOfMemory`), never a trap.
+public final class HeapBuffer<T>: @unchecked Sendable {
+    public let pointer: UnsafeMutablePointer<T>
+    public let count: Int
+
+    public init(count: Int) throws(LoLDUError) {
+        let (bytes, overflow) = max(count, 1).multipliedReportingOverflow(by: MemoryLayout<T>.stride)
+        guard !overflow else { throw LoLDUError(.outOfMemory, "cannot allocate \(count) elements") }
+        var raw: UnsafeMutableRawPointer?
+        guard posix_memalign(&raw, 64, bytes) == 0, let raw else {
+            throw LoLDUError(.outOfMemory, "out of memory allocating \(bytes) bytes")
+        }
+        pointer = raw.bindMemory(to: T.self, capacity: max(count, 1))
+        self.count = count
+    }
+
+    /// A copy of `count` elements from `source`.
+    public convenience init(copying source: UnsafePointer<T>, count: Int) throws(LoLDUError) {
+        try self.init(count: count)
+        pointer.update(from: source, count: count)
+    }
+
+    public convenience init(repeating value: T, count: Int) throws(LoLDUError) {
+        try self.init(count: count)
+        pointer.initialize(repeating: value, count: count)
+    }
+
+    deinit { free(pointer) }
+
+    public var buffer: UnsafeMutableBufferPointer<T> { .init(start: pointer, count: count) }
+}
+
+/// Scratch memory that grows on demand and is reused across calls (one per adapter).
+struct Scratch<T> {
+    private var storage: HeapBuffer<T>?
+
+    /// A buffer of at least `count` elements; its contents are unspecified.
+    mutating func get(_ count: Int) throws(LoLDUError) -> UnsafeMutablePointer<T> {
+        if let storage, storage.count >= count { return storage.pointer }
+        storage = nil
+        let fresh = try HeapBuffer<T>(count: count)
+        storage = fresh
+        return fresh.pointer
+    }
+
+    var bytes: Int { (storage?.count ?? 0) * MemoryLayout<T>.stride }
+}

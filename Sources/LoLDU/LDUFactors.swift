@@ -1,0 +1,140 @@
+import Glibc
+
+/// The frozen part of an adapter: the pretrained weight and its rank-`r` LDU factors.
+///
+/// `W = P L D U` by LU with partial pivoting (`k = min(m, n)`); of it we keep
+/// - `W` itself (`m × n`, row-major, bit for bit as given) and the optional bias,
+/// - `A = P L_r` (`m × r`, rows already permuted, so `P` costs nothing at run time),
+/// - `D_r = diag(U)[:r]` and `U_r = D_r⁻¹ U[:r, :]` (`r × n`, unit diagonal),
+/// - LAPACK's first `r` pivots (1-based row interchanges).
+///
+/// Only the first `r` elimination steps matter and they depend only on the first `r` columns,
+/// so the factorisation is one `getrf` of the `m × r` panel, the panel's row swaps applied to
+/// the top `r` rows, and one `trsm` for `U₁₂ = L₁₁⁻¹ (PᵀW)[:r, r:]`: `O((m + n) r²)` flops
+/// against the full factorisation's `O(m n k)`. It gives the same pivots as the first `r`
+/// steps of LAPACK's full `getrf`, and `L_r`, `D_r`, `U_r` equal to rounding.
+///
+/// Degenerate pivots: when `|D_j| ≤ max(m, n) · ε · max|W|` (rank-deficient `W`), the row
+/// `U_r[j, :]` cannot be normalised; it is set to `e_jᵀ` (unit diagonal, zeros elsewhere), so
+/// every factor stays finite. The stored `W` keeps the whole weight, so the layer is exact.
+///
+/// Immutable after creation: may be shared read-only across threads and adapters.
+public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
+    public let m: Int
+    public let n: Int
+    public let rank: Int
+    public let weight: HeapBuffer<T>
+    public let bias: HeapBuffer<T>?
+    public let lower: HeapBuffer<T>
+    public let upper: HeapBuffer<T>
+    public let diagonal: [T]
+    public let pivots: [Int32]
+    /// How many of the first `r` pivots were degenerate (see the type's documentation).
+    public let degeneratePivots: Int
+
+    /// Factors `weight` (`m × n`, row-major). Refuses NaN and ±Inf with `notFinite`.
+    public init(
+        m: Int, n: Int, rank r: Int, weight source: UnsafePointer<T>, bias biasSource: UnsafePointer<T>?
+    ) throws(LoLDUError) {
+        self.m = m
+        self.n = n
+        self.rank = r
+        weight = try HeapBuffer(copying: source, count: m * n)
+        let maxAbs = try Self.maxAbsChecked(weight.pointer, rows: m, cols: n, name: "weight")
+        if let biasSource {
+            let b = try HeapBuffer(copying: biasSource, count: m)
+            _ = try Self.maxAbsChecked(b.pointer, rows: 1, cols: m, name: "bias")
+            bias = b
+        } else {
+            bias = nil
+        }
+
+        // 1. getrf of the m × r panel W[:, :r], gathered column-major.
+        let panel = try HeapBuffer<T>(count: m * r)
+        let w = weight.pointer
+        for i in 0..<m {
+            for j in 0..<r { panel.pointer[i + j * m] = w[i * n + j] }
+        }
+        var ipiv = [Int32](repeating: 0, count: r)
+        let info = ipiv.withUnsafeMutableBufferPointer { T.getrf(m: m, n: r, a: panel.pointer, lda: m, ipiv: $0.baseAddress!) }
+        guard info >= 0 else { throw LoLDUError(.internal, "getrf rejected argument \(-info)") }
+
+        // Row permutation: row i of PᵀW is W[perm[i]].
+        var perm = Array(0..<m)
+        for j in 0..<r { perm.swapAt(j, Int(ipiv[j]) - 1) }
+
+        // 2. The top r rows of U: U₁₁ from the panel, U₁₂ = L₁₁⁻¹ (PᵀW)[:r, r:].
+        upper = try HeapBuffer(count: r * n)
+        let u = upper.pointer
+        for i in 0..<r {
+            for j in 0..<r { u[i * n + j] = j >= i ? panel.pointer[i + j * m] : 0 }
+            if n > r { (u + i * n + r).update(from: w + perm[i] * n + r, count: n - r) }
+        }
+        if n > r {
+            // The column-major panel read as row-major is L₁₁ᵀ (upper, unit): solve with its transpose.
+            T.trsm(upper: true, transA: true, unitDiagonal: true, m: r, n: n - r,
+                   a: panel.pointer, lda: m, b: u + r, ldb: n)
+        }
+
+        // 3. D_r and U_r = D_r⁻¹ U[:r, :], with the degenerate-pivot fallback.
+        let tolerance = T(max(m, n)) * T.ulpOfOne * maxAbs
+        var diagonal = [T](repeating: 0, count: r)
+        var degenerate = 0
+        for j in 0..<r {
+            let d = u[j * n + j]
+            diagonal[j] = d
+            let row = u + j * n
+            var finite = abs(d) > tolerance
+            if finite {
+                for c in (j + 1)..<n {
+                    row[c] /= d
+                    if !row[c].isFinite { finite = false; break }
+                }
+            }
+            if !finite {
+                degenerate += 1
+                for c in (j + 1)..<n { row[c] = 0 }
+            }
+            row[j] = 1
+        }
+        self.diagonal = diagonal
+        degeneratePivots = degenerate
+
+        // 4. A = P L_r: row perm[i] of A is row i of the unit lower-trapezoidal L_r.
+        lower = try HeapBuffer(count: m * r)
+        let a = lower.pointer
+        for i in 0..<m {
+            let dst = a + perm[i] * r
+            for j in 0..<r {
+                dst[j] = i > j ? panel.pointer[i + j * m] : (i == j ? 1 : 0)
+            }
+        }
+        pivots = ipiv
+    }
+
+    /// `max |x|` over a row-major block; throws `notFinite` naming the first NaN or Inf.
+    static func maxAbsChecked(
+        _ x: UnsafePointer<T>, rows: Int, cols: Int, name: String
+    ) throws(LoLDUError) -> T {
+        let count = rows * cols
+        var maxAbs: T = 0
+        var poison: T = 0  // becomes NaN as soon as one element is NaN or ±Inf
+        for i in 0..<count {
+            let v = x[i]
+            poison += v * 0
+            maxAbs = Swift.max(maxAbs, abs(v))
+        }
+        if poison.isNaN {
+            for i in 0..<count where !x[i].isFinite {
+                let at = rows == 1 ? "[\(i)]" : "[\(i / cols), \(i % cols)]"
+                throw LoLDUError(.notFinite, "\(name)\(at) is \(x[i]); every element must be finite")
+            }
+        }
+        return maxAbs
+    }
+
+    /// Bytes held beyond the weight and the bias.
+    public var factorBytes: Int {
+        (lower.count + upper.count + diagonal.count) * MemoryLayout<T>.stride + pivots.count * 4
+    }
+}

@@ -1,0 +1,258 @@
+import CLoLDU
+import LoLDU
+
+// The adapter functions of include/loldu.h: validate, call the core, map errors. Nothing else.
+
+@_cdecl("loldu_adapter_create")
+public func lolduAdapterCreate(
+    _ out: UnsafeMutablePointer<OpaquePointer?>?, _ dtypeRaw: Int32, _ m64: Int64, _ n64: Int64,
+    _ weight: UnsafeRawPointer?, _ bias: UnsafeRawPointer?, _ configPointer: UnsafePointer<loldu_config>?
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let out = try Check.nonNull(out, "out")
+        let dtype = try Check.dtype(dtypeRaw)
+        let m = try Check.size(m64, "m", minimum: 1)
+        let n = try Check.size(n64, "n", minimum: 1)
+        try Check.extent(m, n, dtype, "weight")
+        let w = try Check.buffer(weight, "weight", dtype)
+        let b = bias == nil ? nil : try Check.buffer(bias, "bias", dtype)
+        let config = try configPointer.map { c throws(LoLDUError) in try Check.config(c.pointee) } ?? AdapterConfig()
+        try config.validate(m: m, n: n)
+        let adapter = try makeAdapter(dtype: dtype, m: m, n: n, weight: w, bias: b, config: config)
+        out.pointee = adapters.insert(adapter)
+    }
+}
+
+@_cdecl("loldu_adapter_clone")
+public func lolduAdapterClone(_ out: UnsafeMutablePointer<OpaquePointer?>?, _ source: OpaquePointer?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let out = try Check.nonNull(out, "out")
+        let adapter = try adapters.get(source, "src")
+        out.pointee = adapters.insert(try adapter.cloneAdapter())
+    }
+}
+
+@_cdecl("loldu_adapter_free")
+public func lolduAdapterFree(_ handle: OpaquePointer?) {
+    adapters.remove(handle)
+}
+
+@_cdecl("loldu_adapter_get_info")
+public func lolduAdapterGetInfo(_ handle: OpaquePointer?, _ info: UnsafeMutablePointer<loldu_adapter_info>?, _ size: Int) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        let info = try Check.nonNull(info, "info")
+        let expected = MemoryLayout<loldu_adapter_info>.size
+        guard size == expected else {
+            throw .invalid("info_size must be sizeof(loldu_adapter_info) = \(expected), got \(size)")
+        }
+        var i = loldu_adapter_info()
+        i.dtype = a.dtype.rawValue
+        i.z_init = a.config.zInit.rawValue
+        i.m = Int64(a.m)
+        i.n = Int64(a.n)
+        i.rank = Int64(a.rank)
+        i.num_trainable = Int64(a.trainableCount)
+        i.degenerate_pivots = Int64(a.degeneratePivots)
+        i.alpha = a.config.effectiveAlpha
+        i.sigma = a.sigmaValue
+        i.seed = a.config.seed
+        i.residual = a.config.residual.rawValue
+        i.path = a.path.rawValue
+        i.has_bias = a.hasBias ? 1 : 0
+        i.train_sigma = a.config.trainSigma ? 1 : 0
+        i.enabled = a.enabled ? 1 : 0
+        i.merged = a.merged ? 1 : 0
+        let memory = a.memory
+        i.bytes_factors = Int64(memory.factors)
+        i.bytes_state = Int64(memory.state)
+        i.bytes_merged = Int64(memory.mergedCache)
+        i.bytes_scratch = Int64(memory.scratch)
+        info.pointee = i
+    }
+}
+
+// MARK: Parameters and gradients
+
+@_cdecl("loldu_get_z")
+public func lolduGetZ(_ handle: OpaquePointer?, _ z: UnsafeMutableRawPointer?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        let out = try Check.mutableBuffer(z, "z", a.dtype)
+        out.copyMemory(from: a.paramsPointer, byteCount: a.rank * a.dtype.byteSize)
+    }
+}
+
+@_cdecl("loldu_set_z")
+public func lolduSetZ(_ handle: OpaquePointer?, _ z: UnsafeRawPointer?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        try a.setZ(rawPointer: try Check.buffer(z, "z", a.dtype))
+    }
+}
+
+@_cdecl("loldu_get_sigma")
+public func lolduGetSigma(_ handle: OpaquePointer?, _ sigma: UnsafeMutablePointer<Double>?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        try Check.nonNull(sigma, "sigma").pointee = a.sigmaValue
+    }
+}
+
+@_cdecl("loldu_set_sigma")
+public func lolduSetSigma(_ handle: OpaquePointer?, _ sigma: Double) -> Int32 {
+    status { () throws(LoLDUError) in
+        try adapters.get(handle, "adapter").setSigma(sigma)
+    }
+}
+
+@_cdecl("loldu_params")
+public func lolduParams(
+    _ handle: OpaquePointer?, _ params: UnsafeMutablePointer<UnsafeMutableRawPointer?>?,
+    _ grads: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        params?.pointee = a.paramsPointer
+        grads?.pointee = a.gradsPointer
+    }
+}
+
+@_cdecl("loldu_bias_grad")
+public func lolduBiasGrad(_ handle: OpaquePointer?, _ db: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        try Check.nonNull(db, "db").pointee = a.biasGradPointer
+    }
+}
+
+@_cdecl("loldu_zero_grad")
+public func lolduZeroGrad(_ handle: OpaquePointer?) -> Int32 {
+    status { () throws(LoLDUError) in try adapters.get(handle, "adapter").zeroGrad() }
+}
+
+// MARK: Frozen factors
+
+@_cdecl("loldu_get_factor")
+public func lolduGetFactor(_ handle: OpaquePointer?, _ which: Int32, _ out: UnsafeMutableRawPointer?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        let factor: Factor?
+        switch which {
+        case 0: factor = .lower
+        case 1: factor = .diagonal
+        case 2: factor = .upper
+        case 3: factor = .weight
+        case 4: factor = .bias
+        case 5: factor = nil
+        default: throw .invalid("which must be a loldu_factor value in [0, 5], got \(which)")
+        }
+        let o = try Check.mutableBuffer(out, "out", a.dtype)
+        if let factor {
+            guard factor != .bias || a.hasBias else { throw .state("the adapter has no bias") }
+            a.writeFactor(factor, o)
+        } else {
+            try a.writeResidual(o)
+        }
+    }
+}
+
+@_cdecl("loldu_get_pivots")
+public func lolduGetPivots(_ handle: OpaquePointer?, _ ipiv: UnsafeMutablePointer<Int32>?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        a.writePivots(try Check.nonNull(ipiv, "ipiv"))
+    }
+}
+
+// MARK: Forward and backward
+
+/// Validates a batch size against the adapter's widest row.
+private func batchSize(_ batch: Int64, _ a: any AnyAdapter) throws(LoLDUError) -> Int {
+    let b = try Check.size(batch, "batch", minimum: 0)
+    try Check.extent(b, max(a.m, a.n), a.dtype, "a batch")
+    return b
+}
+
+@_cdecl("loldu_forward")
+public func lolduForward(
+    _ handle: OpaquePointer?, _ batch: Int64, _ x: UnsafeRawPointer?, _ y: UnsafeMutableRawPointer?,
+    _ h: UnsafeMutableRawPointer?
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        let b = try batchSize(batch, a)
+        try a.forward(batch: b, x: try Check.buffer(x, "x", a.dtype), y: try Check.mutableBuffer(y, "y", a.dtype),
+                      h: try Check.optionalBuffer(h, "h", a.dtype))
+    }
+}
+
+@_cdecl("loldu_backward")
+public func lolduBackward(
+    _ handle: OpaquePointer?, _ batch: Int64, _ x: UnsafeRawPointer?, _ dy: UnsafeRawPointer?,
+    _ dx: UnsafeMutableRawPointer?, _ h: UnsafeRawPointer?
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        let b = try batchSize(batch, a)
+        try a.backward(batch: b, x: try Check.buffer(x, "x", a.dtype), dy: try Check.buffer(dy, "dy", a.dtype),
+                       dx: try Check.optionalBuffer(dx, "dx", a.dtype),
+                       h: h == nil ? nil : try Check.buffer(h, "h", a.dtype))
+    }
+}
+
+@_cdecl("loldu_effective_weight")
+public func lolduEffectiveWeight(_ handle: OpaquePointer?, _ w: UnsafeMutableRawPointer?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        try a.writeEffectiveWeight(try Check.mutableBuffer(w, "w", a.dtype))
+    }
+}
+
+@_cdecl("loldu_weight_backward")
+public func lolduWeightBackward(_ handle: OpaquePointer?, _ dw: UnsafeRawPointer?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        try a.weightBackward(rawPointer: try Check.buffer(dw, "dw", a.dtype))
+    }
+}
+
+// MARK: Merge, enable, path
+
+@_cdecl("loldu_merge")
+public func lolduMerge(_ handle: OpaquePointer?) -> Int32 {
+    status { () throws(LoLDUError) in try adapters.get(handle, "adapter").merge() }
+}
+
+@_cdecl("loldu_unmerge")
+public func lolduUnmerge(_ handle: OpaquePointer?) -> Int32 {
+    status { () throws(LoLDUError) in try adapters.get(handle, "adapter").unmerge() }
+}
+
+@_cdecl("loldu_set_enabled")
+public func lolduSetEnabled(_ handle: OpaquePointer?, _ enabled: Int32) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        a.setEnabled(try Check.flag(enabled, "enabled"))
+    }
+}
+
+@_cdecl("loldu_set_path")
+public func lolduSetPath(_ handle: OpaquePointer?, _ path: Int32) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        a.path = try Check.path(path)
+    }
+}
+
+@_cdecl("loldu_plan")
+public func lolduPlan(
+    _ handle: OpaquePointer?, _ batch: Int64, _ keepsH: Int32, _ path: UnsafeMutablePointer<Int32>?
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        let b = try Check.size(batch, "batch", minimum: 1)
+        let keeps = try Check.flag(keepsH, "keeps_h")
+        try Check.nonNull(path, "path").pointee = a.plan(batch: b, keepsH: keeps).rawValue
+    }
+}

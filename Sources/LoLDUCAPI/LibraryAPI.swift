@@ -1,0 +1,61 @@
+import CLoLDU
+import LoLDU
+
+// Version, status strings, errors and threads: include/loldu.h, first sections.
+
+let versionMajor: UInt32 = 0, versionMinor: UInt32 = 1, versionPatch: UInt32 = 0
+
+@_cdecl("loldu_version_number")
+public func lolduVersionNumber() -> UInt32 {
+    versionMajor * 10000 + versionMinor * 100 + versionPatch
+}
+
+@_cdecl("loldu_version_string")
+public func lolduVersionString() -> UnsafePointer<CChar> {
+    cString("0.1.0")
+}
+
+@_cdecl("loldu_status_string")
+public func lolduStatusString(_ code: Int32) -> UnsafePointer<CChar> {
+    switch code {
+    case 0: cString("ok")
+    case 1: cString("invalid argument")
+    case 2: cString("null pointer")
+    case 3: cString("shape mismatch or size out of range")
+    case 4: cString("non-finite value")
+    case 5: cString("element type mismatch")
+    case 6: cString("not allowed in the current state")
+    case 7: cString("out of memory")
+    case 8: cString("invalid handle")
+    case 9: cString("input/output error")
+    case 10: cString("malformed file")
+    case 11: cString("checkpoint does not match the base weights")
+    case 12: cString("internal error")
+    default: cString("unknown status")
+    }
+}
+
+@_cdecl("loldu_last_error")
+public func lolduLastError() -> UnsafePointer<CChar> {
+    lastErrorMessage()
+}
+
+@_cdecl("loldu_set_num_threads")
+public func lolduSetNumThreads(_ threads: Int32) -> Int32 {
+    status { () throws(LoLDUError) in
+        guard threads >= 1 else { throw .invalid("threads must be >= 1, got \(threads)") }
+        BLASThreads.set(Int(threads))
+    }
+}
+
+@_cdecl("loldu_get_num_threads")
+public func lolduGetNumThreads() -> Int32 {
+    Int32(BLASThreads.count)
+}
+
+@_cdecl("loldu_config_default")
+public func lolduConfigDefault(_ config: UnsafeMutablePointer<loldu_config>?) -> Int32 {
+    status { () throws(LoLDUError) in
+        try Check.nonNull(config, "config").pointee = loldu_config(AdapterConfig())
+    }
+}

@@ -1,0 +1,96 @@
+import CLoLDU
+import LoLDU
+
+/// Argument checks shared by the thunks; each error names the argument and what was expected.
+enum Check {
+    static func nonNull<P>(_ pointer: P?, _ name: String) throws(LoLDUError) -> P {
+        guard let pointer else { throw LoLDUError(.nullPointer, "\(name) is NULL") }
+        return pointer
+    }
+
+    /// A non-null buffer of `dtype` elements, aligned for that type.
+    static func buffer(_ pointer: UnsafeRawPointer?, _ name: String, _ dtype: DType) throws(LoLDUError) -> UnsafeRawPointer {
+        let p = try nonNull(pointer, name)
+        guard Int(bitPattern: p) % dtype.byteSize == 0 else {
+            throw .invalid("\(name) must be aligned to \(dtype.byteSize) bytes for \(dtype.name)")
+        }
+        return p
+    }
+
+    static func mutableBuffer(_ pointer: UnsafeMutableRawPointer?, _ name: String, _ dtype: DType) throws(LoLDUError) -> UnsafeMutableRawPointer {
+        UnsafeMutableRawPointer(mutating: try buffer(pointer, name, dtype))
+    }
+
+    static func optionalBuffer(_ pointer: UnsafeMutableRawPointer?, _ name: String, _ dtype: DType) throws(LoLDUError) -> UnsafeMutableRawPointer? {
+        guard let pointer else { return nil }
+        return try mutableBuffer(pointer, name, dtype)
+    }
+
+    /// A size in `[minimum, 2³¹ − 1]` (BLAS integers are 32-bit).
+    static func size(_ value: Int64, _ name: String, minimum: Int64) throws(LoLDUError) -> Int {
+        guard value >= minimum, value <= Int64(Int32.max) else {
+            throw .shape("\(name) must be in [\(minimum), \(Int32.max)], got \(value)")
+        }
+        return Int(value)
+    }
+
+    /// `rows × cols` elements of `dtype` must be addressable.
+    static func extent(_ rows: Int, _ cols: Int, _ dtype: DType, _ what: String) throws(LoLDUError) {
+        let (elements, o1) = rows.multipliedReportingOverflow(by: cols)
+        let (_, o2) = elements.multipliedReportingOverflow(by: dtype.byteSize)
+        guard !o1, !o2 else { throw .shape("\(what) of \(rows) × \(cols) elements is too large") }
+    }
+
+    static func dtype(_ raw: Int32) throws(LoLDUError) -> DType {
+        guard let dtype = DType(rawValue: raw) else {
+            throw .invalid("dtype must be LOLDU_FLOAT32 (1) or LOLDU_FLOAT64 (2), got \(raw)")
+        }
+        return dtype
+    }
+
+    static func flag(_ raw: Int32, _ name: String) throws(LoLDUError) -> Bool {
+        guard raw == 0 || raw == 1 else { throw .invalid("\(name) must be 0 or 1, got \(raw)") }
+        return raw == 1
+    }
+
+    static func config(_ c: loldu_config) throws(LoLDUError) -> AdapterConfig {
+        let expected = MemoryLayout<loldu_config>.size
+        guard Int(c.struct_size) == expected else {
+            throw .invalid("config.struct_size must be sizeof(loldu_config) = \(expected), got \(c.struct_size); initialise it with loldu_config_default")
+        }
+        var config = AdapterConfig()
+        guard let zInit = ZInit(rawValue: c.z_init) else {
+            throw .invalid("config.z_init must be a loldu_z_init value in [0, 7], got \(c.z_init)")
+        }
+        guard let residual = Residual(rawValue: c.residual) else {
+            throw .invalid("config.residual must be LOLDU_RESIDUAL_PIVOTS (0) or LOLDU_RESIDUAL_INIT (1), got \(c.residual)")
+        }
+        config.rank = Int(truncatingIfNeeded: c.rank)  // range checked by validate(m:n:)
+        config.alpha = c.alpha
+        config.zInit = zInit
+        config.residual = residual
+        config.seed = c.seed
+        config.trainSigma = try flag(c.train_sigma, "config.train_sigma")
+        return config
+    }
+
+    static func path(_ raw: Int32) throws(LoLDUError) -> ComputePath {
+        guard let path = ComputePath(rawValue: raw) else {
+            throw .invalid("path must be a loldu_path value in [0, 3], got \(raw)")
+        }
+        return path
+    }
+}
+
+extension loldu_config {
+    init(_ c: AdapterConfig) {
+        self.init()
+        struct_size = UInt32(MemoryLayout<loldu_config>.size)
+        z_init = c.zInit.rawValue
+        rank = Int64(c.rank)
+        alpha = c.alpha
+        seed = c.seed
+        residual = c.residual.rawValue
+        train_sigma = c.trainSigma ? 1 : 0
+    }
+}

@@ -1,0 +1,128 @@
+import CLoLDU
+import Testing
+
+/// The partial (panel) LU against LAPACK's full factorisation, and `P L D U = W`.
+@Suite struct FactorizationTests {
+    /// (m, n, r): m > n, m < n, m = n, r = 1, r = min(m, n).
+    static let shapes: [(Int, Int, Int)] = [
+        (40, 25, 7), (25, 40, 9), (32, 32, 32), (30, 20, 1), (20, 30, 20), (50, 50, 13), (1, 6, 1), (6, 1, 1),
+    ]
+
+    @Test func panelEqualsFirstStepsOfFullGetrf() throws {
+        try check(Float.self)
+        try check(Double.self)
+
+        func check<T: TestScalar>(_: T.Type) throws {
+            var random = TestRandom(7)
+            for (m, n, r) in Self.shapes {
+                let w: [T] = random.array(m * n)
+                let adapter = try TestAdapter<T>(m: m, n: n, weight: w) { $0.rank = Int64(r) }
+
+                // Oracle: LAPACK's full getrf of W.
+                let k = min(m, n)
+                var lu = w
+                var ipiv = [Int32](repeating: 0, count: k)
+                #expect(T.oracleGetrf(m: m, n: n, a: &lu, ipiv: &ipiv) == 0)
+                var perm = Array(0..<m)
+                for j in 0..<k { perm.swapAt(j, Int(ipiv[j]) - 1) }
+                var pl = [T](repeating: 0, count: m * r)  // (P L)[:, :r]
+                for i in 0..<m {
+                    for j in 0..<r { pl[perm[i] * r + j] = i > j ? lu[i * n + j] : (i == j ? 1 : 0) }
+                }
+                let d = (0..<r).map { lu[$0 * n + $0] }
+                var ur = [T](repeating: 0, count: r * n)
+                for i in 0..<r {
+                    for j in i..<n { ur[i * n + j] = lu[i * n + j] / d[i] }
+                }
+
+                let what = "\(T.self) m=\(m) n=\(n) r=\(r)"
+                #expect(adapter.pivots == Array(ipiv[0..<r]), "\(what): pivots")
+                let tol = tolerance(T.self)
+                expectClose(adapter.factor(LOLDU_FACTOR_LOWER), pl, rtol: tol, atol: tol, "\(what): P L_r")
+                expectClose(adapter.factor(LOLDU_FACTOR_DIAG), d, rtol: tol, atol: tol, "\(what): D_r")
+                expectClose(adapter.factor(LOLDU_FACTOR_UPPER), ur, rtol: tol, atol: tol, "\(what): U_r")
+                #expect(adapter.info.degenerate_pivots == 0)
+            }
+        }
+    }
+
+    @Test func fullRankFactorsReproduceW() throws {
+        try check(Float.self)
+        try check(Double.self)
+
+        func check<T: TestScalar>(_: T.Type) throws {
+            var random = TestRandom(11)
+            for (m, n) in [(9, 5), (5, 9), (12, 12)] {
+                let k = min(m, n)
+                let w: [T] = random.array(m * n)
+                let adapter = try TestAdapter<T>(m: m, n: n, weight: w) { $0.rank = Int64(k) }
+                let a = adapter.factor(LOLDU_FACTOR_LOWER), d = adapter.factor(LOLDU_FACTOR_DIAG)
+                let u = adapter.factor(LOLDU_FACTOR_UPPER)
+                var ad = a
+                for i in 0..<m { for j in 0..<k { ad[i * k + j] *= d[j] } }
+                let product = matmul(ad, u, m, k, n)
+                let tol = tolerance(T.self)
+                expectClose(product, w.map { Double($0) }, rtol: tol, atol: tol, "\(T.self) \(m)x\(n): P L D U = W")
+                // U_r is unit upper trapezoidal; L_r, with rows un-permuted, is unit lower.
+                for i in 0..<k {
+                    #expect(u[i * n + i] == 1)
+                    for j in 0..<i { #expect(u[i * n + j] == 0) }
+                }
+                let residual = adapter.factor(LOLDU_FACTOR_RESIDUAL)
+                expectClose(residual, [Double](repeating: 0, count: m * n), rtol: 0, atol: 10 * tol,
+                            "\(T.self) \(m)x\(n): full-rank residual with z_ref = D is zero")
+            }
+        }
+    }
+
+    @Test func rankDeficientWeightStaysFinite() throws {
+        try check(Float.self)
+        try check(Double.self)
+
+        func check<T: TestScalar>(_: T.Type) throws {
+            var random = TestRandom(5)
+            let m = 7, n = 5, batch = 3
+            // Column 1 = column 0 and column 3 = 0: pivots 1 and 3 vanish.
+            var w: [T] = random.array(m * n)
+            for i in 0..<m { w[i * n + 1] = w[i * n]; w[i * n + 3] = 0 }
+            let zero = [T](repeating: 0, count: m * n)
+            for (weight, expectedDegenerate) in [(w, 2), (zero, 5)] {
+                let adapter = try TestAdapter<T>(m: m, n: n, weight: weight) { $0.rank = 5 }
+                #expect(adapter.info.degenerate_pivots == Int64(expectedDegenerate))
+                for factor in [LOLDU_FACTOR_LOWER, LOLDU_FACTOR_DIAG, LOLDU_FACTOR_UPPER, LOLDU_FACTOR_RESIDUAL] {
+                    #expect(adapter.factor(factor).allSatisfy { $0.isFinite }, "factor \(factor.rawValue) finite")
+                }
+                let x: [T] = random.array(batch * n)
+                // At initialisation the layer is exactly W, degenerate pivots or not.
+                #expect(adapter.forward(x, batch: batch) == bareLayer(x, weight, nil, batch: batch, m: m, n: n))
+                adapter.z = (0..<5).map { T($0) + 0.5 }
+                for path in allPaths {
+                    adapter.setPath(path)
+                    let y = adapter.forward(x, batch: batch)
+                    let dx = adapter.backward(x, random.array(batch * m), batch: batch)
+                    #expect(y.allSatisfy { $0.isFinite } && dx.allSatisfy { $0.isFinite })
+                    #expect(adapter.grads.allSatisfy { $0.isFinite })
+                }
+            }
+        }
+    }
+
+    @Test func nonFiniteWeightIsRefused() {
+        for bad in [Double.nan, .infinity, -.infinity] {
+            var w = [Double](repeating: 1, count: 12)
+            w[1 * 4 + 2] = bad
+            let weightError = #expect(throws: LibraryError.self) {
+                _ = try TestAdapter<Double>(m: 3, n: 4, weight: w) { $0.rank = 2 }
+            }
+            #expect(weightError?.status == LOLDU_ERR_NOT_FINITE)
+            #expect(weightError?.message.contains("weight[1, 2]") == true, "\(weightError?.message ?? "")")
+            var b = [Double](repeating: 0, count: 3)
+            b[2] = bad
+            let biasError = #expect(throws: LibraryError.self) {
+                _ = try TestAdapter<Double>(m: 3, n: 4, weight: [Double](repeating: 1, count: 12), bias: b) { $0.rank = 2 }
+            }
+            #expect(biasError?.status == LOLDU_ERR_NOT_FINITE)
+            #expect(biasError?.message.contains("bias[2]") == true, "\(biasError?.message ?? "")")
+        }
+    }
+}

@@ -1,0 +1,378 @@
+/*
+ * loldu.h — LoLDU low-rank adaptation (Lower-Diag-Upper, arXiv 2410.13618) as a C library.
+ *
+ * A pretrained weight W (m × n, as torch.nn.Linear: m = out_features, n = in_features) is
+ * factored once by LU with partial pivoting, W = P L D U. An adapter of rank r trains only the
+ * r entries of a diagonal z (and optionally one scale σ):
+ *
+ *     W_eff = W_res + σ · P L_r diag(z) U_r,    W_res = W − σ₀ · P L_r diag(z_ref) U_r,
+ *     y     = x W_effᵀ + b                      for a batch x of B rows (B × n).
+ *
+ * Conventions
+ *   - Every matrix is row-major and contiguous: W and W_eff are m × n, x is B × n, y is B × m.
+ *   - Every buffer is of the adapter's element type (float for LOLDU_FLOAT32, double for
+ *     LOLDU_FLOAT64), aligned for that type, and owned by the caller. Each function says which
+ *     buffers it reads, writes (overwrites) or accumulates into. The library copies W and the
+ *     bias at creation and keeps no pointer to any caller buffer after a call returns.
+ *   - Every function that can fail returns a loldu_status. On failure nothing is written to
+ *     the outputs, and loldu_last_error() names the argument and what was expected.
+ *   - No input makes a function crash: NULL or stale handles, NULL buffers, bad sizes and
+ *     unknown enum values are all answered with a status.
+ *
+ * Thread safety
+ *   - Different adapters may be used from different threads at the same time.
+ *   - One adapter is used by one thread at a time (forward may rebuild a cached merged weight,
+ *     backward accumulates gradients). The frozen factors are immutable: loldu_adapter_clone()
+ *     gives a second adapter that shares them read-only, with its own z, σ and gradients.
+ *   - loldu_last_error() is per thread.
+ *
+ * Threads: BLAS runs with loldu_set_num_threads() threads (OpenBLAS's default otherwise). In a
+ * process that also runs another thread pool (PyTorch, OpenMP), set it to that pool's size or
+ * to 1 per worker process to avoid oversubscribing the cores.
+ */
+#ifndef LOLDU_H
+#define LOLDU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32) && defined(LOLDU_BUILDING)
+#  define LOLDU_API __declspec(dllexport)
+#elif defined(_WIN32)
+#  define LOLDU_API __declspec(dllimport)
+#elif defined(__GNUC__) || defined(__clang__)
+#  define LOLDU_API __attribute__((visibility("default")))
+#else
+#  define LOLDU_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------------------------------
+ * Version
+ * ------------------------------------------------------------------------------------- */
+
+#define LOLDU_VERSION_MAJOR 0
+#define LOLDU_VERSION_MINOR 1
+#define LOLDU_VERSION_PATCH 0
+#define LOLDU_VERSION_NUMBER (LOLDU_VERSION_MAJOR * 10000 + LOLDU_VERSION_MINOR * 100 + LOLDU_VERSION_PATCH)
+#define LOLDU_VERSION_STRING "0.1.0"
+
+/** @return the library's LOLDU_VERSION_NUMBER, to compare with the header's at run time. */
+LOLDU_API unsigned loldu_version_number(void);
+
+/** @return the library's version as "major.minor.patch" (static storage). */
+LOLDU_API const char *loldu_version_string(void);
+
+/* ---------------------------------------------------------------------------------------
+ * Status codes and errors. The values are fixed and never renumbered.
+ * ------------------------------------------------------------------------------------- */
+
+typedef enum loldu_status {
+    LOLDU_OK = 0,
+    LOLDU_ERR_INVALID_ARGUMENT = 1, /* a value out of range, or an unknown enum value */
+    LOLDU_ERR_NULL_POINTER = 2,     /* a required pointer is NULL */
+    LOLDU_ERR_SHAPE = 3,            /* sizes that disagree, are negative or are too large */
+    LOLDU_ERR_NOT_FINITE = 4,       /* NaN or ±Inf where finite values are required */
+    LOLDU_ERR_DTYPE = 5,            /* element types that disagree */
+    LOLDU_ERR_STATE = 6,            /* not allowed in the object's current state (e.g. merged) */
+    LOLDU_ERR_OUT_OF_MEMORY = 7,
+    LOLDU_ERR_INVALID_HANDLE = 8,   /* not a live handle (never created, or already freed) */
+    LOLDU_ERR_IO = 9,               /* a file could not be read or written */
+    LOLDU_ERR_FORMAT = 10,          /* a file is malformed or of an unsupported version */
+    LOLDU_ERR_MISMATCH = 11,        /* a checkpoint does not match the base weights */
+    LOLDU_ERR_INTERNAL = 12         /* a library bug or a LAPACK failure: please report it */
+} loldu_status;
+
+/** @return a short static description of `status` ("unknown status" for other values). */
+LOLDU_API const char *loldu_status_string(int status);
+
+/**
+ * @return the message of the last failed call on this thread, naming the argument and what was
+ * expected (e.g. "config.rank must be in [1, min(m, n)] = [1, 64], got 0"), or "" if none.
+ * Valid until the next failing call on the same thread. Successful calls do not clear it.
+ */
+LOLDU_API const char *loldu_last_error(void);
+
+/* ---------------------------------------------------------------------------------------
+ * Enumerations (passed as int32_t inside structs)
+ * ------------------------------------------------------------------------------------- */
+
+typedef enum loldu_dtype {
+    LOLDU_FLOAT32 = 1,
+    LOLDU_FLOAT64 = 2
+} loldu_dtype;
+
+/** Initialisation of z; D_r are the first r pivots (the diagonal of U). */
+typedef enum loldu_z_init {
+    LOLDU_INIT_LU = 0,        /* z = D_r (default) */
+    LOLDU_INIT_CONSTANT = 1,  /* every z_k = mean(D_r) */
+    LOLDU_INIT_UNIFORM = 2,   /* U(-|μ|/2, |μ|/2), μ = mean(D_r) */
+    LOLDU_INIT_NORMAL = 3,    /* N(mean(D_r), std(D_r)), std with divisor r - 1 (0 if r = 1) */
+    LOLDU_INIT_S_UNIFORM = 4, /* U(-1, 1) */
+    LOLDU_INIT_S_NORMAL = 5,  /* N(0, 1) */
+    LOLDU_INIT_ONES = 6,
+    LOLDU_INIT_ZEROS = 7
+} loldu_z_init;
+
+/** What the frozen residual removes from W: W_res = W − σ₀ · P L_r diag(z_ref) U_r. */
+typedef enum loldu_residual {
+    LOLDU_RESIDUAL_PIVOTS = 0, /* z_ref = D_r (the paper; default). Output unchanged at
+                                  initialisation only for LOLDU_INIT_LU. */
+    LOLDU_RESIDUAL_INIT = 1    /* z_ref = z₀: output unchanged at initialisation for every init */
+} loldu_residual;
+
+/**
+ * How loldu_forward / loldu_backward compute. With A = P L_r, h = x U_rᵀ, g = dY A:
+ *   FACTORED      y = x Wᵀ + σ-terms through h and A; dX likewise; dz from h and g.
+ *   MERGED        y and dX through a cached W_eff (m × n, rebuilt when z or σ change);
+ *                 dz from h and g.
+ *   MERGED_WGRAD  y and dX through W_eff; dz = σ diag(Aᵀ (dYᵀ x) U_rᵀ) from the weight gradient.
+ *   AUTO          (default) the cheapest of the three by FLOP count for the shape and batch
+ *                 (see loldu_plan); a cached W_eff that is still valid is always used.
+ * All paths compute the same values to rounding.
+ */
+typedef enum loldu_path {
+    LOLDU_PATH_AUTO = 0,
+    LOLDU_PATH_FACTORED = 1,
+    LOLDU_PATH_MERGED = 2,
+    LOLDU_PATH_MERGED_WGRAD = 3
+} loldu_path;
+
+/** Frozen quantities readable with loldu_get_factor. */
+typedef enum loldu_factor {
+    LOLDU_FACTOR_LOWER = 0,    /* A = P L_r, m × rank: L_r's rows already permuted */
+    LOLDU_FACTOR_DIAG = 1,     /* D_r, rank */
+    LOLDU_FACTOR_UPPER = 2,    /* U_r, rank × n, unit upper trapezoidal */
+    LOLDU_FACTOR_WEIGHT = 3,   /* the pretrained W, m × n, exactly as given */
+    LOLDU_FACTOR_BIAS = 4,     /* the bias, m (LOLDU_ERR_STATE if the adapter has none) */
+    LOLDU_FACTOR_RESIDUAL = 5  /* W_res = W − σ₀ A diag(z_ref) U_r, m × n */
+} loldu_factor;
+
+/* ---------------------------------------------------------------------------------------
+ * Configuration
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct loldu_config {
+    uint32_t struct_size; /* sizeof(loldu_config); set by loldu_config_default */
+    int32_t z_init;       /* loldu_z_init; default LOLDU_INIT_LU */
+    int64_t rank;         /* r, in [1, min(m, n)]; default 8 */
+    double alpha;         /* σ = alpha / rank; 0 means alpha = rank, i.e. σ = 1 (default) */
+    uint64_t seed;        /* for the random inits; default 0. Same seed, same z on any machine */
+    int32_t residual;     /* loldu_residual; default LOLDU_RESIDUAL_PIVOTS */
+    int32_t train_sigma;  /* 1: σ is trained too (r + 1 parameters, as in the paper; default);
+                             0: σ stays alpha / rank */
+} loldu_config;
+
+/**
+ * Fills `config` with the defaults above. Always start from it: new fields get defaults.
+ * @return LOLDU_OK, or LOLDU_ERR_NULL_POINTER.
+ */
+LOLDU_API loldu_status loldu_config_default(loldu_config *config);
+
+/* ---------------------------------------------------------------------------------------
+ * Adapters
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct loldu_adapter loldu_adapter;
+
+/**
+ * Factors a pretrained weight and creates an adapter of rank config->rank.
+ *
+ * @param out     receives the new handle (set only on success); free it with loldu_adapter_free.
+ * @param dtype   LOLDU_FLOAT32 or LOLDU_FLOAT64: the element type of `weight`, `bias` and of
+ *                every buffer later passed with this adapter.
+ * @param m, n    out_features and in_features, each in [1, 2^31 − 1].
+ * @param weight  read: W, m × n row-major; copied. Every element must be finite.
+ * @param bias    read: m values, copied; or NULL for a layer without bias.
+ * @param config  read: see loldu_config; NULL means the defaults.
+ * @return LOLDU_OK; LOLDU_ERR_NOT_FINITE naming the first NaN/Inf element of W or the bias;
+ *         LOLDU_ERR_INVALID_ARGUMENT for a bad rank, alpha or enum value; LOLDU_ERR_SHAPE;
+ *         LOLDU_ERR_NULL_POINTER; LOLDU_ERR_OUT_OF_MEMORY.
+ *
+ * Cost: one LU of the m × r panel and one triangular solve, O((m + n) r²), plus a copy of W.
+ * The pivots equal those of the first r steps of LAPACK's getrf on W.
+ *
+ * Rank-deficient W: if one of the first r pivots satisfies |D_j| ≤ max(m, n)·ε·max|W|, row j of
+ * U_r cannot be normalised and is set to e_jᵀ (1 on the diagonal, 0 elsewhere); D_j is kept as
+ * computed. Every factor and every output stays finite, the layer at initialisation is still
+ * exactly W, and info.degenerate_pivots counts such pivots.
+ */
+LOLDU_API loldu_status loldu_adapter_create(loldu_adapter **out, loldu_dtype dtype, int64_t m, int64_t n,
+                                            const void *weight, const void *bias,
+                                            const loldu_config *config);
+
+/**
+ * Creates a second adapter that shares `src`'s frozen factors (no copy of W) with its own copy
+ * of the current z and σ, zero gradients, enabled and unmerged. The two may then be used from
+ * different threads.
+ */
+LOLDU_API loldu_status loldu_adapter_clone(loldu_adapter **out, const loldu_adapter *src);
+
+/** Frees an adapter. NULL is a no-op; so is a handle that is not live (already freed). */
+LOLDU_API void loldu_adapter_free(loldu_adapter *adapter);
+
+typedef struct loldu_adapter_info {
+    int32_t dtype;             /* loldu_dtype */
+    int32_t z_init;            /* loldu_z_init */
+    int64_t m, n, rank;
+    int64_t num_trainable;     /* rank, plus 1 if σ is trained */
+    int64_t degenerate_pivots; /* see loldu_adapter_create */
+    double alpha;              /* as resolved: alpha = rank when the config said 0 */
+    double sigma;              /* current σ */
+    uint64_t seed;
+    int32_t residual;          /* loldu_residual */
+    int32_t path;              /* loldu_path as set with loldu_set_path */
+    int32_t has_bias, train_sigma, enabled, merged;
+    int64_t bytes_factors;     /* memory held for A, U_r, D_r and pivots */
+    int64_t bytes_state;       /* z, σ, gradients and small per-adapter state */
+    int64_t bytes_merged;      /* the cached merged weight W_eff, if any (m × n) */
+    int64_t bytes_scratch;     /* reusable work buffers (grow with the batch) */
+} loldu_adapter_info;
+
+/**
+ * Describes an adapter.
+ * @param info_size sizeof(loldu_adapter_info), so that a newer library can serve an older caller.
+ */
+LOLDU_API loldu_status loldu_adapter_get_info(const loldu_adapter *adapter, loldu_adapter_info *info,
+                                              size_t info_size);
+
+/* ---------------------------------------------------------------------------------------
+ * Trainable parameters and gradients
+ * ------------------------------------------------------------------------------------- */
+
+/** Copies z (rank values) into `z`. */
+LOLDU_API loldu_status loldu_get_z(const loldu_adapter *adapter, void *z);
+
+/** Sets z from `z` (rank finite values, read). LOLDU_ERR_STATE while merged. */
+LOLDU_API loldu_status loldu_set_z(loldu_adapter *adapter, const void *z);
+
+/** Reads σ (converted to double). */
+LOLDU_API loldu_status loldu_get_sigma(const loldu_adapter *adapter, double *sigma);
+
+/** Sets σ (finite; rounded to the adapter's type). LOLDU_ERR_STATE while merged. */
+LOLDU_API loldu_status loldu_set_sigma(loldu_adapter *adapter, double sigma);
+
+/**
+ * Stable pointers into the adapter, valid until loldu_adapter_free, for zero-copy views
+ * (numpy, PyTorch parameters):
+ * @param params if not NULL, receives the rank + 1 trainable values: z[0..rank-1], then σ.
+ *               Writing through it changes the adapter (do not write while merged).
+ * @param grads  if not NULL, receives the rank + 1 gradients: dz[0..rank-1], then dσ
+ *               (stays 0 when σ is not trained). Accumulated by loldu_backward and
+ *               loldu_weight_backward, cleared by loldu_zero_grad.
+ */
+LOLDU_API loldu_status loldu_params(loldu_adapter *adapter, void **params, void **grads);
+
+/** Stable pointer to the accumulated bias gradient db (m values); NULL if there is no bias. */
+LOLDU_API loldu_status loldu_bias_grad(loldu_adapter *adapter, void **db);
+
+/** Sets every accumulated gradient (dz, dσ, db) to zero. */
+LOLDU_API loldu_status loldu_zero_grad(loldu_adapter *adapter);
+
+/* ---------------------------------------------------------------------------------------
+ * Frozen factors (for inspection and export)
+ * ------------------------------------------------------------------------------------- */
+
+/** Writes a frozen quantity (see loldu_factor for its shape) into `out`. */
+LOLDU_API loldu_status loldu_get_factor(const loldu_adapter *adapter, loldu_factor which, void *out);
+
+/**
+ * Writes the first `rank` pivots as LAPACK's getrf reports them: 1-based, row i was
+ * interchanged with row ipiv[i] at step i.
+ */
+LOLDU_API loldu_status loldu_get_pivots(const loldu_adapter *adapter, int32_t *ipiv);
+
+/* ---------------------------------------------------------------------------------------
+ * Forward and backward
+ * ------------------------------------------------------------------------------------- */
+
+/**
+ * y = x W_effᵀ + b.
+ * @param batch B ≥ 0 rows (0 does nothing).
+ * @param x     read: B × n.
+ * @param y     written: B × m.
+ * @param h     optional, written: h = x U_rᵀ (B × rank). Pass the same buffer to loldu_backward
+ *              with the same x to save recomputing it; NULL otherwise.
+ * While disabled, computes the pretrained layer x Wᵀ + b exactly (under either residual mode);
+ * while merged, x W_mergedᵀ + b.
+ */
+LOLDU_API loldu_status loldu_forward(loldu_adapter *adapter, int64_t batch, const void *x, void *y, void *h);
+
+/**
+ * Backward of loldu_forward for the upstream gradient dY.
+ * @param x   read: B × n, the forward's input.
+ * @param dy  read: B × m.
+ * @param dx  optional, written: dX = dY W_eff (B × n); NULL when not needed (first layer).
+ * @param h   optional, read: the h that loldu_forward wrote for this x; NULL to recompute.
+ * Accumulates dz = σ Σ_b (h ⊙ g), dσ = z · Σ_b (h ⊙ g) (when trained) into the adapter's
+ * gradients (see loldu_params) and db = Σ_b dY into loldu_bias_grad's buffer.
+ * Disabled or merged adapters do not depend on z: dz and dσ are left unchanged, dX goes
+ * through the weight they compute with.
+ */
+LOLDU_API loldu_status loldu_backward(loldu_adapter *adapter, int64_t batch, const void *x, const void *dy,
+                                      void *dx, const void *h);
+
+/**
+ * Weight space, for layers that use the weight in another way (convolution, embedding, fused
+ * projections): writes the weight the layer currently computes with, W_eff (m × n), into
+ * `w`; the pretrained W while disabled; the merged weight while merged.
+ */
+LOLDU_API loldu_status loldu_effective_weight(loldu_adapter *adapter, void *w);
+
+/**
+ * Weight space backward: maps a gradient dW with respect to W_eff (m × n, read) to
+ * dz_k += σ s_k and dσ += Σ_k z_k s_k with s_k = (Aᵀ dW U_rᵀ)_kk (accumulated, as in
+ * loldu_backward).
+ * A disabled or merged adapter leaves its gradients unchanged.
+ */
+LOLDU_API loldu_status loldu_weight_backward(loldu_adapter *adapter, const void *dw);
+
+/* ---------------------------------------------------------------------------------------
+ * Merge, enable, compute path
+ * ------------------------------------------------------------------------------------- */
+
+/**
+ * Bakes the current update into a merged weight W_eff (m × n, held by the adapter) that every
+ * later call computes with, until loldu_unmerge. W is kept, so unmerging is exact. Changing z
+ * or σ is refused while merged (LOLDU_ERR_STATE). Merging a merged adapter is a no-op.
+ */
+LOLDU_API loldu_status loldu_merge(loldu_adapter *adapter);
+
+/** Returns to computing with the live z and σ. A no-op when not merged. */
+LOLDU_API loldu_status loldu_unmerge(loldu_adapter *adapter);
+
+/**
+ * enabled = 0: the adapter computes the original pretrained layer, y = x Wᵀ + b exactly, under
+ * either residual mode (W_res + σ₀ A diag(z_ref) U_r is W); z and σ are kept and get no gradient.
+ * enabled = 1 (the initial state): the adapted layer.
+ */
+LOLDU_API loldu_status loldu_set_enabled(loldu_adapter *adapter, int enabled);
+
+/** Forces a compute path (LOLDU_PATH_AUTO to choose automatically again). */
+LOLDU_API loldu_status loldu_set_path(loldu_adapter *adapter, loldu_path path);
+
+/**
+ * The path LOLDU_PATH_AUTO takes for a training step on `batch` rows: the cheapest by FLOP count
+ * (see DESIGN.md), given whether the caller keeps h from forward to backward (`keeps_h` 0/1).
+ * Reports the forced path when one is set.
+ */
+LOLDU_API loldu_status loldu_plan(const loldu_adapter *adapter, int64_t batch, int keeps_h, loldu_path *path);
+
+/* ---------------------------------------------------------------------------------------
+ * Threads
+ * ------------------------------------------------------------------------------------- */
+
+/** Sets the number of BLAS threads for the whole process (≥ 1). */
+LOLDU_API loldu_status loldu_set_num_threads(int threads);
+
+/** @return the number of BLAS threads. */
+LOLDU_API int loldu_get_num_threads(void);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* LOLDU_H */
