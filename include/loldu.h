@@ -12,8 +12,9 @@
  *   - Every matrix is row-major and contiguous: W and W_eff are m × n, x is B × n, y is B × m.
  *   - Every buffer is of the adapter's element type (float for LOLDU_FLOAT32, double for
  *     LOLDU_FLOAT64), aligned for that type, and owned by the caller. Each function says which
- *     buffers it reads, writes (overwrites) or accumulates into. The library copies W and the
- *     bias at creation and keeps no pointer to any caller buffer after a call returns.
+ *     buffers it reads, writes (overwrites) or accumulates into. The library copies W (unless
+ *     borrowed, see loldu_config) and the bias at creation and keeps no other pointer to a
+ *     caller buffer after a call returns.
  *   - Every function that can fail returns a loldu_status. On failure nothing is written to
  *     the outputs, and loldu_last_error() names the argument and what was expected.
  *   - No input makes a function crash: NULL or stale handles, NULL buffers, bad sizes and
@@ -164,6 +165,10 @@ typedef struct loldu_config {
     int32_t residual;     /* loldu_residual; default LOLDU_RESIDUAL_PIVOTS */
     int32_t train_sigma;  /* 1: σ is trained too (r + 1 parameters, as in the paper; default);
                              0: σ stays alpha / rank */
+    int32_t borrow_weight; /* 0: the adapter keeps a copy of W (default). 1: it keeps the caller's
+                              pointer instead, like SQLITE_STATIC: no copy, no extra memory, but
+                              the caller's W must stay unchanged and alive until every adapter
+                              on it (and its clones) is freed. */
 } loldu_config;
 
 /**
@@ -185,7 +190,8 @@ typedef struct loldu_adapter loldu_adapter;
  * @param dtype   LOLDU_FLOAT32 or LOLDU_FLOAT64: the element type of `weight`, `bias` and of
  *                every buffer later passed with this adapter.
  * @param m, n    out_features and in_features, each in [1, 2^31 − 1].
- * @param weight  read: W, m × n row-major; copied. Every element must be finite.
+ * @param weight  read: W, m × n row-major; copied unless config->borrow_weight. Every element
+ *                must be finite.
  * @param bias    read: m values, copied; or NULL for a layer without bias.
  * @param config  read: see loldu_config; NULL means the defaults.
  * @return LOLDU_OK; LOLDU_ERR_NOT_FINITE naming the first NaN/Inf element of W or the bias;
@@ -225,7 +231,8 @@ typedef struct loldu_adapter_info {
     uint64_t seed;
     int32_t residual;          /* loldu_residual */
     int32_t path;              /* loldu_path as set with loldu_set_path */
-    int32_t has_bias, train_sigma, enabled, merged;
+    int32_t has_bias, train_sigma, borrow_weight, enabled, merged;
+    int64_t bytes_weight;      /* the copy of W (0 when borrowed) */
     int64_t bytes_factors;     /* memory held for A, U_r, D_r and pivots */
     int64_t bytes_state;       /* z, σ, gradients and small per-adapter state */
     int64_t bytes_merged;      /* the cached merged weight W_eff, if any (m × n) */

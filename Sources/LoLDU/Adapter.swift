@@ -43,11 +43,14 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     public var sigma: T { params.pointer[rank] }
 
     /// Factors `weight` and initialises `z` and `σ` as `config` says.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public convenience init(
         m: Int, n: Int, weight: UnsafePointer<T>, bias: UnsafePointer<T>?, config: AdapterConfig
     ) throws(LoLDUError) {
         try config.validate(m: m, n: n)
-        let factors = try LDUFactors<T>(m: m, n: n, rank: config.rank, weight: weight, bias: bias)
+        let factors = try LDUFactors<T>(
+            m: m, n: n, rank: config.rank, weight: weight, bias: bias, borrowWeight: config.borrowWeight)
         let d = factors.diagonal.map { Double($0) }
         let z0 = initialDiagonal(config.zInit, pivots: d, seed: config.seed).map { T($0) }
         let sigma0 = T(config.sigma)
@@ -76,6 +79,8 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
 
     /// A new adapter sharing these frozen factors, with a copy of the current `z` and `σ`,
     /// zero gradients, enabled and unmerged.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public func clone() throws(LoLDUError) -> Adapter<T> {
         let r = rank
         let copy = try Adapter(
@@ -105,7 +110,7 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     /// Writes `W + A diag(c) U_r` to `out` (`m × n`).
     private func buildEffective(_ c: UnsafePointer<T>, into out: UnsafeMutablePointer<T>) throws(LoLDUError) {
         let (m, n, r) = (self.m, self.n, rank)
-        out.update(from: factors.weight.pointer, count: m * n)
+        out.update(from: factors.weight, count: m * n)
         let scaled = try scratchG.get(m * r)
         let a = factors.lower.pointer
         for i in 0..<m {
@@ -132,7 +137,7 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
 
     /// The weight a disabled or merged adapter multiplies by, or `nil` when `z` is live.
     private var fixedWeight: UnsafePointer<T>? {
-        if !enabled { return UnsafePointer(factors.weight.pointer) }
+        if !enabled { return factors.weight }
         if merged, let effective { return UnsafePointer(effective.pointer) }
         return nil
     }
@@ -147,6 +152,8 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
 
     /// `y = x W_effᵀ + b` for `batch` rows: `x` is `batch × n`, `y` is `batch × m`, row-major.
     /// When `hOut` is given (`batch × r`) it receives `h = x U_rᵀ`, which ``backward`` can reuse.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public func forward(
         batch: Int, x: UnsafePointer<T>, y: UnsafeMutablePointer<T>, h hOut: UnsafeMutablePointer<T>?
     ) throws(LoLDUError) {
@@ -161,7 +168,7 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
                 weight = try effectiveWeight(current)
             } else {
                 c = current
-                weight = UnsafePointer(factors.weight.pointer)
+                weight = factors.weight
             }
         }
         let beta = fillBias(y, batch: batch)
@@ -195,6 +202,8 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     /// (when trainable) into ``grads`` and `db` into ``biasGrad``. `h` may be the `x U_rᵀ` that
     /// ``forward`` wrote for the same `x`; otherwise it is recomputed. A disabled or merged
     /// adapter does not depend on `z`: its `dz`, `dσ` are left unchanged.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public func backward(
         batch: Int, x: UnsafePointer<T>, dy: UnsafePointer<T>,
         dx: UnsafeMutablePointer<T>?, h hIn: UnsafePointer<T>?
@@ -267,7 +276,7 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
                    b: weight, ldb: n, beta: 0, c: dx, ldc: n)
         } else if let g {
             T.gemm(transA: false, transB: false, m: batch, n: n, k: m, alpha: 1, a: dy, lda: m,
-                   b: factors.weight.pointer, ldb: n, beta: 0, c: dx, ldc: n)
+                   b: factors.weight, ldb: n, beta: 0, c: dx, ldc: n)
             for b in 0..<batch {
                 for k in 0..<r { g[b * r + k] *= c[k] }
             }
@@ -304,6 +313,8 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
 
     /// Weight-space backward: for a layer that uses `W_eff` in another way (convolution,
     /// embedding), maps its weight gradient `dW` (`m × n`) to `dz` and `dσ` (accumulated).
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public func weightBackward(_ dw: UnsafePointer<T>) throws(LoLDUError) {
         guard fixedWeight == nil else { return }
         try weightScores(dw, into: scores.pointer)
@@ -312,6 +323,8 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
 
     /// Writes the weight the layer currently computes with (`m × n`): `W_eff`, the merged
     /// weight while merged, `W` while disabled.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public func writeEffectiveWeight(_ out: UnsafeMutablePointer<T>) throws(LoLDUError) {
         if let weight = fixedWeight {
             out.update(from: weight, count: m * n)
@@ -326,6 +339,8 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     }
 
     /// Writes the frozen residual `W_res = W − σ₀ A diag(z_ref) U_r` (`m × n`).
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public func writeResidual(_ out: UnsafeMutablePointer<T>) throws(LoLDUError) {
         let negated = coef.pointer
         for k in 0..<rank { negated[k] = -reference.pointer[k] }
@@ -341,6 +356,8 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
 
     /// Bakes the current update into a weight used by every call until ``unmerge()``.
     /// The pretrained `W` is kept, so unmerging is exact; merging twice is a no-op.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public func merge() throws(LoLDUError) {
         guard !merged else { return }
         _ = try effectiveWeight(currentCoef())
@@ -358,9 +375,11 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
         }
     }
 
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public func setZ(_ z: UnsafePointer<T>) throws(LoLDUError) {
         try checkMutable("z")
-        _ = try LDUFactors<T>.maxAbsChecked(z, rows: 1, cols: rank, name: "z")
+        _ = try checkedMaxAbs(z, count: rank, name: "z")
         params.pointer.update(from: z, count: rank)
     }
 
@@ -370,13 +389,13 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
         params.pointer[rank] = value
     }
 
-    /// Bytes held: the frozen factors (beyond `W` and the bias), the trainable state, the
-    /// cached merged weight, and reusable scratch.
-    public var memory: (factors: Int, state: Int, mergedCache: Int, scratch: Int) {
+    /// Bytes held: the copy of `W`, the frozen factors, the trainable state, the cached merged
+    /// weight, and reusable scratch.
+    public var memory: (weight: Int, factors: Int, state: Int, mergedCache: Int, scratch: Int) {
         let size = MemoryLayout<T>.stride
         let state = (params.count + grads.count + reference.count + effectiveCoef.count
             + coef.count + scores.count + (biasGrad?.count ?? 0)) * size
-        return (factors.factorBytes, state, (effective?.count ?? 0) * size,
+        return (factors.weightBytes, factors.factorBytes, state, (effective?.count ?? 0) * size,
                 scratchH.bytes + scratchG.bytes + scratchLarge.bytes)
     }
 }

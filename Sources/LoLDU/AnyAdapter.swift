@@ -20,7 +20,7 @@ public protocol AnyAdapter: AnyObject, Sendable {
     /// `dz` then `dσ`, at a fixed address.
     var gradsPointer: UnsafeMutableRawPointer { get }
     var biasGradPointer: UnsafeMutableRawPointer? { get }
-    var memory: (factors: Int, state: Int, mergedCache: Int, scratch: Int) { get }
+    var memory: (weight: Int, factors: Int, state: Int, mergedCache: Int, scratch: Int) { get }
 
     func forward(batch: Int, x: UnsafeRawPointer, y: UnsafeMutableRawPointer, h: UnsafeMutableRawPointer?) throws(LoLDUError)
     func backward(batch: Int, x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?, h: UnsafeRawPointer?) throws(LoLDUError)
@@ -98,7 +98,7 @@ extension Adapter: AnyAdapter {
         switch factor {
         case .lower: o.update(from: factors.lower.pointer, count: m * rank)
         case .upper: o.update(from: factors.upper.pointer, count: rank * n)
-        case .weight: o.update(from: factors.weight.pointer, count: m * n)
+        case .weight: o.update(from: factors.weight, count: m * n)
         case .diagonal: factors.diagonal.withUnsafeBufferPointer { o.update(from: $0.baseAddress!, count: rank) }
         case .bias: if let b = factors.bias { o.update(from: b.pointer, count: m) }
         }

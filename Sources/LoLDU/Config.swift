@@ -66,6 +66,8 @@ public struct AdapterConfig: Sendable, Equatable {
     public var residual: Residual = .pivots
     public var seed: UInt64 = 0
     public var trainSigma: Bool = true
+    /// Keep the caller's `W` instead of a copy (it must outlive the adapter, unchanged).
+    public var borrowWeight: Bool = false
 
     public init() {}
 

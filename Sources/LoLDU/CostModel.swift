@@ -5,6 +5,8 @@
 /// - factored: `4Bmn + 4Br(m + n)`, plus `2Bnr` when `h` is not kept from the forward;
 /// - merged (y, dX through `W_eff`; dz from `h`, `g`): `2mnr + 4Bmn + 2Br(m + n)`;
 /// - merged, dz through the weight gradient `G = dYᵀx`: `2mnr + 4Bmn + 2Bmn + 2mnr`.
+/// When the caller keeps `h` (forward writes it for backward), forward computes `h` on every
+/// path, so keeping it pays off only on the factored path.
 /// The floor is the bare frozen layer, `4Bmn`.
 public struct CostModel: Sendable {
     public let m: Double, n: Double, r: Double, batch: Double
@@ -31,7 +33,8 @@ public struct CostModel: Sendable {
         case .merged:
             return rebuild + bareStep + project + gather
         case .mergedWeightGrad:
-            return rebuild + bareStep + weightGradient
+            // dz needs no h; an h the caller asked to keep is computed for nothing.
+            return rebuild + bareStep + weightGradient + (keepsH ? project : 0)
         }
     }
 

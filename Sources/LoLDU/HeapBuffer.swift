@@ -10,10 +10,14 @@ public final class HeapBuffer<T>: @unchecked Sendable {
     public init(count: Int) throws(LoLDUError) {
         let (bytes, overflow) = max(count, 1).multipliedReportingOverflow(by: MemoryLayout<T>.stride)
         guard !overflow else { throw LoLDUError(.outOfMemory, "cannot allocate \(count) elements") }
+        // Large buffers go on 2 MiB boundaries and ask for transparent huge pages: a 64 MiB
+        // weight then costs 32 page faults instead of 16 384.
+        let huge = bytes >= 4 << 20
         var raw: UnsafeMutableRawPointer?
-        guard posix_memalign(&raw, 64, bytes) == 0, let raw else {
+        guard posix_memalign(&raw, huge ? 2 << 20 : 64, bytes) == 0, let raw else {
             throw LoLDUError(.outOfMemory, "out of memory allocating \(bytes) bytes")
         }
+        if huge { _ = madvise(raw, bytes, MADV_HUGEPAGE) }
         pointer = raw.bindMemory(to: T.self, capacity: max(count, 1))
         self.count = count
     }

@@ -3,7 +3,8 @@ import Glibc
 /// The frozen part of an adapter: the pretrained weight and its rank-`r` LDU factors.
 ///
 /// `W = P L D U` by LU with partial pivoting (`k = min(m, n)`); of it we keep
-/// - `W` itself (`m × n`, row-major, bit for bit as given) and the optional bias,
+/// - `W` itself (`m × n`, row-major, bit for bit as given: a copy, or the caller's buffer when
+///   borrowed) and the optional bias (a copy),
 /// - `A = P L_r` (`m × r`, rows already permuted, so `P` costs nothing at run time),
 /// - `D_r = diag(U)[:r]` and `U_r = D_r⁻¹ U[:r, :]` (`r × n`, unit diagonal),
 /// - LAPACK's first `r` pivots (1-based row interchanges).
@@ -23,7 +24,9 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
     public let m: Int
     public let n: Int
     public let rank: Int
-    public let weight: HeapBuffer<T>
+    /// `W`: ``weightStorage`` or, when borrowed, the caller's buffer.
+    public let weight: UnsafePointer<T>
+    private let weightStorage: HeapBuffer<T>?
     public let bias: HeapBuffer<T>?
     public let lower: HeapBuffer<T>
     public let upper: HeapBuffer<T>
@@ -33,17 +36,23 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
     public let degeneratePivots: Int
 
     /// Factors `weight` (`m × n`, row-major). Refuses NaN and ±Inf with `notFinite`.
+    /// With `borrowWeight`, keeps `source` itself instead of a copy: the caller guarantees that it
+    /// outlives every adapter on these factors and does not change.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public init(
-        m: Int, n: Int, rank r: Int, weight source: UnsafePointer<T>, bias biasSource: UnsafePointer<T>?
+        m: Int, n: Int, rank r: Int, weight source: UnsafePointer<T>, bias biasSource: UnsafePointer<T>?,
+        borrowWeight: Bool = false
     ) throws(LoLDUError) {
         self.m = m
         self.n = n
         self.rank = r
-        weight = try HeapBuffer(copying: source, count: m * n)
-        let maxAbs = try Self.maxAbsChecked(weight.pointer, rows: m, cols: n, name: "weight")
+        weightStorage = borrowWeight ? nil : try HeapBuffer(count: m * n)
+        weight = weightStorage.map { UnsafePointer($0.pointer) } ?? source
+        let maxAbs = try checkedMaxAbs(source, count: m * n, copyingTo: weightStorage?.pointer, name: "weight", columns: n)
         if let biasSource {
-            let b = try HeapBuffer(copying: biasSource, count: m)
-            _ = try Self.maxAbsChecked(b.pointer, rows: 1, cols: m, name: "bias")
+            let b = try HeapBuffer<T>(count: m)
+            _ = try checkedMaxAbs(biasSource, count: m, copyingTo: b.pointer, name: "bias")
             bias = b
         } else {
             bias = nil
@@ -51,7 +60,7 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
 
         // 1. getrf of the m × r panel W[:, :r], gathered column-major.
         let panel = try HeapBuffer<T>(count: m * r)
-        let w = weight.pointer
+        let w = weight
         for i in 0..<m {
             for j in 0..<r { panel.pointer[i + j * m] = w[i * n + j] }
         }
@@ -112,26 +121,8 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
         pivots = ipiv
     }
 
-    /// `max |x|` over a row-major block; throws `notFinite` naming the first NaN or Inf.
-    static func maxAbsChecked(
-        _ x: UnsafePointer<T>, rows: Int, cols: Int, name: String
-    ) throws(LoLDUError) -> T {
-        let count = rows * cols
-        var maxAbs: T = 0
-        var poison: T = 0  // becomes NaN as soon as one element is NaN or ±Inf
-        for i in 0..<count {
-            let v = x[i]
-            poison += v * 0
-            maxAbs = Swift.max(maxAbs, abs(v))
-        }
-        if poison.isNaN {
-            for i in 0..<count where !x[i].isFinite {
-                let at = rows == 1 ? "[\(i)]" : "[\(i / cols), \(i % cols)]"
-                throw LoLDUError(.notFinite, "\(name)\(at) is \(x[i]); every element must be finite")
-            }
-        }
-        return maxAbs
-    }
+    /// Bytes of the copy of `W` (0 when borrowed).
+    public var weightBytes: Int { (weightStorage?.count ?? 0) * MemoryLayout<T>.stride }
 
     /// Bytes held beyond the weight and the bias.
     public var factorBytes: Int {

@@ -9,6 +9,11 @@ import CLinearAlgebra
 public protocol BLASScalar: BinaryFloatingPoint, Sendable {
     static var dtype: DType { get }
 
+    /// `max |x_i|`, and whether every element is finite (see `checkedMaxAbs`).
+    static func maxMagnitude(
+        _ x: UnsafePointer<Self>, count: Int, copyingTo destination: UnsafeMutablePointer<Self>?
+    ) -> (Self, finite: Bool)
+
     /// `C = alpha · op(A) · op(B) + beta · C`, row-major, `op(A)` is `m × k`, `op(B)` is `k × n`.
     static func gemm(
         transA: Bool, transB: Bool, m: Int, n: Int, k: Int,

@@ -1,19 +1,19 @@
 import CLoLDU
+import Glibc
 import LoLDU
 
 // Version, status strings, errors and threads: include/loldu.h, first sections.
 
-let versionMajor: UInt32 = 0, versionMinor: UInt32 = 1, versionPatch: UInt32 = 0
+/// The version, from the header's macros (the single source of the version number).
+let versionNumber = UInt32(LOLDU_VERSION_MAJOR * 10000 + LOLDU_VERSION_MINOR * 100 + LOLDU_VERSION_PATCH)
+nonisolated(unsafe) let versionCString: UnsafePointer<CChar> =
+    UnsafePointer(strdup("\(LOLDU_VERSION_MAJOR).\(LOLDU_VERSION_MINOR).\(LOLDU_VERSION_PATCH)")!)
 
 @_cdecl("loldu_version_number")
-public func lolduVersionNumber() -> UInt32 {
-    versionMajor * 10000 + versionMinor * 100 + versionPatch
-}
+public func lolduVersionNumber() -> UInt32 { versionNumber }
 
 @_cdecl("loldu_version_string")
-public func lolduVersionString() -> UnsafePointer<CChar> {
-    cString("0.1.0")
-}
+public func lolduVersionString() -> UnsafePointer<CChar> { versionCString }
 
 @_cdecl("loldu_status_string")
 public func lolduStatusString(_ code: Int32) -> UnsafePointer<CChar> {

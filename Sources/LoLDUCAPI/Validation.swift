@@ -71,6 +71,7 @@ enum Check {
         config.residual = residual
         config.seed = c.seed
         config.trainSigma = try flag(c.train_sigma, "config.train_sigma")
+        config.borrowWeight = try flag(c.borrow_weight, "config.borrow_weight")
         return config
     }
 
@@ -92,5 +93,6 @@ extension loldu_config {
         seed = c.seed
         residual = c.residual.rawValue
         train_sigma = c.trainSigma ? 1 : 0
+        borrow_weight = c.borrowWeight ? 1 : 0
     }
 }

@@ -167,11 +167,41 @@ import Testing
         #expect(info.bytes_factors >= Int64(8 * (12 + 10) * 4) && info.bytes_merged == 0)
     }
 
+    @Test func borrowedWeightComputesLikeACopy() throws {
+        var random = TestRandom(67)
+        let (m, n, r, batch) = (10, 8, 4, 3)
+        let w: [Float] = random.array(m * n), x: [Float] = random.array(batch * n), dy: [Float] = random.array(batch * m)
+        let copied = try TestAdapter<Float>(m: m, n: n, weight: w) { $0.rank = Int64(r) }
+        try w.withUnsafeBufferPointer { wp in
+            // TestAdapter keeps its own array; hand the library this buffer, alive for the scope.
+            var config = loldu_config()
+            _ = loldu_config_default(&config)
+            config.rank = Int64(r)
+            config.borrow_weight = 1
+            var handle: OpaquePointer?
+            #expect(loldu_adapter_create(&handle, LOLDU_FLOAT32, Int64(m), Int64(n), wp.baseAddress, nil, &config) == LOLDU_OK)
+            defer { loldu_adapter_free(handle) }
+            var info = loldu_adapter_info()
+            #expect(loldu_adapter_get_info(handle, &info, MemoryLayout<loldu_adapter_info>.size) == LOLDU_OK)
+            #expect(info.borrow_weight == 1 && info.bytes_weight == 0)
+            #expect(copied.info.bytes_weight == Int64(m * n * 4))
+            let z: [Float] = random.array(r)
+            copied.z = z
+            #expect(loldu_set_z(handle, z) == LOLDU_OK)
+            var y = [Float](repeating: 0, count: batch * m), dx = [Float](repeating: 0, count: batch * n)
+            #expect(loldu_forward(handle, Int64(batch), x, &y, nil) == LOLDU_OK)
+            #expect(loldu_backward(handle, Int64(batch), x, dy, &dx, nil) == LOLDU_OK)
+            #expect(y == copied.forward(x, batch: batch))
+            #expect(dx == copied.backward(x, dy, batch: batch))
+        }
+    }
+
     @Test func planFollowsTheFlopCount() throws {
         // The shapes of DESIGN.md's examples (weights need not be meaningful to plan).
         let cases: [(m: Int, n: Int, r: Int, batch: Int, keepsH: Int32, expected: loldu_path)] = [
             (768, 768, 64, 4096, 1, LOLDU_PATH_MERGED),
-            (768, 768, 768, 4096, 1, LOLDU_PATH_MERGED_WGRAD),
+            (768, 768, 768, 4096, 0, LOLDU_PATH_MERGED_WGRAD),
+            (768, 768, 768, 4096, 1, LOLDU_PATH_MERGED),  // a kept h costs 2Bnr that dz via dW never uses
             (1024, 1024, 64, 256, 1, LOLDU_PATH_FACTORED),
             (768, 768, 64, 8, 0, LOLDU_PATH_FACTORED),
         ]

@@ -1,0 +1,90 @@
+# LoLDU — every command a user or CI needs. `make demo` and `make test` work on a fresh machine:
+# they install what is missing (Debian packages, Python packages), build, and run.
+
+SHELL := /bin/bash
+PREFIX ?= /usr/local
+PYTHON ?= python3
+BUILD := build
+LIBDIR := $(CURDIR)/.build/release
+LIB := $(LIBDIR)/libloldu.so
+VERSION := $(shell sed -n 's/^\#define LOLDU_VERSION_STRING "\(.*\)"/\1/p' include/loldu.h)
+SWIFT_SOURCES := $(shell find Sources include -type f) Package.swift
+
+# Debian's OpenBLAS 0.3.21 does not recognise recent Intel cores and falls back to its slowest
+# kernels (Prescott); name the right family unless the caller already chose one.
+ifeq ($(origin OPENBLAS_CORETYPE), undefined)
+OPENBLAS_CORETYPE := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo SkylakeX || \
+                       (grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo Haswell))
+endif
+ifneq ($(OPENBLAS_CORETYPE),)
+export OPENBLAS_CORETYPE
+endif
+
+APT_PACKAGES := pkg-config libopenblas-dev liblapacke-dev
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all setup build test test-swift test-c demo bench install clean
+
+all: build
+
+# --- setup: install what is missing ---------------------------------------------------------
+$(BUILD)/.apt-ready:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	@mkdir -p $(BUILD) && touch $@
+
+setup: $(BUILD)/.apt-ready
+
+# --- build: libloldu.so with the Swift runtime linked in, exporting only loldu_* ---------------
+$(LIB): $(SWIFT_SOURCES) | $(BUILD)/.apt-ready
+	swift build -c release --product loldu -Xswiftc -static-stdlib \
+	  -Xlinker --version-script=$(CURDIR)/Sources/LoLDUCAPI/exports.map
+	@if ldd $@ | grep -q libswift; then echo "error: $@ links the Swift runtime dynamically"; exit 1; fi
+
+# loldu.pc for using the library from this checkout (with an rpath, so no LD_LIBRARY_PATH).
+$(BUILD)/loldu.pc: loldu.pc.in include/loldu.h | $(BUILD)/.apt-ready
+	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(CURDIR)/include|' \
+	    -e 's|@VERSION@|$(VERSION)|' -e 's|@RPATH@|-Wl,-rpath,$${libdir} |' $< > $@
+
+build: $(LIB) $(BUILD)/loldu.pc
+
+# --- tests -------------------------------------------------------------------------------------
+CFLAGS_STRICT := -Wall -Wextra -Werror -pedantic
+
+test: test-swift test-c
+
+test-swift: $(BUILD)/.apt-ready
+	swift test
+
+$(BUILD)/quickstart: examples/c/quickstart.c build
+	cc -std=c11 $(CFLAGS_STRICT) -O2 $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu) -o $@
+
+test-c: $(BUILD)/quickstart
+	cc -std=c11 $(CFLAGS_STRICT) -Iinclude -c Tests/c/header_check.c -o $(BUILD)/header_check_c.o
+	c++ -std=c++17 $(CFLAGS_STRICT) -Iinclude -x c++ -c Tests/c/header_check.c -o $(BUILD)/header_check_cpp.o
+	$(BUILD)/quickstart
+
+# --- the main job ------------------------------------------------------------------------------
+demo: $(BUILD)/quickstart
+	$(BUILD)/quickstart
+
+# --- benchmarks: one run, ratios against baselines measured in the same process ---------------
+$(BUILD)/bench: bench/bench.c build
+	cc -std=c11 -O2 -Wall -Wextra $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu openblas lapacke) -lm -o $@
+
+bench: $(BUILD)/bench
+	$(BUILD)/bench --markdown docs/benchmarks.md
+
+# --- install -----------------------------------------------------------------------------------
+install: build
+	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -m 755 $(LIB) $(DESTDIR)$(PREFIX)/lib/
+	install -m 644 include/loldu.h $(DESTDIR)$(PREFIX)/include/
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$${prefix}/lib|' -e 's|@INCLUDEDIR@|$${prefix}/include|' \
+	    -e 's|@VERSION@|$(VERSION)|' -e 's|@RPATH@||' loldu.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/loldu.pc
+
+clean:
+	rm -rf $(BUILD) .build
