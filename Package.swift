@@ -17,7 +17,7 @@ let package = Package(
         // include/loldu.h as a Clang module, for the thunks' types and for the tests.
         .systemLibrary(name: "CLoLDU"),
         // The Swift core: factorisation, adapter, kernels, optimisers, checkpoints.
-        .target(name: "LoLDU", dependencies: ["CLinearAlgebra"]),
+        .target(name: "LoLDU", dependencies: ["CLinearAlgebra", "CLoLDU"]),
         // The @_cdecl thunks: validation and error mapping only.
         .target(name: "LoLDUCAPI", dependencies: ["LoLDU", "CLoLDU"], exclude: ["exports.map"]),
         .testTarget(

@@ -369,6 +369,157 @@ LOLDU_API loldu_status loldu_set_path(loldu_adapter *adapter, loldu_path path);
 LOLDU_API loldu_status loldu_plan(const loldu_adapter *adapter, int64_t batch, int keeps_h, loldu_path *path);
 
 /* ---------------------------------------------------------------------------------------
+ * Optimisers: torch.optim's update rules over the z and σ of any number of adapters
+ * ------------------------------------------------------------------------------------- */
+
+typedef enum loldu_optimizer_kind {
+    LOLDU_SGD = 0,   /* torch.optim.SGD: momentum, dampening, Nesterov, L2 weight decay */
+    LOLDU_ADAM = 1,  /* torch.optim.Adam: bias-corrected, L2 weight decay added to the gradient */
+    LOLDU_ADAMW = 2  /* torch.optim.AdamW: decoupled weight decay */
+} loldu_optimizer_kind;
+
+/**
+ * Learning-rate schedules, as a factor on the base rates (Hugging Face transformers'
+ * get_*_schedule_with_warmup). Step t = 0, 1, … counts completed optimiser steps; step t uses
+ *   warm-up (t < warmup_steps):  t / warmup_steps
+ *   LINEAR:   max(0, (total_steps − t) / (total_steps − warmup_steps))
+ *   COSINE:   max(0, ½ (1 + cos(π p))), p = (t − warmup_steps) / (total_steps − warmup_steps)
+ *   CONSTANT: 1 (after the warm-up, if any)
+ */
+typedef enum loldu_schedule {
+    LOLDU_SCHEDULE_CONSTANT = 0,
+    LOLDU_SCHEDULE_LINEAR = 1,
+    LOLDU_SCHEDULE_COSINE = 2
+} loldu_schedule;
+
+typedef struct loldu_optimizer_config {
+    uint32_t struct_size;       /* sizeof(loldu_optimizer_config); set by the defaults function */
+    int32_t kind;               /* loldu_optimizer_kind */
+    double lr;                  /* base learning rate of every z (> 0) */
+    double lr_sigma;            /* base learning rate of σ; < 0 means "same as lr" (default -1) */
+    double weight_decay;        /* for z (≥ 0) */
+    double weight_decay_sigma;  /* for σ (≥ 0, default 0) */
+    double momentum;            /* SGD (≥ 0) */
+    double dampening;           /* SGD (≥ 0) */
+    int32_t nesterov;           /* SGD: 0 or 1; needs momentum > 0 and dampening = 0 */
+    int32_t schedule;           /* loldu_schedule */
+    double beta1, beta2, eps;   /* Adam, AdamW: in [0, 1), [0, 1), > 0 */
+    double max_grad_norm;       /* > 0: clip the global norm of all gradients first (0 = off) */
+    int64_t warmup_steps;       /* ≥ 0 */
+    int64_t total_steps;        /* LINEAR, COSINE: > warmup_steps */
+} loldu_optimizer_config;
+
+/**
+ * Fills `config` with torch.optim's defaults for `kind`: lr 1e-3; AdamW weight_decay 1e-2,
+ * others 0; betas (0.9, 0.999), eps 1e-8; momentum 0; constant schedule; no clipping.
+ */
+LOLDU_API loldu_status loldu_optimizer_config_default(loldu_optimizer_config *config, loldu_optimizer_kind kind);
+
+typedef struct loldu_optimizer loldu_optimizer;
+
+/**
+ * Creates an optimiser over `count` ≥ 1 adapters (`adapters` read; the optimiser keeps them
+ * alive until it is freed; adapters of both element types may be mixed). Its state (momentum,
+ * first and second moments) is in each adapter's element type, as in torch.
+ */
+LOLDU_API loldu_status loldu_optimizer_create(loldu_optimizer **out, const loldu_optimizer_config *config,
+                                              loldu_adapter *const *adapters, size_t count);
+
+/** Frees an optimiser. NULL is a no-op; so is a handle that is not live. */
+LOLDU_API void loldu_optimizer_free(loldu_optimizer *optimizer);
+
+/**
+ * One optimisation step from the gradients accumulated in the adapters: clip (if configured,
+ * scaling the stored gradients as torch.nn.utils.clip_grad_norm_ does), then update every z and
+ * trainable σ at the scheduled rates. Gradients are not cleared (call loldu_optimizer_zero_grad).
+ * @param grad_norm optional, written: the global gradient norm before clipping.
+ * @return LOLDU_ERR_STATE if an adapter is merged; LOLDU_ERR_NOT_FINITE if a gradient is NaN or
+ *         infinite (nothing is updated then).
+ */
+LOLDU_API loldu_status loldu_optimizer_step(loldu_optimizer *optimizer, double *grad_norm);
+
+/** loldu_zero_grad on every adapter of the optimiser. */
+LOLDU_API loldu_status loldu_optimizer_zero_grad(loldu_optimizer *optimizer);
+
+/** The learning rates the next step will use (after the schedule), and the steps taken so far. */
+LOLDU_API loldu_status loldu_optimizer_get_lr(const loldu_optimizer *optimizer, double *lr, double *lr_sigma);
+LOLDU_API loldu_status loldu_optimizer_get_step(const loldu_optimizer *optimizer, int64_t *steps);
+
+/**
+ * Saves the optimiser's state (step count, moments, configuration) to a safetensors file,
+ * atomically: a failed or interrupted save leaves any previous file intact.
+ */
+LOLDU_API loldu_status loldu_optimizer_save(const loldu_optimizer *optimizer, const char *path);
+
+/**
+ * Restores a state saved by loldu_optimizer_save for the same configuration and adapters
+ * (same count, ranks, element types). A run resumed this way, with z and σ restored by
+ * loldu_checkpoint_apply, continues bit for bit as if it had never stopped.
+ */
+LOLDU_API loldu_status loldu_optimizer_load(loldu_optimizer *optimizer, const char *path);
+
+/* ---------------------------------------------------------------------------------------
+ * Checkpoints: a directory like PEFT's save_pretrained
+ *   adapter_model.safetensors  per layer NAME: "NAME.loldu_z" (rank values) and
+ *                              "NAME.loldu_sigma" (1 value), in the adapter's element type;
+ *                              the header's __metadata__ holds fingerprints of each layer's base
+ *                              weight and pivots. About 4·(rank + 1) bytes per layer (float).
+ *   adapter_config.json        rank, alpha, z init, residual mode, shapes, target names,
+ *                              library version.
+ * Names are the layers' names in the model, e.g. "encoder.layer.0.attention.self.query":
+ * 1 to 512 bytes of UTF-8 without control characters, all different.
+ * ------------------------------------------------------------------------------------- */
+
+/**
+ * Saves `count` ≥ 1 adapters under `names` into directory `dir` (created if missing; its parent
+ * must exist). Each file is written atomically (temporary file, fsync, rename): a failed or
+ * interrupted save leaves the previous checkpoint's files intact.
+ */
+LOLDU_API loldu_status loldu_checkpoint_save(const char *dir, loldu_adapter *const *adapters,
+                                             const char *const *names, size_t count);
+
+typedef struct loldu_checkpoint loldu_checkpoint;
+
+/**
+ * Reads and validates a checkpoint directory. Every file is treated as hostile: truncated files,
+ * bad headers, wrong dtypes or shapes, bad JSON, missing or duplicate tensors and non-finite
+ * values are LOLDU_ERR_FORMAT with a message saying what and where; an unreadable file is
+ * LOLDU_ERR_IO.
+ */
+LOLDU_API loldu_status loldu_checkpoint_open(loldu_checkpoint **out, const char *dir);
+
+/** Frees a checkpoint. NULL is a no-op. */
+LOLDU_API void loldu_checkpoint_free(loldu_checkpoint *checkpoint);
+
+/** The number of layers, and the name of layer `index` (valid until loldu_checkpoint_free). */
+LOLDU_API loldu_status loldu_checkpoint_count(const loldu_checkpoint *checkpoint, size_t *count);
+LOLDU_API loldu_status loldu_checkpoint_name(const loldu_checkpoint *checkpoint, size_t index, const char **name);
+
+/**
+ * What to create the layer's adapter with: its element type, base shape (m, n) and
+ * configuration (any output pointer may be NULL). LOLDU_ERR_MISMATCH if there is no such layer.
+ */
+LOLDU_API loldu_status loldu_checkpoint_layer(const loldu_checkpoint *checkpoint, const char *name,
+                                              loldu_dtype *dtype, int64_t *m, int64_t *n, loldu_config *config);
+
+/**
+ * Sets z and σ of `adapter` from layer `name`. The adapter's base weight and pivots must have the
+ * fingerprints that were saved, and its dtype, shape and rank must match: otherwise
+ * LOLDU_ERR_MISMATCH (nothing is changed). Outputs are then bit for bit those of the saved
+ * adapter (same machine and BLAS).
+ */
+LOLDU_API loldu_status loldu_checkpoint_apply(const loldu_checkpoint *checkpoint, const char *name,
+                                              loldu_adapter *adapter);
+
+/**
+ * Writes merged weights for serving without this library: a safetensors file with, per layer,
+ * "NAME.weight" = W_eff (m × n) and "NAME.bias" when the layer has one, in the adapter's element
+ * type. Written atomically.
+ */
+LOLDU_API loldu_status loldu_export_merged(const char *path, loldu_adapter *const *adapters,
+                                           const char *const *names, size_t count);
+
+/* ---------------------------------------------------------------------------------------
  * Threads
  * ------------------------------------------------------------------------------------- */
 

@@ -37,6 +37,12 @@ public protocol AnyAdapter: AnyObject, Sendable {
     func unmerge()
     func setEnabled(_ on: Bool)
     func cloneAdapter() throws(LoLDUError) -> any AnyAdapter
+    func checkMutable(_ what: String) throws(LoLDUError)
+    /// Sets `z` from `rank` values, rounded to the element type.
+    func setZ(values: [Double]) throws(LoLDUError)
+    /// ``fingerprint(_:)`` of the base weight's bytes, and of the pivots.
+    var weightFingerprint: String { get }
+    var pivotsFingerprint: String { get }
 }
 
 /// The frozen factors a caller can read.
@@ -117,4 +123,17 @@ extension Adapter: AnyAdapter {
     }
 
     public func cloneAdapter() throws(LoLDUError) -> any AnyAdapter { try clone() }
+
+    public func setZ(values: [Double]) throws(LoLDUError) {
+        let z = values.map { T($0) }
+        try z.withUnsafeBufferPointer { buffer throws(LoLDUError) in try setZ(buffer.baseAddress!) }
+    }
+
+    public var weightFingerprint: String {
+        fingerprint(UnsafeRawBufferPointer(start: factors.weight, count: m * n * MemoryLayout<T>.stride))
+    }
+
+    public var pivotsFingerprint: String {
+        factors.pivots.withUnsafeBytes { fingerprint($0) }
+    }
 }

@@ -1,3 +1,8 @@
+import CLoLDU
+
+/// The library's version, from the public header's macros (the one place it is written).
+public let libraryVersion = "\(LOLDU_VERSION_MAJOR).\(LOLDU_VERSION_MINOR).\(LOLDU_VERSION_PATCH)"
+
 /// Element type of an adapter and of every buffer passed to it.
 public enum DType: Int32, Sendable {
     case float32 = 1   // LOLDU_FLOAT32

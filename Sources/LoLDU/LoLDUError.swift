@@ -32,3 +32,15 @@ public struct LoLDUError: Error, CustomStringConvertible {
     public static func shape(_ message: String) -> LoLDUError { .init(.shape, message) }
     public static func state(_ message: String) -> LoLDUError { .init(.state, message) }
 }
+
+/// Runs `body` (a call through a standard-library `rethrows` function, which erases typed
+/// throws) and gives its error back its type.
+func rethrowing<R>(_ body: () throws -> R) throws(LoLDUError) -> R {
+    do {
+        return try body()
+    } catch let error as LoLDUError {
+        throw error
+    } catch {
+        throw LoLDUError(.internal, "unexpected error: \(error)")
+    }
+}

@@ -1,0 +1,124 @@
+import CLoLDU
+import Glibc
+import LoLDU
+
+// The checkpoint functions of include/loldu.h: validate, call the core, map errors.
+
+/// A checkpoint with its layer names as C strings that live as long as the handle.
+final class CheckpointHandle: @unchecked Sendable {
+    let checkpoint: Checkpoint
+    let names: [UnsafeMutablePointer<CChar>]
+
+    init(_ checkpoint: Checkpoint) {
+        self.checkpoint = checkpoint
+        names = checkpoint.layers.map { strdup($0.name)! }
+    }
+
+    deinit { names.forEach { free($0) } }
+}
+
+let checkpoints = HandleTable<CheckpointHandle>(kind: "loldu_checkpoint")
+
+extension Check {
+    /// `count` names from a C array of C strings.
+    static func names(_ list: UnsafePointer<UnsafePointer<CChar>?>?, _ count: Int) throws(LoLDUError) -> [String] {
+        let list = try nonNull(list, "names")
+        var result: [String] = []
+        for i in 0..<count {
+            guard let name = String(validatingCString: try nonNull(list[i], "names[\(i)]")) else {
+                throw .invalid("names[\(i)] is not valid UTF-8")
+            }
+            result.append(name)
+        }
+        return result
+    }
+
+    static func layerName(_ name: UnsafePointer<CChar>?) throws(LoLDUError) -> String {
+        guard let text = String(validatingCString: try nonNull(name, "name")) else {
+            throw .invalid("name is not valid UTF-8")
+        }
+        return text
+    }
+}
+
+@_cdecl("loldu_checkpoint_save")
+public func lolduCheckpointSave(
+    _ dir: UnsafePointer<CChar>?, _ list: UnsafePointer<OpaquePointer?>?,
+    _ names: UnsafePointer<UnsafePointer<CChar>?>?, _ count: Int
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let path = try Check.path(dir, "dir")
+        let chosen = try Check.adapterList(list, count)
+        try Checkpoint.save(chosen, names: try Check.names(names, count), to: path)
+    }
+}
+
+@_cdecl("loldu_export_merged")
+public func lolduExportMerged(
+    _ path: UnsafePointer<CChar>?, _ list: UnsafePointer<OpaquePointer?>?,
+    _ names: UnsafePointer<UnsafePointer<CChar>?>?, _ count: Int
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let file = try Check.path(path, "path")
+        let chosen = try Check.adapterList(list, count)
+        try Checkpoint.exportMerged(chosen, names: try Check.names(names, count), to: file)
+    }
+}
+
+@_cdecl("loldu_checkpoint_open")
+public func lolduCheckpointOpen(_ out: UnsafeMutablePointer<OpaquePointer?>?, _ dir: UnsafePointer<CChar>?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let out = try Check.nonNull(out, "out")
+        let checkpoint = try Checkpoint(directory: try Check.path(dir, "dir"))
+        out.pointee = checkpoints.insert(CheckpointHandle(checkpoint))
+    }
+}
+
+@_cdecl("loldu_checkpoint_free")
+public func lolduCheckpointFree(_ handle: OpaquePointer?) {
+    checkpoints.remove(handle)
+}
+
+@_cdecl("loldu_checkpoint_count")
+public func lolduCheckpointCount(_ handle: OpaquePointer?, _ count: UnsafeMutablePointer<Int>?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let c = try checkpoints.get(handle, "checkpoint")
+        try Check.nonNull(count, "count").pointee = c.names.count
+    }
+}
+
+@_cdecl("loldu_checkpoint_name")
+public func lolduCheckpointName(_ handle: OpaquePointer?, _ index: Int, _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let c = try checkpoints.get(handle, "checkpoint")
+        let out = try Check.nonNull(name, "name")
+        guard index >= 0, index < c.names.count else {
+            throw .invalid("index must be in [0, \(c.names.count)), got \(index)")
+        }
+        out.pointee = UnsafePointer(c.names[index])
+    }
+}
+
+@_cdecl("loldu_checkpoint_layer")
+public func lolduCheckpointLayer(
+    _ handle: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ dtype: UnsafeMutablePointer<Int32>?,
+    _ m: UnsafeMutablePointer<Int64>?, _ n: UnsafeMutablePointer<Int64>?, _ config: UnsafeMutablePointer<loldu_config>?
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let c = try checkpoints.get(handle, "checkpoint")
+        let layer = try c.checkpoint.layer(try Check.layerName(name))
+        dtype?.pointee = layer.dtype.rawValue
+        m?.pointee = Int64(layer.m)
+        n?.pointee = Int64(layer.n)
+        config?.pointee = loldu_config(layer.config)
+    }
+}
+
+@_cdecl("loldu_checkpoint_apply")
+public func lolduCheckpointApply(_ handle: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ adapter: OpaquePointer?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let c = try checkpoints.get(handle, "checkpoint")
+        let target = try adapters.get(adapter, "adapter")
+        try c.checkpoint.apply(try Check.layerName(name), to: target)
+    }
+}
