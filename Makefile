@@ -59,13 +59,21 @@ test: test-swift test-c
 test-swift: $(BUILD)/.apt-ready
 	swift test
 
-$(BUILD)/quickstart: examples/c/quickstart.c build
-	cc -std=c11 $(CFLAGS_STRICT) -O2 $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu) -o $@
+# C programs against the library, compiled through loldu.pc as a user would.
+$(BUILD)/%: examples/c/%.c build
+	cc -std=c11 $(CFLAGS_STRICT) -O2 $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu) -lm -o $@
 
-test-c: $(BUILD)/quickstart
+$(BUILD)/faults: Tests/c/faults.c build
+	cc -std=c11 $(CFLAGS_STRICT) -O2 $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu) -lm -o $@
+
+test-c: $(BUILD)/quickstart $(BUILD)/train $(BUILD)/faults
 	cc -std=c11 $(CFLAGS_STRICT) -Iinclude -c Tests/c/header_check.c -o $(BUILD)/header_check_c.o
 	c++ -std=c++17 $(CFLAGS_STRICT) -Iinclude -x c++ -c Tests/c/header_check.c -o $(BUILD)/header_check_cpp.o
 	$(BUILD)/quickstart
+	rm -rf $(BUILD)/train-checkpoint
+	$(BUILD)/train $(BUILD)/train-checkpoint
+	$(BUILD)/train --verify $(BUILD)/train-checkpoint
+	$(BUILD)/faults
 
 # --- the main job ------------------------------------------------------------------------------
 demo: $(BUILD)/quickstart

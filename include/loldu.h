@@ -22,9 +22,11 @@
  *
  * Thread safety
  *   - Different adapters may be used from different threads at the same time.
- *   - One adapter is used by one thread at a time (forward may rebuild a cached merged weight,
- *     backward accumulates gradients). The frozen factors are immutable: loldu_adapter_clone()
- *     gives a second adapter that shares them read-only, with its own z, σ and gradients.
+ *   - One adapter is used by one thread at a time, for every function, including those taking a
+ *     const adapter (forward may rebuild a cached merged weight, backward accumulates gradients,
+ *     and a reader would race with them). The frozen factors are immutable:
+ *     loldu_adapter_clone() gives a second adapter that shares them read-only, with its own z,
+ *     σ, gradients and caches, usable from another thread.
  *   - loldu_last_error() is per thread.
  *
  * Threads: BLAS runs with loldu_set_num_threads() threads (OpenBLAS's default otherwise). In a
@@ -164,7 +166,8 @@ typedef struct loldu_config {
     uint64_t seed;        /* for the random inits; default 0. Same seed, same z on any machine */
     int32_t residual;     /* loldu_residual; default LOLDU_RESIDUAL_PIVOTS */
     int32_t train_sigma;  /* 1: σ is trained too (r + 1 parameters, as in the paper; default);
-                             0: σ stays alpha / rank */
+                             0: σ gets no gradient and no optimiser update (it stays alpha / rank
+                             unless set with loldu_set_sigma) */
     int32_t borrow_weight; /* 0: the adapter keeps a copy of W (default). 1: it keeps the caller's
                               pointer instead, like SQLITE_STATIC: no copy, no extra memory, but
                               the caller's W must stay unchanged and alive until every adapter
@@ -201,10 +204,12 @@ typedef struct loldu_adapter loldu_adapter;
  * Cost: one LU of the m × r panel and one triangular solve, O((m + n) r²), plus a copy of W.
  * The pivots equal those of the first r steps of LAPACK's getrf on W.
  *
- * Rank-deficient W: if one of the first r pivots satisfies |D_j| ≤ max(m, n)·ε·max|W|, row j of
- * U_r cannot be normalised and is set to e_jᵀ (1 on the diagonal, 0 elsewhere); D_j is kept as
- * computed. Every factor and every output stays finite, the layer at initialisation is still
- * exactly W, and info.degenerate_pivots counts such pivots.
+ * Rank-deficient W: if one of the first r pivots is at the rounding level of r elimination
+ * steps, |D_j| ≤ r·ε·max|W[:, :r]|, row j of U_r cannot be normalised and is set to e_jᵀ (1 on
+ * the diagonal, 0 elsewhere); D_j is kept as computed. Every factor stays finite, the layer at
+ * initialisation is still exactly W, and info.degenerate_pivots counts such pivots. A W whose
+ * LU overflows the element type (entries near FLT_MAX in float) is LOLDU_ERR_NOT_FINITE, and an
+ * alpha that makes σ or σ·z₀ overflow (or σ round to 0) is LOLDU_ERR_INVALID_ARGUMENT.
  */
 LOLDU_API loldu_status loldu_adapter_create(loldu_adapter **out, loldu_dtype dtype, int64_t m, int64_t n,
                                             const void *weight, const void *bias,
@@ -232,7 +237,7 @@ typedef struct loldu_adapter_info {
     int32_t residual;          /* loldu_residual */
     int32_t path;              /* loldu_path as set with loldu_set_path */
     int32_t has_bias, train_sigma, borrow_weight, enabled, merged;
-    int64_t bytes_weight;      /* the copy of W (0 when borrowed) */
+    int64_t bytes_weight;      /* the copies of W (0 when borrowed) and of the bias */
     int64_t bytes_factors;     /* memory held for A, U_r, D_r and pivots */
     int64_t bytes_state;       /* z, σ, gradients and small per-adapter state */
     int64_t bytes_merged;      /* the cached merged weight W_eff, if any (m × n) */
@@ -241,7 +246,8 @@ typedef struct loldu_adapter_info {
 
 /**
  * Describes an adapter.
- * @param info_size sizeof(loldu_adapter_info), so that a newer library can serve an older caller.
+ * @param info_size sizeof(loldu_adapter_info) as the caller compiled it; the library checks it
+ *        against its own, so that a header and library of different versions are caught.
  */
 LOLDU_API loldu_status loldu_adapter_get_info(const loldu_adapter *adapter, loldu_adapter_info *info,
                                               size_t info_size);
@@ -253,13 +259,19 @@ LOLDU_API loldu_status loldu_adapter_get_info(const loldu_adapter *adapter, lold
 /** Copies z (rank values) into `z`. */
 LOLDU_API loldu_status loldu_get_z(const loldu_adapter *adapter, void *z);
 
-/** Sets z from `z` (rank finite values, read). LOLDU_ERR_STATE while merged. */
+/**
+ * Sets z from `z` (rank values, read). LOLDU_ERR_NOT_FINITE if a value, or σ·z_k − σ₀·z_ref,k,
+ * is not finite; LOLDU_ERR_STATE while merged.
+ */
 LOLDU_API loldu_status loldu_set_z(loldu_adapter *adapter, const void *z);
 
 /** Reads σ (converted to double). */
 LOLDU_API loldu_status loldu_get_sigma(const loldu_adapter *adapter, double *sigma);
 
-/** Sets σ (finite; rounded to the adapter's type). LOLDU_ERR_STATE while merged. */
+/**
+ * Sets σ (rounded to the adapter's type), trained or not. LOLDU_ERR_NOT_FINITE if σ or any
+ * σ·z_k − σ₀·z_ref,k is not finite; LOLDU_ERR_STATE while merged.
+ */
 LOLDU_API loldu_status loldu_set_sigma(loldu_adapter *adapter, double sigma);
 
 /**
@@ -298,7 +310,7 @@ LOLDU_API loldu_status loldu_get_pivots(const loldu_adapter *adapter, int32_t *i
 
 /**
  * y = x W_effᵀ + b.
- * @param batch B ≥ 0 rows (0 does nothing).
+ * @param batch B ≥ 0 rows (0 does nothing, and the buffers may then be NULL).
  * @param x     read: B × n.
  * @param y     written: B × m.
  * @param h     optional, written: h = x U_rᵀ (B × rank). Pass the same buffer to loldu_backward
@@ -344,7 +356,8 @@ LOLDU_API loldu_status loldu_weight_backward(loldu_adapter *adapter, const void 
 /**
  * Bakes the current update into a merged weight W_eff (m × n, held by the adapter) that every
  * later call computes with, until loldu_unmerge. W is kept, so unmerging is exact. Changing z
- * or σ is refused while merged (LOLDU_ERR_STATE). Merging a merged adapter is a no-op.
+ * or σ is refused while merged (LOLDU_ERR_STATE). Merging a merged adapter is a no-op. A merged
+ * weight that would not be finite is refused (LOLDU_ERR_NOT_FINITE), as PEFT's safe_merge.
  */
 LOLDU_API loldu_status loldu_merge(loldu_adapter *adapter);
 
@@ -523,7 +536,10 @@ LOLDU_API loldu_status loldu_export_merged(const char *path, loldu_adapter *cons
  * Threads
  * ------------------------------------------------------------------------------------- */
 
-/** Sets the number of BLAS threads for the whole process (≥ 1). */
+/**
+ * Sets the number of BLAS threads for the whole process (≥ 1; OpenBLAS caps it at the maximum
+ * it was built for, which loldu_get_num_threads then reports).
+ */
 LOLDU_API loldu_status loldu_set_num_threads(int threads);
 
 /** @return the number of BLAS threads. */

@@ -30,11 +30,18 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     private var effective: HeapBuffer<T>?
     private let effectiveCoef: HeapBuffer<T>
     private var effectiveValid = false
+    /// The coefficients of the last forward and how many forwards in a row used them (for
+    /// caching `W_eff` when it pays off, as in evaluation).
+    private let forwardCoef: HeapBuffer<T>
+    private var forwardsAtCoef = 0
     private let coef: HeapBuffer<T>
     private let scores: HeapBuffer<T>
-    private var scratchH = Scratch<T>()
-    private var scratchG = Scratch<T>()
-    private var scratchLarge = Scratch<T>()
+    // Reusable work buffers. Every method takes what it needs before it writes anything, so a
+    // failed allocation leaves outputs and gradients untouched.
+    private var scratchH = Scratch<T>()      // h (B × r), or Aᵀ G (r × n)
+    private var scratchG = Scratch<T>()      // g = dY A, or h ⊙ c (B × r)
+    private var scratchScaled = Scratch<T>() // A diag(c) (m × r)
+    private var scratchLarge = Scratch<T>()  // G = dYᵀ x (m × n)
 
     public var m: Int { factors.m }
     public var n: Int { factors.n }
@@ -54,9 +61,15 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
         let d = factors.diagonal.map { Double($0) }
         let z0 = initialDiagonal(config.zInit, pivots: d, seed: config.seed).map { T($0) }
         let sigma0 = T(config.sigma)
+        guard sigma0.isFinite, sigma0 != 0 else {
+            throw .invalid("config.alpha = \(config.effectiveAlpha) gives sigma = alpha / rank = \(config.sigma), which is not a finite nonzero \(T.dtype.name)")
+        }
         let zRef = config.residual == .pivots ? factors.diagonal : z0
-        try self.init(factors: factors, config: config, z: z0, sigma: sigma0,
-                      reference: zRef.map { sigma0 * $0 })
+        let reference = zRef.map { sigma0 * $0 }
+        guard z0.allSatisfy(\.isFinite), reference.allSatisfy(\.isFinite) else {
+            throw .invalid("config.alpha = \(config.effectiveAlpha): sigma times the initial diagonal overflows \(T.dtype.name); use a smaller alpha")
+        }
+        try self.init(factors: factors, config: config, z: z0, sigma: sigma0, reference: reference)
     }
 
     private init(
@@ -73,6 +86,7 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
         self.reference = try HeapBuffer(repeating: 0, count: r)
         for k in 0..<r { self.reference.pointer[k] = reference[k] }
         effectiveCoef = try HeapBuffer(repeating: 0, count: r)
+        forwardCoef = try HeapBuffer(repeating: 0, count: r)
         coef = try HeapBuffer(repeating: 0, count: r)
         scores = try HeapBuffer(repeating: 0, count: r)
     }
@@ -100,18 +114,19 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
         return c
     }
 
-    private func effectiveIsFresh(_ c: UnsafePointer<T>) -> Bool {
-        guard effectiveValid else { return false }
-        let cached = effectiveCoef.pointer
-        for k in 0..<rank where cached[k] != c[k] { return false }
+    private func same(_ a: UnsafePointer<T>, _ b: UnsafePointer<T>) -> Bool {
+        for k in 0..<rank where a[k] != b[k] { return false }
         return true
     }
 
-    /// Writes `W + A diag(c) U_r` to `out` (`m × n`).
-    private func buildEffective(_ c: UnsafePointer<T>, into out: UnsafeMutablePointer<T>) throws(LoLDUError) {
+    private func effectiveIsFresh(_ c: UnsafePointer<T>) -> Bool {
+        effectiveValid && same(effectiveCoef.pointer, c)
+    }
+
+    /// Writes `W + A diag(c) U_r` to `out` (`m × n`), with `scaled` (`m × r`) as work space.
+    private func buildEffective(_ c: UnsafePointer<T>, into out: UnsafeMutablePointer<T>, scaled: UnsafeMutablePointer<T>) {
         let (m, n, r) = (self.m, self.n, rank)
         out.update(from: factors.weight, count: m * n)
-        let scaled = try scratchG.get(m * r)
         let a = factors.lower.pointer
         for i in 0..<m {
             for k in 0..<r { scaled[i * r + k] = a[i * r + k] * c[k] }
@@ -120,18 +135,17 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
                b: factors.upper.pointer, ldb: n, beta: 1, c: out, ldc: n)
     }
 
-    /// The cached `W_eff` for `c`, rebuilt if `c` changed since it was built.
-    private func effectiveWeight(_ c: UnsafePointer<T>) throws(LoLDUError) -> UnsafePointer<T> {
+    /// Makes sure the cached `W_eff` holds `c`; everything it needs is allocated before the
+    /// cache is touched.
+    private func refreshEffective(_ c: UnsafePointer<T>) throws(LoLDUError) -> UnsafePointer<T> {
+        if effectiveIsFresh(c), let effective { return UnsafePointer(effective.pointer) }
         let cache: HeapBuffer<T>
-        if let effective { cache = effective } else {
-            cache = try HeapBuffer(count: m * n)
-            effective = cache
-        }
-        if !effectiveIsFresh(c) {
-            try buildEffective(c, into: cache.pointer)
-            effectiveCoef.pointer.update(from: c, count: rank)
-            effectiveValid = true
-        }
+        if let effective { cache = effective } else { cache = try HeapBuffer<T>(count: m * n) }
+        let scaled = try scratchScaled.get(m * rank)
+        effective = cache
+        buildEffective(c, into: cache.pointer, scaled: scaled)
+        effectiveCoef.pointer.update(from: c, count: rank)
+        effectiveValid = true
         return UnsafePointer(cache.pointer)
     }
 
@@ -148,6 +162,23 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
         return CostModel(m: m, n: n, rank: rank, batch: batch).cheapest(keepsH: keepsH)
     }
 
+    /// Whether this forward goes through `W_eff`. Besides the step plan, `auto` builds the
+    /// cache once forwards with unchanged coefficients (evaluation, gradient accumulation) have
+    /// spent as much on the factored terms as one rebuild costs: never more than twice the best.
+    private func forwardIsMerged(batch: Int, keepsH: Bool, _ c: UnsafePointer<T>) -> Bool {
+        if same(forwardCoef.pointer, c) {
+            forwardsAtCoef += 1
+        } else {
+            forwardCoef.pointer.update(from: c, count: rank)
+            forwardsAtCoef = 0
+        }
+        let planned = plan(batch: batch, keepsH: keepsH)
+        guard path == .auto else { return planned != .factored }
+        if planned != .factored || effectiveIsFresh(c) { return true }
+        let costs = CostModel(m: m, n: n, rank: rank, batch: batch)
+        return Double(forwardsAtCoef) * (costs.project + costs.gather) >= costs.rebuild
+    }
+
     // MARK: Forward and backward
 
     /// `y = x W_effᵀ + b` for `batch` rows: `x` is `batch × n`, `y` is `batch × m`, row-major.
@@ -159,29 +190,32 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     ) throws(LoLDUError) {
         guard batch > 0 else { return }
         let (m, n, r) = (self.m, self.n, rank)
-        var weight = fixedWeight
-        var c: UnsafeMutablePointer<T>? = nil
-        if weight == nil {
-            let current = currentCoef()
-            let planned = plan(batch: batch, keepsH: hOut != nil)
-            if planned != .factored || (path == .auto && effectiveIsFresh(current)) {
-                weight = try effectiveWeight(current)
+        var weight = factors.weight
+        var factored: UnsafeMutablePointer<T>? = nil  // c, when the low-rank term is added here
+        if let fixed = fixedWeight {
+            weight = fixed
+        } else {
+            let c = currentCoef()
+            if forwardIsMerged(batch: batch, keepsH: hOut != nil, c) {
+                weight = try refreshEffective(c)
             } else {
-                c = current
-                weight = factors.weight
+                factored = c
             }
         }
+        var h: UnsafeMutablePointer<T>? = hOut
+        var hc: UnsafeMutablePointer<T>? = nil
+        if factored != nil {
+            if h == nil { h = try scratchH.get(batch * r) }
+            hc = hOut == nil ? h : try scratchG.get(batch * r)
+        }
+
         let beta = fillBias(y, batch: batch)
         T.gemm(transA: false, transB: true, m: batch, n: m, k: n, alpha: 1, a: x, lda: n,
-               b: weight!, ldb: n, beta: beta, c: y, ldc: m)
-        guard c != nil || hOut != nil else { return }
-        let h: UnsafeMutablePointer<T>
-        if let hOut { h = hOut } else { h = try scratchH.get(batch * r) }
+               b: weight, ldb: n, beta: beta, c: y, ldc: m)
+        guard let h else { return }
         T.gemm(transA: false, transB: true, m: batch, n: r, k: n, alpha: 1, a: x, lda: n,
                b: factors.upper.pointer, ldb: n, beta: 0, c: h, ldc: r)
-        guard let c else { return }
-        let hc: UnsafeMutablePointer<T>
-        if hOut == nil { hc = h } else { hc = try scratchG.get(batch * r) }
+        guard let c = factored, let hc else { return }
         for b in 0..<batch {
             for k in 0..<r { hc[b * r + k] = h[b * r + k] * c[k] }
         }
@@ -210,17 +244,12 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     ) throws(LoLDUError) {
         guard batch > 0 else { return }
         let (m, n, r) = (self.m, self.n, rank)
-        if let db = biasGrad?.pointer {
-            for b in 0..<batch {
-                let row = dy + b * m
-                for i in 0..<m { db[i] += row[i] }
-            }
-        }
         if let weight = fixedWeight {
             if let dx {
                 T.gemm(transA: false, transB: false, m: batch, n: n, k: m, alpha: 1, a: dy, lda: m,
                        b: weight, ldb: n, beta: 0, c: dx, ldc: n)
             }
+            accumulateBiasGradient(dy, batch: batch)
             return
         }
 
@@ -240,40 +269,43 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
             dzFromWeight = costs.weightGradient < activations
         }
 
+        // Everything this call needs, before anything is written.
+        let needG = !dzFromWeight || (dx != nil && !dxMerged)
+        let g: UnsafeMutablePointer<T>? = needG ? try scratchG.get(batch * r) : nil
+        let work: UnsafeMutablePointer<T>? =
+            dzFromWeight ? try scratchH.get(r * n) : (hIn == nil ? try scratchH.get(batch * r) : nil)
+        let gradient: UnsafeMutablePointer<T>? = dzFromWeight ? try scratchLarge.get(m * n) : nil
+        let merged: UnsafePointer<T>? = dx != nil && dxMerged ? try refreshEffective(c) : nil
+
         // s_k = Σ_b h_bk g_bk = (Aᵀ dYᵀ x U_rᵀ)_kk; then dz = σ s and dσ = z · s.
-        var g: UnsafeMutablePointer<T>? = nil
-        if !dzFromWeight || (dx != nil && !dxMerged) {
-            let buffer = try scratchG.get(batch * r)
+        if let g {
             T.gemm(transA: false, transB: false, m: batch, n: r, k: m, alpha: 1, a: dy, lda: m,
-                   b: factors.lower.pointer, ldb: r, beta: 0, c: buffer, ldc: r)
-            g = buffer
+                   b: factors.lower.pointer, ldb: r, beta: 0, c: g, ldc: r)
         }
         let s = scores.pointer
-        if dzFromWeight {
-            let gradient = try scratchLarge.get(m * n)
+        if let gradient, let work {
             T.gemm(transA: true, transB: false, m: m, n: n, k: batch, alpha: 1, a: dy, lda: m,
                    b: x, ldb: n, beta: 0, c: gradient, ldc: n)
-            try weightScores(UnsafePointer(gradient), into: s)
+            weightScores(UnsafePointer(gradient), work: work, into: s)
         } else if let g {
             let h: UnsafePointer<T>
-            if let hIn { h = hIn } else {
-                let buffer = try scratchH.get(batch * r)
+            if let hIn { h = hIn } else if let work {
                 T.gemm(transA: false, transB: true, m: batch, n: r, k: n, alpha: 1, a: x, lda: n,
-                       b: factors.upper.pointer, ldb: n, beta: 0, c: buffer, ldc: r)
-                h = UnsafePointer(buffer)
-            }
+                       b: factors.upper.pointer, ldb: n, beta: 0, c: work, ldc: r)
+                h = UnsafePointer(work)
+            } else { return }
             s.update(repeating: 0, count: r)
             for b in 0..<batch {
                 for k in 0..<r { s[k] += h[b * r + k] * g[b * r + k] }
             }
         }
         accumulateScores(s)
+        accumulateBiasGradient(dy, batch: batch)
 
         guard let dx else { return }
-        if dxMerged {
-            let weight = try effectiveWeight(c)
+        if let merged {
             T.gemm(transA: false, transB: false, m: batch, n: n, k: m, alpha: 1, a: dy, lda: m,
-                   b: weight, ldb: n, beta: 0, c: dx, ldc: n)
+                   b: merged, ldb: n, beta: 0, c: dx, ldc: n)
         } else if let g {
             T.gemm(transA: false, transB: false, m: batch, n: n, k: m, alpha: 1, a: dy, lda: m,
                    b: factors.weight, ldb: n, beta: 0, c: dx, ldc: n)
@@ -285,16 +317,24 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
         }
     }
 
-    /// `s_k = (Aᵀ G U_rᵀ)_kk` for a weight gradient `G` (`m × n`).
-    private func weightScores(_ gradient: UnsafePointer<T>, into s: UnsafeMutablePointer<T>) throws(LoLDUError) {
+    /// `db += Σ_b dY`.
+    private func accumulateBiasGradient(_ dy: UnsafePointer<T>, batch: Int) {
+        guard let db = biasGrad?.pointer else { return }
+        for b in 0..<batch {
+            let row = dy + b * m
+            for i in 0..<m { db[i] += row[i] }
+        }
+    }
+
+    /// `s_k = (Aᵀ G U_rᵀ)_kk` for a weight gradient `G` (`m × n`), with `work` (`r × n`).
+    private func weightScores(_ gradient: UnsafePointer<T>, work: UnsafeMutablePointer<T>, into s: UnsafeMutablePointer<T>) {
         let (m, n, r) = (self.m, self.n, rank)
-        let projected = try scratchH.get(r * n)
         T.gemm(transA: true, transB: false, m: r, n: n, k: m, alpha: 1, a: factors.lower.pointer, lda: r,
-               b: gradient, ldb: n, beta: 0, c: projected, ldc: n)
+               b: gradient, ldb: n, beta: 0, c: work, ldc: n)
         let u = factors.upper.pointer
         for k in 0..<r {
             var sum: T = 0
-            for j in 0..<n { sum += projected[k * n + j] * u[k * n + j] }
+            for j in 0..<n { sum += work[k * n + j] * u[k * n + j] }
             s[k] = sum
         }
     }
@@ -317,7 +357,8 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     @_specialize(where T == Double)
     public func weightBackward(_ dw: UnsafePointer<T>) throws(LoLDUError) {
         guard fixedWeight == nil else { return }
-        try weightScores(dw, into: scores.pointer)
+        let work = try scratchH.get(rank * n)
+        weightScores(dw, work: work, into: scores.pointer)
         accumulateScores(scores.pointer)
     }
 
@@ -334,17 +375,18 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
         if effectiveIsFresh(c), let effective {
             out.update(from: effective.pointer, count: m * n)
         } else {
-            try buildEffective(c, into: out)
+            buildEffective(c, into: out, scaled: try scratchScaled.get(m * rank))
         }
     }
 
-    /// Writes the frozen residual `W_res = W − σ₀ A diag(z_ref) U_r` (`m × n`).
+    /// Writes the frozen residual `W_res = W − σ₀ A diag(z_ref) U_r` (`m × n`). Uses buffers of
+    /// its own: it changes nothing in the adapter.
     @_specialize(where T == Float)
     @_specialize(where T == Double)
     public func writeResidual(_ out: UnsafeMutablePointer<T>) throws(LoLDUError) {
-        let negated = coef.pointer
-        for k in 0..<rank { negated[k] = -reference.pointer[k] }
-        try buildEffective(negated, into: out)
+        let negated = try HeapBuffer<T>(count: rank), scaled = try HeapBuffer<T>(count: m * rank)
+        for k in 0..<rank { negated.pointer[k] = -reference.pointer[k] }
+        buildEffective(negated.pointer, into: out, scaled: scaled.pointer)
     }
 
     // MARK: State
@@ -355,12 +397,17 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     }
 
     /// Bakes the current update into a weight used by every call until ``unmerge()``.
-    /// The pretrained `W` is kept, so unmerging is exact; merging twice is a no-op.
+    /// The pretrained `W` is kept, so unmerging is exact; merging twice is a no-op. Refuses
+    /// (as PEFT's `safe_merge`) a merged weight that would not be finite.
     @_specialize(where T == Float)
     @_specialize(where T == Double)
     public func merge() throws(LoLDUError) {
         guard !merged else { return }
-        _ = try effectiveWeight(currentCoef())
+        let weight = try refreshEffective(currentCoef())
+        guard T.maxMagnitude(weight, count: m * n, copyingTo: nil).finite else {
+            effectiveValid = false
+            throw LoLDUError(.notFinite, "the merged weight would not be finite (sigma or z too large); not merged")
+        }
         merged = true
     }
 
@@ -375,27 +422,37 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
         }
     }
 
+    /// Refuses `z`, `σ` whose coefficients `σ z − σ₀ z_ref` would overflow.
+    private func checkCoefficients(z: UnsafePointer<T>, sigma: T) throws(LoLDUError) {
+        for k in 0..<rank where !(sigma * z[k] - reference.pointer[k]).isFinite {
+            throw LoLDUError(.notFinite, "sigma * z[\(k)] = \(sigma) * \(z[k]) overflows \(T.dtype.name)")
+        }
+    }
+
     @_specialize(where T == Float)
     @_specialize(where T == Double)
     public func setZ(_ z: UnsafePointer<T>) throws(LoLDUError) {
         try checkMutable("z")
         _ = try checkedMaxAbs(z, count: rank, name: "z")
+        try checkCoefficients(z: z, sigma: sigma)
         params.pointer.update(from: z, count: rank)
     }
 
     public func setSigma(_ value: T) throws(LoLDUError) {
         try checkMutable("sigma")
-        guard value.isFinite else { throw LoLDUError(.notFinite, "sigma must be finite, got \(value)") }
+        guard value.isFinite else { throw LoLDUError(.notFinite, "sigma must be finite in \(T.dtype.name), got \(value)") }
+        try checkCoefficients(z: params.pointer, sigma: value)
         params.pointer[rank] = value
     }
 
-    /// Bytes held: the copy of `W`, the frozen factors, the trainable state, the cached merged
-    /// weight, and reusable scratch.
+    /// Bytes held: the copies of `W` and the bias, the frozen factors, the trainable state, the
+    /// cached merged weight, and reusable scratch.
     public var memory: (weight: Int, factors: Int, state: Int, mergedCache: Int, scratch: Int) {
         let size = MemoryLayout<T>.stride
-        let state = (params.count + grads.count + reference.count + effectiveCoef.count
+        let state = (params.count + grads.count + reference.count + effectiveCoef.count + forwardCoef.count
             + coef.count + scores.count + (biasGrad?.count ?? 0)) * size
-        return (factors.weightBytes, factors.factorBytes, state, (effective?.count ?? 0) * size,
-                scratchH.bytes + scratchG.bytes + scratchLarge.bytes)
+        return (factors.weightBytes + (factors.bias?.count ?? 0) * size, factors.factorBytes, state,
+                (effective?.count ?? 0) * size,
+                scratchH.bytes + scratchG.bytes + scratchScaled.bytes + scratchLarge.bytes)
     }
 }

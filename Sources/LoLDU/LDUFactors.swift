@@ -15,9 +15,11 @@ import Glibc
 /// against the full factorisation's `O(m n k)`. It gives the same pivots as the first `r`
 /// steps of LAPACK's full `getrf`, and `L_r`, `D_r`, `U_r` equal to rounding.
 ///
-/// Degenerate pivots: when `|D_j| ≤ max(m, n) · ε · max|W|` (rank-deficient `W`), the row
-/// `U_r[j, :]` cannot be normalised; it is set to `e_jᵀ` (unit diagonal, zeros elsewhere), so
-/// every factor stays finite. The stored `W` keeps the whole weight, so the layer is exact.
+/// Degenerate pivots: when `|D_j| ≤ r · ε · max|W[:, :r]|` (the rounding level of `r`
+/// elimination steps on the panel: rank-deficient `W`), the row `U_r[j, :]` cannot be
+/// normalised; it is set to `e_jᵀ` (unit diagonal, zeros elsewhere), so every factor stays
+/// finite. The stored `W` keeps the whole weight, so the layer is exact. A weight whose LU
+/// overflows the element type is refused (`notFinite`).
 ///
 /// Immutable after creation: may be shared read-only across threads and adapters.
 public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
@@ -49,7 +51,7 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
         self.rank = r
         weightStorage = borrowWeight ? nil : try HeapBuffer(count: m * n)
         weight = weightStorage.map { UnsafePointer($0.pointer) } ?? source
-        let maxAbs = try checkedMaxAbs(source, count: m * n, copyingTo: weightStorage?.pointer, name: "weight", columns: n)
+        _ = try checkedMaxAbs(source, count: m * n, copyingTo: weightStorage?.pointer, name: "weight", columns: n)
         if let biasSource {
             let b = try HeapBuffer<T>(count: m)
             _ = try checkedMaxAbs(biasSource, count: m, copyingTo: b.pointer, name: "bias")
@@ -61,8 +63,13 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
         // 1. getrf of the m × r panel W[:, :r], gathered column-major.
         let panel = try HeapBuffer<T>(count: m * r)
         let w = weight
+        var panelMax: T = 0
         for i in 0..<m {
-            for j in 0..<r { panel.pointer[i + j * m] = w[i * n + j] }
+            for j in 0..<r {
+                let v = w[i * n + j]
+                panel.pointer[i + j * m] = v
+                panelMax = Swift.max(panelMax, abs(v))
+            }
         }
         var ipiv = [Int32](repeating: 0, count: r)
         let info = ipiv.withUnsafeMutableBufferPointer { T.getrf(m: m, n: r, a: panel.pointer, lda: m, ipiv: $0.baseAddress!) }
@@ -86,7 +93,7 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
         }
 
         // 3. D_r and U_r = D_r⁻¹ U[:r, :], with the degenerate-pivot fallback.
-        let tolerance = T(max(m, n)) * T.ulpOfOne * maxAbs
+        let tolerance = T(r) * T.ulpOfOne * panelMax
         var diagonal = [T](repeating: 0, count: r)
         var degenerate = 0
         for j in 0..<r {
@@ -106,6 +113,9 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
             }
             row[j] = 1
         }
+        if let j = diagonal.firstIndex(where: { !$0.isFinite }) {
+            throw LoLDUError(.notFinite, "the LU of weight overflows \(T.dtype.name): pivot \(j) is \(diagonal[j]); scale the weight down or use float64")
+        }
         self.diagonal = diagonal
         degeneratePivots = degenerate
 
@@ -117,6 +127,11 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
             for j in 0..<r {
                 dst[j] = i > j ? panel.pointer[i + j * m] : (i == j ? 1 : 0)
             }
+        }
+        guard T.maxMagnitude(a, count: m * r, copyingTo: nil).finite,
+              T.maxMagnitude(u, count: r * n, copyingTo: nil).finite
+        else {
+            throw LoLDUError(.notFinite, "the LU of weight overflows \(T.dtype.name); scale the weight down or use float64")
         }
         pivots = ipiv
     }

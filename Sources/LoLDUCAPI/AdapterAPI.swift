@@ -16,7 +16,7 @@ public func lolduAdapterCreate(
         try Check.extent(m, n, dtype, "weight")
         let w = try Check.buffer(weight, "weight", dtype)
         let b = bias == nil ? nil : try Check.buffer(bias, "bias", dtype)
-        let config = try configPointer.map { c throws(LoLDUError) in try Check.config(c.pointee) } ?? AdapterConfig()
+        let config = try configPointer.map { c throws(LoLDUError) in try Check.config(c) } ?? AdapterConfig()
         try config.validate(m: m, n: n)
         let adapter = try makeAdapter(dtype: dtype, m: m, n: n, weight: w, bias: b, config: config)
         out.pointee = adapters.insert(adapter)
@@ -184,6 +184,7 @@ public func lolduForward(
     status { () throws(LoLDUError) in
         let a = try adapters.get(handle, "adapter")
         let b = try batchSize(batch, a)
+        guard b > 0 else { return }  // an empty batch does nothing, whatever the buffers
         try a.forward(batch: b, x: try Check.buffer(x, "x", a.dtype), y: try Check.mutableBuffer(y, "y", a.dtype),
                       h: try Check.optionalBuffer(h, "h", a.dtype))
     }
@@ -197,6 +198,7 @@ public func lolduBackward(
     status { () throws(LoLDUError) in
         let a = try adapters.get(handle, "adapter")
         let b = try batchSize(batch, a)
+        guard b > 0 else { return }
         try a.backward(batch: b, x: try Check.buffer(x, "x", a.dtype), dy: try Check.buffer(dy, "dy", a.dtype),
                        dx: try Check.optionalBuffer(dx, "dx", a.dtype),
                        h: h == nil ? nil : try Check.buffer(h, "h", a.dtype))

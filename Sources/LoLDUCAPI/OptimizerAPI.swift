@@ -6,11 +6,9 @@ import LoLDU
 let optimizers = HandleTable<Optimizer>(kind: "loldu_optimizer")
 
 extension Check {
-    static func optimizerConfig(_ c: loldu_optimizer_config) throws(LoLDUError) -> OptimizerConfig {
-        let expected = MemoryLayout<loldu_optimizer_config>.size
-        guard Int(c.struct_size) == expected else {
-            throw .invalid("config.struct_size must be sizeof(loldu_optimizer_config) = \(expected), got \(c.struct_size); initialise it with loldu_optimizer_config_default")
-        }
+    static func optimizerConfig(_ pointer: UnsafePointer<loldu_optimizer_config>) throws(LoLDUError) -> OptimizerConfig {
+        try structSize(pointer, "config")
+        let c = pointer.pointee
         guard let kind = OptimizerConfig.Kind(rawValue: c.kind) else {
             throw .invalid("config.kind must be LOLDU_SGD (0), LOLDU_ADAM (1) or LOLDU_ADAMW (2), got \(c.kind)")
         }
@@ -93,7 +91,7 @@ public func lolduOptimizerCreate(
 ) -> Int32 {
     status { () throws(LoLDUError) in
         let out = try Check.nonNull(out, "out")
-        let c = try Check.optimizerConfig(try Check.nonNull(config, "config").pointee)
+        let c = try Check.optimizerConfig(try Check.nonNull(config, "config"))
         let optimizer = try Optimizer(config: c, adapters: try Check.adapterList(list, count))
         out.pointee = optimizers.insert(optimizer)
     }

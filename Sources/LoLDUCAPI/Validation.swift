@@ -53,11 +53,18 @@ enum Check {
         return raw == 1
     }
 
-    static func config(_ c: loldu_config) throws(LoLDUError) -> AdapterConfig {
-        let expected = MemoryLayout<loldu_config>.size
-        guard Int(c.struct_size) == expected else {
-            throw .invalid("config.struct_size must be sizeof(loldu_config) = \(expected), got \(c.struct_size); initialise it with loldu_config_default")
+    /// Reads `struct_size` first, so that a smaller struct is never read past its end.
+    static func structSize<S>(_ pointer: UnsafePointer<S>, _ name: String) throws(LoLDUError) {
+        let size = UnsafeRawPointer(pointer).load(as: UInt32.self)
+        let expected = MemoryLayout<S>.size
+        guard Int(size) == expected else {
+            throw .invalid("\(name).struct_size must be sizeof(\(name == "config" ? "the config struct" : name)) = \(expected), got \(size); initialise it with its defaults function")
         }
+    }
+
+    static func config(_ pointer: UnsafePointer<loldu_config>) throws(LoLDUError) -> AdapterConfig {
+        try structSize(pointer, "config")
+        let c = pointer.pointee
         var config = AdapterConfig()
         guard let zInit = ZInit(rawValue: c.z_init) else {
             throw .invalid("config.z_init must be a loldu_z_init value in [0, 7], got \(c.z_init)")

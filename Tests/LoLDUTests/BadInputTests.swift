@@ -70,6 +70,39 @@ import Testing
         Case(name: "Inf in bias", expected: LOLDU_ERR_NOT_FINITE, mentions: "bias[0]") {
             create(bias: [.infinity, 0, 0])
         },
+        Case(name: "LU overflows float", expected: LOLDU_ERR_NOT_FINITE, mentions: "overflows float32") {
+            var config = loldu_config()
+            _ = loldu_config_default(&config)
+            config.rank = 2
+            var handle: OpaquePointer?
+            let status = loldu_adapter_create(&handle, LOLDU_FLOAT32, 2, 2, [Float(3e38), 3e38, 3e38, -3e38], nil, &config)
+            loldu_adapter_free(handle)
+            return status
+        },
+        Case(name: "sigma overflows float", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "sigma") {
+            create { $0.alpha = 1e39 }
+        },
+        Case(name: "sigma rounds to zero", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "nonzero") {
+            create { $0.alpha = 1e-50 }
+        },
+        Case(name: "set sigma making sigma z overflow", expected: LOLDU_ERR_NOT_FINITE, mentions: "overflows") {
+            withAdapter { a in loldu_set_sigma(a, 3e38) }
+        },
+        Case(name: "merged weight not finite", expected: LOLDU_ERR_NOT_FINITE, mentions: "merged weight") {
+            // W = [[1, 1], [1, 2]]: A = L, U_r = W's U, and W_eff[1, 1] = 2 + c₀ + c₁.
+            var config = loldu_config()
+            _ = loldu_config_default(&config)
+            config.rank = 2
+            var handle: OpaquePointer?
+            guard loldu_adapter_create(&handle, LOLDU_FLOAT32, 2, 2, [Float(1), 1, 1, 2], nil, &config) == LOLDU_OK,
+                  loldu_set_z(handle, [Float(3e38), 3e38]) == LOLDU_OK
+            else { return LOLDU_ERR_INTERNAL }
+            defer { loldu_adapter_free(handle) }
+            let status = loldu_merge(handle)
+            var info = loldu_adapter_info()
+            _ = loldu_adapter_get_info(handle, &info, MemoryLayout<loldu_adapter_info>.size)
+            return info.merged == 0 ? status : LOLDU_ERR_INTERNAL
+        },
         Case(name: "unknown dtype", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "dtype") {
             create(dtype: loldu_dtype(rawValue: 7))
         },
@@ -185,5 +218,12 @@ import Testing
 
     @Test func freeingNullIsANoOp() {
         loldu_adapter_free(nil)
+        loldu_optimizer_free(nil)
+        loldu_checkpoint_free(nil)
+    }
+
+    @Test func emptyBatchIgnoresItsBuffers() {
+        #expect(Self.withAdapter { a in loldu_forward(a, 0, nil, nil, nil) } == LOLDU_OK)
+        #expect(Self.withAdapter { a in loldu_backward(a, 0, nil, nil, nil, nil) } == LOLDU_OK)
     }
 }

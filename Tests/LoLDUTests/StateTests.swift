@@ -196,6 +196,41 @@ import Testing
         }
     }
 
+    /// Forward-only use (evaluation) on a shape whose training plan is factored caches W_eff
+    /// once repeated forwards have paid for it, and recomputes it when z changes.
+    @Test func repeatedForwardsCacheTheMergedWeight() throws {
+        var random = TestRandom(71)
+        let (m, n, r, batch) = (256, 256, 8, 4)
+        let adapter = try TestAdapter<Double>(m: m, n: n, weight: random.array(m * n)) { $0.rank = Int64(r) }
+        let reference = try TestAdapter<Double>(m: m, n: n, weight: adapter.weight) { $0.rank = Int64(r) }
+        reference.setPath(LOLDU_PATH_FACTORED)
+        var path = LOLDU_PATH_AUTO
+        #expect(loldu_plan(adapter.handle, Int64(batch), 0, &path) == LOLDU_OK && path == LOLDU_PATH_FACTORED)
+        let z: [Double] = random.array(r)
+        adapter.z = z
+        reference.z = z
+        let x: [Double] = random.array(batch * n)
+        // Rebuilding costs 2mnr; each factored forward 2Br(m + n): m / (2B) = 32 forwards.
+        for call in 0..<40 {
+            expectClose(adapter.forward(x, batch: batch), reference.forward(x, batch: batch), rtol: 1e-12, atol: 1e-12, "call \(call)")
+            #expect((adapter.info.bytes_merged > 0) == (call >= 32), "call \(call): cached \(adapter.info.bytes_merged)")
+        }
+        adapter.z = z.map { $0 + 1 }
+        reference.z = z.map { $0 + 1 }
+        expectClose(adapter.forward(x, batch: batch), reference.forward(x, batch: batch), rtol: 1e-12, atol: 1e-12, "after z changed")
+    }
+
+    /// The degenerate-pivot test looks at the panel, not at the number of rows.
+    @Test func tallWeightPivotsAreNotDegenerate() throws {
+        let m = 100_000
+        var w = [Float](repeating: 0, count: m * 2)
+        for i in 0..<m { w[2 * i] = 1; w[2 * i + 1] = 0.5 }
+        w[0] = 2
+        let adapter = try TestAdapter<Float>(m: m, n: 2, weight: w) { $0.rank = 1 }
+        #expect(adapter.info.degenerate_pivots == 0)
+        #expect(adapter.factor(LOLDU_FACTOR_UPPER) == [1, 0.25])
+    }
+
     @Test func planFollowsTheFlopCount() throws {
         // The shapes of DESIGN.md's examples (weights need not be meaningful to plan).
         let cases: [(m: Int, n: Int, r: Int, batch: Int, keepsH: Int32, expected: loldu_path)] = [
