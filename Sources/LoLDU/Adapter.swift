@@ -275,7 +275,7 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
         let work: UnsafeMutablePointer<T>? =
             dzFromWeight ? try scratchH.get(r * n) : (hIn == nil ? try scratchH.get(batch * r) : nil)
         let gradient: UnsafeMutablePointer<T>? = dzFromWeight ? try scratchLarge.get(m * n) : nil
-        let merged: UnsafePointer<T>? = dx != nil && dxMerged ? try refreshEffective(c) : nil
+        let mergedWeight: UnsafePointer<T>? = dx != nil && dxMerged ? try refreshEffective(c) : nil
 
         // s_k = Σ_b h_bk g_bk = (Aᵀ dYᵀ x U_rᵀ)_kk; then dz = σ s and dσ = z · s.
         if let g {
@@ -293,7 +293,7 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
                 T.gemm(transA: false, transB: true, m: batch, n: r, k: n, alpha: 1, a: x, lda: n,
                        b: factors.upper.pointer, ldb: n, beta: 0, c: work, ldc: r)
                 h = UnsafePointer(work)
-            } else { return }
+            } else { return }  // unreachable: work holds h whenever h is not given
             s.update(repeating: 0, count: r)
             for b in 0..<batch {
                 for k in 0..<r { s[k] += h[b * r + k] * g[b * r + k] }
@@ -303,9 +303,9 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
         accumulateBiasGradient(dy, batch: batch)
 
         guard let dx else { return }
-        if let merged {
+        if let mergedWeight {
             T.gemm(transA: false, transB: false, m: batch, n: n, k: m, alpha: 1, a: dy, lda: m,
-                   b: merged, ldb: n, beta: 0, c: dx, ldc: n)
+                   b: mergedWeight, ldb: n, beta: 0, c: dx, ldc: n)
         } else if let g {
             T.gemm(transA: false, transB: false, m: batch, n: n, k: m, alpha: 1, a: dy, lda: m,
                    b: factors.weight, ldb: n, beta: 0, c: dx, ldc: n)
