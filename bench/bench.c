@@ -7,7 +7,7 @@
  *    rebuilt each time.
  * 2. Initialisation: loldu_adapter_create (panel LU) against LAPACK's full getrf of W.
  *
- *     bench [--markdown FILE] [--quick]
+ *     bench [--markdown FILE] [--json FILE] [--quick]
  */
 #define _POSIX_C_SOURCE 200809L
 #include <cblas.h>
@@ -77,12 +77,13 @@ static const char *path_name(int p) {
 }
 
 int main(int argc, char **argv) {
-    const char *markdown = NULL;
+    const char *markdown = NULL, *json_path = NULL;
     int quick = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--markdown") && i + 1 < argc) markdown = argv[++i];
+        else if (!strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
         else if (!strcmp(argv[i], "--quick")) quick = 1;
-        else { fprintf(stderr, "usage: %s [--markdown FILE] [--quick]\n", argv[0]); return 2; }
+        else { fprintf(stderr, "usage: %s [--markdown FILE] [--json FILE] [--quick]\n", argv[0]); return 2; }
     }
     const int reps = quick ? 3 : 15;
     shape shapes[] = {
@@ -90,12 +91,17 @@ int main(int argc, char **argv) {
         {768, 768, 64, 4096, "ViT-B q/v, r = 64"},
         {4096, 4096, 64, 256, "LLaMA-7B, r = 64"},
         {384, 1536, 384, 2048, "MiniLM output dense, full rank"},
+        {384, 384, 384, 2048, "MiniLM attention, full rank"},
+        {1536, 384, 384, 2048, "MiniLM intermediate dense, full rank"},
     };
     const int nshapes = (int)(sizeof shapes / sizeof shapes[0]);
 
     char table[8192] = "", *t = table;
     size_t left = sizeof table;
 #define OUT(...) do { int w_ = snprintf(t, left, __VA_ARGS__); if (w_ > 0 && (size_t)w_ < left) { t += w_; left -= (size_t)w_; } } while (0)
+    char json[8192] = "{\"shapes\": [", *j = json + strlen(json);
+    size_t jleft = sizeof json - strlen(json);
+#define JSON(...) do { int w_ = snprintf(j, jleft, __VA_ARGS__); if (w_ > 0 && (size_t)w_ < jleft) { j += w_; jleft -= (size_t)w_; } } while (0)
 
     OUT("| shape (m × n, r, B) | bare step | factored | merged | merged_wgrad | auto picks | auto | FLOP bound | auto / bound | fastest |\n");
     OUT("|---|---|---|---|---|---|---|---|---|---|\n");
@@ -168,6 +174,10 @@ int main(int argc, char **argv) {
             sh.m, sh.n, sh.r, sh.b, sh.name, 1e3 * bare_time, ratios[0], ratios[1], ratios[2],
             path_name(chosen), chosen_ok ? "" : " (not fastest)", auto_ratio, bound,
             auto_ratio / bound, within ? "" : " (over 1.10)", path_name(order[fastest]));
+        JSON("%s{\"m\": %d, \"n\": %d, \"r\": %d, \"b\": %d, \"bare_ms\": %.4f, \"factored\": %.4f, "
+             "\"merged\": %.4f, \"merged_wgrad\": %.4f, \"auto\": %.4f, \"auto_path\": \"%s\", \"bound\": %.4f}",
+             s ? ", " : "", sh.m, sh.n, sh.r, sh.b, 1e3 * bare_time, ratios[0], ratios[1], ratios[2], auto_ratio,
+             path_name(chosen), bound);
         fprintf(stderr, "shape %d done\n", s);
         loldu_adapter_free(a);
         free(w); free(x); free(dy); free(y); free(dx); free(h);
@@ -265,6 +275,14 @@ int main(int argc, char **argv) {
              openblas_get_num_threads(), loldu_version_string(), table, all_within ? "met" : "missed",
              all_chosen ? "met" : "missed", 1e3 * full, 1e3 * copy, full / copy, 1e3 * borrowed, full / borrowed,
              1e3 * floor_copy, init_ok ? "met" : "missed", full / borrowed >= 20 ? "met" : "missed");
+    JSON("], \"init\": {\"m\": %d, \"n\": %d, \"r\": %d, \"full_ms\": %.3f, \"copy_ms\": %.3f, \"borrow_ms\": %.3f, "
+         "\"memcpy_ms\": %.3f}, \"blas\": \"%s\", \"threads\": %d, \"steps_within\": %s, \"chooser_right\": %s}\n",
+         im, in, ir, 1e3 * full, 1e3 * copy, 1e3 * borrowed, 1e3 * floor_copy, openblas_get_corename(),
+         openblas_get_num_threads(), all_within ? "true" : "false", all_chosen ? "true" : "false");
+    if (json_path) {
+        FILE *out = fopen(json_path, "w");
+        if (!out || fputs(json, out) < 0 || fclose(out) != 0) { perror(json_path); return 1; }
+    }
     fputs(report, stdout);
     if (markdown) {
         FILE *out = fopen(markdown, "w");
