@@ -1,0 +1,122 @@
+"""LoLDU low-rank adaptation (arXiv 2410.13618) in Python, on top of ``libloldu.so``.
+
+Three layers:
+
+- ``loldu._capi``: the raw ctypes mirror of ``include/loldu.h``;
+- the numpy API here: ``Adapter``, ``AdapterConfig``, ``Optimizer`` (``SGD``, ``Adam``,
+  ``AdamW``, schedules), ``save`` / ``load`` / ``Checkpoint`` / ``export_merged``, threads;
+- ``loldu.torch`` (imported on demand, needs PyTorch): modules that turn ``nn.Linear``,
+  ``nn.Conv2d`` and ``nn.Embedding`` layers of an existing model into LoLDU layers, and
+  PEFT-style helpers (``add_loldu``, ``save_loldu``, ``load_loldu``, ...).
+
+Import-time behaviour:
+
+- ``libloldu.so`` is looked for through ``LOLDU_LIBRARY``, then this package's folder, then
+  the repository's ``.build/release`` (see ``loldu._capi``); ``FileNotFoundError`` lists them.
+- ``OPENBLAS_CORETYPE``: Debian's OpenBLAS 0.3.21 misdetects recent Intel CPUs and falls back
+  to very slow kernels. Unless you set it, the package sets ``OPENBLAS_CORETYPE`` before the
+  library (and with it OpenBLAS) is loaded: ``SkylakeX`` when ``/proc/cpuinfo`` has
+  ``avx512f``, ``Haswell`` when it has ``avx2``, nothing otherwise.
+- The library's version must match the header this binding mirrors (``ImportError`` if not).
+
+Errors are ``LoLDUError`` subclasses, one per status code, carrying the library's message
+(see ``loldu.errors``).
+"""
+
+from __future__ import annotations
+
+from . import _capi
+from ._version import HEADER_VERSION, __version__
+from .adapter import FACTORS, PATHS, RESIDUALS, Z_INITS, Adapter, AdapterConfig
+from .checkpoint import CONFIG_FILE, MODEL_FILE, Checkpoint, LayerInfo, export_merged, load, save
+from .errors import (
+    DeviceError,
+    DTypeError,
+    FormatError,
+    InternalError,
+    InvalidArgumentError,
+    InvalidHandleError,
+    LoLDUError,
+    LoLDUIOError,
+    MismatchError,
+    NotFiniteError,
+    NullPointerError,
+    OutOfMemoryError,
+    ShapeError,
+    StateError,
+    check,
+)
+from .optim import KINDS, SCHEDULES, SGD, Adam, AdamW, Optimizer, schedule_factor
+
+library_path = _capi.library_path
+
+_threads_set_by_user = False
+
+
+def library_version() -> str:
+    """The loaded library's version string (``loldu_version_string``)."""
+    return _capi.loldu_version_string().decode()
+
+
+def set_num_threads(threads: int) -> None:
+    """Sets the number of BLAS threads of the library for the whole process (>= 1).
+
+    Once called, ``loldu.torch`` no longer aligns it with ``torch.get_num_threads()``.
+    """
+    global _threads_set_by_user
+    check(_capi.loldu_set_num_threads(int(threads)))
+    _threads_set_by_user = True
+
+
+def get_num_threads() -> int:
+    """The number of BLAS threads the library uses."""
+    return int(_capi.loldu_get_num_threads())
+
+
+def threads_set_by_user() -> bool:
+    """Whether ``set_num_threads`` was called in this process."""
+    return _threads_set_by_user
+
+
+__all__ = [
+    "Adapter",
+    "AdapterConfig",
+    "Checkpoint",
+    "LayerInfo",
+    "Optimizer",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "schedule_factor",
+    "save",
+    "load",
+    "export_merged",
+    "set_num_threads",
+    "get_num_threads",
+    "library_version",
+    "library_path",
+    "HEADER_VERSION",
+    "__version__",
+    "Z_INITS",
+    "RESIDUALS",
+    "PATHS",
+    "FACTORS",
+    "KINDS",
+    "SCHEDULES",
+    "MODEL_FILE",
+    "CONFIG_FILE",
+    "LoLDUError",
+    "InvalidArgumentError",
+    "NullPointerError",
+    "ShapeError",
+    "NotFiniteError",
+    "DTypeError",
+    "StateError",
+    "OutOfMemoryError",
+    "InvalidHandleError",
+    "LoLDUIOError",
+    "FormatError",
+    "MismatchError",
+    "InternalError",
+    "DeviceError",
+]

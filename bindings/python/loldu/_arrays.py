@@ -1,0 +1,84 @@
+"""Checks of numpy buffers before they are handed to the library, and zero-copy views of
+library memory. Internal."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from . import _capi
+from .errors import DTypeError, ShapeError
+
+NUMPY_DTYPES = {_capi.LOLDU_FLOAT32: np.dtype(np.float32), _capi.LOLDU_FLOAT64: np.dtype(np.float64)}
+LIBRARY_DTYPES = {dtype: code for code, dtype in NUMPY_DTYPES.items()}
+CTYPES = {_capi.LOLDU_FLOAT32: ctypes.c_float, _capi.LOLDU_FLOAT64: ctypes.c_double}
+
+
+def library_dtype(dtype, what: str) -> int:
+    """The ``loldu_dtype`` of a numpy dtype, or ``DTypeError``."""
+    code = LIBRARY_DTYPES.get(np.dtype(dtype))
+    if code is None:
+        raise DTypeError(
+            f"{what} has dtype {np.dtype(dtype)}; libloldu computes in float32 or float64: "
+            f"convert it first, e.g. {what}.astype(np.float32)",
+            _capi.LOLDU_ERR_DTYPE,
+        )
+    return code
+
+
+def check_array(
+    a,
+    what: str,
+    dtype: np.dtype,
+    shape: tuple | None = None,
+    *,
+    writable: bool = False,
+    min_ndim: int | None = None,
+    last_dim: int | None = None,
+) -> int:
+    """Checks that ``a`` is a C-contiguous, aligned numpy array of ``dtype`` (and ``shape``, or
+    at least ``min_ndim`` dimensions with the last one ``last_dim``) and returns its address.
+    Raises ``DTypeError`` or ``ShapeError`` saying what to do."""
+    if not isinstance(a, np.ndarray):
+        raise DTypeError(
+            f"{what} must be a numpy.ndarray of {dtype}, got {type(a).__name__}; "
+            f"use np.ascontiguousarray({what}, dtype=np.{dtype})",
+            _capi.LOLDU_ERR_DTYPE,
+        )
+    if a.dtype != dtype:
+        raise DTypeError(
+            f"{what} has dtype {a.dtype}, expected {dtype} (the adapter's element type); "
+            f"convert it with {what}.astype(np.{dtype})",
+            _capi.LOLDU_ERR_DTYPE,
+        )
+    if shape is not None and a.shape != tuple(shape):
+        raise ShapeError(f"{what} has shape {a.shape}, expected {tuple(shape)}", _capi.LOLDU_ERR_SHAPE)
+    if min_ndim is not None and (a.ndim < min_ndim or (last_dim is not None and a.shape[-1] != last_dim)):
+        raise ShapeError(
+            f"{what} has shape {a.shape}, expected (..., {last_dim}) with at least {min_ndim} dimension(s)",
+            _capi.LOLDU_ERR_SHAPE,
+        )
+    if not a.flags.c_contiguous:
+        raise ShapeError(
+            f"{what} must be C-contiguous (row-major) for libloldu, got strides {a.strides}; "
+            f"pass np.ascontiguousarray({what})",
+            _capi.LOLDU_ERR_SHAPE,
+        )
+    if not a.flags.aligned:
+        raise ShapeError(f"{what} is not aligned for {dtype}; pass a copy ({what}.copy())", _capi.LOLDU_ERR_SHAPE)
+    if writable and not a.flags.writeable:
+        raise ShapeError(f"{what} is read-only; pass a writable array", _capi.LOLDU_ERR_SHAPE)
+    return a.ctypes.data
+
+
+def view(address: int, count: int, dtype_code: int, owner, *, writable: bool = True) -> np.ndarray:
+    """A numpy array over ``count`` elements of library memory at ``address``. The array keeps
+    ``owner`` (the object that frees that memory) alive for as long as it or any view of it
+    exists, so it can never point to freed memory."""
+    buffer = (CTYPES[dtype_code] * count).from_address(address)
+    buffer._loldu_owner = owner
+    array = np.frombuffer(buffer, dtype=NUMPY_DTYPES[dtype_code], count=count)
+    if not writable:
+        array.flags.writeable = False
+    return array

@@ -1,0 +1,446 @@
+"""The numpy layer: ``AdapterConfig`` and ``Adapter``, one LoLDU-adapted linear layer.
+
+For a pretrained weight ``W`` (``m × n``, as ``torch.nn.Linear``: ``m = out_features``) the
+adapter computes ``y = x W_effᵀ + b`` with ``W_eff = W_res + σ · P L_r diag(z) U_r``, and trains
+the ``r`` entries of ``z`` (and ``σ`` when ``train_sigma``)::
+
+    import numpy as np, loldu
+    with loldu.Adapter(weight, bias, rank=16) as a:      # weight: float32 (m, n), C order
+        y = a.forward(x)                                  # x: (..., n) -> y: (..., m)
+        dx = a.backward(x, dy)                            # accumulates a.grad_z, a.grad_sigma
+        a.z -= 0.1 * a.grad_z                             # a.z is a live view, no copy
+        a.zero_grad()
+
+Buffers must be C-contiguous numpy arrays of the adapter's dtype; the binding never copies
+them silently, it raises ``DTypeError`` / ``ShapeError`` with what to do instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+
+import numpy as np
+
+from . import _capi
+from ._arrays import NUMPY_DTYPES, check_array, library_dtype, view
+from .errors import InvalidArgumentError, InvalidHandleError, ShapeError, check
+
+Z_INITS = ("lu", "constant", "uniform", "normal", "s_uniform", "s_normal", "ones", "zeros")
+RESIDUALS = ("pivots", "init")
+PATHS = ("auto", "factored", "merged", "merged_wgrad")
+FACTORS = ("lower", "diag", "upper", "weight", "bias", "residual")
+
+
+def _choice(value: str, choices: tuple, what: str) -> int:
+    if isinstance(value, str) and value in choices:
+        return choices.index(value)
+    raise InvalidArgumentError(
+        f"{what} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}",
+        _capi.LOLDU_ERR_INVALID_ARGUMENT,
+    )
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """Everything that decides an adapter besides its weight (``loldu_config``).
+
+    rank:          r, in [1, min(m, n)].
+    alpha:         σ = alpha / rank; 0 (the default) means alpha = rank, i.e. σ = 1.
+    z_init:        'lu' (z = D_r, the paper's default), 'constant', 'uniform', 'normal',
+                   's_uniform', 's_normal', 'ones', 'zeros'.
+    residual:      'pivots' (W_res removes σ₀ P L_r diag(D_r) U_r, the paper) or 'init' (removes
+                   the initial update: the output is unchanged at initialisation for any z_init).
+    seed:          for the random inits; the same seed gives the same z on any machine.
+    train_sigma:   train σ too (r + 1 parameters, as the paper counts).
+    borrow_weight: the library keeps a pointer to the caller's weight instead of a copy; the
+                   binding keeps the array alive, the caller must not change it.
+    """
+
+    rank: int = 8
+    alpha: float = 0.0
+    z_init: str = "lu"
+    residual: str = "pivots"
+    seed: int = 0
+    train_sigma: bool = True
+    borrow_weight: bool = False
+
+    def to_c(self) -> _capi.loldu_config:
+        """The ``loldu_config`` struct (from ``loldu_config_default``, then these fields)."""
+        c = _capi.loldu_config()
+        check(_capi.loldu_config_default(ctypes.byref(c)))
+        c.z_init = _choice(self.z_init, Z_INITS, "z_init")
+        c.residual = _choice(self.residual, RESIDUALS, "residual")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
+            raise InvalidArgumentError(f"rank must be an int, got {self.rank!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        if not -(2**63) <= int(self.rank) < 2**63:
+            raise InvalidArgumentError(f"rank is out of range, got {self.rank}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        c.rank = int(self.rank)
+        c.alpha = float(self.alpha if self.alpha is not None else 0.0)
+        if not 0 <= int(self.seed) < 2**64:
+            raise InvalidArgumentError(f"seed must be in [0, 2**64), got {self.seed}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        c.seed = int(self.seed)
+        c.train_sigma = 1 if self.train_sigma else 0
+        c.borrow_weight = 1 if self.borrow_weight else 0
+        return c
+
+    @classmethod
+    def from_c(cls, c) -> "AdapterConfig":
+        return cls(
+            rank=int(c.rank),
+            alpha=float(c.alpha),
+            z_init=Z_INITS[c.z_init] if 0 <= c.z_init < len(Z_INITS) else str(c.z_init),
+            residual=RESIDUALS[c.residual] if 0 <= c.residual < len(RESIDUALS) else str(c.residual),
+            seed=int(c.seed),
+            train_sigma=bool(c.train_sigma),
+            borrow_weight=bool(c.borrow_weight),
+        )
+
+
+class _Handle:
+    """Owns one C handle and frees it exactly once: at ``free()``, or when the last reference
+    goes (the ``Adapter`` and every numpy view or torch parameter over its memory hold one).
+    ``keep`` holds buffers the library borrows (the weight, with ``borrow_weight``)."""
+
+    __slots__ = ("value", "keep", "_free", "__weakref__")
+
+    def __init__(self, value: int, free, keep=None):
+        self.value = value
+        self.keep = keep
+        self._free = free
+
+    def free(self) -> None:
+        value, self.value = self.value, None
+        if value:
+            self._free(value)
+        self.keep = None
+
+    def __del__(self):
+        # Safe at interpreter shutdown: _free is the ctypes function bound at creation.
+        try:
+            self.free()
+        except Exception:
+            pass
+
+
+class Adapter:
+    """One LoLDU adapter over a pretrained weight (the numpy API over ``loldu_adapter``).
+
+    ``Adapter(weight, bias=None, config=None, **fields)``: ``weight`` is a C-contiguous float32 or
+    float64 array of shape ``(m, n)`` with finite values, ``bias`` ``None`` or ``(m,)`` of the
+    same dtype; ``fields`` override ``config`` (see ``AdapterConfig``). Factors ``W`` (an LU of the
+    ``m × r`` panel), copies it unless ``borrow_weight`` and copies the bias.
+
+    ``z``, ``params``, ``grad`` (and ``grad_z``, ``bias_grad``) are numpy views of the library's
+    memory: writing to ``z`` changes the adapter (not while merged). A view keeps that memory
+    valid even after ``close()``; the handle itself is freed once, at ``close()``, at the end of a
+    ``with`` block, or when the adapter and all its views are gone.
+    """
+
+    def __init__(self, weight, bias=None, config: AdapterConfig | None = None, **fields):
+        config = dataclasses.replace(config or AdapterConfig(), **fields)
+        if not isinstance(weight, np.ndarray):
+            check_array(weight, "weight", np.dtype(np.float32))
+        dtype_code = library_dtype(weight.dtype, "weight")
+        dtype = NUMPY_DTYPES[dtype_code]
+        if weight.ndim != 2:
+            raise ShapeError(
+                f"weight must be 2-D (out_features m, in_features n), got shape {weight.shape}; "
+                "reshape a convolution's weight to (out, in/groups * kh * kw)",
+                _capi.LOLDU_ERR_SHAPE,
+            )
+        m, n = weight.shape
+        w_ptr = check_array(weight, "weight", dtype, (m, n))
+        b_ptr = None if bias is None else check_array(bias, "bias", dtype, (m,))
+        c = config.to_c()
+        out = _capi.loldu_adapter_p()
+        check(_capi.loldu_adapter_create(ctypes.byref(out), dtype_code, m, n, w_ptr, b_ptr, ctypes.byref(c)))
+        self._adopt(out.value, keep=weight if config.borrow_weight else None)
+
+    @classmethod
+    def _from_handle(cls, value: int, keep=None) -> "Adapter":
+        self = cls.__new__(cls)
+        self._adopt(value, keep)
+        return self
+
+    def _adopt(self, value: int, keep) -> None:
+        self._handle = _Handle(value, _capi.loldu_adapter_free, keep)
+        info = self._raw_info()
+        self._dtype_code = int(info.dtype)
+        self.dtype = NUMPY_DTYPES[self._dtype_code]
+        self.m, self.n, self.rank = int(info.m), int(info.n), int(info.rank)
+        params, grads = ctypes.c_void_p(), ctypes.c_void_p()
+        check(_capi.loldu_params(value, ctypes.byref(params), ctypes.byref(grads)))
+        db = ctypes.c_void_p()
+        check(_capi.loldu_bias_grad(value, ctypes.byref(db)))
+        self._params_ptr, self._grads_ptr, self._bias_grad_ptr = params.value, grads.value, db.value
+
+    # -- handle --------------------------------------------------------------------------------
+
+    @property
+    def handle(self) -> int:
+        """The raw ``loldu_adapter *`` (for ``loldu._capi`` calls); ``InvalidHandleError`` once
+        closed."""
+        handle = self._handle
+        if handle is None or handle.value is None:
+            raise InvalidHandleError("the adapter is closed", _capi.LOLDU_ERR_INVALID_HANDLE)
+        return handle.value
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def close(self) -> None:
+        """Releases the adapter. The C handle is freed now, or, if numpy views or torch
+        parameters over its memory still exist, when the last of them goes. Idempotent."""
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle is not None:
+            del handle  # frees now unless a view still holds it
+
+    def __enter__(self) -> "Adapter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<loldu.Adapter closed>"
+        return (
+            f"<loldu.Adapter {self.m}×{self.n} rank={self.rank} {self.dtype} "
+            f"sigma={self.sigma:g}{' merged' if self.merged else ''}{'' if self.enabled else ' disabled'}>"
+        )
+
+    # -- description ---------------------------------------------------------------------------
+
+    def _raw_info(self) -> _capi.loldu_adapter_info:
+        info = _capi.loldu_adapter_info()
+        check(_capi.loldu_adapter_get_info(self.handle, ctypes.byref(info), ctypes.sizeof(info)))
+        return info
+
+    @property
+    def info(self) -> dict:
+        """``loldu_adapter_get_info`` as a dict (shape, config, state, memory in bytes)."""
+        info = self._raw_info()
+        d = {name: getattr(info, name) for name, _ in info._fields_}
+        d["dtype"] = str(NUMPY_DTYPES[info.dtype])
+        d["z_init"] = Z_INITS[info.z_init]
+        d["residual"] = RESIDUALS[info.residual]
+        d["path"] = PATHS[info.path]
+        for flag in ("has_bias", "train_sigma", "borrow_weight", "enabled", "merged"):
+            d[flag] = bool(d[flag])
+        return d
+
+    @property
+    def config(self) -> AdapterConfig:
+        i = self._raw_info()
+        return AdapterConfig(
+            rank=int(i.rank),
+            alpha=float(i.alpha),
+            z_init=Z_INITS[i.z_init],
+            residual=RESIDUALS[i.residual],
+            seed=int(i.seed),
+            train_sigma=bool(i.train_sigma),
+            borrow_weight=bool(i.borrow_weight),
+        )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.m, self.n)
+
+    @property
+    def num_trainable(self) -> int:
+        return int(self._raw_info().num_trainable)
+
+    @property
+    def has_bias(self) -> bool:
+        return bool(self._raw_info().has_bias)
+
+    @property
+    def train_sigma(self) -> bool:
+        return bool(self._raw_info().train_sigma)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._raw_info().enabled)
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        check(_capi.loldu_set_enabled(self.handle, 1 if on else 0))
+
+    @property
+    def merged(self) -> bool:
+        return bool(self._raw_info().merged)
+
+    def merge(self) -> None:
+        """Bakes the current update into a merged weight that every call uses until
+        ``unmerge()``; z and σ cannot change meanwhile (``StateError``)."""
+        check(_capi.loldu_merge(self.handle))
+
+    def unmerge(self) -> None:
+        check(_capi.loldu_unmerge(self.handle))
+
+    @property
+    def path(self) -> str:
+        """The compute path: 'auto' (by FLOP count), 'factored', 'merged' or 'merged_wgrad'."""
+        return PATHS[self._raw_info().path]
+
+    @path.setter
+    def path(self, name: str) -> None:
+        check(_capi.loldu_set_path(self.handle, _choice(name, PATHS, "path")))
+
+    def plan(self, batch: int, keeps_h: bool = False) -> str:
+        """The path 'auto' takes for a training step on ``batch`` rows (``loldu_plan``)."""
+        path = _capi.loldu_path()
+        check(_capi.loldu_plan(self.handle, int(batch), 1 if keeps_h else 0, ctypes.byref(path)))
+        return PATHS[path.value]
+
+    # -- parameters and gradients --------------------------------------------------------------
+
+    def _view(self, address: int, count: int, *, writable: bool = True) -> np.ndarray:
+        owner = self._handle
+        if owner is None:
+            raise InvalidHandleError("the adapter is closed", _capi.LOLDU_ERR_INVALID_HANDLE)
+        return view(address, count, self._dtype_code, owner, writable=writable)
+
+    @property
+    def params(self) -> np.ndarray:
+        """Live view of the ``rank + 1`` trainable values: ``z[0..r-1]``, then σ."""
+        return self._view(self._params_ptr, self.rank + 1)
+
+    @property
+    def grad(self) -> np.ndarray:
+        """Live view of the ``rank + 1`` accumulated gradients: ``dz``, then ``dσ``."""
+        return self._view(self._grads_ptr, self.rank + 1)
+
+    @property
+    def z(self) -> np.ndarray:
+        """Live (zero-copy) view of z (``rank`` values); read-only while merged."""
+        return self._view(self._params_ptr, self.rank, writable=not self.merged)
+
+    @z.setter
+    def z(self, values) -> None:
+        self.set_z(values)
+
+    def set_z(self, values) -> None:
+        """Sets z from ``rank`` finite values (``loldu_set_z``, which checks them)."""
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        check(_capi.loldu_set_z(self.handle, check_array(values, "z", self.dtype, (self.rank,))))
+
+    def get_z(self) -> np.ndarray:
+        """A copy of z."""
+        out = np.empty(self.rank, self.dtype)
+        check(_capi.loldu_get_z(self.handle, out.ctypes.data))
+        return out
+
+    @property
+    def sigma(self) -> float:
+        value = ctypes.c_double()
+        check(_capi.loldu_get_sigma(self.handle, ctypes.byref(value)))
+        return value.value
+
+    @sigma.setter
+    def sigma(self, value: float) -> None:
+        check(_capi.loldu_set_sigma(self.handle, float(value)))
+
+    @property
+    def grad_z(self) -> np.ndarray:
+        """Live view of dz (``rank`` values)."""
+        return self._view(self._grads_ptr, self.rank)
+
+    @property
+    def grad_sigma(self) -> float:
+        return float(self._view(self._grads_ptr, self.rank + 1)[self.rank])
+
+    @property
+    def bias_grad(self) -> np.ndarray | None:
+        """Live view of the accumulated bias gradient (``m`` values), ``None`` without bias."""
+        if not self._bias_grad_ptr:
+            return None
+        return self._view(self._bias_grad_ptr, self.m)
+
+    def zero_grad(self) -> None:
+        """Sets dz, dσ and db to zero."""
+        check(_capi.loldu_zero_grad(self.handle))
+
+    # -- compute -------------------------------------------------------------------------------
+
+    def _rows(self, x, what: str, width: int) -> tuple[int, int]:
+        ptr = check_array(x, what, self.dtype, min_ndim=1, last_dim=width)
+        return ptr, int(np.prod(x.shape[:-1], dtype=np.int64))
+
+    def forward(self, x: np.ndarray, out: np.ndarray | None = None, h: np.ndarray | None = None) -> np.ndarray:
+        """``y = x W_effᵀ + b`` for ``x`` of shape ``(..., n)``; returns ``y`` of shape ``(..., m)``
+        (written into ``out`` if given). ``h`` (``(B, rank)``, B the number of rows) receives
+        ``x U_rᵀ`` for ``backward`` to reuse; worth it only when ``plan(B, True) == 'factored'``."""
+        x_ptr, batch = self._rows(x, "x", self.n)
+        if out is None:
+            out = np.empty(x.shape[:-1] + (self.m,), self.dtype)
+        y_ptr = check_array(out, "out", self.dtype, x.shape[:-1] + (self.m,), writable=True)
+        h_ptr = None if h is None else check_array(h, "h", self.dtype, (batch, self.rank), writable=True)
+        check(_capi.loldu_forward(self.handle, batch, x_ptr, y_ptr, h_ptr))
+        return out
+
+    __call__ = forward
+
+    def backward(
+        self,
+        x: np.ndarray,
+        dy: np.ndarray,
+        dx: np.ndarray | None = None,
+        h: np.ndarray | None = None,
+        *,
+        need_dx: bool = True,
+    ) -> np.ndarray | None:
+        """Backward of ``forward(x)`` for the upstream gradient ``dy`` (``(..., m)``).
+        Accumulates dz, dσ (``grad``) and db (``bias_grad``); returns ``dX = dY W_eff`` (written
+        into ``dx`` if given), or ``None`` when ``need_dx`` is false. ``h``: what ``forward``
+        wrote for this ``x``, or ``None`` to recompute it."""
+        x_ptr, batch = self._rows(x, "x", self.n)
+        dy_ptr = check_array(dy, "dy", self.dtype, x.shape[:-1] + (self.m,))
+        if dx is None and need_dx:
+            dx = np.empty(x.shape, self.dtype)
+        dx_ptr = None if dx is None else check_array(dx, "dx", self.dtype, x.shape, writable=True)
+        h_ptr = None if h is None else check_array(h, "h", self.dtype, (batch, self.rank))
+        check(_capi.loldu_backward(self.handle, batch, x_ptr, dy_ptr, dx_ptr, h_ptr))
+        return dx
+
+    def effective_weight(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The weight the layer computes with, ``(m, n)``: W_eff; W while disabled; the merged
+        weight while merged."""
+        if out is None:
+            out = np.empty((self.m, self.n), self.dtype)
+        check(_capi.loldu_effective_weight(self.handle, check_array(out, "out", self.dtype, (self.m, self.n), writable=True)))
+        return out
+
+    def weight_backward(self, dw: np.ndarray) -> None:
+        """Maps a gradient with respect to W_eff (``(m, n)``) to dz and dσ (accumulated)."""
+        check(_capi.loldu_weight_backward(self.handle, check_array(dw, "dw", self.dtype, (self.m, self.n))))
+
+    # -- frozen factors ------------------------------------------------------------------------
+
+    def factor(self, which: str, out: np.ndarray | None = None) -> np.ndarray:
+        """A frozen quantity: 'lower' (A = P L_r, (m, r)), 'diag' (D_r, (r,)), 'upper' (U_r,
+        (r, n)), 'weight' (W, (m, n)), 'bias' ((m,)), 'residual' (W_res, (m, n))."""
+        code = _choice(which, FACTORS, "which")
+        m, n, r = self.m, self.n, self.rank
+        shape = {"lower": (m, r), "diag": (r,), "upper": (r, n), "weight": (m, n), "bias": (m,), "residual": (m, n)}[which]
+        if out is None:
+            out = np.empty(shape, self.dtype)
+        check(_capi.loldu_get_factor(self.handle, code, check_array(out, "out", self.dtype, shape, writable=True)))
+        return out
+
+    def pivots(self) -> np.ndarray:
+        """The first ``rank`` pivots as LAPACK's getrf reports them (1-based, int32)."""
+        out = np.empty(self.rank, np.int32)
+        check(_capi.loldu_get_pivots(self.handle, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))))
+        return out
+
+    def clone(self) -> "Adapter":
+        """A second adapter sharing the frozen factors, with a copy of z and σ, zero gradients,
+        enabled and unmerged (``loldu_adapter_clone``)."""
+        out = _capi.loldu_adapter_p()
+        check(_capi.loldu_adapter_clone(ctypes.byref(out), self.handle))
+        return Adapter._from_handle(out.value, keep=self._handle.keep)

@@ -1,0 +1,178 @@
+"""Checkpoints: a directory like PEFT's ``save_pretrained``.
+
+``adapter_model.safetensors`` holds, per layer NAME, ``NAME.loldu_z`` and ``NAME.loldu_sigma``
+(readable with the ``safetensors`` package) and fingerprints of each base weight;
+``adapter_config.json`` holds the configuration. Loading checks that each adapter sits on the
+base weight it was saved on::
+
+    loldu.save("ckpt", {"encoder.layer.0.attention.self.query": a})
+    adapters = loldu.load("ckpt", {"encoder.layer.0.attention.self.query": (weight, bias)})
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import _capi
+from ._arrays import NUMPY_DTYPES
+from .adapter import Adapter, AdapterConfig, _Handle
+from .errors import DTypeError, InvalidArgumentError, InvalidHandleError, MismatchError, check
+
+MODEL_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+def _named(adapters: Mapping[str, Adapter], what: str):
+    if not isinstance(adapters, Mapping) or not adapters:
+        raise InvalidArgumentError(f"{what} needs a non-empty mapping of layer name to loldu.Adapter",
+                                   _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    names, handles = [], []
+    for name, adapter in adapters.items():
+        if not isinstance(name, str):
+            raise InvalidArgumentError(f"layer names must be str, got {name!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        if not isinstance(adapter, Adapter):
+            raise InvalidArgumentError(f"{name!r} maps to {type(adapter).__name__}, expected loldu.Adapter",
+                                       _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        names.append(name.encode("utf-8"))
+        handles.append(adapter.handle)
+    return (
+        (_capi.loldu_adapter_p * len(handles))(*handles),
+        (ctypes.c_char_p * len(names))(*names),
+        len(names),
+    )
+
+
+def save(directory, adapters: Mapping[str, Adapter]) -> None:
+    """Saves adapters under their layer names into ``directory`` (created if missing; its
+    parent must exist). Each file is written atomically."""
+    handles, names, count = _named(adapters, "save")
+    check(_capi.loldu_checkpoint_save(os.fsencode(directory), handles, names, count))
+
+
+def export_merged(path, adapters: Mapping[str, Adapter]) -> None:
+    """Writes a safetensors file with ``NAME.weight`` = W_eff (and ``NAME.bias``) per layer, for
+    serving without this library."""
+    handles, names, count = _named(adapters, "export_merged")
+    check(_capi.loldu_export_merged(os.fsencode(path), handles, names, count))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """What to create a layer's adapter with (``loldu_checkpoint_layer``)."""
+
+    name: str
+    dtype: np.dtype
+    m: int
+    n: int
+    config: AdapterConfig
+
+
+class Checkpoint:
+    """A validated checkpoint directory (``loldu_checkpoint_open``): every file is treated as
+    hostile; problems are ``FormatError`` (malformed) or ``LoLDUIOError`` (unreadable)."""
+
+    def __init__(self, directory):
+        out = _capi.loldu_checkpoint_p()
+        check(_capi.loldu_checkpoint_open(ctypes.byref(out), os.fsencode(directory)))
+        self._handle = _Handle(out.value, _capi.loldu_checkpoint_free)
+        self.directory = os.fspath(directory)
+
+    @property
+    def handle(self) -> int:
+        if self._handle is None:
+            raise InvalidHandleError("the checkpoint is closed", _capi.LOLDU_ERR_INVALID_HANDLE)
+        return self._handle.value
+
+    def close(self) -> None:
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle is not None:
+            handle.free()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def names(self) -> list[str]:
+        """The layer names, in saved order."""
+        count = ctypes.c_size_t()
+        check(_capi.loldu_checkpoint_count(self.handle, ctypes.byref(count)))
+        names = []
+        for i in range(count.value):
+            name = ctypes.c_char_p()
+            check(_capi.loldu_checkpoint_name(self.handle, i, ctypes.byref(name)))
+            names.append(name.value.decode("utf-8"))
+        return names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def layer(self, name: str) -> LayerInfo:
+        """The dtype, base shape and configuration layer ``name`` was saved with
+        (``MismatchError`` if there is no such layer)."""
+        dtype, m, n = _capi.loldu_dtype(), ctypes.c_int64(), ctypes.c_int64()
+        config = _capi.loldu_config()
+        check(_capi.loldu_config_default(ctypes.byref(config)))
+        check(_capi.loldu_checkpoint_layer(self.handle, name.encode("utf-8"), ctypes.byref(dtype),
+                                           ctypes.byref(m), ctypes.byref(n), ctypes.byref(config)))
+        return LayerInfo(name, NUMPY_DTYPES[dtype.value], m.value, n.value, AdapterConfig.from_c(config))
+
+    def apply(self, name: str, adapter: Adapter) -> None:
+        """Sets the adapter's z and σ from layer ``name``; ``MismatchError`` (nothing changed) if
+        its base weight, pivots, dtype, shape or configuration differ from the saved ones."""
+        check(_capi.loldu_checkpoint_apply(self.handle, name.encode("utf-8"), adapter.handle))
+
+    def create(self, name: str, weight: np.ndarray, bias=None, *, borrow_weight: bool = False) -> Adapter:
+        """Creates the adapter of layer ``name`` on its base ``weight`` (and ``bias``) with the
+        saved configuration, and applies the saved z and σ."""
+        info = self.layer(name)
+        if isinstance(weight, np.ndarray) and weight.dtype != info.dtype:
+            raise DTypeError(f"layer {name!r} was saved in {info.dtype}, its weight is {weight.dtype}; "
+                             f"convert it with weight.astype(np.{info.dtype})", _capi.LOLDU_ERR_DTYPE)
+        if isinstance(weight, np.ndarray) and weight.shape != (info.m, info.n):
+            raise MismatchError(f"layer {name!r} was saved on a {info.m} × {info.n} weight, got shape {weight.shape}",
+                                _capi.LOLDU_ERR_MISMATCH)
+        adapter = Adapter(weight, bias, dataclasses.replace(info.config, borrow_weight=borrow_weight))
+        try:
+            self.apply(name, adapter)
+        except BaseException:
+            adapter.close()
+            raise
+        return adapter
+
+    def __repr__(self) -> str:
+        return f"<loldu.Checkpoint {self.directory!r}{' closed' if self._handle is None else ''}>"
+
+
+def load(directory, weights: Mapping, *, borrow_weight: bool = False) -> dict[str, Adapter]:
+    """Opens a checkpoint and creates its adapters on the given base weights.
+
+    ``weights`` maps each saved layer name to its weight array or to ``(weight, bias)``;
+    ``MismatchError`` if a saved layer has no weight or a weight differs from the saved one.
+    """
+    with Checkpoint(directory) as ckpt:
+        names = ckpt.names
+        missing = [n for n in names if n not in weights]
+        if missing:
+            raise MismatchError(f"no base weight given for saved layer(s) {missing}", _capi.LOLDU_ERR_MISMATCH)
+        adapters: dict[str, Adapter] = {}
+        try:
+            for name in names:
+                entry = weights[name]
+                weight, bias = entry if isinstance(entry, tuple) else (entry, None)
+                adapters[name] = ckpt.create(name, weight, bias, borrow_weight=borrow_weight)
+        except BaseException:
+            for a in adapters.values():
+                a.close()
+            raise
+        return adapters

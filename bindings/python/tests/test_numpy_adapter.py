@@ -1,0 +1,313 @@
+"""The numpy layer on all-MiniLM-L6-v2's real weights: factors, forward, backward, weight space,
+paths, merge, views, lifetime, and the exceptions for bad inputs."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+import loldu
+from loldu import _capi
+from conftest import run_python, tolerance
+from reference import effective_weight, ldu_factors
+
+LAYERS = [
+    "encoder.layer.0.attention.self.query",  # 384 × 384
+    "encoder.layer.1.intermediate.dense",  # 1536 × 384
+    "encoder.layer.2.output.dense",  # 384 × 1536
+]
+
+
+def layer(minilm, name, dtype):
+    return (np.ascontiguousarray(minilm[f"{name}.weight"], dtype), np.ascontiguousarray(minilm[f"{name}.bias"], dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", LAYERS)
+def test_factors_forward_backward_against_the_formulas(minilm, name, dtype):
+    w, b = layer(minilm, name, dtype)
+    m, n = w.shape
+    r = 48
+    rng = np.random.default_rng(1)
+    a_ref, d_ref, u_ref = ldu_factors(w, r)
+    tol = tolerance(dtype)
+    with loldu.Adapter(w, b, rank=r, alpha=2 * r) as a:
+        assert a.shape == (m, n) and a.rank == r and a.dtype == dtype and a.sigma == 2.0
+        # the factors are those of a full LU with partial pivoting, truncated
+        np.testing.assert_allclose(a.factor("lower"), a_ref, rtol=1e-3 if dtype == np.float32 else 1e-9, atol=1e-4 if dtype == np.float32 else 1e-10)
+        np.testing.assert_allclose(a.factor("diag"), d_ref, rtol=1e-4 if dtype == np.float32 else 1e-10)
+        np.testing.assert_allclose(a.factor("upper"), u_ref, rtol=1e-3 if dtype == np.float32 else 1e-9, atol=1e-3 if dtype == np.float32 else 1e-9)
+        np.testing.assert_array_equal(a.factor("weight"), w)
+        np.testing.assert_array_equal(a.factor("bias"), b)
+        assert a.pivots().dtype == np.int32 and a.pivots().min() >= 1
+        # at initialisation (lu init, pivots residual) the layer is the pretrained one
+        x = rng.standard_normal((3, 5, n)).astype(dtype)
+        np.testing.assert_allclose(a.forward(x), x @ w.T.astype(np.float64) + b, **tol)
+        # move z and σ, then compare every output and gradient with the formulas
+        a.z[:] = a.z * rng.uniform(0.5, 1.5, r).astype(dtype)
+        a.sigma = 1.7
+        z = a.z.astype(np.float64)
+        w_eff = effective_weight(w, a_ref, d_ref, u_ref, z, 1.7, 2.0)
+        y = a.forward(x)
+        assert y.shape == (3, 5, m)
+        scale = np.abs(x @ w_eff.T).max()
+        np.testing.assert_allclose(y, x @ w_eff.T + b, rtol=0, atol=scale * (3e-5 if dtype == np.float32 else 1e-12))
+        np.testing.assert_allclose(a.effective_weight(), w_eff, rtol=0, atol=np.abs(w_eff).max() * (3e-5 if dtype == np.float32 else 1e-12))
+        dy = rng.standard_normal((3, 5, m)).astype(dtype)
+        dx = a.backward(x, dy)
+        x2, dy2 = x.reshape(-1, n).astype(np.float64), dy.reshape(-1, m).astype(np.float64)
+        s = np.sum((x2 @ u_ref.T) * (dy2 @ a_ref), axis=0)
+        gtol = 3e-4 if dtype == np.float32 else 1e-9
+        np.testing.assert_allclose(dx, (dy2 @ w_eff).reshape(x.shape), rtol=0, atol=np.abs(dy2 @ w_eff).max() * gtol)
+        np.testing.assert_allclose(a.grad_z, 1.7 * s, rtol=0, atol=np.abs(1.7 * s).max() * gtol)
+        np.testing.assert_allclose(a.grad_sigma, z @ s, rtol=gtol * 10)
+        np.testing.assert_allclose(a.bias_grad, dy2.sum(0), rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-4)
+        # gradients accumulate until zero_grad
+        a.backward(x, dy, need_dx=False)
+        np.testing.assert_allclose(a.grad_z, 2 * 1.7 * s, rtol=0, atol=np.abs(s).max() * gtol * 4)
+        a.zero_grad()
+        assert not a.grad.any() and not a.bias_grad.any()
+        # weight space: the gradient of W_eff is dYᵀ x
+        a.weight_backward(np.ascontiguousarray((dy2.T @ x2).astype(dtype)))
+        np.testing.assert_allclose(a.grad_z, 1.7 * s, rtol=0, atol=np.abs(1.7 * s).max() * gtol * 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_path_and_the_h_buffer_agree(minilm, dtype):
+    w, b = layer(minilm, LAYERS[1], dtype)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((64, w.shape[1])).astype(dtype)
+    dy = rng.standard_normal((64, w.shape[0])).astype(dtype)
+    results = {}
+    with loldu.Adapter(w, b, rank=16, z_init="s_normal", residual="init", seed=3) as a:
+        for path in loldu.PATHS:
+            a.path = path
+            assert a.path == path
+            a.zero_grad()
+            h = np.empty((64, 16), dtype)
+            y = a.forward(x, h=h)
+            dx = a.backward(x, dy, h=h)
+            y2 = a.forward(x)
+            grads = a.grad.copy()
+            a.zero_grad()
+            dx2 = a.backward(x, dy)
+            np.testing.assert_array_equal(y, y2)
+            np.testing.assert_allclose(a.grad, grads, rtol=1e-4 if dtype == np.float32 else 1e-12)
+            results[path] = (y, dx, grads)
+        a.path = "auto"
+        assert a.plan(64) in loldu.PATHS[1:] and a.plan(64, keeps_h=True) in loldu.PATHS[1:]
+        a.path = "merged"
+        assert a.plan(64) == "merged"
+    tol = {"rtol": 1e-3, "atol": 1e-3} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    for path, (y, dx, grads) in results.items():
+        np.testing.assert_allclose(y, results["factored"][0], **tol)
+        np.testing.assert_allclose(dx, results["factored"][1], **tol)
+        np.testing.assert_allclose(grads, results["factored"][2], rtol=1e-3 if dtype == np.float32 else 1e-9)
+
+
+@pytest.mark.parametrize("z_init", loldu.Z_INITS)
+def test_inits_and_residual_modes(minilm, z_init):
+    w, b = layer(minilm, LAYERS[0], np.float64)
+    x = np.random.default_rng(4).standard_normal((4, w.shape[1]))
+    pretrained = x @ w.T + b
+    _, d, _ = ldu_factors(w, 32)
+    with loldu.Adapter(w, b, rank=32, z_init=z_init, residual="init", seed=7) as a, \
+            loldu.Adapter(w, b, rank=32, z_init=z_init, residual="pivots", seed=7) as p:
+        np.testing.assert_array_equal(a.z, p.z)  # same seed, same z
+        np.testing.assert_allclose(a.forward(x), pretrained, rtol=1e-10, atol=1e-10)  # 'init' keeps the output
+        expected = {"lu": d, "constant": np.full(32, d.mean()), "ones": np.ones(32), "zeros": np.zeros(32)}
+        if z_init in expected:
+            np.testing.assert_allclose(a.z, expected[z_init], rtol=1e-10)
+        if z_init == "lu":
+            np.testing.assert_allclose(p.forward(x), pretrained, rtol=1e-10, atol=1e-10)
+        else:
+            w_eff = w + p.factor("lower") @ np.diag(p.z - d) @ p.factor("upper")
+            np.testing.assert_allclose(p.forward(x), x @ w_eff.T + b, rtol=1e-9, atol=1e-9)
+        assert a.config.z_init == z_init and a.config.residual == "init" and a.config.seed == 7
+
+
+def test_z_is_a_live_zero_copy_view():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((12, 10))
+    x = rng.standard_normal((3, 10))
+    with loldu.Adapter(w, rank=4) as a:
+        z = a.z
+        assert np.shares_memory(z, a.params) and z.ctypes.data == a.params.ctypes.data
+        before = a.forward(x)
+        z[1] += 0.5  # written straight into the library
+        np.testing.assert_array_equal(a.get_z(), z)
+        assert not np.allclose(a.forward(x), before)
+        a.z = np.ones(4)
+        np.testing.assert_array_equal(z, np.ones(4))
+        assert a.params[4] == a.sigma == 1.0
+        a.params[4] = 2.0
+        assert a.sigma == 2.0
+
+
+def test_merge_unmerge_enable():
+    rng = np.random.default_rng(6)
+    w, b = rng.standard_normal((20, 16)), rng.standard_normal(20)
+    x = rng.standard_normal((5, 16))
+    with loldu.Adapter(w, b, rank=8, z_init="s_uniform") as a:
+        live = a.forward(x)
+        a.merge()
+        assert a.merged and a.info["merged"] and a.info["bytes_merged"] == 20 * 16 * 8
+        np.testing.assert_allclose(a.forward(x), live, rtol=1e-12, atol=1e-12)
+        with pytest.raises(loldu.StateError, match="unmerge it first"):
+            a.set_z(np.zeros(8))
+        with pytest.raises(loldu.StateError):
+            a.sigma = 3.0
+        assert not a.z.flags.writeable
+        with pytest.raises(ValueError):
+            a.z[0] = 1.0
+        a.zero_grad()
+        a.backward(x, np.ones((5, 20)))
+        assert not a.grad.any()  # a merged adapter does not depend on z
+        a.merge()  # no-op
+        a.unmerge()
+        assert not a.merged and a.z.flags.writeable
+        a.enabled = False
+        np.testing.assert_allclose(a.forward(x), x @ w.T + b, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(a.effective_weight(), w)
+        a.backward(x, np.ones((5, 20)))
+        assert not a.grad.any()
+        a.enabled = True
+        np.testing.assert_allclose(a.forward(x), live, rtol=1e-12, atol=1e-12)
+
+
+def test_clone_shares_factors_not_state():
+    w = np.random.default_rng(7).standard_normal((9, 7)).astype(np.float32)
+    with loldu.Adapter(w, rank=5, borrow_weight=True) as a:
+        a.z[:] = 2
+        c = a.clone()
+        del a  # the clone keeps the borrowed weight and the factors alive
+    gc.collect()
+    np.testing.assert_array_equal(c.z, np.full(5, 2, np.float32))
+    c.z[:] = 3
+    np.testing.assert_array_equal(c.factor("weight"), w)
+    assert c.info["borrow_weight"] and c.info["bytes_weight"] == 0
+    c.close()
+
+
+def test_borrowed_weight_is_kept_alive():
+    w = np.random.default_rng(8).standard_normal((30, 20))
+    a = loldu.Adapter(w, rank=4, borrow_weight=True)
+    expected = a.forward(np.eye(20))
+    del w
+    gc.collect()
+    np.testing.assert_array_equal(a.forward(np.eye(20)), expected)
+    a.close()
+
+
+def test_handles_are_freed_exactly_once(monkeypatch):
+    freed = []
+    real = _capi.loldu_adapter_free
+    monkeypatch.setattr(_capi, "loldu_adapter_free", lambda h: (freed.append(h), real(h)))
+    w = np.eye(6)
+    # close(), twice
+    a = loldu.Adapter(w, rank=3)
+    h = a.handle
+    a.close()
+    a.close()
+    assert freed == [h] and a.closed
+    with pytest.raises(loldu.InvalidHandleError, match="closed"):
+        a.forward(np.ones((1, 6)))
+    # context manager, then close() again
+    with loldu.Adapter(w, rank=3) as b:
+        hb = b.handle
+    b.close()
+    assert freed == [h, hb]
+    # garbage collection
+    c = loldu.Adapter(w, rank=3)
+    hc = c.handle
+    del c
+    gc.collect()
+    assert freed == [h, hb, hc]
+    # a live view keeps the memory (and the handle) until it goes
+    d = loldu.Adapter(w, rank=3)
+    hd = d.handle
+    z = d.z
+    d.close()
+    assert freed == [h, hb, hc]
+    np.testing.assert_array_equal(z, np.ones(3))  # still valid memory
+    del z
+    gc.collect()
+    assert freed == [h, hb, hc, hd]
+    assert len(set(freed)) == len(freed)
+
+
+def test_no_crash_or_warning_at_interpreter_shutdown():
+    code = """
+        import numpy as np, loldu
+        w = np.eye(8, dtype=np.float32)
+        a = loldu.Adapter(w, rank=4)
+        view = a.z
+        b = loldu.Adapter(w, rank=2, borrow_weight=True)
+        opt = loldu.AdamW([a, b], lr=0.1)
+        c = loldu.Adapter(w, rank=2); c.close()
+        cycle = [loldu.Adapter(w, rank=3)]; cycle.append(cycle)
+        print("ok")
+    """
+    result = run_python(code)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    assert result.stderr == ""
+
+
+def test_bad_inputs_raise_documented_exceptions():
+    w = np.random.default_rng(9).standard_normal((8, 6)).astype(np.float32)
+    with pytest.raises(loldu.DTypeError, match="float16"):
+        loldu.Adapter(w.astype(np.float16))
+    with pytest.raises(loldu.DTypeError, match="numpy.ndarray"):
+        loldu.Adapter(w.tolist())
+    with pytest.raises(loldu.ShapeError, match="2-D"):
+        loldu.Adapter(w.reshape(2, 4, 6))
+    with pytest.raises(loldu.ShapeError, match="C-contiguous"):
+        loldu.Adapter(np.asfortranarray(w))
+    with pytest.raises(loldu.DTypeError, match="bias has dtype float64"):
+        loldu.Adapter(w, np.zeros(8))
+    with pytest.raises(loldu.ShapeError, match=r"bias has shape \(6,\), expected \(8,\)"):
+        loldu.Adapter(w, np.zeros(6, np.float32))
+    with pytest.raises(loldu.InvalidArgumentError, match=r"config.rank must be in \[1, min\(m, n\)\] = \[1, 6\], got 7"):
+        loldu.Adapter(w, rank=7)
+    with pytest.raises(loldu.InvalidArgumentError, match="z_init must be one of"):
+        loldu.Adapter(w, rank=4, z_init="svd")
+    with pytest.raises(loldu.InvalidArgumentError, match="alpha"):
+        loldu.Adapter(w, rank=4, alpha=-1)
+    bad = w.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(loldu.NotFiniteError) as info:
+        loldu.Adapter(bad, rank=4)
+    assert isinstance(info.value, ValueError) and info.value.status == _capi.LOLDU_ERR_NOT_FINITE
+    assert "weight" in str(info.value)
+    with loldu.Adapter(w, rank=4) as a:
+        x = np.ones((3, 6), np.float32)
+        with pytest.raises(loldu.DTypeError, match=r"x has dtype float64, expected float32.*astype"):
+            a.forward(x.astype(np.float64))
+        with pytest.raises(loldu.ShapeError, match=r"expected \(\.\.\., 6\)"):
+            a.forward(np.ones((3, 5), np.float32))
+        with pytest.raises(loldu.ShapeError, match="C-contiguous"):
+            a.forward(np.ones((6, 3), np.float32).T)
+        with pytest.raises(loldu.ShapeError, match="read-only"):
+            out = np.empty((3, 8), np.float32)
+            out.flags.writeable = False
+            a.forward(x, out=out)
+        with pytest.raises(loldu.ShapeError, match=r"dy has shape \(3, 6\), expected \(3, 8\)"):
+            a.backward(x, np.ones((3, 6), np.float32))
+        with pytest.raises(loldu.ShapeError, match=r"h has shape"):
+            a.forward(x, h=np.empty((3, 3), np.float32))
+        with pytest.raises(loldu.NotFiniteError, match="z"):
+            a.set_z(np.array([1, np.inf, 1, 1], np.float32))
+        with pytest.raises(loldu.NotFiniteError, match="sigma must be finite"):
+            a.sigma = float("nan")
+        with pytest.raises(loldu.InvalidArgumentError, match="path must be one of"):
+            a.path = "fastest"
+        with pytest.raises(loldu.InvalidArgumentError, match="which must be one of"):
+            a.factor("pivots")
+        with pytest.raises(loldu.StateError, match="no bias"):
+            a.factor("bias")
+        with pytest.raises(loldu.ShapeError, match="batch must be in"):
+            a.plan(0)
+        assert a.bias_grad is None
+        np.testing.assert_array_equal(a.forward(np.ones((0, 6), np.float32)), np.ones((0, 8), np.float32))
