@@ -593,23 +593,29 @@ def add_loldu(
     Layer ``i`` (in model order) gets seed ``seed + i``. With ``mark_trainable`` (the default,
     as PEFT's ``get_peft_model``) only the LoLDU parameters stay trainable.
 
-    Returns the model. ``ValueError`` if nothing matches.
+    Modules that are LoLDU layers already are left as they are. Returns the model;
+    ``InvalidArgumentError`` (a ``ValueError``) if nothing matches.
     """
     root = _unwrap(model)
     matched = []
     existing = tuple(name + "." for name in loldu_layers(root))
+    adapted_already = 0
     for name, module in root.named_modules():
-        if not name or not _matches(name, target_modules) or isinstance(module, LoLDULayer):
+        if not name or not _matches(name, target_modules) or name.startswith(existing):
+            continue  # (a base layer inside a LoLDU layer)
+        if isinstance(module, LoLDULayer):
+            adapted_already += 1
             continue
-        if name.startswith(existing):
-            continue  # the base layer of a layer adapted already
         if _layer_class(module) is None:
             raise InvalidArgumentError(
                 f"target module {name!r} is a {type(module).__name__}; LoLDU adapts nn.Linear, "
                 "nn.Conv1d/2d/3d and nn.Embedding", _capi.LOLDU_ERR_INVALID_ARGUMENT)
         matched.append((name, module))
+    if not matched and adapted_already:
+        return model
     if not matched:
-        sample = [n for n, m in root.named_modules() if _layer_class(m) is not None][:8]
+        sample = [n for n, m in root.named_modules()
+                  if _layer_class(m) is not None and not n.startswith(existing)][:8]
         raise InvalidArgumentError(
             f"target_modules {target_modules!r} matched no module of the model; adaptable modules are "
             f"named e.g. {sample}", _capi.LOLDU_ERR_INVALID_ARGUMENT)

@@ -1,0 +1,202 @@
+"""PEFT-style helpers on a real model: all-MiniLM-L6-v2 as a transformers BertModel (offline)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import loldu
+import loldu.torch as lt
+from conftest import minilm_dir, run_python
+
+QV = ["query", "value"]
+
+
+@pytest.fixture(scope="module")
+def bert() -> nn.Module:
+    import transformers
+
+    model = transformers.BertModel.from_pretrained(str(minilm_dir()), local_files_only=True)
+    return model.eval()
+
+
+@pytest.fixture()
+def model(bert) -> nn.Module:
+    return copy.deepcopy(bert)
+
+
+def inputs(seed: int = 0, batch: int = 2, length: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 20000, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, length - 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def output(model, seed=0):
+    with torch.no_grad():
+        return model(**inputs(seed)).last_hidden_state
+
+
+def train(model, steps=3, lr=0.05):
+    opt = torch.optim.AdamW(lt.loldu_parameters(model), lr=lr)
+    target = torch.randn(2, 12, 384, generator=torch.Generator().manual_seed(1))
+    for step in range(steps):
+        loss = (model(**inputs(step)).last_hidden_state - target).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return loss.item()
+
+
+def test_add_loldu_by_names_keeps_the_model_and_trains_only_z(bert, model):
+    before = output(bert)
+    lt.add_loldu(model, target_modules=QV, rank=16)
+    layers = lt.loldu_layers(model)
+    assert len(layers) == 12 and all(isinstance(m, lt.LoLDULinear) for m in layers.values())
+    assert "encoder.layer.0.attention.self.query" in layers and "encoder.layer.5.attention.self.value" in layers
+    torch.testing.assert_close(output(model), before, rtol=1e-4, atol=1e-4)  # unchanged at initialisation
+    trainable, total = lt.get_nb_trainable_parameters(model)
+    base_total = sum(p.numel() for p in bert.parameters())
+    assert trainable == 12 * 17 and total == base_total + 12 * 17
+    report = lt.print_trainable_parameters(model)
+    assert report == f"trainable params: 204 || all params: {total:,d} || trainable%: {100 * 204 / total:.4f}"
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(n.rsplit(".", 1)[-1] in ("loldu_z", "loldu_sigma") for n in names)
+    assert set(lt.loldu_state_dict(model)) == {f"{n}.{p}" for n in layers for p in ("loldu_z", "loldu_sigma")}
+    first = train(model, steps=1)
+    last = train(model, steps=4)
+    assert last < first
+    assert not torch.allclose(output(model), before, atol=1e-3)
+    # the base weights never changed
+    for name, layer in layers.items():
+        torch.testing.assert_close(layer.base_layer.weight, bert.get_submodule(name).weight, rtol=0, atol=0)
+
+
+def test_regex_targets_and_bad_targets(model):
+    lt.add_loldu(model, r".*\.attention\.self\.(query|key)", rank=4, train_sigma=False)
+    layers = lt.loldu_layers(model)
+    assert len(layers) == 12 and all(n.endswith(("query", "key")) for n in layers)
+    assert lt.get_nb_trainable_parameters(model)[0] == 12 * 4
+    assert len(lt.loldu_parameters(model)) == 12 and len(lt.loldu_parameters(model, trainable_only=False)) == 24
+    with pytest.raises(loldu.InvalidArgumentError, match=r"matched no module.*encoder\.layer\.0"):
+        lt.add_loldu(model, ["nonexistent"])
+    with pytest.raises(loldu.InvalidArgumentError, match="is a BertSelfAttention; LoLDU adapts nn.Linear"):
+        lt.add_loldu(model, r"encoder\.layer\.0\.attention\.self")
+    with pytest.raises(loldu.InvalidArgumentError, match=r"encoder.layer.0.intermediate.dense: config.rank must be in"):
+        lt.add_loldu(model, ["intermediate.dense"], rank=1000)
+    lt.add_loldu(model, ["query"], rank=4)  # adapted already: left as is
+    assert len(lt.loldu_layers(model)) == 12
+
+
+def test_embeddings_and_full_rank(model):
+    lt.add_loldu(model, ["word_embeddings", "output.dense"], rank="full", z_init="ones", residual="init")
+    layers = lt.loldu_layers(model)
+    assert isinstance(layers["embeddings.word_embeddings"], lt.LoLDUEmbedding)
+    assert layers["embeddings.word_embeddings"].rank == 384 and layers["encoder.layer.0.output.dense"].rank == 384
+    assert train(model, steps=2) > 0
+    assert layers["embeddings.word_embeddings"].loldu_z.grad is None  # zero_grad(set_to_none)
+    assert layers["embeddings.word_embeddings"].adapter.z.std() > 0  # moved away from ones
+
+
+def test_save_then_load_in_a_fresh_process(model, tmp_path):
+    lt.add_loldu(model, target_modules=QV, rank=16, z_init="s_normal", residual="init", seed=3)
+    train(model, steps=2)
+    lt.save_loldu(model, tmp_path / "ckpt")
+    torch.save(output(model, seed=7), tmp_path / "expected.pt")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "ckpt" / loldu.MODEL_FILE))
+    assert tensors.keys() == lt.loldu_state_dict(model).keys()
+    for key, value in lt.loldu_state_dict(model).items():
+        torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
+    config = json.loads((tmp_path / "ckpt" / loldu.CONFIG_FILE).read_text())
+    assert config["peft_type"] == "LOLDU" and len(config["target_modules"]) == 12 and config["r"] == 16
+
+    code = """
+        import sys, torch, transformers, loldu.torch as lt
+        sys.path.insert(0, sys.argv[2])
+        from test_torch_model import output
+        from conftest import minilm_dir
+        model = transformers.BertModel.from_pretrained(str(minilm_dir()), local_files_only=True).eval()
+        lt.load_loldu(model, sys.argv[1] + "/ckpt")
+        print(len(lt.loldu_layers(model)), lt.get_nb_trainable_parameters(model)[0])
+        torch.save(output(model, seed=7), sys.argv[1] + "/actual.pt")
+    """
+    from conftest import TESTS
+
+    result = run_python(code, str(tmp_path), str(TESTS))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["12", "204"]
+    actual, expected = torch.load(tmp_path / "actual.pt"), torch.load(tmp_path / "expected.pt")
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)  # identical outputs
+
+
+def test_load_into_an_adapted_model_keeps_the_parameters(bert, model, tmp_path):
+    lt.add_loldu(model, target_modules=QV, rank=8)
+    train(model, steps=2)
+    lt.save_loldu(model, tmp_path)
+    expected = output(model)
+    other = copy.deepcopy(bert)
+    lt.add_loldu(other, target_modules=QV, rank=8)
+    params = lt.loldu_parameters(other)
+    opt = torch.optim.SGD(params, lr=0.1)
+    lt.load_loldu(other, tmp_path)
+    assert all(a is b for a, b in zip(params, lt.loldu_parameters(other)))  # optimisers keep working
+    torch.testing.assert_close(output(other), expected, rtol=0, atol=0)
+    assert opt.param_groups[0]["params"][0] is params[0]
+    # set_loldu_state_dict from a state dict gives the same model as well
+    third = lt.add_loldu(copy.deepcopy(bert), target_modules=QV, rank=8)
+    missing, unexpected = lt.set_loldu_state_dict(third, lt.loldu_state_dict(model))
+    assert missing == [] and unexpected == []
+    torch.testing.assert_close(output(third), expected, rtol=0, atol=0)
+
+
+def test_load_checks_the_base_model(bert, model, tmp_path):
+    lt.add_loldu(model, target_modules=QV, rank=8)
+    lt.save_loldu(model, tmp_path)
+    changed = copy.deepcopy(bert)
+    with torch.no_grad():
+        changed.encoder.layer[3].attention.self.value.weight.mul_(1.01)
+    with pytest.raises(loldu.MismatchError, match="encoder.layer.3.attention.self.value.*base weight differs"):
+        lt.load_loldu(changed, tmp_path)
+    with pytest.raises(loldu.MismatchError, match="not a module of the model"):
+        lt.load_loldu(nn.Sequential(nn.Linear(384, 384)), tmp_path)
+    with pytest.raises(loldu.DTypeError, match="saved in float32"):
+        lt.load_loldu(copy.deepcopy(bert).double(), tmp_path)
+
+
+def test_merge_unmerge_unload_and_disable(bert, model):
+    lt.add_loldu(model, target_modules=QV + ["intermediate.dense"], rank=32, z_init="s_normal", residual="init")
+    train(model, steps=2)
+    adapted = output(model)
+    original = output(bert)
+    with lt.disable_adapters(model):
+        torch.testing.assert_close(output(model), original, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(output(model), adapted, rtol=0, atol=0)
+    lt.merge_loldu(model)
+    assert all(layer.merged for layer in lt.loldu_layers(model).values())
+    torch.testing.assert_close(output(model), adapted, rtol=1e-4, atol=1e-4)  # merged equals unmerged
+    lt.unmerge_loldu(model)
+    torch.testing.assert_close(output(model), adapted, rtol=1e-5, atol=1e-5)  # the cached W_eff may be used
+    merged = lt.merge_and_unload(copy.deepcopy(model))
+    assert not lt.loldu_layers(merged)
+    assert type(merged.encoder.layer[0].attention.self.query) is nn.Linear
+    torch.testing.assert_close(output(merged), adapted, rtol=1e-4, atol=1e-4)
+    assert output(merged.half()).dtype == torch.float16  # a plain model again
+    unloaded = lt.unload(model)
+    torch.testing.assert_close(output(unloaded), original, rtol=0, atol=0)
+
+
+def test_export_merged(model, tmp_path):
+    from safetensors.torch import load_file
+
+    lt.add_loldu(model, target_modules=["value"], rank=8, z_init="s_uniform", residual="init")
+    lt.export_merged(model, tmp_path / "merged.safetensors")
+    tensors = load_file(str(tmp_path / "merged.safetensors"))
+    for name, layer in lt.loldu_layers(model).items():
+        torch.testing.assert_close(tensors[f"{name}.weight"], layer.effective_weight(), rtol=0, atol=0)
