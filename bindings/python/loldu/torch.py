@@ -368,8 +368,10 @@ class LoLDULayer(nn.Module):
             if x.dtype in (torch.float16, torch.bfloat16):
                 advice = (f"Pass x.to({self.dtype}) (LoLDU layers compute in float32 or float64), "
                           "or merge_and_unload(model) to run the merged model in half precision.")
-            else:
+            elif x.dtype in _SUPPORTED_DTYPES:
                 advice = f"Convert the input with x.to({self.dtype}), or the model with model.to({x.dtype})."
+            else:
+                advice = f"Convert the input with x.to({self.dtype})."
             raise DTypeError(f"{self.loldu_name}: the input is {x.dtype}, the layer computes in {self.dtype}. {advice}",
                              _capi.LOLDU_ERR_DTYPE)
         return x
