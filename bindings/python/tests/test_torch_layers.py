@@ -89,8 +89,13 @@ def test_gradcheck_linear_float64(path):
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, z, s: layer(x), (x, layer.loldu_z, layer.loldu_sigma))
     x3 = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck is not None
     assert torch.autograd.gradcheck(lambda x, z, s: layer(x), (x3, layer.loldu_z, layer.loldu_sigma))
+    square = lt.LoLDULinear(nn.Linear(6, 6, dtype=torch.float64), rank=3, z_init="s_normal", residual="init")
+    square.adapter.path = path
+    # the same layer twice in one graph: both calls' dz accumulate in loldu_z.grad
+    assert torch.autograd.gradcheck(lambda x, z, s: square(torch.tanh(square(x))), (x, square.loldu_z, square.loldu_sigma))
+    with torch.inference_mode():
+        assert layer(x).shape == (5, 7)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
