@@ -843,6 +843,7 @@ class Optimizer:
         if not layers or not all(isinstance(layer, LoLDULayer) for layer in layers):
             raise InvalidArgumentError("Optimizer needs a model with LoLDU layers or a list of LoLDU layers",
                                        _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        layers = list(dict.fromkeys(layers))  # a layer shared by two modules is updated once
         self.layers = layers
         self._optimizer = _loldu.Optimizer([layer._prepare() for layer in layers], kind, lr, **options)
 

@@ -180,6 +180,23 @@ def test_saved_state_resumes_bit_for_bit(minilm, tmp_path):
         assert a.sigma == b.sigma
 
 
+def test_loading_a_state_saved_with_another_configuration_is_refused(minilm, tmp_path):
+    adapters = make_adapters(minilm, np.float64)
+    saved = loldu.AdamW(adapters, lr=0.5, schedule="cosine", warmup_steps=1, total_steps=10)
+    saved.save(tmp_path / "state.safetensors")
+    for other in (loldu.SGD(adapters, lr=0.5), loldu.AdamW(adapters, lr=0.1, schedule="cosine", warmup_steps=1,
+                                                                 total_steps=10)):
+        before = other.get_lr()
+        with pytest.raises(loldu.MismatchError, match="saved with another configuration"):
+            other.load(tmp_path / "state.safetensors")
+        assert other.get_lr() == before and other.steps == 0
+    same = loldu.AdamW(adapters, lr=0.5, schedule="cosine", warmup_steps=1, total_steps=10)
+    same.load(tmp_path / "state.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(loldu.FormatError):
+        same.load(tmp_path / "bad.safetensors")
+
+
 def test_optimizer_errors(minilm):
     adapters = make_adapters(minilm, np.float64)
     with pytest.raises(loldu.InvalidArgumentError, match="lr must be finite and > 0"):
@@ -194,6 +211,8 @@ def test_optimizer_errors(minilm):
         loldu.AdamW([])
     with pytest.raises(loldu.InvalidArgumentError, match="must be a loldu.Adapter"):
         loldu.AdamW([np.zeros(3)])
+    with pytest.raises(loldu.InvalidArgumentError, match=r"adapters\[2\] is adapters\[0\]"):
+        loldu.SGD([adapters[0], adapters[1], adapters[0]])
     opt = loldu.AdamW(adapters, lr=0.1)
     z = [a.z.copy() for a in adapters]
     adapters[0].grad[0] = np.nan

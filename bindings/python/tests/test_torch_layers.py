@@ -166,6 +166,7 @@ def test_parameters_share_memory_with_the_library():
     frozen = lt.LoLDULinear(nn.Linear(10, 8), rank=5, train_sigma=False)
     assert frozen.loldu_z.requires_grad and not frozen.loldu_sigma.requires_grad
     assert dict(layer.named_parameters()).keys() == {"loldu_z", "loldu_sigma", "base_layer.weight", "base_layer.bias"}
+    assert lt.Optimizer([layer, frozen, layer]).layers == [layer, frozen]  # each layer updated once
 
 
 def test_torch_optim_and_the_library_optimiser_train_the_same(minilm):
