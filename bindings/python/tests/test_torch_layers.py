@@ -5,6 +5,7 @@ torch.optim and the library's optimiser, conversions, and the exceptions for bad
 from __future__ import annotations
 
 import copy
+import gc
 import io
 
 import numpy as np
@@ -284,8 +285,14 @@ def test_base_weight_changes_are_detected():
     expected = x @ torch.from_numpy(layer.adapter.effective_weight()).T + base.bias
     torch.testing.assert_close(layer(x), expected)
     np.testing.assert_array_equal(layer.adapter.factor("weight"), base.weight.detach().numpy())
+    y = layer(x)
     base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)  # new tensor, same values
-    layer(x)
+    gc.collect()  # the old tensor, which the library borrows, must stay alive
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+    with torch.no_grad():
+        base.weight.add_(1)
+    with pytest.raises(loldu.StateError):
+        layer(x)
 
 
 def test_replaced_parameters_are_rebound():
