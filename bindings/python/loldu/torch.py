@@ -85,6 +85,11 @@ __all__ = [
     "merge_and_unload",
     "unload",
     "disable_adapters",
+    "enable_loldu",
+    "disable_loldu",
+    "get_loldu_params",
+    "get_loldu_state_dict",
+    "remove_loldu",
     "Optimizer",
 ]
 
@@ -777,7 +782,9 @@ def load_loldu(model: nn.Module, directory, *, borrow_weight: bool = True, mark_
 
 
 def merge_loldu(model: nn.Module) -> None:
-    """Merges every LoLDU layer (faster inference; z and σ frozen until ``unmerge_loldu``)."""
+    """Merges every LoLDU layer (faster inference; z and σ frozen until ``unmerge_loldu``).
+    Reversible, as PEFT's ``merge_adapter``; ``merge_and_unload`` removes the layers instead
+    (what the reference code's ``merge_loldu`` does)."""
     for layer in loldu_layers(model).values():
         layer.merge()
 
@@ -807,6 +814,25 @@ def unload(model: nn.Module) -> nn.Module:
         _set_submodule(root, name, layer.base_layer)
         layer.close()
     return model
+
+
+def enable_loldu(model: nn.Module) -> None:
+    """Turns every LoLDU layer on (the initial state), as the reference code's ``enable_loldu``."""
+    for layer in loldu_layers(model).values():
+        layer.enable_adapters(True)
+
+
+def disable_loldu(model: nn.Module) -> None:
+    """Turns every LoLDU layer off until ``enable_loldu``: the model computes its original
+    outputs exactly. See ``disable_adapters`` for a ``with`` block."""
+    for layer in loldu_layers(model).values():
+        layer.enable_adapters(False)
+
+
+# The reference code's names (github.com/SKDDJ/LoLDU, minloldu).
+get_loldu_params = loldu_parameters
+get_loldu_state_dict = loldu_state_dict
+remove_loldu = unload
 
 
 @contextlib.contextmanager

@@ -178,6 +178,11 @@ def test_merge_unmerge_unload_and_disable(bert, model):
     with lt.disable_adapters(model):
         torch.testing.assert_close(output(model), original, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(output(model), adapted, rtol=0, atol=0)
+    lt.disable_loldu(model)  # the reference code's switches
+    assert not any(layer.enabled for layer in lt.loldu_layers(model).values())
+    torch.testing.assert_close(output(model), original, rtol=1e-4, atol=1e-4)
+    lt.enable_loldu(model)
+    torch.testing.assert_close(output(model), adapted, rtol=0, atol=0)
     lt.merge_loldu(model)
     assert all(layer.merged for layer in lt.loldu_layers(model).values())
     torch.testing.assert_close(output(model), adapted, rtol=1e-4, atol=1e-4)  # merged equals unmerged
@@ -188,7 +193,9 @@ def test_merge_unmerge_unload_and_disable(bert, model):
     assert type(merged.encoder.layer[0].attention.self.query) is nn.Linear
     torch.testing.assert_close(output(merged), adapted, rtol=1e-4, atol=1e-4)
     assert output(merged.half()).dtype == torch.float16  # a plain model again
-    unloaded = lt.unload(model)
+    assert lt.get_loldu_params(model) == lt.loldu_parameters(model)
+    assert lt.get_loldu_state_dict(model).keys() == lt.loldu_state_dict(model).keys()
+    unloaded = lt.remove_loldu(model)
     torch.testing.assert_close(output(unloaded), original, rtol=0, atol=0)
 
 
