@@ -77,6 +77,20 @@ def test_add_loldu_by_names_keeps_the_model_and_trains_only_z(bert, model):
         torch.testing.assert_close(layer.base_layer.weight, bert.get_submodule(name).weight, rtol=0, atol=0)
 
 
+def test_trainable_report_is_peft_s(model):
+    import contextlib
+    import io
+
+    import peft
+
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=QV))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        lora.print_trainable_parameters()
+    assert lt.print_trainable_parameters(lora, file=io.StringIO()) == printed.getvalue().strip()
+    assert lt.get_nb_trainable_parameters(lora) == lora.get_nb_trainable_parameters()
+
+
 def test_regex_targets_and_bad_targets(model):
     lt.add_loldu(model, r".*\.attention\.self\.(query|key)", rank=4, train_sigma=False)
     layers = lt.loldu_layers(model)
