@@ -858,7 +858,9 @@ class Optimizer:
     ``loldu.Optimizer``: schedule, warm-up, clipping, σ's rate...). ``step()`` first copies each
     parameter's ``.grad`` (as autograd, and ``DistributedDataParallel``'s all-reduce, left it)
     into the library's gradient buffers, then updates z and σ in place; ``zero_grad()`` clears
-    both. Returns the global gradient norm before clipping.
+    both. ``step()`` returns the global gradient norm before clipping. A parameter without
+    ``.grad`` counts as a zero gradient (``torch.optim`` would skip it; momentum and weight
+    decay still apply here). A layer given twice is updated once.
     """
 
     def __init__(self, model_or_layers, kind: str = "adamw", lr: float = 1e-3, **options):
