@@ -23,9 +23,11 @@ endif
 APT_PACKAGES := pkg-config libopenblas-dev liblapacke-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup build test test-swift test-c demo bench install clean
+.PHONY: all setup build test test-swift test-c demo compare bench install clean
 
 all: build
+
+include bindings/python/python.mk
 
 # --- setup: install what is missing ---------------------------------------------------------
 $(BUILD)/.apt-ready:
@@ -54,7 +56,7 @@ build: $(LIB) $(BUILD)/loldu.pc
 # --- tests -------------------------------------------------------------------------------------
 CFLAGS_STRICT := -Wall -Wextra -Werror -pedantic
 
-test: test-swift test-c
+test: test-swift test-c test-python
 
 test-swift: $(BUILD)/.apt-ready
 	swift test
@@ -75,16 +77,22 @@ test-c: $(BUILD)/quickstart $(BUILD)/train $(BUILD)/faults
 	$(BUILD)/train --verify $(BUILD)/train-checkpoint
 	$(BUILD)/faults
 
-# --- the main job ------------------------------------------------------------------------------
-demo: $(BUILD)/quickstart
-	$(BUILD)/quickstart
+# --- the main job: fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes with LoLDU --------------------
+PY_RUN = LOLDU_LIBRARY=$(LIB) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON)
+
+demo: build python-setup
+	$(PY_RUN) examples/python/finetune_minilm.py
+
+# LoLDU (r = 64, full rank) vs PEFT LoRA vs a linear probe vs full fine-tuning: docs/results.md
+compare: build python-setup
+	$(PY_RUN) examples/python/finetune_minilm.py --compare
 
 # --- benchmarks: one run, ratios against baselines measured in the same process ---------------
 $(BUILD)/bench: bench/bench.c build
 	cc -std=c11 -O2 -Wall -Wextra $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu openblas lapacke) -lm -o $@
 
-bench: $(BUILD)/bench
-	$(BUILD)/bench --markdown docs/benchmarks.md
+bench: $(BUILD)/bench python-setup
+	$(PY_RUN) bench/bench_torch.py --c-bench $(BUILD)/bench --out docs/benchmarks.md --png docs/benchmarks.png
 
 # --- install -----------------------------------------------------------------------------------
 install: build
