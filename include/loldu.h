@@ -431,9 +431,9 @@ LOLDU_API loldu_status loldu_optimizer_config_default(loldu_optimizer_config *co
 typedef struct loldu_optimizer loldu_optimizer;
 
 /**
- * Creates an optimiser over `count` ≥ 1 adapters (`adapters` read; the optimiser keeps them
- * alive until it is freed; adapters of both element types may be mixed). Its state (momentum,
- * first and second moments) is in each adapter's element type, as in torch.
+ * Creates an optimiser over `count` ≥ 1 different adapters (`adapters` read; the optimiser keeps
+ * them alive until it is freed; adapters of both element types may be mixed). Its state
+ * (momentum, first and second moments) is in each adapter's element type, as in torch.
  */
 LOLDU_API loldu_status loldu_optimizer_create(loldu_optimizer **out, const loldu_optimizer_config *config,
                                               loldu_adapter *const *adapters, size_t count);
@@ -466,8 +466,9 @@ LOLDU_API loldu_status loldu_optimizer_save(const loldu_optimizer *optimizer, co
 
 /**
  * Restores a state saved by loldu_optimizer_save for the same configuration and adapters
- * (same count, ranks, element types). A run resumed this way, with z and σ restored by
- * loldu_checkpoint_apply, continues bit for bit as if it had never stopped.
+ * (same count, ranks, element types); anything else is LOLDU_ERR_MISMATCH naming what differs,
+ * and changes nothing. A run resumed this way, with z and σ restored by loldu_checkpoint_apply,
+ * continues bit for bit as if it had never stopped.
  */
 LOLDU_API loldu_status loldu_optimizer_load(loldu_optimizer *optimizer, const char *path);
 
@@ -517,7 +518,8 @@ LOLDU_API loldu_status loldu_checkpoint_layer(const loldu_checkpoint *checkpoint
 
 /**
  * Sets z and σ of `adapter` from layer `name`. The adapter's base weight and pivots must have the
- * fingerprints that were saved, and its dtype, shape and rank must match: otherwise
+ * fingerprints that were saved (of the weight's contents at save time: a borrowed weight must not
+ * have changed since the adapter was created), and its dtype, shape and rank must match: otherwise
  * LOLDU_ERR_MISMATCH (nothing is changed). Outputs are then bit for bit those of the saved
  * adapter (same machine and BLAS).
  */

@@ -79,6 +79,12 @@ public final class Optimizer: @unchecked Sendable {
     public init(config: OptimizerConfig, adapters: [any AnyAdapter]) throws(LoLDUError) {
         try config.validate()
         guard !adapters.isEmpty else { throw .invalid("count must be >= 1") }
+        var seen: [ObjectIdentifier: Int] = [:]
+        for (i, adapter) in adapters.enumerated() {
+            if let first = seen.updateValue(i, forKey: ObjectIdentifier(adapter)) {
+                throw .invalid("adapters[\(i)] is adapters[\(first)]: an adapter listed twice would be updated twice per step")
+            }
+        }
         self.config = config
         self.adapters = adapters
         var states: [any ParameterState] = []
@@ -166,7 +172,8 @@ public final class Optimizer: @unchecked Sendable {
         try SafeTensors.write(entries, metadata: metadata, to: path)
     }
 
-    /// Restores what ``save(to:)`` wrote, for the same adapters (count, ranks, dtypes).
+    /// Restores what ``save(to:)`` wrote, for the same configuration and adapters (count, ranks,
+    /// dtypes); anything else is `mismatch`, and nothing changes.
     public func load(from path: String) throws(LoLDUError) {
         let file = try SafeTensors.parse(try AtomicFile.read(path, limit: 1 << 30), what: path)
         let meta = file.metadata
@@ -185,7 +192,8 @@ public final class Optimizer: @unchecked Sendable {
         guard let kind = OptimizerConfig.Kind.allCases.first(where: { $0.name == meta["kind"] }),
               let schedule = OptimizerConfig.Schedule.allCases.first(where: { $0.name == meta["schedule"] })
         else { throw file.fail("unknown optimiser kind or schedule") }
-        var c = OptimizerConfig(kind: kind)
+        var c = config
+        c.kind = kind
         c.lr = try number("lr"); c.lrSigma = try number("lr_sigma")
         c.weightDecay = try number("weight_decay"); c.weightDecaySigma = try number("weight_decay_sigma")
         c.momentum = try number("momentum"); c.dampening = try number("dampening")
@@ -193,10 +201,9 @@ public final class Optimizer: @unchecked Sendable {
         c.beta1 = try number("beta1"); c.beta2 = try number("beta2"); c.eps = try number("eps")
         c.maxGradNorm = try number("max_grad_norm")
         c.warmupSteps = try integer("warmup_steps"); c.totalSteps = try integer("total_steps")
-        do {
-            try c.validate()
-        } catch {
-            throw file.fail("saved configuration: \(error.message)")
+        let differences = Self.metadata(c).filter { Self.metadata(config)[$0.key] != $0.value }.map(\.key).sorted()
+        guard differences.isEmpty else {
+            throw LoLDUError(.mismatch, "\(path) was saved with another configuration (\(differences.joined(separator: ", "))); create the optimiser with the saved configuration to resume")
         }
         let savedSteps = try integer("steps")
         var restored: [(state: any ParameterState, values: [[Double]], initialized: Bool)] = []

@@ -255,7 +255,7 @@ public func lolduPlan(
 ) -> Int32 {
     status { () throws(LoLDUError) in
         let a = try adapters.get(handle, "adapter")
-        let b = try Check.size(batch, "batch", minimum: 1)
+        let b = try Check.size(batch, "batch", minimum: 0)
         let keeps = try Check.flag(keepsH, "keeps_h")
         try Check.nonNull(path, "path").pointee = a.plan(batch: b, keepsH: keeps).rawValue
     }

@@ -200,10 +200,10 @@ import Testing
         Case(name: "zero threads", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "threads") {
             loldu_set_num_threads(0)
         },
-        Case(name: "plan for batch 0", expected: LOLDU_ERR_SHAPE, mentions: "batch") {
+        Case(name: "plan for a negative batch", expected: LOLDU_ERR_SHAPE, mentions: "batch") {
             withAdapter { a in
                 var path = LOLDU_PATH_AUTO
-                return loldu_plan(a, 0, 0, &path)
+                return loldu_plan(a, -1, 0, &path)
             }
         },
     ]

@@ -204,6 +204,8 @@ import Testing
         _ = loldu_optimizer_config_default(&config, LOLDU_SGD)
         var optimizer: OpaquePointer?
         #expect(loldu_optimizer_create(&optimizer, &config, [a.handle], 0) == LOLDU_ERR_INVALID_ARGUMENT)
+        #expect(loldu_optimizer_create(&optimizer, &config, [a.handle, a.handle], 2) == LOLDU_ERR_INVALID_ARGUMENT)
+        #expect(String(cString: loldu_last_error()).contains("adapters[1] is adapters[0]"))
         #expect(loldu_optimizer_create(&optimizer, &config, [nil], 1) == LOLDU_ERR_NULL_POINTER)
         #expect(String(cString: loldu_last_error()).contains("adapters[0]"))
         #expect(loldu_optimizer_step(nil, nil) == LOLDU_ERR_NULL_POINTER)
@@ -278,6 +280,21 @@ import Testing
         #expect(loldu_optimizer_create(&optimizer, &config, [a.handle, b.handle], 2) == LOLDU_OK)
         defer { loldu_optimizer_free(optimizer) }
         #expect(loldu_optimizer_load(optimizer, directory + "/optimizer.safetensors") == LOLDU_ERR_MISMATCH)
+        // The same adapters but another learning rate: refused, nothing changed.
+        var other = loldu_optimizer_config()
+        _ = loldu_optimizer_config_default(&other, LOLDU_ADAMW)
+        other.lr = 0.02
+        other.schedule = LOLDU_SCHEDULE_LINEAR.i32
+        other.warmup_steps = 3
+        other.total_steps = 10
+        other.max_grad_norm = 1
+        var single: OpaquePointer?
+        #expect(loldu_optimizer_create(&single, &other, [a.handle], 1) == LOLDU_OK)
+        defer { loldu_optimizer_free(single) }
+        #expect(loldu_optimizer_load(single, directory + "/optimizer.safetensors") == LOLDU_ERR_MISMATCH)
+        #expect(String(cString: loldu_last_error()).contains("lr"), "\(String(cString: loldu_last_error()))")
+        var steps: Int64 = -1
+        #expect(loldu_optimizer_get_step(single, &steps) == LOLDU_OK && steps == 0)
         #expect(loldu_optimizer_load(optimizer, directory + "/adapter_model.safetensors") == LOLDU_ERR_FORMAT)
         #expect(loldu_optimizer_load(optimizer, directory + "/missing") == LOLDU_ERR_IO)
     }

@@ -48,9 +48,10 @@ def _named(adapters: Mapping[str, Adapter], what: str):
 
 
 def save(directory, adapters: Mapping[str, Adapter]) -> None:
-    """Saves adapters under their layer names into ``directory`` (created if missing; its
-    parent must exist). Each file is written atomically."""
+    """Saves adapters under their layer names into ``directory`` (created with its parents if
+    missing, as PEFT's ``save_pretrained``). Each file is written atomically."""
     handles, names, count = _named(adapters, "save")
+    os.makedirs(directory, exist_ok=True)
     check(_capi.loldu_checkpoint_save(os.fsencode(directory), handles, names, count))
 
 

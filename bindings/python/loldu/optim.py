@@ -13,13 +13,12 @@ Face's ``get_{constant,linear,cosine}_schedule_with_warmup``::
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 import os
 
 from . import _capi
 from .adapter import Adapter, _choice, _Handle
-from .errors import InvalidArgumentError, InvalidHandleError, MismatchError, check
+from .errors import InvalidArgumentError, InvalidHandleError, check
 
 KINDS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -52,7 +51,6 @@ def _adapter_list(adapters) -> list[Adapter]:
     adapters = list(adapters)
     if not adapters:
         raise InvalidArgumentError("an optimiser needs at least one adapter", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    seen: dict[int, int] = {}
     for i, a in enumerate(adapters):
         if not isinstance(a, Adapter):
             raise InvalidArgumentError(
@@ -60,28 +58,7 @@ def _adapter_list(adapters) -> list[Adapter]:
                 "(for torch models use loldu.torch.Optimizer)",
                 _capi.LOLDU_ERR_INVALID_ARGUMENT,
             )
-        # The library accepts an adapter listed twice and then updates it twice per step.
-        if a.handle in seen:
-            raise InvalidArgumentError(
-                f"adapters[{i}] is adapters[{seen[a.handle]}]: an adapter listed twice would be updated twice per step",
-                _capi.LOLDU_ERR_INVALID_ARGUMENT,
-            )
-        seen[a.handle] = i
     return adapters
-
-
-def _saved_metadata(path) -> dict | None:
-    """The ``__metadata__`` of a safetensors file, or ``None`` if it cannot be read (the library
-    then reports the problem)."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size <= 1 << 24:
-                return None
-            metadata = json.loads(f.read(size)).get("__metadata__")
-        return metadata if isinstance(metadata, dict) else None
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
 
 
 class Optimizer:
@@ -189,39 +166,9 @@ class Optimizer:
         """Writes the state (steps, moments, configuration) to a safetensors file, atomically."""
         check(_capi.loldu_optimizer_save(self.handle, os.fsencode(path)))
 
-    def _configuration(self) -> dict[str, str | float]:
-        c = self.config
-        values: dict[str, str | float] = {"kind": KINDS[c.kind], "schedule": SCHEDULES[c.schedule],
-                                          "nesterov": float(c.nesterov)}
-        for name in ("lr", "lr_sigma", "weight_decay", "weight_decay_sigma", "momentum", "dampening", "beta1",
-                     "beta2", "eps", "max_grad_norm", "warmup_steps", "total_steps"):
-            values[name] = float(getattr(c, name))
-        return values
-
     def load(self, path) -> None:
-        """Restores a state saved by ``save`` for the same configuration and adapters.
-
-        ``MismatchError`` if the file was saved with another configuration (kind, rates,
-        schedule...): the library would otherwise silently adopt the saved one."""
-        saved = _saved_metadata(path)
-        if saved is not None and saved.get("format") == "loldu-optimizer":
-            differences = []
-            for name, mine in self._configuration().items():
-                theirs = saved.get(name)
-                if theirs is None:
-                    continue
-                try:
-                    theirs = theirs if isinstance(mine, str) else float(theirs)
-                except ValueError:
-                    continue  # malformed: the library reports it
-                if theirs != mine:
-                    differences.append(f"{name} {theirs} (this optimiser: {mine})")
-            if differences:
-                raise MismatchError(
-                    f"{os.fspath(path)} was saved with another configuration: {', '.join(differences)}; "
-                    "create the optimiser with the saved configuration to resume",
-                    _capi.LOLDU_ERR_MISMATCH,
-                )
+        """Restores a state saved by ``save`` for the same configuration and adapters;
+        ``MismatchError`` naming what differs otherwise (nothing changes then)."""
         check(_capi.loldu_optimizer_load(self.handle, os.fsencode(path)))
 
     def __repr__(self) -> str:

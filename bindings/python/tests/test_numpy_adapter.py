@@ -308,6 +308,6 @@ def test_bad_inputs_raise_documented_exceptions():
         with pytest.raises(loldu.StateError, match="no bias"):
             a.factor("bias")
         with pytest.raises(loldu.ShapeError, match="batch must be in"):
-            a.plan(0)
+            a.plan(-1)
         assert a.bias_grad is None
         np.testing.assert_array_equal(a.forward(np.ones((0, 6), np.float32)), np.ones((0, 8), np.float32))
