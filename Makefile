@@ -78,7 +78,9 @@ test-c: $(BUILD)/quickstart $(BUILD)/train $(BUILD)/faults
 	$(BUILD)/faults
 
 # --- the main job: fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes with LoLDU --------------------
-PY_RUN = LOLDU_LIBRARY=$(LIB) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON)
+# OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads sleep when idle instead of spinning, so they
+# do not fight libloldu's BLAS threads for the cores (see README, "Performance").
+PY_RUN = LOLDU_LIBRARY=$(LIB) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON)
 
 demo: build python-setup
 	$(PY_RUN) examples/python/finetune_minilm.py

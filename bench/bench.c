@@ -85,7 +85,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--quick")) quick = 1;
         else { fprintf(stderr, "usage: %s [--markdown FILE] [--json FILE] [--quick]\n", argv[0]); return 2; }
     }
-    const int reps = quick ? 3 : 15;
+    const int reps = quick ? 3 : 21;
     shape shapes[] = {
         {768, 768, 768, 4096, "ViT-B q/v, full rank"},
         {768, 768, 64, 4096, "ViT-B q/v, r = 64"},
