@@ -9,9 +9,17 @@ final class CheckpointHandle: @unchecked Sendable {
     let checkpoint: Checkpoint
     let names: [UnsafeMutablePointer<CChar>]
 
-    init(_ checkpoint: Checkpoint) {
+    init(_ checkpoint: Checkpoint) throws(LoLDUError) {
         self.checkpoint = checkpoint
-        names = checkpoint.layers.map { strdup($0.name)! }
+        var names: [UnsafeMutablePointer<CChar>] = []
+        for layer in checkpoint.layers {
+            guard let copy = strdup(layer.name) else {
+                names.forEach { free($0) }
+                throw LoLDUError(.outOfMemory, "out of memory copying the layer names")
+            }
+            names.append(copy)
+        }
+        self.names = names
     }
 
     deinit { names.forEach { free($0) } }
@@ -70,7 +78,7 @@ public func lolduCheckpointOpen(_ out: UnsafeMutablePointer<OpaquePointer?>?, _ 
     status { () throws(LoLDUError) in
         let out = try Check.nonNull(out, "out")
         let checkpoint = try Checkpoint(directory: try Check.path(dir, "dir"))
-        out.pointee = checkpoints.insert(CheckpointHandle(checkpoint))
+        out.pointee = checkpoints.insert(try CheckpointHandle(checkpoint))
     }
 }
 

@@ -6,7 +6,8 @@ import LoLDU
 
 /// The version, from the header's macros (the single source of the version number).
 let versionNumber = UInt32(LOLDU_VERSION_MAJOR * 10000 + LOLDU_VERSION_MINOR * 100 + LOLDU_VERSION_PATCH)
-nonisolated(unsafe) let versionCString: UnsafePointer<CChar> = UnsafePointer(strdup(libraryVersion)!)
+nonisolated(unsafe) let versionCString: UnsafePointer<CChar> =
+    strdup(libraryVersion).map { UnsafePointer($0) } ?? cString("unknown (out of memory)")
 
 @_cdecl("loldu_version_number")
 public func lolduVersionNumber() -> UInt32 { versionNumber }
