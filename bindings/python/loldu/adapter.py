@@ -123,6 +123,32 @@ class _Handle:
             pass
 
 
+class _HandleOwner:
+    """``handle``, ``close()`` and ``with`` for an object that owns one ``_Handle`` (the
+    optimiser, the checkpoint); ``_what`` names it in the closed-handle error."""
+
+    _what = "object"
+    _handle: _Handle | None = None
+
+    @property
+    def handle(self) -> int:
+        if self._handle is None:
+            raise InvalidHandleError(f"the {self._what} is closed", _capi.LOLDU_ERR_INVALID_HANDLE)
+        return self._handle.value
+
+    def close(self) -> None:
+        """Frees the handle (idempotent)."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.free()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class Adapter:
     """One LoLDU adapter over a pretrained weight (the numpy API over ``loldu_adapter``).
 

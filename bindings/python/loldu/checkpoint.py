@@ -20,8 +20,8 @@ import numpy as np
 
 from . import _capi
 from ._arrays import NUMPY_DTYPES
-from .adapter import Adapter, AdapterConfig, _Handle
-from .errors import DTypeError, InvalidArgumentError, InvalidHandleError, MismatchError, check
+from .adapter import Adapter, AdapterConfig, _Handle, _HandleOwner
+from .errors import DTypeError, InvalidArgumentError, MismatchError, check
 
 MODEL_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -73,32 +73,17 @@ class LayerInfo:
     config: AdapterConfig
 
 
-class Checkpoint:
+class Checkpoint(_HandleOwner):
     """A validated checkpoint directory (``loldu_checkpoint_open``): every file is treated as
     hostile; problems are ``FormatError`` (malformed) or ``LoLDUIOError`` (unreadable)."""
+
+    _what = "checkpoint"
 
     def __init__(self, directory):
         out = _capi.loldu_checkpoint_p()
         check(_capi.loldu_checkpoint_open(ctypes.byref(out), os.fsencode(directory)))
         self._handle = _Handle(out.value, _capi.loldu_checkpoint_free)
         self.directory = os.fspath(directory)
-
-    @property
-    def handle(self) -> int:
-        if self._handle is None:
-            raise InvalidHandleError("the checkpoint is closed", _capi.LOLDU_ERR_INVALID_HANDLE)
-        return self._handle.value
-
-    def close(self) -> None:
-        handle, self._handle = getattr(self, "_handle", None), None
-        if handle is not None:
-            handle.free()
-
-    def __enter__(self) -> "Checkpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     @property
     def names(self) -> list[str]:

@@ -17,8 +17,8 @@ import math
 import os
 
 from . import _capi
-from .adapter import Adapter, _choice, _Handle
-from .errors import InvalidArgumentError, InvalidHandleError, check
+from .adapter import Adapter, _choice, _Handle, _HandleOwner
+from .errors import InvalidArgumentError, check
 
 KINDS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -61,7 +61,7 @@ def _adapter_list(adapters) -> list[Adapter]:
     return adapters
 
 
-class Optimizer:
+class Optimizer(_HandleOwner):
     """``loldu_optimizer``: SGD, Adam or AdamW over one or more adapters (any dtypes).
 
     ``Optimizer(adapters, kind="adamw", lr=1e-3, *, lr_sigma=None, weight_decay=None,
@@ -72,6 +72,8 @@ class Optimizer:
     ``lr_sigma=None`` uses ``lr`` for σ. ``step()`` uses the gradients accumulated in the adapters
     and returns the global gradient norm before clipping; it does not clear them.
     """
+
+    _what = "optimiser"
 
     def __init__(
         self,
@@ -115,24 +117,6 @@ class Optimizer:
         self._handle = _Handle(out.value, _capi.loldu_optimizer_free)
         self.kind, self.schedule = kind, schedule
         self.config = c
-
-    @property
-    def handle(self) -> int:
-        if self._handle is None:
-            raise InvalidHandleError("the optimiser is closed", _capi.LOLDU_ERR_INVALID_HANDLE)
-        return self._handle.value
-
-    def close(self) -> None:
-        """Frees the optimiser (idempotent)."""
-        handle, self._handle = getattr(self, "_handle", None), None
-        if handle is not None:
-            handle.free()
-
-    def __enter__(self) -> "Optimizer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def step(self) -> float:
         """One update from the accumulated gradients; returns the global gradient norm before
