@@ -404,7 +404,7 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     public func merge() throws(LoLDUError) {
         guard !merged else { return }
         let weight = try refreshEffective(currentCoef())
-        guard T.maxMagnitude(weight, count: m * n, copyingTo: nil).finite else {
+        guard T.allFinite(weight, count: m * n, copyingTo: nil) else {
             effectiveValid = false
             throw LoLDUError(.notFinite, "the merged weight would not be finite (sigma or z too large); not merged")
         }
@@ -433,7 +433,7 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     @_specialize(where T == Double)
     public func setZ(_ z: UnsafePointer<T>) throws(LoLDUError) {
         try checkMutable("z")
-        _ = try checkedMaxAbs(z, count: rank, name: "z")
+        try checkFinite(z, count: rank, name: "z")
         try checkCoefficients(z: z, sigma: sigma)
         params.pointer.update(from: z, count: rank)
     }

@@ -1,5 +1,9 @@
 import Glibc
 
+/// Rows per block when moving between row-major `W`/`A` and the column-major panel: each
+/// column's run of a block fills whole cache lines instead of touching one line per element.
+private let transposeBlock = 16
+
 /// The frozen part of an adapter: the pretrained weight and its rank-`r` LDU factors.
 ///
 /// `W = P L D U` by LU with partial pivoting (`k = min(m, n)`); of it we keep
@@ -18,7 +22,8 @@ import Glibc
 /// Degenerate pivots: when `|D_j| ≤ r · ε · max|W[:, :r]|` (the rounding level of `r`
 /// elimination steps on the panel: rank-deficient `W`), the row `U_r[j, :]` cannot be
 /// normalised; it is set to `e_jᵀ` (unit diagonal, zeros elsewhere), so every factor stays
-/// finite. The stored `W` keeps the whole weight, so the layer is exact. A weight whose LU
+/// finite. The stored `W` keeps the whole weight, so the layer is exact. A subnormal pivot, whose
+/// reciprocal overflows, is divided by instead, as reference LAPACK does. A weight whose LU
 /// overflows the element type is refused (`notFinite`).
 ///
 /// Immutable after creation: may be shared read-only across threads and adapters.
@@ -51,10 +56,10 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
         self.rank = r
         weightStorage = borrowWeight ? nil : try HeapBuffer(count: m * n)
         weight = weightStorage.map { UnsafePointer($0.pointer) } ?? source
-        _ = try checkedMaxAbs(source, count: m * n, copyingTo: weightStorage?.pointer, name: "weight", columns: n)
+        try checkFinite(source, count: m * n, copyingTo: weightStorage?.pointer, name: "weight", columns: n)
         if let biasSource {
             let b = try HeapBuffer<T>(count: m)
-            _ = try checkedMaxAbs(biasSource, count: m, copyingTo: b.pointer, name: "bias")
+            try checkFinite(biasSource, count: m, copyingTo: b.pointer, name: "bias")
             bias = b
         } else {
             bias = nil
@@ -64,16 +69,28 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
         let panel = try HeapBuffer<T>(count: m * r)
         let w = weight
         var panelMax: T = 0
-        for i in 0..<m {
+        for block in stride(from: 0, to: m, by: transposeBlock) {
+            let rows = block..<Swift.min(block + transposeBlock, m)
             for j in 0..<r {
-                let v = w[i * n + j]
-                panel.pointer[i + j * m] = v
-                panelMax = Swift.max(panelMax, abs(v))
+                for i in rows {
+                    let v = w[i * n + j]
+                    panel.pointer[i + j * m] = v
+                    panelMax = Swift.max(panelMax, abs(v))
+                }
             }
         }
         var ipiv = [Int32](repeating: 0, count: r)
         let info = ipiv.withUnsafeMutableBufferPointer { T.getrf(m: m, n: r, a: panel.pointer, lda: m, ipiv: $0.baseAddress!) }
         guard info >= 0 else { throw LoLDUError(.internal, "getrf rejected argument \(-info)") }
+        if !T.allFinite(panel.pointer, count: m * r, copyingTo: nil) {
+            // A subnormal pivot: OpenBLAS scales by its reciprocal, which overflows. Redo the
+            // panel as reference LAPACK does, dividing instead (see `dividingPanelLU`).
+            for block in stride(from: 0, to: m, by: transposeBlock) {
+                let rows = block..<Swift.min(block + transposeBlock, m)
+                for j in 0..<r { for i in rows { panel.pointer[i + j * m] = w[i * n + j] } }
+            }
+            dividingPanelLU(panel.pointer, m: m, r: r, pivots: &ipiv)
+        }
 
         // Row permutation: row i of PᵀW is W[perm[i]].
         var perm = Array(0..<m)
@@ -102,10 +119,8 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
             let row = u + j * n
             var finite = abs(d) > tolerance
             if finite {
-                for c in (j + 1)..<n {
-                    row[c] /= d
-                    if !row[c].isFinite { finite = false; break }
-                }
+                for c in (j + 1)..<n { row[c] /= d }
+                finite = T.allFinite(row + j + 1, count: n - j - 1, copyingTo: nil)
             }
             if !finite {
                 degenerate += 1
@@ -122,14 +137,16 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
         // 4. A = P L_r: row perm[i] of A is row i of the unit lower-trapezoidal L_r.
         lower = try HeapBuffer(count: m * r)
         let a = lower.pointer
-        for i in 0..<m {
-            let dst = a + perm[i] * r
+        for block in stride(from: 0, to: m, by: transposeBlock) {
+            let rows = block..<Swift.min(block + transposeBlock, m)
             for j in 0..<r {
-                dst[j] = i > j ? panel.pointer[i + j * m] : (i == j ? 1 : 0)
+                for i in rows {
+                    a[perm[i] * r + j] = i > j ? panel.pointer[i + j * m] : (i == j ? 1 : 0)
+                }
             }
         }
-        guard T.maxMagnitude(a, count: m * r, copyingTo: nil).finite,
-              T.maxMagnitude(u, count: r * n, copyingTo: nil).finite
+        guard T.allFinite(a, count: m * r, copyingTo: nil),
+              T.allFinite(u, count: r * n, copyingTo: nil)
         else {
             throw LoLDUError(.notFinite, "the LU of weight overflows \(T.dtype.name); scale the weight down or use float64")
         }
@@ -142,5 +159,43 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
     /// Bytes held beyond the weight and the bias.
     public var factorBytes: Int {
         (lower.count + upper.count + diagonal.count) * MemoryLayout<T>.stride + pivots.count * 4
+    }
+}
+
+/// Unblocked LU with partial pivoting of the column-major `m × r` panel, as reference LAPACK's
+/// `?getf2`: the first largest `|a|` is the pivot, and a column is scaled by the reciprocal of its
+/// pivot only when that reciprocal is finite, divided by the pivot otherwise. So a subnormal
+/// pivot leaves `|L| ≤ 1` finite. `O(m r²)` scalar work: only for the rare panel that BLAS
+/// cannot factor in finite arithmetic.
+private func dividingPanelLU<T: BLASScalar>(_ a: UnsafeMutablePointer<T>, m: Int, r: Int, pivots: inout [Int32]) {
+    for j in 0..<Swift.min(m, r) {
+        let column = a + j * m
+        var p = j
+        for i in (j + 1)..<m where abs(column[i]) > abs(column[p]) { p = i }
+        pivots[j] = Int32(p + 1)
+        let pivot = column[p]
+        guard pivot != 0 else { continue }
+        if p != j {
+            for c in 0..<r { a.swapAt(j + c * m, p + c * m) }
+        }
+        if abs(pivot) >= T.leastNormalMagnitude {
+            let reciprocal = 1 / pivot
+            for i in (j + 1)..<m { column[i] *= reciprocal }
+        } else {
+            for i in (j + 1)..<m { column[i] /= pivot }
+        }
+        for c in (j + 1)..<r {
+            let u = a[j + c * m]
+            guard u != 0 else { continue }
+            for i in (j + 1)..<m { a[i + c * m] -= column[i] * u }
+        }
+    }
+}
+
+private extension UnsafeMutablePointer {
+    func swapAt(_ i: Int, _ j: Int) {
+        let t = self[i]
+        self[i] = self[j]
+        self[j] = t
     }
 }

@@ -9,10 +9,11 @@ import CLinearAlgebra
 public protocol BLASScalar: BinaryFloatingPoint, Sendable {
     static var dtype: DType { get }
 
-    /// `max |x_i|`, and whether every element is finite (see `checkedMaxAbs`).
-    static func maxMagnitude(
+    /// Whether every element is finite, copying them to `destination` in the same pass when
+    /// given (see `checkFinite`).
+    static func allFinite(
         _ x: UnsafePointer<Self>, count: Int, copyingTo destination: UnsafeMutablePointer<Self>?
-    ) -> (Self, finite: Bool)
+    ) -> Bool
 
     /// `C = alpha · op(A) · op(B) + beta · C`, row-major, `op(A)` is `m × k`, `op(B)` is `k × n`.
     static func gemm(

@@ -107,22 +107,54 @@ import Testing
         }
     }
 
-    @Test func nonFiniteWeightIsRefused() {
-        for bad in [Double.nan, .infinity, -.infinity] {
-            var w = [Double](repeating: 1, count: 12)
-            w[1 * 4 + 2] = bad
-            let weightError = #expect(throws: LibraryError.self) {
-                _ = try TestAdapter<Double>(m: 3, n: 4, weight: w) { $0.rank = 2 }
+    /// NaN (any payload or sign) and ±Inf are refused wherever they sit, named by position; the
+    /// largest finite values are accepted. Small shapes exercise the vector loop's tail; a 2048²
+    /// weight takes the split (two-thread) pass, copied and borrowed.
+    @Test func nonFiniteWeightIsRefused() throws {
+        try check(Float.self)
+        try check(Double.self)
+
+        func check<T: TestScalar>(_: T.Type) throws {
+            let bad: [T] = [.nan, -.nan, .signalingNaN, .infinity, -.infinity]
+            for (m, n, at) in [(3, 4, (1, 2)), (3, 5, (2, 4)), (2048, 2048, (1536, 7))] {
+                let big = m * n >= 1 << 22
+                for value in big ? [T.nan, -.infinity] : bad {
+                    for borrow in big ? [false, true] : [false] {
+                        var w = [T](repeating: 1, count: m * n)
+                        w[at.0 * n + at.1] = value
+                        let error = #expect(throws: LibraryError.self) {
+                            _ = try TestAdapter<T>(m: m, n: n, weight: w) { $0.rank = 2; $0.borrow_weight = borrow ? 1 : 0 }
+                        }
+                        #expect(error?.status == LOLDU_ERR_NOT_FINITE)
+                        #expect(error?.message.contains("weight[\(at.0), \(at.1)]") == true, "\(error?.message ?? "")")
+                    }
+                }
             }
-            #expect(weightError?.status == LOLDU_ERR_NOT_FINITE)
-            #expect(weightError?.message.contains("weight[1, 2]") == true, "\(weightError?.message ?? "")")
-            var b = [Double](repeating: 0, count: 3)
-            b[2] = bad
-            let biasError = #expect(throws: LibraryError.self) {
-                _ = try TestAdapter<Double>(m: 3, n: 4, weight: [Double](repeating: 1, count: 12), bias: b) { $0.rank = 2 }
+            for value in bad {
+                var b = [T](repeating: 0, count: 3)
+                b[2] = value
+                let error = #expect(throws: LibraryError.self) {
+                    _ = try TestAdapter<T>(m: 3, n: 4, weight: [T](repeating: 1, count: 12), bias: b) { $0.rank = 2 }
+                }
+                #expect(error?.status == LOLDU_ERR_NOT_FINITE)
+                #expect(error?.message.contains("bias[2]") == true, "\(error?.message ?? "")")
             }
-            #expect(biasError?.status == LOLDU_ERR_NOT_FINITE)
-            #expect(biasError?.message.contains("bias[2]") == true, "\(biasError?.message ?? "")")
+            // The extremes of the finite range are accepted and give finite factors with |L| ≤ 1,
+            // a subnormal pivot included (BLAS would scale by its infinite reciprocal).
+            for value in [T.greatestFiniteMagnitude, -.greatestFiniteMagnitude, .leastNonzeroMagnitude] {
+                var w = [T](repeating: 0, count: 12)
+                w[0] = value
+                w[4] = value / 2
+                w[5] = 1
+                w[10] = 1
+                let adapter = try TestAdapter<T>(m: 3, n: 4, weight: w) { $0.rank = 3 }
+                let lower = adapter.factor(LOLDU_FACTOR_LOWER)
+                #expect(lower.allSatisfy { abs($0) <= 1 }, "\(T.self) \(value): \(lower)")
+                for which in [LOLDU_FACTOR_DIAG, LOLDU_FACTOR_UPPER, LOLDU_FACTOR_RESIDUAL] {
+                    let factor = adapter.factor(which)
+                    #expect(factor.allSatisfy { $0.isFinite }, "\(T.self) \(value): \(factor)")
+                }
+            }
         }
     }
 }
