@@ -494,7 +494,8 @@ class LoLDULinear(LoLDULayer):
         y = _LinearFunction.apply(x2, z, sigma, adapter, self._training(x2, z, sigma))
         y = y.reshape(*lead, adapter.m)
         bias = self.base_layer.bias
-        return y if bias is None else y + bias
+        # In place: y is this layer's own fresh output, so no second B × m buffer is needed.
+        return y if bias is None else y.add_(bias)
 
 
 class LoLDUConv(LoLDULayer):
