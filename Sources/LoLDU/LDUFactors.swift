@@ -68,27 +68,14 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
         // 1. getrf of the m × r panel W[:, :r], gathered column-major.
         let panel = try HeapBuffer<T>(count: m * r)
         let w = weight
-        var panelMax: T = 0
-        for block in stride(from: 0, to: m, by: transposeBlock) {
-            let rows = block..<Swift.min(block + transposeBlock, m)
-            for j in 0..<r {
-                for i in rows {
-                    let v = w[i * n + j]
-                    panel.pointer[i + j * m] = v
-                    panelMax = Swift.max(panelMax, abs(v))
-                }
-            }
-        }
+        let panelMax = gatherPanel(w, n: n, into: panel.pointer, m: m, r: r)
         var ipiv = [Int32](repeating: 0, count: r)
         let info = ipiv.withUnsafeMutableBufferPointer { T.getrf(m: m, n: r, a: panel.pointer, lda: m, ipiv: $0.baseAddress!) }
         guard info >= 0 else { throw LoLDUError(.internal, "getrf rejected argument \(-info)") }
         if !T.allFinite(panel.pointer, count: m * r, copyingTo: nil) {
             // A subnormal pivot: OpenBLAS scales by its reciprocal, which overflows. Redo the
             // panel as reference LAPACK does, dividing instead (see `dividingPanelLU`).
-            for block in stride(from: 0, to: m, by: transposeBlock) {
-                let rows = block..<Swift.min(block + transposeBlock, m)
-                for j in 0..<r { for i in rows { panel.pointer[i + j * m] = w[i * n + j] } }
-            }
+            _ = gatherPanel(w, n: n, into: panel.pointer, m: m, r: r)
             dividingPanelLU(panel.pointer, m: m, r: r, pivots: &ipiv)
         }
 
@@ -160,6 +147,25 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
     public var factorBytes: Int {
         (lower.count + upper.count + diagonal.count) * MemoryLayout<T>.stride + pivots.count * 4
     }
+}
+
+/// Copies the first `r` columns of the row-major `m × n` weight into the column-major panel;
+/// returns their largest magnitude.
+private func gatherPanel<T: BLASScalar>(
+    _ w: UnsafePointer<T>, n: Int, into panel: UnsafeMutablePointer<T>, m: Int, r: Int
+) -> T {
+    var panelMax: T = 0
+    for block in stride(from: 0, to: m, by: transposeBlock) {
+        let rows = block..<Swift.min(block + transposeBlock, m)
+        for j in 0..<r {
+            for i in rows {
+                let v = w[i * n + j]
+                panel[i + j * m] = v
+                panelMax = Swift.max(panelMax, abs(v))
+            }
+        }
+    }
+    return panelMax
 }
 
 /// Unblocked LU with partial pivoting of the column-major `m × r` panel, as reference LAPACK's

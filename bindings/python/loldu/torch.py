@@ -131,19 +131,22 @@ def _crc(t: torch.Tensor) -> int:
 # ---------------------------------------------------------------------------------------------
 
 class _LinearFunction(torch.autograd.Function):
-    """``y = x W_effᵀ`` (x: ``B × n``, contiguous) through ``loldu_forward`` / ``loldu_backward``.
+    """``y = x W_effᵀ + b`` (x: ``B × n``, contiguous) through ``loldu_forward`` / ``loldu_backward``.
     ``z`` and ``sigma`` are the layer's parameters (views of the library's memory): inputs so
     that autograd routes dz and dσ to them, saved so that an in-place change between forward
-    and backward is detected by autograd's version check."""
+    and backward is detected by autograd's version check. The bias (the base layer's, maybe
+    None) is added here, in place, so that no second ``B × m`` buffer or copy-on-view is needed."""
 
     @staticmethod
-    def forward(ctx, x, z, sigma, adapter: Adapter, training: bool):
+    def forward(ctx, x, z, sigma, bias, adapter: Adapter, training: bool):
         batch = x.shape[0]
         y = torch.empty((batch, adapter.m), dtype=x.dtype)
         h = None
         if training and batch > 0 and adapter.plan(batch, keeps_h=True) == "factored":
             h = torch.empty((batch, adapter.rank), dtype=x.dtype)
         check(_capi.loldu_forward(adapter.handle, batch, x.data_ptr(), y.data_ptr(), None if h is None else h.data_ptr()))
+        if bias is not None:
+            y.add_(bias)
         ctx.save_for_backward(x, z, sigma)
         ctx.adapter, ctx.h = adapter, h
         return y
@@ -152,7 +155,7 @@ class _LinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, z, sigma = ctx.saved_tensors
         adapter, h = ctx.adapter, ctx.h
-        need_x, need_z, need_sigma = ctx.needs_input_grad[:3]
+        need_x, need_z, need_sigma, need_bias = ctx.needs_input_grad[:4]
         dy = dy.contiguous()
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
@@ -163,7 +166,8 @@ class _LinearFunction(torch.autograd.Function):
                                    None if dx is None else dx.data_ptr(), None if h is None else h.data_ptr()))
         grads = torch.from_numpy(adapter.grad.copy())
         ctx.h = None
-        return dx, grads[:r] if need_z else None, grads[r:] if need_sigma else None, None, None
+        return (dx, grads[:r] if need_z else None, grads[r:] if need_sigma else None,
+                dy.sum(0) if need_bias else None, None, None)
 
 
 class _WeightFunction(torch.autograd.Function):
@@ -491,11 +495,10 @@ class LoLDULinear(LoLDULayer):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, adapter.n).contiguous()
         z, sigma = self.loldu_z, self.loldu_sigma
-        y = _LinearFunction.apply(x2, z, sigma, adapter, self._training(x2, z, sigma))
-        y = y.reshape(*lead, adapter.m)
         bias = self.base_layer.bias
-        # In place: y is this layer's own fresh output, so no second B × m buffer is needed.
-        return y if bias is None else y.add_(bias)
+        tensors = (x2, z, sigma) if bias is None else (x2, z, sigma, bias)
+        y = _LinearFunction.apply(x2, z, sigma, bias, adapter, self._training(*tensors))
+        return y.reshape(*lead, adapter.m)
 
 
 class LoLDUConv(LoLDULayer):
