@@ -313,11 +313,12 @@ class LoLDULayer(nn.Module):
 
     def _parameters_bound(self) -> bool:
         a = self._adapter
+        z, sigma = self._parameters["loldu_z"], self._parameters["loldu_sigma"]  # no Module.__getattr__
         return (
-            self.loldu_z.data_ptr() == a._params_ptr
-            and self.loldu_sigma.data_ptr() == a._params_ptr + a.rank * a.dtype.itemsize
-            and self.loldu_z.dtype == self.dtype
-            and self.loldu_z.device.type == "cpu"
+            z.data_ptr() == a._params_ptr
+            and sigma.data_ptr() == a._params_ptr + a.rank * a.dtype.itemsize
+            and z.dtype == self.dtype
+            and z.device.type == "cpu"
         )
 
     def refactor(self) -> None:
@@ -492,13 +493,13 @@ class LoLDULinear(LoLDULayer):
                 f"in_features = {adapter.n}",
                 _capi.LOLDU_ERR_SHAPE,
             )
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, adapter.n).contiguous()
-        z, sigma = self.loldu_z, self.loldu_sigma
+        flat = x.dim() == 2
+        x2 = (x if flat else x.reshape(-1, adapter.n)).contiguous()
+        z, sigma = self._parameters["loldu_z"], self._parameters["loldu_sigma"]
         bias = self.base_layer.bias
         tensors = (x2, z, sigma) if bias is None else (x2, z, sigma, bias)
         y = _LinearFunction.apply(x2, z, sigma, bias, adapter, self._training(*tensors))
-        return y.reshape(*lead, adapter.m)
+        return y if flat else y.reshape(*x.shape[:-1], adapter.m)
 
 
 class LoLDUConv(LoLDULayer):
