@@ -85,7 +85,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--quick")) quick = 1;
         else { fprintf(stderr, "usage: %s [--markdown FILE] [--json FILE] [--quick]\n", argv[0]); return 2; }
     }
-    const int reps = quick ? 3 : 21;
+    const int reps = quick ? 3 : 31;
     shape shapes[] = {
         {768, 768, 768, 4096, "ViT-B q/v, full rank"},
         {768, 768, 64, 4096, "ViT-B q/v, r = 64"},
@@ -133,22 +133,29 @@ int main(int argc, char **argv) {
         CHECK(loldu_plan(a, sh.b, 1, &auto_keep));
         double bare[32], ratio[4][32], ratios[4];
         for (int rep = -1; rep < reps; rep++) {
-            double t0 = now();
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sh.b, sh.m, sh.n, 1, x, sh.n, w, sh.n, 0, y, sh.m);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sh.b, sh.n, sh.m, 1, dy, sh.m, w, sh.n, 0, dx, sh.n);
-            double base = now() - t0;
-            for (int q = 0; q < 4; q++) {
-                int p = (q + rep + 1) % 4; /* rotate, so that no contender always runs first */
+            double took[4], base = 0;
+            for (int q = 0; q < 5; q++) {
+                int p = (q + rep + 1) % 5; /* rotate, so that no contender always runs first; 4 is the bare step */
+                double t0;
+                if (p == 4) {
+                    t0 = now();
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sh.b, sh.m, sh.n, 1, x, sh.n, w, sh.n, 0, y, sh.m);
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sh.b, sh.n, sh.m, 1, dy, sh.m, w, sh.n, 0, dx, sh.n);
+                    base = now() - t0;
+                    continue;
+                }
                 CHECK(loldu_set_path(a, (loldu_path)order[p]));
                 int keep = order[p] == LOLDU_PATH_FACTORED || (order[p] == LOLDU_PATH_AUTO && auto_keep == LOLDU_PATH_FACTORED);
                 params[(rep + 1) % sh.r] += 1e-4f; /* z changes every step, as in training */
                 t0 = now();
                 CHECK(loldu_forward(a, sh.b, x, y, keep ? h : NULL));
                 CHECK(loldu_backward(a, sh.b, x, dy, dx, keep ? h : NULL));
-                if (rep >= 0) ratio[p][rep] = (now() - t0) / base;
+                took[p] = now() - t0;
                 CHECK(loldu_zero_grad(a));
             }
-            if (rep >= 0) bare[rep] = base;
+            if (rep < 0) continue; /* warm-up */
+            bare[rep] = base;
+            for (int p = 0; p < 4; p++) ratio[p][rep] = took[p] / base;
         }
         double bare_time = median(bare, reps);
         for (int p = 0; p < 4; p++) ratios[p] = median(ratio[p], reps);
@@ -189,7 +196,7 @@ int main(int argc, char **argv) {
     float *colmajor = malloc(sizeof(float) * (size_t)im * in);
     int *ipiv = malloc(sizeof(int) * (size_t)im);
     double init_copy[16], init_borrow[16], init_full[16];
-    const int init_reps = quick ? 1 : 5;
+    const int init_reps = quick ? 1 : 9;
     for (int rep = 0; rep < init_reps; rep++) {
         for (int borrow = 0; borrow <= 1; borrow++) {
             loldu_config config;
