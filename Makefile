@@ -94,7 +94,7 @@ $(BUILD)/bench: bench/bench.c build
 	cc -std=c11 -O2 -Wall -Wextra $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu openblas lapacke) -lm -o $@
 
 bench: $(BUILD)/bench python-setup
-	$(PY_RUN) bench/bench_torch.py --c-bench $(BUILD)/bench --out docs/benchmarks.md --png docs/benchmarks.png
+	$(PY_RUN) bench/bench_torch.py --c-bench $(BUILD)/bench --out docs/benchmarks.md --png docs/benchmarks.png --readme README.md
 
 # --- install -----------------------------------------------------------------------------------
 install: build
