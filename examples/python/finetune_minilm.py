@@ -195,7 +195,7 @@ def train(model, groups, data, args, progress: bool = True):
             optimizer.step()
             schedule.step()
             step_times.append(time.perf_counter() - start)
-            losses.append(float(loss))
+            losses.append(loss.item())
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
