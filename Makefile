@@ -8,7 +8,6 @@ BUILD := build
 LIBDIR := $(CURDIR)/.build/release
 LIB := $(LIBDIR)/libloldu.so
 VERSION := $(shell sed -n 's/^\#define LOLDU_VERSION_STRING "\(.*\)"/\1/p' include/loldu.h)
-SWIFT_SOURCES := $(shell find Sources include -type f) Package.swift
 
 # Debian's OpenBLAS 0.3.21 does not recognise recent Intel cores and falls back to its slowest
 # kernels (Prescott); name the right family unless the caller already chose one.
@@ -23,7 +22,7 @@ endif
 APT_PACKAGES := pkg-config libopenblas-dev liblapacke-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup build test test-swift test-c demo compare bench install clean
+.PHONY: all setup build test test-swift test-c demo compare bench install clean FORCE
 
 all: build
 
@@ -41,7 +40,9 @@ $(BUILD)/.apt-ready:
 setup: $(BUILD)/.apt-ready
 
 # --- build: libloldu.so with the Swift runtime linked in, exporting only loldu_* ---------------
-$(LIB): $(SWIFT_SOURCES) | $(BUILD)/.apt-ready
+# Always asks SwiftPM, which rebuilds only what changed (sources or flags): a `swift test -c release`
+# by hand relinks .build/release/libloldu.so without -static-stdlib, and a timestamp would miss it.
+$(LIB): FORCE | $(BUILD)/.apt-ready
 	swift build -c release --product loldu -Xswiftc -static-stdlib \
 	  -Xlinker --version-script=$(CURDIR)/Sources/LoLDUCAPI/exports.map
 	@if ldd $@ | grep -q libswift; then echo "error: $@ links the Swift runtime dynamically"; exit 1; fi
