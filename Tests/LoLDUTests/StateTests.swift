@@ -1,4 +1,5 @@
 import CLoLDU
+import Dispatch
 import Testing
 
 /// Merge and unmerge, enable and disable, clones, initialisation, version and threads.
@@ -104,6 +105,69 @@ import Testing
         #expect(factor == adapter.factor(LOLDU_FACTOR_LOWER))
     }
 
+    /// The header's thread-safety promise: clones (sharing the frozen factors) used from several
+    /// threads at once compute what each computes alone, creating and freeing adapters meanwhile
+    /// is safe, and each thread reads its own last error.
+    @Test func clonesRunConcurrently() throws {
+        var random = TestRandom(59)
+        let (m, n, r, batch, threads, rounds) = (96, 64, 24, 48, 4, 20)
+        let base = try TestAdapter<Float>(m: m, n: n, weight: random.array(m * n), bias: random.array(m)) {
+            $0.rank = Int64(r)
+        }
+        let x: [Float] = random.array(batch * n), dy: [Float] = random.array(batch * m)
+        final class Shared: @unchecked Sendable {  // each thread touches only its own slots
+            var clones: [OpaquePointer] = []
+            var steps: [[[Float]]] = []
+            var failures: [[String]] = []
+        }
+        let shared = Shared()
+        for t in 0..<threads {
+            var clone: OpaquePointer?
+            #expect(loldu_adapter_clone(&clone, base.handle) == LOLDU_OK)
+            #expect(loldu_set_z(clone, (0..<r).map { Float($0 + t) / Float(r) }) == LOLDU_OK)
+            shared.clones.append(clone!)
+        }
+        defer { shared.clones.forEach { loldu_adapter_free($0) } }
+
+        /// y, dX and the gradients of one step, concatenated; nil if any call failed.
+        @Sendable func step(_ a: OpaquePointer) -> [Float]? {
+            var y = [Float](repeating: .nan, count: batch * m), dx = [Float](repeating: .nan, count: batch * n)
+            var grads: UnsafeMutableRawPointer?
+            guard loldu_zero_grad(a) == LOLDU_OK, loldu_forward(a, Int64(batch), x, &y, nil) == LOLDU_OK,
+                  loldu_backward(a, Int64(batch), x, dy, &dx, nil) == LOLDU_OK,
+                  loldu_params(a, nil, &grads) == LOLDU_OK, let grads
+            else { return nil }
+            return y + dx + Array(UnsafeBufferPointer(start: grads.assumingMemoryBound(to: Float.self), count: r + 1))
+        }
+        let alone = shared.clones.map(step)
+        shared.steps = Array(repeating: [], count: threads)
+        shared.failures = Array(repeating: [], count: threads)
+        DispatchQueue.concurrentPerform(iterations: threads) { t in
+            let clone = shared.clones[t]
+            for round in 0..<rounds {
+                shared.steps[t].append(step(clone) ?? [])
+                // A failing call that names this thread's own index; another thread's failure
+                // in between must not replace the message this thread reads.
+                var bad = [Float](repeating: 0, count: r)
+                bad[(t + round) % r] = .nan
+                var scratch: OpaquePointer?
+                _ = loldu_adapter_clone(&scratch, clone)  // the handle table under contention
+                let status = loldu_set_z(clone, bad)
+                loldu_adapter_free(scratch)
+                shared.failures[t].append(status == LOLDU_ERR_NOT_FINITE ? String(cString: loldu_last_error()) : "status \(status)")
+            }
+        }
+        for t in 0..<threads {
+            let expected = try #require(alone[t], "clone \(t) alone")
+            for (round, result) in shared.steps[t].enumerated() {
+                expectClose(result, expected, rtol: 1e-5, atol: 1e-6, "clone \(t), round \(round)")
+            }
+            for (round, message) in shared.failures[t].enumerated() {
+                #expect(message.contains("z[\((t + round) % r)]"), "thread \(t), round \(round): \(message)")
+            }
+        }
+    }
+
     /// The library's random inits, against an independent implementation of the documented
     /// generator (SplitMix64-seeded xoshiro256**, top 53 bits).
     @Test func randomInitsAreReproducible() throws {
@@ -172,7 +236,7 @@ import Testing
         let (m, n, r, batch) = (10, 8, 4, 3)
         let w: [Float] = random.array(m * n), x: [Float] = random.array(batch * n), dy: [Float] = random.array(batch * m)
         let copied = try TestAdapter<Float>(m: m, n: n, weight: w) { $0.rank = Int64(r) }
-        try w.withUnsafeBufferPointer { wp in
+        w.withUnsafeBufferPointer { wp in
             // TestAdapter keeps its own array; hand the library this buffer, alive for the scope.
             var config = loldu_config()
             _ = loldu_config_default(&config)
