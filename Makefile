@@ -22,7 +22,7 @@ endif
 APT_PACKAGES := pkg-config libopenblas-dev liblapacke-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup build test test-swift test-c demo compare bench install clean FORCE
+.PHONY: all setup build test test-swift test-c test-fuzz fuzz demo compare bench install clean FORCE
 
 all: build
 
@@ -57,7 +57,7 @@ build: $(LIB) $(BUILD)/loldu.pc
 # --- tests -------------------------------------------------------------------------------------
 CFLAGS_STRICT := -Wall -Wextra -Werror -pedantic
 
-test: test-swift test-c test-python
+test: test-swift test-c test-fuzz test-python
 
 test-swift: $(BUILD)/.apt-ready
 	swift test
@@ -77,6 +77,31 @@ test-c: $(BUILD)/quickstart $(BUILD)/train $(BUILD)/faults
 	$(BUILD)/train $(BUILD)/train-checkpoint
 	$(BUILD)/train --verify $(BUILD)/train-checkpoint
 	$(BUILD)/faults
+
+# --- fuzzing: the readers of untrusted bytes (safetensors, JSON, checkpoints) under libFuzzer and
+# AddressSanitizer, compiled into the core module. `make test` runs a fixed number of runs from a
+# fixed seed (repeatable); `make fuzz FUZZ_SECONDS=600` explores for longer.
+FUZZ_RUNS ?= 100000
+FUZZ_SECONDS ?= 300
+FUZZ_CORPUS := $(BUILD)/fuzz-corpus
+
+$(BUILD)/fuzz: fuzz/Fuzz.swift $(wildcard Sources/LoLDU/*.swift) | $(BUILD)/.apt-ready
+	swiftc -sanitize=fuzzer,address -parse-as-library -O -module-name LoLDU -use-ld=lld \
+	  -I Sources/CLinearAlgebra -I Sources/CLoLDU $$(pkg-config --cflags-only-I openblas lapacke | sed 's/-I/-Xcc -I/g') \
+	  Sources/LoLDU/*.swift fuzz/Fuzz.swift $$(pkg-config --libs openblas lapacke) -o $@
+
+# Seeds: the checkpoint test-c writes, each file alone and both joined by a NUL (see fuzz/Fuzz.swift).
+$(FUZZ_CORPUS): test-c
+	mkdir -p $@
+	cp $(BUILD)/train-checkpoint/adapter_config.json $(BUILD)/train-checkpoint/adapter_model.safetensors $@/
+	{ cat $@/adapter_config.json; printf '\0'; cat $@/adapter_model.safetensors; } > $@/checkpoint
+
+test-fuzz: $(BUILD)/fuzz $(FUZZ_CORPUS)
+	rm -rf $(BUILD)/fuzz-run && cp -r $(FUZZ_CORPUS) $(BUILD)/fuzz-run
+	$(BUILD)/fuzz -runs=$(FUZZ_RUNS) -seed=1 -max_len=8192 -artifact_prefix=$(BUILD)/ $(BUILD)/fuzz-run
+
+fuzz: $(BUILD)/fuzz $(FUZZ_CORPUS)
+	$(BUILD)/fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -artifact_prefix=$(BUILD)/ $(FUZZ_CORPUS)
 
 # --- the main job: fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes with LoLDU --------------------
 # OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads sleep when idle instead of spinning, so they
