@@ -135,7 +135,8 @@ typedef enum loldu_residual {
  *   MERGED_WGRAD  y and dX through W_eff; dz = σ diag(Aᵀ (dYᵀ x) U_rᵀ) from the weight gradient.
  *   AUTO          (default) the cheapest of the three by FLOP count for the shape and batch
  *                 (see loldu_plan); a cached W_eff that is still valid is always used.
- * All paths compute the same values to rounding.
+ * All paths compute the same values to rounding. AUTO's choice depends on the adapter's history
+ * (the cache), so force a path where outputs must be reproducible bit for bit.
  */
 typedef enum loldu_path {
     LOLDU_PATH_AUTO = 0,
@@ -521,7 +522,9 @@ LOLDU_API loldu_status loldu_checkpoint_layer(const loldu_checkpoint *checkpoint
  * fingerprints that were saved (of the weight's contents at save time: a borrowed weight must not
  * have changed since the adapter was created), and its dtype, shape and rank must match: otherwise
  * LOLDU_ERR_MISMATCH (nothing is changed). Outputs are then bit for bit those of the saved
- * adapter (same machine and BLAS).
+ * adapter on the same compute path (same machine and BLAS). LOLDU_PATH_AUTO may reuse a merged
+ * weight cached by earlier calls, which agrees to rounding only: fix the path with
+ * loldu_set_path where bit-for-bit comparisons matter.
  */
 LOLDU_API loldu_status loldu_checkpoint_apply(const loldu_checkpoint *checkpoint, const char *name,
                                               loldu_adapter *adapter);

@@ -93,6 +93,8 @@ static int train(const char *dir) {
     loldu_optimizer_free(opt);
 
     CHECK(loldu_checkpoint_save(dir, &student, &LAYER, 1));
+    /* Paths agree to rounding; bit-for-bit comparisons fix one (auto may reuse a cached W_eff). */
+    CHECK(loldu_set_path(student, LOLDU_PATH_FACTORED));
     CHECK(loldu_forward(student, PROBE, probe, out, NULL));
     char path[4096];
     snprintf(path, sizeof path, "%s/expected.bin", dir);
@@ -122,6 +124,7 @@ static int verify(const char *dir) {
     loldu_adapter *adapter = NULL;
     CHECK(loldu_adapter_create(&adapter, dtype, m, n, weight, bias, &config));
     CHECK(loldu_checkpoint_apply(ckpt, LAYER, adapter));
+    CHECK(loldu_set_path(adapter, LOLDU_PATH_FACTORED));
     CHECK(loldu_forward(adapter, PROBE, probe, out, NULL));
     int same = memcmp(out, expected, sizeof out) == 0;
     printf("reloaded in a new process: outputs %s\n", same ? "bit-identical" : "DIFFER");
