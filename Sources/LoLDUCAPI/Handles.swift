@@ -2,24 +2,33 @@ import Glibc
 import LoLDU
 import Synchronization
 
-/// Live objects behind C handles. A handle is an opaque token (a counter value, never an
-/// address and never reused), so a NULL, stale, double-freed or made-up handle is recognised
-/// and answered with a status instead of being dereferenced.
+/// Every live object behind a C handle, of every kind, in one table. A handle is an opaque
+/// token (a counter value shared by all kinds, never an address and never reused), so a NULL,
+/// stale, double-freed or made-up handle, and a handle of another kind passed in its place
+/// (`loldu_adapter_free((loldu_adapter *)optimizer)`), are recognised and answered with a status
+/// instead of being dereferenced.
+private let registry = Mutex(Registry())
+
+private struct Registry {
+    var objects: [UInt: (kind: String, object: any Sendable)] = [:]
+    var next: UInt = 0x10
+}
+
+/// The handles of one kind: a typed view of the shared registry.
 final class HandleTable<Object: Sendable>: Sendable {
-    private struct State {
-        var objects: [UInt: Object] = [:]
-        var next: UInt = 0x10
-    }
-    private let state = Mutex(State())
     let kind: String
 
     init(kind: String) { self.kind = kind }
 
+    private static func token(_ handle: OpaquePointer) -> UInt {
+        UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(handle)))
+    }
+
     func insert(_ object: Object) -> OpaquePointer {
-        let token = state.withLock { state in
-            let token = state.next
-            state.next += 0x10
-            state.objects[token] = object
+        let token = registry.withLock { registry in
+            let token = registry.next
+            registry.next += 0x10
+            registry.objects[token] = (kind, object)
             return token
         }
         return OpaquePointer(bitPattern: token)!
@@ -29,19 +38,25 @@ final class HandleTable<Object: Sendable>: Sendable {
         guard let handle else {
             throw LoLDUError(.nullPointer, "\(name) is NULL; expected a live \(kind) handle")
         }
-        let token = UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(handle)))
-        guard let object = state.withLock({ $0.objects[token] }) else {
+        guard let entry = registry.withLock({ $0.objects[Self.token(handle)] }) else {
             throw LoLDUError(.invalidHandle, "\(name) is not a live \(kind) handle (never created, or already freed)")
+        }
+        guard entry.kind == kind, let object = entry.object as? Object else {
+            throw LoLDUError(.invalidHandle, "\(name) is a \(entry.kind) handle, not a \(kind) handle")
         }
         return object
     }
 
-    /// Removes a handle; returns whether it was live.
+    /// Removes a handle of this kind; returns whether it was one (any other value: no-op).
     @discardableResult
     func remove(_ handle: OpaquePointer?) -> Bool {
         guard let handle else { return false }
-        let token = UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(handle)))
-        return state.withLock { $0.objects.removeValue(forKey: token) } != nil
+        let token = Self.token(handle)
+        let removed: (any Sendable)? = registry.withLock { registry in
+            guard registry.objects[token]?.kind == kind else { return nil }
+            return registry.objects.removeValue(forKey: token)?.object
+        }
+        return removed != nil  // the object is released here, outside the lock
     }
 }
 
