@@ -16,15 +16,22 @@ private let transposeBlock = 16
 /// Only the first `r` elimination steps matter and they depend only on the first `r` columns,
 /// so the factorisation is one `getrf` of the `m × r` panel, the panel's row swaps applied to
 /// the top `r` rows, and one `trsm` for `U₁₂ = L₁₁⁻¹ (PᵀW)[:r, r:]`: `O((m + n) r²)` flops
-/// against the full factorisation's `O(m n k)`. It gives the same pivots as the first `r`
-/// steps of LAPACK's full `getrf`, and `L_r`, `D_r`, `U_r` equal to rounding.
+/// against the full factorisation's `O(m n k)`. The elimination runs in `Double` whatever the
+/// element type (the conversion of `W`'s values is exact), and the factors are rounded to the
+/// element type once at the end: the pivots are those of the first `r` steps of LAPACK's
+/// `dgetrf` on `W`'s values, and `L_r`, `D_r`, `U_r` equal its factors to one rounding.
 ///
-/// Degenerate pivots: when `|D_j| ≤ r · ε · max|W[:, :r]|` (the rounding level of `r`
-/// elimination steps on the panel: rank-deficient `W`), the row `U_r[j, :]` cannot be
-/// normalised; it is set to `e_jᵀ` (unit diagonal, zeros elsewhere), so every factor stays
-/// finite. The stored `W` keeps the whole weight, so the layer is exact. A subnormal pivot, whose
-/// reciprocal overflows, is divided by instead, as reference LAPACK does. A weight whose LU
-/// overflows the element type is refused (`notFinite`).
+/// Degenerate pivots: when `|D_j| ≤ 2¹⁶ · ε_double · max(m, r) · g`, with `g` the largest
+/// magnitude in the panel and its computed `U₁₁` (the elimination's own scale), the pivot is
+/// zero to the rounding of the elimination — the first `r` columns have numerical rank below
+/// `r`. Such a row `U_r[j, :]` cannot be normalised; it is set to `e_jᵀ` (unit diagonal, zeros
+/// elsewhere), so every factor stays finite, and the stored `W` keeps the layer exact. Past the
+/// first degenerate pivot, the pivots are chosen among rounding noise: any choice gives a valid
+/// factorisation, but they may differ from another LAPACK's (or from a full `getrf`'s). A weight
+/// whose entries are rounded from a low-rank product (float32 data from a double product, say)
+/// is not rank deficient as given: its small trailing pivots are genuine, and kept.
+/// A subnormal pivot, whose reciprocal overflows, is divided by instead, as reference LAPACK does.
+/// A factor that overflows the element type when rounded to it is refused (`notFinite`).
 ///
 /// Immutable after creation: may be shared read-only across threads and adapters.
 public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
@@ -41,6 +48,9 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
     public let pivots: [Int32]
     /// How many of the first `r` pivots were degenerate (see the type's documentation).
     public let degeneratePivots: Int
+
+    /// The scale of the degeneracy test, in units of `ε_double · max(m, r) · g`.
+    static var degenerateScale: Double { 0x1p16 }
 
     /// Factors `weight` (`m × n`, row-major). Refuses NaN and ±Inf with `notFinite`.
     /// With `borrowWeight`, keeps `source` itself instead of a copy: the caller guarantees that it
@@ -65,14 +75,14 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
             bias = nil
         }
 
-        // 1. getrf of the m × r panel W[:, :r], gathered column-major.
-        let panel = try HeapBuffer<T>(count: m * r)
+        // 1. getrf of the m × r panel W[:, :r], gathered column-major in double.
+        let panel = try HeapBuffer<Double>(count: m * r)
         let w = weight
-        let panelMax = gatherPanel(w, n: n, into: panel.pointer, m: m, r: r)
+        var scale = gatherPanel(w, n: n, into: panel.pointer, m: m, r: r)  // g, then with U₁₁ below
         var ipiv = [Int32](repeating: 0, count: r)
-        let info = ipiv.withUnsafeMutableBufferPointer { T.getrf(m: m, n: r, a: panel.pointer, lda: m, ipiv: $0.baseAddress!) }
+        let info = ipiv.withUnsafeMutableBufferPointer { Double.getrf(m: m, n: r, a: panel.pointer, lda: m, ipiv: $0.baseAddress!) }
         guard info >= 0 else { throw LoLDUError(.internal, "getrf rejected argument \(-info)") }
-        if !T.allFinite(panel.pointer, count: m * r, copyingTo: nil) {
+        if !Double.allFinite(panel.pointer, count: m * r, copyingTo: nil) {
             // A subnormal pivot: OpenBLAS scales by its reciprocal, which overflows. Redo the
             // panel as reference LAPACK does, dividing instead (see `dividingPanelLU`).
             _ = gatherPanel(w, n: n, into: panel.pointer, m: m, r: r)
@@ -84,39 +94,45 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
         for j in 0..<r { perm.swapAt(j, Int(ipiv[j]) - 1) }
 
         // 2. The top r rows of U: U₁₁ from the panel, U₁₂ = L₁₁⁻¹ (PᵀW)[:r, r:].
-        upper = try HeapBuffer(count: r * n)
-        let u = upper.pointer
+        let top = try HeapBuffer<Double>(count: r * n)
+        let u = top.pointer
         for i in 0..<r {
-            for j in 0..<r { u[i * n + j] = j >= i ? panel.pointer[i + j * m] : 0 }
-            if n > r { (u + i * n + r).update(from: w + perm[i] * n + r, count: n - r) }
+            for j in 0..<r {
+                let v = j >= i ? panel.pointer[i + j * m] : 0
+                u[i * n + j] = v
+                scale = Swift.max(scale, abs(v))
+            }
+            for j in r..<n { u[i * n + j] = Double(w[perm[i] * n + j]) }
         }
         if n > r {
             // The column-major panel read as row-major is L₁₁ᵀ (upper, unit): solve with its transpose.
-            T.trsm(upper: true, transA: true, unitDiagonal: true, m: r, n: n - r,
-                   a: panel.pointer, lda: m, b: u + r, ldb: n)
+            Double.trsm(upper: true, transA: true, unitDiagonal: true, m: r, n: n - r,
+                        a: panel.pointer, lda: m, b: u + r, ldb: n)
         }
 
-        // 3. D_r and U_r = D_r⁻¹ U[:r, :], with the degenerate-pivot fallback.
-        let tolerance = T(r) * T.ulpOfOne * panelMax
+        // 3. D_r and U_r = D_r⁻¹ U[:r, :], with the degenerate-pivot fallback, rounded to T.
+        let tolerance = Self.degenerateScale * Double.ulpOfOne * Double(Swift.max(m, r)) * scale
+        upper = try HeapBuffer(count: r * n)
         var diagonal = [T](repeating: 0, count: r)
         var degenerate = 0
         for j in 0..<r {
             let d = u[j * n + j]
-            diagonal[j] = d
-            let row = u + j * n
+            diagonal[j] = T(d)
+            let row = u + j * n, out = upper.pointer + j * n
+            for c in 0..<j { out[c] = 0 }
+            out[j] = 1
             var finite = abs(d) > tolerance
             if finite {
-                for c in (j + 1)..<n { row[c] /= d }
-                finite = T.allFinite(row + j + 1, count: n - j - 1, copyingTo: nil)
+                for c in (j + 1)..<n { out[c] = T(row[c] / d) }
+                finite = T.allFinite(out + j + 1, count: n - j - 1, copyingTo: nil)
             }
             if !finite {
                 degenerate += 1
-                for c in (j + 1)..<n { row[c] = 0 }
+                for c in (j + 1)..<n { out[c] = 0 }
             }
-            row[j] = 1
         }
         if let j = diagonal.firstIndex(where: { !$0.isFinite }) {
-            throw LoLDUError(.notFinite, "the LU of weight overflows \(T.dtype.name): pivot \(j) is \(diagonal[j]); scale the weight down or use float64")
+            throw LoLDUError(.notFinite, "the LU of weight overflows \(T.dtype.name): pivot \(j) is \(u[j * n + j]); scale the weight down or use float64")
         }
         self.diagonal = diagonal
         degeneratePivots = degenerate
@@ -128,14 +144,9 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
             let rows = block..<Swift.min(block + transposeBlock, m)
             for j in 0..<r {
                 for i in rows {
-                    a[perm[i] * r + j] = i > j ? panel.pointer[i + j * m] : (i == j ? 1 : 0)
+                    a[perm[i] * r + j] = i > j ? T(panel.pointer[i + j * m]) : (i == j ? 1 : 0)
                 }
             }
-        }
-        guard T.allFinite(a, count: m * r, copyingTo: nil),
-              T.allFinite(u, count: r * n, copyingTo: nil)
-        else {
-            throw LoLDUError(.notFinite, "the LU of weight overflows \(T.dtype.name); scale the weight down or use float64")
         }
         pivots = ipiv
     }
@@ -149,23 +160,23 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
     }
 }
 
-/// Copies the first `r` columns of the row-major `m × n` weight into the column-major panel;
-/// returns their largest magnitude.
+/// Copies the first `r` columns of the row-major `m × n` weight into the column-major panel, in
+/// double (exactly); returns their largest magnitude.
 private func gatherPanel<T: BLASScalar>(
-    _ w: UnsafePointer<T>, n: Int, into panel: UnsafeMutablePointer<T>, m: Int, r: Int
-) -> T {
-    var panelMax: T = 0
+    _ w: UnsafePointer<T>, n: Int, into panel: UnsafeMutablePointer<Double>, m: Int, r: Int
+) -> Double {
+    var largest = 0.0
     for block in stride(from: 0, to: m, by: transposeBlock) {
         let rows = block..<Swift.min(block + transposeBlock, m)
         for j in 0..<r {
             for i in rows {
-                let v = w[i * n + j]
+                let v = Double(w[i * n + j])
                 panel[i + j * m] = v
-                panelMax = Swift.max(panelMax, abs(v))
+                largest = Swift.max(largest, abs(v))
             }
         }
     }
-    return panelMax
+    return largest
 }
 
 /// Unblocked LU with partial pivoting of the column-major `m × r` panel, as reference LAPACK's
@@ -173,7 +184,7 @@ private func gatherPanel<T: BLASScalar>(
 /// pivot only when that reciprocal is finite, divided by the pivot otherwise. So a subnormal
 /// pivot leaves `|L| ≤ 1` finite. `O(m r²)` scalar work: only for the rare panel that BLAS
 /// cannot factor in finite arithmetic.
-private func dividingPanelLU<T: BLASScalar>(_ a: UnsafeMutablePointer<T>, m: Int, r: Int, pivots: inout [Int32]) {
+private func dividingPanelLU(_ a: UnsafeMutablePointer<Double>, m: Int, r: Int, pivots: inout [Int32]) {
     for j in 0..<Swift.min(m, r) {
         let column = a + j * m
         var p = j
@@ -184,7 +195,7 @@ private func dividingPanelLU<T: BLASScalar>(_ a: UnsafeMutablePointer<T>, m: Int
         if p != j {
             for c in 0..<r { a.swapAt(j + c * m, p + c * m) }
         }
-        if abs(pivot) >= T.leastNormalMagnitude {
+        if abs(pivot) >= Double.leastNormalMagnitude {
             let reciprocal = 1 / pivot
             for i in (j + 1)..<m { column[i] *= reciprocal }
         } else {

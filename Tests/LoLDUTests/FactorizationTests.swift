@@ -18,19 +18,19 @@ import Testing
                 let w: [T] = random.array(m * n)
                 let adapter = try TestAdapter<T>(m: m, n: n, weight: w) { $0.rank = Int64(r) }
 
-                // Oracle: LAPACK's full getrf of W.
+                // Oracle: LAPACK's full dgetrf of W's values.
                 let k = min(m, n)
-                var lu = w
+                var lu = w.map { Double($0) }
                 var ipiv = [Int32](repeating: 0, count: k)
-                #expect(T.oracleGetrf(m: m, n: n, a: &lu, ipiv: &ipiv) == 0)
+                #expect(oracleGetrf(m: m, n: n, a: &lu, ipiv: &ipiv) == 0)
                 var perm = Array(0..<m)
                 for j in 0..<k { perm.swapAt(j, Int(ipiv[j]) - 1) }
-                var pl = [T](repeating: 0, count: m * r)  // (P L)[:, :r]
+                var pl = [Double](repeating: 0, count: m * r)  // (P L)[:, :r]
                 for i in 0..<m {
                     for j in 0..<r { pl[perm[i] * r + j] = i > j ? lu[i * n + j] : (i == j ? 1 : 0) }
                 }
                 let d = (0..<r).map { lu[$0 * n + $0] }
-                var ur = [T](repeating: 0, count: r * n)
+                var ur = [Double](repeating: 0, count: r * n)
                 for i in 0..<r {
                     for j in i..<n { ur[i * n + j] = lu[i * n + j] / d[i] }
                 }
@@ -43,6 +43,62 @@ import Testing
                 expectClose(adapter.factor(LOLDU_FACTOR_UPPER), ur, rtol: tol, atol: tol, "\(what): U_r")
                 #expect(adapter.info.degenerate_pivots == 0)
             }
+        }
+    }
+
+    /// W of known rank k, exactly (small-integer factors times a power of two, so the product is
+    /// exact in float and double), factored with r > k: exactly r − k pivots are degenerate, the
+    /// first k equal dgetrf's, every factor is finite and the layer is still exactly W. Double
+    /// weights rounded from a double product of Gaussian factors are caught as well.
+    @Test func knownRankWeightHasExactlyItsDegeneratePivots() throws {
+        try check(Float.self)
+        try check(Double.self)
+
+        func check<T: TestScalar>(_: T.Type) throws {
+            var random = TestRandom(23)
+            for (m, n, k, exponent) in [(64, 48, 40, -6), (96, 96, 1, 3), (40, 120, 20, 0), (120, 40, 33, -20), (50, 50, 49, 10),
+                                         (200, 150, 90, -3), (96, 200, 50, 2), (300, 300, 200, -3), (150, 100, 99, 0)] {
+                let integers = { (count: Int) in (0..<count).map { _ in Double(Int(random.next() % 17) - 8) } }
+                let b = integers(m * k), c = integers(k * n)
+                let w = matmul(b, c, m, k, n).map { T($0 * Double(sign: .plus, exponent: exponent, significand: 1)) }
+                try expectRank(w, m: m, n: n, k: k, "\(T.self) exact rank \(k) of \(m)x\(n)")
+            }
+            if T.self == Double.self {
+                for (m, n, k) in [(80, 60, 30), (60, 90, 59)] {
+                    let b: [Double] = random.array(m * k), c: [Double] = random.array(k * n)
+                    try expectRank(matmul(b, c, m, k, n).map { T($0) }, m: m, n: n, k: k, "double product of rank \(k)")
+                }
+            }
+        }
+
+        func expectRank<T: TestScalar>(_ w: [T], m: Int, n: Int, k: Int, _ what: String) throws {
+            let r = min(m, n)
+            let adapter = try TestAdapter<T>(m: m, n: n, weight: w) { $0.rank = Int64(r) }
+            #expect(adapter.info.degenerate_pivots == Int64(r - k), "\(what): degenerate pivots")
+            var lu = w.map { Double($0) }
+            var ipiv = [Int32](repeating: 0, count: r)
+            _ = oracleGetrf(m: m, n: n, a: &lu, ipiv: &ipiv)
+            #expect(Array(adapter.pivots[0..<k]) == Array(ipiv[0..<k]), "\(what): the first \(k) pivots are dgetrf's")
+            let upper = adapter.factor(LOLDU_FACTOR_UPPER)
+            for j in k..<r {
+                #expect((0..<n).allSatisfy { upper[j * n + $0] == ($0 == j ? 1 : 0) }, "\(what): U row \(j) is e_j")
+            }
+            for factor in [LOLDU_FACTOR_LOWER, LOLDU_FACTOR_DIAG, LOLDU_FACTOR_UPPER] {
+                #expect(adapter.factor(factor).allSatisfy { $0.isFinite }, "\(what): factor \(factor.rawValue) finite")
+            }
+            var random = TestRandom(3)
+            let x: [T] = random.array(2 * n)
+            #expect(adapter.forward(x, batch: 2) == bareLayer(x, w, nil, batch: 2, m: m, n: n), "\(what): exactly W at init")
+        }
+    }
+
+    /// Real weights have no degenerate pivot at full rank (the rule does not eat genuine ones).
+    @Test func fullRankRandomWeightHasNoDegeneratePivot() throws {
+        var random = TestRandom(29)
+        for n in [256, 700] {
+            let w: [Float] = random.array(n * n)
+            let adapter = try TestAdapter<Float>(m: n, n: n, weight: w) { $0.rank = Int64(n) }
+            #expect(adapter.info.degenerate_pivots == 0)
         }
     }
 

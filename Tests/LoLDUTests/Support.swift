@@ -8,22 +8,20 @@ import Testing
 /// `Float` or `Double`, with the library's dtype tag and oracle kernels.
 protocol TestScalar: BinaryFloatingPoint, BitwiseCopyable, Sendable {
     static var dtype: loldu_dtype { get }
-    /// Row-major full LU with partial pivoting (LAPACK), in place; returns `info`.
-    static func oracleGetrf(m: Int, n: Int, a: inout [Self], ipiv: inout [Int32]) -> Int32
 }
 
 extension Float: TestScalar {
     static var dtype: loldu_dtype { LOLDU_FLOAT32 }
-    static func oracleGetrf(m: Int, n: Int, a: inout [Float], ipiv: inout [Int32]) -> Int32 {
-        LAPACKE_sgetrf(LAPACK_ROW_MAJOR, Int32(m), Int32(n), &a, Int32(n), &ipiv)
-    }
 }
 
 extension Double: TestScalar {
     static var dtype: loldu_dtype { LOLDU_FLOAT64 }
-    static func oracleGetrf(m: Int, n: Int, a: inout [Double], ipiv: inout [Int32]) -> Int32 {
-        LAPACKE_dgetrf(LAPACK_ROW_MAJOR, Int32(m), Int32(n), &a, Int32(n), &ipiv)
-    }
+}
+
+/// Row-major full LU with partial pivoting of `W`'s values in double (LAPACK's `dgetrf`, the
+/// library's documented reference), in place; returns `info`.
+func oracleGetrf(m: Int, n: Int, a: inout [Double], ipiv: inout [Int32]) -> Int32 {
+    LAPACKE_dgetrf(LAPACK_ROW_MAJOR, Int32(m), Int32(n), &a, Int32(n), &ipiv)
 }
 
 /// Deterministic test data (SplitMix64).
