@@ -78,7 +78,7 @@ test-c: $(BUILD)/quickstart $(BUILD)/train $(BUILD)/faults
 	$(BUILD)/train --verify $(BUILD)/train-checkpoint
 	$(BUILD)/faults
 
-# --- fuzzing: the readers of untrusted bytes (safetensors, JSON, checkpoints) under libFuzzer and
+# --- fuzzing: the readers of untrusted bytes (safetensors, JSON, checkpoints, optimiser states) under libFuzzer and
 # AddressSanitizer, compiled into the core module. `make test` runs a fixed number of runs from a
 # fixed seed (repeatable); `make fuzz FUZZ_SECONDS=600` explores for longer.
 FUZZ_RUNS ?= 100000
@@ -90,10 +90,12 @@ $(BUILD)/fuzz: fuzz/Fuzz.swift $(wildcard Sources/LoLDU/*.swift) | $(BUILD)/.apt
 	  -I Sources/CLinearAlgebra -I Sources/CLoLDU $$(pkg-config --cflags-only-I openblas lapacke | sed 's/-I/-Xcc -I/g') \
 	  Sources/LoLDU/*.swift fuzz/Fuzz.swift $$(pkg-config --libs openblas lapacke) -o $@
 
-# Seeds: the checkpoint test-c writes, each file alone and both joined by a NUL (see fuzz/Fuzz.swift).
+# Seeds: the checkpoint and optimiser state test-c writes, each file alone and the checkpoint's
+# two files joined by a NUL (see fuzz/Fuzz.swift).
 $(FUZZ_CORPUS): test-c
 	mkdir -p $@
-	cp $(BUILD)/train-checkpoint/adapter_config.json $(BUILD)/train-checkpoint/adapter_model.safetensors $@/
+	cp $(BUILD)/train-checkpoint/adapter_config.json $(BUILD)/train-checkpoint/adapter_model.safetensors \
+	   $(BUILD)/train-checkpoint/optimizer.safetensors $@/
 	{ cat $@/adapter_config.json; printf '\0'; cat $@/adapter_model.safetensors; } > $@/checkpoint
 
 test-fuzz: $(BUILD)/fuzz $(FUZZ_CORPUS)

@@ -1,5 +1,5 @@
 // libFuzzer entry point for the readers that take untrusted bytes: the safetensors reader, the
-// JSON parser under it and the checkpoint reader on top of both. `make fuzz` compiles it into
+// JSON parser under it, and the checkpoint and optimiser-state readers on top of both. `make fuzz` compiles it into
 // the core module (so it reaches internal functions) with libFuzzer and AddressSanitizer.
 //
 // Every input must end in a value or a thrown `LoLDUError`: a trap, an out-of-bounds access or
@@ -24,6 +24,23 @@ private func write(_ bytes: ArraySlice<UInt8>, to path: String) {
     fclose(file)
 }
 
+/// An optimiser configured as examples/c/train.c's (whose saved state seeds the corpus), so that
+/// inputs close to that file get past the configuration check into the state buffers.
+private let optimizer: Optimizer = {
+    var identity = [Float](repeating: 0, count: 16 * 16)
+    for i in 0..<16 { identity[i * 17] = 1 }
+    var adapterConfig = AdapterConfig()
+    adapterConfig.rank = 16
+    let adapter = try! Adapter<Float>(m: 16, n: 16, weight: identity, bias: nil, config: adapterConfig)
+    var config = OptimizerConfig(kind: .adamW)
+    config.lr = 0.05
+    config.schedule = .linear
+    config.warmupSteps = 30
+    config.totalSteps = 300
+    config.weightDecay = 0
+    return try! Optimizer(config: config, adapters: [adapter])
+}()
+
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let bytes = Array(UnsafeBufferPointer(start: data, count: size))
@@ -33,6 +50,10 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             _ = try? file.values(name, shape: tensor.shape, as: Float.self)
             _ = try? file.values(name, shape: tensor.shape, as: Double.self)
         }
+    }
+    // The whole input as an optimiser state; a step after any accepted state must not trap.
+    if (try? optimizer.load(bytes, what: "fuzz")) != nil {
+        _ = try? optimizer.step()
     }
     // The whole input as JSON.
     _ = bytes.withUnsafeBytes { try? JSON.parse($0, what: "fuzz") }

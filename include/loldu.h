@@ -17,8 +17,15 @@
  *     caller buffer after a call returns.
  *   - Every function that can fail returns a loldu_status. On failure nothing is written to
  *     the outputs, and loldu_last_error() names the argument and what was expected.
- *   - No input makes a function crash: NULL or stale handles, NULL buffers, bad sizes and
- *     unknown enum values are all answered with a status.
+ *   - No input makes a function crash: NULL or stale handles, a handle of another kind (an
+ *     optimiser passed as an adapter), NULL buffers, bad sizes, unknown enum values and hostile
+ *     files are all answered with a status; the free functions ignore what is not a live
+ *     handle of their kind.
+ *   - Files: only regular files are read or replaced (a FIFO, device, socket or directory where
+ *     a file is expected is LOLDU_ERR_IO, without blocking); every file is replaced atomically
+ *     (temporary file, fsync, rename) under an exclusive flock of its directory, so a failed or
+ *     interrupted write leaves the previous file intact, and temporary files of killed writers
+ *     are removed by the next write into that directory.
  *
  * Thread safety
  *   - Different adapters may be used from different threads at the same time.
@@ -82,7 +89,7 @@ typedef enum loldu_status {
     LOLDU_ERR_DTYPE = 5,            /* element types that disagree */
     LOLDU_ERR_STATE = 6,            /* not allowed in the object's current state (e.g. merged) */
     LOLDU_ERR_OUT_OF_MEMORY = 7,
-    LOLDU_ERR_INVALID_HANDLE = 8,   /* not a live handle (never created, or already freed) */
+    LOLDU_ERR_INVALID_HANDLE = 8,   /* not a live handle of the expected kind (never created, freed, or another kind) */
     LOLDU_ERR_IO = 9,               /* a file could not be read or written */
     LOLDU_ERR_FORMAT = 10,          /* a file is malformed or of an unsupported version */
     LOLDU_ERR_MISMATCH = 11,        /* a checkpoint does not match the base weights */
@@ -203,14 +210,22 @@ typedef struct loldu_adapter loldu_adapter;
  *         LOLDU_ERR_NULL_POINTER; LOLDU_ERR_OUT_OF_MEMORY.
  *
  * Cost: one LU of the m × r panel and one triangular solve, O((m + n) r²), plus a copy of W.
- * The pivots equal those of the first r steps of LAPACK's getrf on W.
+ * The elimination runs in double whatever the element type (W's values convert exactly) and
+ * the factors are rounded to the element type once: the pivots are those of the first r steps
+ * of LAPACK's dgetrf on W's values, up to the numerical rank (below).
  *
- * Rank-deficient W: if one of the first r pivots is at the rounding level of r elimination
- * steps, |D_j| ≤ r·ε·max|W[:, :r]|, row j of U_r cannot be normalised and is set to e_jᵀ (1 on
- * the diagonal, 0 elsewhere); D_j is kept as computed. Every factor stays finite, the layer at
- * initialisation is still exactly W, and info.degenerate_pivots counts such pivots. A W whose
- * LU overflows the element type (entries near FLT_MAX in float) is LOLDU_ERR_NOT_FINITE, and an
- * alpha that makes σ or σ·z₀ overflow (or σ round to 0) is LOLDU_ERR_INVALID_ARGUMENT.
+ * Rank-deficient W: a pivot that vanishes to the rounding of the elimination,
+ * |D_j| ≤ 2^16·ε_double·max(m, r)·g (g: the largest magnitude in W[:, :r] and in the computed
+ * U[:r, :r]), is degenerate: row j of U_r cannot be normalised and is set to e_jᵀ (1 on the
+ * diagonal, 0 elsewhere); D_j is kept as computed. Every factor stays finite, the layer at
+ * initialisation is still exactly W, and info.degenerate_pivots counts such pivots. Past the
+ * first degenerate pivot the pivots are chosen among rounding noise: the factorisation is valid
+ * but they may differ from another LAPACK's. W that is rank deficient as given (e.g. repeated
+ * or zero columns, exact low-rank products) is caught in every element type; a float W rounded
+ * from a low-rank product is not rank deficient as given, and its small pivots are kept. A
+ * factor that overflows the element type (entries near FLT_MAX in float) is
+ * LOLDU_ERR_NOT_FINITE, and an alpha that makes σ or σ·z₀ overflow (or σ round to 0) is
+ * LOLDU_ERR_INVALID_ARGUMENT.
  */
 LOLDU_API loldu_status loldu_adapter_create(loldu_adapter **out, loldu_dtype dtype, int64_t m, int64_t n,
                                             const void *weight, const void *bias,
@@ -223,7 +238,7 @@ LOLDU_API loldu_status loldu_adapter_create(loldu_adapter **out, loldu_dtype dty
  */
 LOLDU_API loldu_status loldu_adapter_clone(loldu_adapter **out, const loldu_adapter *src);
 
-/** Frees an adapter. NULL is a no-op; so is a handle that is not live (already freed). */
+/** Frees an adapter. NULL is a no-op; so is anything that is not a live adapter handle. */
 LOLDU_API void loldu_adapter_free(loldu_adapter *adapter);
 
 typedef struct loldu_adapter_info {
@@ -419,8 +434,8 @@ typedef struct loldu_optimizer_config {
     int32_t schedule;           /* loldu_schedule */
     double beta1, beta2, eps;   /* Adam, AdamW: in [0, 1), [0, 1), > 0 */
     double max_grad_norm;       /* > 0: clip the global norm of all gradients first (0 = off) */
-    int64_t warmup_steps;       /* ≥ 0 */
-    int64_t total_steps;        /* LINEAR, COSINE: > warmup_steps */
+    int64_t warmup_steps;       /* in [0, 2^53] */
+    int64_t total_steps;        /* in [0, 2^53]; LINEAR, COSINE: > warmup_steps */
 } loldu_optimizer_config;
 
 /**
@@ -439,16 +454,19 @@ typedef struct loldu_optimizer loldu_optimizer;
 LOLDU_API loldu_status loldu_optimizer_create(loldu_optimizer **out, const loldu_optimizer_config *config,
                                               loldu_adapter *const *adapters, size_t count);
 
-/** Frees an optimiser. NULL is a no-op; so is a handle that is not live. */
+/** Frees an optimiser. NULL is a no-op; so is anything that is not a live optimiser handle. */
 LOLDU_API void loldu_optimizer_free(loldu_optimizer *optimizer);
 
 /**
  * One optimisation step from the gradients accumulated in the adapters: clip (if configured,
  * scaling the stored gradients as torch.nn.utils.clip_grad_norm_ does), then update every z and
  * trainable σ at the scheduled rates. Gradients are not cleared (call loldu_optimizer_zero_grad).
+ * All or nothing: a failing step changes no parameter, gradient, state buffer or step count.
  * @param grad_norm optional, written: the global gradient norm before clipping.
- * @return LOLDU_ERR_STATE if an adapter is merged; LOLDU_ERR_NOT_FINITE if a gradient is NaN or
- *         infinite (nothing is updated then).
+ * @return LOLDU_ERR_STATE if an adapter is merged, or after 2^53 steps;
+ *         LOLDU_ERR_NOT_FINITE if a gradient is NaN or infinite, or if the step would make a
+ *         z_k or σ (or σ·z_k − σ₀·z_ref,k) NaN or infinite (a learning rate far too large);
+ *         the message names the adapter and the value.
  */
 LOLDU_API loldu_status loldu_optimizer_step(loldu_optimizer *optimizer, double *grad_norm);
 
@@ -460,16 +478,20 @@ LOLDU_API loldu_status loldu_optimizer_get_lr(const loldu_optimizer *optimizer, 
 LOLDU_API loldu_status loldu_optimizer_get_step(const loldu_optimizer *optimizer, int64_t *steps);
 
 /**
- * Saves the optimiser's state (step count, moments, configuration) to a safetensors file,
- * atomically: a failed or interrupted save leaves any previous file intact.
+ * Saves the optimiser's state (step count, moments, configuration, and each adapter's rank and
+ * element type) to a safetensors file, atomically: a failed or interrupted save leaves any
+ * previous file intact. A symbolic link at `path` is followed; a path that exists and is not a
+ * regular file is LOLDU_ERR_IO.
  */
 LOLDU_API loldu_status loldu_optimizer_save(const loldu_optimizer *optimizer, const char *path);
 
 /**
  * Restores a state saved by loldu_optimizer_save for the same configuration and adapters
  * (same count, ranks, element types); anything else is LOLDU_ERR_MISMATCH naming what differs,
- * and changes nothing. A run resumed this way, with z and σ restored by loldu_checkpoint_apply,
- * continues bit for bit as if it had never stopped.
+ * and changes nothing. The file is hostile until proven otherwise: every count in it is
+ * range-checked (steps in [0, 2^53]) and a malformed one is LOLDU_ERR_FORMAT. A run resumed this
+ * way, with z and σ restored by loldu_checkpoint_apply, continues bit for bit as if it had never
+ * stopped.
  */
 LOLDU_API loldu_status loldu_optimizer_load(loldu_optimizer *optimizer, const char *path);
 
@@ -487,8 +509,21 @@ LOLDU_API loldu_status loldu_optimizer_load(loldu_optimizer *optimizer, const ch
 
 /**
  * Saves `count` ≥ 1 adapters under `names` into directory `dir` (created if missing; its parent
- * must exist). Each file is written atomically (temporary file, fsync, rename): a failed or
- * interrupted save leaves the previous checkpoint's files intact.
+ * must exist), atomically as a whole: after a failure, a kill or a full disk at any moment,
+ * loldu_checkpoint_open reads exactly the previous checkpoint or exactly the new one.
+ *
+ * How: both files carry the same random generation id. Under an exclusive flock of `dir`, the
+ * model file and the new config (as ".adapter_config.json.pending") are written and fsynced
+ * first; then the model file and the config are renamed into place, and the directory synced
+ * after each rename. An interruption between the two renames leaves the new model file with its
+ * config still pending; loldu_checkpoint_open takes the config whose generation matches the
+ * model file's, and the next save completes the rename (or discards a pending config that never
+ * took effect) and removes temporary files of killed saves. This holds on every local POSIX
+ * file system (rename is atomic); over NFS it holds as far as the server's rename is atomic and
+ * flock works there. Tools that read only adapter_config.json see the old config until then.
+ *
+ * @return LOLDU_ERR_NOT_FINITE naming the layer if a z_k or σ is NaN or infinite (written
+ *         through loldu_params): a checkpoint holds finite values only, and nothing is written.
  */
 LOLDU_API loldu_status loldu_checkpoint_save(const char *dir, loldu_adapter *const *adapters,
                                              const char *const *names, size_t count);
@@ -497,13 +532,14 @@ typedef struct loldu_checkpoint loldu_checkpoint;
 
 /**
  * Reads and validates a checkpoint directory. Every file is treated as hostile: truncated files,
- * bad headers, wrong dtypes or shapes, bad JSON, missing or duplicate tensors and non-finite
- * values are LOLDU_ERR_FORMAT with a message saying what and where; an unreadable file is
- * LOLDU_ERR_IO.
+ * bad headers, wrong dtypes or shapes, bad JSON, missing or duplicate tensors, non-finite values
+ * and files of two different saves are LOLDU_ERR_FORMAT with a message saying what and where;
+ * an unreadable file, or a FIFO, device or directory in a file's place, is LOLDU_ERR_IO. Takes a
+ * shared flock of `dir` while reading, so a concurrent save is seen whole or not at all.
  */
 LOLDU_API loldu_status loldu_checkpoint_open(loldu_checkpoint **out, const char *dir);
 
-/** Frees a checkpoint. NULL is a no-op. */
+/** Frees a checkpoint. NULL is a no-op; so is anything that is not a live checkpoint handle. */
 LOLDU_API void loldu_checkpoint_free(loldu_checkpoint *checkpoint);
 
 /** The number of layers, and the name of layer `index` (valid until loldu_checkpoint_free). */
@@ -518,7 +554,8 @@ LOLDU_API loldu_status loldu_checkpoint_layer(const loldu_checkpoint *checkpoint
                                               loldu_dtype *dtype, int64_t *m, int64_t *n, loldu_config *config);
 
 /**
- * Sets z and σ of `adapter` from layer `name`. The adapter's base weight and pivots must have the
+ * Sets z and σ of `adapter` from layer `name`, both or neither (LOLDU_ERR_NOT_FINITE if σ·z_k
+ * would overflow the adapter's type, changing nothing). The adapter's base weight and pivots must have the
  * fingerprints that were saved (of the weight's contents at save time: a borrowed weight must not
  * have changed since the adapter was created), and its dtype, shape and rank must match: otherwise
  * LOLDU_ERR_MISMATCH (nothing is changed). Outputs are then bit for bit those of the saved
@@ -532,7 +569,7 @@ LOLDU_API loldu_status loldu_checkpoint_apply(const loldu_checkpoint *checkpoint
 /**
  * Writes merged weights for serving without this library: a safetensors file with, per layer,
  * "NAME.weight" = W_eff (m × n) and "NAME.bias" when the layer has one, in the adapter's element
- * type. Written atomically.
+ * type. Written atomically (see loldu_optimizer_save for links and special files).
  */
 LOLDU_API loldu_status loldu_export_merged(const char *path, loldu_adapter *const *adapters,
                                            const char *const *names, size_t count);

@@ -433,16 +433,32 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     @_specialize(where T == Double)
     public func setZ(_ z: UnsafePointer<T>) throws(LoLDUError) {
         try checkMutable("z")
-        try checkFinite(z, count: rank, name: "z")
-        try checkCoefficients(z: z, sigma: sigma)
-        params.pointer.update(from: z, count: rank)
+        try setParameters(z: z, sigma: sigma)
     }
 
     public func setSigma(_ value: T) throws(LoLDUError) {
         try checkMutable("sigma")
+        try setParameters(z: params.pointer, sigma: value)
+    }
+
+    /// Sets `z` (`rank` values) and `σ` together: everything is checked before anything is
+    /// written, so a refused pair leaves both unchanged.
+    public func setParameters(z: UnsafePointer<T>, sigma value: T) throws(LoLDUError) {
+        try checkMutable("z and sigma")
+        try checkFinite(z, count: rank, name: "z")
         guard value.isFinite else { throw LoLDUError(.notFinite, "sigma must be finite in \(T.dtype.name), got \(value)") }
-        try checkCoefficients(z: params.pointer, sigma: value)
+        try checkCoefficients(z: z, sigma: value)
+        if z != UnsafePointer(params.pointer) { params.pointer.update(from: z, count: rank) }
         params.pointer[rank] = value
+    }
+
+    /// The first trainable value that is NaN or ±Inf, or whose coefficient `σ z_k − σ₀ z_ref,k`
+    /// overflows (as `"z[k]"` or `"sigma"`); `nil` when all are usable.
+    public var firstNonFiniteParameter: String? {
+        let z = params.pointer, s = sigma
+        if !s.isFinite { return "sigma" }
+        for k in 0..<rank where !z[k].isFinite || !(s * z[k] - reference.pointer[k]).isFinite { return "z[\(k)]" }
+        return nil
     }
 
     /// Bytes held: the copies of `W` and the bias, the frozen factors, the trainable state, the

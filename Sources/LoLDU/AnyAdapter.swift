@@ -38,8 +38,10 @@ public protocol AnyAdapter: AnyObject, Sendable {
     func setEnabled(_ on: Bool)
     func cloneAdapter() throws(LoLDUError) -> any AnyAdapter
     func checkMutable(_ what: String) throws(LoLDUError)
-    /// Sets `z` from `rank` values, rounded to the element type.
-    func setZ(values: [Double]) throws(LoLDUError)
+    /// Sets `z` (`rank` values) and `σ`, rounded to the element type, both or neither.
+    func setParameters(z: [Double], sigma: Double) throws(LoLDUError)
+    /// The first trainable value that is not finite (`"z[k]"`, `"sigma"`), if any.
+    var firstNonFiniteParameter: String? { get }
     /// ``fingerprint(_:)`` of the base weight's bytes, and of the pivots.
     var weightFingerprint: String { get }
     var pivotsFingerprint: String { get }
@@ -124,9 +126,9 @@ extension Adapter: AnyAdapter {
 
     public func cloneAdapter() throws(LoLDUError) -> any AnyAdapter { try clone() }
 
-    public func setZ(values: [Double]) throws(LoLDUError) {
+    public func setParameters(z values: [Double], sigma: Double) throws(LoLDUError) {
         let z = values.map { T($0) }
-        try z.withUnsafeBufferPointer { buffer throws(LoLDUError) in try setZ(buffer.baseAddress!) }
+        try z.withUnsafeBufferPointer { buffer throws(LoLDUError) in try setParameters(z: buffer.baseAddress!, sigma: T(sigma)) }
     }
 
     public var weightFingerprint: String {

@@ -1,11 +1,17 @@
 import Glibc
 
-/// Files written atomically and read whole, with every failure an `io` error naming the path.
+/// Files replaced atomically and read whole, with every failure an `io` error naming the path.
 ///
-/// A write goes to a temporary file in the target's directory, is flushed with `fsync`, and
-/// replaces the target with `rename` (atomic on POSIX file systems), after which the directory
-/// is synced too. A failure at any point removes the temporary file and leaves the previous
-/// target untouched; a crash leaves either the old file or the new one, never a mix.
+/// A replacement is written to a temporary file `.NAME.XXXXXX` beside the target, flushed with
+/// `fsync`, and renamed over the target (atomic on POSIX file systems); the directory is synced
+/// after each rename. Writers hold an exclusive `flock` on the directory while they replace
+/// files in it, so a temporary file found while holding the lock belongs to a writer that was
+/// killed: it is removed. A failure at any point removes the temporary file and leaves the
+/// previous target untouched; a crash leaves either the old file or the new one, never a mix.
+///
+/// Only regular files are read or replaced: a FIFO, device, socket or directory where a file is
+/// expected is refused before any byte is read or written (opening a FIFO for reading would
+/// block forever).
 public enum AtomicFile {
     /// An open temporary file.
     public struct Writer {
@@ -34,42 +40,187 @@ public enum AtomicFile {
         LoLDUError(.io, "\(what) \"\(path)\": \(String(cString: strerror(errno)))")
     }
 
-    public static func write(to path: String, _ body: (Writer) throws(LoLDUError) -> Void) throws(LoLDUError) {
-        let directory = parent(of: path)
-        let name = path.split(separator: "/").last.map(String.init) ?? path
-        var template = Array("\(directory)/.\(name).XXXXXX".utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        guard fd >= 0 else { throw failure("cannot create a temporary file in", directory) }
-        let temporary = String(cString: template.withUnsafeBufferPointer { $0.baseAddress! })
-        var closed = false
-        do throws(LoLDUError) {
-            _ = fchmod(fd, 0o644)
-            try body(Writer(fd: fd, path: temporary))
-            guard fsync(fd) == 0 else { throw failure("cannot flush", temporary) }
-            closed = true
-            guard close(fd) == 0 else { throw failure("cannot close", temporary) }
-            guard rename(temporary, path) == 0 else { throw failure("cannot replace", path) }
-        } catch {
-            if !closed { close(fd) }
-            unlink(temporary)
-            throw error
-        }
-        let dfd = open(directory, O_RDONLY | O_DIRECTORY)
-        if dfd >= 0 {
-            _ = fsync(dfd)
-            close(dfd)
+    /// What a non-regular file is, for messages.
+    static func kind(_ mode: mode_t) -> String {
+        switch mode & S_IFMT {
+        case S_IFDIR: "a directory"
+        case S_IFIFO: "a FIFO"
+        case S_IFCHR: "a character device"
+        case S_IFBLK: "a block device"
+        case S_IFSOCK: "a socket"
+        case S_IFLNK: "a symbolic link"
+        default: "not a regular file"
         }
     }
 
-    /// The whole file, refusing anything larger than `limit` bytes.
-    public static func read(_ path: String, limit: Int) throws(LoLDUError) -> [UInt8] {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw failure("cannot open", path) }
-        defer { close(fd) }
+    /// Refuses an existing `path` that is not a regular file (a symbolic link is replaced, not
+    /// followed, when `followLinks` is false). Returns the path to replace.
+    static func replaceable(_ path: String, followLinks: Bool) throws(LoLDUError) -> String {
         var info = stat()
-        guard fstat(fd, &info) == 0 else { throw failure("cannot stat", path) }
-        guard (info.st_mode & S_IFMT) == S_IFREG else { throw LoLDUError(.io, "\"\(path)\" is not a regular file") }
-        let size = Int(info.st_size)
+        guard lstat(path, &info) == 0 else {
+            if errno == ENOENT { return path }
+            throw failure("cannot inspect", path)
+        }
+        if (info.st_mode & S_IFMT) == S_IFLNK && followLinks {
+            guard let resolved = realpath(path, nil) else {
+                if errno == ENOENT { return path }  // a dangling link is replaced
+                throw failure("cannot resolve", path)
+            }
+            defer { free(resolved) }
+            let target = String(cString: resolved)
+            return try replaceable(target, followLinks: false)
+        }
+        let type = info.st_mode & S_IFMT
+        guard type == S_IFREG || type == S_IFLNK else {
+            throw LoLDUError(.io, "\"\(path)\" is \(kind(info.st_mode)), not a regular file; choose another path")
+        }
+        return path
+    }
+
+    /// A directory held under `flock` while files in it are read or replaced.
+    public final class LockedDirectory {
+        public let path: String
+        private let fd: Int32
+        /// How long to wait for another process's lock before giving up.
+        static let patience: Double = 30
+
+        /// Opens (with `create`, first creating) `path` and locks it: exclusively for writers,
+        /// shared for readers. A file system without `flock` is used unlocked.
+        public init(_ path: String, exclusive: Bool, create: Bool = false) throws(LoLDUError) {
+            if create { try AtomicFile.makeDirectory(path) }
+            let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NONBLOCK)
+            guard fd >= 0 else {
+                let code = errno
+                var info = stat()
+                if code == ENOTDIR, stat(path, &info) == 0 {
+                    throw LoLDUError(.io, "\"\(path)\" is \(AtomicFile.kind(info.st_mode)), not a directory")
+                }
+                errno = code
+                throw AtomicFile.failure("cannot open directory", path)
+            }
+            self.path = path
+            self.fd = fd
+            var waited = 0.0, pause = 0.001
+            while flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0 {
+                guard errno == EWOULDBLOCK || errno == EINTR else { return }  // no flock here
+                guard waited < Self.patience else {
+                    close(fd)
+                    throw LoLDUError(.io, "\"\(path)\" is locked by another process writing into it (waited \(Int(Self.patience)) s)")
+                }
+                var ts = timespec(tv_sec: 0, tv_nsec: Int(pause * 1e9))
+                nanosleep(&ts, nil)
+                waited += pause
+                pause = Swift.min(pause * 2, 0.1)
+            }
+        }
+
+        deinit { close(fd) }  // releases the lock
+
+        func file(_ name: String) -> String { "\(path)/\(name)" }
+
+        /// Removes `.NAME.XXXXXX` files left by killed writers (call with the exclusive lock).
+        public func removeStaleTemporaries(of names: [String]) {
+            guard let dir = opendir(path) else { return }
+            defer { closedir(dir) }
+            var stale: [String] = []
+            while let entry = readdir(dir) {
+                let entryName = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                    String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+                }
+                for name in names where AtomicFile.isTemporary(entryName, of: name) { stale.append(entryName) }
+            }
+            for entryName in stale { unlinkat(fd, entryName, 0) }
+        }
+
+        /// Writes a new version of `name` to a temporary file, flushed to disk; returns its path
+        /// for ``commit(_:as:)``. On failure nothing is left behind.
+        public func prepare(_ name: String, _ body: (Writer) throws(LoLDUError) -> Void) throws(LoLDUError) -> String {
+            var template = Array("\(path)/.\(name).XXXXXX".utf8CString)
+            let out = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+            guard out >= 0 else { throw AtomicFile.failure("cannot create a temporary file in", path) }
+            let temporary = String(cString: template.withUnsafeBufferPointer { $0.baseAddress! })
+            var closed = false
+            do throws(LoLDUError) {
+                _ = fcntl(out, F_SETFD, FD_CLOEXEC)
+                _ = fchmod(out, 0o644)
+                try body(Writer(fd: out, path: temporary))
+                guard fsync(out) == 0 else { throw AtomicFile.failure("cannot flush", temporary) }
+                closed = true
+                guard close(out) == 0 else { throw AtomicFile.failure("cannot close", temporary) }
+            } catch {
+                if !closed { close(out) }
+                unlink(temporary)
+                throw error
+            }
+            return temporary
+        }
+
+        /// Renames `source` (a path in this directory) to `name`, atomically, and syncs the
+        /// directory. On failure `source` is removed when `removeOnFailure`.
+        public func commit(_ source: String, as name: String, removeOnFailure: Bool = true) throws(LoLDUError) {
+            let target = file(name)
+            do throws(LoLDUError) {
+                _ = try AtomicFile.replaceable(target, followLinks: false)
+                guard rename(source, target) == 0 else { throw AtomicFile.failure("cannot replace", target) }
+            } catch {
+                if removeOnFailure { unlink(source) }
+                throw error
+            }
+            _ = fsync(fd)
+        }
+
+        /// `prepare` then `commit`: replaces `name` atomically.
+        public func replace(_ name: String, _ body: (Writer) throws(LoLDUError) -> Void) throws(LoLDUError) {
+            try commit(try prepare(name, body), as: name)
+        }
+    }
+
+    /// Whether `entry` is a temporary file of `name` (`.NAME.` and mkstemp's six characters).
+    static func isTemporary(_ entry: String, of name: String) -> Bool {
+        let prefix = ".\(name)."
+        guard entry.hasPrefix(prefix) else { return false }
+        let suffix = entry.utf8.dropFirst(prefix.utf8.count)
+        return suffix.count == 6 && suffix.allSatisfy { c in
+            (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5A) || (c >= 0x61 && c <= 0x7A)
+        }
+    }
+
+    /// Replaces the file at `path` atomically with what `body` writes. A symbolic link is
+    /// followed (its target is replaced); anything else that is not a regular file is refused.
+    public static func write(to path: String, _ body: (Writer) throws(LoLDUError) -> Void) throws(LoLDUError) {
+        let target = try replaceable(path, followLinks: true)
+        let name = target.split(separator: "/").last.map(String.init) ?? target
+        let directory = try LockedDirectory(parent(of: target), exclusive: true)
+        directory.removeStaleTemporaries(of: [name])
+        try directory.replace(name, body)
+    }
+
+    /// Opens a regular file for reading without blocking (a FIFO would block `open`), or
+    /// returns `nil` when it does not exist and `missingOK`.
+    static func openRegular(_ path: String, missingOK: Bool = false) throws(LoLDUError) -> (fd: Int32, size: Int)? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
+        guard fd >= 0 else {
+            if missingOK && errno == ENOENT { return nil }
+            throw failure("cannot open", path)
+        }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else {
+            let error = failure("cannot stat", path)
+            close(fd)
+            throw error
+        }
+        guard (info.st_mode & S_IFMT) == S_IFREG else {
+            close(fd)
+            throw LoLDUError(.io, "\"\(path)\" is \(kind(info.st_mode)), not a regular file")
+        }
+        return (fd, Int(info.st_size))
+    }
+
+    /// The whole file, refusing anything larger than `limit` bytes; `nil` if it does not exist
+    /// and `missingOK`.
+    public static func read(_ path: String, limit: Int, missingOK: Bool = false) throws(LoLDUError) -> [UInt8]? {
+        guard let (fd, size) = try openRegular(path, missingOK: missingOK) else { return nil }
+        defer { close(fd) }
         guard size <= limit else {
             throw LoLDUError(.format, "\"\(path)\" is \(size) bytes, more than the \(limit) this file may have")
         }
@@ -87,12 +238,21 @@ public enum AtomicFile {
         return Array(bytes[0..<done])
     }
 
+    /// The whole file (see ``read(_:limit:missingOK:)``); a missing file is an `io` error.
+    public static func read(_ path: String, limit: Int) throws(LoLDUError) -> [UInt8] {
+        guard let bytes = try read(path, limit: limit, missingOK: false) else { throw failure("cannot open", path) }
+        return bytes
+    }
+
     /// Creates `path` as a directory unless it already is one.
     public static func makeDirectory(_ path: String) throws(LoLDUError) {
         if mkdir(path, 0o755) == 0 { return }
         let code = errno
         var info = stat()
-        if code == EEXIST, stat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR { return }
+        if code == EEXIST, stat(path, &info) == 0 {
+            if (info.st_mode & S_IFMT) == S_IFDIR { return }
+            throw LoLDUError(.io, "\"\(path)\" is \(kind(info.st_mode)), not a directory")
+        }
         errno = code
         throw failure("cannot create directory", path)
     }

@@ -1,3 +1,5 @@
+import Glibc
+
 /// Adapter checkpoints: a directory like PEFT's `save_pretrained`.
 ///
 /// - `adapter_model.safetensors`: per layer `NAME.loldu_z` (`r`) and `NAME.loldu_sigma` (`1`)
@@ -9,9 +11,20 @@
 ///
 /// Loading re-derives the frozen factors from the base weight (the caller creates the adapter
 /// with ``Checkpoint/Layer/config``), checks the fingerprints, and sets `z` and `σ`.
+///
+/// A save is atomic as a whole: both files carry the same random `generation`, and the new
+/// config is first written beside the old one as `.adapter_config.json.pending`; then the model
+/// file and the config are renamed into place, one after the other, under an exclusive lock of
+/// the directory. Whenever a save is interrupted, the directory holds either the old pair, or
+/// the new model file with the new config still pending; the reader takes the config whose
+/// generation matches the model file's, so it loads exactly the old or exactly the new
+/// checkpoint. The next save completes or discards what an interrupted one left.
 public final class Checkpoint: @unchecked Sendable {
     public static let modelFile = "adapter_model.safetensors"
     public static let configFile = "adapter_config.json"
+    /// The new config of a save in progress (or interrupted between its two renames).
+    static let pendingFile = ".adapter_config.json.pending"
+    static let generationKey = "loldu.generation"
     /// The largest checkpoint file read (both files hold a few bytes per layer).
     static let readLimit = 1 << 30
 
@@ -54,11 +67,15 @@ public final class Checkpoint: @unchecked Sendable {
         ]
     }
 
-    /// Saves adapters under names into `directory`, each file atomically.
+    /// Saves adapters under names into `directory`, atomically as a whole (see the type).
     public static func save(_ adapters: [any AnyAdapter], names: [String], to directory: String) throws(LoLDUError) {
         try validate(names: names)
-        try AtomicFile.makeDirectory(directory)
-        var metadata = ["format": "pt", "loldu.version": libraryVersion]
+        for (adapter, name) in zip(adapters, names) {
+            guard let bad = adapter.firstNonFiniteParameter else { continue }
+            throw LoLDUError(.notFinite, "layer \"\(name)\": \(bad) is not finite; a checkpoint holds finite values only")
+        }
+        let generation = randomGeneration()
+        var metadata = ["format": "pt", "loldu.version": libraryVersion, generationKey: generation]
         var entries: [SafeTensors.Entry] = []
         var layers: [(String, JSON)] = []
         for (adapter, name) in zip(adapters, names) {
@@ -81,12 +98,59 @@ public final class Checkpoint: @unchecked Sendable {
         config += [
             ("target_modules", .array(names.map { .string($0) })),
             ("library", .string("loldu")), ("library_version", .string(libraryVersion)),
+            ("generation", .string(generation)),
             ("layers", .object(Dictionary(uniqueKeysWithValues: layers))),
         ]
-        try SafeTensors.write(entries, metadata: metadata, to: "\(directory)/\(modelFile)")
-        try AtomicFile.write(to: "\(directory)/\(configFile)") { file throws(LoLDUError) in
-            try file.write(Array((JSON.text(config) + "\n").utf8))
+
+        let dir = try AtomicFile.LockedDirectory(directory, exclusive: true, create: true)
+        finishInterruptedSave(dir)
+        let model = try dir.prepare(modelFile) { file throws(LoLDUError) in
+            try SafeTensors.write(entries, metadata: metadata, to: file)
         }
+        do {
+            try dir.replace(pendingFile) { file throws(LoLDUError) in try file.write(Array((JSON.text(config) + "\n").utf8)) }
+        } catch {
+            unlink(model)
+            throw error
+        }
+        try dir.commit(model, as: modelFile)
+        // From here the directory loads as the new checkpoint, with or without this rename.
+        try dir.commit(dir.file(pendingFile), as: configFile, removeOnFailure: false)
+    }
+
+    /// Under the save lock: completes a save interrupted between its two renames (the pending
+    /// config matches the model file), or removes a pending config that never took effect, and
+    /// the temporary files of killed writers.
+    static func finishInterruptedSave(_ dir: AtomicFile.LockedDirectory) {
+        dir.removeStaleTemporaries(of: [modelFile, configFile, pendingFile])
+        let pending = dir.file(pendingFile)
+        guard let pendingBytes = try? AtomicFile.read(pending, limit: readLimit, missingOK: true) else {
+            unlink(pending)  // not a regular file, or unreadable
+            return
+        }
+        if let model = try? modelGeneration(dir.file(modelFile)), model == (try? configGeneration(pendingBytes, what: pending)) {
+            _ = try? dir.commit(pending, as: configFile, removeOnFailure: false)
+        } else {
+            unlink(pending)
+        }
+    }
+
+    /// 128 random bits as 32 hex digits: one per save, written into both files.
+    static func randomGeneration() -> String {
+        var system = SystemRandomNumberGenerator()
+        return [system.next(), system.next()].map { (word: UInt64) in
+            let hex = String(word, radix: 16)
+            return String(repeating: "0", count: 16 - hex.count) + hex
+        }.joined()
+    }
+
+    /// The generation written in a model file's header (`nil` for files written without one).
+    static func modelGeneration(_ path: String) throws(LoLDUError) -> String? {
+        try SafeTensors.parse(try AtomicFile.read(path, limit: readLimit), what: path).metadata[generationKey]
+    }
+
+    static func configGeneration(_ bytes: [UInt8], what: String) throws(LoLDUError) -> String? {
+        try rethrowing { try bytes.withUnsafeBytes { raw in try JSON.parse(raw, what: what) } }["generation"]?.string
     }
 
     /// Writes each adapter's current weight (and bias) as `NAME.weight` (`NAME.bias`).
@@ -109,12 +173,32 @@ public final class Checkpoint: @unchecked Sendable {
 
     // MARK: Loading
 
-    /// Reads and validates both files of a checkpoint directory.
+    /// Reads and validates both files of a checkpoint directory (the config whose generation
+    /// matches the model file's; see the type).
     public init(directory: String) throws(LoLDUError) {
-        let configPath = "\(directory)/\(Self.configFile)", modelPath = "\(directory)/\(Self.modelFile)"
-        let configBytes = try AtomicFile.read(configPath, limit: Self.readLimit)
-        let config = try rethrowing { try configBytes.withUnsafeBytes { raw in try JSON.parse(raw, what: configPath) } }
+        let dir = try AtomicFile.LockedDirectory(directory, exclusive: false)
+        let modelPath = dir.file(Self.modelFile)
         let model = try SafeTensors.parse(try AtomicFile.read(modelPath, limit: Self.readLimit), what: modelPath)
+        let generation = model.metadata[Self.generationKey]
+        var configPath = dir.file(Self.configFile)
+        var configBytes = try AtomicFile.read(configPath, limit: Self.readLimit, missingOK: generation != nil)
+        var config = try configBytes.map { bytes throws(LoLDUError) in
+            try rethrowing { try bytes.withUnsafeBytes { raw in try JSON.parse(raw, what: configPath) } }
+        }
+        if let generation, config?["generation"]?.string != generation {
+            // The save that wrote the model file was interrupted before its config took its place.
+            let pendingPath = dir.file(Self.pendingFile)
+            let pendingBytes = try? AtomicFile.read(pendingPath, limit: Self.readLimit, missingOK: true)
+            if let pendingBytes, let pending = try? rethrowing({ try pendingBytes.withUnsafeBytes { raw in try JSON.parse(raw, what: pendingPath) } }),
+               pending["generation"]?.string == generation {
+                (configPath, configBytes, config) = (pendingPath, pendingBytes, pending)
+            } else if config == nil {
+                throw LoLDUError(.io, "cannot open \"\(configPath)\": No such file or directory")
+            } else if config?["peft_type"]?.string == "LOLDU" {  // (another tool's config: said below)
+                throw LoLDUError(.format, "\(configPath) (generation \(config?["generation"]?.string ?? "none")) and \(modelPath) (generation \(generation)) come from different saves, and no pending config matches; save the checkpoint again")
+            }
+        }
+        guard let config else { throw LoLDUError(.io, "cannot open \"\(configPath)\": No such file or directory") }
         func fail(_ message: String) -> LoLDUError { LoLDUError(.format, "\(configPath): \(message)") }
 
         guard config["peft_type"]?.string == "LOLDU" else { throw fail("peft_type must be \"LOLDU\"") }
@@ -141,8 +225,8 @@ public final class Checkpoint: @unchecked Sendable {
                 return value
             }
             let dtypeName = try field("dtype") { $0.string }
-            guard let dtype = [DType.float32, .float64].first(where: { $0.name == dtypeName }) else {
-                throw fail("layers[\"\(name)\"].dtype must be \"float32\" or \"float64\"")
+            guard let dtype = DType.allCases.first(where: { $0.name == dtypeName }) else {
+                throw fail("layers[\"\(name)\"].dtype must be one of \(DType.allCases.map(\.name)), got \"\(dtypeName)\"")
             }
             let m = try field("m") { $0.int }, n = try field("n") { $0.int }
             guard m >= 1, n >= 1, m <= Int(Int32.max), n <= Int(Int32.max) else { throw fail("layers[\"\(name)\"] has a bad shape") }
@@ -155,7 +239,7 @@ public final class Checkpoint: @unchecked Sendable {
             }
             c.zInit = zInit
             let residualName = try field("residual") { $0.string }
-            guard let residual = [Residual.pivots, .initial].first(where: { $0.name == residualName }) else {
+            guard let residual = Residual.allCases.first(where: { $0.name == residualName }) else {
                 throw fail("layers[\"\(name)\"].residual \"\(residualName)\" is unknown")
             }
             c.residual = residual
@@ -232,8 +316,6 @@ public final class Checkpoint: @unchecked Sendable {
         guard adapter.pivotsFingerprint == layer.pivotsFingerprint else {
             throw mismatch("the LU pivots differ from the saved ones (another BLAS or machine?)")
         }
-        try adapter.checkMutable("z")
-        try adapter.setZ(values: layer.z)
-        try adapter.setSigma(layer.sigma)
+        try adapter.setParameters(z: layer.z, sigma: layer.sigma)
     }
 }

@@ -4,12 +4,23 @@ import CLoLDU
 public let libraryVersion = "\(LOLDU_VERSION_MAJOR).\(LOLDU_VERSION_MINOR).\(LOLDU_VERSION_PATCH)"
 
 /// Element type of an adapter and of every buffer passed to it.
-public enum DType: Int32, Sendable {
+public enum DType: Int32, Sendable, CaseIterable {
     case float32 = 1   // LOLDU_FLOAT32
     case float64 = 2   // LOLDU_FLOAT64
 
-    public var byteSize: Int { self == .float32 ? 4 : 8 }
-    public var name: String { self == .float32 ? "float32" : "float64" }
+    public var byteSize: Int {
+        switch self {
+        case .float32: 4
+        case .float64: 8
+        }
+    }
+
+    public var name: String {
+        switch self {
+        case .float32: "float32"
+        case .float64: "float64"
+        }
+    }
 }
 
 /// Initialisation of the trainable diagonal `z` (names as in the reference code).
@@ -38,11 +49,16 @@ public enum ZInit: Int32, Sendable, CaseIterable {
 }
 
 /// What the frozen residual subtracts: `W_res = W − σ₀ · P L_r diag(z_ref) U_r`.
-public enum Residual: Int32, Sendable {
+public enum Residual: Int32, Sendable, CaseIterable {
     case pivots = 0   // z_ref = D_r: the paper's behaviour
     case initial = 1  // z_ref = z₀: the output is unchanged at initialisation for every z init
 
-    public var name: String { self == .pivots ? "pivots" : "init" }
+    public var name: String {
+        switch self {
+        case .pivots: "pivots"
+        case .initial: "init"
+        }
+    }
 }
 
 /// How forward and backward compute; `auto` picks by counting FLOPs for the shape and batch.

@@ -10,8 +10,10 @@ func checkFinite<T: BLASScalar>(
     let finite = UnsafeMutableBufferPointer<Bool>.allocate(capacity: parts)
     defer { finite.deallocate() }
     concurrentForEach(parts) { p in
-        let start = count * p / parts
-        finite[p] = T.allFinite(x + start, count: count * (p + 1) / parts - start,
+        // Part p starts at p ⌊count / parts⌋ + min(p, count mod parts): no product can overflow.
+        let (share, extra) = count.quotientAndRemainder(dividingBy: parts)
+        let start = p * share + Swift.min(p, extra)
+        finite[p] = T.allFinite(x + start, count: share + (p < extra ? 1 : 0),
                                 copyingTo: destination.map { $0 + start })
     }
     guard finite.allSatisfy({ $0 }) else {

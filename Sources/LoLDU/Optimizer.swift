@@ -28,6 +28,9 @@ public struct OptimizerConfig: Sendable, Equatable {
     public var warmupSteps = 0
     public var totalSteps = 0
 
+    /// The largest step count: steps are exact in a `Double` (the schedule computes with them).
+    public static let maxSteps = 1 << 53
+
     /// torch.optim's defaults for `kind`.
     public init(kind: Kind) {
         self.kind = kind
@@ -48,9 +51,11 @@ public struct OptimizerConfig: Sendable, Equatable {
         try check(!nesterov || (momentum > 0 && dampening == 0), "nesterov needs momentum > 0 and dampening = 0")
         try check(beta1 >= 0 && beta1 < 1, "beta1 must be in [0, 1), got \(beta1)")
         try check(beta2 >= 0 && beta2 < 1, "beta2 must be in [0, 1), got \(beta2)")
-        try check(eps.isFinite && eps >= 0, "eps must be finite and >= 0, got \(eps)")
+        try check(eps.isFinite && eps > 0, "eps must be finite and > 0, got \(eps)")
         try check(maxGradNorm.isFinite && maxGradNorm >= 0, "max_grad_norm must be finite and >= 0 (0 = off), got \(maxGradNorm)")
-        try check(warmupSteps >= 0, "warmup_steps must be >= 0, got \(warmupSteps)")
+        try check(warmupSteps >= 0 && warmupSteps <= OptimizerConfig.maxSteps,
+                  "warmup_steps must be in [0, 2^53], got \(warmupSteps)")
+        try check(totalSteps >= 0 && totalSteps <= OptimizerConfig.maxSteps, "total_steps must be in [0, 2^53], got \(totalSteps)")
         try check(schedule == .constant || totalSteps > warmupSteps,
                   "total_steps must be > warmup_steps (\(warmupSteps)) for a \(schedule.name) schedule, got \(totalSteps)")
     }
@@ -107,9 +112,16 @@ public final class Optimizer: @unchecked Sendable {
     private func trainable(_ i: Int) -> Int { adapters[i].trainableCount }
 
     /// One step; returns the global gradient norm before clipping.
+    ///
+    /// All or nothing: if a new value would not be finite (or would make `σ z − σ₀ z_ref`
+    /// overflow), every parameter, gradient and state buffer is restored and the step count is
+    /// unchanged, and the error names the adapter and the value.
     public func step() throws(LoLDUError) -> Double {
         for (i, adapter) in adapters.enumerated() where adapter.merged {
             throw .state("adapter \(i) is merged; unmerge it before training")
+        }
+        guard steps < OptimizerConfig.maxSteps else {
+            throw .state("the optimiser has taken \(steps) steps, the most it counts")
         }
         var sum = 0.0
         for (i, state) in states.enumerated() {
@@ -119,18 +131,24 @@ public final class Optimizer: @unchecked Sendable {
         guard norm.isFinite else {
             throw LoLDUError(.notFinite, "a gradient is NaN or infinite (global norm \(norm)); no parameter was updated")
         }
+        let saved = adapters.indices.map { Snapshot(adapters[$0], states[$0]) }
         if config.maxGradNorm > 0 {
             // torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)).
             let scale = min(1, config.maxGradNorm / (norm + 1e-6))
             for (i, state) in states.enumerated() { state.scale(adapters[i].gradsPointer, count: trainable(i), by: scale) }
         }
         let (lr, lrSigma) = rates
-        steps += 1
         for (i, state) in states.enumerated() {
             let adapter = adapters[i]
             state.update(params: adapter.paramsPointer, grads: adapter.gradsPointer, rank: adapter.rank,
-                         trainSigma: adapter.config.trainSigma, config: config, step: steps, lr: lr, lrSigma: lrSigma)
+                         trainSigma: adapter.config.trainSigma, config: config, step: steps + 1, lr: lr, lrSigma: lrSigma)
         }
+        for (i, adapter) in adapters.enumerated() {
+            guard let bad = adapter.firstNonFiniteParameter else { continue }
+            for snapshot in saved { snapshot.restore() }
+            throw LoLDUError(.notFinite, "adapters[\(i)]: this step would make \(bad) not finite (learning rate \(lr) too large?); nothing was changed")
+        }
+        steps += 1
         return norm
     }
 
@@ -163,6 +181,8 @@ public final class Optimizer: @unchecked Sendable {
         var entries: [SafeTensors.Entry] = []
         for (i, state) in states.enumerated() {
             metadata["adapter.\(i).initialized"] = state.initialized ? "1" : "0"
+            metadata["adapter.\(i).dtype"] = adapters[i].dtype.name
+            metadata["adapter.\(i).rank"] = String(adapters[i].rank)
             for (k, buffer) in state.buffers.enumerated() {
                 let bytes = UnsafeRawBufferPointer(buffer)
                 entries.append(.init(name: "adapter.\(i).\(State<Float>.names[k])", dtype: SafeTensors.name(of: adapters[i].dtype),
@@ -175,7 +195,13 @@ public final class Optimizer: @unchecked Sendable {
     /// Restores what ``save(to:)`` wrote, for the same configuration and adapters (count, ranks,
     /// dtypes); anything else is `mismatch`, and nothing changes.
     public func load(from path: String) throws(LoLDUError) {
-        let file = try SafeTensors.parse(try AtomicFile.read(path, limit: 1 << 30), what: path)
+        try load(try AtomicFile.read(path, limit: 1 << 30), what: path)
+    }
+
+    /// ``load(from:)`` from the bytes of a file; `what` names it in messages. Every value read
+    /// is range-checked before anything changes.
+    func load(_ bytes: [UInt8], what path: String) throws(LoLDUError) {
+        let file = try SafeTensors.parse(bytes, what: path)
         let meta = file.metadata
         guard meta["format"] == Self.format else { throw file.fail("not an optimiser state (format is not \"\(Self.format)\")") }
         guard meta["adapters"] == String(adapters.count) else {
@@ -186,7 +212,9 @@ public final class Optimizer: @unchecked Sendable {
             return v
         }
         func integer(_ key: String) throws(LoLDUError) -> Int {
-            guard let v = meta[key].flatMap({ Int($0) }), v >= 0 else { throw file.fail("__metadata__[\"\(key)\"] is missing or invalid") }
+            guard let v = meta[key].flatMap({ Int($0) }), v >= 0, v <= OptimizerConfig.maxSteps else {
+                throw file.fail("__metadata__[\"\(key)\"] must be an integer in [0, 2^53], got \(meta[key].map { "\"\($0)\"" } ?? "nothing")")
+            }
             return v
         }
         guard let kind = OptimizerConfig.Kind.allCases.first(where: { $0.name == meta["kind"] }),
@@ -208,11 +236,22 @@ public final class Optimizer: @unchecked Sendable {
         let savedSteps = try integer("steps")
         var restored: [(state: any ParameterState, values: [[Double]], initialized: Bool)] = []
         for (i, state) in states.enumerated() {
-            let shape = [adapters[i].rank + 1]
+            let adapter = adapters[i]
+            let first = "adapter.\(i).\(State<Float>.names[0])"
+            guard let tensor = file.tensors[first] else { throw file.fail("missing tensor \"\(first)\"") }
+            let savedDtype = meta["adapter.\(i).dtype"] ?? SafeTensors.dtype(named: tensor.dtype)?.name ?? tensor.dtype
+            guard savedDtype == adapter.dtype.name else {
+                throw LoLDUError(.mismatch, "\(path): adapters[\(i)] was saved as \(savedDtype), this optimiser's is \(adapter.dtype.name)")
+            }
+            let savedRank = meta["adapter.\(i).rank"].flatMap { Int($0) } ?? (tensor.shape.count == 1 ? tensor.shape[0] - 1 : -1)
+            guard savedRank == adapter.rank else {
+                throw LoLDUError(.mismatch, "\(path): adapters[\(i)] was saved with rank \(savedRank), this optimiser's has rank \(adapter.rank)")
+            }
+            let shape = [adapter.rank + 1]
             var values: [[Double]] = []
             for name in State<Float>.names {
                 let key = "adapter.\(i).\(name)"
-                switch adapters[i].dtype {
+                switch adapter.dtype {
                 case .float32: values.append(try file.values(key, shape: shape, as: Float.self).map(Double.init))
                 case .float64: values.append(try file.values(key, shape: shape, as: Double.self))
                 }
@@ -226,10 +265,36 @@ public final class Optimizer: @unchecked Sendable {
     }
 }
 
+/// The bytes a step changes in one adapter (parameters, gradients) and its optimiser state, to
+/// undo a step that would leave a value that is not finite.
+private struct Snapshot {
+    let copies: [(target: UnsafeMutableRawPointer, bytes: [UInt8])]
+    let state: any ParameterState
+    let initialized: Bool
+
+    init(_ adapter: any AnyAdapter, _ state: any ParameterState) {
+        let size = (adapter.rank + 1) * adapter.dtype.byteSize
+        var copies = [(adapter.paramsPointer, size), (adapter.gradsPointer, size)].map { pointer, count in
+            (target: pointer, bytes: Array(UnsafeRawBufferPointer(start: pointer, count: count)))
+        }
+        for buffer in state.buffers {
+            copies.append((UnsafeMutableRawPointer(mutating: buffer.baseAddress!), Array(buffer)))
+        }
+        self.copies = copies
+        self.state = state
+        initialized = state.initialized
+    }
+
+    func restore() {
+        for copy in copies { copy.bytes.withUnsafeBytes { copy.target.copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
+        state.initialized = initialized
+    }
+}
+
 /// Per-adapter optimiser state: `momentum` (SGD), `exp_avg`, `exp_avg_sq` (Adam), over `r + 1`.
 protocol ParameterState: AnyObject {
     var buffers: [UnsafeBufferPointer<UInt8>] { get }
-    var initialized: Bool { get }
+    var initialized: Bool { get set }
     func sumOfSquares(_ grads: UnsafeMutableRawPointer, count: Int) -> Double
     func scale(_ grads: UnsafeMutableRawPointer, count: Int, by factor: Double)
     func update(params: UnsafeMutableRawPointer, grads: UnsafeMutableRawPointer, rank: Int, trainSigma: Bool,

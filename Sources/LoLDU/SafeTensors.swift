@@ -15,7 +15,15 @@ public enum SafeTensors {
     /// The largest header accepted (as the reference implementation: 100 MB).
     public static let maxHeader = 100_000_000
 
-    public static func name(of dtype: DType) -> String { dtype == .float32 ? "F32" : "F64" }
+    public static func name(of dtype: DType) -> String {
+        switch dtype {
+        case .float32: "F32"
+        case .float64: "F64"
+        }
+    }
+
+    /// The library's element type stored as safetensors dtype `name`, if any.
+    public static func dtype(named name: String) -> DType? { DType.allCases.first { self.name(of: $0) == name } }
 
     public struct Tensor: Sendable {
         public let dtype: String
@@ -145,6 +153,11 @@ public enum SafeTensors {
 
     /// Writes a file atomically: header, then each tensor in order (one buffer at a time).
     public static func write(_ entries: [Entry], metadata: [String: String], to path: String) throws(LoLDUError) {
+        try AtomicFile.write(to: path) { file throws(LoLDUError) in try write(entries, metadata: metadata, to: file) }
+    }
+
+    /// Writes the file's bytes through `file`.
+    public static func write(_ entries: [Entry], metadata: [String: String], to file: AtomicFile.Writer) throws(LoLDUError) {
         var members: [(String, JSON)] = [("__metadata__", .object(metadata.mapValues { .string($0) }))]
         var offset = 0
         for entry in entries {
@@ -160,15 +173,13 @@ public enum SafeTensors {
         while header.count % 8 != 0 { header.append(0x20) }  // data starts 8-byte aligned
         var length = [UInt8](repeating: 0, count: 8)
         for i in 0..<8 { length[i] = UInt8(truncatingIfNeeded: UInt64(header.count) >> (8 * UInt64(i))) }
-        try AtomicFile.write(to: path) { file throws(LoLDUError) in
-            try file.write(length)
-            try file.write(header)
-            for entry in entries {
-                let buffer = try HeapBuffer<UInt8>(count: entry.byteCount)
-                let body = UnsafeMutableRawBufferPointer(start: buffer.pointer, count: entry.byteCount)
-                try entry.fill(body)
-                try file.write(UnsafeRawBufferPointer(body))
-            }
+        try file.write(length)
+        try file.write(header)
+        for entry in entries {
+            let buffer = try HeapBuffer<UInt8>(count: entry.byteCount)
+            let body = UnsafeMutableRawBufferPointer(start: buffer.pointer, count: entry.byteCount)
+            try entry.fill(body)
+            try file.write(UnsafeRawBufferPointer(body))
         }
     }
 }

@@ -4,11 +4,22 @@
  *   2. a failing write (RLIMIT_FSIZE, so write() returns EFBIG): LOLDU_ERR_IO, the previous
  *      checkpoint's files are byte for byte intact, and no temporary file is left;
  *   3. an interrupted write (SIGKILL in the middle of saving): the file on disk is always a
- *      complete one, old or new, never a mix.
+ *      complete one, old or new, never a mix;
+ *   4. checkpoint saves killed at random moments (SIGKILL, ≥ 100 times, versions with different
+ *      layer sets): the directory always loads as exactly one complete version, and temporary
+ *      files of killed saves do not pile up;
+ *   5. a full disk while saving a larger checkpoint over a smaller one: injected ENOSPC at every
+ *      stage of the save (this program's write() wraps libc's), and a real full tmpfs where this
+ *      process may mount one (root in a private mount namespace): the previous checkpoint loads
+ *      unchanged and no temporary file is left.
  * Exit status 0 when every check holds; each failure is printed.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <sched.h>
+#include <sys/mount.h>
 #include <loldu.h>
 #include <malloc.h>
 #include <math.h>
@@ -21,6 +32,24 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+/* write() as libloldu sees it: libc's, until `write_budget` bytes have been written, then
+   ENOSPC. The library's calls bind to this definition (an executable's symbols come first). */
+static long long write_budget = -1; /* < 0: no limit */
+
+ssize_t write(int fd, const void *buf, size_t count) {
+    static ssize_t (*real_write)(int, const void *, size_t);
+    if (!real_write) {
+        void *symbol = dlsym(RTLD_NEXT, "write"); /* POSIX: a function's address as void * */
+        memcpy(&real_write, &symbol, sizeof symbol);
+    }
+    if (write_budget >= 0) {
+        if (write_budget == 0) { errno = ENOSPC; return -1; }
+        if ((long long)count > write_budget) count = (size_t)write_budget;
+        write_budget -= (long long)count;
+    }
+    return real_write(fd, buf, count);
+}
 
 static int failures = 0;
 #define EXPECT(cond, ...)                                                                  \
@@ -217,6 +246,178 @@ static void interrupted_write(const char dir[256]) {
     printf("interrupted writes: %d of %d files complete after SIGKILL\n", complete, checks);
 }
 
+
+/* --- 4 and 5: whole checkpoints ------------------------------------------------------------ */
+
+/* Three versions with different layer sets; version v's layer k has z = 100 v + k + (0.01 j). */
+enum { VERSIONS = 3, LAYERS_MAX = 4, VM = 24, VN = 20, VR = 8 };
+static const int version_layers[VERSIONS] = {2, 4, 1};
+static const char *layer_names[VERSIONS][LAYERS_MAX] = {
+    {"encoder.0.query", "encoder.0.value", NULL, NULL},
+    {"encoder.0.query", "encoder.1.key", "encoder.1.value", "head"},
+    {"encoder.2.dense", NULL, NULL, NULL},
+};
+static float version_weight[VM * VN];
+
+static loldu_adapter *version_adapter(int v, int k) {
+    loldu_config c;
+    loldu_config_default(&c);
+    c.rank = VR;
+    loldu_adapter *a = NULL;
+    if (loldu_adapter_create(&a, LOLDU_FLOAT32, VM, VN, version_weight, NULL, &c) != LOLDU_OK) {
+        fprintf(stderr, "create: %s\n", loldu_last_error());
+        exit(1);
+    }
+    float z[VR];
+    for (int j = 0; j < VR; j++) z[j] = 100.0f * (float)v + (float)k + 0.01f * (float)j;
+    loldu_set_z(a, z);
+    return a;
+}
+
+static loldu_status save_version(const char *dir, int v) {
+    loldu_adapter *list[LAYERS_MAX] = {NULL};
+    for (int k = 0; k < version_layers[v]; k++) list[k] = version_adapter(v, k);
+    loldu_status s = loldu_checkpoint_save(dir, list, layer_names[v], (size_t)version_layers[v]);
+    for (int k = 0; k < version_layers[v]; k++) loldu_adapter_free(list[k]);
+    return s;
+}
+
+/* Which version `dir` loads as, completely and exactly; -1 if none (or it does not load). */
+static int loaded_version(const char *dir) {
+    loldu_checkpoint *ckpt = NULL;
+    if (loldu_checkpoint_open(&ckpt, dir) != LOLDU_OK) return -1;
+    size_t count = 0;
+    loldu_checkpoint_count(ckpt, &count);
+    int found = -1;
+    for (int v = 0; v < VERSIONS && found < 0; v++) {
+        if (count != (size_t)version_layers[v]) continue;
+        int same = 1;
+        for (int k = 0; k < version_layers[v] && same; k++) {
+            const char *name = NULL;
+            loldu_checkpoint_name(ckpt, (size_t)k, &name);
+            same = name && !strcmp(name, layer_names[v][k]);
+            loldu_adapter *a = version_adapter(v, k);
+            float expected[VR], z[VR];
+            loldu_get_z(a, expected);
+            loldu_set_z(a, (float[VR]){0});
+            same = same && loldu_checkpoint_apply(ckpt, layer_names[v][k], a) == LOLDU_OK &&
+                   loldu_get_z(a, z) == LOLDU_OK && !memcmp(z, expected, sizeof z);
+            loldu_adapter_free(a);
+        }
+        if (same) found = v;
+    }
+    loldu_checkpoint_free(ckpt);
+    return found;
+}
+
+static int temporaries_in(const char *dir) {
+    DIR *d = opendir(dir);
+    int count = 0;
+    struct dirent *e;
+    while (d && (e = readdir(d))) if (e->d_name[0] == '.' && strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) count++;
+    if (d) closedir(d);
+    return count;
+}
+
+/* 4. SIGKILL at random moments of a save loop cycling through the versions. */
+static void killed_saves(const char dir[256]) {
+    enum { KILLS = 120 };
+    EXPECT(save_version(dir, 0) == LOLDU_OK, "first save");
+    srand(11);
+    int loaded[VERSIONS] = {0}, broken = 0, most_temporaries = 0;
+    for (int round = 0; round < KILLS; round++) {
+        int ready[2];
+        if (pipe(ready) != 0) { perror("pipe"); exit(1); }
+        pid_t child = fork();
+        if (child == 0) {
+            close(ready[0]);
+            for (int i = round;; i++) {
+                if (i == round && write(ready[1], "x", 1) != 1) _exit(4);
+                if (save_version(dir, i % VERSIONS) != LOLDU_OK) _exit(3);
+            }
+        }
+        close(ready[1]);
+        char byte;
+        if (read(ready[0], &byte, 1) != 1) { fprintf(stderr, "child did not start\n"); exit(1); }
+        close(ready[0]);
+        /* Anywhere in the first few saves (one takes a few milliseconds, most of it fsync). */
+        struct timespec pause = {0, (long)(rand() % 30000) * 1000L};
+        nanosleep(&pause, NULL);
+        kill(child, SIGKILL);
+        int status;
+        waitpid(child, &status, 0);
+        EXPECT(WIFSIGNALED(status), "the saver exited early (status %d): %s", status, loldu_last_error());
+        int v = loaded_version(dir);
+        if (v < 0) broken++; else loaded[v]++;
+        int t = temporaries_in(dir);
+        if (t > most_temporaries) most_temporaries = t;
+    }
+    EXPECT(broken == 0, "%d of %d killed saves left a directory that is neither version", broken, KILLS);
+    /* At most what the last killed save left (its two temporary files and its pending config). */
+    EXPECT(most_temporaries <= 3, "up to %d temporary files piled up", most_temporaries);
+    EXPECT(save_version(dir, 2) == LOLDU_OK && temporaries_in(dir) == 0 && entries_in(dir) == 2,
+           "the next save left %d temporary files", temporaries_in(dir));
+    printf("killed saves: %d kills, loaded as version 0/1/2: %d/%d/%d, torn: %d, at most %d temporary files\n",
+           KILLS, loaded[0], loaded[1], loaded[2], broken, most_temporaries);
+}
+
+/* 5a. ENOSPC injected after every prefix of a larger save: the smaller checkpoint stays. */
+static void injected_full_disk(const char dir[256]) {
+    EXPECT(save_version(dir, 2) == LOLDU_OK, "first save");
+    /* Bytes a complete save of version 1 writes, measured with an unlimited budget. */
+    write_budget = 1LL << 40;
+    EXPECT(save_version(dir, 1) == LOLDU_OK, "measuring save");
+    long long needed = (1LL << 40) - write_budget;
+    write_budget = -1;
+    EXPECT(save_version(dir, 2) == LOLDU_OK, "back to version 2");
+    int refused = 0;
+    for (long long budget = 0; budget < needed; budget += budget < 64 ? 1 : 61) {
+        write_budget = budget;
+        loldu_status s = save_version(dir, 1);
+        write_budget = -1;
+        EXPECT(s == LOLDU_ERR_IO, "save with %lld of %lld bytes of space returned %d", budget, needed, s);
+        EXPECT(strstr(loldu_last_error(), "No space left") != NULL, "message \"%s\"", loldu_last_error());
+        EXPECT(loaded_version(dir) == 2, "after ENOSPC at byte %lld the directory does not load as before", budget);
+        EXPECT(temporaries_in(dir) == 0, "ENOSPC at byte %lld left %d temporary files", budget, temporaries_in(dir));
+        refused++;
+    }
+    write_budget = needed;
+    EXPECT(save_version(dir, 1) == LOLDU_OK && loaded_version(dir) == 1, "with exactly enough space the save works");
+    write_budget = -1;
+    printf("injected full disk: %d saves refused at every stage, previous checkpoint intact each time\n", refused);
+}
+
+/* 5b. A real full file system: a small tmpfs in a private mount namespace, when allowed. */
+static void tmpfs_full_disk(const char mountpoint[256]) {
+    if (unshare(CLONE_NEWNS) != 0 || mount("none", "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0 ||
+        mount("tmpfs", mountpoint, "tmpfs", 0, "size=64k") != 0) {
+        printf("tmpfs full disk: skipped (cannot mount here: %s); the injected ENOSPC covers it\n", strerror(errno));
+        return;
+    }
+    char dir[512], filler[512];
+    snprintf(dir, sizeof dir, "%.256s/ckpt", mountpoint);
+    snprintf(filler, sizeof filler, "%.256s/filler", mountpoint);
+    EXPECT(save_version(dir, 2) == LOLDU_OK, "first save on tmpfs");
+    int refused = 0;
+    for (int free_bytes = 0; free_bytes <= 8192; free_bytes += 512) {
+        FILE *f = fopen(filler, "wb"); /* fill the disk, then free `free_bytes` */
+        static char block[4096];
+        while (f && fwrite(block, 1, sizeof block, f) == sizeof block) {}
+        if (f) fclose(f);
+        if (truncate(filler, file_size(filler) - free_bytes) != 0) perror("truncate");
+        loldu_status s = save_version(dir, 1);
+        unlink(filler);
+        if (s == LOLDU_OK) { EXPECT(loaded_version(dir) == 1, "a save that succeeded"); save_version(dir, 2); continue; }
+        refused++;
+        EXPECT(s == LOLDU_ERR_IO, "full tmpfs save returned %d", s);
+        EXPECT(loaded_version(dir) == 2, "with %d bytes free the previous checkpoint was lost", free_bytes);
+        EXPECT(temporaries_in(dir) == 0, "a temporary file was left on the full disk");
+    }
+    EXPECT(refused > 0, "the tmpfs never filled up");
+    umount(mountpoint);
+    printf("tmpfs full disk: %d saves refused on a full 64 KiB tmpfs, previous checkpoint intact each time\n", refused);
+}
+
 int main(void) {
     /* One malloc arena: otherwise a thread's arena may hold reserved address space that the
        allocation under RLIMIT_AS silently uses. */
@@ -230,10 +431,19 @@ int main(void) {
     mkdir(export_dir, 0755);
     failing_write(save_dir);
     interrupted_write(export_dir);
+    for (int i = 0; i < VM * VN; i++) version_weight[i] = (float)sin(0.91 * i) + (i % (VN + 1) == 0 ? 3.0f : 0.0f);
+    char killed_dir[256], full_dir[256], mountpoint[256];
+    snprintf(killed_dir, sizeof killed_dir, "%.200s/killed", dir);
+    snprintf(full_dir, sizeof full_dir, "%.200s/full", dir);
+    snprintf(mountpoint, sizeof mountpoint, "%.200s/tmpfs", dir);
+    killed_saves(killed_dir);
+    injected_full_disk(full_dir);
+    mkdir(mountpoint, 0755);
+    tmpfs_full_disk(mountpoint);
     char command[4200];
     snprintf(command, sizeof command, "rm -rf %s", dir);
     if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);
     if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
-    else printf("faults: out of memory, failing and interrupted writes all handled\n");
+    else printf("faults: out of memory, failing, interrupted and killed writes and full disks all handled\n");
     return failures ? 1 : 0;
 }

@@ -1,7 +1,8 @@
 /*
  * train.c — train a LoLDU adapter to fit a target layer, save it, and reload it in a new process.
  *
- *     train DIR            fit, print the loss as it goes down, save the adapter to DIR
+ *     train DIR            fit, print the loss as it goes down, save the adapter (and the
+ *                          optimiser's state, to resume from) to DIR
  *     train --verify DIR   in a fresh process: rebuild the adapter on the same base weight from
  *                          DIR and check that its outputs are bit for bit the saved ones
  *
@@ -90,9 +91,13 @@ static int train(const char *dir) {
         CHECK(loldu_optimizer_step(opt, NULL));
         CHECK(loldu_optimizer_zero_grad(opt));
     }
+    CHECK(loldu_checkpoint_save(dir, &student, &LAYER, 1));
+    /* The optimiser's state too, so that a run could resume exactly here (loldu_optimizer_load). */
+    char state[4096];
+    snprintf(state, sizeof state, "%s/optimizer.safetensors", dir);
+    CHECK(loldu_optimizer_save(opt, state));
     loldu_optimizer_free(opt);
 
-    CHECK(loldu_checkpoint_save(dir, &student, &LAYER, 1));
     /* Paths agree to rounding; bit-for-bit comparisons fix one (auto may reuse a cached W_eff). */
     CHECK(loldu_set_path(student, LOLDU_PATH_FACTORED));
     CHECK(loldu_forward(student, PROBE, probe, out, NULL));
