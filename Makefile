@@ -22,7 +22,7 @@ endif
 APT_PACKAGES := pkg-config libopenblas-dev liblapacke-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup build test test-swift test-c test-fuzz fuzz demo compare bench install clean FORCE
+.PHONY: all setup build test test-swift test-c test-fuzz test-tsan fuzz demo compare bench install clean FORCE
 
 all: build
 
@@ -57,10 +57,14 @@ build: $(LIB) $(BUILD)/loldu.pc
 # --- tests -------------------------------------------------------------------------------------
 CFLAGS_STRICT := -Wall -Wextra -Werror -pedantic
 
-test: test-swift test-c test-fuzz test-python
+test: test-swift test-c test-fuzz test-tsan test-python
 
 test-swift: $(BUILD)/.apt-ready
 	swift test
+
+# The Swift suite again under ThreadSanitizer (its own build folder).
+test-tsan: $(BUILD)/.apt-ready
+	swift test --sanitize=thread --scratch-path .build-tsan
 
 # C programs against the library, compiled through loldu.pc as a user would.
 $(BUILD)/%: examples/c/%.c build
@@ -133,4 +137,4 @@ install: build
 	    -e 's|@VERSION@|$(VERSION)|' -e 's|@RPATH@||' loldu.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/loldu.pc
 
 clean:
-	rm -rf $(BUILD) .build
+	rm -rf $(BUILD) .build .build-tsan

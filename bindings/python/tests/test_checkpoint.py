@@ -129,3 +129,42 @@ def test_export_merged(minilm, tmp_path):
         a.merge()
         np.testing.assert_allclose(a.forward(x), live, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(x @ tensors[f"{name}.weight"].T + tensors[f"{name}.bias"], live, rtol=1e-4, atol=1e-4)
+
+
+def test_special_files_are_refused_at_once_and_hostile_counts_refused(minilm, tmp_path):
+    """A FIFO where a checkpoint file or an optimiser state belongs is an error, not a hang; a
+    step count at the int64 limit inside a state file is a FormatError, not a crash."""
+    import os
+    import threading
+
+    adapters = trained_adapters(minilm)
+    loldu.save(tmp_path / "fifo", adapters)
+    os.unlink(tmp_path / "fifo" / loldu.CONFIG_FILE)
+    os.mkfifo(tmp_path / "fifo" / loldu.CONFIG_FILE)
+    outcome = []
+
+    def open_it():
+        try:
+            loldu.Checkpoint(tmp_path / "fifo")
+        except loldu.LoLDUError as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=open_it, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "opening a checkpoint whose config is a FIFO blocked"
+    assert isinstance(outcome[0], loldu.LoLDUIOError) and "FIFO" in str(outcome[0])
+
+    a = next(iter(adapters.values()))
+    opt = loldu.AdamW([a], lr=1e-3)
+    opt.save(tmp_path / "state.safetensors")
+    data = (tmp_path / "state.safetensors").read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    header["__metadata__"]["steps"] = str(2**63 - 1)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    (tmp_path / "state.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data[8 + header_len:])
+    with pytest.raises(loldu.FormatError, match="steps"):
+        opt.load(tmp_path / "state.safetensors")
+    assert opt.steps == 0
