@@ -1,17 +1,31 @@
 import Glibc
 import LoLDU
-import Synchronization
 
 /// Every live object behind a C handle, of every kind, in one table. A handle is an opaque
 /// token (a counter value shared by all kinds, never an address and never reused), so a NULL,
 /// stale, double-freed or made-up handle, and a handle of another kind passed in its place
 /// (`loldu_adapter_free((loldu_adapter *)optimizer)`), are recognised and answered with a status
 /// instead of being dereferenced.
-private let registry = Mutex(Registry())
+private let registry = Registry()
 
-private struct Registry {
-    var objects: [UInt: (kind: String, object: any Sendable)] = [:]
-    var next: UInt = 0x10
+/// The table behind every handle, under one pthread mutex (which ThreadSanitizer understands).
+private final class Registry: @unchecked Sendable {
+    struct Entries {
+        var objects: [UInt: (kind: String, object: any Sendable)] = [:]
+        var next: UInt = 0x10
+    }
+    private var entries = Entries()
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t> = {
+        let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+        pthread_mutex_init(m, nil)
+        return m
+    }()
+
+    func withLock<R>(_ body: (inout Entries) -> R) -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return body(&entries)
+    }
 }
 
 /// The handles of one kind: a typed view of the shared registry.
