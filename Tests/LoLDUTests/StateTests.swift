@@ -115,10 +115,13 @@ import Testing
             $0.rank = Int64(r)
         }
         let x: [Float] = random.array(batch * n), dy: [Float] = random.array(batch * m)
-        final class Shared: @unchecked Sendable {  // each thread touches only its own slots
+        final class Slot: @unchecked Sendable {  // one per thread, touched by that thread only
+            var steps: [[Float]] = []
+            var failures: [String] = []
+        }
+        final class Shared: @unchecked Sendable {
             var clones: [OpaquePointer] = []
-            var steps: [[[Float]]] = []
-            var failures: [[String]] = []
+            var slots: [Slot] = []
         }
         let shared = Shared()
         for t in 0..<threads {
@@ -140,12 +143,11 @@ import Testing
             return y + dx + Array(UnsafeBufferPointer(start: grads.assumingMemoryBound(to: Float.self), count: r + 1))
         }
         let alone = shared.clones.map(step)
-        shared.steps = Array(repeating: [], count: threads)
-        shared.failures = Array(repeating: [], count: threads)
+        shared.slots = (0..<threads).map { _ in Slot() }
         DispatchQueue.concurrentPerform(iterations: threads) { t in
-            let clone = shared.clones[t]
+            let clone = shared.clones[t], slot = shared.slots[t]
             for round in 0..<rounds {
-                shared.steps[t].append(step(clone) ?? [])
+                slot.steps.append(step(clone) ?? [])
                 // A failing call that names this thread's own index; another thread's failure
                 // in between must not replace the message this thread reads.
                 var bad = [Float](repeating: 0, count: r)
@@ -154,15 +156,15 @@ import Testing
                 _ = loldu_adapter_clone(&scratch, clone)  // the handle table under contention
                 let status = loldu_set_z(clone, bad)
                 loldu_adapter_free(scratch)
-                shared.failures[t].append(status == LOLDU_ERR_NOT_FINITE ? String(cString: loldu_last_error()) : "status \(status)")
+                slot.failures.append(status == LOLDU_ERR_NOT_FINITE ? String(cString: loldu_last_error()) : "status \(status)")
             }
         }
         for t in 0..<threads {
             let expected = try #require(alone[t], "clone \(t) alone")
-            for (round, result) in shared.steps[t].enumerated() {
+            for (round, result) in shared.slots[t].steps.enumerated() {
                 expectClose(result, expected, rtol: 1e-5, atol: 1e-6, "clone \(t), round \(round)")
             }
-            for (round, message) in shared.failures[t].enumerated() {
+            for (round, message) in shared.slots[t].failures.enumerated() {
                 #expect(message.contains("z[\((t + round) % r)]"), "thread \(t), round \(round): \(message)")
             }
         }
