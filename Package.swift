@@ -16,8 +16,10 @@ let package = Package(
         ),
         // include/loldu.h as a Clang module, for the thunks' types and for the tests.
         .systemLibrary(name: "CLoLDU"),
+        // oneDNN's header, for its types: the library itself is loaded with dlopen (OneDNN.swift).
+        .systemLibrary(name: "CDNNL", providers: [.apt(["libdnnl-dev"])]),
         // The Swift core: factorisation, adapter, kernels, optimisers, checkpoints.
-        .target(name: "LoLDU", dependencies: ["CLinearAlgebra", "CLoLDU"]),
+        .target(name: "LoLDU", dependencies: ["CLinearAlgebra", "CLoLDU", "CDNNL"]),
         // The @_cdecl thunks: validation and error mapping only.
         .target(name: "LoLDUCAPI", dependencies: ["LoLDU", "CLoLDU"], exclude: ["exports.map"]),
         .testTarget(

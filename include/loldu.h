@@ -10,8 +10,12 @@
  *
  * Conventions
  *   - Every matrix is row-major and contiguous: W and W_eff are m × n, x is B × n, y is B × m.
- *   - Every buffer is of the adapter's element type (float for LOLDU_FLOAT32, double for
- *     LOLDU_FLOAT64), aligned for that type, and owned by the caller. Each function says which
+ *   - Two element types per adapter (see loldu_dtype):
+ *       the element type, of W, the bias and every activation: x, y, dY, dX, W_eff, dW;
+ *       the parameter type, of z, σ, their gradients, db, h, the optimiser state and the
+ *       factors A, D_r, U_r, W_res: float for float32, bfloat16 and float16 adapters, double
+ *       for float64 ones.
+ *     Buffers are aligned for their type and owned by the caller. Each function says which
  *     buffers it reads, writes (overwrites) or accumulates into. The library copies W (unless
  *     borrowed, see loldu_config) and the bias at creation and keeps no other pointer to a
  *     caller buffer after a call returns.
@@ -65,10 +69,10 @@ extern "C" {
  * ------------------------------------------------------------------------------------- */
 
 #define LOLDU_VERSION_MAJOR 0
-#define LOLDU_VERSION_MINOR 1
+#define LOLDU_VERSION_MINOR 2
 #define LOLDU_VERSION_PATCH 0
 #define LOLDU_VERSION_NUMBER (LOLDU_VERSION_MAJOR * 10000 + LOLDU_VERSION_MINOR * 100 + LOLDU_VERSION_PATCH)
-#define LOLDU_VERSION_STRING "0.1.0"
+#define LOLDU_VERSION_STRING "0.2.0"
 
 /** @return the library's LOLDU_VERSION_NUMBER, to compare with the header's at run time. */
 LOLDU_API unsigned loldu_version_number(void);
@@ -110,9 +114,20 @@ LOLDU_API const char *loldu_last_error(void);
  * Enumerations (passed as int32_t inside structs)
  * ------------------------------------------------------------------------------------- */
 
+/**
+ * Element types. Half-precision weights and activations are computed with float32 accumulation
+ * and rounded once, to nearest even, on output; parameters and gradients are float32.
+ *   LOLDU_BFLOAT16: uint16_t holding the top half of a float (PyTorch's torch.bfloat16). GEMMs
+ *     run in bf16 on CPUs with bf16 units (AVX512-BF16 or AMX-BF16, through oneDNN), and widen
+ *     to float32 elsewhere (see loldu_gemm_backend).
+ *   LOLDU_FLOAT16: IEEE binary16 (uint16_t / _Float16). Widened to float32 for the GEMMs (oneDNN
+ *     2.6 has no float16 kernels for x86): the memory of float16, the speed of float32.
+ */
 typedef enum loldu_dtype {
     LOLDU_FLOAT32 = 1,
-    LOLDU_FLOAT64 = 2
+    LOLDU_FLOAT64 = 2,
+    LOLDU_BFLOAT16 = 3,
+    LOLDU_FLOAT16 = 4
 } loldu_dtype;
 
 /** Initialisation of z; D_r are the first r pivots (the diagonal of U). */
@@ -152,14 +167,15 @@ typedef enum loldu_path {
     LOLDU_PATH_MERGED_WGRAD = 3
 } loldu_path;
 
-/** Frozen quantities readable with loldu_get_factor. */
+/** Frozen quantities readable with loldu_get_factor, in the parameter type (P) or the element
+ * type (E). */
 typedef enum loldu_factor {
-    LOLDU_FACTOR_LOWER = 0,    /* A = P L_r, m × rank: L_r's rows already permuted */
-    LOLDU_FACTOR_DIAG = 1,     /* D_r, rank */
-    LOLDU_FACTOR_UPPER = 2,    /* U_r, rank × n, unit upper trapezoidal */
-    LOLDU_FACTOR_WEIGHT = 3,   /* the pretrained W, m × n, exactly as given */
-    LOLDU_FACTOR_BIAS = 4,     /* the bias, m (LOLDU_ERR_STATE if the adapter has none) */
-    LOLDU_FACTOR_RESIDUAL = 5  /* W_res = W − σ₀ A diag(z_ref) U_r, m × n */
+    LOLDU_FACTOR_LOWER = 0,    /* P: A = P L_r, m × rank: L_r's rows already permuted */
+    LOLDU_FACTOR_DIAG = 1,     /* P: D_r, rank */
+    LOLDU_FACTOR_UPPER = 2,    /* P: U_r, rank × n, unit upper trapezoidal */
+    LOLDU_FACTOR_WEIGHT = 3,   /* E: the pretrained W, m × n, exactly as given */
+    LOLDU_FACTOR_BIAS = 4,     /* E: the bias, m (LOLDU_ERR_STATE if the adapter has none) */
+    LOLDU_FACTOR_RESIDUAL = 5  /* P: W_res = W − σ₀ A diag(z_ref) U_r, m × n */
 } loldu_factor;
 
 /* ---------------------------------------------------------------------------------------
@@ -198,8 +214,8 @@ typedef struct loldu_adapter loldu_adapter;
  * Factors a pretrained weight and creates an adapter of rank config->rank.
  *
  * @param out     receives the new handle (set only on success); free it with loldu_adapter_free.
- * @param dtype   LOLDU_FLOAT32 or LOLDU_FLOAT64: the element type of `weight`, `bias` and of
- *                every buffer later passed with this adapter.
+ * @param dtype   a loldu_dtype: the element type of `weight`, `bias` and of every activation
+ *                later passed with this adapter (see Conventions for the parameter type).
  * @param m, n    out_features and in_features, each in [1, 2^31 − 1].
  * @param weight  read: W, m × n row-major; copied unless config->borrow_weight. Every element
  *                must be finite.
@@ -238,13 +254,30 @@ LOLDU_API loldu_status loldu_adapter_create(loldu_adapter **out, loldu_dtype dty
  */
 LOLDU_API loldu_status loldu_adapter_clone(loldu_adapter **out, const loldu_adapter *src);
 
+/**
+ * Creates a new adapter on `base`'s frozen factors with its own configuration: rank (at most the
+ * rank `base` was created with: LU factors are nested, so a rank-r adapter uses the first r
+ * columns of A and rows of U_r), alpha, z init, residual mode, seed and train_sigma
+ * (config->borrow_weight is ignored: the weight is `base`'s). O(r) time and memory: no
+ * factorisation, no copy of W. Thousands of adapters on one base cost one set of factors plus,
+ * each, z and σ (4·(r + 1) bytes in float) and a few hundred bytes; gradients and work space are
+ * allocated on first use. Derived adapters compute, to rounding, what an adapter created directly
+ * with that rank computes, and load its checkpoints (the pivots' fingerprint is of the first r).
+ * @return LOLDU_ERR_INVALID_ARGUMENT for a rank above `base`'s or a bad configuration.
+ */
+LOLDU_API loldu_status loldu_adapter_derive(loldu_adapter **out, const loldu_adapter *base,
+                                            const loldu_config *config);
+
 /** Frees an adapter. NULL is a no-op; so is anything that is not a live adapter handle. */
 LOLDU_API void loldu_adapter_free(loldu_adapter *adapter);
 
 typedef struct loldu_adapter_info {
-    int32_t dtype;             /* loldu_dtype */
+    int32_t dtype;             /* loldu_dtype: the element type */
+    int32_t param_dtype;       /* loldu_dtype of z, σ, gradients, h and the factors */
+    int32_t backend;           /* loldu_backend that runs this adapter's GEMMs */
     int32_t z_init;            /* loldu_z_init */
     int64_t m, n, rank;
+    int64_t factor_rank;       /* the rank of the shared factors (≥ rank; see loldu_adapter_derive) */
     int64_t num_trainable;     /* rank, plus 1 if σ is trained */
     int64_t degenerate_pivots; /* see loldu_adapter_create */
     double alpha;              /* as resolved: alpha = rank when the config said 0 */
@@ -254,8 +287,9 @@ typedef struct loldu_adapter_info {
     int32_t path;              /* loldu_path as set with loldu_set_path */
     int32_t has_bias, train_sigma, borrow_weight, enabled, merged;
     int64_t bytes_weight;      /* the copies of W (0 when borrowed) and of the bias */
-    int64_t bytes_factors;     /* memory held for A, U_r, D_r and pivots */
-    int64_t bytes_state;       /* z, σ, gradients and small per-adapter state */
+    int64_t bytes_factors;     /* memory held for A, U_r, D_r, pivots (and GEMM copies of W, A, U_r
+                                  in another type), shared with clones and derived adapters */
+    int64_t bytes_state;       /* this adapter's z, σ, z_ref, gradients and bias gradient */
     int64_t bytes_merged;      /* the cached merged weight W_eff, if any (m × n) */
     int64_t bytes_scratch;     /* reusable work buffers (grow with the batch) */
 } loldu_adapter_info;
@@ -272,12 +306,12 @@ LOLDU_API loldu_status loldu_adapter_get_info(const loldu_adapter *adapter, lold
  * Trainable parameters and gradients
  * ------------------------------------------------------------------------------------- */
 
-/** Copies z (rank values) into `z`. */
+/** Copies z (rank values of the parameter type) into `z`. */
 LOLDU_API loldu_status loldu_get_z(const loldu_adapter *adapter, void *z);
 
 /**
- * Sets z from `z` (rank values, read). LOLDU_ERR_NOT_FINITE if a value, or σ·z_k − σ₀·z_ref,k,
- * is not finite; LOLDU_ERR_STATE while merged.
+ * Sets z from `z` (rank values of the parameter type, read). LOLDU_ERR_NOT_FINITE if a value,
+ * or σ·z_k − σ₀·z_ref,k, is not finite; LOLDU_ERR_STATE while merged.
  */
 LOLDU_API loldu_status loldu_set_z(loldu_adapter *adapter, const void *z);
 
@@ -293,15 +327,17 @@ LOLDU_API loldu_status loldu_set_sigma(loldu_adapter *adapter, double sigma);
 /**
  * Stable pointers into the adapter, valid until loldu_adapter_free, for zero-copy views
  * (numpy, PyTorch parameters):
- * @param params if not NULL, receives the rank + 1 trainable values: z[0..rank-1], then σ.
- *               Writing through it changes the adapter (do not write while merged).
+ * @param params if not NULL, receives the rank + 1 trainable values (parameter type): z[0..rank-1],
+ *               then σ. Writing through it changes the adapter (do not write while merged).
  * @param grads  if not NULL, receives the rank + 1 gradients: dz[0..rank-1], then dσ
  *               (stays 0 when σ is not trained). Accumulated by loldu_backward and
- *               loldu_weight_backward, cleared by loldu_zero_grad.
+ *               loldu_weight_backward, cleared by loldu_zero_grad. Allocated on the first request
+ *               or backward (LOLDU_ERR_OUT_OF_MEMORY if that fails).
  */
 LOLDU_API loldu_status loldu_params(loldu_adapter *adapter, void **params, void **grads);
 
-/** Stable pointer to the accumulated bias gradient db (m values); NULL if there is no bias. */
+/** Stable pointer to the accumulated bias gradient db (m values of the parameter type); NULL if
+ * there is no bias. Allocated on the first request or backward. */
 LOLDU_API loldu_status loldu_bias_grad(loldu_adapter *adapter, void **db);
 
 /** Sets every accumulated gradient (dz, dσ, db) to zero. */
@@ -329,8 +365,8 @@ LOLDU_API loldu_status loldu_get_pivots(const loldu_adapter *adapter, int32_t *i
  * @param batch B ≥ 0 rows (0 does nothing, and the buffers may then be NULL).
  * @param x     read: B × n.
  * @param y     written: B × m.
- * @param h     optional, written: h = x U_rᵀ (B × rank). Pass the same buffer to loldu_backward
- *              with the same x to save recomputing it; NULL otherwise.
+ * @param h     optional, written: h = x U_rᵀ (B × rank, parameter type). Pass the same buffer to
+ *              loldu_backward with the same x to save recomputing it; NULL otherwise.
  * While disabled, computes the pretrained layer x Wᵀ + b exactly (under either residual mode);
  * while merged, x W_mergedᵀ + b.
  */
@@ -364,6 +400,44 @@ LOLDU_API loldu_status loldu_effective_weight(loldu_adapter *adapter, void *w);
  * A disabled or merged adapter leaves its gradients unchanged.
  */
 LOLDU_API loldu_status loldu_weight_backward(loldu_adapter *adapter, const void *dw);
+
+/* ---------------------------------------------------------------------------------------
+ * Many adapters in one batch
+ *
+ * Adapters that share one base's frozen factors (clones and derived adapters of one base) serve
+ * and train a batch whose rows belong to different adapters at one adapter's cost:
+ *
+ *     y_b = x_b Wᵀ + ((x_b U_Rᵀ) ⊙ c_{a(b)}) A_Rᵀ + b,   c_a = σ_a z_a − σ₀ z_ref,a
+ *
+ * (R: the largest rank used; a smaller adapter's c is padded with zeros). The batch takes one
+ * pass of the factored path whatever the number of adapters, so a row's result never depends
+ * on which other rows share its batch: it equals, to rounding, the row computed through its own
+ * adapter alone on LOLDU_PATH_FACTORED (bit for bit when every adapter has rank R and the same
+ * batch goes through it). A row of a disabled adapter, or with index -1, computes the
+ * pretrained layer. A merged adapter computes with its merged coefficients (z cannot change
+ * while merged) and gets no dz, dσ.
+ * ------------------------------------------------------------------------------------- */
+
+/**
+ * y = x W_{a(b)}ᵀ + b for every row b, with row b's adapter adapters[rows[b]].
+ * @param adapters `count` ≥ 1 adapters (read; repeats allowed) on the same factors; only those
+ *                 the rows use (and adapters[0], whose factors the call uses) are looked at.
+ * @param rows     read: batch values in [-1, count); -1 = the pretrained layer. Any order.
+ * @param x        read: B × n (element type). @param y written: B × m (element type).
+ * @return LOLDU_ERR_MISMATCH if a used adapter does not share adapters[0]'s factors;
+ *         LOLDU_ERR_INVALID_ARGUMENT naming the first row out of range; nothing is written then.
+ */
+LOLDU_API loldu_status loldu_grouped_forward(loldu_adapter *const *adapters, size_t count, int64_t batch,
+                                             const int32_t *rows, const void *x, void *y);
+
+/**
+ * Backward of loldu_grouped_forward: writes dX (B × n, optional) for every row, and accumulates
+ * into each adapter its dz, dσ (enabled, unmerged adapters) and db from its own rows only, so
+ * that several adapters train in one batch (an optimiser may then step any subset of them).
+ * Same arguments and errors as loldu_grouped_forward; dy is B × m.
+ */
+LOLDU_API loldu_status loldu_grouped_backward(loldu_adapter *const *adapters, size_t count, int64_t batch,
+                                              const int32_t *rows, const void *x, const void *dy, void *dx);
 
 /* ---------------------------------------------------------------------------------------
  * Merge, enable, compute path
@@ -586,6 +660,33 @@ LOLDU_API loldu_status loldu_set_num_threads(int threads);
 
 /** @return the number of BLAS threads. */
 LOLDU_API int loldu_get_num_threads(void);
+
+/* ---------------------------------------------------------------------------------------
+ * GEMM libraries
+ * ------------------------------------------------------------------------------------- */
+
+/** Which library multiplies an element type (chosen per CPU, once per process). */
+typedef enum loldu_backend {
+    LOLDU_BACKEND_OPENBLAS = 1, /* OpenBLAS (float64; float32 unless OpenBLAS picked kernels for
+                                   an older CPU than this one) */
+    LOLDU_BACKEND_ONEDNN = 2,   /* oneDNN: bfloat16 on CPUs with bf16 units (AVX512-BF16, AMX);
+                                   float32 where OpenBLAS's kernels were mis-detected */
+    LOLDU_BACKEND_WIDENED = 3   /* half-precision operands widened to float32, then float32's */
+} loldu_backend;
+
+/**
+ * The backend adapters of `dtype` created now get, and a description of the libraries and CPU
+ * features behind it (static storage), e.g. "oneDNN 2.6.3, ISA avx512_core_bf16".
+ * @param description optional, written.
+ */
+LOLDU_API loldu_status loldu_gemm_backend(loldu_dtype dtype, loldu_backend *backend, const char **description);
+
+/**
+ * widened = 1: half-precision adapters created from now on widen to float32 even where the CPU
+ * multiplies bf16 natively (to compare, or to test that path); 0: back to the CPU's choice.
+ * Existing adapters keep theirs (loldu_adapter_info.backend).
+ */
+LOLDU_API loldu_status loldu_set_widened_half(int widened);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -1,158 +1,243 @@
 import Glibc
 
-/// One LoLDU-adapted linear layer: `y = x W_effᵀ + b` with
+/// One LoLDU adapter on a base layer: `y = x W_effᵀ + b` with
 /// `W_eff = W + A diag(c) U_r`, `c = σ z − σ₀ z_ref` (`A = P L_r`).
 ///
 /// This is `W_res + σ P L_r diag(z) U_r` with `W_res = W − σ₀ P L_r diag(z_ref) U_r`, written
 /// so that the pretrained `W` is kept bit for bit: at initialisation `c = 0` exactly, so the
 /// output is exactly the pretrained layer's, and a disabled adapter computes `x Wᵀ + b` exactly.
 ///
-/// Trainable: `z` (`r` values) and, if configured, `σ`, stored together in ``params``
-/// (`z` then `σ`) at a fixed address. Backward accumulates `dz`, `dσ` into ``grads`` and `db`
-/// into ``biasGrad`` until ``zeroGrad()``; `dX` is written, not accumulated.
+/// The frozen ``factors`` are immutable and shared: a clone or a derived adapter (of any rank up
+/// to the factors') uses them read-only, so thousands of adapters cost one set of factors plus,
+/// each, `z` and `σ` (`r + 1` values) and a little bookkeeping. Gradients, the bias gradient and
+/// the caches and work space of single-adapter calls are allocated on first use.
 ///
-/// Not thread-safe: one thread at a time per adapter. The frozen ``factors`` are immutable and
-/// may be shared by several adapters (``clone()``).
-public final class Adapter<T: BLASScalar>: @unchecked Sendable {
-    public let factors: LDUFactors<T>
+/// Trainable: `z` (`r` values) and, if configured, `σ`, stored together in ``params``
+/// (`z` then `σ`, in the compute type `P`) at a fixed address. Backward accumulates `dz`, `dσ`
+/// into ``grads`` and `db` into ``biasGrad`` until ``zeroGrad()``; `dX` is written.
+///
+/// Not thread-safe: one thread at a time per adapter.
+public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable where G.Compute == E.Compute {
+    public typealias P = E.Compute
+    public let factors: LDUFactors<E, G>
     public let config: AdapterConfig
-    public let params: HeapBuffer<T>
-    public let grads: HeapBuffer<T>
-    public let biasGrad: HeapBuffer<T>?
-    /// `σ₀ z_ref`: the part of the update already inside `W`.
-    let reference: HeapBuffer<T>
+    /// `z` then `σ` (`rank + 1` values).
+    public let params: UnsafeMutablePointer<P>
+    /// `σ₀`, the scale folded into `W` (`W_res = W − σ₀ A diag(z_ref) U_r`).
+    let sigma0: P
+    /// `z_ref` when it is not `D_r` (residual `init` with an init other than `lu`).
+    private let zRef: UnsafeMutablePointer<P>?
+    private var gradStorage: UnsafeMutablePointer<P>?
+    private var biasGradStorage: UnsafeMutablePointer<P>?
+    /// Caches and work space of single-adapter calls, on first use.
+    private var local: Local?
 
     public private(set) var enabled = true
     public private(set) var merged = false
     public var path: ComputePath = .auto
 
-    /// `W_eff` for the coefficients in `effectiveCoef`, when `effectiveValid`.
-    private var effective: HeapBuffer<T>?
-    private let effectiveCoef: HeapBuffer<T>
-    private var effectiveValid = false
-    /// The coefficients of the last forward and how many forwards in a row used them (for
-    /// caching `W_eff` when it pays off, as in evaluation).
-    private let forwardCoef: HeapBuffer<T>
-    private var forwardsAtCoef = 0
-    private let coef: HeapBuffer<T>
-    private let scores: HeapBuffer<T>
-    // Reusable work buffers. Every method takes what it needs before it writes anything, so a
-    // failed allocation leaves outputs and gradients untouched.
-    private var scratchH = Scratch<T>()      // h (B × r), or Aᵀ G (r × n)
-    private var scratchG = Scratch<T>()      // g = dY A, or h ⊙ c (B × r)
-    private var scratchScaled = Scratch<T>() // A diag(c) (m × r)
-    private var scratchLarge = Scratch<T>()  // G = dYᵀ x (m × n)
-
     public var m: Int { factors.m }
     public var n: Int { factors.n }
-    public var rank: Int { factors.rank }
+    public var rank: Int { config.rank }
     public var trainableCount: Int { rank + (config.trainSigma ? 1 : 0) }
-    public var sigma: T { params.pointer[rank] }
+    public var sigma: P { params[rank] }
 
     /// Factors `weight` and initialises `z` and `σ` as `config` says.
-    @_specialize(where T == Float)
-    @_specialize(where T == Double)
     public convenience init(
-        m: Int, n: Int, weight: UnsafePointer<T>, bias: UnsafePointer<T>?, config: AdapterConfig
+        m: Int, n: Int, weight: UnsafePointer<E>, bias: UnsafePointer<E>?, config: AdapterConfig
     ) throws(LoLDUError) {
         try config.validate(m: m, n: n)
-        let factors = try LDUFactors<T>(
+        let factors = try LDUFactors<E, G>(
             m: m, n: n, rank: config.rank, weight: weight, bias: bias, borrowWeight: config.borrowWeight)
-        let d = factors.diagonal.map { Double($0) }
-        let z0 = initialDiagonal(config.zInit, pivots: d, seed: config.seed).map { T($0) }
-        let sigma0 = T(config.sigma)
-        guard sigma0.isFinite, sigma0 != 0 else {
-            throw .invalid("config.alpha = \(config.effectiveAlpha) gives sigma = alpha / rank = \(config.sigma), which is not a finite nonzero \(T.dtype.name)")
-        }
-        let zRef = config.residual == .pivots ? factors.diagonal : z0
-        let reference = zRef.map { sigma0 * $0 }
-        guard z0.allSatisfy(\.isFinite), reference.allSatisfy(\.isFinite) else {
-            throw .invalid("config.alpha = \(config.effectiveAlpha): sigma times the initial diagonal overflows \(T.dtype.name); use a smaller alpha")
-        }
-        try self.init(factors: factors, config: config, z: z0, sigma: sigma0, reference: reference)
+        try self.init(factors: factors, config: config)
     }
 
-    private init(
-        factors: LDUFactors<T>, config: AdapterConfig, z: [T], sigma: T, reference: [T]
-    ) throws(LoLDUError) {
-        let r = factors.rank
+    /// A new adapter of rank `config.rank ≤ factors.rank` on existing factors, initialised as
+    /// `config` says: O(r), no factorisation, no copy of `W`.
+    public init(factors: LDUFactors<E, G>, config: AdapterConfig) throws(LoLDUError) {
+        let r = config.rank
+        guard r >= 1, r <= factors.rank else {
+            throw .invalid("config.rank must be in [1, \(factors.rank)] (the rank of the shared factors), got \(r)")
+        }
+        try config.validate(m: factors.m, n: factors.n)
+        let d = factors.diagonal[0..<r].map { Double($0) }
+        let z0 = initialDiagonal(config.zInit, pivots: d, seed: config.seed).map { P($0) }
+        let s0 = P(config.sigma)
+        guard s0.isFinite, s0 != 0 else {
+            throw .invalid("config.alpha = \(config.effectiveAlpha) gives sigma = alpha / rank = \(config.sigma), which is not a finite nonzero \(P.dtype.name)")
+        }
+        let referenceIsInit = config.residual == .initial && config.zInit != .lu
+        for k in 0..<r where !z0[k].isFinite || !(s0 * (referenceIsInit ? z0[k] : factors.diagonal[k])).isFinite {
+            throw .invalid("config.alpha = \(config.effectiveAlpha): sigma times the initial diagonal overflows \(P.dtype.name); use a smaller alpha")
+        }
+        guard let params = Self.allocate(r + 1) else { throw LoLDUError(.outOfMemory, "out of memory allocating z") }
+        var zRef: UnsafeMutablePointer<P>? = nil
+        if referenceIsInit {
+            guard let made = Self.allocate(r) else {
+                free(params)
+                throw LoLDUError(.outOfMemory, "out of memory allocating z_ref")
+            }
+            for k in 0..<r { made[k] = z0[k] }
+            zRef = made
+        }
+        for k in 0..<r { params[k] = z0[k] }
+        params[r] = s0
         self.factors = factors
         self.config = config
-        params = try HeapBuffer(repeating: 0, count: r + 1)
-        for k in 0..<r { params.pointer[k] = z[k] }
-        params.pointer[r] = sigma
-        grads = try HeapBuffer(repeating: 0, count: r + 1)
-        biasGrad = factors.bias == nil ? nil : try HeapBuffer(repeating: 0, count: factors.m)
-        self.reference = try HeapBuffer(repeating: 0, count: r)
-        for k in 0..<r { self.reference.pointer[k] = reference[k] }
-        effectiveCoef = try HeapBuffer(repeating: 0, count: r)
-        forwardCoef = try HeapBuffer(repeating: 0, count: r)
-        coef = try HeapBuffer(repeating: 0, count: r)
-        scores = try HeapBuffer(repeating: 0, count: r)
+        self.params = params
+        self.sigma0 = s0
+        self.zRef = zRef
+    }
+
+    /// A copy of `source`'s configuration, `z` and `σ` on the same factors, with zero gradients,
+    /// enabled and unmerged.
+    private init(copying source: Adapter) throws(LoLDUError) {
+        let r = source.rank
+        guard let params = Self.allocate(r + 1) else { throw LoLDUError(.outOfMemory, "out of memory allocating z") }
+        params.update(from: source.params, count: r + 1)
+        var zRef: UnsafeMutablePointer<P>? = nil
+        if let sourceRef = source.zRef {
+            guard let made = Self.allocate(r) else {
+                free(params)
+                throw LoLDUError(.outOfMemory, "out of memory allocating z_ref")
+            }
+            made.update(from: sourceRef, count: r)
+            zRef = made
+        }
+        factors = source.factors
+        config = source.config
+        self.params = params
+        sigma0 = source.sigma0
+        self.zRef = zRef
+        path = source.path
+    }
+
+    deinit {
+        free(params)
+        free(zRef)
+        free(gradStorage)
+        free(biasGradStorage)
+    }
+
+    /// `count` values of `P` from malloc (small buffers: no alignment beyond malloc's 16 bytes,
+    /// no object around them), or nil.
+    private static func allocate(_ count: Int) -> UnsafeMutablePointer<P>? {
+        malloc(Swift.max(count, 1) * MemoryLayout<P>.stride)?.bindMemory(to: P.self, capacity: count)
     }
 
     /// A new adapter sharing these frozen factors, with a copy of the current `z` and `σ`,
     /// zero gradients, enabled and unmerged.
-    @_specialize(where T == Float)
-    @_specialize(where T == Double)
-    public func clone() throws(LoLDUError) -> Adapter<T> {
-        let r = rank
-        let copy = try Adapter(
-            factors: factors, config: config,
-            z: Array(UnsafeBufferPointer(start: params.pointer, count: r)), sigma: sigma,
-            reference: Array(UnsafeBufferPointer(start: reference.pointer, count: r)))
-        copy.path = path
-        return copy
+    public func clone() throws(LoLDUError) -> Adapter { try Adapter(copying: self) }
+
+    // MARK: Gradients, allocated on first use
+
+    /// `dz` then `dσ`; zero until a backward accumulates into them.
+    public func grads() throws(LoLDUError) -> UnsafeMutablePointer<P> {
+        if let gradStorage { return gradStorage }
+        guard let made = Self.allocate(rank + 1) else { throw LoLDUError(.outOfMemory, "out of memory allocating gradients") }
+        made.initialize(repeating: 0, count: rank + 1)
+        gradStorage = made
+        return made
     }
 
-    // MARK: Coefficients and the merged weight
-
-    /// `c = σ z − σ₀ z_ref` into ``coef``.
-    private func currentCoef() -> UnsafeMutablePointer<T> {
-        let z = params.pointer, s = params.pointer[rank], ref = reference.pointer, c = coef.pointer
-        for k in 0..<rank { c[k] = s * z[k] - ref[k] }
-        return c
+    /// `db` (`m` values), or nil for a layer without bias.
+    public func biasGrad() throws(LoLDUError) -> UnsafeMutablePointer<P>? {
+        guard factors.bias != nil else { return nil }
+        if let biasGradStorage { return biasGradStorage }
+        guard let made = Self.allocate(m) else { throw LoLDUError(.outOfMemory, "out of memory allocating the bias gradient") }
+        made.initialize(repeating: 0, count: m)
+        biasGradStorage = made
+        return made
     }
 
-    private func same(_ a: UnsafePointer<T>, _ b: UnsafePointer<T>) -> Bool {
+    public func zeroGrad() {
+        gradStorage?.update(repeating: 0, count: rank + 1)
+        biasGradStorage?.update(repeating: 0, count: m)
+    }
+
+    // MARK: Coefficients
+
+    /// `σ₀ z_ref,k`: the part of the update already inside `W`.
+    @inline(__always) func reference(_ k: Int) -> P { sigma0 * (zRef?[k] ?? factors.diagonal[k]) }
+
+    /// `c = σ z − σ₀ z_ref` into `c` (`rank` values).
+    func coefficients(into c: UnsafeMutablePointer<P>) {
+        let z = params, s = params[rank]
+        for k in 0..<rank { c[k] = s * z[k] - reference(k) }
+    }
+
+    // MARK: Single-adapter state: the merged-weight cache and work space
+
+    final class Local {
+        /// `W_eff` for `effectiveCoef`, when `effectiveValid`.
+        var effective: HeapBuffer<G>?
+        let effectiveCoef: HeapBuffer<P>
+        var effectiveValid = false
+        /// The coefficients of the last forward and how many forwards in a row used them.
+        let forwardCoef: HeapBuffer<P>
+        var forwardsAtCoef = 0
+        let coef: HeapBuffer<P>
+        let scores: HeapBuffer<P>
+        // Reusable work buffers. Every method takes what it needs before it writes anything, so
+        // a failed allocation leaves outputs and gradients untouched.
+        var h = Scratch<P>()        // h (B × r), or Aᵀ G (r × n)
+        var g = Scratch<P>()        // g = dY A (B × r)
+        var work = Scratch<G>()     // (h or g) ⊙ c as operands (B × r)
+        var input = Scratch<G>()    // x widened (B × n)
+        var input2 = Scratch<G>()   // dY widened (B × m)
+        var output = Scratch<P>()   // y or dX before rounding (B × max(m, n))
+        var scaled = Scratch<P>()   // A diag(c) (m × r)
+        var large = Scratch<P>()    // G = dYᵀ x, or W_eff before rounding (m × n)
+
+        init(rank r: Int) throws(LoLDUError) {
+            effectiveCoef = try HeapBuffer(repeating: 0, count: r)
+            forwardCoef = try HeapBuffer(repeating: .nan, count: r)
+            coef = try HeapBuffer(repeating: 0, count: r)
+            scores = try HeapBuffer(repeating: 0, count: r)
+        }
+
+        var bytes: Int {
+            let p = MemoryLayout<P>.stride
+            return (effectiveCoef.count + forwardCoef.count + coef.count + scores.count) * p
+                + h.bytes + g.bytes + work.bytes + input.bytes + input2.bytes + output.bytes + scaled.bytes + large.bytes
+        }
+    }
+
+    private func localState() throws(LoLDUError) -> Local {
+        if let local { return local }
+        let made = try Local(rank: rank)
+        local = made
+        return made
+    }
+
+    private func same(_ a: UnsafePointer<P>, _ b: UnsafePointer<P>) -> Bool {
         for k in 0..<rank where a[k] != b[k] { return false }
         return true
     }
 
-    private func effectiveIsFresh(_ c: UnsafePointer<T>) -> Bool {
-        effectiveValid && same(effectiveCoef.pointer, c)
-    }
-
-    /// Writes `W + A diag(c) U_r` to `out` (`m × n`), with `scaled` (`m × r`) as work space.
-    private func buildEffective(_ c: UnsafePointer<T>, into out: UnsafeMutablePointer<T>, scaled: UnsafeMutablePointer<T>) {
-        let (m, n, r) = (self.m, self.n, rank)
-        out.update(from: factors.weight, count: m * n)
-        let a = factors.lower.pointer
-        for i in 0..<m {
-            for k in 0..<r { scaled[i * r + k] = a[i * r + k] * c[k] }
-        }
-        T.gemm(transA: false, transB: false, m: m, n: n, k: r, alpha: 1, a: scaled, lda: r,
-               b: factors.upper.pointer, ldb: n, beta: 1, c: out, ldc: n)
+    private func effectiveIsFresh(_ s: Local, _ c: UnsafePointer<P>) -> Bool {
+        s.effectiveValid && same(s.effectiveCoef.pointer, c)
     }
 
     /// Makes sure the cached `W_eff` holds `c`; everything it needs is allocated before the
     /// cache is touched.
-    private func refreshEffective(_ c: UnsafePointer<T>) throws(LoLDUError) -> UnsafePointer<T> {
-        if effectiveIsFresh(c), let effective { return UnsafePointer(effective.pointer) }
-        let cache: HeapBuffer<T>
-        if let effective { cache = effective } else { cache = try HeapBuffer<T>(count: m * n) }
-        let scaled = try scratchScaled.get(m * rank)
-        effective = cache
-        buildEffective(c, into: cache.pointer, scaled: scaled)
-        effectiveCoef.pointer.update(from: c, count: rank)
-        effectiveValid = true
+    private func refreshEffective(_ s: Local, _ c: UnsafePointer<P>) throws(LoLDUError) -> UnsafePointer<G> {
+        if effectiveIsFresh(s, c), let effective = s.effective { return UnsafePointer(effective.pointer) }
+        let cache: HeapBuffer<G>
+        if let effective = s.effective { cache = effective } else { cache = try HeapBuffer<G>(count: m * n) }
+        let scaled = try s.scaled.get(m * rank)
+        let wide = G.self == P.self ? nil : try s.large.get(m * n)
+        s.effective = cache
+        factors.buildEffective(r: rank, c, into: cache.pointer, scaled: scaled, wide: wide)
+        s.effectiveCoef.pointer.update(from: c, count: rank)
+        s.effectiveValid = true
         return UnsafePointer(cache.pointer)
     }
 
     /// The weight a disabled or merged adapter multiplies by, or `nil` when `z` is live.
-    private var fixedWeight: UnsafePointer<T>? {
-        if !enabled { return factors.weight }
-        if merged, let effective { return UnsafePointer(effective.pointer) }
+    private var fixedWeight: UnsafePointer<G>? {
+        if !enabled { return factors.weightOperand }
+        if merged, let effective = local?.effective { return UnsafePointer(effective.pointer) }
         return nil
     }
 
@@ -165,95 +250,99 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     /// Whether this forward goes through `W_eff`. Besides the step plan, `auto` builds the
     /// cache once forwards with unchanged coefficients (evaluation, gradient accumulation) have
     /// spent as much on the factored terms as one rebuild costs: never more than twice the best.
-    private func forwardIsMerged(batch: Int, keepsH: Bool, _ c: UnsafePointer<T>) -> Bool {
-        if same(forwardCoef.pointer, c) {
-            forwardsAtCoef += 1
+    private func forwardIsMerged(_ s: Local, batch: Int, keepsH: Bool, _ c: UnsafePointer<P>) -> Bool {
+        if same(s.forwardCoef.pointer, c) {
+            s.forwardsAtCoef += 1
         } else {
-            forwardCoef.pointer.update(from: c, count: rank)
-            forwardsAtCoef = 0
+            s.forwardCoef.pointer.update(from: c, count: rank)
+            s.forwardsAtCoef = 0
         }
         let planned = plan(batch: batch, keepsH: keepsH)
         guard path == .auto else { return planned != .factored }
-        if planned != .factored || effectiveIsFresh(c) { return true }
+        if planned != .factored || effectiveIsFresh(s, c) { return true }
         let costs = CostModel(m: m, n: n, rank: rank, batch: batch)
-        return Double(forwardsAtCoef) * (costs.project + costs.gather) >= costs.rebuild
+        return Double(s.forwardsAtCoef) * (costs.project + costs.gather) >= costs.rebuild
+    }
+
+    /// Where a result of `count` values is computed before it is rounded to `E`: `out` itself
+    /// when `E` is the compute type, else work space.
+    private func computeBuffer(_ out: UnsafeMutablePointer<E>, count: Int, _ scratch: inout Scratch<P>) throws(LoLDUError) -> UnsafeMutablePointer<P> {
+        if E.computesInPlace { return UnsafeMutableRawPointer(out).assumingMemoryBound(to: P.self) }
+        return try scratch.get(count)
     }
 
     // MARK: Forward and backward
 
     /// `y = x W_effᵀ + b` for `batch` rows: `x` is `batch × n`, `y` is `batch × m`, row-major.
     /// When `hOut` is given (`batch × r`) it receives `h = x U_rᵀ`, which ``backward`` can reuse.
-    @_specialize(where T == Float)
-    @_specialize(where T == Double)
     public func forward(
-        batch: Int, x: UnsafePointer<T>, y: UnsafeMutablePointer<T>, h hOut: UnsafeMutablePointer<T>?
+        batch: Int, x: UnsafePointer<E>, y: UnsafeMutablePointer<E>, h hOut: UnsafeMutablePointer<P>?
     ) throws(LoLDUError) {
         guard batch > 0 else { return }
         let (m, n, r) = (self.m, self.n, rank)
-        var weight = factors.weight
-        var factored: UnsafeMutablePointer<T>? = nil  // c, when the low-rank term is added here
+        let s = try localState()
+        var weight = factors.weightOperand
+        var factored: UnsafePointer<P>? = nil  // c, when the low-rank term is added here
         if let fixed = fixedWeight {
             weight = fixed
         } else {
-            let c = currentCoef()
-            if forwardIsMerged(batch: batch, keepsH: hOut != nil, c) {
-                weight = try refreshEffective(c)
+            coefficients(into: s.coef.pointer)
+            let c = UnsafePointer(s.coef.pointer)
+            if forwardIsMerged(s, batch: batch, keepsH: hOut != nil, c) {
+                weight = try refreshEffective(s, c)
             } else {
                 factored = c
             }
         }
-        var h: UnsafeMutablePointer<T>? = hOut
-        var hc: UnsafeMutablePointer<T>? = nil
+        // Everything this call needs, before anything is written.
+        let wideX = E.self == G.self ? nil : try s.input.get(batch * n)
+        let out = try computeBuffer(y, count: batch * m, &s.output)
+        var h = hOut
+        var work: UnsafeMutablePointer<G>? = nil
         if factored != nil {
-            if h == nil { h = try scratchH.get(batch * r) }
-            hc = hOut == nil ? h : try scratchG.get(batch * r)
+            if h == nil { h = try s.h.get(batch * r) }
+            work = G.self == P.self && hOut == nil
+                ? UnsafeMutableRawPointer(h!).assumingMemoryBound(to: G.self) : try s.work.get(batch * r)
         }
 
-        let beta = fillBias(y, batch: batch)
-        T.gemm(transA: false, transB: true, m: batch, n: m, k: n, alpha: 1, a: x, lda: n,
-               b: weight, ldb: n, beta: beta, c: y, ldc: m)
-        guard let h else { return }
-        T.gemm(transA: false, transB: true, m: batch, n: r, k: n, alpha: 1, a: x, lda: n,
-               b: factors.upper.pointer, ldb: n, beta: 0, c: h, ldc: r)
-        guard let c = factored, let hc else { return }
-        for b in 0..<batch {
-            for k in 0..<r { hc[b * r + k] = h[b * r + k] * c[k] }
+        let xG = asOperand(x, count: batch * n, work: wideX)
+        factors.multiplyWeight(batch: batch, x: xG, weight: weight, into: out)
+        if let h { factors.project(batch: batch, r: r, x: xG, into: h) }
+        if let c = factored, let h, let work {
+            factors.addLowRank(batch: batch, r: r, h: h, .init(table: c, rows: nil), work: work, into: out)
         }
-        T.gemm(transA: false, transB: true, m: batch, n: m, k: r, alpha: 1, a: hc, lda: r,
-               b: factors.lower.pointer, ldb: r, beta: 1, c: y, ldc: m)
-    }
-
-    /// Copies the bias into every row of `y`; returns the `beta` for the GEMM that follows.
-    private func fillBias(_ y: UnsafeMutablePointer<T>, batch: Int) -> T {
-        guard let bias = factors.bias else { return 0 }
-        for b in 0..<batch { (y + b * m).update(from: bias.pointer, count: m) }
-        return 1
+        if !E.computesInPlace { E.narrow(out, to: y, count: batch * m) }
     }
 
     /// Backward of ``forward`` for upstream gradient `dy` (`batch × m`).
     ///
     /// Writes `dX = dY W_eff` to `dx` (`batch × n`) when given; accumulates `dz`, `dσ`
-    /// (when trainable) into ``grads`` and `db` into ``biasGrad``. `h` may be the `x U_rᵀ` that
-    /// ``forward`` wrote for the same `x`; otherwise it is recomputed. A disabled or merged
+    /// (when trainable) into ``grads()`` and `db` into ``biasGrad()``. `h` may be the `x U_rᵀ`
+    /// that ``forward`` wrote for the same `x`; otherwise it is recomputed. A disabled or merged
     /// adapter does not depend on `z`: its `dz`, `dσ` are left unchanged.
-    @_specialize(where T == Float)
-    @_specialize(where T == Double)
     public func backward(
-        batch: Int, x: UnsafePointer<T>, dy: UnsafePointer<T>,
-        dx: UnsafeMutablePointer<T>?, h hIn: UnsafePointer<T>?
+        batch: Int, x: UnsafePointer<E>, dy: UnsafePointer<E>,
+        dx: UnsafeMutablePointer<E>?, h hIn: UnsafePointer<P>?
     ) throws(LoLDUError) {
         guard batch > 0 else { return }
         let (m, n, r) = (self.m, self.n, rank)
+        let s = try localState()
+        let grads = try self.grads()
+        let db = try biasGrad()
+        let wideDY = E.self == G.self ? nil : try s.input2.get(batch * m)
         if let weight = fixedWeight {
-            if let dx {
-                T.gemm(transA: false, transB: false, m: batch, n: n, k: m, alpha: 1, a: dy, lda: m,
-                       b: weight, ldb: n, beta: 0, c: dx, ldc: n)
+            let out = try dx.map { dx throws(LoLDUError) in try computeBuffer(dx, count: batch * n, &s.output) }
+            let dyG = asOperand(dy, count: batch * m, work: wideDY)
+            if let dx, let out {
+                factors.multiplyWeightBackward(batch: batch, dy: dyG, weight: weight, into: out)
+                if !E.computesInPlace { E.narrow(out, to: dx, count: batch * n) }
             }
-            accumulateBiasGradient(dy, batch: batch)
+            accumulateBiasGradient(dy, batch: batch, into: db)
             return
         }
 
-        let c = currentCoef()
+        coefficients(into: s.coef.pointer)
+        let c = UnsafePointer(s.coef.pointer)
         let costs = CostModel(m: m, n: n, rank: r, batch: batch)
         let dxMerged: Bool
         let dzFromWeight: Bool
@@ -264,86 +353,70 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
         case .auto:
             // dX through W_eff is 2Bmn; factored adds g = dY A and (g ⊙ c) U_r.
             dxMerged = dx != nil
-                && (effectiveIsFresh(c) || costs.rebuild < costs.gather + costs.project)
+                && (effectiveIsFresh(s, c) || costs.rebuild < costs.gather + costs.project)
             let activations = (dx != nil && !dxMerged ? 0 : costs.gather) + (hIn == nil ? costs.project : 0)
             dzFromWeight = costs.weightGradient < activations
         }
 
         // Everything this call needs, before anything is written.
         let needG = !dzFromWeight || (dx != nil && !dxMerged)
-        let g: UnsafeMutablePointer<T>? = needG ? try scratchG.get(batch * r) : nil
-        let work: UnsafeMutablePointer<T>? =
-            dzFromWeight ? try scratchH.get(r * n) : (hIn == nil ? try scratchH.get(batch * r) : nil)
-        let gradient: UnsafeMutablePointer<T>? = dzFromWeight ? try scratchLarge.get(m * n) : nil
-        let mergedWeight: UnsafePointer<T>? = dx != nil && dxMerged ? try refreshEffective(c) : nil
+        let g: UnsafeMutablePointer<P>? = needG ? try s.g.get(batch * r) : nil
+        let work: UnsafeMutablePointer<P>? =
+            dzFromWeight ? try s.h.get(r * n) : (hIn == nil ? try s.h.get(batch * r) : nil)
+        let gradient: UnsafeMutablePointer<P>? = dzFromWeight ? try s.large.get(m * n) : nil
+        let mergedWeight: UnsafePointer<G>? = dx != nil && dxMerged ? try refreshEffective(s, c) : nil
+        let out = try dx.map { dx throws(LoLDUError) in try computeBuffer(dx, count: batch * n, &s.output) }
+        let gWork: UnsafeMutablePointer<G>? = dx != nil && !dxMerged
+            ? (G.self == P.self ? UnsafeMutableRawPointer(g!).assumingMemoryBound(to: G.self) : try s.work.get(batch * r)) : nil
+        let wideX = E.self == G.self || (!dzFromWeight && hIn != nil) ? nil : try s.input.get(batch * n)
 
+        let dyG = asOperand(dy, count: batch * m, work: wideDY)
+        let xG: UnsafePointer<G>? = wideX == nil && E.self != G.self ? nil : asOperand(x, count: batch * n, work: wideX)
         // s_k = Σ_b h_bk g_bk = (Aᵀ dYᵀ x U_rᵀ)_kk; then dz = σ s and dσ = z · s.
-        if let g {
-            T.gemm(transA: false, transB: false, m: batch, n: r, k: m, alpha: 1, a: dy, lda: m,
-                   b: factors.lower.pointer, ldb: r, beta: 0, c: g, ldc: r)
-        }
-        let s = scores.pointer
-        if let gradient, let work {
-            T.gemm(transA: true, transB: false, m: m, n: n, k: batch, alpha: 1, a: dy, lda: m,
-                   b: x, ldb: n, beta: 0, c: gradient, ldc: n)
-            weightScores(UnsafePointer(gradient), work: work, into: s)
+        if let g { factors.gather(batch: batch, r: r, dy: dyG, into: g) }
+        let scores = s.scores.pointer
+        if let gradient, let work, let xG {
+            G.multiply(transA: true, transB: false, m: m, n: n, k: batch, a: dyG, lda: m, b: xG, ldb: n,
+                       accumulate: false, c: gradient, ldc: n)
+            factors.weightScores(r: r, UnsafePointer(gradient), work: work, into: scores)
         } else if let g {
-            let h: UnsafePointer<T>
-            if let hIn { h = hIn } else if let work {
-                T.gemm(transA: false, transB: true, m: batch, n: r, k: n, alpha: 1, a: x, lda: n,
-                       b: factors.upper.pointer, ldb: n, beta: 0, c: work, ldc: r)
+            let h: UnsafePointer<P>
+            if let hIn { h = hIn } else if let work, let xG {
+                factors.project(batch: batch, r: r, x: xG, into: work)
                 h = UnsafePointer(work)
             } else { return }  // unreachable: work holds h whenever h is not given
-            s.update(repeating: 0, count: r)
-            for b in 0..<batch {
-                for k in 0..<r { s[k] += h[b * r + k] * g[b * r + k] }
-            }
+            scores.update(repeating: 0, count: r)
+            factors.accumulateScores(batch: batch, r: r, h: h, g: g, .init(table: c, rows: nil), into: scores)
         }
-        accumulateScores(s)
-        accumulateBiasGradient(dy, batch: batch)
+        accumulateScores(scores, into: grads)
+        accumulateBiasGradient(dy, batch: batch, into: db)
 
-        guard let dx else { return }
+        guard let dx, let out else { return }
         if let mergedWeight {
-            T.gemm(transA: false, transB: false, m: batch, n: n, k: m, alpha: 1, a: dy, lda: m,
-                   b: mergedWeight, ldb: n, beta: 0, c: dx, ldc: n)
-        } else if let g {
-            T.gemm(transA: false, transB: false, m: batch, n: n, k: m, alpha: 1, a: dy, lda: m,
-                   b: factors.weight, ldb: n, beta: 0, c: dx, ldc: n)
-            for b in 0..<batch {
-                for k in 0..<r { g[b * r + k] *= c[k] }
-            }
-            T.gemm(transA: false, transB: false, m: batch, n: n, k: r, alpha: 1, a: g, lda: r,
-                   b: factors.upper.pointer, ldb: n, beta: 1, c: dx, ldc: n)
+            factors.multiplyWeightBackward(batch: batch, dy: dyG, weight: mergedWeight, into: out)
+        } else if let g, let gWork {
+            factors.multiplyWeightBackward(batch: batch, dy: dyG, weight: factors.weightOperand, into: out)
+            factors.addLowRankBackward(batch: batch, r: r, g: g, .init(table: c, rows: nil), work: gWork, into: out)
         }
+        if !E.computesInPlace { E.narrow(out, to: dx, count: batch * n) }
     }
 
     /// `db += Σ_b dY`.
-    private func accumulateBiasGradient(_ dy: UnsafePointer<T>, batch: Int) {
-        guard let db = biasGrad?.pointer else { return }
-        for b in 0..<batch {
-            let row = dy + b * m
-            for i in 0..<m { db[i] += row[i] }
-        }
-    }
-
-    /// `s_k = (Aᵀ G U_rᵀ)_kk` for a weight gradient `G` (`m × n`), with `work` (`r × n`).
-    private func weightScores(_ gradient: UnsafePointer<T>, work: UnsafeMutablePointer<T>, into s: UnsafeMutablePointer<T>) {
-        let (m, n, r) = (self.m, self.n, rank)
-        T.gemm(transA: true, transB: false, m: r, n: n, k: m, alpha: 1, a: factors.lower.pointer, lda: r,
-               b: gradient, ldb: n, beta: 0, c: work, ldc: n)
-        let u = factors.upper.pointer
-        for k in 0..<r {
-            var sum: T = 0
-            for j in 0..<n { sum += work[k * n + j] * u[k * n + j] }
-            s[k] = sum
+    func accumulateBiasGradient(_ dy: UnsafePointer<E>, batch: Int, into db: UnsafeMutablePointer<P>?) {
+        guard let db else { return }
+        withUnsafeTemporaryAllocation(of: P.self, capacity: m) { row in
+            for b in 0..<batch {
+                E.widen(dy + b * m, to: row.baseAddress!, count: m)
+                for i in 0..<m { db[i] += row[i] }
+            }
         }
     }
 
     /// `dz += σ s`, and `dσ += z · s` when `σ` is trainable.
-    private func accumulateScores(_ s: UnsafePointer<T>) {
-        let r = rank, z = params.pointer, dz = grads.pointer
+    func accumulateScores(_ s: UnsafePointer<P>, into dz: UnsafeMutablePointer<P>) {
+        let r = rank, z = params
         let sigma = z[r]
-        var dSigma: T = 0
+        var dSigma: P = 0
         for k in 0..<r {
             dz[k] += sigma * s[k]
             dSigma += z[k] * s[k]
@@ -353,59 +426,86 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
 
     /// Weight-space backward: for a layer that uses `W_eff` in another way (convolution,
     /// embedding), maps its weight gradient `dW` (`m × n`) to `dz` and `dσ` (accumulated).
-    @_specialize(where T == Float)
-    @_specialize(where T == Double)
-    public func weightBackward(_ dw: UnsafePointer<T>) throws(LoLDUError) {
+    public func weightBackward(_ dw: UnsafePointer<E>) throws(LoLDUError) {
+        let grads = try self.grads()
         guard fixedWeight == nil else { return }
-        let work = try scratchH.get(rank * n)
-        weightScores(dw, work: work, into: scores.pointer)
-        accumulateScores(scores.pointer)
+        let s = try localState()
+        let work = try s.h.get(rank * n)
+        let wide = E.computesInPlace ? nil : try s.large.get(m * n)
+        let gradient: UnsafePointer<P>
+        if let wide {
+            E.widen(dw, to: wide, count: m * n)
+            gradient = UnsafePointer(wide)
+        } else {
+            gradient = UnsafeRawPointer(dw).assumingMemoryBound(to: P.self)
+        }
+        factors.weightScores(r: rank, gradient, work: work, into: s.scores.pointer)
+        accumulateScores(s.scores.pointer, into: grads)
     }
 
     /// Writes the weight the layer currently computes with (`m × n`): `W_eff`, the merged
     /// weight while merged, `W` while disabled.
-    @_specialize(where T == Float)
-    @_specialize(where T == Double)
-    public func writeEffectiveWeight(_ out: UnsafeMutablePointer<T>) throws(LoLDUError) {
-        if let weight = fixedWeight {
-            out.update(from: weight, count: m * n)
+    public func writeEffectiveWeight(_ out: UnsafeMutablePointer<E>) throws(LoLDUError) {
+        let (m, n) = (self.m, self.n)
+        if !enabled {
+            out.update(from: factors.weight, count: m * n)
             return
         }
-        let c = currentCoef()
-        if effectiveIsFresh(c), let effective {
-            out.update(from: effective.pointer, count: m * n)
+        let s = try localState()
+        coefficients(into: s.coef.pointer)
+        let c = UnsafePointer(s.coef.pointer)
+        let source: UnsafePointer<G>
+        if (merged || effectiveIsFresh(s, c)), let effective = s.effective {
+            source = UnsafePointer(effective.pointer)
         } else {
-            buildEffective(c, into: out, scaled: try scratchScaled.get(m * rank))
+            // Built into the caller's buffer (or its compute-type image) without touching the cache.
+            let scaled = try s.scaled.get(m * rank)
+            if G.self == E.self {
+                let wide = G.self == P.self ? nil : try s.large.get(m * n)
+                factors.buildEffective(r: rank, c, into: UnsafeMutableRawPointer(out).assumingMemoryBound(to: G.self),
+                                       scaled: scaled, wide: wide)
+                return
+            }
+            let image = try s.large.get(m * n)  // G is P here: a half type widened
+            factors.buildEffective(r: rank, c, into: UnsafeMutableRawPointer(image).assumingMemoryBound(to: G.self),
+                                   scaled: scaled, wide: nil)
+            E.narrow(image, to: out, count: m * n)
+            return
+        }
+        if G.self == E.self {
+            UnsafeMutableRawPointer(out).assumingMemoryBound(to: G.self).update(from: source, count: m * n)
+        } else {
+            E.narrow(UnsafeRawPointer(source).assumingMemoryBound(to: P.self), to: out, count: m * n)
         }
     }
 
-    /// Writes the frozen residual `W_res = W − σ₀ A diag(z_ref) U_r` (`m × n`). Uses buffers of
-    /// its own: it changes nothing in the adapter.
-    @_specialize(where T == Float)
-    @_specialize(where T == Double)
-    public func writeResidual(_ out: UnsafeMutablePointer<T>) throws(LoLDUError) {
-        let negated = try HeapBuffer<T>(count: rank), scaled = try HeapBuffer<T>(count: m * rank)
-        for k in 0..<rank { negated.pointer[k] = -reference.pointer[k] }
-        buildEffective(negated.pointer, into: out, scaled: scaled.pointer)
+    /// Writes the frozen residual `W_res = W − σ₀ A diag(z_ref) U_r` (`m × n`, in `P`). Uses
+    /// buffers of its own: it changes nothing in the adapter.
+    public func writeResidual(_ out: UnsafeMutablePointer<P>) throws(LoLDUError) {
+        let (m, n, r) = (self.m, self.n, rank)
+        let negated = try HeapBuffer<P>(count: r), scaled = try HeapBuffer<P>(count: m * r)
+        for k in 0..<r { negated.pointer[k] = -reference(k) }
+        E.widen(factors.weight, to: out, count: m * n)
+        let a = factors.lower.pointer
+        for i in 0..<m {
+            for k in 0..<r { scaled.pointer[i * r + k] = a[i * factors.rank + k] * negated.pointer[k] }
+        }
+        P.gemm(transA: false, transB: false, m: m, n: n, k: r, alpha: 1, a: scaled.pointer, lda: r,
+               b: factors.upper.pointer, ldb: n, beta: 1, c: out, ldc: n)
     }
 
     // MARK: State
 
-    public func zeroGrad() {
-        grads.pointer.update(repeating: 0, count: rank + 1)
-        biasGrad?.pointer.update(repeating: 0, count: m)
-    }
-
     /// Bakes the current update into a weight used by every call until ``unmerge()``.
     /// The pretrained `W` is kept, so unmerging is exact; merging twice is a no-op. Refuses
     /// (as PEFT's `safe_merge`) a merged weight that would not be finite.
-    @_specialize(where T == Float)
-    @_specialize(where T == Double)
     public func merge() throws(LoLDUError) {
         guard !merged else { return }
-        let weight = try refreshEffective(currentCoef())
-        guard T.allFinite(weight, count: m * n, copyingTo: nil) else {
-            effectiveValid = false
+        let s = try localState()
+        coefficients(into: s.coef.pointer)
+        let weight = try refreshEffective(s, s.coef.pointer)
+        guard G.allFinite(weight, count: m * n, copyingTo: nil) else {
+            s.effectiveValid = false
             throw LoLDUError(.notFinite, "the merged weight would not be finite (sigma or z too large); not merged")
         }
         merged = true
@@ -423,52 +523,48 @@ public final class Adapter<T: BLASScalar>: @unchecked Sendable {
     }
 
     /// Refuses `z`, `σ` whose coefficients `σ z − σ₀ z_ref` would overflow.
-    private func checkCoefficients(z: UnsafePointer<T>, sigma: T) throws(LoLDUError) {
-        for k in 0..<rank where !(sigma * z[k] - reference.pointer[k]).isFinite {
-            throw LoLDUError(.notFinite, "sigma * z[\(k)] = \(sigma) * \(z[k]) overflows \(T.dtype.name)")
+    private func checkCoefficients(z: UnsafePointer<P>, sigma: P) throws(LoLDUError) {
+        for k in 0..<rank where !(sigma * z[k] - reference(k)).isFinite {
+            throw LoLDUError(.notFinite, "sigma * z[\(k)] = \(sigma) * \(z[k]) overflows \(P.dtype.name)")
         }
     }
 
-    @_specialize(where T == Float)
-    @_specialize(where T == Double)
-    public func setZ(_ z: UnsafePointer<T>) throws(LoLDUError) {
-        try checkMutable("z")
-        try setParameters(z: z, sigma: sigma)
+    public func setZ(_ z: UnsafePointer<P>) throws(LoLDUError) {
+        try setParameters(z: z, sigma: sigma, changing: "z")
     }
 
-    public func setSigma(_ value: T) throws(LoLDUError) {
-        try checkMutable("sigma")
-        try setParameters(z: params.pointer, sigma: value)
+    public func setSigma(_ value: P) throws(LoLDUError) {
+        try setParameters(z: params, sigma: value, changing: "sigma")
     }
 
     /// Sets `z` (`rank` values) and `σ` together: everything is checked before anything is
     /// written, so a refused pair leaves both unchanged.
-    public func setParameters(z: UnsafePointer<T>, sigma value: T) throws(LoLDUError) {
-        try checkMutable("z and sigma")
+    public func setParameters(z: UnsafePointer<P>, sigma value: P, changing what: String = "z and sigma") throws(LoLDUError) {
+        try checkMutable(what)
         try checkFinite(z, count: rank, name: "z")
-        guard value.isFinite else { throw LoLDUError(.notFinite, "sigma must be finite in \(T.dtype.name), got \(value)") }
+        guard value.isFinite else { throw LoLDUError(.notFinite, "sigma must be finite in \(P.dtype.name), got \(value)") }
         try checkCoefficients(z: z, sigma: value)
-        if z != UnsafePointer(params.pointer) { params.pointer.update(from: z, count: rank) }
-        params.pointer[rank] = value
+        if z != UnsafePointer(params) { params.update(from: z, count: rank) }
+        params[rank] = value
     }
 
     /// The first trainable value that is NaN or ±Inf, or whose coefficient `σ z_k − σ₀ z_ref,k`
     /// overflows (as `"z[k]"` or `"sigma"`); `nil` when all are usable.
     public var firstNonFiniteParameter: String? {
-        let z = params.pointer, s = sigma
+        let s = sigma
         if !s.isFinite { return "sigma" }
-        for k in 0..<rank where !z[k].isFinite || !(s * z[k] - reference.pointer[k]).isFinite { return "z[\(k)]" }
+        for k in 0..<rank where !params[k].isFinite || !(s * params[k] - reference(k)).isFinite { return "z[\(k)]" }
         return nil
     }
 
-    /// Bytes held: the copies of `W` and the bias, the frozen factors, the trainable state, the
-    /// cached merged weight, and reusable scratch.
+    /// Bytes held: the copies of `W` and the bias, the frozen factors (shared with clones and
+    /// derived adapters), this adapter's own state, the cached merged weight, and scratch.
     public var memory: (weight: Int, factors: Int, state: Int, mergedCache: Int, scratch: Int) {
-        let size = MemoryLayout<T>.stride
-        let state = (params.count + grads.count + reference.count + effectiveCoef.count + forwardCoef.count
-            + coef.count + scores.count + (biasGrad?.count ?? 0)) * size
-        return (factors.weightBytes + (factors.bias?.count ?? 0) * size, factors.factorBytes, state,
-                (effective?.count ?? 0) * size,
-                scratchH.bytes + scratchG.bytes + scratchScaled.bytes + scratchLarge.bytes)
+        let p = MemoryLayout<P>.stride
+        let own = (rank + 1 + (zRef == nil ? 0 : rank) + (gradStorage == nil ? 0 : rank + 1)
+            + (biasGradStorage == nil ? 0 : m)) * p
+        let local = self.local
+        return (factors.weightBytes + (factors.bias?.count ?? 0) * p, factors.factorBytes, own,
+                (local?.effective?.count ?? 0) * MemoryLayout<G>.stride, local?.bytes ?? 0)
     }
 }

@@ -1,12 +1,15 @@
-/// An ``Adapter`` of either element type, behind untyped pointers: what a C handle points to.
+/// An ``Adapter`` of any element type, behind untyped pointers: what a C handle points to.
 ///
-/// Every raw pointer refers to elements of ``dtype``; the caller (the C ABI layer) has already
-/// checked that they are non-null where required and aligned for that type.
+/// Every raw pointer refers to elements of ``dtype`` (weights, activations) or of its
+/// ``DType/parameterType`` (parameters, gradients, `h`, factors); the caller (the C ABI layer)
+/// has already checked that they are non-null where required and aligned for that type.
 public protocol AnyAdapter: AnyObject, Sendable {
     var dtype: DType { get }
     var m: Int { get }
     var n: Int { get }
     var rank: Int { get }
+    /// The rank of the shared factors (the largest rank an adapter derived from this one may have).
+    var factorRank: Int { get }
     var config: AdapterConfig { get }
     var hasBias: Bool { get }
     var enabled: Bool { get }
@@ -15,15 +18,26 @@ public protocol AnyAdapter: AnyObject, Sendable {
     var trainableCount: Int { get }
     var degeneratePivots: Int { get }
     var sigmaValue: Double { get }
+    /// Which library runs this adapter's GEMMs.
+    var backend: GEMMBackend { get }
     /// `z` (`rank` values) then `σ`, at a fixed address for the adapter's lifetime.
     var paramsPointer: UnsafeMutableRawPointer { get }
-    /// `dz` then `dσ`, at a fixed address.
-    var gradsPointer: UnsafeMutableRawPointer { get }
-    var biasGradPointer: UnsafeMutableRawPointer? { get }
+    /// `dz` then `dσ`, at a fixed address (allocated on first request).
+    func gradsPointer() throws(LoLDUError) -> UnsafeMutableRawPointer
+    /// `db`, at a fixed address (allocated on first request); nil without bias.
+    func biasGradPointer() throws(LoLDUError) -> UnsafeMutableRawPointer?
     var memory: (weight: Int, factors: Int, state: Int, mergedCache: Int, scratch: Int) { get }
+    /// The identity of the frozen factors, shared by clones and derived adapters.
+    var factorsIdentity: ObjectIdentifier { get }
 
     func forward(batch: Int, x: UnsafeRawPointer, y: UnsafeMutableRawPointer, h: UnsafeMutableRawPointer?) throws(LoLDUError)
     func backward(batch: Int, x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?, h: UnsafeRawPointer?) throws(LoLDUError)
+    /// ``Adapter/groupedForward`` with this adapter as the base and `adapters` the group
+    /// (`mismatch` unless they share this adapter's factors).
+    func groupedForward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
+                        x: UnsafeRawPointer, y: UnsafeMutableRawPointer) throws(LoLDUError)
+    func groupedBackward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
+                         x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?) throws(LoLDUError)
     func weightBackward(rawPointer dw: UnsafeRawPointer) throws(LoLDUError)
     func writeEffectiveWeight(_ out: UnsafeMutableRawPointer) throws(LoLDUError)
     func writeResidual(_ out: UnsafeMutableRawPointer) throws(LoLDUError)
@@ -37,78 +51,122 @@ public protocol AnyAdapter: AnyObject, Sendable {
     func unmerge()
     func setEnabled(_ on: Bool)
     func cloneAdapter() throws(LoLDUError) -> any AnyAdapter
+    /// A new adapter on the same factors with its own configuration (rank ≤ ``factorRank``).
+    func derive(_ config: AdapterConfig) throws(LoLDUError) -> any AnyAdapter
     func checkMutable(_ what: String) throws(LoLDUError)
-    /// Sets `z` (`rank` values) and `σ`, rounded to the element type, both or neither.
+    /// Sets `z` (`rank` values) and `σ`, rounded to the parameter type, both or neither.
     func setParameters(z: [Double], sigma: Double) throws(LoLDUError)
     /// The first trainable value that is not finite (`"z[k]"`, `"sigma"`), if any.
     var firstNonFiniteParameter: String? { get }
-    /// ``fingerprint(_:)`` of the base weight's bytes, and of the pivots.
+    /// ``fingerprint(_:)`` of the base weight's values, and of this adapter's pivots.
     var weightFingerprint: String { get }
     var pivotsFingerprint: String { get }
 }
 
 /// The frozen factors a caller can read.
 public enum Factor: Sendable {
-    case lower      // A = P L_r, m × r
-    case diagonal   // D_r, r
-    case upper      // U_r, r × n
-    case weight     // the pretrained W, m × n
-    case bias       // b, m
+    case lower      // A = P L_r, m × r (parameter type)
+    case diagonal   // D_r, r (parameter type)
+    case upper      // U_r, r × n (parameter type)
+    case weight     // the pretrained W, m × n (element type)
+    case bias       // b, m (element type)
 }
 
-/// Creates an adapter of the given element type from a weight of that type.
+/// Creates an adapter whose weight has element type `dtype`, its GEMMs on the backend this CPU
+/// gets for that type (``GEMMBackend``).
 public func makeAdapter(
     dtype: DType, m: Int, n: Int, weight: UnsafeRawPointer, bias: UnsafeRawPointer?, config: AdapterConfig
 ) throws(LoLDUError) -> any AnyAdapter {
-    switch dtype {
-    case .float32:
-        try Adapter<Float>(m: m, n: n, weight: weight.assumingMemoryBound(to: Float.self),
-                           bias: bias?.assumingMemoryBound(to: Float.self), config: config)
-    case .float64:
-        try Adapter<Double>(m: m, n: n, weight: weight.assumingMemoryBound(to: Double.self),
-                            bias: bias?.assumingMemoryBound(to: Double.self), config: config)
+    func make<E: Element, G: GEMMOperand>(_: E.Type, _: G.Type) throws(LoLDUError) -> any AnyAdapter where G.Compute == E.Compute {
+        try Adapter<E, G>(m: m, n: n, weight: weight.assumingMemoryBound(to: E.self),
+                          bias: bias?.assumingMemoryBound(to: E.self), config: config)
+    }
+    switch (dtype, GEMMBackend.backend(for: dtype)) {
+    case (.float32, _): return try make(Float.self, Float.self)
+    case (.float64, _): return try make(Double.self, Double.self)
+    case (.bfloat16, .widened): return try make(BFloat16.self, Float.self)
+    case (.bfloat16, _): return try make(BFloat16.self, BFloat16.self)
+    case (.float16, _): return try make(Float16.self, Float.self)
     }
 }
 
 extension Adapter: AnyAdapter {
-    public var dtype: DType { T.dtype }
+    public var dtype: DType { E.dtype }
+    public var factorRank: Int { factors.rank }
     public var hasBias: Bool { factors.bias != nil }
     public var degeneratePivots: Int { factors.degeneratePivots }
     public var sigmaValue: Double { Double(sigma) }
-    public var paramsPointer: UnsafeMutableRawPointer { UnsafeMutableRawPointer(params.pointer) }
-    public var gradsPointer: UnsafeMutableRawPointer { UnsafeMutableRawPointer(grads.pointer) }
-    public var biasGradPointer: UnsafeMutableRawPointer? { biasGrad.map { UnsafeMutableRawPointer($0.pointer) } }
+    public var backend: GEMMBackend {
+        guard G.self == E.self else { return .widened }
+        switch E.dtype {
+        case .bfloat16, .float16: return .oneDNN
+        case .float32: return GEMMBackend.float32
+        case .float64: return .openBLAS
+        }
+    }
+    public var paramsPointer: UnsafeMutableRawPointer { UnsafeMutableRawPointer(params) }
+    public func gradsPointer() throws(LoLDUError) -> UnsafeMutableRawPointer { UnsafeMutableRawPointer(try grads()) }
+    public func biasGradPointer() throws(LoLDUError) -> UnsafeMutableRawPointer? { try biasGrad().map { UnsafeMutableRawPointer($0) } }
+    public var factorsIdentity: ObjectIdentifier { ObjectIdentifier(factors) }
 
     public func forward(batch: Int, x: UnsafeRawPointer, y: UnsafeMutableRawPointer, h: UnsafeMutableRawPointer?) throws(LoLDUError) {
-        try forward(batch: batch, x: x.assumingMemoryBound(to: T.self), y: y.assumingMemoryBound(to: T.self),
-                    h: h?.assumingMemoryBound(to: T.self))
+        try forward(batch: batch, x: x.assumingMemoryBound(to: E.self), y: y.assumingMemoryBound(to: E.self),
+                    h: h?.assumingMemoryBound(to: P.self))
     }
 
     public func backward(batch: Int, x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?, h: UnsafeRawPointer?) throws(LoLDUError) {
-        try backward(batch: batch, x: x.assumingMemoryBound(to: T.self), dy: dy.assumingMemoryBound(to: T.self),
-                     dx: dx?.assumingMemoryBound(to: T.self), h: h?.assumingMemoryBound(to: T.self))
+        try backward(batch: batch, x: x.assumingMemoryBound(to: E.self), dy: dy.assumingMemoryBound(to: E.self),
+                     dx: dx?.assumingMemoryBound(to: E.self), h: h?.assumingMemoryBound(to: P.self))
+    }
+
+    /// The group's adapters as this type, all on this adapter's factors.
+    private func group(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>) throws(LoLDUError) -> Group {
+        var typed: [Adapter] = []
+        for (i, adapter) in adapters.enumerated() {
+            guard let same = adapter as? Adapter, same.factors === factors else {
+                throw LoLDUError(.mismatch, "adapters[\(i)] does not share the frozen factors of the others; group only adapters cloned or derived from one base")
+            }
+            typed.append(same)
+        }
+        return Group(adapters: typed, rows: rows)
+    }
+
+    public func groupedForward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
+                               x: UnsafeRawPointer, y: UnsafeMutableRawPointer) throws(LoLDUError) {
+        try Self.groupedForward(try group(adapters, rows: rows), base: self, batch: batch,
+                                x: x.assumingMemoryBound(to: E.self), y: y.assumingMemoryBound(to: E.self))
+    }
+
+    public func groupedBackward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
+                                x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?) throws(LoLDUError) {
+        try Self.groupedBackward(try group(adapters, rows: rows), base: self, batch: batch,
+                                 x: x.assumingMemoryBound(to: E.self), dy: dy.assumingMemoryBound(to: E.self),
+                                 dx: dx?.assumingMemoryBound(to: E.self))
     }
 
     public func weightBackward(rawPointer dw: UnsafeRawPointer) throws(LoLDUError) {
-        try weightBackward(dw.assumingMemoryBound(to: T.self))
+        try weightBackward(dw.assumingMemoryBound(to: E.self))
     }
 
     public func writeEffectiveWeight(_ out: UnsafeMutableRawPointer) throws(LoLDUError) {
-        try writeEffectiveWeight(out.assumingMemoryBound(to: T.self))
+        try writeEffectiveWeight(out.assumingMemoryBound(to: E.self))
     }
 
     public func writeResidual(_ out: UnsafeMutableRawPointer) throws(LoLDUError) {
-        try writeResidual(out.assumingMemoryBound(to: T.self))
+        try writeResidual(out.assumingMemoryBound(to: P.self))
     }
 
     public func writeFactor(_ factor: Factor, _ out: UnsafeMutableRawPointer) {
-        let o = out.assumingMemoryBound(to: T.self)
+        let (m, n, r, stride) = (self.m, self.n, rank, factors.rank)
         switch factor {
-        case .lower: o.update(from: factors.lower.pointer, count: m * rank)
-        case .upper: o.update(from: factors.upper.pointer, count: rank * n)
-        case .weight: o.update(from: factors.weight, count: m * n)
-        case .diagonal: factors.diagonal.withUnsafeBufferPointer { o.update(from: $0.baseAddress!, count: rank) }
-        case .bias: if let b = factors.bias { o.update(from: b.pointer, count: m) }
+        case .lower:
+            let o = out.assumingMemoryBound(to: P.self)
+            for i in 0..<m { (o + i * r).update(from: factors.lower.pointer + i * stride, count: r) }
+        case .upper: out.assumingMemoryBound(to: P.self).update(from: factors.upper.pointer, count: r * n)
+        case .diagonal:
+            factors.diagonal.withUnsafeBufferPointer { out.assumingMemoryBound(to: P.self).update(from: $0.baseAddress!, count: r) }
+        case .weight: out.assumingMemoryBound(to: E.self).update(from: factors.weight, count: m * n)
+        case .bias: if let b = factors.bias { E.narrow(b.pointer, to: out.assumingMemoryBound(to: E.self), count: m) }
         }
     }
 
@@ -117,25 +175,24 @@ extension Adapter: AnyAdapter {
     }
 
     public func setZ(rawPointer z: UnsafeRawPointer) throws(LoLDUError) {
-        try setZ(z.assumingMemoryBound(to: T.self))
+        try setZ(z.assumingMemoryBound(to: P.self))
     }
 
     public func setSigma(_ value: Double) throws(LoLDUError) {
-        try setSigma(T(value))
+        try setSigma(P(value))
     }
 
     public func cloneAdapter() throws(LoLDUError) -> any AnyAdapter { try clone() }
 
+    public func derive(_ config: AdapterConfig) throws(LoLDUError) -> any AnyAdapter {
+        try Adapter(factors: factors, config: config)
+    }
+
     public func setParameters(z values: [Double], sigma: Double) throws(LoLDUError) {
-        let z = values.map { T($0) }
-        try z.withUnsafeBufferPointer { buffer throws(LoLDUError) in try setParameters(z: buffer.baseAddress!, sigma: T(sigma)) }
+        let z = values.map { P($0) }
+        try z.withUnsafeBufferPointer { buffer throws(LoLDUError) in try setParameters(z: buffer.baseAddress!, sigma: P(sigma)) }
     }
 
-    public var weightFingerprint: String {
-        fingerprint(UnsafeRawBufferPointer(start: factors.weight, count: m * n * MemoryLayout<T>.stride))
-    }
-
-    public var pivotsFingerprint: String {
-        factors.pivots.withUnsafeBytes { fingerprint($0) }
-    }
+    public var weightFingerprint: String { factors.weightFingerprint }
+    public var pivotsFingerprint: String { factors.pivotsFingerprint(rank: rank) }
 }

@@ -79,7 +79,8 @@ public final class Checkpoint: @unchecked Sendable {
         var entries: [SafeTensors.Entry] = []
         var layers: [(String, JSON)] = []
         for (adapter, name) in zip(adapters, names) {
-            let (r, size, dtype) = (adapter.rank, adapter.dtype.byteSize, SafeTensors.name(of: adapter.dtype))
+            let parameters = adapter.dtype.parameterType
+            let (r, size, dtype) = (adapter.rank, parameters.byteSize, SafeTensors.name(of: parameters))
             let params = UnsafeRawPointer(adapter.paramsPointer)
             entries.append(.init(name: "\(name).loldu_sigma", dtype: dtype, shape: [1]) { out in
                 out.copyMemory(from: UnsafeRawBufferPointer(start: params + r * size, count: size))
@@ -264,8 +265,8 @@ public final class Checkpoint: @unchecked Sendable {
             let zName = "\(name).loldu_z", sigmaName = "\(name).loldu_sigma"
             expectedTensors.formUnion([zName, sigmaName])
             let z: [Double], sigma: Double
-            switch dtype {
-            case .float32:
+            switch dtype {  // z and σ are in the parameter type
+            case .float32, .bfloat16, .float16:
                 z = try model.values(zName, shape: [c.rank], as: Float.self).map(Double.init)
                 sigma = Double(try model.values(sigmaName, shape: [1], as: Float.self)[0])
             case .float64:
@@ -296,8 +297,10 @@ public final class Checkpoint: @unchecked Sendable {
         func mismatch(_ what: String) -> LoLDUError {
             LoLDUError(.mismatch, "layer \"\(name)\": \(what)")
         }
-        guard adapter.dtype == layer.dtype else {
-            throw mismatch("saved as \(layer.dtype.name), the adapter is \(adapter.dtype.name)")
+        // A bf16 model and its float32 copy have the same values, pivots and fingerprints: a
+        // checkpoint saved on one applies to the other. float64 parameters are another type.
+        guard adapter.dtype.parameterType == layer.dtype.parameterType else {
+            throw mismatch("saved as \(layer.dtype.name), the adapter is \(adapter.dtype.name) (parameters in \(layer.dtype.parameterType.name) and \(adapter.dtype.parameterType.name))")
         }
         guard adapter.m == layer.m, adapter.n == layer.n else {
             throw mismatch("saved on a \(layer.m) × \(layer.n) weight, the adapter's is \(adapter.m) × \(adapter.n)")

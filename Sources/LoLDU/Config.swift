@@ -7,11 +7,14 @@ public let libraryVersion = "\(LOLDU_VERSION_MAJOR).\(LOLDU_VERSION_MINOR).\(LOL
 public enum DType: Int32, Sendable, CaseIterable {
     case float32 = 1   // LOLDU_FLOAT32
     case float64 = 2   // LOLDU_FLOAT64
+    case bfloat16 = 3  // LOLDU_BFLOAT16
+    case float16 = 4   // LOLDU_FLOAT16
 
     public var byteSize: Int {
         switch self {
         case .float32: 4
         case .float64: 8
+        case .bfloat16, .float16: 2
         }
     }
 
@@ -19,6 +22,17 @@ public enum DType: Int32, Sendable, CaseIterable {
         switch self {
         case .float32: "float32"
         case .float64: "float64"
+        case .bfloat16: "bfloat16"
+        case .float16: "float16"
+        }
+    }
+
+    /// The type of the parameters, gradients and optimiser state of an adapter of this element
+    /// type (and of every accumulation): float32 for the half types.
+    public var parameterType: DType {
+        switch self {
+        case .float32, .bfloat16, .float16: .float32
+        case .float64: .float64
         }
     }
 }

@@ -2,7 +2,7 @@
 /// `name[row, col]` when `columns > 1`), optionally copying them to `destination` in the same
 /// pass. A large copy is split across the BLAS thread budget: page faults and bandwidth scale
 /// with threads.
-func checkFinite<T: BLASScalar>(
+func checkFinite<T: Element>(
     _ x: UnsafePointer<T>, count: Int, copyingTo destination: UnsafeMutablePointer<T>? = nil,
     name: String, columns: Int = 1
 ) throws(LoLDUError) {
@@ -17,9 +17,9 @@ func checkFinite<T: BLASScalar>(
                                 copyingTo: destination.map { $0 + start })
     }
     guard finite.allSatisfy({ $0 }) else {
-        for j in 0..<count where !x[j].isFinite {
+        for j in 0..<count where !T.wide(x[j]).isFinite {
             let at = columns > 1 ? "[\(j / columns), \(j % columns)]" : "[\(j)]"
-            throw LoLDUError(.notFinite, "\(name)\(at) is \(x[j]); every element must be finite")
+            throw LoLDUError(.notFinite, "\(name)\(at) is \(T.wide(x[j])); every element must be finite")
         }
         return
     }
@@ -33,7 +33,7 @@ func checkFinite<T: BLASScalar>(
 /// OR-ing those sums answers for the whole array with three integer operations per element,
 /// which vectorise on any SIMD level; the loop streams at memory bandwidth.
 @inline(__always)
-private func allFiniteBits<Bits: FixedWidthInteger & UnsignedInteger>(
+func allFiniteBits<Bits: FixedWidthInteger & UnsignedInteger>(
     _ x: UnsafeRawPointer, count: Int, copyingTo destination: UnsafeMutableRawPointer?,
     exponentLowBit: Bits, _: Bits.Type
 ) -> Bool {

@@ -33,21 +33,36 @@ private let transposeBlock = 16
 /// A subnormal pivot, whose reciprocal overflows, is divided by instead, as reference LAPACK does.
 /// A factor that overflows the element type when rounded to it is refused (`notFinite`).
 ///
+/// Element types: `W` is kept in its element type `E` (bf16, f16, f32 or f64) and the bias is
+/// widened to the compute type `P`; `A`, `D_r`, `U_r` are kept in `P`. The GEMMs run on operands
+/// of type `G`: `E` itself where the CPU multiplies it natively (f32, f64, bf16 on bf16 units),
+/// with `A` and `U_r` also rounded to `G` once; or `P` (a half type widened), with `W` widened
+/// once at creation.
+///
 /// Immutable after creation: may be shared read-only across threads and adapters.
-public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
+public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable where G.Compute == E.Compute {
+    public typealias P = E.Compute
     public let m: Int
     public let n: Int
     public let rank: Int
     /// `W`: ``weightStorage`` or, when borrowed, the caller's buffer.
-    public let weight: UnsafePointer<T>
-    private let weightStorage: HeapBuffer<T>?
-    public let bias: HeapBuffer<T>?
-    public let lower: HeapBuffer<T>
-    public let upper: HeapBuffer<T>
-    public let diagonal: [T]
+    public let weight: UnsafePointer<E>
+    private let weightStorage: HeapBuffer<E>?
+    public let bias: HeapBuffer<P>?
+    public let lower: HeapBuffer<P>
+    public let upper: HeapBuffer<P>
+    public let diagonal: [P]
     public let pivots: [Int32]
     /// How many of the first `r` pivots were degenerate (see the type's documentation).
     public let degeneratePivots: Int
+    /// `W`, `A` and `U_r` as GEMM operands (the buffers above when their type is `G`).
+    let weightOperand: UnsafePointer<G>
+    let lowerOperand: UnsafePointer<G>
+    let upperOperand: UnsafePointer<G>
+    private let operandStorage: [HeapBuffer<G>]
+    /// ``fingerprint`` of `W`'s values, computed once on first use.
+    private var weightPrint: String?
+    private let printLock: UnsafeMutablePointer<pthread_mutex_t>
 
     /// The scale of the degeneracy test, in units of `ε_double · max(m, r) · g`.
     static var degenerateScale: Double { 0x1p16 }
@@ -55,10 +70,8 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
     /// Factors `weight` (`m × n`, row-major). Refuses NaN and ±Inf with `notFinite`.
     /// With `borrowWeight`, keeps `source` itself instead of a copy: the caller guarantees that it
     /// outlives every adapter on these factors and does not change.
-    @_specialize(where T == Float)
-    @_specialize(where T == Double)
     public init(
-        m: Int, n: Int, rank r: Int, weight source: UnsafePointer<T>, bias biasSource: UnsafePointer<T>?,
+        m: Int, n: Int, rank r: Int, weight source: UnsafePointer<E>, bias biasSource: UnsafePointer<E>?,
         borrowWeight: Bool = false
     ) throws(LoLDUError) {
         self.m = m
@@ -68,8 +81,9 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
         weight = weightStorage.map { UnsafePointer($0.pointer) } ?? source
         try checkFinite(source, count: m * n, copyingTo: weightStorage?.pointer, name: "weight", columns: n)
         if let biasSource {
-            let b = try HeapBuffer<T>(count: m)
-            try checkFinite(biasSource, count: m, copyingTo: b.pointer, name: "bias")
+            try checkFinite(biasSource, count: m, name: "bias")
+            let b = try HeapBuffer<P>(count: m)
+            E.widen(biasSource, to: b.pointer, count: m)
             bias = b
         } else {
             bias = nil
@@ -96,13 +110,17 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
         // 2. The top r rows of U: U₁₁ from the panel, U₁₂ = L₁₁⁻¹ (PᵀW)[:r, r:].
         let top = try HeapBuffer<Double>(count: r * n)
         let u = top.pointer
+        let row = try HeapBuffer<P>(count: n)
         for i in 0..<r {
             for j in 0..<r {
                 let v = j >= i ? panel.pointer[i + j * m] : 0
                 u[i * n + j] = v
                 scale = Swift.max(scale, abs(v))
             }
-            for j in r..<n { u[i * n + j] = Double(w[perm[i] * n + j]) }
+            if n > r {
+                E.widen(w + perm[i] * n + r, to: row.pointer, count: n - r)
+                for j in r..<n { u[i * n + j] = Double(row.pointer[j - r]) }
+            }
         }
         if n > r {
             // The column-major panel read as row-major is L₁₁ᵀ (upper, unit): solve with its transpose.
@@ -110,21 +128,21 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
                         a: panel.pointer, lda: m, b: u + r, ldb: n)
         }
 
-        // 3. D_r and U_r = D_r⁻¹ U[:r, :], with the degenerate-pivot fallback, rounded to T.
+        // 3. D_r and U_r = D_r⁻¹ U[:r, :], with the degenerate-pivot fallback, rounded to P.
         let tolerance = Self.degenerateScale * Double.ulpOfOne * Double(Swift.max(m, r)) * scale
         upper = try HeapBuffer(count: r * n)
-        var diagonal = [T](repeating: 0, count: r)
+        var diagonal = [P](repeating: 0, count: r)
         var degenerate = 0
         for j in 0..<r {
             let d = u[j * n + j]
-            diagonal[j] = T(d)
-            let row = u + j * n, out = upper.pointer + j * n
+            diagonal[j] = P(d)
+            let source = u + j * n, out = upper.pointer + j * n
             for c in 0..<j { out[c] = 0 }
             out[j] = 1
             var finite = abs(d) > tolerance
             if finite {
-                for c in (j + 1)..<n { out[c] = T(row[c] / d) }
-                finite = T.allFinite(out + j + 1, count: n - j - 1, copyingTo: nil)
+                for c in (j + 1)..<n { out[c] = P(source[c] / d) }
+                finite = P.allFinite(out + j + 1, count: n - j - 1, copyingTo: nil)
             }
             if !finite {
                 degenerate += 1
@@ -132,7 +150,7 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
             }
         }
         if let j = diagonal.firstIndex(where: { !$0.isFinite }) {
-            throw LoLDUError(.notFinite, "the LU of weight overflows \(T.dtype.name): pivot \(j) is \(u[j * n + j]); scale the weight down or use float64")
+            throw LoLDUError(.notFinite, "the LU of weight overflows \(P.dtype.name): pivot \(j) is \(u[j * n + j]); scale the weight down or use float64")
         }
         self.diagonal = diagonal
         degeneratePivots = degenerate
@@ -144,33 +162,93 @@ public final class LDUFactors<T: BLASScalar>: @unchecked Sendable {
             let rows = block..<Swift.min(block + transposeBlock, m)
             for j in 0..<r {
                 for i in rows {
-                    a[perm[i] * r + j] = i > j ? T(panel.pointer[i + j * m]) : (i == j ? 1 : 0)
+                    a[perm[i] * r + j] = i > j ? P(panel.pointer[i + j * m]) : (i == j ? 1 : 0)
                 }
             }
         }
         pivots = ipiv
+
+        // 5. The GEMM operands.
+        var storage: [HeapBuffer<G>] = []
+        func operand(_ values: UnsafePointer<P>, count: Int) throws(LoLDUError) -> UnsafePointer<G> {
+            if G.self == P.self { return UnsafeRawPointer(values).assumingMemoryBound(to: G.self) }
+            let copy = try HeapBuffer<G>(count: count)
+            G.narrow(values, to: copy.pointer, count: count)
+            storage.append(copy)
+            return UnsafePointer(copy.pointer)
+        }
+        if G.self == E.self {
+            weightOperand = UnsafeRawPointer(weight).assumingMemoryBound(to: G.self)
+        } else {  // a half type widened: W once in float32
+            let wide = try HeapBuffer<G>(count: m * n)
+            E.widen(weight, to: UnsafeMutableRawPointer(wide.pointer).assumingMemoryBound(to: P.self), count: m * n)
+            storage.append(wide)
+            weightOperand = UnsafePointer(wide.pointer)
+        }
+        lowerOperand = try operand(lower.pointer, count: m * r)
+        upperOperand = try operand(upper.pointer, count: r * n)
+        operandStorage = storage
+        printLock = .allocate(capacity: 1)
+        pthread_mutex_init(printLock, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(printLock)
+        printLock.deallocate()
     }
 
     /// Bytes of the copy of `W` (0 when borrowed).
-    public var weightBytes: Int { (weightStorage?.count ?? 0) * MemoryLayout<T>.stride }
+    public var weightBytes: Int { (weightStorage?.count ?? 0) * MemoryLayout<E>.stride }
 
-    /// Bytes held beyond the weight and the bias.
+    /// Bytes held beyond the weight and the bias: `A`, `U_r`, `D_r`, the pivots, and the GEMM
+    /// operands of another type (a widened `W`, `A` and `U_r` rounded to bf16).
     public var factorBytes: Int {
-        (lower.count + upper.count + diagonal.count) * MemoryLayout<T>.stride + pivots.count * 4
+        (lower.count + upper.count + diagonal.count) * MemoryLayout<P>.stride + pivots.count * 4
+            + operandStorage.reduce(0) { $0 + $1.count * MemoryLayout<G>.stride }
+    }
+
+    /// The fingerprint of `W`'s values (see ``fingerprint(_:)``), computed once: of their float32
+    /// bytes for float32, bfloat16 and float16 weights (so that a bf16 model and its float32 copy
+    /// have the same), of their float64 bytes for float64.
+    public var weightFingerprint: String {
+        pthread_mutex_lock(printLock)
+        defer { pthread_mutex_unlock(printLock) }
+        if let weightPrint { return weightPrint }
+        let print: String
+        if E.computesInPlace {
+            print = fingerprint(UnsafeRawBufferPointer(start: weight, count: m * n * MemoryLayout<E>.stride))
+        } else {
+            var hasher = Fingerprinter()
+            withUnsafeTemporaryAllocation(of: P.self, capacity: 4096) { chunk in
+                for start in stride(from: 0, to: m * n, by: 4096) {
+                    let count = Swift.min(4096, m * n - start)
+                    E.widen(weight + start, to: chunk.baseAddress!, count: count)
+                    hasher.add(UnsafeRawBufferPointer(start: chunk.baseAddress!, count: count * MemoryLayout<P>.stride))
+                }
+            }
+            print = hasher.finish()
+        }
+        weightPrint = print
+        return print
+    }
+
+    /// The fingerprint of the first `r` pivots: what an adapter of rank `r` on these factors uses.
+    public func pivotsFingerprint(rank r: Int) -> String {
+        pivots.withUnsafeBytes { fingerprint(UnsafeRawBufferPointer(rebasing: $0[0..<(r * 4)])) }
     }
 }
 
 /// Copies the first `r` columns of the row-major `m × n` weight into the column-major panel, in
 /// double (exactly); returns their largest magnitude.
-private func gatherPanel<T: BLASScalar>(
-    _ w: UnsafePointer<T>, n: Int, into panel: UnsafeMutablePointer<Double>, m: Int, r: Int
+private func gatherPanel<E: Element>(
+    _ w: UnsafePointer<E>, n: Int, into panel: UnsafeMutablePointer<Double>, m: Int, r: Int
 ) -> Double {
     var largest = 0.0
     for block in stride(from: 0, to: m, by: transposeBlock) {
         let rows = block..<Swift.min(block + transposeBlock, m)
         for j in 0..<r {
             for i in rows {
-                let v = Double(w[i * n + j])
+                let v = Double(E.wide(w[i * n + j]))
                 panel[i + j * m] = v
                 largest = Swift.max(largest, abs(v))
             }

@@ -1,3 +1,5 @@
+import Glibc
+import CDNNL
 import CLinearAlgebra
 
 /// A floating-point type with BLAS and LAPACK kernels: `Float` or `Double`.
@@ -33,6 +35,166 @@ public protocol BLASScalar: BinaryFloatingPoint, Sendable {
     static func getrf(
         m: Int, n: Int, a: UnsafeMutablePointer<Self>, lda: Int,
         ipiv: UnsafeMutablePointer<Int32>) -> Int32
+}
+
+/// The element types GEMMs multiply: `Float`, `Double`, and `BFloat16` where the CPU has bf16
+/// units. `C` (row-major, `m × n`, in `Compute`) = `op(A) op(B)` (`beta` 0) or `+= op(A) op(B)`
+/// (`beta` 1). Which library runs each type is ``GEMMBackend``'s choice.
+public protocol GEMMOperand: Element {
+    static func multiply(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
+        accumulate: Bool, c: UnsafeMutablePointer<Compute>, ldc: Int)
+}
+
+extension Float: GEMMOperand {
+    public static func multiply(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
+        accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        if GEMMBackend.float32 == .oneDNN,
+           OneDNN.gemm(type: dnnl_f32, transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda,
+                       b: b, ldb: ldb, accumulate: accumulate, c: c, ldc: ldc, threads: BLASThreads.count) {
+            return
+        }
+        gemm(transA: transA, transB: transB, m: m, n: n, k: k, alpha: 1, a: a, lda: lda, b: b, ldb: ldb,
+             beta: accumulate ? 1 : 0, c: c, ldc: ldc)
+    }
+}
+
+extension Double: GEMMOperand {
+    public static func multiply(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        a: UnsafePointer<Double>, lda: Int, b: UnsafePointer<Double>, ldb: Int,
+        accumulate: Bool, c: UnsafeMutablePointer<Double>, ldc: Int
+    ) {
+        gemm(transA: transA, transB: transB, m: m, n: n, k: k, alpha: 1, a: a, lda: lda, b: b, ldb: ldb,
+             beta: accumulate ? 1 : 0, c: c, ldc: ldc)
+    }
+}
+
+extension BFloat16: GEMMOperand {
+    /// oneDNN's bf16 matmul (float32 accumulation and output). Only chosen where oneDNN runs;
+    /// should a shape have no primitive, the operands are widened and multiplied in float32.
+    public static func multiply(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        a: UnsafePointer<BFloat16>, lda: Int, b: UnsafePointer<BFloat16>, ldb: Int,
+        accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        if OneDNN.gemm(type: dnnl_bf16, transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda,
+                       b: b, ldb: ldb, accumulate: accumulate, c: c, ldc: ldc, threads: BLASThreads.count) {
+            return
+        }
+        widenedProduct(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
+                       accumulate: accumulate, c: c, ldc: ldc)
+    }
+}
+
+/// `C (+)= op(A) op(B)` for half-precision operands by widening one row of `op(A)` and one
+/// column block at a time (no allocation: a fixed stack buffer), then float32 dot products. The
+/// last resort when oneDNN cannot run a shape: correct, never fast.
+func widenedProduct<E: Element>(
+    transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+    a: UnsafePointer<E>, lda: Int, b: UnsafePointer<E>, ldb: Int,
+    accumulate: Bool, c: UnsafeMutablePointer<E.Compute>, ldc: Int
+) {
+    for i in 0..<m {
+        for j in 0..<n {
+            var sum: E.Compute = 0
+            for p in 0..<k {
+                let x = E.wide(transA ? a[p * lda + i] : a[i * lda + p])
+                let y = E.wide(transB ? b[j * ldb + p] : b[p * ldb + j])
+                sum += x * y
+            }
+            c[i * ldc + j] = accumulate ? c[i * ldc + j] + sum : sum
+        }
+    }
+}
+
+/// Which library multiplies each element type in this process.
+public enum GEMMBackend: Sendable, Equatable {
+    case openBLAS
+    case oneDNN
+    /// Half-precision operands widened to float32 (then float32's backend).
+    case widened
+
+    /// float32: OpenBLAS, unless its kernels were chosen for an older CPU than this one (Debian's
+    /// OpenBLAS 0.3.21 runs its Prescott or Haswell kernels on recent CPUs unless the caller
+    /// sets `OPENBLAS_CORETYPE`), where oneDNN, which detects the CPU itself, is up to twice as
+    /// fast.
+    public static let float32: GEMMBackend = {
+        guard OneDNN.api != nil else { return .openBLAS }
+        let core = BLASThreads.coreName.lowercased()
+        let flags = cpuFlags()
+        let avx512Cores = ["skylakex", "cooperlake", "sapphirerapids"]
+        let avx2Cores = avx512Cores + ["haswell", "zen", "zen2", "zen3", "zen4", "skylake", "alderlake"]
+        if flags.contains("avx512f") && !avx512Cores.contains(core) { return .oneDNN }
+        if flags.contains("avx2") && !avx2Cores.contains(core) { return .oneDNN }
+        return .openBLAS
+    }()
+
+    /// bfloat16: oneDNN's bf16 kernels where the CPU has bf16 units (see
+    /// ``OneDNN/hasNativeBFloat16``); widened to float32 elsewhere, or when forced.
+    public static var bfloat16: GEMMBackend {
+        forceWidened.load() || !OneDNN.hasNativeBFloat16 ? .widened : .oneDNN
+    }
+
+    /// float16: widened to float32 (oneDNN 2.6 has no float16 matmul kernels for x86 CPUs).
+    public static var float16: GEMMBackend { .widened }
+
+    /// The backend for adapters of `dtype` created from now on.
+    public static func backend(for dtype: DType) -> GEMMBackend {
+        switch dtype {
+        case .float32: float32
+        case .float64: .openBLAS
+        case .bfloat16: bfloat16
+        case .float16: float16
+        }
+    }
+
+    /// Forces half-precision adapters created from now on to widen to float32 (to test that
+    /// path, or to compare), or lets the CPU decide again.
+    public static let forceWidened = AtomicFlag()
+
+    public var name: String {
+        switch self {
+        case .openBLAS: "openblas"
+        case .oneDNN: "onednn"
+        case .widened: "widened"
+        }
+    }
+
+    /// The CPU's feature flags from /proc/cpuinfo (empty where unreadable).
+    static func cpuFlags() -> Set<Substring> {
+        guard let bytes = try? AtomicFile.read("/proc/cpuinfo", limit: 1 << 24, missingOK: true) else { return [] }
+        let text = String(decoding: bytes, as: UTF8.self)
+        guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("flags") }),
+              let colon = line.firstIndex(of: ":") else { return [] }
+        return Set(line[line.index(after: colon)...].split(separator: " "))
+    }
+}
+
+/// A flag read and written from any thread.
+public final class AtomicFlag: @unchecked Sendable {
+    private var value = false
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t> = {
+        let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+        pthread_mutex_init(m, nil)
+        return m
+    }()
+
+    public func load() -> Bool {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return value
+    }
+
+    public func store(_ new: Bool) {
+        pthread_mutex_lock(mutex)
+        value = new
+        pthread_mutex_unlock(mutex)
+    }
 }
 
 extension Float: BLASScalar {
@@ -99,7 +261,7 @@ extension Double: BLASScalar {
     }
 }
 
-/// The number of threads BLAS uses for every later call in this process.
+/// The number of threads the GEMM libraries use for every later call in this process.
 public enum BLASThreads {
     public static var count: Int { Int(openblas_get_num_threads()) }
 
@@ -107,10 +269,14 @@ public enum BLASThreads {
         openblas_set_num_threads(Int32(count))
     }
 
-    /// OpenBLAS's build description, for benchmark reports (e.g. "DYNAMIC_ARCH ... SkylakeX").
+    /// OpenBLAS's kernel family, as it reports it (e.g. "Haswell", "SkylakeX").
+    public static var coreName: String { openblas_get_corename().map { String(cString: $0) } ?? "unknown" }
+
+    /// The libraries and kernels in use, for benchmark reports.
     public static var description: String {
         let config = openblas_get_config().map { String(cString: $0) } ?? "unknown"
-        let core = openblas_get_corename().map { String(cString: $0) } ?? "unknown"
-        return "OpenBLAS \(config), core \(core)"
+        var text = "OpenBLAS \(config), core \(coreName)"
+        if let api = OneDNN.api { text += "; \(api.version), ISA \(OneDNN.isaName)" }
+        return text
     }
 }

@@ -94,8 +94,8 @@ public final class Optimizer: @unchecked Sendable {
         self.adapters = adapters
         var states: [any ParameterState] = []
         for adapter in adapters {
-            switch adapter.dtype {
-            case .float32: states.append(try State<Float>(count: adapter.rank + 1))
+            switch adapter.dtype {  // the state is in the parameter type
+            case .float32, .bfloat16, .float16: states.append(try State<Float>(count: adapter.rank + 1))
             case .float64: states.append(try State<Double>(count: adapter.rank + 1))
             }
         }
@@ -123,24 +123,26 @@ public final class Optimizer: @unchecked Sendable {
         guard steps < OptimizerConfig.maxSteps else {
             throw .state("the optimiser has taken \(steps) steps, the most it counts")
         }
+        var grads: [UnsafeMutableRawPointer] = []
+        for adapter in adapters { grads.append(try adapter.gradsPointer()) }
         var sum = 0.0
         for (i, state) in states.enumerated() {
-            sum += state.sumOfSquares(adapters[i].gradsPointer, count: trainable(i))
+            sum += state.sumOfSquares(grads[i], count: trainable(i))
         }
         let norm = sum.squareRoot()
         guard norm.isFinite else {
             throw LoLDUError(.notFinite, "a gradient is NaN or infinite (global norm \(norm)); no parameter was updated")
         }
-        let saved = adapters.indices.map { Snapshot(adapters[$0], states[$0]) }
+        let saved = adapters.indices.map { Snapshot(adapters[$0], grads: grads[$0], states[$0]) }
         if config.maxGradNorm > 0 {
             // torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)).
             let scale = min(1, config.maxGradNorm / (norm + 1e-6))
-            for (i, state) in states.enumerated() { state.scale(adapters[i].gradsPointer, count: trainable(i), by: scale) }
+            for (i, state) in states.enumerated() { state.scale(grads[i], count: trainable(i), by: scale) }
         }
         let (lr, lrSigma) = rates
         for (i, state) in states.enumerated() {
             let adapter = adapters[i]
-            state.update(params: adapter.paramsPointer, grads: adapter.gradsPointer, rank: adapter.rank,
+            state.update(params: adapter.paramsPointer, grads: grads[i], rank: adapter.rank,
                          trainSigma: adapter.config.trainSigma, config: config, step: steps + 1, lr: lr, lrSigma: lrSigma)
         }
         for (i, adapter) in adapters.enumerated() {
@@ -181,11 +183,11 @@ public final class Optimizer: @unchecked Sendable {
         var entries: [SafeTensors.Entry] = []
         for (i, state) in states.enumerated() {
             metadata["adapter.\(i).initialized"] = state.initialized ? "1" : "0"
-            metadata["adapter.\(i).dtype"] = adapters[i].dtype.name
+            metadata["adapter.\(i).dtype"] = adapters[i].dtype.parameterType.name
             metadata["adapter.\(i).rank"] = String(adapters[i].rank)
             for (k, buffer) in state.buffers.enumerated() {
                 let bytes = UnsafeRawBufferPointer(buffer)
-                entries.append(.init(name: "adapter.\(i).\(State<Float>.names[k])", dtype: SafeTensors.name(of: adapters[i].dtype),
+                entries.append(.init(name: "adapter.\(i).\(State<Float>.names[k])", dtype: SafeTensors.name(of: adapters[i].dtype.parameterType),
                                      shape: [adapters[i].rank + 1]) { out in out.copyMemory(from: bytes) })
             }
         }
@@ -240,8 +242,8 @@ public final class Optimizer: @unchecked Sendable {
             let first = "adapter.\(i).\(State<Float>.names[0])"
             guard let tensor = file.tensors[first] else { throw file.fail("missing tensor \"\(first)\"") }
             let savedDtype = meta["adapter.\(i).dtype"] ?? SafeTensors.dtype(named: tensor.dtype)?.name ?? tensor.dtype
-            guard savedDtype == adapter.dtype.name else {
-                throw LoLDUError(.mismatch, "\(path): adapters[\(i)] was saved as \(savedDtype), this optimiser's is \(adapter.dtype.name)")
+            guard savedDtype == adapter.dtype.parameterType.name else {
+                throw LoLDUError(.mismatch, "\(path): adapters[\(i)] was saved with \(savedDtype) parameters, this optimiser's has \(adapter.dtype.parameterType.name) parameters")
             }
             let savedRank = meta["adapter.\(i).rank"].flatMap { Int($0) } ?? (tensor.shape.count == 1 ? tensor.shape[0] - 1 : -1)
             guard savedRank == adapter.rank else {
@@ -252,7 +254,7 @@ public final class Optimizer: @unchecked Sendable {
             for name in State<Float>.names {
                 let key = "adapter.\(i).\(name)"
                 switch adapter.dtype {
-                case .float32: values.append(try file.values(key, shape: shape, as: Float.self).map(Double.init))
+                case .float32, .bfloat16, .float16: values.append(try file.values(key, shape: shape, as: Float.self).map(Double.init))
                 case .float64: values.append(try file.values(key, shape: shape, as: Double.self))
                 }
             }
@@ -272,10 +274,10 @@ private struct Snapshot {
     let state: any ParameterState
     let initialized: Bool
 
-    init(_ adapter: any AnyAdapter, _ state: any ParameterState) {
-        let size = (adapter.rank + 1) * adapter.dtype.byteSize
-        var copies = [(adapter.paramsPointer, size), (adapter.gradsPointer, size)].map { pointer, count in
-            (target: pointer, bytes: Array(UnsafeRawBufferPointer(start: pointer, count: count)))
+    init(_ adapter: any AnyAdapter, grads: UnsafeMutableRawPointer, _ state: any ParameterState) {
+        let size = (adapter.rank + 1) * adapter.dtype.parameterType.byteSize
+        var copies: [(target: UnsafeMutableRawPointer, bytes: [UInt8])] = [adapter.paramsPointer, grads].map { pointer in
+            (target: pointer, bytes: Array(UnsafeRawBufferPointer(start: UnsafeRawPointer(pointer), count: size)))
         }
         for buffer in state.buffers {
             copies.append((UnsafeMutableRawPointer(mutating: buffer.baseAddress!), Array(buffer)))

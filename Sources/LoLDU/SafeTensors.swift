@@ -19,6 +19,8 @@ public enum SafeTensors {
         switch dtype {
         case .float32: "F32"
         case .float64: "F64"
+        case .bfloat16: "BF16"
+        case .float16: "F16"
         }
     }
 

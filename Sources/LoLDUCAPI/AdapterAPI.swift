@@ -32,6 +32,18 @@ public func lolduAdapterClone(_ out: UnsafeMutablePointer<OpaquePointer?>?, _ so
     }
 }
 
+@_cdecl("loldu_adapter_derive")
+public func lolduAdapterDerive(
+    _ out: UnsafeMutablePointer<OpaquePointer?>?, _ base: OpaquePointer?, _ configPointer: UnsafePointer<loldu_config>?
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let out = try Check.nonNull(out, "out")
+        let adapter = try adapters.get(base, "base")
+        let config = try Check.config(try Check.nonNull(configPointer, "config"))
+        out.pointee = adapters.insert(try adapter.derive(config))
+    }
+}
+
 @_cdecl("loldu_adapter_free")
 public func lolduAdapterFree(_ handle: OpaquePointer?) {
     adapters.remove(handle)
@@ -48,10 +60,13 @@ public func lolduAdapterGetInfo(_ handle: OpaquePointer?, _ info: UnsafeMutableP
         }
         var i = loldu_adapter_info()
         i.dtype = a.dtype.rawValue
+        i.param_dtype = a.dtype.parameterType.rawValue
+        i.backend = Check.backendCode(a.backend)
         i.z_init = a.config.zInit.rawValue
         i.m = Int64(a.m)
         i.n = Int64(a.n)
         i.rank = Int64(a.rank)
+        i.factor_rank = Int64(a.factorRank)
         i.num_trainable = Int64(a.trainableCount)
         i.degenerate_pivots = Int64(a.degeneratePivots)
         i.alpha = a.config.effectiveAlpha
@@ -80,8 +95,8 @@ public func lolduAdapterGetInfo(_ handle: OpaquePointer?, _ info: UnsafeMutableP
 public func lolduGetZ(_ handle: OpaquePointer?, _ z: UnsafeMutableRawPointer?) -> Int32 {
     status { () throws(LoLDUError) in
         let a = try adapters.get(handle, "adapter")
-        let out = try Check.mutableBuffer(z, "z", a.dtype)
-        out.copyMemory(from: a.paramsPointer, byteCount: a.rank * a.dtype.byteSize)
+        let out = try Check.mutableBuffer(z, "z", a.dtype.parameterType)
+        out.copyMemory(from: a.paramsPointer, byteCount: a.rank * a.dtype.parameterType.byteSize)
     }
 }
 
@@ -89,7 +104,7 @@ public func lolduGetZ(_ handle: OpaquePointer?, _ z: UnsafeMutableRawPointer?) -
 public func lolduSetZ(_ handle: OpaquePointer?, _ z: UnsafeRawPointer?) -> Int32 {
     status { () throws(LoLDUError) in
         let a = try adapters.get(handle, "adapter")
-        try a.setZ(rawPointer: try Check.buffer(z, "z", a.dtype))
+        try a.setZ(rawPointer: try Check.buffer(z, "z", a.dtype.parameterType))
     }
 }
 
@@ -115,8 +130,9 @@ public func lolduParams(
 ) -> Int32 {
     status { () throws(LoLDUError) in
         let a = try adapters.get(handle, "adapter")
+        let g = try grads.map { _ throws(LoLDUError) in try a.gradsPointer() }
         params?.pointee = a.paramsPointer
-        grads?.pointee = a.gradsPointer
+        grads?.pointee = g
     }
 }
 
@@ -124,7 +140,8 @@ public func lolduParams(
 public func lolduBiasGrad(_ handle: OpaquePointer?, _ db: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Int32 {
     status { () throws(LoLDUError) in
         let a = try adapters.get(handle, "adapter")
-        try Check.nonNull(db, "db").pointee = a.biasGradPointer
+        let out = try Check.nonNull(db, "db")
+        out.pointee = try a.biasGradPointer()
     }
 }
 
@@ -149,7 +166,8 @@ public func lolduGetFactor(_ handle: OpaquePointer?, _ which: Int32, _ out: Unsa
         case 5: factor = nil
         default: throw .invalid("which must be a loldu_factor value in [0, 5], got \(which)")
         }
-        let o = try Check.mutableBuffer(out, "out", a.dtype)
+        let inElements = factor == .weight || factor == .bias
+        let o = try Check.mutableBuffer(out, "out", inElements ? a.dtype : a.dtype.parameterType)
         if let factor {
             guard factor != .bias || a.hasBias else { throw .state("the adapter has no bias") }
             a.writeFactor(factor, o)
@@ -186,7 +204,7 @@ public func lolduForward(
         let b = try batchSize(batch, a)
         guard b > 0 else { return }  // an empty batch does nothing, whatever the buffers
         try a.forward(batch: b, x: try Check.buffer(x, "x", a.dtype), y: try Check.mutableBuffer(y, "y", a.dtype),
-                      h: try Check.optionalBuffer(h, "h", a.dtype))
+                      h: try Check.optionalBuffer(h, "h", a.dtype.parameterType))
     }
 }
 
@@ -201,7 +219,66 @@ public func lolduBackward(
         guard b > 0 else { return }
         try a.backward(batch: b, x: try Check.buffer(x, "x", a.dtype), dy: try Check.buffer(dy, "dy", a.dtype),
                        dx: try Check.optionalBuffer(dx, "dx", a.dtype),
-                       h: h == nil ? nil : try Check.buffer(h, "h", a.dtype))
+                       h: h == nil ? nil : try Check.buffer(h, "h", a.dtype.parameterType))
+    }
+}
+
+/// The adapters a grouped call's rows use (each once) and the rows as indices into them; the
+/// base is `adapters[0]`. Only used entries of the caller's list are looked up.
+private func group(
+    _ list: UnsafePointer<OpaquePointer?>?, _ count: Int, _ batch: Int64, _ rows: UnsafePointer<Int32>?
+) throws(LoLDUError) -> (base: any AnyAdapter, used: [any AnyAdapter], rows: [Int32], batch: Int) {
+    guard count >= 1, count <= Int(Int32.max) else { throw .invalid("count must be in [1, \(Int32.max)], got \(count)") }
+    let list = try Check.nonNull(list, "adapters")
+    let base = try adapters.get(list[0], "adapters[0]")
+    let b = try batchSize(batch, base)
+    guard b > 0 else { return (base, [], [], 0) }
+    let rows = try Check.nonNull(rows, "rows")
+    var slot = [Int32](repeating: -1, count: count)
+    var used: [any AnyAdapter] = []
+    var compact = [Int32](repeating: -1, count: b)
+    for i in 0..<b {
+        let a = Int(rows[i])
+        guard a >= -1, a < count else { throw .invalid("rows[\(i)] = \(a) is not in [-1, \(count)) (count = \(count))") }
+        guard a >= 0 else { continue }
+        if slot[a] < 0 {
+            slot[a] = Int32(used.count)
+            used.append(a == 0 ? base : try adapters.get(list[a], "adapters[\(a)]"))
+        }
+        compact[i] = slot[a]
+    }
+    return (base, used, compact, b)
+}
+
+@_cdecl("loldu_grouped_forward")
+public func lolduGroupedForward(
+    _ list: UnsafePointer<OpaquePointer?>?, _ count: Int, _ batch: Int64, _ rows: UnsafePointer<Int32>?,
+    _ x: UnsafeRawPointer?, _ y: UnsafeMutableRawPointer?
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let g = try group(list, count, batch, rows)
+        guard g.batch > 0 else { return }
+        let x = try Check.buffer(x, "x", g.base.dtype), y = try Check.mutableBuffer(y, "y", g.base.dtype)
+        try g.rows.withUnsafeBufferPointer { rows throws(LoLDUError) in
+            try g.base.groupedForward(g.used, rows: rows.baseAddress!, batch: g.batch, x: x, y: y)
+        }
+    }
+}
+
+@_cdecl("loldu_grouped_backward")
+public func lolduGroupedBackward(
+    _ list: UnsafePointer<OpaquePointer?>?, _ count: Int, _ batch: Int64, _ rows: UnsafePointer<Int32>?,
+    _ x: UnsafeRawPointer?, _ dy: UnsafeRawPointer?, _ dx: UnsafeMutableRawPointer?
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let g = try group(list, count, batch, rows)
+        guard g.batch > 0 else { return }
+        let dtype = g.base.dtype
+        let x = try Check.buffer(x, "x", dtype), dy = try Check.buffer(dy, "dy", dtype)
+        let dx = try Check.optionalBuffer(dx, "dx", dtype)
+        try g.rows.withUnsafeBufferPointer { rows throws(LoLDUError) in
+            try g.base.groupedBackward(g.used, rows: rows.baseAddress!, batch: g.batch, x: x, dy: dy, dx: dx)
+        }
     }
 }
 

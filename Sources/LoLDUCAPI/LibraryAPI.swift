@@ -59,3 +59,26 @@ public func lolduConfigDefault(_ config: UnsafeMutablePointer<loldu_config>?) ->
         try Check.nonNull(config, "config").pointee = loldu_config(AdapterConfig())
     }
 }
+
+@_cdecl("loldu_gemm_backend")
+public func lolduGemmBackend(
+    _ dtype: Int32, _ backend: UnsafeMutablePointer<Int32>?, _ description: UnsafeMutablePointer<UnsafePointer<CChar>?>?
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let type = try Check.dtype(dtype)
+        let chosen = GEMMBackend.backend(for: type)
+        backend?.pointee = Check.backendCode(chosen)
+        if let description { description.pointee = gemmDescription }
+    }
+}
+
+/// The libraries behind the GEMMs (static storage, built once).
+nonisolated(unsafe) let gemmDescription: UnsafePointer<CChar> =
+    strdup(BLASThreads.description).map { UnsafePointer($0) } ?? cString("unknown (out of memory)")
+
+@_cdecl("loldu_set_widened_half")
+public func lolduSetWidenedHalf(_ widened: Int32) -> Int32 {
+    status { () throws(LoLDUError) in
+        GEMMBackend.forceWidened.store(try Check.flag(widened, "widened"))
+    }
+}

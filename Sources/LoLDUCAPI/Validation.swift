@@ -43,9 +43,18 @@ enum Check {
 
     static func dtype(_ raw: Int32) throws(LoLDUError) -> DType {
         guard let dtype = DType(rawValue: raw) else {
-            throw .invalid("dtype must be LOLDU_FLOAT32 (1) or LOLDU_FLOAT64 (2), got \(raw)")
+            throw .invalid("dtype must be LOLDU_FLOAT32 (1), LOLDU_FLOAT64 (2), LOLDU_BFLOAT16 (3) or LOLDU_FLOAT16 (4), got \(raw)")
         }
         return dtype
+    }
+
+    /// The loldu_backend value of a backend.
+    static func backendCode(_ backend: GEMMBackend) -> Int32 {
+        switch backend {
+        case .openBLAS: 1  // LOLDU_BACKEND_OPENBLAS
+        case .oneDNN: 2    // LOLDU_BACKEND_ONEDNN
+        case .widened: 3   // LOLDU_BACKEND_WIDENED
+        }
     }
 
     static func flag(_ raw: Int32, _ name: String) throws(LoLDUError) -> Bool {

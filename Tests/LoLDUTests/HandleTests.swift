@@ -69,6 +69,19 @@ import Testing
             defer { loldu_checkpoint_free(c) }
             return loldu_checkpoint_apply(c, "layer", h)
         },
+        use("loldu_adapter_derive", .adapter) { h in
+            var c = loldu_config(), out: OpaquePointer?
+            _ = loldu_config_default(&c)
+            c.rank = 2
+            let s = loldu_adapter_derive(&out, h, &c)
+            loldu_adapter_free(out)
+            return s
+        },
+        use("loldu_grouped_forward", .adapter) { h in
+            var y = [Float](repeating: 0, count: 64)
+            return loldu_grouped_forward([h], 1, 1, [0], x, &y)
+        },
+        use("loldu_grouped_backward", .adapter) { h in loldu_grouped_backward([h], 1, 1, [0], x, x, nil) },
         free("loldu_optimizer_free", .optimizer) { loldu_optimizer_free($0) },
         use("loldu_optimizer_step", .optimizer) { loldu_optimizer_step($0, nil) },
         use("loldu_optimizer_zero_grad", .optimizer) { loldu_optimizer_zero_grad($0) },

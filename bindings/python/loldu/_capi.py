@@ -174,6 +174,8 @@ LOLDU_ERR_INTERNAL = 12
 # loldu_dtype
 LOLDU_FLOAT32 = 1
 LOLDU_FLOAT64 = 2
+LOLDU_BFLOAT16 = 3
+LOLDU_FLOAT16 = 4
 
 # loldu_z_init
 LOLDU_INIT_LU = 0
@@ -213,6 +215,11 @@ LOLDU_SCHEDULE_CONSTANT = 0
 LOLDU_SCHEDULE_LINEAR = 1
 LOLDU_SCHEDULE_COSINE = 2
 
+# loldu_backend
+LOLDU_BACKEND_OPENBLAS = 1
+LOLDU_BACKEND_ONEDNN = 2
+LOLDU_BACKEND_WIDENED = 3
+
 
 # ---------------------------------------------------------------------------------------------
 # Types
@@ -228,6 +235,7 @@ loldu_dtype = c_int
 loldu_factor = c_int
 loldu_path = c_int
 loldu_optimizer_kind = c_int
+loldu_backend = c_int
 
 
 class loldu_config(Structure):
@@ -246,10 +254,13 @@ class loldu_config(Structure):
 class loldu_adapter_info(Structure):
     _fields_ = [
         ("dtype", c_int32),
+        ("param_dtype", c_int32),
+        ("backend", c_int32),
         ("z_init", c_int32),
         ("m", c_int64),
         ("n", c_int64),
         ("rank", c_int64),
+        ("factor_rank", c_int64),
         ("num_trainable", c_int64),
         ("degenerate_pivots", c_int64),
         ("alpha", c_double),
@@ -341,6 +352,12 @@ loldu_adapter_create = _declare(
 # LOLDU_API loldu_status loldu_adapter_clone(loldu_adapter **out, const loldu_adapter *src);
 loldu_adapter_clone = _declare("loldu_adapter_clone", loldu_status, [POINTER(loldu_adapter_p), loldu_adapter_p])
 
+# LOLDU_API loldu_status loldu_adapter_derive(loldu_adapter **out, const loldu_adapter *base,
+#                                             const loldu_config *config);
+loldu_adapter_derive = _declare(
+    "loldu_adapter_derive", loldu_status, [POINTER(loldu_adapter_p), loldu_adapter_p, POINTER(loldu_config)]
+)
+
 # LOLDU_API void loldu_adapter_free(loldu_adapter *adapter);
 loldu_adapter_free = _declare("loldu_adapter_free", None, [loldu_adapter_p])
 
@@ -403,6 +420,26 @@ loldu_effective_weight = _declare("loldu_effective_weight", loldu_status, [loldu
 
 # LOLDU_API loldu_status loldu_weight_backward(loldu_adapter *adapter, const void *dw);
 loldu_weight_backward = _declare("loldu_weight_backward", loldu_status, [loldu_adapter_p, c_void_p])
+
+# ---------------------------------------------------------------------------------------------
+# Many adapters in one batch
+# ---------------------------------------------------------------------------------------------
+
+# LOLDU_API loldu_status loldu_grouped_forward(loldu_adapter *const *adapters, size_t count, int64_t batch,
+#                                              const int32_t *rows, const void *x, void *y);
+loldu_grouped_forward = _declare(
+    "loldu_grouped_forward",
+    loldu_status,
+    [POINTER(loldu_adapter_p), c_size_t, c_int64, POINTER(c_int32), c_void_p, c_void_p],
+)
+
+# LOLDU_API loldu_status loldu_grouped_backward(loldu_adapter *const *adapters, size_t count, int64_t batch,
+#                                               const int32_t *rows, const void *x, const void *dy, void *dx);
+loldu_grouped_backward = _declare(
+    "loldu_grouped_backward",
+    loldu_status,
+    [POINTER(loldu_adapter_p), c_size_t, c_int64, POINTER(c_int32), c_void_p, c_void_p, c_void_p],
+)
 
 # ---------------------------------------------------------------------------------------------
 # Merge, enable, compute path
@@ -516,6 +553,18 @@ loldu_set_num_threads = _declare("loldu_set_num_threads", loldu_status, [c_int])
 
 # LOLDU_API int loldu_get_num_threads(void);
 loldu_get_num_threads = _declare("loldu_get_num_threads", c_int, [])
+
+# ---------------------------------------------------------------------------------------------
+# GEMM libraries
+# ---------------------------------------------------------------------------------------------
+
+# LOLDU_API loldu_status loldu_gemm_backend(loldu_dtype dtype, loldu_backend *backend, const char **description);
+loldu_gemm_backend = _declare(
+    "loldu_gemm_backend", loldu_status, [loldu_dtype, POINTER(loldu_backend), POINTER(c_char_p)]
+)
+
+# LOLDU_API loldu_status loldu_set_widened_half(int widened);
+loldu_set_widened_half = _declare("loldu_set_widened_half", loldu_status, [c_int])
 
 
 # ---------------------------------------------------------------------------------------------

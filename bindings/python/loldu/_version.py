@@ -6,5 +6,5 @@ and minor version: the structs passed to it carry their size, and a library of a
 version may reject them.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 HEADER_VERSION = __version__

@@ -1,0 +1,143 @@
+/// The element types of weights and activations, and their conversions to the type the library
+/// computes and trains in (`Compute`: `Float` for float32, bfloat16 and float16; `Double` for
+/// float64). Parameters (`z`, `σ`), gradients, optimiser state and GEMM accumulation are in
+/// `Compute`; a half-precision weight or activation is widened exactly and results are rounded
+/// back once, to nearest even.
+public protocol Element: BitwiseCopyable, Sendable {
+    associatedtype Compute: BLASScalar & GEMMOperand where Compute.Compute == Compute
+    static var dtype: DType { get }
+
+    /// `dst[i] = Compute(src[i])`, exactly.
+    static func widen(_ src: UnsafePointer<Self>, to dst: UnsafeMutablePointer<Compute>, count: Int)
+    /// `dst[i] = src[i]` rounded to nearest even (overflow gives ±Inf, NaN stays NaN).
+    static func narrow(_ src: UnsafePointer<Compute>, to dst: UnsafeMutablePointer<Self>, count: Int)
+    /// Whether every element is finite, copying them to `destination` in the same pass when given.
+    static func allFinite(_ x: UnsafePointer<Self>, count: Int, copyingTo destination: UnsafeMutablePointer<Self>?) -> Bool
+}
+
+extension Element {
+    /// One value, widened.
+    @inline(__always)
+    static func wide(_ value: Self) -> Compute {
+        withUnsafePointer(to: value) { p in
+            var out: Compute = 0
+            widen(p, to: &out, count: 1)
+            return out
+        }
+    }
+
+    /// One value, rounded.
+    @inline(__always)
+    static func narrowed(_ value: Compute) -> Self {
+        withUnsafePointer(to: value) { p in
+            withUnsafeTemporaryAllocation(of: Self.self, capacity: 1) { out in
+                narrow(p, to: out.baseAddress!, count: 1)
+                return out[0]
+            }
+        }
+    }
+
+    /// Whether the element type is its own compute type (float32, float64): no conversions.
+    static var computesInPlace: Bool { Self.self == Compute.self }
+}
+
+extension Float: Element {
+    public typealias Compute = Float
+    public static func widen(_ src: UnsafePointer<Float>, to dst: UnsafeMutablePointer<Float>, count: Int) {
+        if src != UnsafePointer(dst) { dst.update(from: src, count: count) }
+    }
+    public static func narrow(_ src: UnsafePointer<Float>, to dst: UnsafeMutablePointer<Float>, count: Int) {
+        if src != UnsafePointer(dst) { dst.update(from: src, count: count) }
+    }
+}
+
+extension Double: Element {
+    public typealias Compute = Double
+    public static func widen(_ src: UnsafePointer<Double>, to dst: UnsafeMutablePointer<Double>, count: Int) {
+        if src != UnsafePointer(dst) { dst.update(from: src, count: count) }
+    }
+    public static func narrow(_ src: UnsafePointer<Double>, to dst: UnsafeMutablePointer<Double>, count: Int) {
+        if src != UnsafePointer(dst) { dst.update(from: src, count: count) }
+    }
+}
+
+/// bfloat16: the top half of a float32 (1 sign, 8 exponent, 7 mantissa bits), as PyTorch's
+/// `torch.bfloat16` and numpy's `ml_dtypes.bfloat16`.
+public struct BFloat16: Element, Equatable {
+    public typealias Compute = Float
+    public var bits: UInt16
+
+    public init(bits: UInt16) { self.bits = bits }
+
+    public static var dtype: DType { .bfloat16 }
+
+    public static func widen(_ src: UnsafePointer<BFloat16>, to dst: UnsafeMutablePointer<Float>, count: Int) {
+        let s = UnsafeRawPointer(src).assumingMemoryBound(to: UInt16.self)
+        let d = UnsafeMutableRawPointer(dst).assumingMemoryBound(to: UInt32.self)
+        for i in 0..<count { d[i] = UInt32(s[i]) << 16 }
+    }
+
+    /// Round to nearest even on the 16 discarded bits; NaN is kept a (quiet) NaN.
+    public static func narrow(_ src: UnsafePointer<Float>, to dst: UnsafeMutablePointer<BFloat16>, count: Int) {
+        let s = UnsafeRawPointer(src).assumingMemoryBound(to: UInt32.self)
+        let d = UnsafeMutableRawPointer(dst).assumingMemoryBound(to: UInt16.self)
+        for i in 0..<count {
+            let u = s[i]
+            let rounded = (u &+ 0x7FFF &+ ((u >> 16) & 1)) >> 16
+            let nan = (u & 0x7FFF_FFFF) > 0x7F80_0000
+            d[i] = UInt16(truncatingIfNeeded: nan ? (u >> 16) | 0x40 : rounded)
+        }
+    }
+
+    public static func allFinite(_ x: UnsafePointer<BFloat16>, count: Int, copyingTo destination: UnsafeMutablePointer<BFloat16>?) -> Bool {
+        allFiniteBits(x, count: count, copyingTo: destination.map { UnsafeMutableRawPointer($0) },
+                      exponentLowBit: UInt16(1) << 7, UInt16.self)
+    }
+}
+
+/// IEEE binary16, as `torch.float16` and `numpy.float16`. Conversions are written with integer
+/// operations (no F16C instructions needed), so they vectorise on any x86-64.
+extension Float16: Element {
+    public typealias Compute = Float
+    public static var dtype: DType { .float16 }
+
+    /// Exact: the 15 magnitude bits shifted into a float32 pattern whose exponent is off by
+    /// 127 − 15, fixed by one multiplication by 2¹¹² (which also normalises subnormals);
+    /// Inf and NaN get the all-ones float32 exponent instead.
+    public static func widen(_ src: UnsafePointer<Float16>, to dst: UnsafeMutablePointer<Float>, count: Int) {
+        let s = UnsafeRawPointer(src).assumingMemoryBound(to: UInt16.self)
+        let d = UnsafeMutableRawPointer(dst).assumingMemoryBound(to: UInt32.self)
+        for i in 0..<count {
+            let h = UInt32(s[i])
+            let magnitude = h & 0x7FFF
+            let scaled = (Float(bitPattern: magnitude << 13) * 0x1p112).bitPattern
+            let special = (magnitude << 13) | 0x7F80_0000
+            d[i] = (magnitude >= 0x7C00 ? special : scaled) | ((h & 0x8000) << 16)
+        }
+    }
+
+    /// Round to nearest even. Normal results: rebias the exponent and round on the 13 dropped
+    /// bits; subnormal results: one float32 addition of 0.5 (in the 2⁻²⁴ scale of float16's
+    /// smallest subnormal), which rounds to nearest even in hardware; overflow gives ±Inf.
+    public static func narrow(_ src: UnsafePointer<Float>, to dst: UnsafeMutablePointer<Float16>, count: Int) {
+        let s = UnsafeRawPointer(src).assumingMemoryBound(to: UInt32.self)
+        let d = UnsafeMutableRawPointer(dst).assumingMemoryBound(to: UInt16.self)
+        for i in 0..<count {
+            let u = s[i]
+            let sign = (u >> 16) & 0x8000
+            let a = u & 0x7FFF_FFFF
+            // Normal: exponent 127 → 15 (subtract 112 << 23), then round half to even.
+            let normal = (a &- (112 << 23) &+ 0xFFF &+ ((a >> 13) & 1)) >> 13
+            // Subnormal (|x| < 2⁻¹⁴): add 2⁻¹, in units where float16's 2⁻²⁴ is 1.
+            let subnormal = (Float(bitPattern: a) + 0.5).bitPattern &- Float(0.5).bitPattern
+            let finite = a < 0x3880_0000 ? subnormal : Swift.min(normal, 0x7C00)
+            let special: UInt32 = a > 0x7F80_0000 ? 0x7E00 : 0x7C00
+            d[i] = UInt16(truncatingIfNeeded: (a >= 0x4780_0000 ? special : finite) | sign)
+        }
+    }
+
+    public static func allFinite(_ x: UnsafePointer<Float16>, count: Int, copyingTo destination: UnsafeMutablePointer<Float16>?) -> Bool {
+        allFiniteBits(x, count: count, copyingTo: destination.map { UnsafeMutableRawPointer($0) },
+                      exponentLowBit: UInt16(1) << 10, UInt16.self)
+    }
+}

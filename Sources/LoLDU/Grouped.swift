@@ -1,0 +1,116 @@
+/// A batch whose rows belong to different adapters on the same frozen factors, at one adapter's
+/// cost: one pass of the factored kernels (``LDUFactors``) with a coefficient row per batch row.
+///
+///     y_b = x_b Wᵀ + ((x_b U_Rᵀ) ⊙ c_{a(b)}) A_Rᵀ + bias,   c_a = σ_a z_a − σ₀ z_ref,a
+///
+/// `R` is the largest rank among the adapters the rows use; a smaller adapter's `c` is padded
+/// with zeros, a row without adapter (`-1`) or of a disabled adapter has `c = 0` (the pretrained
+/// layer). A merged adapter computes with its merged coefficients, which are its current ones.
+/// The path is always the factored one, so that a row's result never depends on which other
+/// rows share its batch.
+extension Adapter {
+    /// The adapters a grouped call uses, each once, and the batch rows as indices into them.
+    public struct Group {
+        let adapters: [Adapter]
+        let rows: UnsafePointer<Int32>
+        /// The largest rank among `adapters` (at least 1).
+        var width: Int { adapters.map(\.rank).max() ?? 1 }
+
+        public init(adapters: [Adapter], rows: UnsafePointer<Int32>) {
+            self.adapters = adapters
+            self.rows = rows
+        }
+    }
+
+    /// `c` of every adapter of the group into a `count × width` table (zeros past each rank,
+    /// and for a disabled adapter).
+    private static func table(_ group: Group, width r: Int, into table: UnsafeMutablePointer<P>) {
+        for (i, adapter) in group.adapters.enumerated() {
+            let row = table + i * r
+            row.update(repeating: 0, count: r)
+            if adapter.enabled { adapter.coefficients(into: row) }
+        }
+    }
+
+    /// `y = x W_effᵀ + b` with every row's own adapter (the rows of ``Group``); `base` gives the
+    /// factors when no row uses an adapter.
+    public static func groupedForward(
+        _ group: Group, base: Adapter, batch: Int, x: UnsafePointer<E>, y: UnsafeMutablePointer<E>
+    ) throws(LoLDUError) {
+        guard batch > 0 else { return }
+        let factors = base.factors
+        let (m, n, r, count) = (factors.m, factors.n, group.width, group.adapters.count)
+        // Everything this call needs, before anything is written.
+        let coefficients = try HeapBuffer<P>(count: Swift.max(count, 1) * r)
+        let h = try HeapBuffer<P>(count: batch * r)
+        let work = G.self == P.self ? nil : try HeapBuffer<G>(count: batch * r)
+        let wideX = E.self == G.self ? nil : try HeapBuffer<G>(count: batch * n)
+        let out = E.computesInPlace ? nil : try HeapBuffer<P>(count: batch * m)
+        let yP = out?.pointer ?? UnsafeMutableRawPointer(y).assumingMemoryBound(to: P.self)
+
+        table(group, width: r, into: coefficients.pointer)
+        let xG = asOperand(x, count: batch * n, work: wideX?.pointer)
+        factors.multiplyWeight(batch: batch, x: xG, weight: factors.weightOperand, into: yP)
+        if count > 0 {
+            factors.project(batch: batch, r: r, x: xG, into: h.pointer)
+            factors.addLowRank(batch: batch, r: r, h: h.pointer, .init(table: coefficients.pointer, rows: group.rows),
+                               work: work?.pointer ?? UnsafeMutableRawPointer(h.pointer).assumingMemoryBound(to: G.self),
+                               into: yP)
+        }
+        if let out { E.narrow(out.pointer, to: y, count: batch * m) }
+    }
+
+    /// Backward of ``groupedForward``: writes `dX` (when given) for every row, and accumulates
+    /// each adapter's `dz`, `dσ` (enabled, unmerged adapters) and `db` from its own rows only.
+    public static func groupedBackward(
+        _ group: Group, base: Adapter, batch: Int, x: UnsafePointer<E>, dy: UnsafePointer<E>,
+        dx: UnsafeMutablePointer<E>?
+    ) throws(LoLDUError) {
+        guard batch > 0 else { return }
+        let factors = base.factors
+        let (m, n, r, count) = (factors.m, factors.n, group.width, group.adapters.count)
+        // Everything this call needs, before anything is written (gradients included).
+        var grads: [UnsafeMutablePointer<P>?] = []
+        var biasGrads: [UnsafeMutablePointer<P>?] = []
+        for adapter in group.adapters {
+            grads.append(adapter.enabled && !adapter.merged ? try adapter.grads() : nil)
+            biasGrads.append(try adapter.biasGrad())
+        }
+        let coefficients = try HeapBuffer<P>(count: Swift.max(count, 1) * r)
+        let scores = try HeapBuffer<P>(repeating: 0, count: Swift.max(count, 1) * r)
+        let h = try HeapBuffer<P>(count: batch * r), g = try HeapBuffer<P>(count: batch * r)
+        let work = G.self == P.self ? nil : try HeapBuffer<G>(count: batch * r)
+        let wideX = E.self == G.self ? nil : try HeapBuffer<G>(count: batch * n)
+        let wideDY = E.self == G.self ? nil : try HeapBuffer<G>(count: batch * m)
+        let out = dx == nil || E.computesInPlace ? nil : try HeapBuffer<P>(count: batch * n)
+        let row = try HeapBuffer<P>(count: m)
+
+        table(group, width: r, into: coefficients.pointer)
+        let rows = LDUFactors<E, G>.Rows(table: coefficients.pointer, rows: group.rows)
+        let xG = asOperand(x, count: batch * n, work: wideX?.pointer)
+        let dyG = asOperand(dy, count: batch * m, work: wideDY?.pointer)
+        if count > 0 {
+            factors.project(batch: batch, r: r, x: xG, into: h.pointer)
+            factors.gather(batch: batch, r: r, dy: dyG, into: g.pointer)
+            factors.accumulateScores(batch: batch, r: r, h: h.pointer, g: g.pointer, rows, into: scores.pointer)
+            for (i, adapter) in group.adapters.enumerated() {
+                if let dz = grads[i] { adapter.accumulateScores(scores.pointer + i * r, into: dz) }
+            }
+            for b in 0..<batch {
+                let a = Int(group.rows[b])
+                guard a >= 0, let db = biasGrads[a] else { continue }
+                E.widen(dy + b * m, to: row.pointer, count: m)
+                for i in 0..<m { db[i] += row.pointer[i] }
+            }
+        }
+        guard let dx else { return }
+        let dxP = out?.pointer ?? UnsafeMutableRawPointer(dx).assumingMemoryBound(to: P.self)
+        factors.multiplyWeightBackward(batch: batch, dy: dyG, weight: factors.weightOperand, into: dxP)
+        if count > 0 {
+            factors.addLowRankBackward(batch: batch, r: r, g: g.pointer, rows,
+                                       work: work?.pointer ?? UnsafeMutableRawPointer(g.pointer).assumingMemoryBound(to: G.self),
+                                       into: dxP)
+        }
+        if let out { E.narrow(out.pointer, to: dx, count: batch * n) }
+    }
+}

@@ -1,0 +1,151 @@
+/// The GEMM sequences of a LoLDU layer over shared frozen factors, written once for one adapter
+/// and for a batch whose rows belong to different adapters.
+///
+/// With `A = P L_R` (`m × R`), `U = U_R` (`R × n`) and a coefficient row `c_b` per batch row
+/// (`c = σ z − σ₀ z_ref`, zero past the adapter's rank and for rows without adapter):
+///
+///     y_b  = x_b Wᵀ + ((x_b U_rᵀ) ⊙ c_b) A_rᵀ + bias         h = x U_rᵀ
+///     dX_b = dY_b W + ((dY_b A_r) ⊙ c_b) U_r                   g = dY A_r
+///     s_a  = Σ_{b in adapter a} h_b ⊙ g_b                      (dz_a = σ_a s_a, dσ_a = z_a · s_a)
+///
+/// `r` is the number of factor columns the call uses (the adapter's rank, or the largest rank in
+/// a grouped call): a rank-`r` adapter uses the first `r` columns of `A` and rows of `U`.
+/// Products run on operands of type `G` into `P` (see ``LDUFactors``); elementwise work is in `P`.
+extension LDUFactors {
+    /// Coefficients per batch row: row `b` uses `table[index(b) * r ..< +r]`, or zeros when
+    /// `index(b) < 0`; without `rows`, every row uses table row 0.
+    struct Rows {
+        let table: UnsafePointer<P>
+        let rows: UnsafePointer<Int32>?
+
+        @inline(__always) func index(_ b: Int) -> Int { rows.map { Int($0[b]) } ?? 0 }
+    }
+
+    /// `y = x Wᵀ + bias` with `weight` (`W`, or a merged `W_eff`) as the operand.
+    func multiplyWeight(batch: Int, x: UnsafePointer<G>, weight: UnsafePointer<G>, into y: UnsafeMutablePointer<P>) {
+        var accumulate = false
+        if let bias {
+            for b in 0..<batch { (y + b * m).update(from: bias.pointer, count: m) }
+            accumulate = true
+        }
+        G.multiply(transA: false, transB: true, m: batch, n: m, k: n, a: x, lda: n, b: weight, ldb: n,
+                   accumulate: accumulate, c: y, ldc: m)
+    }
+
+    /// `h = x U_rᵀ` (`batch × r`).
+    func project(batch: Int, r: Int, x: UnsafePointer<G>, into h: UnsafeMutablePointer<P>) {
+        G.multiply(transA: false, transB: true, m: batch, n: r, k: n, a: x, lda: n, b: upperOperand, ldb: n,
+                   accumulate: false, c: h, ldc: r)
+    }
+
+    /// `g = dY A_r` (`batch × r`).
+    func gather(batch: Int, r: Int, dy: UnsafePointer<G>, into g: UnsafeMutablePointer<P>) {
+        G.multiply(transA: false, transB: false, m: batch, n: r, k: m, a: dy, lda: m, b: lowerOperand, ldb: rank,
+                   accumulate: false, c: g, ldc: r)
+    }
+
+    /// `y += (h ⊙ c) A_rᵀ`; `work` holds `h ⊙ c` as an operand (`batch × r` of `G`, the same
+    /// memory as `h` may be used when `G` is `P`).
+    func addLowRank(batch: Int, r: Int, h: UnsafePointer<P>, _ c: Rows, work: UnsafeMutablePointer<G>, into y: UnsafeMutablePointer<P>) {
+        scaleRows(batch: batch, r: r, h, c, into: work)
+        G.multiply(transA: false, transB: true, m: batch, n: m, k: r, a: work, lda: r, b: lowerOperand, ldb: rank,
+                   accumulate: true, c: y, ldc: m)
+    }
+
+    /// `dX = dY weight` (`batch × n`).
+    func multiplyWeightBackward(batch: Int, dy: UnsafePointer<G>, weight: UnsafePointer<G>, into dx: UnsafeMutablePointer<P>) {
+        G.multiply(transA: false, transB: false, m: batch, n: n, k: m, a: dy, lda: m, b: weight, ldb: n,
+                   accumulate: false, c: dx, ldc: n)
+    }
+
+    /// `dX += (g ⊙ c) U_r`, with `work` as in ``addLowRank``.
+    func addLowRankBackward(batch: Int, r: Int, g: UnsafePointer<P>, _ c: Rows, work: UnsafeMutablePointer<G>, into dx: UnsafeMutablePointer<P>) {
+        scaleRows(batch: batch, r: r, g, c, into: work)
+        G.multiply(transA: false, transB: false, m: batch, n: n, k: r, a: work, lda: r, b: upperOperand, ldb: n,
+                   accumulate: true, c: dx, ldc: n)
+    }
+
+    /// `out_b = v_b ⊙ c_b` as operands (rounded once when `G` is a half type).
+    private func scaleRows(batch: Int, r: Int, _ v: UnsafePointer<P>, _ c: Rows, into out: UnsafeMutablePointer<G>) {
+        withUnsafeTemporaryAllocation(of: P.self, capacity: r) { row in
+            let row = row.baseAddress!
+            for b in 0..<batch {
+                let a = c.index(b)
+                let source = v + b * r
+                if G.self == P.self {
+                    let target = UnsafeMutableRawPointer(out + b * r).assumingMemoryBound(to: P.self)
+                    if a < 0 {
+                        target.update(repeating: 0, count: r)
+                    } else {
+                        let coef = c.table + a * r
+                        for k in 0..<r { target[k] = source[k] * coef[k] }
+                    }
+                } else {
+                    if a < 0 {
+                        row.update(repeating: 0, count: r)
+                    } else {
+                        let coef = c.table + a * r
+                        for k in 0..<r { row[k] = source[k] * coef[k] }
+                    }
+                    G.narrow(row, to: out + b * r, count: r)
+                }
+            }
+        }
+    }
+
+    /// `scores[index(b)] += h_b ⊙ g_b` for every row with an adapter (`scores`: one row of `r`
+    /// per table row).
+    func accumulateScores(batch: Int, r: Int, h: UnsafePointer<P>, g: UnsafePointer<P>, _ c: Rows, into scores: UnsafeMutablePointer<P>) {
+        for b in 0..<batch {
+            let a = c.index(b)
+            guard a >= 0 else { continue }
+            let s = scores + a * r, hb = h + b * r, gb = g + b * r
+            for k in 0..<r { s[k] += hb[k] * gb[k] }
+        }
+    }
+
+    /// `s_k = (Aᵀ G U_rᵀ)_kk` for a weight gradient `G` (`m × n`, in `P`), with `work` (`r × n`).
+    func weightScores(r: Int, _ gradient: UnsafePointer<P>, work: UnsafeMutablePointer<P>, into s: UnsafeMutablePointer<P>) {
+        P.gemm(transA: true, transB: false, m: r, n: n, k: m, alpha: 1, a: lower.pointer, lda: rank,
+               b: gradient, ldb: n, beta: 0, c: work, ldc: n)
+        let u = upper.pointer
+        for k in 0..<r {
+            var sum: P = 0
+            for j in 0..<n { sum += work[k * n + j] * u[k * n + j] }
+            s[k] = sum
+        }
+    }
+
+    /// `W + A_r diag(c) U_r` (`m × n`) into `out` as an operand; `scaled` (`m × r` of `P`) and,
+    /// when `G` is not `P`, `wide` (`m × n` of `P`) are work space.
+    func buildEffective(r: Int, _ c: UnsafePointer<P>, into out: UnsafeMutablePointer<G>,
+                        scaled: UnsafeMutablePointer<P>, wide: UnsafeMutablePointer<P>?) {
+        let a = lower.pointer
+        for i in 0..<m {
+            for k in 0..<r { scaled[i * r + k] = a[i * rank + k] * c[k] }
+        }
+        let sum: UnsafeMutablePointer<P>
+        if G.self == P.self {
+            sum = UnsafeMutableRawPointer(out).assumingMemoryBound(to: P.self)
+            sum.update(from: UnsafeRawPointer(weightOperand).assumingMemoryBound(to: P.self), count: m * n)
+        } else {
+            sum = wide!
+            E.widen(weight, to: sum, count: m * n)
+        }
+        P.gemm(transA: false, transB: false, m: m, n: n, k: r, alpha: 1, a: scaled, lda: r,
+               b: upper.pointer, ldb: n, beta: 1, c: sum, ldc: n)
+        if G.self != P.self { G.narrow(sum, to: out, count: m * n) }
+    }
+}
+
+/// A buffer an element type reads as operands of type `G`: `source` itself when the types agree,
+/// else widened into `work` (which must hold `count` elements of `G`).
+@inline(__always)
+func asOperand<E: Element, G: Element>(_ source: UnsafePointer<E>, count: Int, work: UnsafeMutablePointer<G>?) -> UnsafePointer<G>
+where G.Compute == E.Compute {
+    if G.self == E.self { return UnsafeRawPointer(source).assumingMemoryBound(to: G.self) }
+    // The only other pairing: a half type widened to its compute type.
+    let target = UnsafeMutableRawPointer(work!).assumingMemoryBound(to: E.Compute.self)
+    E.widen(source, to: target, count: count)
+    return UnsafePointer(work!)
+}
