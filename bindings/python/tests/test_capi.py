@@ -21,7 +21,7 @@ from conftest import HEADER, PACKAGE_ROOT, run_python
 PROTOTYPE = re.compile(r"LOLDU_API\s+([^;{}]*?)\b(loldu_\w+)\s*\(([^;]*?)\)\s*;", re.S)
 HANDLES = {"loldu_adapter", "loldu_optimizer", "loldu_checkpoint"}
 STRUCTS = {"loldu_config", "loldu_adapter_info", "loldu_optimizer_config"}
-ENUMS = {"loldu_status", "loldu_dtype", "loldu_factor", "loldu_path", "loldu_optimizer_kind"}
+ENUMS = {"loldu_status", "loldu_dtype", "loldu_factor", "loldu_path", "loldu_optimizer_kind", "loldu_backend"}
 SCALARS = {
     "unsigned": ctypes.c_uint,
     "int": ctypes.c_int,
