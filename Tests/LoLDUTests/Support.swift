@@ -102,6 +102,19 @@ final class TestAdapter<T: TestScalar> {
         self.bias = bias
     }
 
+    /// Takes ownership of an existing handle.
+    init(adopting handle: OpaquePointer, m: Int, n: Int, rank: Int) {
+        self.handle = handle
+        self.m = m
+        self.n = n
+        self.rank = rank
+        var w = [T](repeating: 0, count: m * n)
+        _ = loldu_get_factor(handle, LOLDU_FACTOR_WEIGHT, &w)
+        weight = w
+        var b = [T](repeating: 0, count: m)
+        bias = loldu_get_factor(handle, LOLDU_FACTOR_BIAS, &b) == LOLDU_OK ? b : nil
+    }
+
     deinit { loldu_adapter_free(handle) }
 
     var info: loldu_adapter_info {
