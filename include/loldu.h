@@ -268,6 +268,19 @@ LOLDU_API loldu_status loldu_adapter_clone(loldu_adapter **out, const loldu_adap
 LOLDU_API loldu_status loldu_adapter_derive(loldu_adapter **out, const loldu_adapter *base,
                                             const loldu_config *config);
 
+/**
+ * Creates an adapter of element type `dtype` that computes what `src` computes with its weight
+ * and bias rounded to `dtype` (nearest even): `src`'s factorisation (A, D_r, U_r, pivots;
+ * shared, not copied), copies of W and the bias rounded once, and a copy of `src`'s
+ * configuration, z, σ and path;
+ * zero gradients, enabled, unmerged. What a PyTorch layer computes under
+ * torch.autocast(dtype=torch.bfloat16): the same parameters on the rounded weight. float32,
+ * bfloat16 and float16 convert among themselves (their parameters are float); float64 does not.
+ * @return LOLDU_ERR_INVALID_ARGUMENT for float64 on either side; LOLDU_ERR_NOT_FINITE if W
+ *         overflows `dtype` (float16's range is ±65504).
+ */
+LOLDU_API loldu_status loldu_adapter_convert(loldu_adapter **out, const loldu_adapter *src, loldu_dtype dtype);
+
 /** Frees an adapter. NULL is a no-op; so is anything that is not a live adapter handle. */
 LOLDU_API void loldu_adapter_free(loldu_adapter *adapter);
 

@@ -1,5 +1,15 @@
 import Glibc
 
+/// What defines an adapter on its factors (its configuration, `z`, `σ`, `z_ref`, path), in
+/// `Double`, exact for both compute types: to copy it onto the same or converted factors.
+public struct AdapterDefinition: Sendable {
+    let config: AdapterConfig
+    let params: [Double]
+    let zRef: [Double]?
+    let sigma0: Double
+    let path: ComputePath
+}
+
 /// One LoLDU adapter on a base layer: `y = x W_effᵀ + b` with
 /// `W_eff = W + A diag(c) U_r`, `c = σ z − σ₀ z_ref` (`A = P L_r`).
 ///
@@ -89,27 +99,32 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         self.zRef = zRef
     }
 
-    /// A copy of `source`'s configuration, `z` and `σ` on the same factors, with zero gradients,
-    /// enabled and unmerged.
-    private init(copying source: Adapter) throws(LoLDUError) {
-        let r = source.rank
+    public var definition: AdapterDefinition {
+        AdapterDefinition(config: config, params: (0...rank).map { Double(params[$0]) },
+                   zRef: zRef.map { z in (0..<rank).map { Double(z[$0]) } }, sigma0: Double(sigma0), path: path)
+    }
+
+    /// An adapter with `definition` on `factors` (the same factors, or converted ones), with
+    /// zero gradients, enabled and unmerged.
+    public init(factors: LDUFactors<E, G>, definition d: AdapterDefinition) throws(LoLDUError) {
+        let r = d.config.rank
         guard let params = Self.allocate(r + 1) else { throw LoLDUError(.outOfMemory, "out of memory allocating z") }
-        params.update(from: source.params, count: r + 1)
+        for k in 0...r { params[k] = P(d.params[k]) }
         var zRef: UnsafeMutablePointer<P>? = nil
-        if let sourceRef = source.zRef {
+        if let values = d.zRef {
             guard let made = Self.allocate(r) else {
                 free(params)
                 throw LoLDUError(.outOfMemory, "out of memory allocating z_ref")
             }
-            made.update(from: sourceRef, count: r)
+            for k in 0..<r { made[k] = P(values[k]) }
             zRef = made
         }
-        factors = source.factors
-        config = source.config
+        self.factors = factors
+        config = d.config
         self.params = params
-        sigma0 = source.sigma0
+        sigma0 = P(d.sigma0)
         self.zRef = zRef
-        path = source.path
+        path = d.path
     }
 
     deinit {
@@ -127,7 +142,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
 
     /// A new adapter sharing these frozen factors, with a copy of the current `z` and `σ`,
     /// zero gradients, enabled and unmerged.
-    public func clone() throws(LoLDUError) -> Adapter { try Adapter(copying: self) }
+    public func clone() throws(LoLDUError) -> Adapter { try Adapter(factors: factors, definition: definition) }
 
     // MARK: Gradients, allocated on first use
 

@@ -53,6 +53,9 @@ public protocol AnyAdapter: AnyObject, Sendable {
     func cloneAdapter() throws(LoLDUError) -> any AnyAdapter
     /// A new adapter on the same factors with its own configuration (rank ≤ ``factorRank``).
     func derive(_ config: AdapterConfig) throws(LoLDUError) -> any AnyAdapter
+    /// This adapter (configuration, `z`, `σ`, factorisation) over the weight rounded to `dtype`
+    /// (float32, bfloat16 and float16 convert among themselves).
+    func converted(to dtype: DType) throws(LoLDUError) -> any AnyAdapter
     func checkMutable(_ what: String) throws(LoLDUError)
     /// Sets `z` (`rank` values) and `σ`, rounded to the parameter type, both or neither.
     func setParameters(z: [Double], sigma: Double) throws(LoLDUError)
@@ -72,21 +75,68 @@ public enum Factor: Sendable {
     case bias       // b, m (element type)
 }
 
-/// Creates an adapter whose weight has element type `dtype`, its GEMMs on the backend this CPU
-/// gets for that type (``GEMMBackend``).
+/// Something that builds an adapter once told its element type `E` and GEMM operand type `G`.
+protocol AdapterMaker {
+    func make<E: Element, G: GEMMOperand>(_: E.Type, _: G.Type) throws(LoLDUError) -> any AnyAdapter where G.Compute == E.Compute
+}
+
+extension AdapterMaker {
+    /// Builds the adapter for element type `dtype` with the GEMM operands this CPU gets for it
+    /// (``GEMMBackend``): the one table from dtypes to Swift types.
+    func make(_ dtype: DType) throws(LoLDUError) -> any AnyAdapter {
+        switch (dtype, GEMMBackend.backend(for: dtype)) {
+        case (.float32, _): return try make(Float.self, Float.self)
+        case (.float64, _): return try make(Double.self, Double.self)
+        case (.bfloat16, .widened): return try make(BFloat16.self, Float.self)
+        case (.bfloat16, _): return try make(BFloat16.self, BFloat16.self)
+        case (.float16, _): return try make(Float16.self, Float.self)
+        }
+    }
+}
+
+/// Creates an adapter whose weight has element type `dtype`.
 public func makeAdapter(
     dtype: DType, m: Int, n: Int, weight: UnsafeRawPointer, bias: UnsafeRawPointer?, config: AdapterConfig
 ) throws(LoLDUError) -> any AnyAdapter {
-    func make<E: Element, G: GEMMOperand>(_: E.Type, _: G.Type) throws(LoLDUError) -> any AnyAdapter where G.Compute == E.Compute {
-        try Adapter<E, G>(m: m, n: n, weight: weight.assumingMemoryBound(to: E.self),
-                          bias: bias?.assumingMemoryBound(to: E.self), config: config)
+    struct Factoring: AdapterMaker {
+        let m: Int, n: Int, weight: UnsafeRawPointer, bias: UnsafeRawPointer?, config: AdapterConfig
+        func make<E: Element, G: GEMMOperand>(_: E.Type, _: G.Type) throws(LoLDUError) -> any AnyAdapter where G.Compute == E.Compute {
+            try Adapter<E, G>(m: m, n: n, weight: weight.assumingMemoryBound(to: E.self),
+                              bias: bias?.assumingMemoryBound(to: E.self), config: config)
+        }
     }
-    switch (dtype, GEMMBackend.backend(for: dtype)) {
-    case (.float32, _): return try make(Float.self, Float.self)
-    case (.float64, _): return try make(Double.self, Double.self)
-    case (.bfloat16, .widened): return try make(BFloat16.self, Float.self)
-    case (.bfloat16, _): return try make(BFloat16.self, BFloat16.self)
-    case (.float16, _): return try make(Float16.self, Float.self)
+    return try Factoring(m: m, n: n, weight: weight, bias: bias, config: config).make(dtype)
+}
+
+/// Builds `source`'s adapter for another element type with the same compute type: the
+/// factorisation shared, the weight and bias rounded once, the definition copied.
+private struct Converting<E: Element, G: GEMMOperand>: AdapterMaker where G.Compute == E.Compute {
+    let source: Adapter<E, G>
+
+    func make<E2: Element, G2: GEMMOperand>(_: E2.Type, _: G2.Type) throws(LoLDUError) -> any AnyAdapter where G2.Compute == E2.Compute {
+        guard E2.Compute.self == E.Compute.self else {
+            throw .invalid("cannot convert a \(E.dtype.name) adapter to \(E2.dtype.name): the parameters would change type")
+        }
+        let f = source.factors
+        // Same compute type (checked): the parts are the same types, reinterpreted statically.
+        let parts = unsafeBitCast(f.factorization, to: LDUFactors<E2, G2>.Factorization.self)
+        var bias: HeapBuffer<E2.Compute>? = nil
+        if let source = f.bias {  // rounded to E2 too, as autocast rounds it
+            let rounded = try HeapBuffer<E2>(count: f.m), wide = try HeapBuffer<E2.Compute>(count: f.m)
+            E2.narrow(UnsafeRawPointer(source.pointer).assumingMemoryBound(to: E2.Compute.self), to: rounded.pointer, count: f.m)
+            E2.widen(rounded.pointer, to: wide.pointer, count: f.m)
+            bias = wide
+        }
+        let factors = try LDUFactors<E2, G2>(m: f.m, n: f.n, sharing: parts, bias: bias) { out in
+            withUnsafeTemporaryAllocation(of: E.Compute.self, capacity: 4096) { chunk in
+                for start in stride(from: 0, to: f.m * f.n, by: 4096) {
+                    let count = Swift.min(4096, f.m * f.n - start)
+                    E.widen(f.weight + start, to: chunk.baseAddress!, count: count)
+                    E2.narrow(UnsafeRawPointer(chunk.baseAddress!).assumingMemoryBound(to: E2.Compute.self), to: out + start, count: count)
+                }
+            }
+        }
+        return try Adapter<E2, G2>(factors: factors, definition: source.definition)
     }
 }
 
@@ -186,6 +236,10 @@ extension Adapter: AnyAdapter {
 
     public func derive(_ config: AdapterConfig) throws(LoLDUError) -> any AnyAdapter {
         try Adapter(factors: factors, config: config)
+    }
+
+    public func converted(to dtype: DType) throws(LoLDUError) -> any AnyAdapter {
+        try Converting(source: self).make(dtype)
     }
 
     public func setParameters(z values: [Double], sigma: Double) throws(LoLDUError) {

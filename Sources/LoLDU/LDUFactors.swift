@@ -67,31 +67,96 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     /// The scale of the degeneracy test, in units of `ε_double · max(m, r) · g`.
     static var degenerateScale: Double { 0x1p16 }
 
+    /// The factorisation proper: what adapters of different element types may share.
+    public struct Factorization: @unchecked Sendable {
+        let lower: HeapBuffer<P>, upper: HeapBuffer<P>
+        let diagonal: [P], pivots: [Int32], degeneratePivots: Int
+    }
+
     /// Factors `weight` (`m × n`, row-major). Refuses NaN and ±Inf with `notFinite`.
     /// With `borrowWeight`, keeps `source` itself instead of a copy: the caller guarantees that it
     /// outlives every adapter on these factors and does not change.
-    public init(
+    public convenience init(
         m: Int, n: Int, rank r: Int, weight source: UnsafePointer<E>, bias biasSource: UnsafePointer<E>?,
         borrowWeight: Bool = false
     ) throws(LoLDUError) {
+        let storage = borrowWeight ? nil : try HeapBuffer<E>(count: m * n)
+        try checkFinite(source, count: m * n, copyingTo: storage?.pointer, name: "weight", columns: n)
+        let weight = storage.map { UnsafePointer($0.pointer) } ?? source
+        let parts = try Self.factorize(m: m, n: n, rank: r, weight: weight)
+        try self.init(m: m, n: n, weight: weight, storage: storage, bias: try Self.bias(biasSource, m: m), parts: parts)
+    }
+
+    /// `factorization` (of another element type's weight with the same compute type) for its
+    /// weight rounded to `E`: `fill` writes the `m × n` rounded weight; `bias` is shared.
+    public convenience init(
+        m: Int, n: Int, sharing parts: Factorization, bias: HeapBuffer<P>?,
+        weight fill: (UnsafeMutablePointer<E>) -> Void
+    ) throws(LoLDUError) {
+        let storage = try HeapBuffer<E>(count: m * n)
+        fill(storage.pointer)
+        try checkFinite(UnsafePointer(storage.pointer), count: m * n, name: "the weight rounded to \(E.dtype.name)", columns: n)
+        try self.init(m: m, n: n, weight: UnsafePointer(storage.pointer), storage: storage, bias: bias, parts: parts)
+    }
+
+    private static func bias(_ source: UnsafePointer<E>?, m: Int) throws(LoLDUError) -> HeapBuffer<P>? {
+        guard let source else { return nil }
+        try checkFinite(source, count: m, name: "bias")
+        let b = try HeapBuffer<P>(count: m)
+        E.widen(source, to: b.pointer, count: m)
+        return b
+    }
+
+    private init(
+        m: Int, n: Int, weight: UnsafePointer<E>, storage: HeapBuffer<E>?, bias: HeapBuffer<P>?, parts: Factorization
+    ) throws(LoLDUError) {
+        let r = parts.diagonal.count
         self.m = m
         self.n = n
         self.rank = r
-        weightStorage = borrowWeight ? nil : try HeapBuffer(count: m * n)
-        weight = weightStorage.map { UnsafePointer($0.pointer) } ?? source
-        try checkFinite(source, count: m * n, copyingTo: weightStorage?.pointer, name: "weight", columns: n)
-        if let biasSource {
-            try checkFinite(biasSource, count: m, name: "bias")
-            let b = try HeapBuffer<P>(count: m)
-            E.widen(biasSource, to: b.pointer, count: m)
-            bias = b
-        } else {
-            bias = nil
-        }
+        self.weight = weight
+        weightStorage = storage
+        self.bias = bias
+        lower = parts.lower
+        upper = parts.upper
+        diagonal = parts.diagonal
+        pivots = parts.pivots
+        degeneratePivots = parts.degeneratePivots
 
+        // The GEMM operands.
+        var operands: [HeapBuffer<G>] = []
+        func operand(_ values: UnsafePointer<P>, count: Int) throws(LoLDUError) -> UnsafePointer<G> {
+            if G.self == P.self { return UnsafeRawPointer(values).assumingMemoryBound(to: G.self) }
+            let copy = try HeapBuffer<G>(count: count)
+            G.narrow(values, to: copy.pointer, count: count)
+            operands.append(copy)
+            return UnsafePointer(copy.pointer)
+        }
+        if G.self == E.self {
+            weightOperand = UnsafeRawPointer(weight).assumingMemoryBound(to: G.self)
+        } else {  // a half type widened: W once in float32
+            let wide = try HeapBuffer<G>(count: m * n)
+            E.widen(weight, to: UnsafeMutableRawPointer(wide.pointer).assumingMemoryBound(to: P.self), count: m * n)
+            operands.append(wide)
+            weightOperand = UnsafePointer(wide.pointer)
+        }
+        lowerOperand = try operand(lower.pointer, count: m * r)
+        upperOperand = try operand(upper.pointer, count: r * n)
+        operandStorage = operands
+        printLock = .allocate(capacity: 1)
+        pthread_mutex_init(printLock, nil)
+    }
+
+    /// The factorisation, for factors of another element type on the same weight's values.
+    public var factorization: Factorization {
+        Factorization(lower: lower, upper: upper, diagonal: diagonal, pivots: pivots, degeneratePivots: degeneratePivots)
+    }
+
+    /// Steps 1–4: the panel LU in double, `U₁₂` by one triangular solve, `D_r` and `U_r` with the
+    /// degenerate-pivot fallback, and `A = P L_r`.
+    private static func factorize(m: Int, n: Int, rank r: Int, weight w: UnsafePointer<E>) throws(LoLDUError) -> Factorization {
         // 1. getrf of the m × r panel W[:, :r], gathered column-major in double.
         let panel = try HeapBuffer<Double>(count: m * r)
-        let w = weight
         var scale = gatherPanel(w, n: n, into: panel.pointer, m: m, r: r)  // g, then with U₁₁ below
         var ipiv = [Int32](repeating: 0, count: r)
         let info = ipiv.withUnsafeMutableBufferPointer { Double.getrf(m: m, n: r, a: panel.pointer, lda: m, ipiv: $0.baseAddress!) }
@@ -130,7 +195,7 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
 
         // 3. D_r and U_r = D_r⁻¹ U[:r, :], with the degenerate-pivot fallback, rounded to P.
         let tolerance = Self.degenerateScale * Double.ulpOfOne * Double(Swift.max(m, r)) * scale
-        upper = try HeapBuffer(count: r * n)
+        let upper = try HeapBuffer<P>(count: r * n)
         var diagonal = [P](repeating: 0, count: r)
         var degenerate = 0
         for j in 0..<r {
@@ -152,11 +217,9 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
         if let j = diagonal.firstIndex(where: { !$0.isFinite }) {
             throw LoLDUError(.notFinite, "the LU of weight overflows \(P.dtype.name): pivot \(j) is \(u[j * n + j]); scale the weight down or use float64")
         }
-        self.diagonal = diagonal
-        degeneratePivots = degenerate
 
         // 4. A = P L_r: row perm[i] of A is row i of the unit lower-trapezoidal L_r.
-        lower = try HeapBuffer(count: m * r)
+        let lower = try HeapBuffer<P>(count: m * r)
         let a = lower.pointer
         for block in stride(from: 0, to: m, by: transposeBlock) {
             let rows = block..<Swift.min(block + transposeBlock, m)
@@ -166,30 +229,7 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
                 }
             }
         }
-        pivots = ipiv
-
-        // 5. The GEMM operands.
-        var storage: [HeapBuffer<G>] = []
-        func operand(_ values: UnsafePointer<P>, count: Int) throws(LoLDUError) -> UnsafePointer<G> {
-            if G.self == P.self { return UnsafeRawPointer(values).assumingMemoryBound(to: G.self) }
-            let copy = try HeapBuffer<G>(count: count)
-            G.narrow(values, to: copy.pointer, count: count)
-            storage.append(copy)
-            return UnsafePointer(copy.pointer)
-        }
-        if G.self == E.self {
-            weightOperand = UnsafeRawPointer(weight).assumingMemoryBound(to: G.self)
-        } else {  // a half type widened: W once in float32
-            let wide = try HeapBuffer<G>(count: m * n)
-            E.widen(weight, to: UnsafeMutableRawPointer(wide.pointer).assumingMemoryBound(to: P.self), count: m * n)
-            storage.append(wide)
-            weightOperand = UnsafePointer(wide.pointer)
-        }
-        lowerOperand = try operand(lower.pointer, count: m * r)
-        upperOperand = try operand(upper.pointer, count: r * n)
-        operandStorage = storage
-        printLock = .allocate(capacity: 1)
-        pthread_mutex_init(printLock, nil)
+        return Factorization(lower: lower, upper: upper, diagonal: diagonal, pivots: ipiv, degeneratePivots: degenerate)
     }
 
     deinit {

@@ -44,6 +44,15 @@ public func lolduAdapterDerive(
     }
 }
 
+@_cdecl("loldu_adapter_convert")
+public func lolduAdapterConvert(_ out: UnsafeMutablePointer<OpaquePointer?>?, _ source: OpaquePointer?, _ dtype: Int32) -> Int32 {
+    status { () throws(LoLDUError) in
+        let out = try Check.nonNull(out, "out")
+        let adapter = try adapters.get(source, "src")
+        out.pointee = adapters.insert(try adapter.converted(to: try Check.dtype(dtype)))
+    }
+}
+
 @_cdecl("loldu_adapter_free")
 public func lolduAdapterFree(_ handle: OpaquePointer?) {
     adapters.remove(handle)

@@ -197,6 +197,40 @@ import Testing
         }
     }
 
+    /// A float32 adapter converted to bf16 (what autocast computes): the same factorisation, z and
+    /// σ, the weight rounded once; at initialisation it is exactly the bf16 layer.
+    @Test func convertedAdapterSharesTheFactorisation() throws {
+        var random = TestRandom(9)
+        let (m, n, r, batch) = (18, 14, 5, 4)
+        let w: [Float] = random.array(m * n), b: [Float] = random.array(m)
+        let source = try TestAdapter<Float>(m: m, n: n, weight: w, bias: b) { $0.rank = Int64(r) }
+        var converted: OpaquePointer?
+        #expect(loldu_adapter_convert(&converted, source.handle, LOLDU_BFLOAT16) == LOLDU_OK, "\(String(cString: loldu_last_error()))")
+        defer { loldu_adapter_free(converted) }
+        let rounded = w.map(Half.bf16.round), roundedBias = b.map(Half.bf16.round)
+        let direct = try Self.adapter(LOLDU_BFLOAT16, m: m, n: n, weight: rounded, bias: roundedBias, rank: r)
+        defer { loldu_adapter_free(direct) }
+        let x = Self.values(.bf16, batch * n, &random)
+        var y = [UInt16](repeating: 0, count: batch * m), yDirect = y
+        #expect(loldu_forward(converted, Int64(batch), x, &y, nil) == LOLDU_OK)
+        #expect(loldu_forward(direct, Int64(batch), x, &yDirect, nil) == LOLDU_OK)
+        #expect(y == yDirect, "at initialisation: the bf16 layer on the rounded weight")
+        var pivots = [Int32](repeating: 0, count: r), lower = [Float](repeating: 0, count: m * r)
+        #expect(loldu_get_pivots(converted, &pivots) == LOLDU_OK && pivots == source.pivots)
+        #expect(loldu_get_factor(converted, LOLDU_FACTOR_LOWER, &lower) == LOLDU_OK && lower == source.factor(LOLDU_FACTOR_LOWER))
+        source.z = (0..<r).map { Float($0) }
+        var again: OpaquePointer?
+        #expect(loldu_adapter_convert(&again, source.handle, LOLDU_FLOAT16) == LOLDU_OK)
+        defer { loldu_adapter_free(again) }
+        var z = [Float](repeating: .nan, count: r)
+        #expect(loldu_get_z(again, &z) == LOLDU_OK && z == source.z)
+        var failed: OpaquePointer?
+        #expect(loldu_adapter_convert(&failed, source.handle, LOLDU_FLOAT64) == LOLDU_ERR_INVALID_ARGUMENT)
+        let big = try TestAdapter<Float>(m: 2, n: 2, weight: [1e5, 1, 2, 3]) { $0.rank = 1 }
+        #expect(loldu_adapter_convert(&failed, big.handle, LOLDU_FLOAT16) == LOLDU_ERR_NOT_FINITE)
+        #expect(String(cString: loldu_last_error()).contains("float16"))
+    }
+
     /// A checkpoint saved from a half-precision model applies to its float32 copy (same values,
     /// same fingerprints) and back; float64 is refused with the reason.
     @Test func checkpointsMoveBetweenAHalfModelAndItsFloat32Copy() throws {

@@ -77,6 +77,12 @@ import Testing
             loldu_adapter_free(out)
             return s
         },
+        use("loldu_adapter_convert", .adapter) { h in
+            var out: OpaquePointer?
+            let s = loldu_adapter_convert(&out, h, LOLDU_BFLOAT16)
+            loldu_adapter_free(out)
+            return s
+        },
         use("loldu_grouped_forward", .adapter) { h in
             var y = [Float](repeating: 0, count: 64)
             return loldu_grouped_forward([h], 1, 1, [0], x, &y)

@@ -358,6 +358,11 @@ loldu_adapter_derive = _declare(
     "loldu_adapter_derive", loldu_status, [POINTER(loldu_adapter_p), loldu_adapter_p, POINTER(loldu_config)]
 )
 
+# LOLDU_API loldu_status loldu_adapter_convert(loldu_adapter **out, const loldu_adapter *src, loldu_dtype dtype);
+loldu_adapter_convert = _declare(
+    "loldu_adapter_convert", loldu_status, [POINTER(loldu_adapter_p), loldu_adapter_p, loldu_dtype]
+)
+
 # LOLDU_API void loldu_adapter_free(loldu_adapter *adapter);
 loldu_adapter_free = _declare("loldu_adapter_free", None, [loldu_adapter_p])
 
