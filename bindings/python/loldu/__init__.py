@@ -3,8 +3,11 @@
 Three layers:
 
 - ``loldu._capi``: the raw ctypes mirror of ``include/loldu.h``;
-- the numpy API here: ``Adapter``, ``AdapterConfig``, ``Optimizer`` (``SGD``, ``Adam``,
-  ``AdamW``, schedules), ``save`` / ``load`` / ``Checkpoint`` / ``export_merged``, threads;
+- the numpy API here: ``Adapter`` (float32, float64, float16 and ``ml_dtypes.bfloat16``
+  weights; ``derive`` more adapters on its factors, ``convert`` to another element type),
+  ``grouped_forward`` / ``grouped_backward`` (a batch whose rows belong to different adapters),
+  ``AdapterConfig``, ``Optimizer`` (``SGD``, ``Adam``, ``AdamW``, schedules), ``save`` /
+  ``load`` / ``Checkpoint`` / ``export_merged``, threads, ``gemm_backend``;
 - ``loldu.torch`` (imported on demand, needs PyTorch): modules that turn ``nn.Linear``,
   ``nn.Conv2d`` and ``nn.Embedding`` layers of an existing model into LoLDU layers, and
   PEFT-style helpers (``add_loldu``, ``save_loldu``, ``load_loldu``, ...).
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 from . import _capi
 from ._version import HEADER_VERSION, __version__
-from .adapter import FACTORS, PATHS, RESIDUALS, Z_INITS, Adapter, AdapterConfig
+from .adapter import BACKENDS, FACTORS, PATHS, RESIDUALS, Z_INITS, Adapter, AdapterConfig, grouped_backward, grouped_forward
 from .checkpoint import CONFIG_FILE, MODEL_FILE, Checkpoint, LayerInfo, export_merged, load, save
 from .errors import (
     DeviceError,
@@ -73,6 +76,24 @@ def get_num_threads() -> int:
     return int(_capi.loldu_get_num_threads())
 
 
+def gemm_backend(dtype) -> tuple[str, str]:
+    """``(backend, description)``: which library multiplies adapters of element type ``dtype``
+    created now ('openblas', 'onednn' or 'widened' to float32) and the libraries and CPU
+    features behind it (``loldu_gemm_backend``)."""
+    from ._arrays import library_dtype
+    import ctypes
+
+    backend, text = _capi.loldu_backend(), ctypes.c_char_p()
+    check(_capi.loldu_gemm_backend(library_dtype(dtype, "dtype"), ctypes.byref(backend), ctypes.byref(text)))
+    return BACKENDS[backend.value], text.value.decode()
+
+
+def set_widened_half(widened: bool) -> None:
+    """Half-precision adapters created from now on widen to float32 even where the CPU multiplies
+    bf16 natively (``loldu_set_widened_half``); ``False`` gives the choice back to the CPU."""
+    check(_capi.loldu_set_widened_half(1 if widened else 0))
+
+
 def threads_set_by_user() -> bool:
     """Whether ``set_num_threads`` was called in this process."""
     return _threads_set_by_user
@@ -88,6 +109,10 @@ __all__ = [
     "Adam",
     "AdamW",
     "schedule_factor",
+    "grouped_forward",
+    "grouped_backward",
+    "gemm_backend",
+    "set_widened_half",
     "save",
     "load",
     "export_merged",
@@ -101,6 +126,7 @@ __all__ = [
     "RESIDUALS",
     "PATHS",
     "FACTORS",
+    "BACKENDS",
     "KINDS",
     "SCHEDULES",
     "MODEL_FILE",

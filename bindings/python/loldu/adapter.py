@@ -26,10 +26,22 @@ from . import _capi
 from ._arrays import NUMPY_DTYPES, check_array, library_dtype, view
 from .errors import InvalidArgumentError, InvalidHandleError, ShapeError, check
 
-Z_INITS = ("lu", "constant", "uniform", "normal", "s_uniform", "s_normal", "ones", "zeros")
-RESIDUALS = ("pivots", "init")
-PATHS = ("auto", "factored", "merged", "merged_wgrad")
-FACTORS = ("lower", "diag", "upper", "weight", "bias", "residual")
+def _names(prefix: str, rename=None) -> tuple[str, ...]:
+    """The names of a C enum from its ``_capi`` constants (values 0, 1, ... in order), lower-cased
+    after ``prefix``: one table, written once, in the raw layer."""
+    members = sorted((value, name) for name, value in vars(_capi).items() if name.startswith(prefix))
+    if [value for value, _ in members] != list(range(len(members))):
+        raise ImportError(f"{prefix}* constants are not 0..n-1")  # pragma: no cover
+    names = tuple(name[len(prefix):].lower() for _, name in members)
+    return tuple((rename or {}).get(n, n) for n in names)
+
+
+Z_INITS = _names("LOLDU_INIT_")
+RESIDUALS = _names("LOLDU_RESIDUAL_")
+PATHS = _names("LOLDU_PATH_")
+FACTORS = _names("LOLDU_FACTOR_")
+BACKENDS = {value: name[len("LOLDU_BACKEND_"):].lower() for name, value in vars(_capi).items()
+            if name.startswith("LOLDU_BACKEND_")}
 
 
 def _choice(value: str, choices: tuple, what: str) -> int:
@@ -152,13 +164,16 @@ class _HandleOwner:
 class Adapter:
     """One LoLDU adapter over a pretrained weight (the numpy API over ``loldu_adapter``).
 
-    ``Adapter(weight, bias=None, config=None, **fields)``: ``weight`` is a C-contiguous float32 or
-    float64 array of shape ``(m, n)`` with finite values, ``bias`` ``None`` or ``(m,)`` of the
-    same dtype; ``fields`` override ``config`` (see ``AdapterConfig``). Factors ``W`` (an LU of the
-    ``m × r`` panel), copies it unless ``borrow_weight`` and copies the bias.
+    ``Adapter(weight, bias=None, config=None, **fields)``: ``weight`` is a C-contiguous array of
+    shape ``(m, n)`` with finite values, of float32, float64, float16 or bfloat16
+    (``ml_dtypes.bfloat16``): the adapter's element type, of every activation passed to it;
+    ``bias`` ``None`` or ``(m,)`` of the same dtype; ``fields`` override ``config`` (see
+    ``AdapterConfig``). Factors ``W`` (an LU of the ``m × r`` panel), copies it unless
+    ``borrow_weight`` and copies the bias.
 
     ``z``, ``params``, ``grad`` (and ``grad_z``, ``bias_grad``) are numpy views of the library's
-    memory: writing to ``z`` changes the adapter (not while merged). A view keeps that memory
+    memory, in ``param_dtype`` (float32 for float32 and half-precision adapters, float64 for
+    float64): writing to ``z`` changes the adapter (not while merged). A view keeps that memory
     valid even after ``close()``; the handle itself is freed once, at ``close()``, at the end of a
     ``with`` block, or when the adapter and all its views are gone.
     """
@@ -192,14 +207,23 @@ class Adapter:
     def _adopt(self, value: int, keep) -> None:
         self._handle = _Handle(value, _capi.loldu_adapter_free, keep)
         info = self._raw_info()
-        self._dtype_code = int(info.dtype)
+        self._dtype_code, self._param_code = int(info.dtype), int(info.param_dtype)
         self.dtype = NUMPY_DTYPES[self._dtype_code]
+        self.param_dtype = NUMPY_DTYPES[self._param_code]
         self.m, self.n, self.rank = int(info.m), int(info.n), int(info.rank)
-        params, grads = ctypes.c_void_p(), ctypes.c_void_p()
-        check(_capi.loldu_params(value, ctypes.byref(params), ctypes.byref(grads)))
-        db = ctypes.c_void_p()
-        check(_capi.loldu_bias_grad(value, ctypes.byref(db)))
-        self._params_ptr, self._grads_ptr, self._bias_grad_ptr = params.value, grads.value, db.value
+        params = ctypes.c_void_p()
+        check(_capi.loldu_params(value, ctypes.byref(params), None))
+        self._params_ptr = params.value
+        # The library allocates gradients on first use: a served adapter never holds them.
+        self._grads_ptr = self._bias_grad_ptr = None
+
+    def _gradient_pointers(self) -> tuple[int, int | None]:
+        if self._grads_ptr is None:
+            grads, db = ctypes.c_void_p(), ctypes.c_void_p()
+            check(_capi.loldu_params(self.handle, None, ctypes.byref(grads)))
+            check(_capi.loldu_bias_grad(self.handle, ctypes.byref(db)))
+            self._grads_ptr, self._bias_grad_ptr = grads.value, db.value
+        return self._grads_ptr, self._bias_grad_ptr
 
     # -- handle --------------------------------------------------------------------------------
 
@@ -250,6 +274,8 @@ class Adapter:
         info = self._raw_info()
         d = {name: getattr(info, name) for name, _ in info._fields_}
         d["dtype"] = str(NUMPY_DTYPES[info.dtype])
+        d["param_dtype"] = str(NUMPY_DTYPES[info.param_dtype])
+        d["backend"] = BACKENDS[info.backend]
         d["z_init"] = Z_INITS[info.z_init]
         d["residual"] = RESIDUALS[info.residual]
         d["path"] = PATHS[info.path]
@@ -329,7 +355,7 @@ class Adapter:
         owner = self._handle
         if owner is None:
             raise InvalidHandleError("the adapter is closed", _capi.LOLDU_ERR_INVALID_HANDLE)
-        return view(address, count, self._dtype_code, owner, writable=writable)
+        return view(address, count, self._param_code, owner, writable=writable)
 
     @property
     def params(self) -> np.ndarray:
@@ -339,7 +365,7 @@ class Adapter:
     @property
     def grad(self) -> np.ndarray:
         """Live view of the ``rank + 1`` accumulated gradients: ``dz``, then ``dσ``."""
-        return self._view(self._grads_ptr, self.rank + 1)
+        return self._view(self._gradient_pointers()[0], self.rank + 1)
 
     @property
     def z(self) -> np.ndarray:
@@ -352,12 +378,12 @@ class Adapter:
 
     def set_z(self, values) -> None:
         """Sets z from ``rank`` finite values (``loldu_set_z``, which checks them)."""
-        values = np.ascontiguousarray(values, dtype=self.dtype)
-        check(_capi.loldu_set_z(self.handle, check_array(values, "z", self.dtype, (self.rank,))))
+        values = np.ascontiguousarray(values, dtype=self.param_dtype)
+        check(_capi.loldu_set_z(self.handle, check_array(values, "z", self.param_dtype, (self.rank,))))
 
     def get_z(self) -> np.ndarray:
         """A copy of z."""
-        out = np.empty(self.rank, self.dtype)
+        out = np.empty(self.rank, self.param_dtype)
         check(_capi.loldu_get_z(self.handle, out.ctypes.data))
         return out
 
@@ -374,18 +400,17 @@ class Adapter:
     @property
     def grad_z(self) -> np.ndarray:
         """Live view of dz (``rank`` values)."""
-        return self._view(self._grads_ptr, self.rank)
+        return self._view(self._gradient_pointers()[0], self.rank)
 
     @property
     def grad_sigma(self) -> float:
-        return float(self._view(self._grads_ptr, self.rank + 1)[self.rank])
+        return float(self._view(self._gradient_pointers()[0], self.rank + 1)[self.rank])
 
     @property
     def bias_grad(self) -> np.ndarray | None:
         """Live view of the accumulated bias gradient (``m`` values), ``None`` without bias."""
-        if not self._bias_grad_ptr:
-            return None
-        return self._view(self._bias_grad_ptr, self.m)
+        db = self._gradient_pointers()[1]
+        return None if not db else self._view(db, self.m)
 
     def zero_grad(self) -> None:
         """Sets dz, dσ and db to zero."""
@@ -405,7 +430,7 @@ class Adapter:
         if out is None:
             out = np.empty(x.shape[:-1] + (self.m,), self.dtype)
         y_ptr = check_array(out, "out", self.dtype, x.shape[:-1] + (self.m,), writable=True)
-        h_ptr = None if h is None else check_array(h, "h", self.dtype, (batch, self.rank), writable=True)
+        h_ptr = None if h is None else check_array(h, "h", self.param_dtype, (batch, self.rank), writable=True)
         check(_capi.loldu_forward(self.handle, batch, x_ptr, y_ptr, h_ptr))
         return out
 
@@ -429,7 +454,7 @@ class Adapter:
         if dx is None and need_dx:
             dx = np.empty(x.shape, self.dtype)
         dx_ptr = None if dx is None else check_array(dx, "dx", self.dtype, x.shape, writable=True)
-        h_ptr = None if h is None else check_array(h, "h", self.dtype, (batch, self.rank))
+        h_ptr = None if h is None else check_array(h, "h", self.param_dtype, (batch, self.rank))
         check(_capi.loldu_backward(self.handle, batch, x_ptr, dy_ptr, dx_ptr, h_ptr))
         return dx
 
@@ -449,13 +474,15 @@ class Adapter:
 
     def factor(self, which: str, out: np.ndarray | None = None) -> np.ndarray:
         """A frozen quantity: 'lower' (A = P L_r, (m, r)), 'diag' (D_r, (r,)), 'upper' (U_r,
-        (r, n)), 'weight' (W, (m, n)), 'bias' ((m,)), 'residual' (W_res, (m, n))."""
+        (r, n)), 'residual' (W_res, (m, n)) in ``param_dtype``; 'weight' (W, (m, n)) and 'bias'
+        ((m,)) in ``dtype``."""
         code = _choice(which, FACTORS, "which")
         m, n, r = self.m, self.n, self.rank
         shape = {"lower": (m, r), "diag": (r,), "upper": (r, n), "weight": (m, n), "bias": (m,), "residual": (m, n)}[which]
+        dtype = self.dtype if which in ("weight", "bias") else self.param_dtype
         if out is None:
-            out = np.empty(shape, self.dtype)
-        check(_capi.loldu_get_factor(self.handle, code, check_array(out, "out", self.dtype, shape, writable=True)))
+            out = np.empty(shape, dtype)
+        check(_capi.loldu_get_factor(self.handle, code, check_array(out, "out", dtype, shape, writable=True)))
         return out
 
     def pivots(self) -> np.ndarray:
@@ -470,3 +497,67 @@ class Adapter:
         out = _capi.loldu_adapter_p()
         check(_capi.loldu_adapter_clone(ctypes.byref(out), self.handle))
         return Adapter._from_handle(out.value, keep=self._handle.keep)
+
+    def derive(self, config: AdapterConfig | None = None, **fields) -> "Adapter":
+        """A new adapter on these frozen factors with its own configuration (``rank`` at most
+        this adapter's ``factor_rank``), in O(rank): no factorisation, no copy of the weight
+        (``loldu_adapter_derive``). ``fields`` override ``config`` (default: this adapter's)."""
+        config = dataclasses.replace(config or self.config, **fields)
+        out = _capi.loldu_adapter_p()
+        check(_capi.loldu_adapter_derive(ctypes.byref(out), self.handle, ctypes.byref(config.to_c())))
+        return Adapter._from_handle(out.value, keep=self._handle.keep)
+
+    def convert(self, dtype) -> "Adapter":
+        """This adapter over its weight rounded to ``dtype`` (float32, float16, bfloat16): the same
+        factorisation, z and σ (``loldu_adapter_convert``)."""
+        out = _capi.loldu_adapter_p()
+        check(_capi.loldu_adapter_convert(ctypes.byref(out), self.handle, library_dtype(dtype, "dtype")))
+        return Adapter._from_handle(out.value)
+
+    @property
+    def factor_rank(self) -> int:
+        """The rank of the shared factors: the largest rank ``derive`` accepts."""
+        return int(self._raw_info().factor_rank)
+
+
+def _group(adapters, rows, x, width: int, what: str):
+    """The C arguments of a grouped call: the adapter array, the row indices, x's pointer and
+    its number of rows."""
+    adapters = list(adapters)
+    if not adapters or not all(isinstance(a, Adapter) for a in adapters):
+        raise InvalidArgumentError(f"{what}: adapters must be a non-empty sequence of loldu.Adapter",
+                                   _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    base = adapters[0]
+    x_ptr, batch = base._rows(x, "x", width)
+    rows = np.ascontiguousarray(rows, dtype=np.int32)
+    if rows.shape != (batch,):
+        raise ShapeError(f"{what}: rows must hold one adapter index per row of x ({batch}), got shape {rows.shape}",
+                         _capi.LOLDU_ERR_SHAPE)
+    handles = (_capi.loldu_adapter_p * len(adapters))(*[a.handle for a in adapters])
+    return base, handles, len(adapters), rows, x_ptr, batch
+
+
+def grouped_forward(adapters, rows, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``y`` for a batch whose row ``b`` belongs to ``adapters[rows[b]]`` (``-1``: the pretrained
+    layer), at one adapter's cost (``loldu_grouped_forward``). The adapters must share one base's
+    factors (``derive``, ``clone``); ``x`` is ``(..., n)``, ``rows`` holds one index per row."""
+    base, handles, count, rows, x_ptr, batch = _group(adapters, rows, x, adapters[0].n if adapters else 0, "grouped_forward")
+    if out is None:
+        out = np.empty(x.shape[:-1] + (base.m,), base.dtype)
+    y_ptr = check_array(out, "out", base.dtype, x.shape[:-1] + (base.m,), writable=True)
+    check(_capi.loldu_grouped_forward(handles, count, batch, rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), x_ptr, y_ptr))
+    return out
+
+
+def grouped_backward(adapters, rows, x: np.ndarray, dy: np.ndarray, dx: np.ndarray | None = None, *,
+                     need_dx: bool = True) -> np.ndarray | None:
+    """Backward of ``grouped_forward``: returns ``dX`` and accumulates each adapter's dz, dσ and db
+    from its own rows only (``loldu_grouped_backward``)."""
+    base, handles, count, rows, x_ptr, batch = _group(adapters, rows, x, adapters[0].n if adapters else 0, "grouped_backward")
+    dy_ptr = check_array(dy, "dy", base.dtype, x.shape[:-1] + (base.m,))
+    if dx is None and need_dx:
+        dx = np.empty(x.shape, base.dtype)
+    dx_ptr = None if dx is None else check_array(dx, "dx", base.dtype, x.shape, writable=True)
+    check(_capi.loldu_grouped_backward(handles, count, batch, rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                       x_ptr, dy_ptr, dx_ptr))
+    return dx
