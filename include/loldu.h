@@ -400,6 +400,16 @@ LOLDU_API loldu_status loldu_backward(loldu_adapter *adapter, int64_t batch, con
                                       void *dx, const void *h);
 
 /**
+ * loldu_backward for frameworks that accumulate gradients themselves (PyTorch's autograd): this
+ * call's dz and dσ are written to `grads` (rank + 1 values of the parameter type: dz, then dσ,
+ * which is 0 when σ is not trained; zeros for a disabled or merged adapter) instead of being
+ * accumulated into the adapter's gradients, and db is not computed. Everything else as
+ * loldu_backward: one call per backward, no zero_grad, no copy.
+ */
+LOLDU_API loldu_status loldu_backward_into(loldu_adapter *adapter, int64_t batch, const void *x, const void *dy,
+                                           void *dx, const void *h, void *grads);
+
+/**
  * Weight space, for layers that use the weight in another way (convolution, embedding, fused
  * projections): writes the weight the layer currently computes with, W_eff (m × n), into
  * `w`; the pretrained W while disabled; the merged weight while merged.

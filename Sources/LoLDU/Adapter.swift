@@ -335,15 +335,24 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     /// (when trainable) into ``grads()`` and `db` into ``biasGrad()``. `h` may be the `x U_rᵀ`
     /// that ``forward`` wrote for the same `x`; otherwise it is recomputed. A disabled or merged
     /// adapter does not depend on `z`: its `dz`, `dσ` are left unchanged.
+    ///
+    /// With `gradsOut` (`rank + 1` values), this call's `dz`, `dσ` are written there instead
+    /// (zeros for a disabled or merged adapter) and `db` is not computed: for frameworks that
+    /// accumulate gradients themselves.
     public func backward(
         batch: Int, x: UnsafePointer<E>, dy: UnsafePointer<E>,
-        dx: UnsafeMutablePointer<E>?, h hIn: UnsafePointer<P>?
+        dx: UnsafeMutablePointer<E>?, h hIn: UnsafePointer<P>?, gradsOut: UnsafeMutablePointer<P>? = nil
     ) throws(LoLDUError) {
-        guard batch > 0 else { return }
+        guard batch > 0 else {
+            gradsOut?.update(repeating: 0, count: rank + 1)
+            return
+        }
         let (m, n, r) = (self.m, self.n, rank)
         let s = try localState()
-        let grads = try self.grads()
-        let db = try biasGrad()
+        let grads: UnsafeMutablePointer<P>
+        if let gradsOut { grads = gradsOut } else { grads = try self.grads() }
+        let db = gradsOut == nil ? try biasGrad() : nil
+        gradsOut?.update(repeating: 0, count: r + 1)
         let wideDY = E.self == G.self ? nil : try s.input2.get(batch * m)
         if let weight = fixedWeight {
             let out = try dx.map { dx throws(LoLDUError) in try computeBuffer(dx, count: batch * n, &s.output) }

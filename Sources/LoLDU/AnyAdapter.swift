@@ -31,7 +31,9 @@ public protocol AnyAdapter: AnyObject, Sendable {
     var factorsIdentity: ObjectIdentifier { get }
 
     func forward(batch: Int, x: UnsafeRawPointer, y: UnsafeMutableRawPointer, h: UnsafeMutableRawPointer?) throws(LoLDUError)
-    func backward(batch: Int, x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?, h: UnsafeRawPointer?) throws(LoLDUError)
+    /// With `grads`, this call's `dz`, `dσ` go there (``Adapter/backward``'s `gradsOut`).
+    func backward(batch: Int, x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?, h: UnsafeRawPointer?,
+                  grads: UnsafeMutableRawPointer?) throws(LoLDUError)
     /// ``Adapter/groupedForward`` with this adapter as the base and `adapters` the group
     /// (`mismatch` unless they share this adapter's factors).
     func groupedForward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
@@ -164,9 +166,11 @@ extension Adapter: AnyAdapter {
                     h: h?.assumingMemoryBound(to: P.self))
     }
 
-    public func backward(batch: Int, x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?, h: UnsafeRawPointer?) throws(LoLDUError) {
+    public func backward(batch: Int, x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?, h: UnsafeRawPointer?,
+                         grads: UnsafeMutableRawPointer?) throws(LoLDUError) {
         try backward(batch: batch, x: x.assumingMemoryBound(to: E.self), dy: dy.assumingMemoryBound(to: E.self),
-                     dx: dx?.assumingMemoryBound(to: E.self), h: h?.assumingMemoryBound(to: P.self))
+                     dx: dx?.assumingMemoryBound(to: E.self), h: h?.assumingMemoryBound(to: P.self),
+                     gradsOut: grads?.assumingMemoryBound(to: P.self))
     }
 
     /// The group's adapters as this type, all on this adapter's factors.

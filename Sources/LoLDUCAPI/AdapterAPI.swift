@@ -222,13 +222,33 @@ public func lolduBackward(
     _ handle: OpaquePointer?, _ batch: Int64, _ x: UnsafeRawPointer?, _ dy: UnsafeRawPointer?,
     _ dx: UnsafeMutableRawPointer?, _ h: UnsafeRawPointer?
 ) -> Int32 {
+    backward(handle, batch, x, dy, dx, h, grads: nil)
+}
+
+@_cdecl("loldu_backward_into")
+public func lolduBackwardInto(
+    _ handle: OpaquePointer?, _ batch: Int64, _ x: UnsafeRawPointer?, _ dy: UnsafeRawPointer?,
+    _ dx: UnsafeMutableRawPointer?, _ h: UnsafeRawPointer?, _ grads: UnsafeMutableRawPointer?
+) -> Int32 {
+    guard let grads else { return status { () throws(LoLDUError) in throw LoLDUError(.nullPointer, "grads is NULL") } }
+    return backward(handle, batch, x, dy, dx, h, grads: grads)
+}
+
+private func backward(
+    _ handle: OpaquePointer?, _ batch: Int64, _ x: UnsafeRawPointer?, _ dy: UnsafeRawPointer?,
+    _ dx: UnsafeMutableRawPointer?, _ h: UnsafeRawPointer?, grads: UnsafeMutableRawPointer?
+) -> Int32 {
     status { () throws(LoLDUError) in
         let a = try adapters.get(handle, "adapter")
         let b = try batchSize(batch, a)
-        guard b > 0 else { return }
+        let out = try Check.optionalBuffer(grads, "grads", a.dtype.parameterType)
+        guard b > 0 else {
+            out?.initializeMemory(as: UInt8.self, repeating: 0, count: (a.rank + 1) * a.dtype.parameterType.byteSize)
+            return
+        }
         try a.backward(batch: b, x: try Check.buffer(x, "x", a.dtype), dy: try Check.buffer(dy, "dy", a.dtype),
                        dx: try Check.optionalBuffer(dx, "dx", a.dtype),
-                       h: h == nil ? nil : try Check.buffer(h, "h", a.dtype.parameterType))
+                       h: h == nil ? nil : try Check.buffer(h, "h", a.dtype.parameterType), grads: out)
     }
 }
 

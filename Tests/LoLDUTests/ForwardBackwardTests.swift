@@ -202,4 +202,28 @@ import Testing
         #expect(adapter.grads[4] == 0)
         #expect(adapter.grads[0..<4].contains { $0 != 0 })
     }
+
+    /// loldu_backward_into writes the call's dz, dσ where the caller says, leaves the adapter's
+    /// gradients alone, and agrees with loldu_backward on every path.
+    @Test func backwardIntoWritesThisCallsGradients() throws {
+        var random = TestRandom(601)
+        let (m, n, r, batch) = (14, 11, 5, 6)
+        let a = try TestAdapter<Float>(m: m, n: n, weight: random.array(m * n), bias: random.array(m)) { $0.rank = Int64(r) }
+        a.z = random.array(r)
+        let x: [Float] = random.array(batch * n), dy: [Float] = random.array(batch * m)
+        for path in allPaths {
+            a.setPath(path)
+            a.zeroGrad()
+            let dx = a.backward(x, dy, batch: batch)
+            let expected = a.grads
+            a.zeroGrad()
+            var grads = [Float](repeating: .nan, count: r + 1), dxInto = [Float](repeating: .nan, count: batch * n)
+            #expect(loldu_backward_into(a.handle, Int64(batch), x, dy, &dxInto, nil, &grads) == LOLDU_OK)
+            #expect(grads == expected && dxInto == dx, "path \(path.rawValue)")
+            #expect(a.grads.allSatisfy { $0 == 0 } && a.biasGrad.allSatisfy { $0 == 0 }, "the adapter's own gradients stay zero")
+        }
+        #expect(loldu_backward_into(a.handle, Int64(batch), x, dy, nil, nil, nil) == LOLDU_ERR_NULL_POINTER)
+        var zero = [Float](repeating: .nan, count: r + 1)
+        #expect(loldu_backward_into(a.handle, 0, nil, nil, nil, nil, &zero) == LOLDU_OK && zero.allSatisfy { $0 == 0 })
+    }
 }

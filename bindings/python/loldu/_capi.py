@@ -420,6 +420,12 @@ loldu_backward = _declare(
     "loldu_backward", loldu_status, [loldu_adapter_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p]
 )
 
+# LOLDU_API loldu_status loldu_backward_into(loldu_adapter *adapter, int64_t batch, const void *x, const void *dy,
+#                                            void *dx, const void *h, void *grads);
+loldu_backward_into = _declare(
+    "loldu_backward_into", loldu_status, [loldu_adapter_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p]
+)
+
 # LOLDU_API loldu_status loldu_effective_weight(loldu_adapter *adapter, void *w);
 loldu_effective_weight = _declare("loldu_effective_weight", loldu_status, [loldu_adapter_p, c_void_p])
 
