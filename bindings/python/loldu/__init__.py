@@ -4,7 +4,7 @@ Three layers:
 
 - ``loldu._capi``: the raw ctypes mirror of ``include/loldu.h``;
 - the numpy API here: ``Adapter`` (float32, float64, float16 and ``ml_dtypes.bfloat16``
-  weights; ``derive`` more adapters on its factors, ``convert`` to another element type),
+  weights, ``loldu.bfloat16`` for short; ``derive`` more adapters on its factors, ``convert`` to another element type),
   ``grouped_forward`` / ``grouped_backward`` (a batch whose rows belong to different adapters),
   ``AdapterConfig``, ``Optimizer`` (``SGD``, ``Adam``, ``AdamW``, schedules), ``save`` /
   ``load`` / ``Checkpoint`` / ``export_merged``, threads, ``gemm_backend``;
@@ -29,6 +29,7 @@ Errors are ``LoLDUError`` subclasses, one per status code, carrying the library'
 from __future__ import annotations
 
 from . import _capi
+from ._arrays import BFLOAT16 as bfloat16
 from ._version import HEADER_VERSION, __version__
 from .adapter import BACKENDS, FACTORS, PATHS, RESIDUALS, Z_INITS, Adapter, AdapterConfig, grouped_backward, grouped_forward
 from .checkpoint import CONFIG_FILE, MODEL_FILE, Checkpoint, LayerInfo, export_merged, load, save
@@ -109,6 +110,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "schedule_factor",
+    "bfloat16",
     "grouped_forward",
     "grouped_backward",
     "gemm_backend",

@@ -10,21 +10,17 @@ import numpy as np
 from . import _capi
 from .errors import DTypeError, ShapeError
 
-try:  # numpy's bfloat16 (ml_dtypes, as JAX and TensorFlow use): optional
-    import ml_dtypes as _ml_dtypes
+import ml_dtypes  # numpy's bfloat16, as JAX and TensorFlow use it (a dependency of the package)
 
-    BFLOAT16: np.dtype | None = np.dtype(_ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - depends on the environment
-    BFLOAT16 = None
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
-# The element types: loldu_dtype code -> numpy dtype (bfloat16 only with ml_dtypes installed).
+# The element types: loldu_dtype code -> numpy dtype.
 NUMPY_DTYPES = {
     _capi.LOLDU_FLOAT32: np.dtype(np.float32),
     _capi.LOLDU_FLOAT64: np.dtype(np.float64),
     _capi.LOLDU_FLOAT16: np.dtype(np.float16),
+    _capi.LOLDU_BFLOAT16: BFLOAT16,
 }
-if BFLOAT16 is not None:
-    NUMPY_DTYPES[_capi.LOLDU_BFLOAT16] = BFLOAT16
 LIBRARY_DTYPES = {dtype: code for code, dtype in NUMPY_DTYPES.items()}
 # The parameter types (z, σ, gradients, h, factors) and their ctypes, for zero-copy views.
 CTYPES = {_capi.LOLDU_FLOAT32: ctypes.c_float, _capi.LOLDU_FLOAT64: ctypes.c_double}
@@ -35,13 +31,9 @@ def library_dtype(dtype, what: str) -> int:
     dtype = np.dtype(dtype)
     code = LIBRARY_DTYPES.get(dtype)
     if code is None:
-        if dtype.name == "bfloat16":  # (not ml_dtypes' own, or ml_dtypes missing)
-            advice = "install ml-dtypes (pip install ml-dtypes) for numpy bfloat16 arrays"
-        else:
-            advice = f"convert it first, e.g. {what}.astype(np.float32)"
         raise DTypeError(
             f"{what} has dtype {dtype}; libloldu takes float32, float64, float16 or bfloat16 "
-            f"(ml_dtypes.bfloat16): {advice}",
+            f"(ml_dtypes.bfloat16): convert it first, e.g. {what}.astype(np.float32)",
             _capi.LOLDU_ERR_DTYPE,
         )
     return code

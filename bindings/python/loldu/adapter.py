@@ -199,6 +199,16 @@ class Adapter:
         self._adopt(out.value, keep=weight if config.borrow_weight else None)
 
     @classmethod
+    def from_pointers(cls, dtype_code: int, m: int, n: int, weight: int, bias: int | None,
+                      config: AdapterConfig, keep=None) -> "Adapter":
+        """An adapter over raw buffers (a framework's tensors): ``weight`` and ``bias`` are
+        addresses of C-contiguous, aligned ``(m, n)`` and ``(m,)`` buffers of ``dtype_code``;
+        ``keep`` is held for as long as the adapter lives (the weight, when borrowed)."""
+        out = _capi.loldu_adapter_p()
+        check(_capi.loldu_adapter_create(ctypes.byref(out), dtype_code, m, n, weight, bias, ctypes.byref(config.to_c())))
+        return cls._from_handle(out.value, keep=keep if config.borrow_weight else None)
+
+    @classmethod
     def _from_handle(cls, value: int, keep=None) -> "Adapter":
         self = cls.__new__(cls)
         self._adopt(value, keep)
@@ -508,8 +518,8 @@ class Adapter:
         return Adapter._from_handle(out.value, keep=self._handle.keep)
 
     def convert(self, dtype) -> "Adapter":
-        """This adapter over its weight rounded to ``dtype`` (float32, float16, bfloat16): the same
-        factorisation, z and σ (``loldu_adapter_convert``)."""
+        """This adapter over its weight rounded to ``dtype`` (a numpy dtype: float32, float16,
+        ``ml_dtypes.bfloat16``): the same factorisation, z and σ (``loldu_adapter_convert``)."""
         out = _capi.loldu_adapter_p()
         check(_capi.loldu_adapter_convert(ctypes.byref(out), self.handle, library_dtype(dtype, "dtype")))
         return Adapter._from_handle(out.value)

@@ -48,12 +48,12 @@ def test_linear_forward_and_gradients_match_plain_torch(minilm, name, residual, 
     sigma0 = 48 / 32
     layer = lt.LoLDULinear(base, rank=32, alpha=48, z_init=z_init, residual=residual, seed=1, name=name)
     base.bias.requires_grad_(True)
-    z0 = layer.loldu_z.detach().clone()
+    z0 = layer.loldu_z["default"].detach().clone()
     a, u, z_ref = reference_parts(layer, base.weight, residual, z0)
     with torch.no_grad():  # move away from initialisation through the shared parameters
-        layer.loldu_z.mul_(torch.linspace(0.6, 1.4, 32))
-        layer.loldu_sigma.fill_(1.3)
-    np.testing.assert_array_equal(layer.adapter.z, layer.loldu_z.detach().numpy())
+        layer.loldu_z["default"].mul_(torch.linspace(0.6, 1.4, 32))
+        layer.loldu_sigma["default"].fill_(1.3)
+    np.testing.assert_array_equal(layer.adapter.z, layer.loldu_z["default"].detach().numpy())
     assert layer.adapter.sigma == pytest.approx(1.3)
 
     x = torch.randn(4, 9, base.in_features, requires_grad=True)
@@ -62,8 +62,8 @@ def test_linear_forward_and_gradients_match_plain_torch(minilm, name, residual, 
     (y * probe).sum().backward()
 
     # the same formulas in plain PyTorch, float64, autograd for the gradients
-    z = layer.loldu_z.detach().double().clone().requires_grad_(True)
-    sigma = layer.loldu_sigma.detach().double().clone().requires_grad_(True)
+    z = layer.loldu_z["default"].detach().double().clone().requires_grad_(True)
+    sigma = layer.loldu_sigma["default"].detach().double().clone().requires_grad_(True)
     bias = base.bias.detach().double().clone().requires_grad_(True)
     xr = x.detach().double().clone().requires_grad_(True)
     yr = torch_linear(xr, base.weight.detach().double(), bias, a, u, z_ref, sigma0, z, sigma)
@@ -76,8 +76,8 @@ def test_linear_forward_and_gradients_match_plain_torch(minilm, name, residual, 
     assert y.shape == (4, 9, base.out_features) and y.dtype == torch.float32
     close(y, yr, 3e-5)
     close(x.grad, xr.grad, 3e-5)
-    close(layer.loldu_z.grad, z.grad, 3e-4)
-    close(layer.loldu_sigma.grad, sigma.grad, 3e-4)
+    close(layer.loldu_z["default"].grad, z.grad, 3e-4)
+    close(layer.loldu_sigma["default"].grad, sigma.grad, 3e-4)
     close(base.bias.grad, bias.grad, 1e-5)
     assert base.weight.grad is None and not base.weight.requires_grad
 
@@ -88,13 +88,13 @@ def test_gradcheck_linear_float64(path):
     layer = lt.LoLDULinear(nn.Linear(6, 7, dtype=torch.float64), rank=4, z_init="s_normal", residual="init")
     layer.adapter.path = path
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, z, s: layer(x), (x, layer.loldu_z, layer.loldu_sigma))
+    assert torch.autograd.gradcheck(lambda x, z, s: layer(x), (x, layer.loldu_z["default"], layer.loldu_sigma["default"]))
     x3 = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, z, s: layer(x), (x3, layer.loldu_z, layer.loldu_sigma))
+    assert torch.autograd.gradcheck(lambda x, z, s: layer(x), (x3, layer.loldu_z["default"], layer.loldu_sigma["default"]))
     square = lt.LoLDULinear(nn.Linear(6, 6, dtype=torch.float64), rank=3, z_init="s_normal", residual="init")
     square.adapter.path = path
     # the same layer twice in one graph: both calls' dz accumulate in loldu_z.grad
-    assert torch.autograd.gradcheck(lambda x, z, s: square(torch.tanh(square(x))), (x, square.loldu_z, square.loldu_sigma))
+    assert torch.autograd.gradcheck(lambda x, z, s: square(torch.tanh(square(x))), (x, square.loldu_z["default"], square.loldu_sigma["default"]))
     with torch.inference_mode():
         assert layer(x).shape == (5, 7)
 
@@ -105,7 +105,7 @@ def test_gradcheck_conv2d_float64(groups):
     conv = nn.Conv2d(4, 6, 3, padding=1, groups=groups, dtype=torch.float64)
     layer = lt.LoLDUConv(conv, rank=5, z_init="s_uniform", residual="init")
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, z, s: layer(x), (x, layer.loldu_z, layer.loldu_sigma))
+    assert torch.autograd.gradcheck(lambda x, z, s: layer(x), (x, layer.loldu_z["default"], layer.loldu_sigma["default"]))
 
 
 def test_gradcheck_embedding_float64():
@@ -113,7 +113,7 @@ def test_gradcheck_embedding_float64():
     emb = nn.Embedding(12, 5, padding_idx=0, dtype=torch.float64)
     layer = lt.LoLDUEmbedding(emb, rank=4, z_init="s_normal", residual="init")
     idx = torch.tensor([[1, 3, 3, 0], [11, 2, 5, 3]])
-    assert torch.autograd.gradcheck(lambda z, s: layer(idx), (layer.loldu_z, layer.loldu_sigma))
+    assert torch.autograd.gradcheck(lambda z, s: layer(idx), (layer.loldu_z["default"], layer.loldu_sigma["default"]))
 
 
 def test_conv2d_and_embedding_on_real_weights_match_plain_torch(minilm):
@@ -129,15 +129,15 @@ def test_conv2d_and_embedding_on_real_weights_match_plain_torch(minilm):
                              (emb, lambda: torch.randint(0, 512, (3, 17)))):
         layer = lt.add_loldu(nn.Sequential(base), ["0"], rank=24, alpha=12)[0]
         with torch.no_grad():
-            layer.loldu_z.mul_(torch.linspace(0.5, 1.5, 24))
-            layer.loldu_sigma.fill_(0.7)
+            layer.loldu_z["default"].mul_(torch.linspace(0.5, 1.5, 24))
+            layer.loldu_sigma["default"].fill_(0.7)
         a, u, z_ref = reference_parts(layer, base.weight, "pivots", None)
         x = make_input()
         out = layer(x)
         probe = torch.randn_like(out)
         (out * probe).sum().backward()
-        z = layer.loldu_z.detach().double().clone().requires_grad_(True)
-        s = layer.loldu_sigma.detach().double().clone().requires_grad_(True)
+        z = layer.loldu_z["default"].detach().double().clone().requires_grad_(True)
+        s = layer.loldu_sigma["default"].detach().double().clone().requires_grad_(True)
         w_ref = torch_weight(base.weight.detach().double().reshape(a.shape[0], -1), a, u, z_ref, 0.5, z, s)
         if isinstance(base, nn.Conv2d):
             ref = nn.functional.conv2d(x.double(), w_ref.reshape(base.weight.shape), base.bias.double(), stride=2)
@@ -145,8 +145,8 @@ def test_conv2d_and_embedding_on_real_weights_match_plain_torch(minilm):
             ref = nn.functional.embedding(x, w_ref)
         (ref * probe.double()).sum().backward()
         torch.testing.assert_close(out.double(), ref, rtol=0, atol=3e-5 * ref.abs().max().item())
-        torch.testing.assert_close(layer.loldu_z.grad.double(), z.grad, rtol=0, atol=3e-4 * z.grad.abs().max().item())
-        torch.testing.assert_close(layer.loldu_sigma.grad.double(), s.grad, rtol=1e-3, atol=0)
+        torch.testing.assert_close(layer.loldu_z["default"].grad.double(), z.grad, rtol=0, atol=3e-4 * z.grad.abs().max().item())
+        torch.testing.assert_close(layer.loldu_sigma["default"].grad.double(), s.grad, rtol=1e-3, atol=0)
         torch.testing.assert_close(layer.effective_weight().double(), w_ref.reshape(base.weight.shape).detach(),
                                    rtol=0, atol=3e-5 * w_ref.abs().max().item())
 
@@ -154,19 +154,20 @@ def test_conv2d_and_embedding_on_real_weights_match_plain_torch(minilm):
 def test_parameters_share_memory_with_the_library():
     layer = lt.LoLDULinear(nn.Linear(10, 8), rank=5)
     a = layer.adapter
-    assert layer.loldu_z.data_ptr() == a._params_ptr
-    assert layer.loldu_sigma.data_ptr() == a._params_ptr + 5 * 4
-    assert isinstance(layer.loldu_z, nn.Parameter) and layer.loldu_z.shape == (5,) and layer.loldu_sigma.shape == (1,)
+    assert layer.loldu_z["default"].data_ptr() == a._params_ptr
+    assert layer.loldu_sigma["default"].data_ptr() == a._params_ptr + 5 * 4
+    assert isinstance(layer.loldu_z["default"], nn.Parameter) and layer.loldu_z["default"].shape == (5,) and layer.loldu_sigma["default"].shape == (1,)
     with torch.no_grad():
-        layer.loldu_z[2] = 7.0
+        layer.loldu_z["default"][2] = 7.0
     assert a.z[2] == 7.0 and a.get_z()[2] == 7.0
     a.z[3] = -1.0
-    assert layer.loldu_z[3].item() == -1.0
+    assert layer.loldu_z["default"][3].item() == -1.0
     a.sigma = 0.25
-    assert layer.loldu_sigma.item() == 0.25
+    assert layer.loldu_sigma["default"].item() == 0.25
     frozen = lt.LoLDULinear(nn.Linear(10, 8), rank=5, train_sigma=False)
-    assert frozen.loldu_z.requires_grad and not frozen.loldu_sigma.requires_grad
-    assert dict(layer.named_parameters()).keys() == {"loldu_z", "loldu_sigma", "base_layer.weight", "base_layer.bias"}
+    assert frozen.loldu_z["default"].requires_grad and not frozen.loldu_sigma["default"].requires_grad
+    assert dict(layer.named_parameters()).keys() == {"loldu_z.default", "loldu_sigma.default", "base_layer.weight",
+                                                     "base_layer.bias"}
     assert lt.Optimizer([layer, frozen, layer]).layers == [layer, frozen]  # each layer updated once
 
 
@@ -190,10 +191,12 @@ def test_torch_optim_and_the_library_optimiser_train_the_same(minilm):
     assert opt_library.steps == 4
     for a, b in zip(lt.loldu_parameters(with_torch), lt.loldu_parameters(with_library)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    moved = (with_library[0].loldu_z - model()[0].loldu_z).abs().max()
+    moved = (with_library[0].loldu_z["default"] - model()[0].loldu_z["default"]).abs().max()
     assert moved > 1e-2
-    for layer in lt.loldu_layers(with_library).values():  # the library's buffers were cleared too
-        assert not layer.adapter.grad.any() and layer.loldu_z.grad is None
+    for layer in lt.loldu_layers(with_library).values():  # .grad is the library's buffer, cleared
+        grad = layer.loldu_z["default"].grad
+        assert not layer.adapter.grad.any() and not grad.any()
+        assert grad.data_ptr() == layer.adapter._gradient_pointers()[0]
 
 
 def test_disabled_and_merged_layers():
@@ -209,14 +212,14 @@ def test_disabled_and_merged_layers():
         torch.testing.assert_close(y, base(x))
         y.sum().backward()
     assert layer.enabled
-    assert torch.count_nonzero(layer.loldu_z.grad) == 0 and x.grad is not None
-    layer.loldu_z.grad = None
+    assert torch.count_nonzero(layer.loldu_z["default"].grad) == 0 and x.grad is not None
+    layer.loldu_z["default"].grad = None
     layer.merge()
     assert layer.merged
     y = layer(x)
     torch.testing.assert_close(y, adapted, rtol=1e-6, atol=1e-6)
     y.sum().backward()
-    assert torch.count_nonzero(layer.loldu_z.grad) == 0
+    assert torch.count_nonzero(layer.loldu_z["default"].grad) == 0
     with pytest.raises(loldu.StateError, match="merged"):
         lt.set_loldu_state_dict(nn.Sequential(layer), {"0.loldu_z": torch.zeros(6)})
     layer.unmerge()
@@ -242,24 +245,23 @@ def test_bad_inputs_raise_clear_exceptions():
         layer(torch.zeros(2, 5, dtype=torch.float64))
     with pytest.raises(loldu.ShapeError, match=r"last dimension must be in_features = 5"):
         layer(torch.zeros(2, 4))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: converted to the layer's dtype
-        assert layer(torch.zeros(2, 5, dtype=torch.bfloat16)).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: bf16, as nn.Linear under autocast
+        assert layer(torch.zeros(2, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        assert layer(torch.zeros(2, 5)).dtype == torch.bfloat16
     conv = lt.LoLDUConv(nn.Conv2d(3, 4, 2), rank=2)
     with pytest.raises(loldu.ShapeError, match=r"expected \(N, 3, \.\.\.\)"):
         conv(torch.zeros(1, 2, 5, 5))
     emb = lt.LoLDUEmbedding(nn.Embedding(6, 4), rank=2)
     with pytest.raises(loldu.DTypeError, match="indices must be int64"):
         emb(torch.zeros(3))
-    with pytest.raises(loldu.DTypeError, match=r"model.float\(\)"):
-        lt.LoLDULinear(nn.Linear(5, 3).half(), rank=2)
+    with pytest.raises(loldu.DTypeError, match="libloldu computes in float32, float64, bfloat16 or float16"):
+        lt.LoLDULinear(nn.Linear(5, 3).to(torch.float8_e4m3fn), rank=2)
     with pytest.raises(loldu.InvalidArgumentError, match="rank must be in"):
         lt.LoLDULinear(nn.Linear(5, 3), rank=4)
     with pytest.raises(loldu.InvalidArgumentError, match="LoLDULinear wraps Linear"):
         lt.LoLDULinear(nn.Conv2d(3, 4, 2))
     # conversions the library cannot follow fail before anything is converted
     model = nn.Sequential(layer)
-    with pytest.raises(loldu.DTypeError, match="merge_and_unload"):
-        model.half()
     with pytest.raises(loldu.DeviceError, match="merge_and_unload"):
         model.to("meta")
     assert layer.base_layer.weight.dtype == torch.float32 and layer(torch.zeros(1, 5)).shape == (1, 3)
@@ -278,10 +280,10 @@ def test_base_weight_changes_are_detected():
         base.weight.mul_(2)
     with pytest.raises(loldu.StateError, match=r"base weight changed.*refactor\(\)"):
         layer(x)
-    z = layer.loldu_z.detach().clone()
+    z = layer.loldu_z["default"].detach().clone()
     layer.refactor()
-    torch.testing.assert_close(layer.loldu_z.detach(), z)  # z kept
-    assert layer.loldu_z.data_ptr() == layer.adapter._params_ptr
+    torch.testing.assert_close(layer.loldu_z["default"].detach(), z)  # z kept
+    assert layer.loldu_z["default"].data_ptr() == layer.adapter._params_ptr
     expected = x @ torch.from_numpy(layer.adapter.effective_weight()).T + base.bias
     torch.testing.assert_close(layer(x), expected)
     np.testing.assert_array_equal(layer.adapter.factor("weight"), base.weight.detach().numpy())
@@ -299,13 +301,13 @@ def test_replaced_parameters_are_rebound():
     torch.manual_seed(8)
     layer = lt.LoLDULinear(nn.Linear(8, 6), rank=4)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
-    state["loldu_z"] = torch.arange(1.0, 5.0)
+    state["loldu_z.default"] = torch.arange(1.0, 5.0)
     layer.load_state_dict(state, assign=True)  # replaces the parameter tensors
     x = torch.randn(2, 8)
     layer(x)
-    assert layer.loldu_z.data_ptr() == layer.adapter._params_ptr
+    assert layer.loldu_z["default"].data_ptr() == layer.adapter._params_ptr
     np.testing.assert_array_equal(layer.adapter.z, [1, 2, 3, 4])
-    layer.load_state_dict({**state, "loldu_z": torch.full((4,), 0.5)})  # in place: into the library
+    layer.load_state_dict({**state, "loldu_z.default": torch.full((4,), 0.5)})  # in place: into the library
     np.testing.assert_array_equal(layer.adapter.z, [0.5] * 4)
 
 
@@ -319,18 +321,18 @@ def test_copy_pickle_and_dtype_conversions():
     torch.testing.assert_close(twin(x), y)
     assert twin[0].adapter.handle != model[0].adapter.handle
     with torch.no_grad():
-        twin[0].loldu_z.add_(1)
+        twin[0].loldu_z["default"].add_(1)
     torch.testing.assert_close(model(x), y)  # independent
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     torch.testing.assert_close(loaded(x), y)
-    z = model[0].loldu_z.detach().clone()
+    z = model[0].loldu_z["default"].detach().clone()
     model.double()
-    assert model[0].adapter.dtype == np.float64 and model[0].loldu_z.dtype == torch.float64
-    assert model[0].loldu_z.data_ptr() == model[0].adapter._params_ptr
-    torch.testing.assert_close(model[0].loldu_z.detach().float(), z)
+    assert model[0].adapter.dtype == np.float64 and model[0].loldu_z["default"].dtype == torch.float64
+    assert model[0].loldu_z["default"].data_ptr() == model[0].adapter._params_ptr
+    torch.testing.assert_close(model[0].loldu_z["default"].detach().float(), z)
     torch.testing.assert_close(model(x.double()).float(), y, rtol=1e-5, atol=1e-5)
     model.float()
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
@@ -342,13 +344,13 @@ def test_library_threads_follow_torch_on_first_use(monkeypatch):
         torch.set_num_threads(2)
         layer = lt.LoLDULinear(nn.Linear(4, 4), rank=2)
         # a fresh process: nothing configured yet, the user did not choose
-        monkeypatch.setattr(lt, "_threads_configured", False)
+        monkeypatch.setattr(lt.layers, "_threads_configured", False)
         monkeypatch.setattr(loldu, "_threads_set_by_user", False)
         loldu._capi.loldu_set_num_threads(1)
         layer(torch.zeros(1, 4))
         assert loldu.get_num_threads() == 2
         # the user's choice wins
-        monkeypatch.setattr(lt, "_threads_configured", False)
+        monkeypatch.setattr(lt.layers, "_threads_configured", False)
         loldu.set_num_threads(1)
         layer(torch.zeros(1, 4))
         assert loldu.get_num_threads() == 1

@@ -1,0 +1,139 @@
+"""The autograd Functions: one library call per direction.
+
+- ``LinearFunction``: ``y = x W_effᵀ (+ b)`` through one adapter; backward is one
+  ``loldu_backward_into``, which writes this call's dz and dσ straight into the gradient tensor
+  autograd receives (no zero_grad, no copy).
+- ``GroupedLinearFunction``: a batch whose rows belong to different adapters on one base
+  (``loldu_grouped_forward`` / ``loldu_grouped_backward``); every adapter's z and σ are inputs,
+  so each gets the gradient of its own rows.
+- ``WeightFunction``: ``W_eff`` itself, for convolutions and embeddings.
+
+``z`` and ``sigma`` are passed as inputs so that autograd routes their gradients, and saved so that
+an in-place change between forward and backward is caught by autograd's version check.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import torch
+
+from .. import _capi
+from ..errors import check
+
+# loldu_dtype codes of the torch dtypes the library takes, and back.
+LIBRARY_DTYPES = {
+    torch.float32: _capi.LOLDU_FLOAT32,
+    torch.float64: _capi.LOLDU_FLOAT64,
+    torch.bfloat16: _capi.LOLDU_BFLOAT16,
+    torch.float16: _capi.LOLDU_FLOAT16,
+}
+TORCH_DTYPES = {code: dtype for dtype, code in LIBRARY_DTYPES.items()}
+
+
+def parameter_dtype(adapter) -> torch.dtype:
+    """The torch dtype of an adapter's z, σ, gradients and h."""
+    return TORCH_DTYPES[adapter._param_code]
+
+
+class LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, z, sigma, bias, adapter, keep_h: bool):
+        batch = x.shape[0]
+        y = torch.empty((batch, adapter.m), dtype=x.dtype)
+        h = torch.empty((batch, adapter.rank), dtype=z.dtype) if keep_h else None
+        check(_capi.loldu_forward(adapter.handle, batch, x.data_ptr(), y.data_ptr(), None if h is None else h.data_ptr()))
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(x, z, sigma)
+        ctx.adapter, ctx.h = adapter, h
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, z, sigma = ctx.saved_tensors
+        adapter, h = ctx.adapter, ctx.h
+        ctx.h = None
+        need_x, need_z, need_sigma, need_bias = ctx.needs_input_grad[:4]
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
+        dy = dy.contiguous()
+        dx = torch.empty_like(x) if need_x else None
+        grads = torch.empty(adapter.rank + 1, dtype=z.dtype)
+        check(_capi.loldu_backward_into(adapter.handle, x.shape[0], x.data_ptr(), dy.data_ptr(),
+                                        None if dx is None else dx.data_ptr(),
+                                        None if h is None else h.data_ptr(), grads.data_ptr()))
+        r = adapter.rank
+        return (dx, grads[:r] if need_z else None, grads[r:] if need_sigma else None,
+                dy.sum(0) if need_bias else None, None, None)
+
+
+def _handles(adapters) -> ctypes.Array:
+    return (_capi.loldu_adapter_p * len(adapters))(*[a.handle for a in adapters])
+
+
+class GroupedLinearFunction(torch.autograd.Function):
+    """``forward(ctx, x, rows, bias, adapters, *parameters)``: ``rows`` (int32, one per row of
+    ``x``) index ``adapters``; ``parameters`` are every adapter's z then σ, in order."""
+
+    @staticmethod
+    def forward(ctx, x, rows, bias, adapters, *parameters):
+        base = adapters[0]
+        batch = x.shape[0]
+        y = torch.empty((batch, base.m), dtype=x.dtype)
+        rows_ptr = ctypes.cast(rows.data_ptr(), ctypes.POINTER(ctypes.c_int32))
+        check(_capi.loldu_grouped_forward(_handles(adapters), len(adapters), batch, rows_ptr, x.data_ptr(), y.data_ptr()))
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(x, rows, *parameters)
+        ctx.adapters = adapters
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, rows, *parameters = ctx.saved_tensors
+        adapters = ctx.adapters
+        need_x, _, need_bias = ctx.needs_input_grad[:3]
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
+        dy = dy.contiguous()
+        dx = torch.empty_like(x) if need_x else None
+        for a in adapters:
+            check(_capi.loldu_zero_grad(a.handle))
+        rows_ptr = ctypes.cast(rows.data_ptr(), ctypes.POINTER(ctypes.c_int32))
+        check(_capi.loldu_grouped_backward(_handles(adapters), len(adapters), x.shape[0], rows_ptr, x.data_ptr(),
+                                           dy.data_ptr(), None if dx is None else dx.data_ptr()))
+        grads = []
+        needs = ctx.needs_input_grad[4:]
+        for i, a in enumerate(adapters):
+            g = torch.from_numpy(a.grad.copy())
+            grads += [g[: a.rank] if needs[2 * i] else None, g[a.rank:] if needs[2 * i + 1] else None]
+        return (dx, None, dy.sum(0) if need_bias else None, None, *grads)
+
+
+class WeightFunction(torch.autograd.Function):
+    """``W_eff`` (``m × n``) through ``loldu_effective_weight``; backward maps ``dW`` to dz, dσ
+    through ``loldu_weight_backward``."""
+
+    @staticmethod
+    def forward(ctx, z, sigma, adapter, dtype: torch.dtype):
+        w = torch.empty((adapter.m, adapter.n), dtype=dtype)
+        check(_capi.loldu_effective_weight(adapter.handle, w.data_ptr()))
+        ctx.save_for_backward(z, sigma)
+        ctx.adapter, ctx.dtype = adapter, dtype
+        return w
+
+    @staticmethod
+    def backward(ctx, dw):
+        ctx.saved_tensors  # version check
+        adapter = ctx.adapter
+        if dw.layout != torch.strided:  # sparse embedding gradients
+            dw = dw.to_dense()
+        dw = dw.to(ctx.dtype).contiguous()
+        check(_capi.loldu_zero_grad(adapter.handle))
+        check(_capi.loldu_weight_backward(adapter.handle, dw.data_ptr()))
+        grads = torch.from_numpy(np.array(adapter.grad))
+        r = adapter.rank
+        need_z, need_sigma = ctx.needs_input_grad[:2]
+        return grads[:r] if need_z else None, grads[r:] if need_sigma else None, None, None

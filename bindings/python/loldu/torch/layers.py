@@ -1,0 +1,632 @@
+"""LoLDU layers: ``LoLDULinear``, ``LoLDUConv`` (``nn.Conv1d/2d/3d``), ``LoLDUEmbedding``.
+
+A layer wraps the original module as ``base_layer`` (its weight frozen, its bias kept) and holds
+any number of named adapters on that weight, as PEFT's LoRA layers do: ``loldu_z[name]`` and
+``loldu_sigma[name]`` (``nn.ParameterDict``) are float32 (float64 for float64 models) parameters
+that *share memory* with the library's adapters. All adapters of a layer share one set of
+frozen factors (the LU of the weight, computed once at the largest rank asked for), so an added
+adapter costs its r + 1 numbers. ``active_adapters`` compute by default; a mixed batch gives each
+sample its own adapter (``adapter_names=`` or ``loldu.torch.mixed_batch``).
+
+Element types: the layer computes in its base weight's dtype: float32, float64, bfloat16 or
+float16 (``model.to(torch.bfloat16)``, ``from_pretrained(..., torch_dtype=torch.bfloat16)``).
+Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` a float32 layer computes in bf16 as
+``nn.Linear`` does, with the same factorisation, z and σ on its weight rounded to bf16
+(``loldu_adapter_convert``); its parameters stay float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import loldu as _loldu
+
+from .. import _capi
+from .._arrays import NUMPY_DTYPES
+from ..adapter import Adapter, AdapterConfig
+from ..errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError, StateError, check
+from ._functions import LIBRARY_DTYPES, GroupedLinearFunction, LinearFunction, WeightFunction, parameter_dtype
+
+BASE_NAME = "__base__"  # PEFT's name for rows that use no adapter in a mixed batch
+_threads_configured = False
+
+
+def configure_threads() -> None:
+    """Aligns the library's threads with torch's pool, once, unless the user chose."""
+    global _threads_configured
+    if not _threads_configured:
+        _threads_configured = True
+        if not _loldu.threads_set_by_user():
+            check(_capi.loldu_set_num_threads(max(1, torch.get_num_threads())))
+
+
+def check_dtype(dtype: torch.dtype, what: str, advice: str) -> None:
+    if dtype not in LIBRARY_DTYPES:
+        raise DTypeError(
+            f"{what} is {dtype}; libloldu computes in float32, float64, bfloat16 or float16. {advice}",
+            _capi.LOLDU_ERR_DTYPE,
+        )
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.detach().contiguous().view(torch.uint8).numpy().reshape(-1))
+
+
+class LoLDULayer(nn.Module):
+    """Base of the LoLDU layers: the adapters over ``base_layer``'s weight, their parameters, the
+    active adapters and the shared factors."""
+
+    adapter_layer_names = ("loldu_z", "loldu_sigma")
+    base_types: tuple[type, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig | None = None, *, name: str | None = None,
+                 adapter_name: str = "default", **fields):
+        super().__init__()
+        if not isinstance(base_layer, self.base_types):
+            raise InvalidArgumentError(
+                f"{type(self).__name__} wraps {' or '.join(t.__name__ for t in self.base_types)}, "
+                f"got {type(base_layer).__name__}",
+                _capi.LOLDU_ERR_INVALID_ARGUMENT,
+            )
+        fields.setdefault("borrow_weight", True)
+        self.base_layer = base_layer
+        self.loldu_name = name or type(base_layer).__name__
+        self.loldu_z = nn.ParameterDict()
+        self.loldu_sigma = nn.ParameterDict()
+        self.loldu_config: dict[str, AdapterConfig] = {}
+        self.active_adapters: list[str] = []
+        self._adapters: dict[str, Adapter] = {}
+        self._factors: Adapter | None = None  # owns the shared factors (a rank-R adapter nobody trains)
+        self._stamp = None
+        self._disabled = False
+        self._mixed: list[str] | None = None
+        self._companions: dict = {}
+        self._plans: dict[tuple[str, int], bool] = {}
+        self.base_layer.weight.requires_grad_(False)
+        self.update_layer(adapter_name, dataclasses.replace(config or AdapterConfig(), **fields))
+        self.active_adapters = [adapter_name]
+
+    # -- the weight as a matrix ----------------------------------------------------------------
+
+    def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight as the ``m × n`` matrix the library factors (a view when possible)."""
+        return weight
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The element type the layer computes in (its base weight's)."""
+        return self._base_weight().dtype
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of z, σ and their gradients (float32, float64 for float64 layers)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    @property
+    def active_adapter(self) -> str:
+        """The (first) active adapter's name."""
+        if not self.active_adapters:
+            raise StateError(f"{self.loldu_name}: no active adapter (set_adapter)", _capi.LOLDU_ERR_STATE)
+        return self.active_adapters[0]
+
+    @property
+    def adapter(self) -> Adapter:
+        """The active adapter's numpy-level ``loldu.Adapter`` (paths, factors, info...)."""
+        return self._adapters[self.active_adapter]
+
+    def get_adapter(self, adapter_name: str) -> Adapter:
+        if adapter_name not in self._adapters:
+            raise InvalidArgumentError(f"{self.loldu_name} has no adapter {adapter_name!r}; it has "
+                                       f"{list(self._adapters)}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        return self._adapters[adapter_name]
+
+    @property
+    def rank(self) -> int:
+        return self.adapter.rank
+
+    @property
+    def train_sigma(self) -> bool:
+        return self.loldu_config[self.active_adapter].train_sigma
+
+    def _resolved_rank(self, config: AdapterConfig, matrix: torch.Tensor) -> int:
+        return min(matrix.shape) if config.rank == "full" else config.rank
+
+    def update_layer(self, adapter_name: str, config: AdapterConfig, values=None) -> None:
+        """Adds (or replaces) adapter ``adapter_name`` with ``config``, on the shared factors
+        (factored again at a larger rank if needed); ``values`` = (z, σ) to restore."""
+        weight = self._base_weight()
+        if weight.device.type != "cpu":
+            raise DeviceError(
+                f"{self.loldu_name}: the base weight is on {weight.device}; libloldu computes on the CPU. "
+                "Add LoLDU to the model while it is on the CPU.",
+                _capi.LOLDU_ERR_INVALID_ARGUMENT,
+            )
+        check_dtype(weight.dtype, f"{self.loldu_name}: the base weight", "Convert the model first, e.g. model.float().")
+        matrix = self._weight_matrix(weight.detach())
+        rank = self._resolved_rank(config, matrix)
+        config = dataclasses.replace(config, rank=rank)
+        try:
+            if self._factors is None or rank > self._factors.rank:
+                self._factor(matrix, max([rank] + [a.rank for a in self._adapters.values()]), config.borrow_weight)
+            adapter = self._factors.derive(config)
+        except _loldu.LoLDUError as error:
+            raise type(error)(f"{self.loldu_name}: {error.message}", error.status) from None
+        if values is not None:
+            self._restore(adapter, values)
+        old = self._adapters.get(adapter_name)
+        self._adapters[adapter_name] = adapter
+        self.loldu_config[adapter_name] = config
+        self._bind(adapter_name)
+        if old is not None:
+            old.close()
+        self._forget(adapter_name)
+        self._plans.clear()
+
+    @staticmethod
+    def _restore(adapter: Adapter, values) -> None:
+        z, sigma = values
+        adapter.set_z(z.detach().cpu().to(parameter_dtype(adapter)).numpy())
+        adapter.sigma = float(sigma.reshape(-1)[0])
+
+    def _factor(self, matrix: torch.Tensor, rank: int, borrow: bool) -> None:
+        """Factors the base weight at ``rank`` and moves every adapter onto the new factors,
+        keeping its z and σ (and parameter objects)."""
+        if not matrix.is_contiguous():
+            matrix, borrow = matrix.contiguous(), False
+        config = AdapterConfig(rank=rank, borrow_weight=borrow)
+        factors = Adapter.from_pointers(LIBRARY_DTYPES[matrix.dtype], matrix.shape[0], matrix.shape[1],
+                                        matrix.data_ptr(), None, config, keep=matrix)
+        old, self._factors = self._factors, factors
+        for name, adapter in list(self._adapters.items()):
+            moved = factors.derive(self.loldu_config[name])
+            moved.set_z(adapter.z)
+            moved.sigma = adapter.sigma
+            self._adapters[name] = moved
+            self._bind(name)
+            adapter.close()
+        weight = self._base_weight()
+        self._stamp = (weight._version, weight.data_ptr(), weight.dtype, _crc(matrix))
+        self._companions.clear()
+        if old is not None:
+            old.close()
+
+    def _bind(self, name: str) -> None:
+        """(Re)binds ``loldu_z[name]`` / ``loldu_sigma[name]`` to the adapter's memory; existing
+        parameter objects are kept, so an optimiser holding them keeps working."""
+        adapter = self._adapters[name]
+        params = torch.from_numpy(adapter.params)  # writable live view: z then σ
+        z, sigma = params[: adapter.rank], params[adapter.rank:]
+        train_sigma = self.loldu_config[name].train_sigma
+        if name in self.loldu_z:
+            with torch.no_grad():
+                self.loldu_z[name].data = z
+                self.loldu_sigma[name].data = sigma
+            self.loldu_z[name].grad = None
+            self.loldu_sigma[name].grad = None
+        else:
+            self.loldu_z[name] = nn.Parameter(z, requires_grad=True)
+            self.loldu_sigma[name] = nn.Parameter(sigma, requires_grad=train_sigma)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Removes an adapter; if it was active, the first remaining adapter becomes active."""
+        adapter = self.get_adapter(adapter_name)
+        if adapter.merged:
+            raise StateError(f"{self.loldu_name}: adapter {adapter_name!r} is merged; unmerge it before deleting it",
+                             _capi.LOLDU_ERR_STATE)
+        del self._adapters[adapter_name], self.loldu_config[adapter_name]
+        del self.loldu_z[adapter_name], self.loldu_sigma[adapter_name]
+        self._forget(adapter_name)
+        adapter.close()
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        if not self.active_adapters and self._adapters:
+            self.active_adapters = [next(iter(self._adapters))]
+
+    def _forget(self, name: str) -> None:
+        """Drops the autocast conversions of adapter ``name``."""
+        for key in [k for k in self._companions if k[0] == name]:
+            self._companions.pop(key).close()
+
+    def set_adapter(self, adapter_names) -> None:
+        """Makes ``adapter_names`` (a name or a list) the active adapters; their parameters
+        require grad, the others' do not (as PEFT's ``set_adapter``)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self.get_adapter(name)
+        self.active_adapters = names
+        for name in self._adapters:
+            active = name in names
+            self.loldu_z[name].requires_grad_(active)
+            self.loldu_sigma[name].requires_grad_(active and self.loldu_config[name].train_sigma)
+
+    def refactor(self) -> None:
+        """Factors the base weight again (after its values changed), keeping every z and σ."""
+        matrix = self._weight_matrix(self._base_weight().detach())
+        self._factor(matrix, self._factors.rank, self.loldu_config[self.active_adapter].borrow_weight)
+
+    # -- checks before use ----------------------------------------------------------------------
+
+    def _prepare(self, name: str) -> Adapter:
+        """Cheap checks before each use: threads, base weight unchanged, parameters bound."""
+        if not _threads_configured:
+            configure_threads()
+        weight = self._base_weight()
+        version, ptr, dtype, crc = self._stamp
+        if weight._version != version or weight.data_ptr() != ptr:
+            if weight.device.type != "cpu" or weight.dtype != dtype or _crc(self._weight_matrix(weight.detach())) != crc:
+                raise StateError(
+                    f"{self.loldu_name}: the base weight changed after it was factored (in-place update, "
+                    "load_state_dict or a new tensor). Call .refactor() on this layer to factor the new "
+                    "weight (z and σ are kept), or restore the original weight.",
+                    _capi.LOLDU_ERR_STATE,
+                )
+            self._stamp = (weight._version, weight.data_ptr(), dtype, crc)
+        adapter = self._adapters[name]
+        z = self.loldu_z[name]
+        if z.data_ptr() != adapter._params_ptr or self.loldu_sigma[name].data_ptr() != adapter._params_ptr + adapter.rank * adapter.param_dtype.itemsize:
+            self._rebind_from_parameters(name)
+        return adapter
+
+    def _rebind_from_parameters(self, name: str) -> None:
+        """The parameters were replaced (e.g. load_state_dict(assign=True)): their values win."""
+        adapter = self._adapters[name]
+        if adapter.merged:
+            raise StateError(f"{self.loldu_name}: loldu_z / loldu_sigma were replaced while merged; unmerge first",
+                             _capi.LOLDU_ERR_STATE)
+        self._restore(adapter, (self.loldu_z[name], self.loldu_sigma[name]))
+        self._bind(name)
+
+    def _check_input(self, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise InvalidArgumentError(f"{self.loldu_name}: expected a torch.Tensor, got {type(x).__name__}",
+                                       _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        if x.device.type != "cpu":
+            raise DeviceError(
+                f"{self.loldu_name}: the input is on {x.device}, but LoLDU layers compute on the CPU (libloldu). "
+                "Keep the model and its inputs on the CPU (x.cpu()), or call "
+                "loldu.torch.merge_and_unload(model) to get plain layers with the merged weights and move "
+                "those to the device.",
+                _capi.LOLDU_ERR_INVALID_ARGUMENT,
+            )
+        return x
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype this call computes in: the layer's, or autocast's half type for a float32
+        layer under CPU autocast (as nn.Linear)."""
+        dtype = self.dtype
+        if dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+            cast = torch.get_autocast_dtype("cpu")
+            if cast in (torch.bfloat16, torch.float16):
+                return cast
+        return dtype
+
+    def _check_float_input(self, x, dtype: torch.dtype) -> torch.Tensor:
+        x = self._check_input(x)
+        if x.dtype != dtype:
+            if dtype != self.dtype or (x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled("cpu")):
+                return x.to(dtype)  # autocast: the layer's compute dtype decides
+            advice = f"Convert the input with x.to({dtype}), or the model with model.to({x.dtype})."
+            if x.dtype not in LIBRARY_DTYPES:
+                advice = f"Convert the input with x.to({dtype})."
+            raise DTypeError(f"{self.loldu_name}: the input is {x.dtype}, the layer computes in {dtype}. {advice}",
+                             _capi.LOLDU_ERR_DTYPE)
+        return x
+
+    def _computing_adapter(self, name: str, dtype: torch.dtype) -> Adapter:
+        """The adapter that computes ``name`` in ``dtype``: itself, or under autocast its
+        conversion to the half type (same factorisation; z and σ copied in before each use)."""
+        adapter = self._prepare(name)
+        if dtype == self.dtype:
+            return adapter
+        companion = self._companions.get((name, dtype))
+        if companion is None:
+            companion = self._companions[(name, dtype)] = adapter.convert(NUMPY_DTYPES[LIBRARY_DTYPES[dtype]])
+        if not np.array_equal(companion.params, adapter.params):
+            companion.params[:] = adapter.params
+        companion.enabled = adapter.enabled
+        return companion
+
+    @staticmethod
+    def _training(*tensors) -> bool:
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+    def _single_name(self) -> str:
+        if len(self.active_adapters) != 1:
+            raise StateError(
+                f"{self.loldu_name}: {len(self.active_adapters)} active adapters {self.active_adapters}; "
+                "compute with one (set_adapter), combine them (add_weighted_adapter), or give each "
+                "sample its own (adapter_names=, loldu.torch.mixed_batch)", _capi.LOLDU_ERR_STATE)
+        return self.active_adapters[0]
+
+    def _effective_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        adapter = self._computing_adapter(name, dtype)
+        z, sigma = self.loldu_z[name], self.loldu_sigma[name]
+        if self._training(z, sigma):
+            return WeightFunction.apply(z, sigma, adapter, dtype)
+        w = torch.empty((adapter.m, adapter.n), dtype=dtype)
+        check(_capi.loldu_effective_weight(adapter.handle, w.data_ptr()))
+        return w
+
+    def effective_weight(self, adapter_name: str | None = None) -> torch.Tensor:
+        """The weight adapter ``adapter_name`` (the active one by default) computes with, in the
+        base weight's shape (a copy)."""
+        with torch.no_grad():
+            name = adapter_name or self.active_adapter
+            return self._effective_weight(name, self.dtype).reshape(self._base_weight().shape)
+
+    # -- merge, enable ------------------------------------------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        return self.adapter.merged
+
+    def merge(self) -> None:
+        """Computes with a merged weight until ``unmerge()`` (z and σ must not change meanwhile)."""
+        self._prepare(self.active_adapter).merge()
+
+    def unmerge(self) -> None:
+        for adapter in self._adapters.values():
+            adapter.unmerge()
+
+    @property
+    def enabled(self) -> bool:
+        return not self._disabled
+
+    def enable_adapters(self, enabled: bool = True) -> None:
+        """Disabled, the layer computes the original module exactly; z gets no gradient."""
+        self._disabled = not enabled
+        for adapter in self._adapters.values():
+            adapter.enabled = enabled
+
+    # -- mixed batches ------------------------------------------------------------------------
+
+    def _mixed_rows(self, names, x: torch.Tensor, sample_dim: int) -> tuple[list[str], np.ndarray]:
+        """The distinct adapters of a mixed batch and, per sample, its index among them (-1 for
+        ``"__base__"``)."""
+        if len(names) != x.shape[sample_dim]:
+            raise ShapeError(f"{self.loldu_name}: adapter_names has {len(names)} entries for a batch of "
+                             f"{x.shape[sample_dim]} samples", _capi.LOLDU_ERR_SHAPE)
+        used: list[str] = []
+        index = np.empty(len(names), np.int32)
+        for i, name in enumerate(names):
+            if name == BASE_NAME:
+                index[i] = -1
+                continue
+            self.get_adapter(name)
+            if name not in used:
+                used.append(name)
+            index[i] = used.index(name)
+        return used, index
+
+    # -- dtype / device conversions -------------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.zeros(1, dtype=self.dtype))
+        if probe.device.type != "cpu":
+            raise DeviceError(
+                f"{self.loldu_name}: cannot move a LoLDU layer to {probe.device}: libloldu computes on the CPU. "
+                "Call loldu.torch.merge_and_unload(model) first to get plain layers with the merged weights.",
+                _capi.LOLDU_ERR_INVALID_ARGUMENT,
+            )
+        check_dtype(probe.dtype, f"{self.loldu_name}: the requested dtype",
+                    "Call loldu.torch.merge_and_unload(model) first to get plain layers.")
+        result = super()._apply(fn, recurse)
+        if self._factors is not None:
+            if LIBRARY_DTYPES[self._base_weight().dtype] != self._factors._dtype_code:
+                self._rebuild()  # model.to(dtype): factored again in the new type
+            else:
+                for name, adapter in self._adapters.items():
+                    if self.loldu_z[name].data_ptr() != adapter._params_ptr:
+                        self._rebind_from_parameters(name)
+        return result
+
+    def _rebuild(self) -> None:
+        """Re-creates the factors and every adapter from the current base weight and the
+        parameters' values (after a dtype change or unpickling), keeping the parameter objects."""
+        values = {name: (self.loldu_z[name].detach().clone(), self.loldu_sigma[name].detach().clone())
+                  for name in self.loldu_config}
+        old = list(self._adapters.values()) + ([self._factors] if self._factors is not None else [])
+        for key in list(self._companions):
+            self._companions.pop(key).close()
+        self._adapters, self._factors = {}, None
+        matrix = self._weight_matrix(self._base_weight().detach())
+        rank = max(self._resolved_rank(c, matrix) for c in self.loldu_config.values())
+        self._factor(matrix, rank, next(iter(self.loldu_config.values())).borrow_weight)
+        for name, config in list(self.loldu_config.items()):
+            self.update_layer(name, config, values=values[name])
+        for adapter in old:
+            adapter.close()
+
+    # -- copy and pickle --------------------------------------------------------------------------
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_adapters"], state["_factors"], state["_stamp"], state["_companions"] = {}, None, None, {}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if not self._adapters and self.loldu_config:
+            self._rebuild()
+
+    def extra_repr(self) -> str:
+        parts = []
+        for name, c in self.loldu_config.items():
+            a = self._adapters.get(name)
+            rank = a.rank if a else c.rank
+            parts.append(f"{name}: rank={rank}, alpha={c.alpha or rank}, z_init={c.z_init!r}, residual={c.residual!r}, "
+                         f"train_sigma={c.train_sigma}")
+        return "; ".join(parts) + f"; active={self.active_adapters}"
+
+    def close(self) -> None:
+        """Frees the library adapters now (the layer is unusable afterwards)."""
+        for adapter in list(self._adapters.values()) + list(self._companions.values()):
+            adapter.close()
+        if self._factors is not None:
+            self._factors.close()
+
+
+class LoLDULinear(LoLDULayer):
+    """``nn.Linear`` with LoLDU adapters; ``y = x W_effᵀ`` runs in the library, ``+ b`` in torch.
+    Accepts inputs of shape ``(..., in_features)``; ``adapter_names`` (one per sample, the first
+    dimension) runs a mixed batch."""
+
+    base_types = (nn.Linear,)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor, *, adapter_names=None) -> torch.Tensor:
+        dtype = self._compute_dtype()
+        x = self._check_float_input(x, dtype)
+        n = self.base_layer.in_features
+        if x.shape[-1] != n:
+            raise ShapeError(
+                f"{self.loldu_name}: the input has shape {tuple(x.shape)}; its last dimension must be "
+                f"in_features = {n}",
+                _capi.LOLDU_ERR_SHAPE,
+            )
+        names = adapter_names if adapter_names is not None else self._mixed
+        flat = x.dim() == 2
+        x2 = (x if flat else x.reshape(-1, n)).contiguous()
+        bias = self.base_layer.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        if names is not None and not self._disabled:
+            y = self._mixed_forward(names, x, x2, bias, dtype)
+        else:
+            name = self._single_name() if not self._disabled else self.active_adapters[0]
+            adapter = self._computing_adapter(name, dtype)
+            z, sigma = self.loldu_z[name], self.loldu_sigma[name]
+            if self._training(x2, z, sigma, bias):
+                key = (name, x2.shape[0])
+                keep_h = self._plans.get(key)
+                if keep_h is None:
+                    keep_h = self._plans[key] = adapter.plan(x2.shape[0], keeps_h=True) == "factored"
+                y = LinearFunction.apply(x2, z, sigma, bias, adapter, keep_h)
+            else:
+                y = torch.empty((x2.shape[0], adapter.m), dtype=dtype)
+                check(_capi.loldu_forward(adapter.handle, x2.shape[0], x2.data_ptr(), y.data_ptr(), None))
+                if bias is not None:
+                    y += bias
+        return y if flat else y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _mixed_forward(self, names, x, x2, bias, dtype) -> torch.Tensor:
+        used, index = self._mixed_rows(names, x, 0)
+        rows = np.repeat(index, x2.shape[0] // len(names)) if len(names) else index
+        if not used:  # every sample on the pretrained layer
+            used = [self.active_adapters[0] if self.active_adapters else next(iter(self._adapters))]
+        adapters = [self._computing_adapter(name, dtype) for name in used]
+        parameters = [p for name in used for p in (self.loldu_z[name], self.loldu_sigma[name])]
+        return GroupedLinearFunction.apply(x2, torch.from_numpy(np.ascontiguousarray(rows, np.int32)), bias,
+                                           tuple(adapters), *parameters)
+
+
+class _WeightSpaceLayer(LoLDULayer):
+    """Layers that use ``W_eff`` in torch (convolution, embedding): a mixed batch runs each
+    adapter's samples with that adapter's weight."""
+
+    def _compute(self, x, weight):  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def _forward_weights(self, x: torch.Tensor, dtype: torch.dtype, sample_dim: int = 0) -> torch.Tensor:
+        names = self._mixed
+        if names is None or self._disabled:
+            name = self._single_name() if not self._disabled else self.active_adapters[0]
+            return self._compute(x, self._effective_weight(name, dtype).reshape(self._base_weight().shape))
+        used, index = self._mixed_rows(names, x, sample_dim)
+        outputs = [None] * len(names)
+        groups = [(i, [b for b in range(len(names)) if index[b] == i]) for i in range(-1, len(used))]
+        for i, samples in groups:
+            if not samples:
+                continue
+            part = x[samples]
+            if i < 0:
+                weight = self._base_weight().to(dtype)
+            else:
+                weight = self._effective_weight(used[i], dtype).reshape(self._base_weight().shape)
+            out = self._compute(part, weight)
+            for k, b in enumerate(samples):
+                outputs[b] = out[k]
+        return torch.stack(outputs)
+
+
+class LoLDUConv(_WeightSpaceLayer):
+    """``nn.Conv1d/2d/3d`` with LoLDU adapters on its weight reshaped to
+    ``(out_channels, in_channels / groups · kernel size)``; the convolution runs in torch with
+    the library's ``W_eff``."""
+
+    base_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(weight.shape[0], -1)
+
+    def _compute(self, x, weight):
+        base = self.base_layer
+        bias = base.bias if base.bias is None or base.bias.dtype == weight.dtype else base.bias.to(weight.dtype)
+        return base._conv_forward(x, weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._compute_dtype()
+        x = self._check_float_input(x, dtype)
+        base = self.base_layer
+        expected = base.in_channels
+        channel_dim = x.dim() - len(base.kernel_size) - 1
+        if channel_dim not in (0, 1) or x.shape[channel_dim] != expected:
+            raise ShapeError(
+                f"{self.loldu_name}: the input has shape {tuple(x.shape)}; expected (N, {expected}, ...) "
+                f"with {len(base.kernel_size)} spatial dimension(s)",
+                _capi.LOLDU_ERR_SHAPE,
+            )
+        return self._forward_weights(x, dtype)
+
+
+class LoLDUEmbedding(_WeightSpaceLayer):
+    """``nn.Embedding`` with LoLDU adapters on its ``num_embeddings × embedding_dim`` table; the
+    lookup runs in torch with the library's ``W_eff``."""
+
+    base_types = (nn.Embedding,)
+
+    def _compute(self, x, weight):
+        base = self.base_layer
+        return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_input(x)
+        if x.dtype not in (torch.int64, torch.int32):
+            raise DTypeError(f"{self.loldu_name}: embedding indices must be int64 or int32, got {x.dtype}",
+                             _capi.LOLDU_ERR_DTYPE)
+        return self._forward_weights(x, self.dtype)
+
+
+LAYER_FOR: list[tuple[type, type[LoLDULayer]]] = [
+    (nn.Linear, LoLDULinear),
+    (nn.Conv1d, LoLDUConv),
+    (nn.Conv2d, LoLDUConv),
+    (nn.Conv3d, LoLDUConv),
+    (nn.Embedding, LoLDUEmbedding),
+]
+
+
+def layer_class(module: nn.Module) -> type[LoLDULayer] | None:
+    for base, layer in LAYER_FOR:
+        if type(module) is base or isinstance(module, base):
+            return layer
+    return None

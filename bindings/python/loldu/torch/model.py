@@ -1,0 +1,455 @@
+"""Model-level helpers, PEFT-style: add adapters to an existing model, choose, combine and delete
+named adapters, mixed batches, trainable parameters, checkpoints, merging."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+import loldu as _loldu
+
+from .. import _capi
+from ..adapter import Adapter, AdapterConfig
+from ..checkpoint import Checkpoint
+from ..errors import DTypeError, InvalidArgumentError, MismatchError, StateError
+from ._functions import LIBRARY_DTYPES
+from .layers import LoLDULayer, layer_class
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _matches(name: str, target_modules) -> bool:
+    """PEFT's rule: a string is a regex that must match the whole module name; a list holds
+    names that must equal the module name or be its last dotted components."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def loldu_layers(model: nn.Module) -> dict[str, LoLDULayer]:
+    """The LoLDU layers of a model by module name (``DistributedDataParallel`` unwrapped)."""
+    return {name: m for name, m in unwrap(model).named_modules() if isinstance(m, LoLDULayer)}
+
+
+def add_loldu(
+    model: nn.Module,
+    target_modules,
+    rank: int | str = 8,
+    alpha: float | None = None,
+    z_init: str = "lu",
+    residual: str = "pivots",
+    *,
+    train_sigma: bool = True,
+    seed: int = 0,
+    borrow_weight: bool = True,
+    mark_trainable: bool = True,
+    adapter_name: str = "default",
+) -> nn.Module:
+    """Adds adapter ``adapter_name`` to the modules named by ``target_modules``, in place.
+
+    ``target_modules``: a regex matched against the whole module name
+    (``r".*\\.attention\\.self\\.(query|value)"``), or a list of names or name suffixes
+    (``["query", "value"]``), as in PEFT. Matched modules must be ``nn.Linear``, ``nn.Conv1d/2d/3d``
+    or ``nn.Embedding`` on the CPU in float32, float64, bfloat16 or float16. ``rank``: an int or
+    ``"full"`` (``min(m, n)`` per layer); ``alpha``: σ = alpha / rank (``None``: alpha = rank,
+    σ = 1). Layer ``i`` (in model order) gets seed ``seed + i``. Modules that are LoLDU layers
+    already get the new adapter beside their others (on the same factors); an adapter they have
+    already is left as it is. With ``mark_trainable`` (as PEFT's ``get_peft_model``) only the
+    LoLDU parameters stay trainable, and ``adapter_name`` becomes the active adapter.
+    Returns the model; ``InvalidArgumentError`` (a ``ValueError``) if nothing matches.
+    """
+    root = unwrap(model)
+    matched = []
+    layers = loldu_layers(root)
+    inside = tuple(name + "." for name in layers)
+    for name, module in root.named_modules():
+        if not name or not _matches(name, target_modules) or name.startswith(inside):
+            continue  # (a base layer inside a LoLDU layer)
+        if not isinstance(module, LoLDULayer) and layer_class(module) is None:
+            raise InvalidArgumentError(
+                f"target module {name!r} is a {type(module).__name__}; LoLDU adapts nn.Linear, "
+                "nn.Conv1d/2d/3d and nn.Embedding", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        matched.append((name, module))
+    if not matched:
+        sample = [n for n, m in root.named_modules() if layer_class(m) is not None and not n.startswith(inside)][:8]
+        raise InvalidArgumentError(
+            f"target_modules {target_modules!r} matched no module of the model; adaptable modules are "
+            f"named e.g. {sample}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    for i, (name, module) in enumerate(matched):
+        config = AdapterConfig(rank=rank, alpha=0.0 if alpha is None else alpha, z_init=z_init, residual=residual,
+                               seed=seed + i, train_sigma=train_sigma, borrow_weight=borrow_weight)
+        if isinstance(module, LoLDULayer):
+            if adapter_name not in module.loldu_config:  # (one it has already is left as it is)
+                module.update_layer(adapter_name, config)
+        else:
+            _set_submodule(root, name, layer_class(module)(module, config, name=name, adapter_name=adapter_name))
+    if mark_trainable:
+        set_adapter(model, adapter_name)
+        mark_only_loldu_as_trainable(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Named adapters
+# ---------------------------------------------------------------------------------------------
+
+def set_adapter(model: nn.Module, adapter_name) -> None:
+    """Makes ``adapter_name`` (a name, or a list) the active adapter(s) of every LoLDU layer that
+    has it; only the active adapters' parameters require grad (PEFT's ``set_adapter``)."""
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    layers = [layer for layer in loldu_layers(model).values() if all(n in layer.loldu_config for n in names)]
+    if not layers:
+        raise InvalidArgumentError(f"no LoLDU layer has adapter(s) {names}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    for layer in layers:
+        layer.set_adapter(names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The active adapters (of the first LoLDU layer; ``set_adapter`` keeps layers in step)."""
+    layers = list(loldu_layers(model).values())
+    return list(layers[0].active_adapters) if layers else []
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name any LoLDU layer has, in the order added."""
+    seen: dict[str, None] = {}
+    for layer in loldu_layers(model).values():
+        seen.update(dict.fromkeys(layer.loldu_config))
+    return list(seen)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Deletes ``adapter_name`` from every LoLDU layer that has it (PEFT's ``delete_adapter``)."""
+    layers = [layer for layer in loldu_layers(model).values() if adapter_name in layer.loldu_config]
+    if not layers:
+        raise InvalidArgumentError(f"no LoLDU layer has adapter {adapter_name!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
+
+
+def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+    """Adds ``adapter_name`` = Σ weights[i] · adapters[i], exactly: all adapters of a layer share
+    its factors, so their updates ``A diag(c) U_r`` combine by combining the coefficient vectors
+    ``c`` (no SVD, no loss; PEFT's ``combination_type="linear"`` for LoRA is not exact).
+    The new adapter has rank max(ranks), σ = 1 (alpha = rank) and residual ``pivots``, with
+    ``z = Σ w_i c_i + D_r``."""
+    if len(adapters) != len(weights) or not adapters:
+        raise InvalidArgumentError("adapters and weights must be non-empty lists of the same length",
+                                   _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    layers = [layer for layer in loldu_layers(model).values() if any(a in layer.loldu_config for a in adapters)]
+    if not layers:
+        raise InvalidArgumentError(f"no LoLDU layer has adapter(s) {adapters}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    for layer in layers:
+        if adapter_name in layer.loldu_config:
+            raise InvalidArgumentError(f"{layer.loldu_name} already has an adapter named {adapter_name!r}",
+                                       _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.loldu_config]
+        rank = max(layer.get_adapter(a).rank for a, _ in present)
+        c = torch.zeros(rank, dtype=torch.float64)
+        for name, weight in present:
+            coefficients = adapter_coefficients(layer, name)
+            c[: coefficients.numel()] += float(weight) * coefficients
+        d = torch.from_numpy(layer._factors.factor("diag")[:rank]).double()
+        config = AdapterConfig(rank=rank, borrow_weight=layer.loldu_config[present[0][0]].borrow_weight)
+        layer.update_layer(adapter_name, config, values=((c + d).to(layer.param_dtype), torch.ones(1)))
+        layer.set_adapter(layer.active_adapters)
+
+
+def adapter_coefficients(layer: LoLDULayer, adapter_name: str) -> torch.Tensor:
+    """``c = σ z − σ₀ z_ref`` of one adapter of a layer (float64): its whole update of the weight
+    is ``A diag(c) U_r``. ``σ₀`` and ``z_ref`` are those the adapter was created with (a fresh
+    adapter of the same configuration on the same factors has them)."""
+    adapter, config = layer.get_adapter(adapter_name), layer.loldu_config[adapter_name]
+    fresh = layer._factors.derive(config)
+    try:
+        reference = fresh.z if config.residual == "init" else layer._factors.factor("diag")[: adapter.rank]
+        c = adapter.sigma * adapter.z.astype("float64") - fresh.sigma * reference.astype("float64")
+    finally:
+        fresh.close()
+    return torch.from_numpy(c)
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: list[str]):
+    """Within the block, sample ``i`` of every forward uses adapter ``adapter_names[i]``
+    (``"__base__"``: the pretrained model), at one adapter's cost per layer, for models whose
+    ``forward`` does not pass ``adapter_names=`` down (PEFT's mixed-batch inference, usable for
+    training too: each adapter gets the gradient of its own samples)."""
+    layers = list(loldu_layers(model).values())
+    previous = [layer._mixed for layer in layers]
+    try:
+        for layer in layers:
+            layer._mixed = list(adapter_names)
+        yield model
+    finally:
+        for layer, names in zip(layers, previous):
+            layer._mixed = names
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+
+def named_loldu_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` for every adapter's ``loldu_z`` and ``loldu_sigma``
+    (``NAME.loldu_z.ADAPTER``)."""
+    for name, p in unwrap(model).named_parameters():
+        parts = name.rsplit(".", 2)
+        if len(parts) == 3 and parts[1] in LoLDULayer.adapter_layer_names:
+            yield name, p
+
+
+def loldu_parameters(model: nn.Module, *, trainable_only: bool = True) -> list[nn.Parameter]:
+    """The LoLDU parameters (by default those that require grad: the active adapters' z, and σ
+    when trained)."""
+    return [p for _, p in named_loldu_parameters(model) if p.requires_grad or not trainable_only]
+
+
+def mark_only_loldu_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """Freezes everything but the active adapters' ``loldu_z`` (and ``loldu_sigma`` where σ is
+    trained). ``bias``: ``"none"``, ``"all"`` (every bias trains) or ``"loldu_only"`` (biases of
+    the adapted layers), as PEFT's ``mark_only_lora_as_trainable``."""
+    if bias not in ("none", "all", "loldu_only"):
+        raise InvalidArgumentError(f"bias must be 'none', 'all' or 'loldu_only', got {bias!r}",
+                                   _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    root = unwrap(model)
+    for name, p in root.named_parameters():
+        p.requires_grad_(bias == "all" and name.rsplit(".", 1)[-1] == "bias")
+    for layer in loldu_layers(root).values():
+        layer.set_adapter(layer.active_adapters)
+        if bias == "loldu_only" and getattr(layer.base_layer, "bias", None) is not None:
+            layer.base_layer.bias.requires_grad_(True)
+
+
+def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = total = 0
+    for p in unwrap(model).parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module, file=None) -> str:
+    """Prints and returns PEFT's report: ``trainable params: … || all params: … || trainable%: …``."""
+    trainable, total = get_nb_trainable_parameters(model)
+    report = (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+    print(report, file=file)
+    return report
+
+
+def loldu_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """``{"NAME.loldu_z": …, "NAME.loldu_sigma": …}`` (copies) of one adapter (the active one by
+    default): the tensors a checkpoint holds, without the adapter name (PEFT's
+    ``get_peft_model_state_dict``)."""
+    out = {}
+    for name, layer in loldu_layers(model).items():
+        adapter = adapter_name or layer.active_adapter
+        if adapter in layer.loldu_config:
+            out[f"{name}.loldu_z"] = layer.loldu_z[adapter].detach().clone()
+            out[f"{name}.loldu_sigma"] = layer.loldu_sigma[adapter].detach().clone()
+    return out
+
+
+def set_loldu_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                         adapter_name: str | None = None) -> tuple[list, list]:
+    """Copies ``NAME.loldu_z`` / ``NAME.loldu_sigma`` values into one adapter (the active one by
+    default); returns ``(missing, unexpected)`` keys. ``StateError`` if it is merged."""
+    layers = loldu_layers(model)
+    own = {}
+    for name, layer in layers.items():
+        adapter = adapter_name or layer.active_adapter
+        if adapter in layer.loldu_config:
+            own[f"{name}.loldu_z"] = (layer, adapter)
+            own[f"{name}.loldu_sigma"] = (layer, adapter)
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    for key, value in state_dict.items():
+        if key not in own:
+            continue
+        layer, adapter = own[key]
+        a = layer._prepare(adapter)
+        if a.merged:
+            raise StateError(f"{layer.loldu_name} is merged; unmerge before loading values", _capi.LOLDU_ERR_STATE)
+        if key.endswith(".loldu_z"):
+            a.set_z(value.detach().cpu().to(layer.param_dtype).numpy())  # checks finiteness
+        else:
+            a.sigma = float(value.reshape(-1)[0])
+    return missing, unexpected
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def _names_and_adapters(model: nn.Module, adapter_name: str | None) -> dict[str, Adapter]:
+    layers = loldu_layers(model)
+    if not layers:
+        raise InvalidArgumentError("the model has no LoLDU layer (call add_loldu first)", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    adapters = {}
+    for name, layer in layers.items():
+        adapter = adapter_name or layer.active_adapter
+        if adapter in layer.loldu_config:
+            adapters[name] = layer._prepare(adapter)
+    if not adapters:
+        raise InvalidArgumentError(f"no LoLDU layer has adapter {adapter_name!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    return adapters
+
+
+def save_loldu(model: nn.Module, directory, adapter_name: str | None = None) -> None:
+    """Saves one adapter (the active one by default) of every LoLDU layer, z and σ under the
+    layer's module name, into ``directory`` (PEFT-like: ``adapter_model.safetensors`` +
+    ``adapter_config.json``), atomically as a whole."""
+    _loldu.save(directory, _names_and_adapters(model, adapter_name))
+
+
+def export_merged(model: nn.Module, path, adapter_name: str | None = None) -> None:
+    """Writes ``NAME.weight`` = W_eff per LoLDU layer to a safetensors file (reshape conv
+    weights to the module's weight shape when loading; biases stay in the base modules)."""
+    _loldu.export_merged(path, _names_and_adapters(model, adapter_name))
+
+
+def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", borrow_weight: bool = True,
+               mark_trainable: bool = True) -> nn.Module:
+    """Restores a ``save_loldu`` checkpoint into ``model`` as adapter ``adapter_name``, in place.
+
+    For each saved layer name: a LoLDU layer that has the adapter with the saved configuration
+    gets its z and σ overwritten (the parameter objects stay, so an existing optimiser keeps
+    working); a LoLDU layer without it gets it added on its factors (no new factorisation when
+    its factors' rank suffices); a plain module is wrapped. ``MismatchError`` if a name is not in
+    the model or a base weight is not the one the checkpoint was saved on (nothing is changed
+    then for that layer). With ``mark_trainable``, ``adapter_name`` becomes active and trainable.
+    """
+    root = unwrap(model)
+    with Checkpoint(directory) as ckpt:
+        modules = dict(root.named_modules())
+        for name in ckpt.names:
+            module = modules.get(name)
+            if module is None:
+                raise MismatchError(f"the checkpoint's layer {name!r} is not a module of the model",
+                                    _capi.LOLDU_ERR_MISMATCH)
+            info = ckpt.layer(name)
+            base = module.base_layer if isinstance(module, LoLDULayer) else module
+            if layer_class(base) is None:
+                raise MismatchError(f"the checkpoint's layer {name!r} is a {type(base).__name__} in the model",
+                                    _capi.LOLDU_ERR_MISMATCH)
+            code = LIBRARY_DTYPES.get(base.weight.dtype)
+            saved_code = _capi.LOLDU_FLOAT64 if info.dtype == "float64" else _capi.LOLDU_FLOAT32
+            if code is None or (code == _capi.LOLDU_FLOAT64) != (saved_code == _capi.LOLDU_FLOAT64):
+                raise DTypeError(
+                    f"{name}: saved in {info.dtype}, the model's weight is {base.weight.dtype}; convert the "
+                    f"model first (model.to(torch.{info.dtype}))", _capi.LOLDU_ERR_DTYPE)
+            saved = dataclasses.replace(info.config, borrow_weight=borrow_weight)
+            if isinstance(module, LoLDULayer):
+                current = module.loldu_config.get(adapter_name)
+                if current is not None and dataclasses.replace(current, borrow_weight=borrow_weight) == saved:
+                    adapter = module._prepare(adapter_name)
+                    if adapter.merged:
+                        raise StateError(f"{name} is merged; unmerge before loading", _capi.LOLDU_ERR_STATE)
+                    ckpt.apply(name, adapter)
+                    continue
+                module.update_layer(adapter_name, saved)
+                try:
+                    ckpt.apply(name, module.get_adapter(adapter_name))
+                except BaseException:
+                    module.delete_adapter(adapter_name) if len(module.loldu_config) > 1 else None
+                    raise
+                continue
+            layer = layer_class(base)(base, saved, name=name, adapter_name=adapter_name)
+            try:
+                ckpt.apply(name, layer.adapter)
+            except BaseException:
+                layer.close()
+                raise
+            _set_submodule(root, name, layer)
+            modules[name] = layer
+    if mark_trainable:
+        set_adapter(model, adapter_name)
+        mark_only_loldu_as_trainable(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging, unloading, switching off
+# ---------------------------------------------------------------------------------------------
+
+def merge_loldu(model: nn.Module) -> None:
+    """Merges every LoLDU layer's active adapter (faster inference; z and σ frozen until
+    ``unmerge_loldu``). Reversible, as PEFT's ``merge_adapter``; ``merge_and_unload`` removes the
+    layers instead (what the reference code's ``merge_loldu`` does)."""
+    for layer in loldu_layers(model).values():
+        layer.merge()
+
+
+def unmerge_loldu(model: nn.Module) -> None:
+    for layer in loldu_layers(model).values():
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Replaces every LoLDU layer by its base module carrying the effective weight of one adapter
+    (the active one by default): a plain PyTorch model again, movable to any device and dtype.
+    In place; returns the model."""
+    root = unwrap(model)
+    for name, layer in loldu_layers(root).items():
+        weight = layer.effective_weight(adapter_name)
+        base = layer.base_layer
+        base.weight = nn.Parameter(weight, requires_grad=False)
+        _set_submodule(root, name, base)
+        layer.close()
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Replaces every LoLDU layer by its original base module (the adapters are dropped)."""
+    root = unwrap(model)
+    for name, layer in loldu_layers(root).items():
+        _set_submodule(root, name, layer.base_layer)
+        layer.close()
+    return model
+
+
+def enable_loldu(model: nn.Module) -> None:
+    """Turns every LoLDU layer on (the initial state), as the reference code's ``enable_loldu``."""
+    for layer in loldu_layers(model).values():
+        layer.enable_adapters(True)
+
+
+def disable_loldu(model: nn.Module) -> None:
+    """Turns every LoLDU layer off until ``enable_loldu``: the model computes its original
+    outputs exactly. See ``disable_adapters`` for a ``with`` block."""
+    for layer in loldu_layers(model).values():
+        layer.enable_adapters(False)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the LoLDU layers compute the original model exactly (as PEFT's
+    ``model.disable_adapter()``); their previous state is restored afterwards."""
+    layers = list(loldu_layers(model).values())
+    previous = [layer.enabled for layer in layers]
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
+        yield model
+    finally:
+        for layer, on in zip(layers, previous):
+            layer.enable_adapters(on)
