@@ -424,6 +424,10 @@ LOLDU_API loldu_status loldu_effective_weight(loldu_adapter *adapter, void *w);
  */
 LOLDU_API loldu_status loldu_weight_backward(loldu_adapter *adapter, const void *dw);
 
+/** loldu_weight_backward writing this call's dz, dσ to `grads` (rank + 1 values of the
+ * parameter type; zeros for a disabled or merged adapter) instead of accumulating them. */
+LOLDU_API loldu_status loldu_weight_backward_into(loldu_adapter *adapter, const void *dw, void *grads);
+
 /* ---------------------------------------------------------------------------------------
  * Many adapters in one batch
  *
@@ -461,6 +465,17 @@ LOLDU_API loldu_status loldu_grouped_forward(loldu_adapter *const *adapters, siz
  */
 LOLDU_API loldu_status loldu_grouped_backward(loldu_adapter *const *adapters, size_t count, int64_t batch,
                                               const int32_t *rows, const void *x, const void *dy, void *dx);
+
+/**
+ * loldu_grouped_backward for frameworks that accumulate gradients themselves: `grads` holds
+ * `count` pointers; for each adapters[i] that a row uses, grads[i] (rank_i + 1 values of the
+ * parameter type, or NULL to skip it) receives this call's dz, dσ (zeros for a disabled or
+ * merged adapter) instead of the adapter's own gradients; db is not computed. Entries of
+ * adapters no row uses are not touched.
+ */
+LOLDU_API loldu_status loldu_grouped_backward_into(loldu_adapter *const *adapters, size_t count, int64_t batch,
+                                                   const int32_t *rows, const void *x, const void *dy, void *dx,
+                                                   void *const *grads);
 
 /* ---------------------------------------------------------------------------------------
  * Merge, enable, compute path

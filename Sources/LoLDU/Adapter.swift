@@ -450,8 +450,12 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
 
     /// Weight-space backward: for a layer that uses `W_eff` in another way (convolution,
     /// embedding), maps its weight gradient `dW` (`m × n`) to `dz` and `dσ` (accumulated).
-    public func weightBackward(_ dw: UnsafePointer<E>) throws(LoLDUError) {
-        let grads = try self.grads()
+    /// With `gradsOut`, this call's `dz`, `dσ` are written there instead (zeros when disabled
+    /// or merged).
+    public func weightBackward(_ dw: UnsafePointer<E>, gradsOut: UnsafeMutablePointer<P>? = nil) throws(LoLDUError) {
+        let grads: UnsafeMutablePointer<P>
+        if let gradsOut { grads = gradsOut } else { grads = try self.grads() }
+        gradsOut?.update(repeating: 0, count: rank + 1)
         guard fixedWeight == nil else { return }
         let s = try localState()
         let work = try s.h.get(rank * n)

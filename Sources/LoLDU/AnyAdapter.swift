@@ -39,8 +39,10 @@ public protocol AnyAdapter: AnyObject, Sendable {
     func groupedForward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
                         x: UnsafeRawPointer, y: UnsafeMutableRawPointer) throws(LoLDUError)
     func groupedBackward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
-                         x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?) throws(LoLDUError)
-    func weightBackward(rawPointer dw: UnsafeRawPointer) throws(LoLDUError)
+                         x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?,
+                         grads: [UnsafeMutableRawPointer?]?) throws(LoLDUError)
+    /// With `grads`, this call's `dz`, `dσ` go there.
+    func weightBackward(rawPointer dw: UnsafeRawPointer, grads: UnsafeMutableRawPointer?) throws(LoLDUError)
     func writeEffectiveWeight(_ out: UnsafeMutableRawPointer) throws(LoLDUError)
     func writeResidual(_ out: UnsafeMutableRawPointer) throws(LoLDUError)
     func writeFactor(_ factor: Factor, _ out: UnsafeMutableRawPointer)
@@ -192,14 +194,16 @@ extension Adapter: AnyAdapter {
     }
 
     public func groupedBackward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
-                                x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?) throws(LoLDUError) {
+                                x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?,
+                                grads: [UnsafeMutableRawPointer?]?) throws(LoLDUError) {
         try Self.groupedBackward(try group(adapters, rows: rows), base: self, batch: batch,
                                  x: x.assumingMemoryBound(to: E.self), dy: dy.assumingMemoryBound(to: E.self),
-                                 dx: dx?.assumingMemoryBound(to: E.self))
+                                 dx: dx?.assumingMemoryBound(to: E.self),
+                                 gradsOut: grads.map { $0.map { $0?.assumingMemoryBound(to: P.self) } })
     }
 
-    public func weightBackward(rawPointer dw: UnsafeRawPointer) throws(LoLDUError) {
-        try weightBackward(dw.assumingMemoryBound(to: E.self))
+    public func weightBackward(rawPointer dw: UnsafeRawPointer, grads: UnsafeMutableRawPointer?) throws(LoLDUError) {
+        try weightBackward(dw.assumingMemoryBound(to: E.self), gradsOut: grads?.assumingMemoryBound(to: P.self))
     }
 
     public func writeEffectiveWeight(_ out: UnsafeMutableRawPointer) throws(LoLDUError) {

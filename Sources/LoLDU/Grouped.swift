@@ -62,19 +62,28 @@ extension Adapter {
 
     /// Backward of ``groupedForward``: writes `dX` (when given) for every row, and accumulates
     /// each adapter's `dz`, `dσ` (enabled, unmerged adapters) and `db` from its own rows only.
+    /// With `gradsOut` (one entry per adapter of the group, `rank + 1` values each, or nil to
+    /// skip one), this call's `dz`, `dσ` are written there instead and `db` is not computed.
     public static func groupedBackward(
         _ group: Group, base: Adapter, batch: Int, x: UnsafePointer<E>, dy: UnsafePointer<E>,
-        dx: UnsafeMutablePointer<E>?
+        dx: UnsafeMutablePointer<E>?, gradsOut: [UnsafeMutablePointer<P>?]? = nil
     ) throws(LoLDUError) {
+        for (i, out) in (gradsOut ?? []).enumerated() { out?.update(repeating: 0, count: group.adapters[i].rank + 1) }
         guard batch > 0 else { return }
         let factors = base.factors
         let (m, n, r, count) = (factors.m, factors.n, group.width, group.adapters.count)
         // Everything this call needs, before anything is written (gradients included).
         var grads: [UnsafeMutablePointer<P>?] = []
         var biasGrads: [UnsafeMutablePointer<P>?] = []
-        for adapter in group.adapters {
-            grads.append(adapter.enabled && !adapter.merged ? try adapter.grads() : nil)
-            biasGrads.append(try adapter.biasGrad())
+        for (i, adapter) in group.adapters.enumerated() {
+            let live = adapter.enabled && !adapter.merged
+            if let gradsOut {
+                grads.append(live ? gradsOut[i] : nil)
+                biasGrads.append(nil)
+            } else {
+                grads.append(live ? try adapter.grads() : nil)
+                biasGrads.append(try adapter.biasGrad())
+            }
         }
         let coefficients = try HeapBuffer<P>(count: Swift.max(count, 1) * r)
         let scores = try HeapBuffer<P>(repeating: 0, count: Swift.max(count, 1) * r)

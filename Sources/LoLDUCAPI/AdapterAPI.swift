@@ -252,19 +252,20 @@ private func backward(
     }
 }
 
-/// The adapters a grouped call's rows use (each once) and the rows as indices into them; the
-/// base is `adapters[0]`. Only used entries of the caller's list are looked up.
+/// The adapters a grouped call's rows use (each once), their indices in the caller's list, and
+/// the rows as indices into them; the base is `adapters[0]`. Only used entries of the caller's
+/// list are looked up.
 private func group(
     _ list: UnsafePointer<OpaquePointer?>?, _ count: Int, _ batch: Int64, _ rows: UnsafePointer<Int32>?
-) throws(LoLDUError) -> (base: any AnyAdapter, used: [any AnyAdapter], rows: [Int32], batch: Int) {
+) throws(LoLDUError) -> (base: any AnyAdapter, used: [any AnyAdapter], listIndex: [Int], rows: [Int32], batch: Int) {
     guard count >= 1, count <= Int(Int32.max) else { throw .invalid("count must be in [1, \(Int32.max)], got \(count)") }
     let list = try Check.nonNull(list, "adapters")
     let base = try adapters.get(list[0], "adapters[0]")
     let b = try batchSize(batch, base)
-    guard b > 0 else { return (base, [], [], 0) }
+    guard b > 0 else { return (base, [], [], [], 0) }
     let rows = try Check.nonNull(rows, "rows")
     var slot = [Int32](repeating: -1, count: count)
-    var used: [any AnyAdapter] = []
+    var used: [any AnyAdapter] = [], listIndex: [Int] = []
     var compact = [Int32](repeating: -1, count: b)
     for i in 0..<b {
         let a = Int(rows[i])
@@ -273,10 +274,11 @@ private func group(
         if slot[a] < 0 {
             slot[a] = Int32(used.count)
             used.append(a == 0 ? base : try adapters.get(list[a], "adapters[\(a)]"))
+            listIndex.append(a)
         }
         compact[i] = slot[a]
     }
-    return (base, used, compact, b)
+    return (base, used, listIndex, compact, b)
 }
 
 @_cdecl("loldu_grouped_forward")
@@ -299,14 +301,39 @@ public func lolduGroupedBackward(
     _ list: UnsafePointer<OpaquePointer?>?, _ count: Int, _ batch: Int64, _ rows: UnsafePointer<Int32>?,
     _ x: UnsafeRawPointer?, _ dy: UnsafeRawPointer?, _ dx: UnsafeMutableRawPointer?
 ) -> Int32 {
+    groupedBackward(list, count, batch, rows, x, dy, dx, grads: nil)
+}
+
+@_cdecl("loldu_grouped_backward_into")
+public func lolduGroupedBackwardInto(
+    _ list: UnsafePointer<OpaquePointer?>?, _ count: Int, _ batch: Int64, _ rows: UnsafePointer<Int32>?,
+    _ x: UnsafeRawPointer?, _ dy: UnsafeRawPointer?, _ dx: UnsafeMutableRawPointer?,
+    _ grads: UnsafePointer<UnsafeMutableRawPointer?>?
+) -> Int32 {
+    guard let grads else { return status { () throws(LoLDUError) in throw LoLDUError(.nullPointer, "grads is NULL") } }
+    return groupedBackward(list, count, batch, rows, x, dy, dx, grads: grads)
+}
+
+private func groupedBackward(
+    _ list: UnsafePointer<OpaquePointer?>?, _ count: Int, _ batch: Int64, _ rows: UnsafePointer<Int32>?,
+    _ x: UnsafeRawPointer?, _ dy: UnsafeRawPointer?, _ dx: UnsafeMutableRawPointer?,
+    grads: UnsafePointer<UnsafeMutableRawPointer?>?
+) -> Int32 {
     status { () throws(LoLDUError) in
         let g = try group(list, count, batch, rows)
-        guard g.batch > 0 else { return }
         let dtype = g.base.dtype
+        var outs: [UnsafeMutableRawPointer?]? = nil
+        if let grads {
+            outs = []
+            for (j, i) in g.listIndex.enumerated() {
+                outs!.append(try Check.optionalBuffer(grads[i], "grads[\(i)]", g.used[j].dtype.parameterType))
+            }
+        }
+        guard g.batch > 0 else { return }
         let x = try Check.buffer(x, "x", dtype), dy = try Check.buffer(dy, "dy", dtype)
         let dx = try Check.optionalBuffer(dx, "dx", dtype)
         try g.rows.withUnsafeBufferPointer { rows throws(LoLDUError) in
-            try g.base.groupedBackward(g.used, rows: rows.baseAddress!, batch: g.batch, x: x, dy: dy, dx: dx)
+            try g.base.groupedBackward(g.used, rows: rows.baseAddress!, batch: g.batch, x: x, dy: dy, dx: dx, grads: outs)
         }
     }
 }
@@ -323,7 +350,16 @@ public func lolduEffectiveWeight(_ handle: OpaquePointer?, _ w: UnsafeMutableRaw
 public func lolduWeightBackward(_ handle: OpaquePointer?, _ dw: UnsafeRawPointer?) -> Int32 {
     status { () throws(LoLDUError) in
         let a = try adapters.get(handle, "adapter")
-        try a.weightBackward(rawPointer: try Check.buffer(dw, "dw", a.dtype))
+        try a.weightBackward(rawPointer: try Check.buffer(dw, "dw", a.dtype), grads: nil)
+    }
+}
+
+@_cdecl("loldu_weight_backward_into")
+public func lolduWeightBackwardInto(_ handle: OpaquePointer?, _ dw: UnsafeRawPointer?, _ grads: UnsafeMutableRawPointer?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        let out = try Check.mutableBuffer(grads, "grads", a.dtype.parameterType)
+        try a.weightBackward(rawPointer: try Check.buffer(dw, "dw", a.dtype), grads: out)
     }
 }
 

@@ -89,6 +89,14 @@ import Testing
             return loldu_grouped_forward([h], 1, 1, [0], x, &y)
         },
         use("loldu_grouped_backward", .adapter) { h in loldu_grouped_backward([h], 1, 1, [0], x, x, nil) },
+        use("loldu_grouped_backward_into", .adapter) { h in
+            var g = [Float](repeating: 0, count: 9)
+            return g.withUnsafeMutableBytes { raw in
+                let out: [UnsafeMutableRawPointer?] = [raw.baseAddress]
+                return loldu_grouped_backward_into([h], 1, 1, [0], x, x, nil, out)
+            }
+        },
+        use("loldu_weight_backward_into", .adapter) { h in var g = [Float](repeating: 0, count: 9); return loldu_weight_backward_into(h, x, &g) },
         free("loldu_optimizer_free", .optimizer) { loldu_optimizer_free($0) },
         use("loldu_optimizer_step", .optimizer) { loldu_optimizer_step($0, nil) },
         use("loldu_optimizer_zero_grad", .optimizer) { loldu_optimizer_zero_grad($0) },

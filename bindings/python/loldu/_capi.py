@@ -432,6 +432,9 @@ loldu_effective_weight = _declare("loldu_effective_weight", loldu_status, [loldu
 # LOLDU_API loldu_status loldu_weight_backward(loldu_adapter *adapter, const void *dw);
 loldu_weight_backward = _declare("loldu_weight_backward", loldu_status, [loldu_adapter_p, c_void_p])
 
+# LOLDU_API loldu_status loldu_weight_backward_into(loldu_adapter *adapter, const void *dw, void *grads);
+loldu_weight_backward_into = _declare("loldu_weight_backward_into", loldu_status, [loldu_adapter_p, c_void_p, c_void_p])
+
 # ---------------------------------------------------------------------------------------------
 # Many adapters in one batch
 # ---------------------------------------------------------------------------------------------
@@ -450,6 +453,15 @@ loldu_grouped_backward = _declare(
     "loldu_grouped_backward",
     loldu_status,
     [POINTER(loldu_adapter_p), c_size_t, c_int64, POINTER(c_int32), c_void_p, c_void_p, c_void_p],
+)
+
+# LOLDU_API loldu_status loldu_grouped_backward_into(loldu_adapter *const *adapters, size_t count, int64_t batch,
+#                                                    const int32_t *rows, const void *x, const void *dy, void *dx,
+#                                                    void *const *grads);
+loldu_grouped_backward_into = _declare(
+    "loldu_grouped_backward_into",
+    loldu_status,
+    [POINTER(loldu_adapter_p), c_size_t, c_int64, POINTER(c_int32), c_void_p, c_void_p, c_void_p, POINTER(c_void_p)],
 )
 
 # ---------------------------------------------------------------------------------------------

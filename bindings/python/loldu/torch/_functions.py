@@ -4,9 +4,13 @@
   ``loldu_backward_into``, which writes this call's dz and dσ straight into the gradient tensor
   autograd receives (no zero_grad, no copy).
 - ``GroupedLinearFunction``: a batch whose rows belong to different adapters on one base
-  (``loldu_grouped_forward`` / ``loldu_grouped_backward``); every adapter's z and σ are inputs,
-  so each gets the gradient of its own rows.
-- ``WeightFunction``: ``W_eff`` itself, for convolutions and embeddings.
+  (``loldu_grouped_forward`` / ``loldu_grouped_backward_into``); every adapter's z and σ are
+  inputs, so each gets the gradient of its own rows.
+- ``WeightFunction``: ``W_eff`` itself, for convolutions and embeddings
+  (``loldu_effective_weight`` / ``loldu_weight_backward_into``).
+
+The backward passes write gradients into tensors they return and never touch the adapters' own
+gradient buffers, which ``loldu.torch.Optimizer`` lends to autograd as ``.grad``.
 
 ``z`` and ``sigma`` are passed as inputs so that autograd routes their gradients, and saved so that
 an in-place change between forward and backward is caught by autograd's version check.
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 
-import numpy as np
 import torch
 
 from .. import _capi
@@ -99,15 +102,14 @@ class GroupedLinearFunction(torch.autograd.Function):
             dy = dy.to(x.dtype)
         dy = dy.contiguous()
         dx = torch.empty_like(x) if need_x else None
-        for a in adapters:
-            check(_capi.loldu_zero_grad(a.handle))
+        outputs = [torch.zeros(a.rank + 1, dtype=p.dtype) for a, p in zip(adapters, parameters[::2])]
+        pointers = (ctypes.c_void_p * len(outputs))(*[g.data_ptr() for g in outputs])
         rows_ptr = ctypes.cast(rows.data_ptr(), ctypes.POINTER(ctypes.c_int32))
-        check(_capi.loldu_grouped_backward(_handles(adapters), len(adapters), x.shape[0], rows_ptr, x.data_ptr(),
-                                           dy.data_ptr(), None if dx is None else dx.data_ptr()))
+        check(_capi.loldu_grouped_backward_into(_handles(adapters), len(adapters), x.shape[0], rows_ptr, x.data_ptr(),
+                                                dy.data_ptr(), None if dx is None else dx.data_ptr(), pointers))
         grads = []
         needs = ctx.needs_input_grad[4:]
-        for i, a in enumerate(adapters):
-            g = torch.from_numpy(a.grad.copy())
+        for i, (a, g) in enumerate(zip(adapters, outputs)):
             grads += [g[: a.rank] if needs[2 * i] else None, g[a.rank:] if needs[2 * i + 1] else None]
         return (dx, None, dy.sum(0) if need_bias else None, None, *grads)
 
@@ -126,14 +128,13 @@ class WeightFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dw):
-        ctx.saved_tensors  # version check
-        adapter = ctx.adapter
+        adapter = ctx.adapter  # (saved_tensors below: autograd's version check)
         if dw.layout != torch.strided:  # sparse embedding gradients
             dw = dw.to_dense()
         dw = dw.to(ctx.dtype).contiguous()
-        check(_capi.loldu_zero_grad(adapter.handle))
-        check(_capi.loldu_weight_backward(adapter.handle, dw.data_ptr()))
-        grads = torch.from_numpy(np.array(adapter.grad))
+        z = ctx.saved_tensors[0]
+        grads = torch.empty(adapter.rank + 1, dtype=z.dtype)
+        check(_capi.loldu_weight_backward_into(adapter.handle, dw.data_ptr(), grads.data_ptr()))
         r = adapter.rank
         need_z, need_sigma = ctx.needs_input_grad[:2]
         return grads[:r] if need_z else None, grads[r:] if need_sigma else None, None, None

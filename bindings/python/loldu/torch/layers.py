@@ -421,21 +421,26 @@ class LoLDULayer(nn.Module):
             )
         check_dtype(probe.dtype, f"{self.loldu_name}: the requested dtype",
                     "Call loldu.torch.merge_and_unload(model) first to get plain layers.")
+        # z and σ keep their values and type whatever fn does to the parameters (a dtype cast).
+        values = {name: (self.loldu_z[name].detach().clone(), self.loldu_sigma[name].detach().clone())
+                  for name in self._adapters}
         result = super()._apply(fn, recurse)
         if self._factors is not None:
             if LIBRARY_DTYPES[self._base_weight().dtype] != self._factors._dtype_code:
-                self._rebuild()  # model.to(dtype): factored again in the new type
+                self._rebuild(values)  # model.to(dtype): factored again in the new type
             else:
                 for name, adapter in self._adapters.items():
                     if self.loldu_z[name].data_ptr() != adapter._params_ptr:
                         self._rebind_from_parameters(name)
         return result
 
-    def _rebuild(self) -> None:
-        """Re-creates the factors and every adapter from the current base weight and the
-        parameters' values (after a dtype change or unpickling), keeping the parameter objects."""
-        values = {name: (self.loldu_z[name].detach().clone(), self.loldu_sigma[name].detach().clone())
-                  for name in self.loldu_config}
+    def _rebuild(self, values=None) -> None:
+        """Re-creates the factors and every adapter from the current base weight and ``values``
+        (z, σ per adapter; by default the parameters' values), after a dtype change or
+        unpickling, keeping the parameter objects."""
+        if values is None:
+            values = {name: (self.loldu_z[name].detach().clone(), self.loldu_sigma[name].detach().clone())
+                      for name in self.loldu_config}
         old = list(self._adapters.values()) + ([self._factors] if self._factors is not None else [])
         for key in list(self._companions):
             self._companions.pop(key).close()
