@@ -165,9 +165,20 @@ public enum GEMMBackend: Sendable, Equatable {
         }
     }
 
-    /// The CPU's feature flags from /proc/cpuinfo (empty where unreadable).
+    /// The CPU's feature flags from /proc/cpuinfo (empty where unreadable). Read to the end of
+    /// the file: /proc files report a size of 0.
     static func cpuFlags() -> Set<Substring> {
-        guard let bytes = try? AtomicFile.read("/proc/cpuinfo", limit: 1 << 24, missingOK: true) else { return [] }
+        let fd = open("/proc/cpuinfo", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return [] }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 1 << 16)
+        while bytes.count < 1 << 24 {
+            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress!, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { break }
+            bytes += chunk[0..<n]
+        }
         let text = String(decoding: bytes, as: UTF8.self)
         guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("flags") }),
               let colon = line.firstIndex(of: ":") else { return [] }
