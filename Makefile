@@ -73,13 +73,14 @@ $(BUILD)/%: examples/c/%.c build
 $(BUILD)/faults: Tests/c/faults.c build
 	cc -std=c11 $(CFLAGS_STRICT) -O2 $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu) -lm -o $@
 
-test-c: $(BUILD)/quickstart $(BUILD)/train $(BUILD)/faults
+test-c: $(BUILD)/quickstart $(BUILD)/train $(BUILD)/serve $(BUILD)/faults
 	cc -std=c11 $(CFLAGS_STRICT) -Iinclude -c Tests/c/header_check.c -o $(BUILD)/header_check_c.o
 	c++ -std=c++17 $(CFLAGS_STRICT) -Iinclude -x c++ -c Tests/c/header_check.c -o $(BUILD)/header_check_cpp.o
 	$(BUILD)/quickstart
 	rm -rf $(BUILD)/train-checkpoint
 	$(BUILD)/train $(BUILD)/train-checkpoint
 	$(BUILD)/train --verify $(BUILD)/train-checkpoint
+	$(BUILD)/serve
 	$(BUILD)/faults
 
 # --- fuzzing: the readers of untrusted bytes (safetensors, JSON, checkpoints, optimiser states) under libFuzzer and
