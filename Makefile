@@ -22,7 +22,7 @@ endif
 APT_PACKAGES := pkg-config libopenblas-dev liblapacke-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup build test test-swift test-c test-fuzz test-tsan fuzz demo compare bench install clean FORCE
+.PHONY: all setup build test test-swift test-c test-fuzz test-tsan test-examples fuzz demo compare bench install clean FORCE
 
 all: build
 
@@ -57,7 +57,7 @@ build: $(LIB) $(BUILD)/loldu.pc
 # --- tests -------------------------------------------------------------------------------------
 CFLAGS_STRICT := -Wall -Wextra -Werror -pedantic
 
-test: test-swift test-c test-fuzz test-tsan test-python
+test: test-swift test-c test-fuzz test-tsan test-python test-examples
 
 test-swift: $(BUILD)/.apt-ready
 	swift test
@@ -114,6 +114,10 @@ fuzz: $(BUILD)/fuzz $(FUZZ_CORPUS)
 # OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads sleep when idle instead of spinning, so they
 # do not fight libloldu's BLAS threads for the cores (see README, "Performance").
 PY_RUN = LOLDU_LIBRARY=$(LIB) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON)
+
+# The Python examples, short: two adapters trained on two tasks and served in one mixed batch.
+test-examples: build python-setup
+	$(PY_RUN) examples/python/many_adapters.py --quick
 
 demo: build python-setup
 	$(PY_RUN) examples/python/finetune_minilm.py
