@@ -119,8 +119,10 @@ PY_RUN = LOLDU_LIBRARY=$(LIB) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_P
 test-examples: build python-setup
 	$(PY_RUN) examples/python/many_adapters.py --quick
 
+# DTYPE=bfloat16: the encoder in bf16 (bf16 GEMMs on CPUs with bf16 units).
+DTYPE ?= float32
 demo: build python-setup
-	$(PY_RUN) examples/python/finetune_minilm.py
+	$(PY_RUN) examples/python/finetune_minilm.py --dtype $(DTYPE)
 
 # LoLDU (r = 64, full rank) vs PEFT LoRA vs a linear probe vs full fine-tuning: docs/results.md
 compare: build python-setup

@@ -83,15 +83,19 @@ class SentenceClassifier(nn.Module):
     def forward(self, input_ids, attention_mask):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.head(pooled.float())  # the head stays float32 whatever the encoder's dtype
 
 
-def fresh_model(seed: int) -> SentenceClassifier:
+def fresh_model(seed: int, dtype: str = "float32") -> SentenceClassifier:
+    """MiniLM with the encoder's weights in ``dtype`` (as a bf16 checkpoint loads) and a float32
+    head."""
     from transformers import AutoModel
 
     torch.manual_seed(seed)
-    encoder = AutoModel.from_pretrained(model_path(), local_files_only=True)
+    encoder = AutoModel.from_pretrained(model_path(), local_files_only=True).to(getattr(torch, dtype))
     model = SentenceClassifier(encoder)
+    model.head.float()
     model.eval()  # no dropout: runs are reproducible and the reload check is exact
     return model
 
@@ -137,12 +141,16 @@ METHODS = {
     "lora": "PEFT LoRA r = 16 (query, value)",
     "probe": "linear probe (head only)",
     "full": "full fine-tuning",
+    "loldu-bf16": "LoLDU r = 64 (query, value), bfloat16 encoder",
+    "lora-bf16": "PEFT LoRA r = 16 (query, value), bfloat16 encoder",
 }
 
 
 def prepare(method: str, args) -> tuple[SentenceClassifier, list]:
     """The model for a method, and its optimiser parameter groups (encoder part, head)."""
-    model = fresh_model(args.seed)
+    dtype = "bfloat16" if method.endswith("-bf16") else args.dtype
+    method = method.removesuffix("-bf16")
+    model = fresh_model(args.seed, dtype)
     targets = args.targets
     if method in ("loldu", "loldu-full"):
         rank = "full" if method == "loldu-full" else args.rank
@@ -219,7 +227,7 @@ def saved_bytes(method: str, model: SentenceClassifier, directory: str) -> int:
     if method.startswith("loldu"):
         lt.save_loldu(model.encoder, directory)
         return os.path.getsize(os.path.join(directory, loldu.MODEL_FILE))
-    if method == "lora":
+    if method.startswith("lora"):
         model.encoder.save_pretrained(directory)
         return os.path.getsize(os.path.join(directory, "adapter_model.safetensors"))
     if method == "full":
@@ -264,6 +272,7 @@ def demo(args) -> None:
     test_ids, test_mask, _ = data[1]
 
     model, groups = prepare("loldu", args)
+    print(f"encoder in {args.dtype}; GEMMs: {loldu.gemm_backend(getattr(loldu, args.dtype, args.dtype))[0]}")
     report = lt.print_trainable_parameters(model)
     before = accuracy(predict(model, test_ids, test_mask), test_y)
     print(f"accuracy before training: {before:.2%} (untrained head)")
@@ -281,7 +290,7 @@ def demo(args) -> None:
     adapter_bytes = os.path.getsize(os.path.join(adapter_dir, loldu.MODEL_FILE))
 
     # A fresh model from the pretrained weights, the adapter and the head: same predictions.
-    reloaded = fresh_model(args.seed)
+    reloaded = fresh_model(args.seed, args.dtype)
     lt.load_loldu(reloaded.encoder, adapter_dir)
     reloaded.head.load_state_dict(torch.load(os.path.join(out, "head.pt")))
     again = predict(reloaded, test_ids, test_mask)
@@ -380,6 +389,8 @@ def main() -> None:
     parser.add_argument("--full-lr", type=float, default=5e-5)
     parser.add_argument("--warmup", type=int, default=30, help="warm-up steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the encoder's weights (and the LoLDU layers' compute type)")
     parser.add_argument("--out", default=os.path.join(ROOT, "build", "minilm-demo"))
     parser.add_argument("--compare", action="store_true", help="run every method and write --results")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
