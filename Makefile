@@ -19,7 +19,7 @@ ifneq ($(OPENBLAS_CORETYPE),)
 export OPENBLAS_CORETYPE
 endif
 
-APT_PACKAGES := pkg-config libopenblas-dev liblapacke-dev
+APT_PACKAGES := pkg-config libopenblas-dev liblapacke-dev libdnnl-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all setup build test test-swift test-c test-fuzz test-tsan test-examples fuzz demo compare bench install clean FORCE

@@ -5,6 +5,8 @@
 /// The reader checks everything before trusting it: the header length against the file size,
 /// the JSON, every dtype, shape and offset, and that the tensors tile the data section exactly
 /// (no gap, no overlap, no trailing bytes), as the reference implementation requires.
+import Glibc
+
 public enum SafeTensors {
     /// Element types and their sizes in bytes.
     public static let dtypeSizes: [String: Int] = [
@@ -34,14 +36,21 @@ public enum SafeTensors {
         public let range: Range<Int>
     }
 
-    /// A parsed file: its bytes and the validated header.
+    /// A parsed file: its bytes (read, or mapped) and the validated header.
     public struct File: Sendable {
-        public let bytes: [UInt8]
+        public let bytes: Bytes
+        /// Tensors in the order of their data.
+        public let order: [String]
         public let tensors: [String: Tensor]
         public let metadata: [String: String]
         public let what: String
 
         public func fail(_ message: String) -> LoLDUError { LoLDUError(.format, "\(what): \(message)") }
+
+        /// The bytes of a tensor of this file.
+        public func data(_ tensor: Tensor) -> UnsafeRawBufferPointer {
+            UnsafeRawBufferPointer(rebasing: bytes.buffer[tensor.range])
+        }
 
         /// The named tensor, which must have this dtype and shape.
         public func tensor(_ name: String, dtype: String, shape: [Int]) throws(LoLDUError) -> Tensor {
@@ -55,9 +64,8 @@ public enum SafeTensors {
         public func values<T: BLASScalar>(_ name: String, shape: [Int], as _: T.Type) throws(LoLDUError) -> [T] {
             let t = try tensor(name, dtype: SafeTensors.name(of: T.dtype), shape: shape)
             let count = shape.reduce(1, *)
-            let values = bytes.withUnsafeBytes { raw in
-                (0..<count).map { raw.loadUnaligned(fromByteOffset: t.range.lowerBound + $0 * MemoryLayout<T>.size, as: T.self) }
-            }
+            let raw = bytes.buffer
+            let values = (0..<count).map { raw.loadUnaligned(fromByteOffset: t.range.lowerBound + $0 * MemoryLayout<T>.size, as: T.self) }
             if let bad = values.firstIndex(where: { !$0.isFinite }) {
                 throw fail("tensor \"\(name)\" element \(bad) is \(values[bad]); every value must be finite")
             }
@@ -67,7 +75,19 @@ public enum SafeTensors {
 
     /// Parses and validates a whole file; `what` names it in error messages.
     public static func parse(_ bytes: [UInt8], what: String) throws(LoLDUError) -> File {
+        try parse(Bytes(copying: bytes), what: what)
+    }
+
+    /// Maps a file (read-only) and parses it: only the header is read now, tensors as they are
+    /// used, so a model's weights cost their pages, not a copy.
+    public static func map(_ path: String) throws(LoLDUError) -> File {
+        try parse(try Bytes(mapping: path), what: path)
+    }
+
+    /// Parses and validates the file in `storage`.
+    public static func parse(_ storage: Bytes, what: String) throws(LoLDUError) -> File {
         func fail(_ message: String) -> LoLDUError { LoLDUError(.format, "\(what): \(message)") }
+        let bytes = storage.buffer
         guard bytes.count >= 8 else {
             throw fail("truncated: \(bytes.count) bytes, but a safetensors file starts with an 8-byte header length")
         }
@@ -79,9 +99,7 @@ public enum SafeTensors {
         guard length <= UInt64(maxHeader) else { throw fail("header length \(length) exceeds \(maxHeader)") }
         let headerEnd = 8 + Int(length)
         let header = try rethrowing {
-            try bytes.withUnsafeBytes { raw in
-                try JSON.parse(UnsafeRawBufferPointer(rebasing: raw[8..<headerEnd]), what: "\(what) header")
-            }
+            try JSON.parse(UnsafeRawBufferPointer(rebasing: bytes[8..<headerEnd]), what: "\(what) header")
         }
         guard let members = header.object else { throw fail("the header is not a JSON object") }
         let dataLength = bytes.count - headerEnd
@@ -133,7 +151,41 @@ public enum SafeTensors {
             next = span.end
         }
         guard next == dataLength else { throw fail("\(dataLength - next) bytes of data belong to no tensor") }
-        return File(bytes: bytes, tensors: tensors, metadata: metadata, what: what)
+        return File(bytes: storage, order: spans.map(\.name), tensors: tensors, metadata: metadata, what: what)
+    }
+
+    /// The bytes of a file: a copy in memory, or a read-only mapping of the file.
+    public final class Bytes: @unchecked Sendable {
+        public let buffer: UnsafeRawBufferPointer
+        private let mapped: Bool
+
+        init(copying bytes: [UInt8]) {
+            let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: Swift.max(bytes.count, 1), alignment: 64)
+            bytes.withUnsafeBytes { memory.copyMemory(from: $0) }
+            buffer = UnsafeRawBufferPointer(rebasing: memory[0..<bytes.count])
+            mapped = false
+        }
+
+        /// Maps a regular file; refuses anything else (see ``AtomicFile``).
+        init(mapping path: String) throws(LoLDUError) {
+            guard let (fd, size) = try AtomicFile.openRegular(path) else { throw AtomicFile.failure("cannot open", path) }
+            defer { close(fd) }
+            guard size > 0 else {
+                buffer = UnsafeRawBufferPointer(start: nil, count: 0)
+                mapped = false
+                return
+            }
+            guard let base = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0), base != MAP_FAILED else {
+                throw AtomicFile.failure("cannot map", path)
+            }
+            buffer = UnsafeRawBufferPointer(start: base, count: size)
+            mapped = true
+        }
+
+        deinit {
+            guard let base = buffer.baseAddress else { return }
+            if mapped { munmap(UnsafeMutableRawPointer(mutating: base), buffer.count) } else { base.deallocate() }
+        }
     }
 
     /// One tensor to write: its bytes are produced by `fill` into a buffer of `byteCount` bytes.
