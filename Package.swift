@@ -6,6 +6,8 @@ let package = Package(
     products: [
         // libloldu.so: the C ABI declared in include/loldu.h.
         .library(name: "loldu", type: .dynamic, targets: ["LoLDUCAPI"]),
+        // The `loldu` command-line tool (installed as bin/loldu), the library linked in.
+        .executable(name: "loldu-cli", targets: ["LoLDUCommand"]),
     ],
     targets: [
         // OpenBLAS (cblas) and LAPACKE, found through pkg-config.
@@ -22,6 +24,8 @@ let package = Package(
         .target(name: "LoLDU", dependencies: ["CLinearAlgebra", "CLoLDU", "CDNNL"]),
         // The @_cdecl thunks: validation and error mapping only.
         .target(name: "LoLDUCAPI", dependencies: ["LoLDU", "CLoLDU"], exclude: ["exports.map"]),
+        // The command-line tool: inspect, verify, export-lora, merge.
+        .executableTarget(name: "LoLDUCommand", dependencies: ["LoLDU", "LoLDUCAPI", "CLoLDU"]),
         .testTarget(
             name: "LoLDUTests",
             dependencies: ["CLoLDU", "LoLDUCAPI", "CLinearAlgebra"]

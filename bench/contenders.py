@@ -69,12 +69,19 @@ class _Holder(nn.Module):
         return self.layer(x)
 
 
-def lora_model(linear: nn.Linear, rank: int = 16):
-    """A PEFT LoRA model (r = rank, alpha = rank, no dropout) around one linear layer."""
+def lora_config(rank: int = 16):
     import peft
 
-    config = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=["layer"])
-    return peft.get_peft_model(_Holder(linear), config)
+    return peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=["layer"])
+
+
+def lora_model(linear: nn.Linear, rank: int = 16, autocast_adapter_dtype: bool = True):
+    """A PEFT LoRA model (r = rank, alpha = rank, no dropout) around one linear layer. On a bf16
+    layer PEFT keeps the LoRA weights in float32 by default (``autocast_adapter_dtype=True``);
+    ``False`` keeps them in the layer's dtype."""
+    import peft
+
+    return peft.get_peft_model(_Holder(linear), lora_config(rank), autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def held_bytes(module: nn.Module, exclude: tuple = ()) -> int:

@@ -369,6 +369,14 @@ LOLDU_API loldu_status loldu_get_factor(const loldu_adapter *adapter, loldu_fact
  */
 LOLDU_API loldu_status loldu_get_pivots(const loldu_adapter *adapter, int32_t *ipiv);
 
+/**
+ * Writes the coefficients c = σ·z − σ₀·z_ref (rank values of the parameter type): the adapter's
+ * update is ΔW = A·diag(c)·U_r (A = P·L_r and U_r from loldu_get_factor), so W_eff = W + ΔW.
+ * This is a rank-r LoRA with lora_B = A·diag(c), lora_A = U_r and scaling 1 (loldu_export_lora);
+ * adapters on one base differ only in c (c_1 + c_2 is the sum of two adapters' updates).
+ */
+LOLDU_API loldu_status loldu_get_coefficients(const loldu_adapter *adapter, void *c);
+
 /* ---------------------------------------------------------------------------------------
  * Forward and backward
  * ------------------------------------------------------------------------------------- */
@@ -680,12 +688,133 @@ LOLDU_API loldu_status loldu_checkpoint_apply(const loldu_checkpoint *checkpoint
                                               loldu_adapter *adapter);
 
 /**
+ * Layer `name`'s saved values: its z (config.rank values, exactly, as doubles) and σ, and the
+ * fingerprints of the base weight and pivots it was saved on (16 hex digits and a NUL, written
+ * to 17-byte buffers). Any output may be NULL. LOLDU_ERR_MISMATCH if there is no such layer.
+ */
+LOLDU_API loldu_status loldu_checkpoint_values(const loldu_checkpoint *checkpoint, const char *name, double *z,
+                                               double *sigma, char *weight_fingerprint, char *pivots_fingerprint);
+
+/**
+ * Creates layer `name`'s adapter on its base weight (and bias, if the file has one) in the model
+ * directory `base_dir`, and applies the checkpoint to it (loldu_checkpoint_apply): what a server
+ * needs to load a base model's files and an adapter. The adapter's element type is the tensor's
+ * (F32, F64, BF16 or F16; a weight of more than 2 dimensions, a convolution's, is taken as
+ * shape[0] × the rest).
+ *
+ * base_dir holds the weights as transformers writes them: "model.safetensors", or shards listed in
+ * "model.safetensors.index.json"; the files are mapped, not read whole. Layer NAME's weight is
+ * the tensor (1) "NAME.weight"; else (2) the one tensor ending in ".NAME.weight" (the file's names
+ * carry a prefix such as "bert."); else (3) NAME without its first components, as few as possible
+ * (the layer names carry a prefix the file lacks). Its bias is the same name ending in ".bias".
+ *
+ * @return LOLDU_ERR_MISMATCH naming the layer if no tensor matches, the shape differs, or the
+ *         weight's fingerprint is not the saved one (checked before the factorisation); LOLDU_ERR_IO
+ *         or LOLDU_ERR_FORMAT for missing, unreadable or corrupt model files.
+ */
+LOLDU_API loldu_status loldu_checkpoint_create(loldu_adapter **out, const loldu_checkpoint *checkpoint,
+                                               const char *name, const char *base_dir);
+
+/**
  * Writes merged weights for serving without this library: a safetensors file with, per layer,
  * "NAME.weight" = W_eff (m × n) and "NAME.bias" when the layer has one, in the adapter's element
  * type. Written atomically (see loldu_optimizer_save for links and special files).
  */
 LOLDU_API loldu_status loldu_export_merged(const char *path, loldu_adapter *const *adapters,
                                            const char *const *names, size_t count);
+
+/* ---------------------------------------------------------------------------------------
+ * Leaving the library: adapters as a standard LoRA, and merged model files
+ * ------------------------------------------------------------------------------------- */
+
+/** How PEFT represents a layer in a LoRA export. */
+typedef enum loldu_lora_kind {
+    LOLDU_LORA_LINEAR = 0,    /* nn.Linear (m = out, n = in): lora_A.weight R × n, lora_B.weight m × R */
+    LOLDU_LORA_EMBEDDING = 1, /* nn.Embedding (m = num_embeddings, n = dim): lora_embedding_A R × m,
+                                 lora_embedding_B n × R */
+    LOLDU_LORA_CONV = 2       /* nn.Conv1d/2d/3d, W reshaped to out × (in · kernel): lora_A.weight
+                                 R × in × kernel, lora_B.weight out × R × 1…; exact for groups = 1,
+                                 dilation = 1 and zero padding (PEFT's lora_A has no dilation) */
+} loldu_lora_kind;
+
+typedef struct loldu_lora_layer {
+    int32_t kind;        /* loldu_lora_kind */
+    int32_t kernel_dims; /* LOLDU_LORA_CONV: the number of kernel sizes, 1 to 3 */
+    int64_t kernel[3];   /* LOLDU_LORA_CONV: the kernel size; n must be in_channels · their product */
+} loldu_lora_layer;
+
+typedef struct loldu_lora_options {
+    uint32_t struct_size;                 /* sizeof(loldu_lora_options); set by the defaults function */
+    int32_t dtype;                        /* the tensors' loldu_dtype; default LOLDU_FLOAT32 */
+    const char *base_model_name_or_path;  /* written to adapter_config.json (a hub id or a
+                                             directory); NULL (default) writes null */
+    const loldu_lora_layer *layers;       /* one per adapter, or NULL (default): all LOLDU_LORA_LINEAR */
+    int32_t replace;                      /* 1: replace an earlier export at dir, as a whole; 0 (default):
+                                             dir must not exist */
+} loldu_lora_options;
+
+/** Fills `options` with the defaults above. */
+LOLDU_API loldu_status loldu_lora_options_default(loldu_lora_options *options);
+
+/**
+ * Writes `count` ≥ 1 adapters under `names` (their module names in the model that will load them)
+ * as a PEFT LoRA directory `dir`: exact, since ΔW = A·diag(c)·U_r (loldu_get_coefficients) is a
+ * rank-r LoRA with lora_B = A·diag(c) and lora_A = U_r. Layers of smaller rank are padded with
+ * zeros to the largest rank R, and lora_alpha = r = R (scaling 1), which PEFT, vLLM and llama.cpp's
+ * convert_lora_to_gguf.py all read the same way.
+ *   adapter_config.json        peft_type "LORA", r, lora_alpha, target_modules (the names), bias
+ *                              "none", base_model_name_or_path, and PEFT's other keys
+ *   adapter_model.safetensors  "base_model.model.NAME.lora_A.weight" and "...lora_B.weight"
+ *                              (embeddings: "...lora_embedding_A", "...lora_embedding_B")
+ * The directory appears whole or not at all: written under a temporary name beside `dir`, then
+ * renamed (an interrupted export leaves nothing at `dir`; the next one removes its remains).
+ * Replacing (options->replace) swaps the old export out in one step, and only an export: a
+ * directory holding other files is refused (LOLDU_ERR_IO), never deleted.
+ *
+ * @param options NULL for the defaults.
+ * @return LOLDU_ERR_NOT_FINITE naming the layer if its z or σ is not finite; LOLDU_ERR_IO if dir
+ *         exists (without replace) or cannot be written.
+ */
+LOLDU_API loldu_status loldu_export_lora(const char *dir, loldu_adapter *const *adapters, const char *const *names,
+                                         size_t count, const loldu_lora_options *options);
+
+/**
+ * Progress of a long call: `done` of `total` bytes written, `tensor` the tensor just written
+ * (valid during the call). Called from the calling thread.
+ */
+typedef void (*loldu_progress_fn)(void *user, uint64_t done, uint64_t total, const char *tensor);
+
+typedef struct loldu_merge_options {
+    uint32_t struct_size;       /* sizeof(loldu_merge_options); set by the defaults function */
+    int32_t dtype;              /* 0 (default): each tensor keeps its type; LOLDU_FLOAT32, LOLDU_BFLOAT16
+                                   or LOLDU_FLOAT16: every F32, BF16 and F16 tensor is converted to it,
+                                   and config.json's torch_dtype says so */
+    loldu_progress_fn progress; /* called after each tensor, or NULL (default) */
+    void *user;                 /* passed to progress */
+} loldu_merge_options;
+
+/** Fills `options` with the defaults above. */
+LOLDU_API loldu_status loldu_merge_options_default(loldu_merge_options *options);
+
+/**
+ * Merges every layer of `checkpoint` into a copy of the model directory `base_dir` (layout and
+ * names as in loldu_checkpoint_create), written to the new directory `out_dir`: the same weight
+ * files (one, or the same shards and index), tensor names, order and metadata, with each adapted
+ * weight replaced by W + A·diag(c)·U_r, computed in float32 (float64 for F64 tensors) and rounded
+ * once to the output type. config.json, the tokenizer and every other file are copied, except
+ * hidden ones and weights in other formats (*.bin, *.pt, *.onnx, ...), which would still hold the
+ * unmerged weights. transformers' from_pretrained(out_dir) then loads the adapted model.
+ *
+ * Tensors are read from the mapped files one at a time: memory stays near the largest adapted
+ * tensor and its factors, whatever the model's size. Every layer is matched and checked before
+ * anything is written. `out_dir` appears whole or not at all (see loldu_export_lora): a failure
+ * (a full disk, a corrupt shard, a weight that is not the saved one) or a kill leaves no output.
+ *
+ * @param options NULL for the defaults.
+ * @return LOLDU_ERR_IO if out_dir exists; as loldu_checkpoint_create for the model files.
+ */
+LOLDU_API loldu_status loldu_merge_model(const char *out_dir, const char *base_dir, const loldu_checkpoint *checkpoint,
+                                         const loldu_merge_options *options);
 
 /* ---------------------------------------------------------------------------------------
  * Threads

@@ -47,6 +47,8 @@ public protocol AnyAdapter: AnyObject, Sendable {
     func writeResidual(_ out: UnsafeMutableRawPointer) throws(LoLDUError)
     func writeFactor(_ factor: Factor, _ out: UnsafeMutableRawPointer)
     func writePivots(_ out: UnsafeMutablePointer<Int32>)
+    /// `c = σ z − σ₀ z_ref` (`rank` values of the parameter type): `ΔW = A diag(c) U_r`.
+    func writeCoefficients(_ out: UnsafeMutableRawPointer)
     func setZ(rawPointer z: UnsafeRawPointer) throws(LoLDUError)
     func setSigma(_ value: Double) throws(LoLDUError)
     func plan(batch: Int, keepsH: Bool) -> ComputePath
@@ -230,6 +232,10 @@ extension Adapter: AnyAdapter {
 
     public func writePivots(_ out: UnsafeMutablePointer<Int32>) {
         factors.pivots.withUnsafeBufferPointer { out.update(from: $0.baseAddress!, count: rank) }
+    }
+
+    public func writeCoefficients(_ out: UnsafeMutableRawPointer) {
+        coefficients(into: out.assumingMemoryBound(to: P.self))
     }
 
     public func setZ(rawPointer z: UnsafeRawPointer) throws(LoLDUError) {

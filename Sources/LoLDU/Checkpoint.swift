@@ -34,10 +34,10 @@ public final class Checkpoint: @unchecked Sendable {
         public let m: Int
         public let n: Int
         public let config: AdapterConfig
-        let weightFingerprint: String
-        let pivotsFingerprint: String
-        let z: [Double]
-        let sigma: Double
+        public let weightFingerprint: String
+        public let pivotsFingerprint: String
+        public let z: [Double]
+        public let sigma: Double
     }
 
     /// Layers in saved order.

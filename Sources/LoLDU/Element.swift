@@ -141,3 +141,47 @@ extension Float16: Element {
                       exponentLowBit: UInt16(1) << 10, UInt16.self)
     }
 }
+
+/// Converts `count` elements of type `from` at `src` to type `to` at `dst`: exact when widening,
+/// one rounding to nearest even when narrowing among float32, bfloat16 and float16 (float64
+/// passes through float32 on its way to a half type).
+func convertElements(_ src: UnsafeRawPointer, _ from: DType, _ dst: UnsafeMutableRawPointer, _ to: DType, count: Int) {
+    if from == to {
+        dst.copyMemory(from: src, byteCount: count * from.byteSize)
+        return
+    }
+    switch (from, to) {
+    case (.float32, _): narrowFloats(src.assumingMemoryBound(to: Float.self), to: dst, to, count: count)
+    case (_, .float32): widenToFloats(src, from, dst.assumingMemoryBound(to: Float.self), count: count)
+    default:
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 4096) { chunk in
+            for start in stride(from: 0, to: count, by: 4096) {
+                let n = Swift.min(4096, count - start)
+                widenToFloats(src + start * from.byteSize, from, chunk.baseAddress!, count: n)
+                narrowFloats(chunk.baseAddress!, to: dst + start * to.byteSize, to, count: n)
+            }
+        }
+    }
+}
+
+private func widenToFloats(_ src: UnsafeRawPointer, _ from: DType, _ dst: UnsafeMutablePointer<Float>, count: Int) {
+    switch from {
+    case .float32: dst.update(from: src.assumingMemoryBound(to: Float.self), count: count)
+    case .bfloat16: BFloat16.widen(src.assumingMemoryBound(to: BFloat16.self), to: dst, count: count)
+    case .float16: Float16.widen(src.assumingMemoryBound(to: Float16.self), to: dst, count: count)
+    case .float64:
+        let s = src.assumingMemoryBound(to: Double.self)
+        for i in 0..<count { dst[i] = Float(s[i]) }
+    }
+}
+
+private func narrowFloats(_ src: UnsafePointer<Float>, to dst: UnsafeMutableRawPointer, _ to: DType, count: Int) {
+    switch to {
+    case .float32: dst.assumingMemoryBound(to: Float.self).update(from: src, count: count)
+    case .bfloat16: BFloat16.narrow(src, to: dst.assumingMemoryBound(to: BFloat16.self), count: count)
+    case .float16: Float16.narrow(src, to: dst.assumingMemoryBound(to: Float16.self), count: count)
+    case .float64:
+        let d = dst.assumingMemoryBound(to: Double.self)
+        for i in 0..<count { d[i] = Double(src[i]) }
+    }
+}

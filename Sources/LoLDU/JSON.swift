@@ -69,6 +69,22 @@ public enum JSON: Equatable, Sendable {
         }
     }
 
+    /// Text with object members sorted and two spaces per level, as Python's
+    /// `json.dumps(value, indent=2, sort_keys=True)` writes it (what PEFT and transformers write).
+    public func pretty(_ level: Int = 0) -> String {
+        let inner = String(repeating: " ", count: 2 * (level + 1)), outer = String(repeating: " ", count: 2 * level)
+        switch self {
+        case .array(let items) where !items.isEmpty:
+            return "[\n" + items.map { inner + $0.pretty(level + 1) }.joined(separator: ",\n") + "\n\(outer)]"
+        case .object(let members) where !members.isEmpty:
+            return "{\n" + members.sorted { $0.key < $1.key }
+                .map { inner + JSON.quote($0.key) + ": " + $0.value.pretty(level + 1) }
+                .joined(separator: ",\n") + "\n\(outer)}"
+        default:
+            return text
+        }
+    }
+
     public static func number(_ value: Int) -> JSON { .number(String(value)) }
 
     /// A finite double, written so that it reads back exactly.

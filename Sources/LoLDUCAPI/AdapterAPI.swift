@@ -109,6 +109,14 @@ public func lolduGetZ(_ handle: OpaquePointer?, _ z: UnsafeMutableRawPointer?) -
     }
 }
 
+@_cdecl("loldu_get_coefficients")
+public func lolduGetCoefficients(_ handle: OpaquePointer?, _ c: UnsafeMutableRawPointer?) -> Int32 {
+    status { () throws(LoLDUError) in
+        let a = try adapters.get(handle, "adapter")
+        a.writeCoefficients(try Check.mutableBuffer(c, "c", a.dtype.parameterType))
+    }
+}
+
 @_cdecl("loldu_set_z")
 public func lolduSetZ(_ handle: OpaquePointer?, _ z: UnsafeRawPointer?) -> Int32 {
     status { () throws(LoLDUError) in

@@ -130,3 +130,36 @@ public func lolduCheckpointApply(_ handle: OpaquePointer?, _ name: UnsafePointer
         try c.checkpoint.apply(try Check.layerName(name), to: target)
     }
 }
+
+@_cdecl("loldu_checkpoint_values")
+public func lolduCheckpointValues(
+    _ handle: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ z: UnsafeMutablePointer<Double>?,
+    _ sigma: UnsafeMutablePointer<Double>?, _ weightPrint: UnsafeMutablePointer<CChar>?, _ pivotsPrint: UnsafeMutablePointer<CChar>?
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let c = try checkpoints.get(handle, "checkpoint")
+        let layer = try c.checkpoint.layer(try Check.layerName(name))
+        if let z { z.update(from: layer.z, count: layer.z.count) }
+        sigma?.pointee = layer.sigma
+        for (print, out) in [(layer.weightFingerprint, weightPrint), (layer.pivotsFingerprint, pivotsPrint)] {
+            guard let out else { continue }
+            let bytes = Array(print.utf8.prefix(16))
+            for (i, byte) in bytes.enumerated() { out[i] = CChar(bitPattern: byte) }
+            out[bytes.count] = 0
+        }
+    }
+}
+
+@_cdecl("loldu_checkpoint_create")
+public func lolduCheckpointCreate(
+    _ out: UnsafeMutablePointer<OpaquePointer?>?, _ handle: OpaquePointer?, _ name: UnsafePointer<CChar>?,
+    _ baseDir: UnsafePointer<CChar>?
+) -> Int32 {
+    status { () throws(LoLDUError) in
+        let out = try Check.nonNull(out, "out")
+        let c = try checkpoints.get(handle, "checkpoint")
+        let layer = try Check.layerName(name)
+        let model = try ModelFiles(directory: try Check.path(baseDir, "base_dir"))
+        out.pointee = adapters.insert(try c.checkpoint.adapter(layer, in: model))
+    }
+}

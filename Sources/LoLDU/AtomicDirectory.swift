@@ -1,0 +1,192 @@
+import Glibc
+
+/// A directory that appears whole or not at all: an export or a merged model.
+///
+/// It is written under a temporary name `.NAME.XXXXXX` beside the target, every file flushed
+/// with `fsync`, then renamed into place in one step: with `RENAME_NOREPLACE` when it is new
+/// (a directory that appeared meanwhile is never overwritten), or swapped with the previous one
+/// by `RENAME_EXCHANGE` when it replaces it (the previous one is then deleted). A failure
+/// removes the temporary directory; a killed writer leaves it behind, and the next writer of
+/// the same target removes it: each writer holds an exclusive `flock` on its temporary
+/// directory, so one that can be locked belongs to nobody.
+public final class AtomicDirectory {
+    /// The final path.
+    public let target: String
+    /// Where the files are written until ``commit()``.
+    public let path: String
+    private let fd: Int32
+    private var committed = false
+
+    /// Starts writing the directory `target` (whose parent must exist) under a temporary name;
+    /// `what` names the argument in errors.
+    public init(_ target: String, what: String) throws(LoLDUError) {
+        var trimmed = target
+        while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed.removeLast() }
+        let parent = AtomicFile.parent(of: trimmed)
+        let name = trimmed.split(separator: "/").last.map(String.init) ?? trimmed
+        guard !name.isEmpty, name != ".", name != ".." else {
+            throw .invalid("\(what) \"\(target)\" must name a new directory")
+        }
+        Self.removeStale(in: parent, of: name)
+        // mkdir, not mkdtemp: the directory gets the permissions the umask gives (mkdtemp's are 0700).
+        let letters = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+        var system = SystemRandomNumberGenerator()
+        var path = ""
+        for attempt in 0... {
+            path = "\(parent)/.\(name)." + String((0..<6).map { _ in letters[Int(system.next() % UInt64(letters.count))] })
+            if mkdir(path, 0o755) == 0 { break }
+            guard errno == EEXIST, attempt < 100 else { throw AtomicFile.failure("cannot create a directory in", parent) }
+        }
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else {
+            let error = AtomicFile.failure("cannot open", path)
+            rmdir(path)
+            throw error
+        }
+        _ = flock(fd, LOCK_EX | LOCK_NB)
+        self.target = trimmed
+        self.path = path
+        self.fd = fd
+    }
+
+    deinit {
+        if !committed { Self.removeTree(path) }
+        close(fd)
+    }
+
+    public func file(_ name: String) -> String { "\(path)/\(name)" }
+
+    /// Creates `name` (with its missing parent directories inside this one) from what `body`
+    /// writes, flushed to disk.
+    public func write(_ name: String, _ body: (AtomicFile.Writer) throws(LoLDUError) -> Void) throws(LoLDUError) {
+        var parent = ""
+        for component in name.split(separator: "/").dropLast() {
+            parent += (parent.isEmpty ? "" : "/") + component
+            try AtomicFile.makeDirectory(file(parent))
+        }
+        let full = file(name)
+        let out = open(full, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard out >= 0 else { throw AtomicFile.failure("cannot create", full) }
+        var closed = false
+        defer { if !closed { close(out) } }
+        try body(AtomicFile.Writer(fd: out, path: full))
+        guard fsync(out) == 0 else { throw AtomicFile.failure("cannot flush", full) }
+        closed = true
+        guard close(out) == 0 else { throw AtomicFile.failure("cannot close", full) }
+    }
+
+    /// Copies the regular file `source` to `name`.
+    public func copy(_ source: String, as name: String) throws(LoLDUError) {
+        guard let (input, size) = try AtomicFile.openRegular(source) else { throw AtomicFile.failure("cannot open", source) }
+        defer { close(input) }
+        try write(name) { out throws(LoLDUError) in
+            var done = 0
+            let chunk = 1 << 20
+            let buffer = try HeapBuffer<UInt8>(count: chunk)
+            while true {
+                let n = read(input, buffer.pointer, chunk)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw AtomicFile.failure("cannot read", source)
+                }
+                if n == 0 { break }
+                try out.write(UnsafeRawBufferPointer(start: buffer.pointer, count: n))
+                done += n
+            }
+            guard done == size else { throw LoLDUError(.io, "\"\(source)\" changed size while it was copied") }
+        }
+    }
+
+    /// Puts the directory in place: a new `target` if `replace` is false (an existing one is an
+    /// error), else swapped with the existing one, which is then deleted.
+    public func commit(replace: Bool) throws(LoLDUError) {
+        guard fsync(fd) == 0 else { throw AtomicFile.failure("cannot flush", path) }
+        var info = stat()
+        let exists = lstat(target, &info) == 0
+        if exists && !replace { throw LoLDUError(.io, "\"\(target)\" already exists") }
+        if exists {
+            guard (info.st_mode & S_IFMT) == S_IFDIR else {
+                throw LoLDUError(.io, "\"\(target)\" is \(AtomicFile.kind(info.st_mode)), not a directory")
+            }
+            guard Self.rename(path, target, exchange: true) else { throw AtomicFile.failure("cannot replace", target) }
+            committed = true
+            Self.removeTree(path)  // the previous directory, now under the temporary name
+        } else {
+            guard Self.rename(path, target, exchange: false) else {
+                throw errno == EEXIST || errno == ENOTEMPTY ? LoLDUError(.io, "\"\(target)\" already exists")
+                    : AtomicFile.failure("cannot create", target)
+            }
+            committed = true
+        }
+        let parent = open(AtomicFile.parent(of: target), O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if parent >= 0 {
+            _ = fsync(parent)
+            close(parent)
+        }
+    }
+
+    private typealias Renameat2 = @convention(c) (Int32, UnsafePointer<CChar>, Int32, UnsafePointer<CChar>, UInt32) -> Int32
+    private static let renameat2: Renameat2? = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "renameat2")
+        .map { unsafeBitCast($0, to: Renameat2.self) }
+
+    /// `renameat2` with `RENAME_EXCHANGE` (2) or `RENAME_NOREPLACE` (1). Where the C library or
+    /// the file system lacks it: a check and a plain rename (new), or two renames (exchange).
+    private static func rename(_ from: String, _ to: String, exchange: Bool) -> Bool {
+        if let renameat2, renameat2(AT_FDCWD, from, AT_FDCWD, to, exchange ? 2 : 1) == 0 { return true }
+        if renameat2 != nil && errno != EINVAL && errno != ENOSYS { return false }
+        if !exchange {
+            var info = stat()
+            if lstat(to, &info) == 0 {
+                errno = EEXIST
+                return false
+            }
+            return Glibc.rename(from, to) == 0
+        }
+        let aside = from + ".old"
+        guard Glibc.rename(to, aside) == 0 else { return false }
+        guard Glibc.rename(from, to) == 0 else {
+            _ = Glibc.rename(aside, to)
+            return false
+        }
+        return Glibc.rename(aside, from) == 0
+    }
+
+    /// Removes temporary directories of `name` whose writers are gone (no one holds their lock).
+    private static func removeStale(in parent: String, of name: String) {
+        guard let dir = opendir(parent) else { return }
+        var stale: [String] = []
+        while let entry = readdir(dir) {
+            let entryName = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+            }
+            if AtomicFile.isTemporary(entryName, of: name) { stale.append("\(parent)/\(entryName)") }
+        }
+        closedir(dir)
+        for path in stale {
+            let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW)
+            guard fd >= 0 else { continue }
+            if flock(fd, LOCK_EX | LOCK_NB) == 0 { removeTree(path) }
+            close(fd)
+        }
+    }
+
+    /// Deletes `path` and everything under it, never following symbolic links.
+    static func removeTree(_ path: String) {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return }
+        if (info.st_mode & S_IFMT) == S_IFDIR, let dir = opendir(path) {
+            var entries: [String] = []
+            while let entry = readdir(dir) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                    String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+                }
+                if name != "." && name != ".." { entries.append(name) }
+            }
+            closedir(dir)
+            for name in entries { removeTree("\(path)/\(name)") }
+            rmdir(path)
+        } else {
+            unlink(path)
+        }
+    }
+}

@@ -1,0 +1,147 @@
+import Glibc
+
+extension Checkpoint {
+    /// Layer `name`'s adapter on its base weight (and bias) in `model` (see ``ModelFiles`` for
+    /// how names map to tensors), with the saved `z` and `σ`. The weight's fingerprint is checked
+    /// before the factorisation. The adapter's element type is the tensor's when `fileType` (a
+    /// bf16 file gives a bf16 adapter), else its parameter type (float32 for half types).
+    public func adapter(_ name: String, in model: ModelFiles, fileType: Bool = true) throws(LoLDUError) -> any AnyAdapter {
+        let layer = try layer(name)
+        let weight = try model.weight(layer: name)
+        guard weight.m == layer.m, weight.n == layer.n else {
+            throw LoLDUError(.mismatch, "layer \"\(name)\": saved on a \(layer.m) × \(layer.n) weight, but tensor \"\(weight.key)\" in \(model.directory) has shape \(weight.shape)")
+        }
+        let type = weight.dtype.parameterType
+        let print = fingerprint(UnsafeRawBufferPointer(start: weight.values.pointer, count: weight.values.count))
+        guard print == layer.weightFingerprint else {
+            throw LoLDUError(.mismatch, "layer \"\(name)\": tensor \"\(weight.key)\" in \(model.directory) is not the weight the checkpoint was saved on (fingerprint \(print), saved \(layer.weightFingerprint)); is this the base model the adapter was trained on?")
+        }
+        let bias = try model.bias(layer: name, weight: weight)
+        let adapter = try makeAdapter(dtype: type, m: weight.m, n: weight.n, weight: weight.values.pointer,
+                                      bias: bias.map { UnsafeRawPointer($0.pointer) }, config: layer.config)
+        try apply(name, to: adapter)
+        return fileType && weight.dtype != type ? try adapter.converted(to: weight.dtype) : adapter
+    }
+}
+
+/// A checkpoint merged into a copy of its base model's files: the same layout (one file or
+/// shards and their index), tensor names, order and metadata, each adapted weight replaced by
+/// `W + A diag(c) U_r` computed in the parameter type (float32 for half types) and rounded
+/// once to the file's type. Other files are copied, except hidden ones and weights in other
+/// formats (`*.bin`, `*.pt`, `*.onnx`, …), which would still hold the unmerged weights.
+///
+/// Tensors are read from the mapped files one at a time, so memory stays near the largest
+/// adapted tensor and its factors, whatever the model's size. The output is an
+/// ``AtomicDirectory``: a failed or killed merge leaves no output directory.
+public enum ModelMerge {
+    /// Bytes of tensors written so far, of all, and the tensor just written.
+    public typealias Progress = (_ done: Int, _ total: Int, _ tensor: String) -> Void
+
+    static let otherWeights = [".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data", ".ot", ".safetensors"]
+
+    /// `dtype`: every float32, bfloat16 and float16 tensor converted to it (and the config's
+    /// `torch_dtype`), or nil to keep each tensor's type.
+    public static func merge(_ checkpoint: Checkpoint, base: String, into output: String, dtype: DType?,
+                             progress: Progress?) throws(LoLDUError) {
+        if dtype == .float64 { throw .invalid("dtype must be float32, bfloat16 or float16 (0 keeps the file's types)") }
+        var info = stat()
+        if lstat(output, &info) == 0 {
+            throw LoLDUError(.io, "\"\(output)\" already exists; a merge writes a new directory")
+        }
+        let model = try ModelFiles(directory: base)
+        var layerOf: [String: String] = [:]
+        for layer in checkpoint.layers {
+            let key = try model.weightKey(layer: layer.name)
+            if let other = layerOf[key] {
+                throw LoLDUError(.mismatch, "layers \"\(other)\" and \"\(layer.name)\" both map to tensor \"\(key)\"")
+            }
+            let shape = model.tensor(key)!.tensor.shape
+            guard shape.count >= 2, shape[0] == layer.m, shape.dropFirst().reduce(1, *) == layer.n else {
+                throw LoLDUError(.mismatch, "layer \"\(layer.name)\": saved on a \(layer.m) × \(layer.n) weight, but tensor \"\(key)\" in \(base) has shape \(shape)")
+            }
+            layerOf[key] = layer.name
+        }
+
+        func target(_ tensor: SafeTensors.Tensor) -> DType? {
+            guard let source = SafeTensors.dtype(named: tensor.dtype) else { return nil }
+            guard let dtype, source != .float64 else { return source }
+            return dtype
+        }
+        func outputBytes(_ tensor: SafeTensors.Tensor) -> Int {
+            target(tensor).map { tensor.shape.reduce(1, *) * $0.byteSize } ?? tensor.range.count
+        }
+        let total = model.files.reduce(0) { sum, file in file.tensors.values.reduce(sum) { $0 + outputBytes($1) } }
+        final class Counter { var done = 0 }
+        let counter = Counter()
+
+        let out = try AtomicDirectory(output, what: "out_dir")
+        for (shard, file) in zip(model.shards, model.files) {
+            var entries: [SafeTensors.Entry] = []
+            for key in file.order {
+                let tensor = file.tensors[key]!
+                let type = target(tensor)
+                let count = tensor.shape.reduce(1, *)
+                entries.append(.init(name: key, dtype: type.map(SafeTensors.name(of:)) ?? tensor.dtype, shape: tensor.shape) { buffer throws(LoLDUError) in
+                    if let layer = layerOf[key] {
+                        let adapter = try checkpoint.adapter(layer, in: model, fileType: false)
+                        let merged = try HeapBuffer<UInt8>(count: count * adapter.dtype.byteSize)
+                        try adapter.writeEffectiveWeight(merged.pointer)
+                        convertElements(merged.pointer, adapter.dtype, buffer.baseAddress!, type!, count: count)
+                    } else if let type, let source = SafeTensors.dtype(named: tensor.dtype) {
+                        convertElements(file.data(tensor).baseAddress!, source, buffer.baseAddress!, type, count: count)
+                    } else {
+                        buffer.copyMemory(from: file.data(tensor))
+                    }
+                    counter.done += buffer.count
+                    progress?(counter.done, total, key)
+                })
+            }
+            try out.write(shard) { writer throws(LoLDUError) in try SafeTensors.write(entries, metadata: file.metadata, to: writer) }
+        }
+        if var index = model.index {
+            if dtype != nil, var metadata = index["metadata"]?.object, metadata["total_size"] != nil {
+                metadata["total_size"] = .number(total)
+                index["metadata"] = .object(metadata)
+            }
+            try out.write(ModelFiles.indexFile) { writer throws(LoLDUError) in try writer.write(Array((JSON.object(index).pretty() + "\n").utf8)) }
+        }
+        let configPath = "\(base)/\(ModelFiles.configFile)"
+        if let dtype, let bytes = try AtomicFile.read(configPath, limit: 1 << 24, missingOK: true) {
+            let json = try rethrowing { try bytes.withUnsafeBytes { raw in try JSON.parse(raw, what: configPath) } }
+            guard var config = json.object else { throw LoLDUError(.format, "\(configPath): not a JSON object") }
+            let keys = ["torch_dtype", "dtype"].filter { config[$0] != nil }
+            for key in keys.isEmpty ? ["torch_dtype"] : keys { config[key] = .string(dtype.name) }
+            try out.write(ModelFiles.configFile) { writer throws(LoLDUError) in try writer.write(Array((JSON.object(config).pretty() + "\n").utf8)) }
+        }
+        let written = Set(model.shards + [ModelFiles.indexFile] + (dtype == nil ? [] : [ModelFiles.configFile]))
+        try copyTree(from: base, "", into: out, skipping: written, depth: 0)
+        try out.commit(replace: false)
+    }
+
+    /// Copies the files under `base/relative` into `out`, following links, skipping hidden
+    /// entries, `skipping` (top level) and weights in other formats.
+    static func copyTree(from base: String, _ relative: String, into out: AtomicDirectory, skipping: Set<String>, depth: Int) throws(LoLDUError) {
+        let directory = relative.isEmpty ? base : "\(base)/\(relative)"
+        guard depth < 16 else { throw LoLDUError(.io, "\"\(directory)\" is nested too deep (a link loop?)") }
+        guard let dir = opendir(directory) else { throw AtomicFile.failure("cannot read", directory) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            names.append(withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+            })
+        }
+        closedir(dir)
+        for name in names.sorted() where !name.hasPrefix(".") {
+            let path = relative.isEmpty ? name : "\(relative)/\(name)"
+            if depth == 0 && skipping.contains(name) { continue }
+            var info = stat()
+            guard stat("\(base)/\(path)", &info) == 0 else { throw AtomicFile.failure("cannot read", "\(base)/\(path)") }
+            switch info.st_mode & S_IFMT {
+            case S_IFDIR: try copyTree(from: base, path, into: out, skipping: skipping, depth: depth + 1)
+            case S_IFREG where otherWeights.contains(where: { name.hasSuffix($0) }): continue
+            case S_IFREG: try out.copy("\(base)/\(path)", as: path)
+            default: throw LoLDUError(.io, "\"\(base)/\(path)\" is \(AtomicFile.kind(info.st_mode)); a model directory holds files and directories")
+            }
+        }
+    }
+}

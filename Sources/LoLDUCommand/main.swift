@@ -1,0 +1,487 @@
+// `loldu`: inspect, verify, export and merge LoLDU checkpoints from the command line.
+//
+// Every operation goes through the C ABI of include/loldu.h, as any program would; the core's
+// name tables (dtypes, initialisations) and its model-file reader (for tensor shapes) are
+// shared rather than written twice.
+import CLoLDU
+import Glibc
+import LoLDU
+
+/// Exit codes (documented in `loldu --help` and the README).
+enum Exit: Int32 {
+    case ok = 0
+    case failure = 1   // the operation failed: the message says why
+    case usage = 2     // the command line is wrong
+    case mismatch = 3  // verify: the adapter was not trained on this base
+}
+
+struct Failure: Error {
+    let code: Exit
+    let message: String
+}
+
+let tool = "loldu"
+
+/// Writes `text` to standard error.
+func printError(_ text: String) {
+    var bytes = Array(text.utf8)
+    var done = 0
+    while done < bytes.count {
+        let n = bytes.withUnsafeMutableBytes { write(2, $0.baseAddress! + done, $0.count - done) }
+        if n <= 0 { return }
+        done += n
+    }
+}
+
+let usage = """
+    usage: loldu COMMAND [ARGUMENTS]
+
+    Inspect, check, export and merge LoLDU adapter checkpoints (directories written by
+    save_loldu, loldu.save or loldu_checkpoint_save).
+
+    commands:
+      inspect ADAPTER [--json]               layers, shapes, ranks, σ, z statistics, sizes, fingerprints
+      verify ADAPTER --base MODEL            exit 0 if every layer was trained on MODEL's weights
+      export-lora ADAPTER --base MODEL --out DIR
+                                             write the adapter as a PEFT LoRA (exact)
+      merge ADAPTER --base MODEL --out DIR   write MODEL with the adapter merged into its weights
+
+    MODEL is a model directory as transformers saves it (config.json, model.safetensors or
+    shards with model.safetensors.index.json). `loldu COMMAND --help` tells more.
+
+    options:
+      -h, --help       this text
+      --version        the library version
+
+    exit codes: 0 success; 1 failure (the message says why); 2 bad command line;
+                3 (verify) the adapter does not match the base model.
+    """
+
+let helps: [String: String] = [
+    "inspect": """
+        usage: loldu inspect ADAPTER [--json]
+
+        Prints what the checkpoint directory ADAPTER holds: per layer its name, element type,
+        shape, rank, σ, statistics of z, and the fingerprints of the base weight and pivots it was
+        trained on; the files' sizes and this library's version. --json prints the same as one
+        JSON object (for scripts).
+        """,
+    "verify": """
+        usage: loldu verify ADAPTER --base MODEL
+
+        Checks every layer of ADAPTER against MODEL: the layer's weight tensor exists, has the
+        saved shape and fingerprint, and factors to the saved pivots. Prints one line per layer;
+        exit 0 when all match, 3 when one does not, 1 when the files cannot be read.
+        """,
+    "export-lora": """
+        usage: loldu export-lora ADAPTER --base MODEL --out DIR [--dtype f32|f16|bf16]
+                                 [--base-name NAME] [--embedding LAYER]... [--force]
+
+        Writes ADAPTER as a PEFT LoRA directory DIR (adapter_config.json, adapter_model.safetensors),
+        exact: ΔW = A diag(c) U_r is a rank-r LoRA with lora_B = A diag(c), lora_A = U_r, lora_alpha = r.
+        It loads with peft.PeftModel.from_pretrained, in vLLM, and converts to GGUF with llama.cpp's
+        convert_lora_to_gguf.py.
+
+          --base MODEL       the base model directory (the factors are computed from its weights)
+          --out DIR          the new directory (must not exist, unless --force replaces an earlier export)
+          --dtype T          the tensors' type: f32 (default), f16 or bf16
+          --base-name NAME   base_model_name_or_path in the config (default: MODEL as given)
+          --embedding LAYER  LAYER is an nn.Embedding (PEFT's lora_embedding_A/B); repeat as needed
+          --force            replace DIR if it holds an earlier LoRA export (and nothing else)
+        Layers whose weight has more than 2 dimensions are exported as convolutions.
+        """,
+    "merge": """
+        usage: loldu merge ADAPTER --base MODEL --out DIR [--dtype f32|f16|bf16]
+
+        Writes a copy of MODEL with ADAPTER merged into its weights: the same files (one, or the
+        same shards and index), tensor names and types, W + ΔW computed in float32 and rounded
+        once; config.json, the tokenizer and other files copied (not weights in other formats,
+        such as *.bin or *.onnx, which would still hold the unmerged weights).
+        transformers' from_pretrained(DIR) loads the result.
+
+          --base MODEL   the base model directory
+          --out DIR      the new directory; it must not exist. It appears only when complete.
+          --dtype T      convert every float tensor to f32, f16 or bf16 (default: keep each type)
+        """,
+]
+
+// MARK: Calling the library
+
+/// Runs a library call; a failure becomes a message with advice.
+func check(_ status: loldu_status, _ what: String) throws(Failure) {
+    guard status != LOLDU_OK else { return }
+    let message = String(cString: loldu_last_error())
+    let advice: String
+    switch status {
+    case LOLDU_ERR_MISMATCH: advice = "check that --base is the model the adapter was trained on"
+    case LOLDU_ERR_IO: advice = "check the path and its permissions"
+    case LOLDU_ERR_FORMAT: advice = "the file is damaged or not of the expected kind"
+    case LOLDU_ERR_OUT_OF_MEMORY: advice = "free memory, or merge on a machine with more"
+    default: advice = ""
+    }
+    throw Failure(code: status == LOLDU_ERR_MISMATCH ? .mismatch : .failure,
+                  message: "\(what): \(message)" + (advice.isEmpty ? "" : "\n  (\(advice))"))
+}
+
+final class CheckpointFile {
+    let handle: OpaquePointer
+    let names: [String]
+
+    init(_ path: String) throws(Failure) {
+        var raw: OpaquePointer?
+        try check(loldu_checkpoint_open(&raw, path), "cannot read the checkpoint \"\(path)\"")
+        let handle = raw!
+        var count = 0
+        loldu_checkpoint_count(handle, &count)
+        self.handle = handle
+        names = (0..<count).map { i in
+            var name: UnsafePointer<CChar>?
+            loldu_checkpoint_name(handle, i, &name)
+            return String(cString: name!)
+        }
+    }
+
+    deinit { loldu_checkpoint_free(handle) }
+
+    func adapter(_ name: String, base: String) throws(Failure) -> OpaquePointer {
+        var adapter: OpaquePointer?
+        try check(loldu_checkpoint_create(&adapter, handle, name, base), "layer \"\(name)\"")
+        return adapter!
+    }
+}
+
+// MARK: Progress on a terminal
+
+/// One status line on stderr, redrawn at most ten times a second, only on a terminal.
+struct ProgressLine {
+    let enabled = isatty(2) == 1
+    var last = 0.0
+
+    static func now() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) * 1e-9
+    }
+
+    mutating func show(_ text: String, force: Bool = false) {
+        guard enabled else { return }
+        let t = Self.now()
+        guard force || t - last >= 0.1 else { return }
+        last = t
+        let columns = 100
+        let line = text.count > columns ? String(text.prefix(columns - 1)) + "…" : text
+        printError("\r\u{1B}[K" + line)
+    }
+
+    func finish() {
+        if enabled { printError("\r\u{1B}[K") }
+    }
+}
+
+// MARK: Commands
+
+struct Arguments {
+    var positional: [String] = []
+    var options: [String: [String]] = [:]
+    var flags: Set<String> = []
+
+    /// Parses `args` given the options that take a value and the flags.
+    init(_ args: [String], command: String, values: Set<String>, flags known: Set<String>) throws(Failure) {
+        var i = 0
+        while i < args.count {
+            let arg = args[i]
+            i += 1
+            if arg == "--" {
+                positional += args[i...]
+                break
+            }
+            guard arg.hasPrefix("-"), arg != "-" else {
+                positional.append(arg)
+                continue
+            }
+            var name = arg, value: String?
+            if let eq = arg.firstIndex(of: "=") {
+                name = String(arg[..<eq])
+                value = String(arg[arg.index(after: eq)...])
+            }
+            if known.contains(name) {
+                guard value == nil else { throw usageError(command, "\(name) takes no value") }
+                flags.insert(name)
+            } else if values.contains(name) {
+                if value == nil {
+                    guard i < args.count else { throw usageError(command, "\(name) needs a value") }
+                    value = args[i]
+                    i += 1
+                }
+                options[name, default: []].append(value!)
+            } else {
+                throw usageError(command, "unknown option \(name)")
+            }
+        }
+    }
+
+    func one(_ name: String, _ command: String, required: Bool = true) throws(Failure) -> String? {
+        let given = options[name] ?? []
+        if given.count > 1 { throw usageError(command, "\(name) is given \(given.count) times") }
+        if required && given.isEmpty { throw usageError(command, "\(name) is required") }
+        return given.first
+    }
+
+    func adapter(_ command: String) throws(Failure) -> String {
+        guard positional.count == 1 else {
+            throw usageError(command, positional.isEmpty ? "ADAPTER is missing" : "one ADAPTER expected, got \(positional.count) arguments")
+        }
+        return positional[0]
+    }
+}
+
+func usageError(_ command: String, _ message: String) -> Failure {
+    Failure(code: .usage, message: "\(message)\n  (see: loldu \(command) --help)")
+}
+
+func dtype(_ text: String?, _ command: String) throws(Failure) -> loldu_dtype? {
+    guard let text else { return nil }
+    switch text.lowercased() {
+    case "f32", "float32": return LOLDU_FLOAT32
+    case "f16", "float16": return LOLDU_FLOAT16
+    case "bf16", "bfloat16": return LOLDU_BFLOAT16
+    default: throw usageError(command, "--dtype must be f32, f16 or bf16, got \"\(text)\"")
+    }
+}
+
+func fileBytes(_ directory: String) -> Int {
+    ["adapter_model.safetensors", "adapter_config.json"].reduce(0) { total, name in
+        var info = stat()
+        return total + (stat("\(directory)/\(name)", &info) == 0 ? Int(info.st_size) : 0)
+    }
+}
+
+func number(_ x: Double) -> String {
+    guard x.isFinite else { return "\(x)" }
+    if x == 0 { return "0" }
+    let magnitude = abs(x)
+    if magnitude >= 1e-3 && magnitude < 1e5 {
+        var text = String(format4: x)
+        while text.contains(".") && (text.hasSuffix("0") || text.hasSuffix(".")) { text.removeLast() }
+        return text
+    }
+    return "\(Float(x))"
+}
+
+extension String {
+    /// `x` with 4 decimals (no Foundation).
+    init(format4 x: Double) {
+        let scaled = (abs(x) * 10_000).rounded()
+        let whole = Int(scaled / 10_000), fraction = Int(scaled) % 10_000
+        let digits = String(fraction)
+        self = (x < 0 ? "-" : "") + "\(whole)." + String(repeating: "0", count: 4 - digits.count) + digits
+    }
+}
+
+func inspect(_ args: [String]) throws(Failure) {
+    let a = try Arguments(args, command: "inspect", values: [], flags: ["--json"])
+    let path = try a.adapter("inspect")
+    let checkpoint = try CheckpointFile(path)
+    var layers: [JSON] = []
+    var lines: [[String]] = [["layer", "dtype", "shape", "rank", "σ", "z mean", "z std", "z min", "z max", "weight fp", "pivots fp"]]
+    var trainable = 0
+    for name in checkpoint.names {
+        var type: loldu_dtype = LOLDU_FLOAT32
+        var m: Int64 = 0, n: Int64 = 0
+        var config = loldu_config()
+        try check(loldu_checkpoint_layer(checkpoint.handle, name, &type, &m, &n, &config), "layer \"\(name)\"")
+        var z = [Double](repeating: 0, count: Int(config.rank))
+        var sigma = 0.0
+        var weightPrint = [CChar](repeating: 0, count: 17), pivotsPrint = [CChar](repeating: 0, count: 17)
+        try check(loldu_checkpoint_values(checkpoint.handle, name, &z, &sigma, &weightPrint, &pivotsPrint), "layer \"\(name)\"")
+        let count = Double(z.count)
+        let mean = z.reduce(0, +) / count
+        let std = (z.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / count).squareRoot()
+        let dtypeName = DType(rawValue: Int32(type.rawValue))?.name ?? "?"
+        func text(_ c: [CChar]) -> String { String(decoding: c.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
+        let wp = text(weightPrint), pp = text(pivotsPrint)
+        trainable += z.count + (config.train_sigma == 1 ? 1 : 0)
+        layers.append(.object([
+            "name": .string(name), "dtype": .string(dtypeName), "m": .number(Int(m)), "n": .number(Int(n)),
+            "rank": .number(Int(config.rank)), "alpha": .number(config.alpha == 0 ? Double(config.rank) : config.alpha),
+            "z_init": .string(ZInit(rawValue: config.z_init)?.name ?? "?"),
+            "residual": .string(Residual(rawValue: config.residual)?.name ?? "?"),
+            "train_sigma": .bool(config.train_sigma == 1), "sigma": .number(sigma),
+            "z": .object(["mean": .number(mean), "std": .number(std), "min": .number(z.min() ?? 0), "max": .number(z.max() ?? 0)]),
+            "weight_fingerprint": .string(wp), "pivots_fingerprint": .string(pp),
+        ]))
+        lines.append([name, dtypeName, "\(m)×\(n)", "\(config.rank)", number(sigma), number(mean), number(std),
+                      number(z.min() ?? 0), number(z.max() ?? 0), wp, pp])
+    }
+    let version = String(cString: loldu_version_string())
+    let bytes = fileBytes(path)
+    if a.flags.contains("--json") {
+        print(JSON.object([
+            "checkpoint": .string(path), "library_version": .string(version), "bytes": .number(bytes),
+            "trainable": .number(trainable), "layers": .array(layers),
+        ]).pretty())
+        return
+    }
+    print("checkpoint \(path): \(checkpoint.names.count) layers, \(trainable) trainable values, \(bytes) bytes (loldu \(version))")
+    let widths = (0..<lines[0].count).map { column in lines.map { $0[column].count }.max() ?? 0 }
+    for line in lines {
+        print(zip(line, widths).map { $0 + String(repeating: " ", count: $1 - $0.count) }.joined(separator: "  "))
+    }
+}
+
+func verify(_ args: [String]) throws(Failure) {
+    let a = try Arguments(args, command: "verify", values: ["--base"], flags: [])
+    let path = try a.adapter("verify")
+    let base = try a.one("--base", "verify")!
+    let checkpoint = try CheckpointFile(path)
+    var progress = ProgressLine()
+    var bad = 0
+    for (i, name) in checkpoint.names.enumerated() {
+        progress.show("checking \(i + 1)/\(checkpoint.names.count) \(name)", force: true)
+        do throws(Failure) {
+            loldu_adapter_free(try checkpoint.adapter(name, base: base))
+            progress.finish()
+            print("ok       \(name)")
+        } catch where error.code == .mismatch {
+            progress.finish()
+            print("MISMATCH \(name): \(String(cString: loldu_last_error()))")
+            bad += 1
+        }
+    }
+    guard bad == 0 else {
+        throw Failure(code: .mismatch, message: "\(bad) of \(checkpoint.names.count) layers do not match \(base)")
+    }
+    print("all \(checkpoint.names.count) layers match \(base)")
+}
+
+func exportLoRA(_ args: [String]) throws(Failure) {
+    let command = "export-lora"
+    let a = try Arguments(args, command: command, values: ["--base", "--out", "--dtype", "--base-name", "--embedding"],
+                          flags: ["--force"])
+    let path = try a.adapter(command)
+    let base = try a.one("--base", command)!, out = try a.one("--out", command)!
+    let type = try dtype(try a.one("--dtype", command, required: false), command) ?? LOLDU_FLOAT32
+    let checkpoint = try CheckpointFile(path)
+    let embeddings = Set(a.options["--embedding"] ?? [])
+    if let unknown = embeddings.subtracting(checkpoint.names).first {
+        throw usageError(command, "--embedding \(unknown): the checkpoint has no such layer")
+    }
+    let model: ModelFiles
+    do {
+        model = try ModelFiles(directory: base)
+    } catch {
+        throw Failure(code: .failure, message: "cannot read the base model \"\(base)\": \(error.message)")
+    }
+    var adapters: [OpaquePointer?] = []
+    defer { adapters.forEach { loldu_adapter_free($0) } }
+    var layers: [loldu_lora_layer] = []
+    var progress = ProgressLine()
+    for (i, name) in checkpoint.names.enumerated() {
+        progress.show("factoring \(i + 1)/\(checkpoint.names.count) \(name)", force: true)
+        adapters.append(try checkpoint.adapter(name, base: base))
+        var layer = loldu_lora_layer()
+        let shape = (try? model.weightKey(layer: name)).flatMap { model.tensor($0)?.tensor.shape } ?? []
+        if shape.count > 2 {
+            layer.kind = Int32(LOLDU_LORA_CONV.rawValue)
+            layer.kernel_dims = Int32(shape.count - 2)
+            withUnsafeMutableBytes(of: &layer.kernel) { raw in
+                for (k, size) in shape.dropFirst(2).enumerated() { raw.storeBytes(of: Int64(size), toByteOffset: 8 * k, as: Int64.self) }
+            }
+        } else if embeddings.contains(name) {
+            layer.kind = Int32(LOLDU_LORA_EMBEDDING.rawValue)
+        } else if name.lowercased().contains("embed") {
+            progress.finish()
+            printError("loldu: note: layer \"\(name)\" is exported as a linear layer; if it is an nn.Embedding, pass --embedding \(name)\n")
+        }
+        layers.append(layer)
+    }
+    progress.show("writing \(out)", force: true)
+    var options = loldu_lora_options()
+    loldu_lora_options_default(&options)
+    options.dtype = Int32(type.rawValue)
+    options.replace = a.flags.contains("--force") ? 1 : 0
+    let baseName = try a.one("--base-name", command, required: false) ?? base
+    let status = baseName.withCString { name in
+        options.base_model_name_or_path = name
+        return layers.withUnsafeBufferPointer { list in
+            options.layers = list.baseAddress
+            let names = checkpoint.names.map { strdup($0) }
+            defer { names.forEach { free($0) } }
+            let pointers = names.map { UnsafePointer($0) }
+            return loldu_export_lora(out, adapters, pointers, adapters.count, &options)
+        }
+    }
+    progress.finish()
+    try check(status, "cannot export to \"\(out)\"")
+    print("wrote \(out): a PEFT LoRA of \(checkpoint.names.count) layers")
+}
+
+func merge(_ args: [String]) throws(Failure) {
+    let command = "merge"
+    let a = try Arguments(args, command: command, values: ["--base", "--out", "--dtype"], flags: [])
+    let path = try a.adapter(command)
+    let base = try a.one("--base", command)!, out = try a.one("--out", command)!
+    let type = try dtype(try a.one("--dtype", command, required: false), command)
+    let checkpoint = try CheckpointFile(path)
+    var options = loldu_merge_options()
+    loldu_merge_options_default(&options)
+    if let type { options.dtype = Int32(type.rawValue) }
+    var progress = ProgressLine()
+    let status: loldu_status = withUnsafeMutablePointer(to: &progress) { line in
+        if line.pointee.enabled {
+            options.user = UnsafeMutableRawPointer(line)
+            options.progress = { user, done, total, tensor in
+                let line = user!.assumingMemoryBound(to: ProgressLine.self)
+                let percent = total == 0 ? 100 : Int(done * 100 / total)
+                line.pointee.show("merging \(percent)% (\(done >> 20) of \(total >> 20) MiB) \(String(cString: tensor!))",
+                                  force: done == total)
+            }
+        }
+        return loldu_merge_model(out, base, checkpoint.handle, &options)
+    }
+    progress.finish()
+    try check(status, "cannot merge into \"\(out)\"")
+    print("wrote \(out): \(base) with \(checkpoint.names.count) layers merged")
+}
+
+// MARK: Main
+
+let commands: [String: ([String]) throws(Failure) -> Void] = [
+    "inspect": inspect, "verify": verify, "export-lora": exportLoRA, "merge": merge,
+]
+
+@MainActor func main() -> Int32 {
+    let args = Array(CommandLine.arguments.dropFirst())
+    guard let first = args.first else {
+        printError(usage + "\n")
+        return Exit.usage.rawValue
+    }
+    switch first {
+    case "-h", "--help", "help":
+        if args.count > 1, let help = helps[args[1]] { print(help) } else { print(usage) }
+        return Exit.ok.rawValue
+    case "--version", "version":
+        print("loldu \(String(cString: loldu_version_string()))")
+        return Exit.ok.rawValue
+    default:
+        break
+    }
+    guard let run = commands[first] else {
+        printError("\(tool): unknown command \"\(first)\"\n  (commands: \(commands.keys.sorted().joined(separator: ", ")); see: loldu --help)\n")
+        return Exit.usage.rawValue
+    }
+    let rest = Array(args.dropFirst())
+    if rest.contains("-h") || rest.contains("--help") {
+        print(helps[first]!)
+        return Exit.ok.rawValue
+    }
+    do throws(Failure) {
+        try run(rest)
+        return Exit.ok.rawValue
+    } catch {
+        printError("\(tool) \(first): \(error.message)\n")
+        return error.code.rawValue
+    }
+}
+
+exit(main())
