@@ -47,12 +47,19 @@ $(LIB): FORCE | $(BUILD)/.apt-ready
 	  -Xlinker --version-script=$(CURDIR)/Sources/LoLDUCAPI/exports.map
 	@if ldd $@ | grep -q libswift; then echo "error: $@ links the Swift runtime dynamically"; exit 1; fi
 
+# The `loldu` command-line tool, the library and the Swift runtime linked in.
+CLI := $(BUILD)/bin/loldu
+$(CLI): FORCE | $(BUILD)/.apt-ready
+	swift build -c release --product loldu-cli -Xswiftc -static-stdlib
+	@mkdir -p $(BUILD)/bin && cp -p .build/release/loldu-cli $@
+	@if ldd $@ | grep -q libswift; then echo "error: $@ links the Swift runtime dynamically"; exit 1; fi
+
 # loldu.pc for using the library from this checkout (with an rpath, so no LD_LIBRARY_PATH).
 $(BUILD)/loldu.pc: loldu.pc.in include/loldu.h | $(BUILD)/.apt-ready
 	sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(CURDIR)/include|' \
 	    -e 's|@VERSION@|$(VERSION)|' -e 's|@RPATH@|-Wl,-rpath,$${libdir} |' $< > $@
 
-build: $(LIB) $(BUILD)/loldu.pc
+build: $(LIB) $(CLI) $(BUILD)/loldu.pc
 
 # --- tests -------------------------------------------------------------------------------------
 CFLAGS_STRICT := -Wall -Wextra -Werror -pedantic
@@ -137,8 +144,9 @@ bench: $(BUILD)/bench python-setup
 
 # --- install -----------------------------------------------------------------------------------
 install: build
-	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
 	install -m 755 $(LIB) $(DESTDIR)$(PREFIX)/lib/
+	install -m 755 $(CLI) $(DESTDIR)$(PREFIX)/bin/loldu
 	install -m 644 include/loldu.h $(DESTDIR)$(PREFIX)/include/
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$${prefix}/lib|' -e 's|@INCLUDEDIR@|$${prefix}/include|' \
 	    -e 's|@VERSION@|$(VERSION)|' -e 's|@RPATH@||' loldu.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/loldu.pc

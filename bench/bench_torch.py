@@ -145,8 +145,10 @@ def library_steps(layer, x: torch.Tensor, dy: torch.Tensor):
     xp, yp, dyp, dxp, gp = x.data_ptr(), y.data_ptr(), dy.data_ptr(), dx.data_ptr(), grads.data_ptr()
     hp = h.data_ptr() if keep_h else None
 
+    buffers = (x, dy, y, dx, h, grads)  # the closures keep the memory behind the pointers alive
+
     def step(handle, h_ptr, perturb):
-        def run():
+        def run(buffers=buffers):
             if perturb:
                 with torch.no_grad():
                     z.view(-1)[0] += 1e-4

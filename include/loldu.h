@@ -97,7 +97,8 @@ typedef enum loldu_status {
     LOLDU_ERR_IO = 9,               /* a file could not be read or written */
     LOLDU_ERR_FORMAT = 10,          /* a file is malformed or of an unsupported version */
     LOLDU_ERR_MISMATCH = 11,        /* a checkpoint does not match the base weights */
-    LOLDU_ERR_INTERNAL = 12         /* a library bug or a LAPACK failure: please report it */
+    LOLDU_ERR_INTERNAL = 12,        /* a library bug or a LAPACK failure: please report it */
+    LOLDU_ERR_CANCELLED = 13        /* a progress callback asked to stop (nothing was written) */
 } loldu_status;
 
 /** @return a short static description of `status` ("unknown status" for other values). */
@@ -780,9 +781,10 @@ LOLDU_API loldu_status loldu_export_lora(const char *dir, loldu_adapter *const *
 
 /**
  * Progress of a long call: `done` of `total` bytes written, `tensor` the tensor just written
- * (valid during the call). Called from the calling thread.
+ * (valid during the call). Called from the calling thread. Return 0 to go on, anything else to
+ * stop: the call then fails with LOLDU_ERR_CANCELLED and leaves no output.
  */
-typedef void (*loldu_progress_fn)(void *user, uint64_t done, uint64_t total, const char *tensor);
+typedef int (*loldu_progress_fn)(void *user, uint64_t done, uint64_t total, const char *tensor);
 
 typedef struct loldu_merge_options {
     uint32_t struct_size;       /* sizeof(loldu_merge_options); set by the defaults function */

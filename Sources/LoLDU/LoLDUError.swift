@@ -16,6 +16,7 @@ public struct LoLDUError: Error, CustomStringConvertible {
         case format = 10           // LOLDU_ERR_FORMAT
         case mismatch = 11         // LOLDU_ERR_MISMATCH
         case `internal` = 12       // LOLDU_ERR_INTERNAL
+        case cancelled = 13        // LOLDU_ERR_CANCELLED
     }
 
     public let code: Code

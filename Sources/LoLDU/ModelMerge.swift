@@ -34,8 +34,9 @@ extension Checkpoint {
 /// adapted tensor and its factors, whatever the model's size. The output is an
 /// ``AtomicDirectory``: a failed or killed merge leaves no output directory.
 public enum ModelMerge {
-    /// Bytes of tensors written so far, of all, and the tensor just written.
-    public typealias Progress = (_ done: Int, _ total: Int, _ tensor: String) -> Void
+    /// Bytes of tensors written so far, of all, and the tensor just written; returns false to
+    /// stop the merge (`cancelled`).
+    public typealias Progress = (_ done: Int, _ total: Int, _ tensor: String) -> Bool
 
     static let otherWeights = [".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data", ".ot", ".safetensors"]
 
@@ -93,7 +94,9 @@ public enum ModelMerge {
                         buffer.copyMemory(from: file.data(tensor))
                     }
                     counter.done += buffer.count
-                    progress?(counter.done, total, key)
+                    if let progress, !progress(counter.done, total, key) {
+                        throw LoLDUError(.cancelled, "the merge was cancelled by its progress callback after \(key)")
+                    }
                 })
             }
             try out.write(shard) { writer throws(LoLDUError) in try SafeTensors.write(entries, metadata: file.metadata, to: writer) }

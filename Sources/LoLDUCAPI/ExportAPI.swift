@@ -91,7 +91,7 @@ public func lolduMergeModel(
             if let report = o.progress {
                 let user = o.user
                 progress = { done, total, tensor in
-                    tensor.withCString { report(user, UInt64(done), UInt64(total), $0) }
+                    tensor.withCString { report(user, UInt64(done), UInt64(total), $0) } == 0
                 }
             }
         }

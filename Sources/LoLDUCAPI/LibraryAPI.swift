@@ -31,6 +31,7 @@ public func lolduStatusString(_ code: Int32) -> UnsafePointer<CChar> {
     case 10: cString("malformed file")
     case 11: cString("checkpoint does not match the base weights")
     case 12: cString("internal error")
+    case 13: cString("cancelled")
     default: cString("unknown status")
     }
 }

@@ -435,6 +435,7 @@ func merge(_ args: [String]) throws(Failure) {
                 let percent = total == 0 ? 100 : Int(done * 100 / total)
                 line.pointee.show("merging \(percent)% (\(done >> 20) of \(total >> 20) MiB) \(String(cString: tensor!))",
                                   force: done == total)
+                return 0
             }
         }
         return loldu_merge_model(out, base, checkpoint.handle, &options)

@@ -34,4 +34,4 @@ python-setup:
 	fi
 
 test-python: build python-setup
-	cd $(PY_DIR) && LOLDU_LIBRARY=$(LIB) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) -m pytest $(PYTEST_ARGS) tests
+	cd $(PY_DIR) && LOLDU_LIBRARY=$(LIB) LOLDU_CLI=$(CURDIR)/$(CLI) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) -m pytest $(PYTEST_ARGS) tests

@@ -7,7 +7,9 @@ Three layers:
   weights, ``loldu.bfloat16`` for short; ``derive`` more adapters on its factors, ``convert`` to another element type),
   ``grouped_forward`` / ``grouped_backward`` (a batch whose rows belong to different adapters),
   ``AdapterConfig``, ``Optimizer`` (``SGD``, ``Adam``, ``AdamW``, schedules), ``save`` /
-  ``load`` / ``Checkpoint`` / ``export_merged``, threads, ``gemm_backend``;
+  ``load`` / ``load_model`` / ``Checkpoint`` / ``export_merged``, ``export_lora`` (an exact PEFT
+  LoRA), ``merge_model`` (a checkpoint merged into a model's safetensors files), threads,
+  ``gemm_backend``;
 - ``loldu.torch`` (imported on demand, needs PyTorch): modules that turn ``nn.Linear``,
   ``nn.Conv2d`` and ``nn.Embedding`` layers of an existing model into LoLDU layers, and
   PEFT-style helpers (``add_loldu``, ``save_loldu``, ``load_loldu``, ...).
@@ -32,8 +34,10 @@ from . import _capi
 from ._arrays import BFLOAT16 as bfloat16
 from ._version import HEADER_VERSION, __version__
 from .adapter import BACKENDS, FACTORS, PATHS, RESIDUALS, Z_INITS, Adapter, AdapterConfig, grouped_backward, grouped_forward
-from .checkpoint import CONFIG_FILE, MODEL_FILE, Checkpoint, LayerInfo, export_merged, load, save
+from .checkpoint import CONFIG_FILE, MODEL_FILE, Checkpoint, LayerInfo, export_merged, load, load_model, save
+from .export import LORA_KINDS, export_lora, merge_model
 from .errors import (
+    CancelledError,
     DeviceError,
     DTypeError,
     FormatError,
@@ -118,6 +122,10 @@ __all__ = [
     "save",
     "load",
     "export_merged",
+    "load_model",
+    "export_lora",
+    "merge_model",
+    "LORA_KINDS",
     "set_num_threads",
     "get_num_threads",
     "library_version",
@@ -146,5 +154,6 @@ __all__ = [
     "FormatError",
     "MismatchError",
     "InternalError",
+    "CancelledError",
     "DeviceError",
 ]

@@ -170,6 +170,7 @@ LOLDU_ERR_IO = 9
 LOLDU_ERR_FORMAT = 10
 LOLDU_ERR_MISMATCH = 11
 LOLDU_ERR_INTERNAL = 12
+LOLDU_ERR_CANCELLED = 13
 
 # loldu_dtype
 LOLDU_FLOAT32 = 1
@@ -214,6 +215,11 @@ LOLDU_ADAMW = 2
 LOLDU_SCHEDULE_CONSTANT = 0
 LOLDU_SCHEDULE_LINEAR = 1
 LOLDU_SCHEDULE_COSINE = 2
+
+# loldu_lora_kind
+LOLDU_LORA_LINEAR = 0
+LOLDU_LORA_EMBEDDING = 1
+LOLDU_LORA_CONV = 2
 
 # loldu_backend
 LOLDU_BACKEND_OPENBLAS = 1
@@ -299,6 +305,37 @@ class loldu_optimizer_config(Structure):
         ("max_grad_norm", c_double),
         ("warmup_steps", c_int64),
         ("total_steps", c_int64),
+    ]
+
+
+class loldu_lora_layer(Structure):
+    _fields_ = [
+        ("kind", c_int32),
+        ("kernel_dims", c_int32),
+        ("kernel", c_int64 * 3),
+    ]
+
+
+class loldu_lora_options(Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("dtype", c_int32),
+        ("base_model_name_or_path", c_char_p),
+        ("layers", POINTER(loldu_lora_layer)),
+        ("replace", c_int32),
+    ]
+
+
+# typedef int (*loldu_progress_fn)(void *user, uint64_t done, uint64_t total, const char *tensor);
+loldu_progress_fn = ctypes.CFUNCTYPE(c_int, c_void_p, c_uint64, c_uint64, c_char_p)
+
+
+class loldu_merge_options(Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("dtype", c_int32),
+        ("progress", loldu_progress_fn),
+        ("user", c_void_p),
     ]
 
 
@@ -406,6 +443,9 @@ loldu_get_factor = _declare("loldu_get_factor", loldu_status, [loldu_adapter_p, 
 
 # LOLDU_API loldu_status loldu_get_pivots(const loldu_adapter *adapter, int32_t *ipiv);
 loldu_get_pivots = _declare("loldu_get_pivots", loldu_status, [loldu_adapter_p, POINTER(c_int32)])
+
+# LOLDU_API loldu_status loldu_get_coefficients(const loldu_adapter *adapter, void *c);
+loldu_get_coefficients = _declare("loldu_get_coefficients", loldu_status, [loldu_adapter_p, c_void_p])
 
 # ---------------------------------------------------------------------------------------------
 # Forward and backward
@@ -561,10 +601,48 @@ loldu_checkpoint_apply = _declare(
     "loldu_checkpoint_apply", loldu_status, [loldu_checkpoint_p, c_char_p, loldu_adapter_p]
 )
 
+# LOLDU_API loldu_status loldu_checkpoint_values(const loldu_checkpoint *checkpoint, const char *name, double *z,
+#                                                double *sigma, char *weight_fingerprint, char *pivots_fingerprint);
+loldu_checkpoint_values = _declare(
+    "loldu_checkpoint_values",
+    loldu_status,
+    [loldu_checkpoint_p, c_char_p, POINTER(c_double), POINTER(c_double), c_char_p, c_char_p],
+)
+
+# LOLDU_API loldu_status loldu_checkpoint_create(loldu_adapter **out, const loldu_checkpoint *checkpoint,
+#                                                const char *name, const char *base_dir);
+loldu_checkpoint_create = _declare(
+    "loldu_checkpoint_create", loldu_status, [POINTER(loldu_adapter_p), loldu_checkpoint_p, c_char_p, c_char_p]
+)
+
 # LOLDU_API loldu_status loldu_export_merged(const char *path, loldu_adapter *const *adapters,
 #                                            const char *const *names, size_t count);
 loldu_export_merged = _declare(
     "loldu_export_merged", loldu_status, [c_char_p, POINTER(loldu_adapter_p), POINTER(c_char_p), c_size_t]
+)
+
+# ---------------------------------------------------------------------------------------------
+# Leaving the library: adapters as a standard LoRA, and merged model files
+# ---------------------------------------------------------------------------------------------
+
+# LOLDU_API loldu_status loldu_lora_options_default(loldu_lora_options *options);
+loldu_lora_options_default = _declare("loldu_lora_options_default", loldu_status, [POINTER(loldu_lora_options)])
+
+# LOLDU_API loldu_status loldu_export_lora(const char *dir, loldu_adapter *const *adapters, const char *const *names,
+#                                          size_t count, const loldu_lora_options *options);
+loldu_export_lora = _declare(
+    "loldu_export_lora",
+    loldu_status,
+    [c_char_p, POINTER(loldu_adapter_p), POINTER(c_char_p), c_size_t, POINTER(loldu_lora_options)],
+)
+
+# LOLDU_API loldu_status loldu_merge_options_default(loldu_merge_options *options);
+loldu_merge_options_default = _declare("loldu_merge_options_default", loldu_status, [POINTER(loldu_merge_options)])
+
+# LOLDU_API loldu_status loldu_merge_model(const char *out_dir, const char *base_dir, const loldu_checkpoint *checkpoint,
+#                                          const loldu_merge_options *options);
+loldu_merge_model = _declare(
+    "loldu_merge_model", loldu_status, [c_char_p, c_char_p, loldu_checkpoint_p, POINTER(loldu_merge_options)]
 )
 
 # ---------------------------------------------------------------------------------------------

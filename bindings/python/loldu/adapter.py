@@ -397,6 +397,13 @@ class Adapter:
         check(_capi.loldu_get_z(self.handle, out.ctypes.data))
         return out
 
+    def coefficients(self) -> np.ndarray:
+        """``c = σ z − σ₀ z_ref`` (``rank`` values, a copy): the adapter's whole update of the
+        weight is ``A diag(c) U_r`` (``loldu_get_coefficients``)."""
+        out = np.empty(self.rank, self.param_dtype)
+        check(_capi.loldu_get_coefficients(self.handle, out.ctypes.data))
+        return out
+
     @property
     def sigma(self) -> float:
         value = ctypes.c_double()

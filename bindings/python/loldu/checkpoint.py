@@ -136,6 +136,28 @@ class Checkpoint(_HandleOwner):
             raise
         return adapter
 
+    def values(self, name: str) -> dict:
+        """Layer ``name``'s saved ``z`` (float64), ``sigma`` and the fingerprints of the base weight
+        and pivots it was saved on (``loldu_checkpoint_values``)."""
+        info = self.layer(name)
+        z = np.empty(info.config.rank, np.float64)
+        sigma = ctypes.c_double()
+        weight, pivots = ctypes.create_string_buffer(17), ctypes.create_string_buffer(17)
+        check(_capi.loldu_checkpoint_values(self.handle, name.encode("utf-8"),
+                                            z.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
+                                            ctypes.byref(sigma), weight, pivots))
+        return {"z": z, "sigma": sigma.value, "weight_fingerprint": weight.value.decode(),
+                "pivots_fingerprint": pivots.value.decode()}
+
+    def create_from_model(self, name: str, base_dir) -> Adapter:
+        """Creates layer ``name``'s adapter on its weight (and bias) in the model directory
+        ``base_dir`` (transformers' safetensors layout, read by mmap; see ``loldu_checkpoint_create``
+        for how layer names find tensors), with the saved z and σ."""
+        out = _capi.loldu_adapter_p()
+        check(_capi.loldu_checkpoint_create(ctypes.byref(out), self.handle, name.encode("utf-8"),
+                                            os.fsencode(base_dir)))
+        return Adapter._from_handle(out.value)
+
     def __repr__(self) -> str:
         return f"<loldu.Checkpoint {self.directory!r}{' closed' if self._handle is None else ''}>"
 
@@ -157,6 +179,22 @@ def load(directory, weights: Mapping, *, borrow_weight: bool = False) -> dict[st
                 entry = weights[name]
                 weight, bias = entry if isinstance(entry, tuple) else (entry, None)
                 adapters[name] = ckpt.create(name, weight, bias, borrow_weight=borrow_weight)
+        except BaseException:
+            for a in adapters.values():
+                a.close()
+            raise
+        return adapters
+
+
+def load_model(directory, base_dir) -> dict[str, Adapter]:
+    """Opens a checkpoint and creates every layer's adapter on its weight in the model directory
+    ``base_dir`` (``Checkpoint.create_from_model``): serving an adapter on a model's files without
+    building the model."""
+    with Checkpoint(directory) as ckpt:
+        adapters: dict[str, Adapter] = {}
+        try:
+            for name in ckpt.names:
+                adapters[name] = ckpt.create_from_model(name, base_dir)
         except BaseException:
             for a in adapters.values():
                 a.close()

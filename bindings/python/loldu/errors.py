@@ -20,6 +20,7 @@ IO (9)                 ``LoLDUIOError``            ``OSError``
 FORMAT (10)            ``FormatError``             ``ValueError``
 MISMATCH (11)          ``MismatchError``           ``ValueError``
 INTERNAL (12)          ``InternalError``           ``RuntimeError``
+CANCELLED (13)         ``CancelledError``          ``RuntimeError``
 =====================  ==========================  ==================
 
 The binding raises the same classes for the mistakes it catches before calling the library
@@ -103,6 +104,10 @@ class InternalError(LoLDUError, RuntimeError):
     status = _capi.LOLDU_ERR_INTERNAL
 
 
+class CancelledError(LoLDUError, RuntimeError):
+    status = _capi.LOLDU_ERR_CANCELLED
+
+
 class DeviceError(InvalidArgumentError):
     """A tensor that is not on the CPU: the library computes on the CPU only."""
 
@@ -122,6 +127,7 @@ _BY_STATUS: dict[int, type[LoLDUError]] = {
         FormatError,
         MismatchError,
         InternalError,
+        CancelledError,
     )
 }
 

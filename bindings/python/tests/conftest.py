@@ -69,3 +69,53 @@ def run_python(code: str, *args: str, env: dict | None = None, timeout: float = 
         text=True,
         timeout=timeout,
     )
+
+
+def adapted_minilm(checkpoint, base=None):
+    """all-MiniLM-L6-v2 (from ``base``, default the installed one) built by transformers, with
+    the LoLDU checkpoint loaded, in eval mode."""
+    from transformers import AutoModel
+
+    import loldu.torch as lt
+
+    model = AutoModel.from_pretrained(str(base or minilm_dir()))
+    lt.load_loldu(model, str(checkpoint))
+    return model.eval()
+
+
+def hidden(model, tokens):
+    """The model's last hidden state for ``tokens``, in float32."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=tokens).last_hidden_state.float()
+
+
+def relative_error(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="session")
+def trained_minilm(tmp_path_factory):
+    """A LoLDU checkpoint of all-MiniLM-L6-v2 trained a few steps: rank 8 on every query, value
+    and intermediate dense layer, rank 4 on the word embeddings (so an export pads ranks).
+    Returns (checkpoint directory, token ids to compare outputs on)."""
+    import torch
+    from transformers import AutoModel
+
+    import loldu.torch as lt
+
+    torch.manual_seed(0)
+    model = AutoModel.from_pretrained(str(minilm_dir()))
+    lt.add_loldu(model, ["query", "value", "intermediate.dense"], rank=8)
+    lt.add_loldu(model, ["word_embeddings"], rank=4)
+    optimizer = torch.optim.Adam(lt.loldu_parameters(model), lr=0.05)
+    for _ in range(3):
+        tokens = torch.randint(1000, 30000, (4, 12))
+        loss = model(input_ids=tokens).last_hidden_state.pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    directory = tmp_path_factory.mktemp("trained") / "checkpoint"
+    lt.save_loldu(model, str(directory))
+    return directory, torch.randint(1000, 30000, (3, 16))

@@ -20,8 +20,10 @@ from conftest import HEADER, PACKAGE_ROOT, run_python
 
 PROTOTYPE = re.compile(r"LOLDU_API\s+([^;{}]*?)\b(loldu_\w+)\s*\(([^;]*?)\)\s*;", re.S)
 HANDLES = {"loldu_adapter", "loldu_optimizer", "loldu_checkpoint"}
-STRUCTS = {"loldu_config", "loldu_adapter_info", "loldu_optimizer_config"}
-ENUMS = {"loldu_status", "loldu_dtype", "loldu_factor", "loldu_path", "loldu_optimizer_kind", "loldu_backend"}
+STRUCTS = {"loldu_config", "loldu_adapter_info", "loldu_optimizer_config", "loldu_lora_layer", "loldu_lora_options",
+           "loldu_merge_options"}
+ENUMS = {"loldu_status", "loldu_dtype", "loldu_factor", "loldu_path", "loldu_optimizer_kind", "loldu_backend",
+         "loldu_lora_kind"}
 SCALARS = {
     "unsigned": ctypes.c_uint,
     "int": ctypes.c_int,
@@ -76,7 +78,7 @@ def declared_functions() -> dict[str, object]:
 def test_every_header_function_is_declared_once_with_matching_types(header_text):
     prototypes = header_prototypes(header_text)
     declared = declared_functions()
-    assert len(prototypes) == 55
+    assert len(prototypes) == 62
     assert set(declared) == set(prototypes), (set(prototypes) ^ set(declared))
     for name, (ret, params) in prototypes.items():
         f = declared[name]

@@ -14,6 +14,7 @@ from torch import nn
 import loldu as _loldu
 
 from .. import _capi
+from .._arrays import NUMPY_DTYPES
 from ..adapter import Adapter, AdapterConfig
 from ..checkpoint import Checkpoint
 from ..errors import DTypeError, InvalidArgumentError, MismatchError, StateError
@@ -173,16 +174,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
 
 def adapter_coefficients(layer: LoLDULayer, adapter_name: str) -> torch.Tensor:
     """``c = σ z − σ₀ z_ref`` of one adapter of a layer (float64): its whole update of the weight
-    is ``A diag(c) U_r``. ``σ₀`` and ``z_ref`` are those the adapter was created with (a fresh
-    adapter of the same configuration on the same factors has them)."""
-    adapter, config = layer.get_adapter(adapter_name), layer.loldu_config[adapter_name]
-    fresh = layer._factors.derive(config)
-    try:
-        reference = fresh.z if config.residual == "init" else layer._factors.factor("diag")[: adapter.rank]
-        c = adapter.sigma * adapter.z.astype("float64") - fresh.sigma * reference.astype("float64")
-    finally:
-        fresh.close()
-    return torch.from_numpy(c)
+    is ``A diag(c) U_r``."""
+    return torch.from_numpy(layer.get_adapter(adapter_name).coefficients().astype("float64"))
 
 
 @contextlib.contextmanager
@@ -325,6 +318,42 @@ def export_merged(model: nn.Module, path, adapter_name: str | None = None) -> No
     """Writes ``NAME.weight`` = W_eff per LoLDU layer to a safetensors file (reshape conv
     weights to the module's weight shape when loading; biases stay in the base modules)."""
     _loldu.export_merged(path, _names_and_adapters(model, adapter_name))
+
+
+def _lora_kind(name: str, layer: LoLDULayer):
+    """The PEFT representation of a LoLDU layer for ``export_lora``, or a refusal naming it."""
+    base = layer.base_layer
+    if isinstance(base, nn.Embedding):
+        return "embedding"
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        ones = (1,) * len(base.kernel_size)
+        if base.groups != 1 or tuple(base.dilation) != ones or base.padding_mode != "zeros":
+            raise InvalidArgumentError(
+                f"layer {name!r}: a LoRA export of a convolution is exact only with groups=1, dilation=1 and "
+                f"padding_mode='zeros' (PEFT's lora_A convolution has no dilation and other groups); this one has "
+                f"groups={base.groups}, dilation={tuple(base.dilation)}, padding_mode={base.padding_mode!r}. "
+                "Use merge_and_unload or export_merged for it", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        return ("conv", tuple(base.kernel_size))
+    return "linear"
+
+
+def export_lora(model: nn.Module, directory, adapter_name: str | None = None, *,
+                base_model_name_or_path: str | None = None, dtype=torch.float32, replace: bool = False) -> None:
+    """Writes one adapter (the active one by default) of every LoLDU layer as a PEFT LoRA
+    directory, exactly (``loldu.export_lora``): ``PeftModel.from_pretrained(base, directory)`` on
+    the same model class then computes what this model computes. Layer names are module names in
+    ``model``; ``base_model_name_or_path`` defaults to the model's ``name_or_path`` (transformers).
+    Embeddings and convolutions get PEFT's shapes (a convolution with groups, dilation or
+    non-zero padding is refused, naming the layer). ``dtype``: the tensors' type."""
+    adapters = _names_and_adapters(model, adapter_name)
+    layers = loldu_layers(model)
+    kinds = {name: _lora_kind(name, layers[name]) for name in adapters}
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(unwrap(model), "name_or_path", None) or None
+    if dtype not in LIBRARY_DTYPES:
+        raise DTypeError(f"dtype must be one of {list(LIBRARY_DTYPES)}, got {dtype}", _capi.LOLDU_ERR_DTYPE)
+    _loldu.export_lora(directory, adapters, base_model_name_or_path=base_model_name_or_path,
+                       dtype=NUMPY_DTYPES[LIBRARY_DTYPES[dtype]], kinds=kinds, replace=replace)
 
 
 def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", borrow_weight: bool = True,

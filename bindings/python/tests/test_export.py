@@ -1,0 +1,362 @@
+"""Adapters leaving the library: the exact PEFT LoRA export (loaded by PEFT; vLLM's and
+llama.cpp's rules), and checkpoints merged into model files (loaded by transformers; one file,
+shards, bf16), with the bad inputs each must refuse without leaving output."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+from torch import nn
+
+import loldu
+import loldu.torch as lt
+from conftest import adapted_minilm, hidden, minilm_dir, relative_error
+
+
+def base_minilm():
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(minilm_dir())).eval()
+
+
+def peft_outputs(lora_dir, tokens):
+    from peft import PeftModel
+
+    return hidden(PeftModel.from_pretrained(base_minilm(), str(lora_dir)).eval(), tokens)
+
+
+# --- the LoRA export ----------------------------------------------------------------------------
+
+def test_peft_loads_the_exported_minilm_adapter_and_computes_the_same(trained_minilm, tmp_path):
+    checkpoint, tokens = trained_minilm
+    model = adapted_minilm(checkpoint)
+    lt.export_lora(model, tmp_path / "lora")
+    ours = hidden(model, tokens)
+    assert relative_error(hidden(base_minilm(), tokens), ours) > 1e-3  # the adapter does something
+    theirs = peft_outputs(tmp_path / "lora", tokens)
+    assert relative_error(theirs, ours) < 1e-5
+    assert float((theirs - ours).abs().max() / ours.abs().max()) < 1e-5
+
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 8
+    assert config["base_model_name_or_path"] == str(minilm_dir())
+    tensors = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    embedding = "base_model.model.embeddings.word_embeddings."
+    assert tensors[embedding + "lora_embedding_A"].shape == (8, 30522)  # rank 4, padded to 8
+    assert tensors[embedding + "lora_embedding_B"].shape == (384, 8)
+    assert not tensors[embedding + "lora_embedding_A"][4:].any()
+    query = "base_model.model.encoder.layer.0.attention.self.query."
+    assert tensors[query + "lora_A.weight"].shape == (8, 384) and tensors[query + "lora_B.weight"].shape == (384, 8)
+    assert tensors["base_model.model.encoder.layer.0.intermediate.dense.lora_B.weight"].shape == (1536, 8)
+
+
+def test_lora_tensors_are_the_factors_and_coefficients(tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((12, 20)).astype(np.float32)
+    a = loldu.Adapter(w, rank=5)
+    a.z = a.z + rng.standard_normal(5).astype(np.float32) * 0.1
+    a.sigma = 1.5
+    for dtype, tolerance in (("float32", 2.0 ** -24), (loldu.bfloat16, 2.0 ** -8), ("float16", 2.0 ** -10)):
+        out = tmp_path / str(np.dtype(dtype))
+        loldu.export_lora(out, {"layer": a}, dtype=dtype)
+        with safe_open(str(out / "adapter_model.safetensors"), "np") as f:
+            assert f.metadata()["format"] == "pt"
+            lora_a = f.get_slice("base_model.model.layer.lora_A.weight")
+            assert lora_a.get_dtype() == {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[str(np.dtype(dtype))]
+        tensors = load_file(str(out / "adapter_model.safetensors")) if dtype != loldu.bfloat16 else None
+        if tensors is None:
+            continue  # (numpy reads no bf16 through safetensors; the PEFT test covers its values)
+        lora_a, lora_b = (tensors[f"base_model.model.layer.lora_{x}.weight"].astype(np.float64) for x in "AB")
+        expected_b = a.factor("lower").astype(np.float64) * a.coefficients().astype(np.float64)
+        np.testing.assert_allclose(lora_a, a.factor("upper"), rtol=tolerance, atol=0)
+        np.testing.assert_allclose(lora_b, expected_b, rtol=tolerance, atol=1e-7)
+        if dtype == "float32":  # one rounding of the exact product
+            np.testing.assert_array_equal(lora_b, expected_b.astype(np.float32))
+        delta = lora_b @ lora_a
+        np.testing.assert_allclose(w.astype(np.float64) + delta, a.effective_weight(), rtol=0, atol=1e-5 + 4 * tolerance)
+
+
+def vllm_problems(config: dict, max_lora_rank: int = 16) -> list[str]:
+    """What vLLM's PEFTHelper refuses in an adapter_config.json (vllm/lora/peft_helper.py)."""
+    problems = [f"missing {key}" for key in ("r", "lora_alpha", "target_modules") if key not in config]
+    if config.get("bias", "none") != "none":
+        problems.append("bias is not supported")
+    if config.get("use_dora"):
+        problems.append("DoRA is not supported")
+    if config.get("modules_to_save"):
+        problems.append("modules_to_save is not supported")
+    if config.get("lora_bias"):
+        problems.append("lora_bias is not supported")
+    if config.get("init_lora_weights") in ("pissa", "olora", "corda", "loftq", "eva") or \
+            str(config.get("init_lora_weights", "")).startswith("pissa"):
+        problems.append("an init that modifies the base weights is not supported")
+    if isinstance(config.get("r"), int) and config["r"] > max_lora_rank:
+        problems.append(f"r {config['r']} > max_lora_rank {max_lora_rank}")
+    return problems
+
+
+def llama_cpp_problems(config: dict, tensor_names) -> list[str]:
+    """What llama.cpp's convert_lora_to_gguf.py needs: lora_alpha, a base model, and only LoRA
+    tensors (lora_A / lora_B, or an embedding's)."""
+    problems = [] if "lora_alpha" in config else ["missing lora_alpha"]
+    if not config.get("base_model_name_or_path"):
+        problems.append("no base_model_name_or_path (pass --base to the converter)")
+    pattern = re.compile(r"^base_model\.model\..+\.(lora_[AB]\.weight|lora_embedding_[AB])$")
+    problems += [f"unexpected tensor {n}" for n in tensor_names if not pattern.match(n)]
+    return problems
+
+
+def test_the_export_passes_the_vllm_and_llama_cpp_rules(trained_minilm, tmp_path):
+    checkpoint, _ = trained_minilm
+    lt.export_lora(adapted_minilm(checkpoint), tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    names = load_file(str(tmp_path / "lora" / "adapter_model.safetensors")).keys()
+    assert vllm_problems(config, max_lora_rank=8) == []
+    assert llama_cpp_problems(config, names) == []
+    # The rules themselves refuse what vLLM and llama.cpp refuse.
+    assert vllm_problems(config, max_lora_rank=4) == ["r 8 > max_lora_rank 4"]
+    for change, expected in (({"bias": "all"}, "bias"), ({"use_dora": True}, "DoRA"),
+                             ({"modules_to_save": ["classifier"]}, "modules_to_save"),
+                             ({"init_lora_weights": "pissa"}, "init"), ({"lora_bias": True}, "lora_bias")):
+        assert any(expected in p for p in vllm_problems({**config, **change}, 8)), change
+    assert vllm_problems({k: v for k, v in config.items() if k != "lora_alpha"}, 8) == ["missing lora_alpha"]
+    assert llama_cpp_problems({**config, "base_model_name_or_path": None}, names)
+    assert llama_cpp_problems(config, [*names, "base_model.model.x.lora_magnitude_vector"])
+
+
+def test_convolutions_export_in_peft_shapes_and_odd_ones_are_refused(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(1)
+    base = nn.Sequential(nn.Conv2d(3, 6, (3, 2), stride=2, padding=1), nn.ReLU(), nn.Conv1d(6, 4, 1)).eval()
+    model = nn.Sequential(copy.deepcopy(base[0])).eval()
+    reference = nn.Sequential(copy.deepcopy(base[0])).eval()
+    lt.add_loldu(model, ["0"], rank=4)
+    with torch.no_grad():
+        model[0].loldu_z["default"].add_(torch.randn(4))
+    lt.export_lora(model, tmp_path / "conv")
+    x = torch.randn(2, 3, 9, 8)
+    with torch.no_grad():
+        ours = model(x)
+        theirs = PeftModel.from_pretrained(reference, str(tmp_path / "conv")).eval()(x)
+    assert relative_error(theirs, ours) < 1e-5
+    assert load_file(str(tmp_path / "conv" / "adapter_model.safetensors"))[
+        "base_model.model.0.lora_A.weight"].shape == (4, 3, 3, 2)
+
+    dilated = nn.Sequential(nn.Conv2d(3, 6, 3, dilation=2))
+    lt.add_loldu(dilated, ["0"], rank=2)
+    with pytest.raises(loldu.InvalidArgumentError, match=r"layer '0'.*dilation=\(2, 2\)"):
+        lt.export_lora(dilated, tmp_path / "dilated")
+    assert not (tmp_path / "dilated").exists()
+
+
+def test_an_existing_directory_is_refused_or_replaced_only_if_it_is_an_export(tmp_path):
+    rng = np.random.default_rng(1)
+    a = loldu.Adapter(rng.standard_normal((6, 5)).astype(np.float32), rank=3)
+    target = tmp_path / "lora"
+    loldu.export_lora(target, {"l": a})
+    before = (target / "adapter_model.safetensors").read_bytes()
+    a.sigma = 2.0
+    with pytest.raises(loldu.LoLDUIOError, match="already exists"):
+        loldu.export_lora(target, {"l": a})
+    assert (target / "adapter_model.safetensors").read_bytes() == before
+    loldu.export_lora(target, {"l": a}, replace=True)
+    assert (target / "adapter_model.safetensors").read_bytes() != before
+    assert sorted(os.listdir(target)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(loldu.LoLDUIOError, match="notes.txt"):
+        loldu.export_lora(target, {"l": a}, replace=True)
+    assert (target / "notes.txt").read_text() == "mine"
+    checkpoint = tmp_path / "ckpt"
+    loldu.save(checkpoint, {"l": a})
+    with pytest.raises(loldu.LoLDUIOError, match="not an earlier"):
+        loldu.export_lora(checkpoint, {"l": a}, replace=True)
+    assert loldu.Checkpoint(checkpoint).names == ["l"]
+
+    a.z[0] = np.inf  # (written through the live view)
+    with pytest.raises(loldu.NotFiniteError, match="layer \"l\""):
+        loldu.export_lora(tmp_path / "bad", {"l": a})
+    assert not (tmp_path / "bad").exists()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+# --- merging into model files --------------------------------------------------------------------
+
+def merged_tensors(directory) -> dict[str, np.ndarray]:
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            with safe_open(str(directory / name), "pt") as f:
+                for key in f.keys():
+                    out[key] = f.get_tensor(key)
+    return out
+
+
+def test_the_merged_minilm_loads_in_transformers_and_computes_the_adapted_model(trained_minilm, tmp_path):
+    from transformers import AutoModel
+
+    checkpoint, tokens = trained_minilm
+    seen = []
+    loldu.merge_model(checkpoint, minilm_dir(), tmp_path / "merged", progress=lambda d, t, n: seen.append((d, t, n)))
+    merged = AutoModel.from_pretrained(str(tmp_path / "merged")).eval()
+    assert relative_error(hidden(merged, tokens), hidden(adapted_minilm(checkpoint), tokens)) < 1e-5
+    # Progress: once per tensor, ending at the total.
+    assert seen[-1][0] == seen[-1][1] and len(seen) == len(merged_tensors(minilm_dir()))
+    # Other files are copied as they are; tensors not adapted are the same bytes.
+    for name in ("tokenizer.json", "vocab.txt", "config.json", "1_Pooling/config.json"):
+        assert (tmp_path / "merged" / name).read_bytes() == (minilm_dir() / name).read_bytes(), name
+    before, after = merged_tensors(minilm_dir()), merged_tensors(tmp_path / "merged")
+    assert list(before) == list(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    adapted = {f"{n}.weight" for n in loldu.Checkpoint(checkpoint).names}
+    assert changed == adapted
+
+
+def split_into_shards(source, target, parts: int = 3) -> None:
+    """A sharded copy of a single-file model, as transformers writes one."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("model.safetensors"))
+    tensors = load_file(str(source / "model.safetensors"))
+    names = list(tensors)
+    weight_map, total = {}, 0
+    for i in range(parts):
+        file = f"model-{i + 1:05d}-of-{parts:05d}.safetensors"
+        chunk = {n: tensors[n] for n in names[i::parts]}
+        save_file(chunk, str(target / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in chunk})
+        total += sum(t.nbytes for t in chunk.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def test_a_sharded_copy_merges_to_the_same_tensors_and_shards(trained_minilm, tmp_path):
+    from transformers import AutoModel
+
+    checkpoint, tokens = trained_minilm
+    split_into_shards(minilm_dir(), tmp_path / "sharded")
+    loldu.merge_model(checkpoint, minilm_dir(), tmp_path / "single")
+    loldu.merge_model(checkpoint, tmp_path / "sharded", tmp_path / "merged")
+    single, sharded = merged_tensors(tmp_path / "single"), merged_tensors(tmp_path / "merged")
+    assert set(single) == set(sharded) and all(torch.equal(single[k], sharded[k]) for k in single)
+    shards = sorted(n for n in os.listdir(tmp_path / "merged") if n.endswith(".safetensors"))
+    assert shards == sorted(n for n in os.listdir(tmp_path / "sharded") if n.endswith(".safetensors"))
+    index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
+    assert index == json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    merged = AutoModel.from_pretrained(str(tmp_path / "merged")).eval()
+    assert relative_error(hidden(merged, tokens), hidden(adapted_minilm(checkpoint), tokens)) < 1e-5
+
+    # --dtype: every float tensor converted, the index's total size and the config follow.
+    loldu.merge_model(checkpoint, tmp_path / "sharded", tmp_path / "bf16", dtype=loldu.bfloat16)
+    converted = merged_tensors(tmp_path / "bf16")
+    assert {t.dtype for t in converted.values()} == {torch.bfloat16, torch.int64}  # (position_ids stay integers)
+    assert all(torch.equal(converted[k], sharded[k].to(converted[k].dtype)) for k in converted)
+    index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in converted.values())
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_bf16_base_in_bf16_out(tmp_path):
+    from transformers import AutoModel
+
+    bf16_dir = tmp_path / "bf16-base"
+    AutoModel.from_pretrained(str(minilm_dir()), dtype=torch.bfloat16).save_pretrained(str(bf16_dir))
+    # A checkpoint trained on the bf16 model's float32 copy (same values, same fingerprints).
+    model = AutoModel.from_pretrained(str(bf16_dir), dtype=torch.float32).eval()
+    lt.add_loldu(model, ["query", "value"], rank=6)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for _, p in lt.named_loldu_parameters(model):
+            p.add_(torch.randn_like(p) * 0.2)
+    lt.save_loldu(model, str(tmp_path / "ckpt"))
+    loldu.merge_model(tmp_path / "ckpt", bf16_dir, tmp_path / "merged")
+
+    base, merged = merged_tensors(bf16_dir), merged_tensors(tmp_path / "merged")
+    assert {t.dtype for t in merged.values()} == {t.dtype for t in base.values()} == {torch.bfloat16}
+    for name, layer in lt.loldu_layers(model).items():
+        # W + ΔW in float32, rounded once to bf16.
+        assert torch.equal(merged[f"{name}.weight"], layer.effective_weight().to(torch.bfloat16)), name
+    tokens = torch.randint(1000, 30000, (2, 10))
+    bf16_model = AutoModel.from_pretrained(str(tmp_path / "merged")).eval()
+    assert bf16_model.dtype == torch.bfloat16
+    assert relative_error(hidden(bf16_model, tokens), hidden(model, tokens)) < 3e-2
+
+
+def test_bad_model_directories_are_refused_and_leave_no_output(trained_minilm, tmp_path):
+    checkpoint, _ = trained_minilm
+    out = tmp_path / "out"
+
+    def refused(error, match, base, **kwargs):
+        with pytest.raises(error, match=match):
+            loldu.merge_model(checkpoint, base, out, **kwargs)
+        assert not out.exists()
+        assert [n for n in os.listdir(tmp_path) if n.startswith(".out")] == []
+
+    refused(loldu.LoLDUIOError, "cannot open", tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    refused(loldu.LoLDUIOError, "neither model.safetensors nor", tmp_path / "empty")
+    # A truncated shard, and an index naming a tensor its shard lacks.
+    split_into_shards(minilm_dir(), tmp_path / "truncated")
+    shard = tmp_path / "truncated" / "model-00002-of-00003.safetensors"
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 100)
+    refused(loldu.FormatError, "model-00002-of-00003.safetensors", tmp_path / "truncated")
+    split_into_shards(minilm_dir(), tmp_path / "lying")
+    index = json.loads((tmp_path / "lying" / "model.safetensors.index.json").read_text())
+    index["weight_map"]["extra.weight"] = "model-00001-of-00003.safetensors"
+    (tmp_path / "lying" / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(loldu.FormatError, "extra.weight", tmp_path / "lying")
+    index["weight_map"] = {"x": "../model.safetensors"}
+    (tmp_path / "lying" / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(loldu.FormatError, "not a file name in this directory", tmp_path / "lying")
+    # Another model: one adapted weight changed.
+    tensors = load_file(str(minilm_dir() / "model.safetensors"))
+    other = tmp_path / "other"
+    shutil.copytree(minilm_dir(), other)
+    tensors["encoder.layer.2.attention.self.value.weight"][0, 0] += 1e-3
+    save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+    refused(loldu.MismatchError, r"layer \"encoder.layer.2.attention.self.value\".*not the weight", other)
+    # A weight stored as integers.
+    tensors["encoder.layer.2.attention.self.value.weight"] = np.zeros((384, 384), np.int32)
+    save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+    refused(loldu.DTypeError, "I32", other)
+    # A progress callback that raises stops the merge; its exception comes out.
+    def stop(done, total, name):
+        if done > total // 2:
+            raise KeyboardInterrupt
+
+    refused(KeyboardInterrupt, "", minilm_dir(), progress=stop)
+    with pytest.raises(loldu.InvalidArgumentError, match="float32, bfloat16 or float16"):
+        loldu.merge_model(checkpoint, minilm_dir(), out, dtype="float64")
+    # An existing output is never touched.
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(loldu.LoLDUIOError, match="already exists"):
+        loldu.merge_model(checkpoint, minilm_dir(), out)
+    assert os.listdir(out) == ["keep"]
+
+
+def test_adapters_load_from_model_files_without_building_the_model(trained_minilm):
+    checkpoint, tokens = trained_minilm
+    model = adapted_minilm(checkpoint)
+    adapters = loldu.load_model(checkpoint, minilm_dir())
+    layers = lt.loldu_layers(model)
+    assert set(adapters) == set(layers)
+    rng = np.random.default_rng(0)
+    for name in ("encoder.layer.1.attention.self.query", "encoder.layer.4.intermediate.dense"):
+        x = rng.standard_normal((5, adapters[name].n)).astype(np.float32)
+        with torch.no_grad():
+            expected = layers[name](torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(adapters[name].forward(x), expected, rtol=1e-5, atol=1e-5)
+        assert adapters[name].has_bias
+    values = loldu.Checkpoint(checkpoint).values("embeddings.word_embeddings")
+    assert values["z"].shape == (4,) and len(values["weight_fingerprint"]) == 16
+    np.testing.assert_array_equal(values["z"], adapters["embeddings.word_embeddings"].z)
