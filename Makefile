@@ -99,7 +99,7 @@ FUZZ_CORPUS := $(BUILD)/fuzz-corpus
 
 $(BUILD)/fuzz: fuzz/Fuzz.swift $(wildcard Sources/LoLDU/*.swift) | $(BUILD)/.apt-ready
 	swiftc -sanitize=fuzzer,address -parse-as-library -O -module-name LoLDU -use-ld=lld \
-	  -I Sources/CLinearAlgebra -I Sources/CLoLDU $$(pkg-config --cflags-only-I openblas lapacke | sed 's/-I/-Xcc -I/g') \
+	  -I Sources/CLinearAlgebra -I Sources/CLoLDU -I Sources/CDNNL $$(pkg-config --cflags-only-I openblas lapacke | sed 's/-I/-Xcc -I/g') \
 	  Sources/LoLDU/*.swift fuzz/Fuzz.swift $$(pkg-config --libs openblas lapacke) -o $@
 
 # Seeds: the checkpoint and optimiser state test-c writes, each file alone and the checkpoint's

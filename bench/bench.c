@@ -123,6 +123,15 @@ static double median(const double *v, int n) {
     return m;
 }
 
+/* Median over repetitions of num[rep] − den[rep]. */
+static double mdiff(const double *num, const double *den, int n) {
+    double *r = checked_malloc(sizeof(double) * (size_t)n);
+    for (int i = 0; i < n; i++) r[i] = num[i] - den[i];
+    double m = median(r, n);
+    free(r);
+    return m;
+}
+
 /* Median over repetitions of num[rep] / den[rep]. */
 static double median_ratio(const double *num, const double *den, int n) {
     double *r = checked_malloc(sizeof(double) * (size_t)n);
@@ -139,6 +148,29 @@ static double step_flops(int path, double m, double n, double r, double b) {
     case LOLDU_PATH_MERGED: return 2 * m * n * r + 4 * b * m * n + 2 * b * r * (m + n);
     default: return 2 * m * n * r + 4 * b * m * n + 2 * b * m * n + 2 * m * n * r;
     }
+}
+
+/* The part of step_flops that runs through P.gemm (float32 cblas_sgemm on OpenBLAS whatever the
+   element type's GEMM library): the W_eff rebuild and, on merged_wgrad, Aᵀ (dYᵀx) for dz. */
+static double step_flops_openblas(int path, double m, double n, double r) {
+    switch (path) {
+    case LOLDU_PATH_FACTORED: return 0;
+    case LOLDU_PATH_MERGED: return 2 * m * n * r;
+    default: return 4 * m * n * r;
+    }
+}
+
+/* The bound at the GEMM rates measured in the same run: the element type's GEMM library runs at
+   the bare layer's rate, the P.gemm part `penalty` times slower (OpenBLAS's two SGEMMs of the bare
+   layer over the library's bare layer). */
+static double rate_bound(double m, double n, double r, double b, double penalty) {
+    double bound = INFINITY;
+    for (int p = 1; p <= 3; p++) {
+        double blas = step_flops_openblas(p, m, n, r);
+        double f = step_flops(p, m, n, r, b) - blas + penalty * blas;
+        if (f < bound) bound = f;
+    }
+    return bound / (4.0 * b * m * n);
 }
 
 /* The cheapest path's FLOPs over the bare layer's (4·B·m·n). */
@@ -234,8 +266,8 @@ static shape shapes[] = {
 /* ---- 1. float32 steps ---------------------------------------------------------------------- */
 
 static void section_steps(int reps, buffer *md, buffer *js, int *all_within, int *all_chosen) {
-    put(md, "| shape (m × n, r, B) | bare step (library) | factored | merged | merged_wgrad | auto picks | auto | FLOP bound | auto / bound | fastest | OpenBLAS bare / library bare |\n");
-    put(md, "|---|---|---|---|---|---|---|---|---|---|---|\n");
+    put(md, "| shape (m × n, r, B) | bare step (library) | factored | merged | merged_wgrad | auto picks | auto | FLOP bound | auto / bound | fastest | OpenBLAS bare / library bare | bound at measured GEMM rates | auto / that |\n");
+    put(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     put(js, "\"shapes\": [");
     *all_within = *all_chosen = 1;
     for (int s = 0; s < NSHAPES; s++) {
@@ -289,6 +321,7 @@ static void section_steps(int reps, buffer *md, buffer *js, int *all_within, int
         double bare_time = median(took[5], reps), ratios[4];
         for (int p = 0; p < 4; p++) ratios[p] = median_ratio(took[p], took[5], reps);
         double openblas = median_ratio(took[4], took[5], reps);
+        double rated = rate_bound(sh.m, sh.n, sh.r, sh.b, openblas);
 
         loldu_path chosen;
         CHECK(loldu_set_path(a, LOLDU_PATH_AUTO));
@@ -302,15 +335,16 @@ static void section_steps(int reps, buffer *md, buffer *js, int *all_within, int
         int within = auto_ratio <= 1.10 * bound;
         *all_within &= within;
         *all_chosen &= chosen_ok;
-        put(md, "| %d × %d, r = %d, B = %d (%s) | %.1f ms | %.3f× | %.3f× | %.3f× | %s%s | %.3f× | %.3f× | %.3f%s | %s | %.2f× |\n",
+        put(md, "| %d × %d, r = %d, B = %d (%s) | %.1f ms | %.3f× | %.3f× | %.3f× | %s%s | %.3f× | %.3f× | %.3f%s | %s | %.2f× | %.3f× | %.3f |\n",
             sh.m, sh.n, sh.r, sh.b, sh.name, 1e3 * bare_time, ratios[0], ratios[1], ratios[2],
             path_name(chosen), chosen_ok ? "" : " (not fastest)", auto_ratio, bound,
-            auto_ratio / bound, within ? "" : " (over 1.10)", path_name(order[fastest]), openblas);
+            auto_ratio / bound, within ? "" : " (over 1.10)", path_name(order[fastest]), openblas, rated,
+            auto_ratio / rated);
         put(js, "%s{\"m\": %d, \"n\": %d, \"r\": %d, \"b\": %d, \"bare_ms\": %.4f, \"openblas_bare_ms\": %.4f, "
                 "\"factored\": %.4f, \"merged\": %.4f, \"merged_wgrad\": %.4f, \"auto\": %.4f, \"auto_path\": \"%s\", "
-                "\"bound\": %.4f, \"auto_ms\": %.4f}",
+                "\"bound\": %.4f, \"auto_ms\": %.4f, \"openblas_over_bare\": %.4f, \"rate_bound\": %.4f}",
             s ? ", " : "", sh.m, sh.n, sh.r, sh.b, 1e3 * bare_time, 1e3 * median(took[4], reps), ratios[0], ratios[1],
-            ratios[2], auto_ratio, path_name(chosen), bound, 1e3 * median(took[3], reps));
+            ratios[2], auto_ratio, path_name(chosen), bound, 1e3 * median(took[3], reps), openblas, rated);
         fprintf(stderr, "steps: shape %d done\n", s);
         loldu_adapter_free(bare);
         loldu_adapter_free(a);
@@ -376,7 +410,7 @@ static void section_init(int quick, buffer *md, buffer *js) {
 
 /* ---- 3. bfloat16 steps --------------------------------------------------------------------- */
 
-enum { F32_BARE, F32_STEP, BF_BARE, BF_AUTO, BF_FACTORED, BF_MERGED, BF_WGRAD, WIDE_BARE, WIDE_STEP, NBF };
+enum { F32_BARE, F32_STEP, BF_BARE, BF_AUTO, BF_FACTORED, BF_MERGED, BF_WGRAD, WIDE_BARE, WIDE_STEP, OPENBLAS_BARE, NBF };
 
 static void section_bf16(int reps, buffer *md, buffer *js) {
     loldu_backend f32_backend, bf_backend;
@@ -391,8 +425,8 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
             "*widened* is the same bf16 adapter created after `loldu_set_widened_half(1)`: bf16 storage,\n"
             "operands widened to float32 for every GEMM.\n\n",
         backend_name(f32_backend), backend_name(bf_backend), bf_text, reps);
-    put(md, "| shape (m × n, r, B) | bare bf16 | bare bf16 / bare f32 | bf16 step: auto picks | bf16 step / bare bf16 | FLOP bound | step / bound | factored | merged | merged_wgrad | f32 step / bf16 step | widened bf16 step / bf16 step | widened bare / bare bf16 |\n");
-    put(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    put(md, "| shape (m × n, r, B) | bare bf16 | bare bf16 / bare f32 | bf16 step: auto picks | bf16 step / bare bf16 | FLOP bound | step / bound | factored | merged | merged_wgrad | f32 step / bf16 step | widened bf16 step / bf16 step | widened bare / bare bf16 | OpenBLAS f32 bare / bare bf16 | bound at measured GEMM rates | step / that |\n");
+    put(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     put(js, "\"bf16\": {\"f32_backend\": \"%s\", \"bf16_backend\": \"%s\", \"description\": \"%s\", \"shapes\": [",
         backend_name(f32_backend), backend_name(bf_backend), bf_text);
     for (int s = 0; s < NSHAPES; s++) {
@@ -430,6 +464,7 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
         st[BF_BARE] = make_stepper(bf_bare, sh.b);
         st[BF_AUTO] = make_stepper(bf, sh.b);
         for (int p = 0; p < 3; p++) st[BF_FACTORED + p] = make_stepper(bf_paths[p], sh.b);
+        st[OPENBLAS_BARE] = st[F32_BARE]; /* unused: timed inline */
         st[WIDE_BARE] = make_stepper(wide_bare, sh.b);
         st[WIDE_STEP] = make_stepper(wide, sh.b);
         st[F32_BARE].keep_h = st[BF_BARE].keep_h = st[WIDE_BARE].keep_h = 0;
@@ -440,6 +475,13 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
         for (int rep = -1; rep < reps; rep++) {
             for (int q = 0; q < NBF; q++) {
                 int c = (q + rep + 1) % NBF;
+                if (c == OPENBLAS_BARE) { /* the bare layer's two SGEMMs on OpenBLAS: P.gemm's library */
+                    double t0 = now();
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sh.b, sh.m, sh.n, 1, x, sh.n, w, sh.n, 0, y, sh.m);
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sh.b, sh.n, sh.m, 1, dy, sh.m, w, sh.n, 0, dx, sh.n);
+                    if (rep >= 0) took[c][rep] = now() - t0;
+                    continue;
+                }
                 int f32_kind = c == F32_BARE || c == F32_STEP;
                 double t = timed_step(&st[c], rep + 1, sh.b, f32_kind ? (void *)x : (void *)xb,
                                       f32_kind ? (void *)dy : (void *)dyb, f32_kind ? (void *)y : (void *)yb,
@@ -455,19 +497,21 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
         double widened_bare = median_ratio(took[WIDE_BARE], took[BF_BARE], reps);
         double paths[3];
         for (int p = 0; p < 3; p++) paths[p] = median_ratio(took[BF_FACTORED + p], took[BF_BARE], reps);
-        put(md, "| %d × %d, r = %d, B = %d (%s) | %.1f ms | %.3f× | %s | %.3f× | %.3f× | %.3f%s | %.3f× | %.3f× | %.3f× | **%.2f×** | %.2f× | %.2f× |\n",
+        double penalty = median_ratio(took[OPENBLAS_BARE], took[BF_BARE], reps);
+        double rated = rate_bound(sh.m, sh.n, sh.r, sh.b, penalty);
+        put(md, "| %d × %d, r = %d, B = %d (%s) | %.1f ms | %.3f× | %s | %.3f× | %.3f× | %.3f%s | %.3f× | %.3f× | %.3f× | **%.2f×** | %.2f× | %.2f× | %.2f× | %.3f× | %.3f |\n",
             sh.m, sh.n, sh.r, sh.b, sh.name, 1e3 * median(took[BF_BARE], reps), bare_speed, path_name(chosen),
             step_bare, bound, step_bare / bound, step_bare <= 1.10 * bound ? "" : " (over 1.10)", paths[0], paths[1],
-            paths[2], speedup, widened, widened_bare);
+            paths[2], speedup, widened, widened_bare, penalty, rated, step_bare / rated);
         put(js, "%s{\"m\": %d, \"n\": %d, \"r\": %d, \"b\": %d, \"bare_bf16_ms\": %.4f, \"bare_f32_ms\": %.4f, "
                 "\"bf16_step_ms\": %.4f, \"f32_step_ms\": %.4f, \"widened_step_ms\": %.4f, \"bare_bf16_over_bare_f32\": %.4f, "
                 "\"auto_path\": \"%s\", \"step_over_bare\": %.4f, \"bound\": %.4f, \"factored\": %.4f, \"merged\": %.4f, "
                 "\"merged_wgrad\": %.4f, \"f32_over_bf16\": %.4f, \"widened_over_bf16\": %.4f, \"widened_bare_over_bare\": %.4f, "
-                "\"backend\": \"%s\", \"widened_backend\": \"%s\"}",
+                "\"backend\": \"%s\", \"widened_backend\": \"%s\", \"openblas_over_bare\": %.4f, \"rate_bound\": %.4f}",
             s ? ", " : "", sh.m, sh.n, sh.r, sh.b, 1e3 * median(took[BF_BARE], reps), 1e3 * median(took[F32_BARE], reps),
             1e3 * median(took[BF_AUTO], reps), 1e3 * median(took[F32_STEP], reps), 1e3 * median(took[WIDE_STEP], reps),
             bare_speed, path_name(chosen), step_bare, bound, paths[0], paths[1], paths[2], speedup, widened,
-            widened_bare, backend_name(bf_backend_used), backend_name(wide_backend_used));
+            widened_bare, backend_name(bf_backend_used), backend_name(wide_backend_used), penalty, rated);
         fprintf(stderr, "bf16: shape %d done\n", s);
         for (int p = 0; p < 3; p++) loldu_adapter_free(bf_paths[p]);
         loldu_adapter_free(f32_bare); loldu_adapter_free(bf_bare); loldu_adapter_free(wide_bare);
@@ -647,20 +691,29 @@ static void section_grouped(int reps, buffer *md, buffer *js) {
                 put(js, "%s{\"assign\": \"%s\", \"n\": %d, \"used\": %d, \"forward\": %.4f, \"step\": %.4f}",
                     mode + k > 1 ? ", " : "", label[mode], group_counts[k], used[mode][k], rf, rs);
             }
+        /* round-robin N = 256 (index 2 of the round-robin block): 256 adapters used */
+        double extra_f = mdiff(took[G_FWD + 2], took[G_FWD], reps) / used[0][2];
+        double extra_s = mdiff(took[G_STEP + 2], took[G_STEP], reps) / used[0][2];
+        put(md, "| extra time per used adapter (round-robin N = 256 minus N = 1, over 256) | | | %.2f µs | %.2f µs |\n",
+            1e6 * extra_f, 1e6 * extra_s);
         put(md, "| one adapter alone | 1 | 1 | %.3f× (%s, %.2f ms) | %.3f× (%s, %.2f ms) |\n\n",
             alone_fwd_ratio, path_name(alone_fwd_path), 1e3 * alone_fwd, alone_step_ratio, path_name(alone_step_path),
             1e3 * alone_step_best);
         put(md, "Target: N = 4,096 within 1.10× of N = 1: **%s** (worst %.3f×).\n\n", within ? "met" : "missed", worst);
-        put(md, "Memory per added adapter (heap in use, `mallinfo2` `uordblks + hblkhd`, before and after, over %d\n"
-                "adapters of rank %d): **%.0f bytes** for the adapter (z, σ and bookkeeping; allowance 4·(r + 1) + 256 =\n"
-                "%.0f bytes: **%s**); its gradient buffer, allocated on first use, %.0f bytes; a `loldu_optimizer` (Adam)\n"
-                "over the %d: %.0f bytes per adapter at creation and %.0f more at its first step.\n\n",
+        put(md, "Memory per added adapter: heap in use (`mallinfo2`, `uordblks + hblkhd`) before and after each stage,\n"
+                "divided by the %d adapters of rank %d:\n\n"
+                "| stage | bytes per adapter |\n|---|---|\n"
+                "| `loldu_adapter_derive` (z, σ, handle and bookkeeping) | **%.0f** (allowance 4·(r + 1) + 256 = %.0f: **%s**) |\n"
+                "| gradient buffers, allocated on first use (`loldu_params` / first backward) | %.0f |\n"
+                "| optimiser state: `loldu_optimizer_create` (Adam) over the %d | %.0f |\n"
+                "| optimiser state: its first `loldu_optimizer_step` | %.0f |\n\n",
             MAX_ADAPTERS, sh.r, per_params, allowance, per_params <= allowance ? "met" : "missed", per_grads,
             MAX_ADAPTERS, per_opt_create, per_opt_step);
         put(js, "], \"alone_forward\": %.4f, \"alone_forward_path\": \"%s\", \"alone_forward_ms\": %.4f, "
-                "\"alone_step\": %.4f, \"alone_step_path\": \"%s\", \"alone_step_ms\": %.4f, \"within\": %s}",
+                "\"alone_step\": %.4f, \"alone_step_path\": \"%s\", \"alone_step_ms\": %.4f, \"within\": %s, "
+                "\"extra_us_per_adapter_forward\": %.3f, \"extra_us_per_adapter_step\": %.3f}",
             alone_fwd_ratio, path_name(alone_fwd_path), 1e3 * alone_fwd, alone_step_ratio, path_name(alone_step_path),
-            1e3 * alone_step_best, within ? "true" : "false");
+            1e3 * alone_step_best, within ? "true" : "false", 1e6 * extra_f, 1e6 * extra_s);
         fprintf(stderr, "grouped: shape %d done\n", gs);
         for (int p = 0; p < 5; p++) loldu_adapter_free(alone[p]);
         for (int mode = 0; mode < 2; mode++) for (int k = 0; k < NCOUNTS; k++) free(rows[mode][k]);

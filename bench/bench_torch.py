@@ -321,6 +321,9 @@ def grouped(reps: int, counts: list[int], peft_counts: list[int]) -> list[dict]:
                 entry["peft_forward_ms"] = 1e3 * med(samples, ("peft_forward", count))
                 entry["ours_over_peft"] = mratio(samples, ("ours_forward", count), ("peft_forward", count))
             row["counts"][count] = entry
+        if 256 in counts:
+            row["extra_us"] = {kind: 1e6 * mdiff(samples, (kind, 256), (kind, 1)) / 256
+                               for kind in ("ours_forward", "ours_step")}
         # Where the Python mixed-batch forward spends its time, at the largest N used by a batch.
         row["profile"] = profile(lambda: forward(spread(256, GROUP_BATCH, lambda i: f"a{i}")), 20, top=6)
         rows.append(row)
@@ -621,9 +624,10 @@ def main() -> None:
         status(all(v <= 1.05 for v in over.values())) + f" ({sum(v <= 1.05 for v in over.values())} of {len(over)})"))
 
     command = " ".join([os.path.basename(sys.executable)] + sys.argv)
+    c_json_rel, c_md_rel = os.path.relpath(c_json), os.path.relpath(c_md)
     lines = ["# Benchmarks", "",
-             f"Produced by `make bench` (`{command}`, which also runs `{args.c_bench} --json {c_json} "
-             f"--markdown {c_md}`); the whole run took {(time.perf_counter() - started) / 60:.1f} min "
+             f"Produced by `make bench` (`{command}`, which also runs `{args.c_bench} --json {c_json_rel} "
+             f"--markdown {c_md_rel}`); the whole run took {(time.perf_counter() - started) / 60:.1f} min "
              f"(the C part {c_seconds / 60:.1f} min).", "",
              f"- Machine: {cpu_description()}; {platform.system()} {platform.release()}. Shared: other jobs run at "
              f"nice 10, so absolute times move between runs; every figure below is a ratio against a baseline "
@@ -708,6 +712,21 @@ def main() -> None:
     # -- bf16
     lines += ["## bfloat16", "",
               "### From C", ""] + demote(sections.get("bfloat16 training steps", "(not run)"))
+    lines += ["", "What limits the bf16 figures here (measured in the table above):", "",
+              f"- Speed-up over float32 (target ≥ 2.5× on an AMX Xeon): the bare bf16 layer itself is only "
+              f"{min(bare_speed.values()):.2f}–{max(bare_speed.values()):.2f}× faster than the bare float32 layer on this "
+              "CPU (AVX512-BF16 dot products, no AMX tiles), so no bf16 step can reach 2.5× here; our bf16 step keeps "
+              + ", ".join(f"{v['f32_over_bf16'] * v['bare_bf16_over_bare_f32']:.0%} of that gain at {k[0]}²"
+                          for k, v in bf_target.items()) + ". Not checkable without AMX.",
+              "- FLOP bound: the merged paths' weight-space products (the `W_eff` rebuild, 2·m·n·r, and on "
+              "merged_wgrad `Aᵀ (dYᵀx)` for dz, another 2·m·n·r) run as float32 GEMMs straight on OpenBLAS "
+              "(`P.gemm` → `cblas_sgemm`, core `" + c["blas"] + "`) whatever the element type; only `x Wᵀ`, `dY W`, "
+              "`dYᵀx` and the factored products go to oneDNN's bf16 kernels. The *OpenBLAS f32 bare / bare bf16* column "
+              "measures that rate gap (two SGEMMs on OpenBLAS against the same two in bf16 on oneDNN); *bound at "
+              "measured GEMM rates* charges the P.gemm FLOPs at it, and *step / that* is what remains (the elementwise "
+              "passes: widening W and narrowing W_eff, y and dX, the coefficient and score loops).",
+              "- The widened path (`loldu_set_widened_half(1)`) is the float32 speed: it confirms the bf16 kernels are "
+              "taken by default (`loldu_gemm_backend` → " + c["bf16"]["bf16_backend"] + ").", ""]
     lines += ["", "### Through loldu.torch (a bf16 model), against PyTorch and PEFT in bf16", "",
               "A bf16 model: `nn.Linear(...).to(torch.bfloat16)`, inputs and upstream gradients in bf16 (no autocast). "
               "Ours: `LoLDULinear` on that layer (z, σ float32). PEFT LoRA r = 16 on the same bf16 layer, with PEFT's "
@@ -731,7 +750,26 @@ def main() -> None:
     # -- many adapters
     lines += ["## Many adapters on one base", "",
               "### From C", ""] + demote(sections.get("Many adapters on one base (float32)", "(not run)"))
+    if not all(v <= 1.10 for v in worst_group.values()):
+        extra = "; ".join(f"{k[0]}×{k[1]} r = {k[2]}: {g['extra_us_per_adapter_forward']:.1f} µs forward, "
+                          f"{g['extra_us_per_adapter_step']:.1f} µs forward + backward"
+                          for k, g in c_group.items())
+        lines += ["", "What limits N = 4,096 against N = 1 (measured): the GEMMs are the same for every N (one factored "
+                  "pass at the largest rank), but each adapter a batch uses costs a fixed time on top — "
+                  f"{extra} per used adapter (the row *extra time per used adapter*). At r = 64 on 4096 × 4096 that is "
+                  "lost in the GEMMs; at r = 384 on 384 × 384, with 256 used adapters, it doubles the call. A profile "
+                  "(`bench/grouped_loop.c`, commands in its header) puts the time in the per-adapter coefficient table "
+                  "and the per-row scaling: `Adapter.coefficients(into:)` and `LDUFactors.scaleRows`, compiled "
+                  "unspecialised (generic `P` through value-witness calls: `getEnumTagSinglePayload`, `assignWithCopy`, "
+                  "`memmove` per element, the `Float *` protocol witness), not in BLAS. Specialising those loops for "
+                  "Float is a library change (Sources/), outside this benchmark."]
     lines += ["", "### Adding a saved adapter to a loaded base", ""] + demote(sections.get("Adding a saved adapter to a loaded base", "(not run)"))
+    if not all(v["first_ms"] <= 1 for v in c_load.values()):
+        lines += ["", "The first adapter added to a new 4096 × 4096 base takes longer than the later ones: its "
+                  "`loldu_checkpoint_apply` computes the fingerprint of W (64 MiB), once per base (cached on the shared "
+                  "factors; the *apply* column is a later adapter's); every later adapter on that base is within the "
+                  "1 ms target. Computing the fingerprint when the base is created, or on first use in the background, "
+                  "would move it out of the first load."]
     lines += ["", "### Through loldu.torch and PEFT (`adapter_names=`)", "",
               f"The same batches of {GROUP_BATCH} rows (round-robin), float32. Ours: one `LoLDULinear` with "
               f"{max(GROUP_COUNTS)} named adapters (`update_layer`, z_init normal, own seed each); forward under "
@@ -753,6 +791,12 @@ def main() -> None:
             vs = f"{e['ours_over_peft']:.2f}" if "ours_over_peft" in e else "—"
             lines.append(f"| {count} | {e['ours_forward']:.3f}× ({e['ours_forward_ms']:.2f} ms) | "
                          f"{e['ours_step']:.3f}× ({e['ours_step_ms']:.2f} ms) | {peft} | {vs} |")
+        if "extra_us" in g:
+            lines += ["", f"Extra time per used adapter (N = 256 minus N = 1, over 256): {g['extra_us']['ours_forward']:.1f} µs "
+                      f"forward and {g['extra_us']['ours_step']:.1f} µs forward + backward through loldu.torch, against "
+                      f"{cg.get('extra_us_per_adapter_forward', float('nan')):.1f} and "
+                      f"{cg.get('extra_us_per_adapter_step', float('nan')):.1f} µs in the C calls alone: the rest is the "
+                      "binding's Python work per adapter (profile below)."]
         lines += ["", f"Time to add one adapter: ours (`update_layer`, derive + parameters) {g['ours_add_ms']:.3f} ms on "
                   f"average over {max(GROUP_COUNTS) - 1}; PEFT `add_adapter`, cumulative: {peft_times}. Parameters per "
                   f"adapter: PEFT LoRA r = 16 {g['lora_bytes']} bytes; ours (C, above) "
@@ -798,6 +842,14 @@ def main() -> None:
         v = calls[kind]
         lines.append(f"| {label} | {v['nn_us']:.1f} µs | {v['ours_us']:.1f} µs | +{v['diff_us']:.1f} µs | "
                      f"{v['ratio']:.2f}× | **{status(v['diff_us'] <= 30)}** |")
+    if calls["step"]["diff_us"] > 30 or calls["forward"]["diff_us"] > 30:
+        lines += ["", "What limits the 16 × 16 call (profiles below): nn.Linear's forward and backward are C++ "
+                  "(`torch._C._nn.linear` and its autograd node); `LoLDULinear` runs Python on every call — the "
+                  "per-call checks in `_prepare` (base weight version and pointer, parameters still bound to the "
+                  "library's memory), several `ParameterDict` look-ups of `loldu_z[name]` / `loldu_sigma[name]`, "
+                  "`_base_weight` (three calls per forward), the autocast and dtype checks — and a Python "
+                  "`torch.autograd.Function` whose `forward` and `backward` are Python callbacks with their own "
+                  "bookkeeping (`_get_user_fn`, `apply`, saved tensors). The two library calls themselves are a few µs."]
     lines.append("")
     for kind, prof in call_profiles.items():
         lines += [f"Where a {kind} call's time goes (cProfile, own time per call, top entries; the profiler "
@@ -810,7 +862,7 @@ def main() -> None:
     lines += ["## The C benchmark in full", "",
               "From the same run of `build/bench` (its float32 step and initialisation tables; its other sections "
               "are above):", ""]
-    lines += demote(sections.get("", "")) + [""]
+    lines += [line for line in demote(sections.get("", "")) if not line.startswith("# ")] + [""]
     for name in ("One training step", "Initialisation, 4096 × 4096, r = 64"):
         if name in sections:
             lines += [f"### {name}", ""] + demote(sections[name]) + [""]

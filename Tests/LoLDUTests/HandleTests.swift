@@ -96,6 +96,10 @@ import Testing
                 return loldu_grouped_backward_into([h], 1, 1, [0], x, x, nil, out)
             }
         },
+        use("loldu_get_coefficients", .adapter) { h in var c = [Float](repeating: 0, count: 8); return loldu_get_coefficients(h, &c) },
+        use("loldu_export_lora", .adapter) { h in
+            withCStrings(["layer"]) { loldu_export_lora(NSTemporaryDirectory() + "loldu-handle-test-never", [h], $0, 1, nil) }
+        },
         use("loldu_weight_backward_into", .adapter) { h in var g = [Float](repeating: 0, count: 9); return loldu_weight_backward_into(h, x, &g) },
         free("loldu_optimizer_free", .optimizer) { loldu_optimizer_free($0) },
         use("loldu_optimizer_step", .optimizer) { loldu_optimizer_step($0, nil) },
@@ -108,6 +112,16 @@ import Testing
         use("loldu_checkpoint_count", .checkpoint) { h in var n = 0; return loldu_checkpoint_count(h, &n) },
         use("loldu_checkpoint_name", .checkpoint) { h in var n: UnsafePointer<CChar>?; return loldu_checkpoint_name(h, 0, &n) },
         use("loldu_checkpoint_layer", .checkpoint) { h in var m: Int64 = 0; return loldu_checkpoint_layer(h, "layer", nil, &m, nil, nil) },
+        use("loldu_checkpoint_values", .checkpoint) { h in var s = 0.0; return loldu_checkpoint_values(h, "layer", nil, &s, nil, nil) },
+        use("loldu_checkpoint_create", .checkpoint) { h in
+            var out: OpaquePointer?
+            let s = loldu_checkpoint_create(&out, h, "layer", NSTemporaryDirectory() + "loldu-handle-test-never")
+            loldu_adapter_free(out)
+            return s
+        },
+        use("loldu_merge_model", .checkpoint) { h in
+            loldu_merge_model(NSTemporaryDirectory() + "loldu-handle-test-never", NSTemporaryDirectory(), h, nil)
+        },
         use("loldu_checkpoint_apply", .checkpoint) { h in
             var random = TestRandom(1)
             guard let a = try? TestAdapter<Float>(m: 8, n: 8, weight: random.array(64)) else { return LOLDU_ERR_INTERNAL }

@@ -239,6 +239,7 @@ extension loldu_residual: CEnum {}
 extension loldu_path: CEnum {}
 extension loldu_dtype: CEnum {}
 extension loldu_schedule: CEnum {}
+extension loldu_lora_kind: CEnum {}
 
 let allPaths: [loldu_path] = [LOLDU_PATH_FACTORED, LOLDU_PATH_MERGED, LOLDU_PATH_MERGED_WGRAD, LOLDU_PATH_AUTO]
 let allInits: [loldu_z_init] = [

@@ -1,0 +1,184 @@
+"""The `loldu` command-line tool, run as a user runs it: a binary, its output and exit codes.
+
+The binary is $LOLDU_CLI (set by `make test-python`), else the checkout's build/bin/loldu."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+import loldu
+from conftest import REPO, minilm_dir
+
+CLI = pathlib.Path(os.environ.get("LOLDU_CLI", REPO / "build" / "bin" / "loldu"))
+
+
+def run(*args, check_code: int | None = 0, **kwargs) -> subprocess.CompletedProcess:
+    assert CLI.is_file(), f"{CLI} is missing: build it with `make build`"
+    result = subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
+    if check_code is not None:
+        assert result.returncode == check_code, (result.returncode, result.stdout, result.stderr)
+    return result
+
+
+def tensors(directory) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            with safe_open(str(pathlib.Path(directory) / name), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def test_version_help_and_usage_errors():
+    assert run("--version").stdout.strip() == f"loldu {loldu.HEADER_VERSION}"
+    assert "export-lora" in run("--help").stdout
+    for command in ("inspect", "verify", "export-lora", "merge"):
+        assert run(command, "--help").stdout.startswith(f"usage: loldu {command}")
+    assert "usage:" in run(check_code=2).stderr
+    bad = run("frobnicate", check_code=2)
+    assert 'unknown command "frobnicate"' in bad.stderr and "loldu --help" in bad.stderr
+    missing = run("merge", "ckpt", "--out", "x", check_code=2)
+    assert "merge: --base is required" in missing.stderr and "loldu merge --help" in missing.stderr
+    assert "unknown option --frob" in run("inspect", "x", "--frob", check_code=2).stderr
+    assert "--dtype must be f32, f16 or bf16" in run("merge", "c", "--base", "b", "--out", "o", "--dtype", "int8",
+                                                     check_code=2).stderr
+
+
+def test_inspect_reports_what_the_checkpoint_holds(trained_minilm):
+    checkpoint, _ = trained_minilm
+    report = json.loads(run("inspect", checkpoint, "--json").stdout)
+    saved = loldu.Checkpoint(checkpoint)
+    assert [layer["name"] for layer in report["layers"]] == saved.names
+    assert report["library_version"] == loldu.HEADER_VERSION
+    assert report["bytes"] == sum(os.path.getsize(checkpoint / f) for f in (loldu.MODEL_FILE, loldu.CONFIG_FILE))
+    for layer in report["layers"]:
+        values = saved.values(layer["name"])
+        assert layer["sigma"] == values["sigma"]
+        assert layer["z"]["mean"] == pytest.approx(values["z"].mean(), rel=1e-12)
+        assert layer["z"]["max"] == values["z"].max()
+        assert layer["weight_fingerprint"] == values["weight_fingerprint"]
+        assert layer["rank"] == (4 if "embeddings" in layer["name"] else 8)
+    text = run("inspect", checkpoint).stdout
+    assert f"{len(saved.names)} layers" in text and "encoder.layer.5.intermediate.dense" in text and "1536×384" in text
+    assert "cannot read the checkpoint" in run("inspect", checkpoint / "nowhere", check_code=1).stderr
+
+
+def test_verify_accepts_the_base_and_names_the_layers_of_another(trained_minilm, tmp_path):
+    checkpoint, _ = trained_minilm
+    ok = run("verify", checkpoint, "--base", minilm_dir())
+    assert ok.stdout.count("ok ") == len(loldu.Checkpoint(checkpoint).names)
+    other = tmp_path / "other"
+    shutil.copytree(minilm_dir(), other)
+    weights = load_file(str(other / "model.safetensors"))
+    weights["encoder.layer.3.attention.self.query.weight"] *= 1.001
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    bad = run("verify", checkpoint, "--base", other, check_code=3)
+    assert "MISMATCH encoder.layer.3.attention.self.query" in bad.stdout
+    assert bad.stdout.count("MISMATCH") == 1 and "1 of 19 layers do not match" in bad.stderr
+
+
+def test_export_lora_writes_what_the_library_writes(trained_minilm, tmp_path):
+    import loldu.torch as lt
+    from conftest import adapted_minilm
+
+    checkpoint, _ = trained_minilm
+    out = tmp_path / "lora"
+    result = run("export-lora", checkpoint, "--base", minilm_dir(), "--out", out,
+                 "--embedding", "embeddings.word_embeddings", "--base-name", "sentence-transformers/all-MiniLM-L6-v2")
+    assert "wrote" in result.stdout
+    lt.export_lora(adapted_minilm(checkpoint), tmp_path / "python")
+    mine, theirs = tensors(out), tensors(tmp_path / "python")
+    assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+    again = run("export-lora", checkpoint, "--base", minilm_dir(), "--out", out, check_code=1)
+    assert "already exists" in again.stderr
+    run("export-lora", checkpoint, "--base", minilm_dir(), "--out", out, "--force", "--dtype", "bf16")
+    assert {t.dtype for t in tensors(out).values()} == {torch.bfloat16}
+    # Without --embedding, a layer named like an embedding gets a note.
+    note = run("export-lora", checkpoint, "--base", minilm_dir(), "--out", tmp_path / "noted")
+    assert "--embedding embeddings.word_embeddings" in note.stderr
+
+
+def test_merge_writes_what_the_library_writes_and_refuses_bad_input(trained_minilm, tmp_path):
+    checkpoint, _ = trained_minilm
+    out = tmp_path / "merged"
+    run("merge", checkpoint, "--base", minilm_dir(), "--out", out)
+    loldu.merge_model(checkpoint, minilm_dir(), tmp_path / "python")
+    for name in os.listdir(tmp_path / "python"):
+        if os.path.isfile(tmp_path / "python" / name):
+            assert (out / name).read_bytes() == (tmp_path / "python" / name).read_bytes(), name
+    run("merge", checkpoint, "--base", minilm_dir(), "--out", tmp_path / "f16", "--dtype", "f16")
+    assert tensors(tmp_path / "f16")["encoder.layer.0.attention.self.query.weight"].dtype == torch.float16
+
+    exists = run("merge", checkpoint, "--base", minilm_dir(), "--out", out, check_code=1)
+    assert "already exists" in exists.stderr
+    missing = run("merge", checkpoint, "--base", tmp_path / "nowhere", "--out", tmp_path / "x", check_code=1)
+    assert "nowhere" in missing.stderr and "check the path" in missing.stderr
+    truncated = tmp_path / "truncated"
+    shutil.copytree(minilm_dir(), truncated)
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(1 << 20)
+    cut = run("merge", checkpoint, "--base", truncated, "--out", tmp_path / "x", check_code=1)
+    assert "model.safetensors" in cut.stderr and "damaged" in cut.stderr
+    assert not (tmp_path / "x").exists()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_a_killed_merge_leaves_no_output_and_the_next_one_cleans_up(trained_minilm, tmp_path):
+    checkpoint, _ = trained_minilm
+    out = tmp_path / "merged"
+    rng = random.Random(7)
+    start = time.monotonic()
+    run("merge", checkpoint, "--base", minilm_dir(), "--out", tmp_path / "timing")
+    duration = time.monotonic() - start
+    finished = 0
+    for _ in range(12):
+        process = subprocess.Popen([str(CLI), "merge", str(checkpoint), "--base", str(minilm_dir()), "--out", str(out)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0, duration))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if out.exists():  # finished before the kill: then it is complete
+            assert (out / "model.safetensors").read_bytes() == (tmp_path / "timing" / "model.safetensors").read_bytes()
+            finished += 1
+            shutil.rmtree(out)
+    assert finished < 12, "every merge finished before its kill: the test did not interrupt any"
+    run("merge", checkpoint, "--base", minilm_dir(), "--out", out)
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # the next merge removed the remains
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "timing" / "model.safetensors").read_bytes()
+
+
+def can_mount_tmpfs() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt && umount /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="a full disk needs root and mount namespaces (unshare -m)")
+def test_a_full_disk_fails_the_merge_cleanly(trained_minilm, tmp_path):
+    checkpoint, _ = trained_minilm
+    # A 40 MB tmpfs in a private mount namespace: the 91 MB model cannot fit.
+    script = (f"mount -t tmpfs -o size=40m none {tmp_path} && "
+              f"{CLI} merge {checkpoint} --base {minilm_dir()} --out {tmp_path}/merged; code=$?; "
+              f"ls -A {tmp_path}; exit $code")
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "No space left on device" in result.stderr
+    assert result.stdout.strip() == ""  # no output directory, no temporary left in the full file system
