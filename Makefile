@@ -80,7 +80,10 @@ $(BUILD)/%: examples/c/%.c build
 $(BUILD)/faults: Tests/c/faults.c build
 	cc -std=c11 $(CFLAGS_STRICT) -O2 $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu) -lm -o $@
 
-test-c: $(BUILD)/quickstart $(BUILD)/train $(BUILD)/serve $(BUILD)/faults
+$(BUILD)/backend: Tests/c/backend.c build
+	cc -std=c11 $(CFLAGS_STRICT) -O2 $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu openblas) -o $@
+
+test-c: $(BUILD)/quickstart $(BUILD)/train $(BUILD)/serve $(BUILD)/faults $(BUILD)/backend
 	cc -std=c11 $(CFLAGS_STRICT) -Iinclude -c Tests/c/header_check.c -o $(BUILD)/header_check_c.o
 	c++ -std=c++17 $(CFLAGS_STRICT) -Iinclude -x c++ -c Tests/c/header_check.c -o $(BUILD)/header_check_cpp.o
 	$(BUILD)/quickstart
@@ -89,6 +92,7 @@ test-c: $(BUILD)/quickstart $(BUILD)/train $(BUILD)/serve $(BUILD)/faults
 	$(BUILD)/train --verify $(BUILD)/train-checkpoint
 	$(BUILD)/serve
 	$(BUILD)/faults
+	$(BUILD)/backend
 
 # --- fuzzing: the readers of untrusted bytes (safetensors, JSON, checkpoints, optimiser states) under libFuzzer and
 # AddressSanitizer, compiled into the core module. `make test` runs a fixed number of runs from a
