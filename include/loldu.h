@@ -513,7 +513,7 @@ LOLDU_API loldu_status loldu_set_path(loldu_adapter *adapter, loldu_path path);
 
 /**
  * The path LOLDU_PATH_AUTO takes for a training step on `batch` rows: the cheapest by FLOP count
- * (see DESIGN.md), given whether the caller keeps h from forward to backward (`keeps_h` 0/1).
+ * (see docs/design.md), given whether the caller keeps h from forward to backward (`keeps_h` 0/1).
  * Reports the forced path when one is set.
  */
 LOLDU_API loldu_status loldu_plan(const loldu_adapter *adapter, int64_t batch, int keeps_h, loldu_path *path);

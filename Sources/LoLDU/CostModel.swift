@@ -1,5 +1,5 @@
 /// FLOP counts of one training step (forward + backward with `dX`) on each compute path,
-/// from the table in DESIGN.md; `auto` takes the cheapest for the shape and batch.
+/// from the table in docs/design.md; `auto` takes the cheapest for the shape and batch.
 ///
 /// With `A = P L_r` (`m × r`), `h = x U_rᵀ`, `g = dY A` (both `B × r`):
 /// - factored: `4Bmn + 4Br(m + n)`, plus `2Bnr` when `h` is not kept from the forward;

@@ -298,7 +298,7 @@ import Testing
     }
 
     @Test func planFollowsTheFlopCount() throws {
-        // The shapes of DESIGN.md's examples (weights need not be meaningful to plan).
+        // The shapes of docs/design.md's examples (weights need not be meaningful to plan).
         let cases: [(m: Int, n: Int, r: Int, batch: Int, keepsH: Int32, expected: loldu_path)] = [
             (768, 768, 64, 4096, 1, LOLDU_PATH_MERGED),
             (768, 768, 768, 4096, 0, LOLDU_PATH_MERGED_WGRAD),

@@ -1,4 +1,4 @@
-"""An independent implementation of the LoLDU formulas (DESIGN.md) in numpy/scipy and PyTorch,
+"""An independent implementation of the LoLDU formulas (docs/design.md) in numpy/scipy and PyTorch,
 to check the library against: the factors come from scipy's full LU, not from the library."""
 
 from __future__ import annotations
