@@ -242,14 +242,29 @@ static stepper make_stepper(loldu_adapter *a, int batch) {
     return s;
 }
 
-static double timed_step(stepper *s, int step, int batch, const void *x, const void *dy, void *y, void *dx, float *h) {
-    s->params[step % s->rank] += 1e-4f; /* z changes every step, as in training */
-    double t0 = now();
-    CHECK(loldu_forward(s->adapter, batch, x, y, s->keep_h ? h : NULL));
-    CHECK(loldu_backward(s->adapter, batch, x, dy, dx, s->keep_h ? h : NULL));
-    double took = now() - t0;
-    CHECK(loldu_zero_grad(s->adapter));
+static double timed_steps(stepper *s, int step, int inner, int batch, const void *x, const void *dy, void *y, void *dx,
+                          float *h) {
+    double took = 0;
+    for (int i = 0; i < inner; i++) {
+        s->params[(step * inner + i) % s->rank] += 1e-4f; /* z changes every step, as in training */
+        double t0 = now();
+        CHECK(loldu_forward(s->adapter, batch, x, y, s->keep_h ? h : NULL));
+        CHECK(loldu_backward(s->adapter, batch, x, dy, dx, s->keep_h ? h : NULL));
+        took += now() - t0;
+        CHECK(loldu_zero_grad(s->adapter));
+    }
     return took;
+}
+
+static double timed_step(stepper *s, int step, int batch, const void *x, const void *dy, void *y, void *dx, float *h) {
+    return timed_steps(s, step, 1, batch, x, dy, y, dx, h);
+}
+
+/* Steps per timed sample so that the bare layer's sample lasts at least ~10 ms: short samples
+   on a shared machine are hit whole by a single preemption. */
+static int inner_for(double bare_seconds) {
+    int inner = (int)ceil(0.010 / (bare_seconds > 1e-6 ? bare_seconds : 1e-6));
+    return inner < 1 ? 1 : inner > 50 ? 50 : inner;
 }
 
 static shape shapes[] = {
@@ -420,7 +435,7 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
     put(md, "## bfloat16 training steps\n\n"
             "Dispatch (`loldu_gemm_backend`): float32 → **%s**, bfloat16 → **%s** (%s). Forward + backward\n"
             "with dX, z changing before every step. Each figure is a median over %d interleaved repetitions\n"
-            "of per-repetition ratios. *bare bf16* is a disabled bf16 adapter (exactly `x Wᵀ` and `dY W`,\n"
+            "of per-repetition ratios (each sample a block of steps lasting at least ~10 ms for the bare layer). *bare bf16* is a disabled bf16 adapter (exactly `x Wᵀ` and `dY W`,\n"
             "rounded to bf16, through the same GEMM library as our bf16 step); *bare f32* likewise in float32.\n"
             "*widened* is the same bf16 adapter created after `loldu_set_widened_half(1)`: bf16 storage,\n"
             "operands widened to float32 for every GEMM.\n\n",
@@ -472,20 +487,24 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
         CHECK(loldu_plan(bf, sh.b, st[BF_AUTO].keep_h, &chosen));
 
         double took[NBF][MAXREPS];
+        timed_step(&st[BF_BARE], 0, sh.b, xb, dyb, yb, dxb, h);
+        int inner = inner_for(timed_step(&st[BF_BARE], 0, sh.b, xb, dyb, yb, dxb, h));
         for (int rep = -1; rep < reps; rep++) {
             for (int q = 0; q < NBF; q++) {
                 int c = (q + rep + 1) % NBF;
                 if (c == OPENBLAS_BARE) { /* the bare layer's two SGEMMs on OpenBLAS: P.gemm's library */
                     double t0 = now();
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sh.b, sh.m, sh.n, 1, x, sh.n, w, sh.n, 0, y, sh.m);
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sh.b, sh.n, sh.m, 1, dy, sh.m, w, sh.n, 0, dx, sh.n);
-                    if (rep >= 0) took[c][rep] = now() - t0;
+                    for (int i = 0; i < inner; i++) {
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sh.b, sh.m, sh.n, 1, x, sh.n, w, sh.n, 0, y, sh.m);
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sh.b, sh.n, sh.m, 1, dy, sh.m, w, sh.n, 0, dx, sh.n);
+                    }
+                    if (rep >= 0) took[c][rep] = (now() - t0) / inner;
                     continue;
                 }
                 int f32_kind = c == F32_BARE || c == F32_STEP;
-                double t = timed_step(&st[c], rep + 1, sh.b, f32_kind ? (void *)x : (void *)xb,
-                                      f32_kind ? (void *)dy : (void *)dyb, f32_kind ? (void *)y : (void *)yb,
-                                      f32_kind ? (void *)dx : (void *)dxb, h);
+                double t = timed_steps(&st[c], rep + 1, inner, sh.b, f32_kind ? (void *)x : (void *)xb,
+                                       f32_kind ? (void *)dy : (void *)dyb, f32_kind ? (void *)y : (void *)yb,
+                                       f32_kind ? (void *)dx : (void *)dxb, h) / inner;
                 if (rep >= 0) took[c][rep] = t;
             }
         }
@@ -564,7 +583,7 @@ static void section_grouped(int reps, buffer *md, buffer *js) {
             "(`loldu_adapter_derive`, each with its own z: `LOLDU_INIT_NORMAL` with its own seed), through\n"
             "`loldu_grouped_forward` and `loldu_grouped_forward` + `loldu_grouped_backward` (with dX),\n"
             "as a ratio to N = 1 through the same calls (medians over %d interleaved repetitions of\n"
-            "per-repetition ratios). Rows are assigned round-robin (row b → adapter b·⌈N/B⌉ mod N: every row\n"
+            "per-repetition ratios; each sample a block of calls lasting at least ~10 ms). Rows are assigned round-robin (row b → adapter b·⌈N/B⌉ mod N: every row\n"
             "its own adapter once N ≥ B) or uniformly at random (fixed seed); with B = 256, a batch uses at\n"
             "most 256 of the N adapters (*used*). *One adapter alone* is N = 1 through that adapter's own\n"
             "`loldu_forward` (and `loldu_backward`) on its fastest path, for reference: forward with z\n"
@@ -639,6 +658,10 @@ static void section_grouped(int reps, buffer *md, buffer *js) {
             if (p < 2) alone_step[p].keep_h = 0;
         }
         double took[NG][MAXREPS];
+        double t1 = now();
+        CHECK(loldu_grouped_forward(list, 1, sh.b, rows[0][0], x, y));
+        CHECK(loldu_grouped_forward(list, 1, sh.b, rows[0][0], x, y));
+        int inner = inner_for((now() - t1) / 2);
         for (int rep = -1; rep < reps; rep++) {
             for (int q = 0; q < NG; q++) {
                 int c = (q + rep + 1) % NG;
@@ -647,17 +670,19 @@ static void section_grouped(int reps, buffer *md, buffer *js) {
                     int fwd_only = c < G_STEP, i = c % 7;
                     int k = i == 0 ? 0 : (i - 1) % 3 + 1, mode = i >= 4;
                     double t0 = now();
-                    CHECK(loldu_grouped_forward(list, (size_t)group_counts[k], sh.b, rows[mode][k], x, y));
-                    if (!fwd_only)
-                        CHECK(loldu_grouped_backward(list, (size_t)group_counts[k], sh.b, rows[mode][k], x, dy, dx));
-                    t = now() - t0;
+                    for (int j = 0; j < inner; j++) {
+                        CHECK(loldu_grouped_forward(list, (size_t)group_counts[k], sh.b, rows[mode][k], x, y));
+                        if (!fwd_only)
+                            CHECK(loldu_grouped_backward(list, (size_t)group_counts[k], sh.b, rows[mode][k], x, dy, dx));
+                    }
+                    t = (now() - t0) / inner;
                 } else if (c <= S_FWD_MERGED) {
                     loldu_adapter *a = alone[c - S_FWD_FACT];
                     double t0 = now();
-                    CHECK(loldu_forward(a, sh.b, x, y, NULL));
-                    t = now() - t0;
+                    for (int j = 0; j < inner; j++) CHECK(loldu_forward(a, sh.b, x, y, NULL));
+                    t = (now() - t0) / inner;
                 } else {
-                    t = timed_step(&alone_step[c - S_FWD_FACT], rep + 1, sh.b, x, dy, y, dx, h);
+                    t = timed_steps(&alone_step[c - S_FWD_FACT], rep + 1, inner, sh.b, x, dy, y, dx, h) / inner;
                 }
                 if (rep >= 0) took[c][rep] = t;
             }
@@ -842,7 +867,7 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    const int reps = quick ? 3 : 31, bf16_reps = quick ? 3 : 11, group_reps = quick ? 3 : 11, load_reps = quick ? 3 : 21;
+    const int reps = quick ? 3 : 31, bf16_reps = quick ? 3 : 15, group_reps = quick ? 3 : 15, load_reps = quick ? 3 : 21;
 
     buffer steps_md = {0}, init_md = {0}, bf16_md = {0}, group_md = {0}, load_md = {0}, js = {0};
     put(&js, "{");

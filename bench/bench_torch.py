@@ -85,6 +85,23 @@ def interleave(contenders: dict, reps: int, warmup: int = 1) -> dict:
     return samples
 
 
+def blocks(contenders: dict, baseline) -> tuple[dict, int]:
+    """Each contender repeated `inner` times per sample, so that the baseline's sample lasts at
+    least ~10 ms (a single preemption on this shared machine then spoils less of it)."""
+    contenders[baseline]()
+    once = timed(contenders[baseline])
+    inner = max(1, min(50, int(np.ceil(0.010 / max(once, 1e-6)))))
+    if inner == 1:
+        return contenders, 1
+
+    def repeat(fn):
+        def run():
+            for _ in range(inner):
+                fn()
+        return run
+    return {k: repeat(fn) for k, fn in contenders.items()}, inner
+
+
 def mratio(samples: dict, num, den) -> float:
     """Median over repetitions of num / den."""
     return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
@@ -239,15 +256,16 @@ def bf16_steps(reps: int) -> list[dict]:
             "lora": step_fn(lora, x, dy, [p for p in lora.parameters() if p.requires_grad], True),
             "lora_bf16": step_fn(lora_bf16, x, dy, [p for p in lora_bf16.parameters() if p.requires_grad], True),
         }
+        contenders, inner = blocks(contenders, "bare")
         samples = interleave(contenders, reps)
         rows.append({"m": m, "n": n, "r": r, "b": batch, "what": what, "backend": ours.adapter.info["backend"],
-                     "ms": {k: 1e3 * med(samples, k) for k in samples},
+                     "ms": {k: 1e3 * med(samples, k) / inner for k in samples},
                      "ratio": {k: mratio(samples, k, "bare") for k in samples},
                      "ours_over_lora": mratio(samples, "ours", "lora"),
                      "ours_over_lora_bf16": mratio(samples, "ours", "lora_bf16"),
                      "ours_over_library": mratio(samples, "ours", "library"),
                      "library_over_library_bare": mratio(samples, "library", "library_bare")})
-        print(f"bf16 step {m}x{n} r={r} B={batch}: " + ", ".join(f"{k} {1e3 * med(samples, k):.1f} ms" for k in samples),
+        print(f"bf16 step {m}x{n} r={r} B={batch}: " + ", ".join(f"{k} {1e3 * med(samples, k) / inner:.1f} ms" for k in samples),
               flush=True)
         bare_clone.close()
         ours.close()
@@ -308,26 +326,28 @@ def grouped(reps: int, counts: list[int], peft_counts: list[int]) -> list[dict]:
                     lora(x, adapter_names=names)
 
             contenders[("peft_forward", count)] = peft_forward
+        contenders, inner = blocks(contenders, ("ours_forward", 1))
         samples = interleave(contenders, reps)
         row = {"m": m, "n": n, "r": r, "what": what, "ours_add_ms": 1e3 * ours_add,
                "peft_add_s": peft_add, "lora_bytes": lora_bytes, "counts": {}}
         for count in counts:
             entry = {"ours_forward": mratio(samples, ("ours_forward", count), ("ours_forward", 1)),
                      "ours_step": mratio(samples, ("ours_step", count), ("ours_step", 1)),
-                     "ours_forward_ms": 1e3 * med(samples, ("ours_forward", count)),
-                     "ours_step_ms": 1e3 * med(samples, ("ours_step", count))}
+                     "ours_forward_ms": 1e3 * med(samples, ("ours_forward", count)) / inner,
+                     "ours_step_ms": 1e3 * med(samples, ("ours_step", count)) / inner}
             if count in peft_counts:
                 entry["peft_forward"] = mratio(samples, ("peft_forward", count), ("peft_forward", 1))
-                entry["peft_forward_ms"] = 1e3 * med(samples, ("peft_forward", count))
+                entry["peft_forward_ms"] = 1e3 * med(samples, ("peft_forward", count)) / inner
                 entry["ours_over_peft"] = mratio(samples, ("ours_forward", count), ("peft_forward", count))
             row["counts"][count] = entry
         if 256 in counts:
-            row["extra_us"] = {kind: 1e6 * mdiff(samples, (kind, 256), (kind, 1)) / 256
+            row["extra_us"] = {kind: 1e6 * mdiff(samples, (kind, 256), (kind, 1)) / 256 / inner
                                for kind in ("ours_forward", "ours_step")}
         # Where the Python mixed-batch forward spends its time, at the largest N used by a batch.
         row["profile"] = profile(lambda: forward(spread(256, GROUP_BATCH, lambda i: f"a{i}")), 20, top=6)
         rows.append(row)
-        print(f"grouped {m}x{n} r={r}: " + ", ".join(f"{k} {1e3 * med(samples, k):.2f} ms" for k in samples), flush=True)
+        print(f"grouped {m}x{n} r={r}: " + ", ".join(f"{k} {1e3 * med(samples, k) / inner:.2f} ms" for k in samples),
+              flush=True)
         layer.close()
     return rows
 
@@ -556,8 +576,8 @@ def main() -> None:
 
     init_ms = init(3 if args.quick else 7)
     step_rows = steps(reps)
-    bf_rows = bf16_steps(3 if args.quick else 9)
-    group_rows = grouped(3 if args.quick else 7, GROUP_COUNTS if not args.quick else [1, 16, 256],
+    bf_rows = bf16_steps(3 if args.quick else 11)
+    group_rows = grouped(3 if args.quick else 9, GROUP_COUNTS if not args.quick else [1, 16, 256],
                          PEFT_COUNTS if not args.quick else [1, 16])
     memory_rows = memory()
     calls = overhead(5 if args.quick else 21, 100 if args.quick else 400)
@@ -760,8 +780,9 @@ def main() -> None:
                           for k, g in c_group.items())
         lines += ["", "What limits N = 4,096 against N = 1 (measured): the GEMMs are the same for every N (one factored "
                   "pass at the largest rank), but each adapter a batch uses costs a fixed time on top — "
-                  f"{extra} per used adapter (the row *extra time per used adapter*). At r = 64 on 4096 × 4096 that is "
-                  "lost in the GEMMs; at r = 384 on 384 × 384, with 256 used adapters, it doubles the call. A profile "
+                  f"{extra} per used adapter (the row *extra time per used adapter*), growing with the rank. At r = 64 on "
+                  "4096 × 4096 that is lost in the GEMMs; at r = 384 on 384 × 384, with 256 used adapters, it doubles "
+                  "the call. A profile "
                   "(`bench/grouped_loop.c`, commands in its header) puts the time in the per-adapter coefficient table "
                   "and the per-row scaling: `Adapter.coefficients(into:)` and `LDUFactors.scaleRows`, compiled "
                   "unspecialised (generic `P` through value-witness calls: `getEnumTagSinglePayload`, `assignWithCopy`, "
