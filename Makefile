@@ -3,8 +3,13 @@
 
 SHELL := /bin/bash
 PREFIX ?= /usr/local
-PYTHON ?= python3
 BUILD := build
+# Python runs in a virtual environment, build/venv, that sees the system's packages (a torch
+# already installed is not downloaded again) and installs what is missing into itself, never
+# into the system's Python (PEP 668). PYTHON=/path/to/python uses that interpreter as it is.
+HOST_PYTHON ?= python3
+VENV := $(BUILD)/venv
+PYTHON ?= $(CURDIR)/$(VENV)/bin/python
 LIBDIR := $(CURDIR)/.build/release
 LIB := $(LIBDIR)/libloldu.so
 VERSION := $(shell sed -n 's/^\#define LOLDU_VERSION_STRING "\(.*\)"/\1/p' include/loldu.h)
@@ -29,12 +34,15 @@ all: build
 include bindings/python/python.mk
 
 # --- setup: install what is missing ---------------------------------------------------------
-$(BUILD)/.apt-ready:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+# $(call apt_install,PACKAGES): installs those of the Debian packages that are missing.
+apt_install = @missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:" $$missing; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
+
+$(BUILD)/.apt-ready:
+	$(call apt_install,$(APT_PACKAGES))
 	@mkdir -p $(BUILD) && touch $@
 
 setup: $(BUILD)/.apt-ready

@@ -1,5 +1,5 @@
 # bindings/python/python.mk — the Python binding's targets, included by the top-level Makefile.
-# Uses PYTHON, LIB, SUDO and the target `build` from the including Makefile.
+# Uses PYTHON, HOST_PYTHON, VENV, LIB, CLI, SUDO and the target `build` from the including Makefile.
 #
 #   make test-python    installs what is missing (Debian's Fashion-MNIST, the Python packages,
 #                       the `loldu` package from this checkout), builds the library and runs
@@ -15,12 +15,13 @@ PYTEST_ARGS ?= -q
 
 .PHONY: test-python python-setup
 
-python-setup:
-	@missing=$$(for p in $(PY_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:" $$missing; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
-	fi
+# The virtual environment (only when PYTHON is its interpreter).
+$(CURDIR)/$(VENV)/bin/python: | $(BUILD)/.apt-ready
+	$(call apt_install,python3-venv)
+	$(HOST_PYTHON) -m venv --system-site-packages $(VENV)
+
+python-setup: $(filter $(CURDIR)/$(VENV)/bin/python,$(PYTHON))
+	$(call apt_install,$(PY_APT_PACKAGES))
 	@missing=$$($(PYTHON) -c "import importlib.util as u; \
 	  print(' '.join(p for m, p in (s.split(':') for s in '$(PY_PIP_MODULES)'.split()) if u.find_spec(m) is None))"); \
 	if [ -n "$$missing" ]; then \
