@@ -17,11 +17,12 @@ import math
 import os
 
 from . import _capi
-from .adapter import Adapter, _choice, _Handle, _HandleOwner
+from .adapter import Adapter, _choice, _Handle, _HandleOwner, _names
 from .errors import InvalidArgumentError, check
 
-KINDS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "linear", "cosine")
+KINDS = tuple(name[len("LOLDU_"):].lower() for _, name in sorted(
+    (getattr(_capi, name), name) for name in ("LOLDU_SGD", "LOLDU_ADAM", "LOLDU_ADAMW")))  # loldu_optimizer_kind
+SCHEDULES = _names("LOLDU_SCHEDULE_")
 
 
 def schedule_factor(schedule: str, step: int, warmup_steps: int = 0, total_steps: int = 0) -> float:

@@ -111,6 +111,23 @@ def test_constants_match_the_header(header_text):
         assert getattr(_capi, name) == int(value)
 
 
+def test_python_enum_tables_follow_the_header(header_text):
+    """Every Python table of a C enum lists the header's members in value order."""
+    def members(enum: str, prefix: str) -> tuple[str, ...]:
+        body = re.search(r"typedef enum %s \{(.*?)\}" % enum, header_text, re.S).group(1)
+        pairs = sorted((int(v), n) for n, v in re.findall(r"(LOLDU_\w+)\s*=\s*(\d+)", body))
+        return tuple(n[len(prefix):].lower() for _, n in pairs)
+
+    assert loldu.Z_INITS == members("loldu_z_init", "LOLDU_INIT_")
+    assert loldu.RESIDUALS == members("loldu_residual", "LOLDU_RESIDUAL_")
+    assert loldu.PATHS == members("loldu_path", "LOLDU_PATH_")
+    assert loldu.FACTORS == members("loldu_factor", "LOLDU_FACTOR_")
+    assert loldu.KINDS == members("loldu_optimizer_kind", "LOLDU_")
+    assert loldu.SCHEDULES == members("loldu_schedule", "LOLDU_SCHEDULE_")
+    assert loldu.LORA_KINDS == members("loldu_lora_kind", "LOLDU_LORA_")
+    assert tuple(loldu.BACKENDS.values()) == members("loldu_backend", "LOLDU_BACKEND_")
+
+
 def test_version_matches_header_and_library(header_text):
     version = re.search(r'#define LOLDU_VERSION_STRING "([^"]+)"', header_text).group(1)
     assert loldu.__version__ == loldu.HEADER_VERSION == version
