@@ -306,6 +306,11 @@ typedef struct loldu_adapter_info {
     int64_t bytes_state;       /* this adapter's z, σ, z_ref, gradients and bias gradient */
     int64_t bytes_merged;      /* the cached merged weight W_eff, if any (m × n) */
     int64_t bytes_scratch;     /* reusable work buffers (grow with the batch) */
+    double init_change;        /* ‖W_eff − W‖_F / ‖W‖_F at creation: how much the initial z moved the
+                                  pretrained weight. 0 for z_init LU or residual INIT; near 1 means the
+                                  pretrained layer was replaced before training (e.g. a uniform init
+                                  with alpha = rank and residual PIVOTS): use residual INIT, alpha = 1
+                                  or z_init LU. Costs O((m + n)·rank²) when not 0. */
 } loldu_adapter_info;
 
 /**

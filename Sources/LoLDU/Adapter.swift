@@ -127,6 +127,9 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         path = d.path
     }
 
+    /// ``initialChange()``, once computed.
+    private var initialChangeCache: Double?
+
     deinit {
         free(params)
         free(zRef)
@@ -174,6 +177,40 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
 
     /// `σ₀ z_ref,k`: the part of the update already inside `W`.
     @inline(__always) func reference(_ k: Int) -> P { sigma0 * (zRef?[k] ?? factors.diagonal[k]) }
+
+    /// `‖A diag(c₀) U_r‖_F / ‖W‖_F` with `c₀ = σ₀ (z₀ − z_ref)` the coefficients the adapter was
+    /// created with: how much it moved the pretrained weight before any training. 0 when
+    /// `z₀ = z_ref` (`z_init = lu`, or `residual = init`); otherwise computed on request from the
+    /// two `r × r` Gram matrices `AᵀA` and `U_r U_rᵀ` (`O((m + n) r²)`, once), as
+    /// `Σ_jk c_j c_k (AᵀA)_jk (U_r U_rᵀ)_jk`.
+    public func initialChange() throws(LoLDUError) -> Double {
+        if let initialChangeCache { return initialChangeCache }
+        let change = try computeInitialChange()
+        initialChangeCache = change
+        return change
+    }
+
+    private func computeInitialChange() throws(LoLDUError) -> Double {
+        let r = rank
+        let z0 = initialDiagonal(config.zInit, pivots: factors.diagonal[0..<r].map { Double($0) }, seed: config.seed)
+        let c = (0..<r).map { Double(sigma0) * (Double(P(z0[$0])) - Double(zRef?[$0] ?? factors.diagonal[$0])) }
+        guard c.contains(where: { $0 != 0 }) else { return 0 }
+        let lowerGram = try HeapBuffer<P>(count: r * r), upperGram = try HeapBuffer<P>(count: r * r)
+        P.gemm(transA: true, transB: false, m: r, n: r, k: m, alpha: 1, a: factors.lower.pointer, lda: factors.rank,
+               b: factors.lower.pointer, ldb: factors.rank, beta: 0, c: lowerGram.pointer, ldc: r)
+        P.gemm(transA: false, transB: true, m: r, n: r, k: n, alpha: 1, a: factors.upper.pointer, lda: n,
+               b: factors.upper.pointer, ldb: n, beta: 0, c: upperGram.pointer, ldc: r)
+        var change = 0.0
+        for j in 0..<r {
+            for k in 0..<r { change += c[j] * c[k] * Double(lowerGram.pointer[j * r + k]) * Double(upperGram.pointer[j * r + k]) }
+        }
+        var weight = 0.0
+        for i in 0..<(m * n) {
+            let w = Double(E.wide(factors.weight[i]))
+            weight += w * w
+        }
+        return weight > 0 ? (Swift.max(change, 0) / weight).squareRoot() : .infinity
+    }
 
     /// `c = σ z − σ₀ z_ref` into `c` (`rank` values).
     func coefficients(into c: UnsafeMutablePointer<P>) {

@@ -49,6 +49,8 @@ public protocol AnyAdapter: AnyObject, Sendable {
     func writePivots(_ out: UnsafeMutablePointer<Int32>)
     /// `c = σ z − σ₀ z_ref` (`rank` values of the parameter type): `ΔW = A diag(c) U_r`.
     func writeCoefficients(_ out: UnsafeMutableRawPointer)
+    /// How much the adapter moved the pretrained weight at creation (``Adapter/initialChange()``).
+    func initialChange() throws(LoLDUError) -> Double
     func setZ(rawPointer z: UnsafeRawPointer) throws(LoLDUError)
     func setSigma(_ value: Double) throws(LoLDUError)
     func plan(batch: Int, keepsH: Bool) -> ComputePath

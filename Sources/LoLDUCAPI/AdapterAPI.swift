@@ -94,6 +94,7 @@ public func lolduAdapterGetInfo(_ handle: OpaquePointer?, _ info: UnsafeMutableP
         i.bytes_state = Int64(memory.state)
         i.bytes_merged = Int64(memory.mergedCache)
         i.bytes_scratch = Int64(memory.scratch)
+        i.init_change = try a.initialChange()
         info.pointee = i
     }
 }

@@ -284,6 +284,7 @@ class loldu_adapter_info(Structure):
         ("bytes_state", c_int64),
         ("bytes_merged", c_int64),
         ("bytes_scratch", c_int64),
+        ("init_change", c_double),
     ]
 
 

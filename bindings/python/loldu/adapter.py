@@ -19,12 +19,31 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import warnings
 
 import numpy as np
 
 from . import _capi
 from ._arrays import NUMPY_DTYPES, check_array, library_dtype, view
-from .errors import InvalidArgumentError, InvalidHandleError, ShapeError, check
+from .errors import InvalidArgumentError, InvalidHandleError, LoLDUWarning, ShapeError, check
+
+# Above this ‖W_eff − W‖ / ‖W‖ at creation, the initial z has replaced much of the pretrained
+# weight: warn, with the fix.
+INIT_CHANGE_WARNING = 0.1
+
+
+def init_change_advice(change: float, config: "AdapterConfig") -> str:
+    """Why an initial z moved the pretrained weight by ``change``, and what to do instead."""
+    return (f"z_init={config.z_init!r} with residual={config.residual!r} and alpha={config.alpha or 'rank'} "
+            f"moves the pretrained weight by {100 * change:.0f}% (‖W_eff − W‖/‖W‖) before any training, "
+            "replacing much of the pretrained layer. Use residual='init' (the layer starts unchanged whatever "
+            "the init), alpha=1 (σ = 1/rank, as the paper's code), or z_init='lu' (the default).")
+
+
+def _warn_init_change(adapter: "Adapter", stacklevel: int = 3) -> None:
+    change = adapter._raw_info().init_change
+    if change > INIT_CHANGE_WARNING:
+        warnings.warn(init_change_advice(change, adapter.config), LoLDUWarning, stacklevel=stacklevel)
 
 def _names(prefix: str, rename=None) -> tuple[str, ...]:
     """The names of a C enum from its ``_capi`` constants (values 0, 1, ... in order), lower-cased
@@ -197,6 +216,7 @@ class Adapter:
         out = _capi.loldu_adapter_p()
         check(_capi.loldu_adapter_create(ctypes.byref(out), dtype_code, m, n, w_ptr, b_ptr, ctypes.byref(c)))
         self._adopt(out.value, keep=weight if config.borrow_weight else None)
+        _warn_init_change(self)
 
     @classmethod
     def from_pointers(cls, dtype_code: int, m: int, n: int, weight: int, bias: int | None,
@@ -519,7 +539,11 @@ class Adapter:
         """A new adapter on these frozen factors with its own configuration (``rank`` at most
         this adapter's ``factor_rank``), in O(rank): no factorisation, no copy of the weight
         (``loldu_adapter_derive``). ``fields`` override ``config`` (default: this adapter's)."""
-        config = dataclasses.replace(config or self.config, **fields)
+        derived = self._derive(dataclasses.replace(config or self.config, **fields))
+        _warn_init_change(derived)
+        return derived
+
+    def _derive(self, config: AdapterConfig) -> "Adapter":
         out = _capi.loldu_adapter_p()
         check(_capi.loldu_adapter_derive(ctypes.byref(out), self.handle, ctypes.byref(config.to_c())))
         return Adapter._from_handle(out.value, keep=self._handle.keep)

@@ -108,6 +108,11 @@ class CancelledError(LoLDUError, RuntimeError):
     status = _capi.LOLDU_ERR_CANCELLED
 
 
+class LoLDUWarning(UserWarning):
+    """A configuration that works but is probably not what was meant (e.g. an initial z that
+    replaces the pretrained weight)."""
+
+
 class DeviceError(InvalidArgumentError):
     """A tensor that is not on the CPU: the library computes on the CPU only."""
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -113,8 +115,11 @@ def test_inits_and_residual_modes(minilm, z_init):
     x = np.random.default_rng(4).standard_normal((4, w.shape[1]))
     pretrained = x @ w.T + b
     _, d, _ = ldu_factors(w, 32)
-    with loldu.Adapter(w, b, rank=32, z_init=z_init, residual="init", seed=7) as a, \
-            loldu.Adapter(w, b, rank=32, z_init=z_init, residual="pivots", seed=7) as p:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", loldu.LoLDUWarning)
+        a = loldu.Adapter(w, b, rank=32, z_init=z_init, residual="init", seed=7)
+        p = loldu.Adapter(w, b, rank=32, z_init=z_init, residual="pivots", seed=7)
+    with a, p:
         np.testing.assert_array_equal(a.z, p.z)  # same seed, same z
         np.testing.assert_allclose(a.forward(x), pretrained, rtol=1e-10, atol=1e-10)  # 'init' keeps the output
         expected = {"lu": d, "constant": np.full(32, d.mean()), "ones": np.ones(32), "zeros": np.zeros(32)}
@@ -125,6 +130,13 @@ def test_inits_and_residual_modes(minilm, z_init):
         else:
             w_eff = w + p.factor("lower") @ np.diag(p.z - d) @ p.factor("upper")
             np.testing.assert_allclose(p.forward(x), x @ w_eff.T + b, rtol=1e-9, atol=1e-9)
+        # The guard: how much the initial z moved W, and a warning (with the fix) when it is large.
+        change = np.linalg.norm(p.effective_weight() - w) / np.linalg.norm(w)
+        assert a.info["init_change"] == 0 and p.info["init_change"] == pytest.approx(change, rel=1e-6, abs=1e-12)
+        warned = [str(w.message) for w in caught if w.category is loldu.LoLDUWarning]
+        assert len(warned) == (1 if change > 0.1 else 0), (z_init, change, warned)
+        if warned:
+            assert f"z_init='{z_init}' with residual='pivots'" in warned[0] and "residual='init'" in warned[0]
         assert a.config.z_init == z_init and a.config.residual == "init" and a.config.seed == 7
 
 
@@ -146,6 +158,7 @@ def test_z_is_a_live_zero_copy_view():
         assert a.sigma == 2.0
 
 
+@pytest.mark.filterwarnings("ignore::loldu.LoLDUWarning")  # a non-lu init on purpose
 def test_merge_unmerge_enable():
     rng = np.random.default_rng(6)
     w, b = rng.standard_normal((20, 16)), rng.standard_normal(20)

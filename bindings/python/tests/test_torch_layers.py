@@ -199,6 +199,7 @@ def test_torch_optim_and_the_library_optimiser_train_the_same(minilm):
         assert grad.data_ptr() == layer.adapter._gradient_pointers()[0]
 
 
+@pytest.mark.filterwarnings("ignore::loldu.LoLDUWarning")  # a non-lu init on purpose
 def test_disabled_and_merged_layers():
     torch.manual_seed(6)
     base = nn.Linear(12, 9)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -224,3 +225,17 @@ def test_export_merged(model, tmp_path):
     tensors = load_file(str(tmp_path / "merged.safetensors"))
     for name, layer in lt.loldu_layers(model).items():
         torch.testing.assert_close(tensors[f"{name}.weight"], layer.effective_weight(), rtol=0, atol=0)
+
+
+def test_add_loldu_warns_once_when_the_initial_z_replaces_the_pretrained_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    with pytest.warns(loldu.LoLDUWarning) as record:
+        lt.add_loldu(model, ["0", "1"], rank=16, z_init="uniform")
+    messages = [str(w.message) for w in record if w.category is loldu.LoLDUWarning]
+    assert len(messages) == 1 and messages[0].startswith("2 of 2 adapted layers, e.g. 0: z_init='uniform'")
+    assert "residual='init'" in messages[0] and "alpha=1" in messages[0]
+    for safe in ({"z_init": "uniform", "residual": "init"}, {"z_init": "lu"}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", loldu.LoLDUWarning)
+            lt.add_loldu(nn.Sequential(nn.Linear(32, 32)), ["0"], rank=16, **safe)

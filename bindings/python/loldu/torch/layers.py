@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import warnings
 import zlib
 
 import numpy as np
@@ -30,8 +31,8 @@ import loldu as _loldu
 
 from .. import _capi
 from .._arrays import NUMPY_DTYPES
-from ..adapter import Adapter, AdapterConfig
-from ..errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError, StateError, check
+from ..adapter import INIT_CHANGE_WARNING, Adapter, AdapterConfig, init_change_advice
+from ..errors import DeviceError, DTypeError, InvalidArgumentError, LoLDUWarning, ShapeError, StateError, check
 from ._functions import LIBRARY_DTYPES, GroupedLinearFunction, LinearFunction, WeightFunction, parameter_dtype
 
 BASE_NAME = "__base__"  # PEFT's name for rows that use no adapter in a mixed batch
@@ -160,11 +161,13 @@ class LoLDULayer(nn.Module):
         try:
             if self._factors is None or rank > self._factors.rank:
                 self._factor(matrix, max([rank] + [a.rank for a in self._adapters.values()]), config.borrow_weight)
-            adapter = self._factors.derive(config)
+            adapter = self._factors._derive(config)
         except _loldu.LoLDUError as error:
             raise type(error)(f"{self.loldu_name}: {error.message}", error.status) from None
         if values is not None:
             self._restore(adapter, values)
+        elif (change := adapter._raw_info().init_change) > INIT_CHANGE_WARNING:
+            warnings.warn(f"{self.loldu_name}: {init_change_advice(change, config)}", LoLDUWarning, stacklevel=3)
         old = self._adapters.get(adapter_name)
         self._adapters[adapter_name] = adapter
         self.loldu_config[adapter_name] = config
@@ -190,7 +193,7 @@ class LoLDULayer(nn.Module):
                                         matrix.data_ptr(), None, config, keep=matrix)
         old, self._factors = self._factors, factors
         for name, adapter in list(self._adapters.items()):
-            moved = factors.derive(self.loldu_config[name])
+            moved = factors._derive(self.loldu_config[name])
             moved.set_z(adapter.z)
             moved.sigma = adapter.sigma
             self._adapters[name] = moved

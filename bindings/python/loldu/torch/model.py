@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -17,7 +18,7 @@ from .. import _capi
 from .._arrays import NUMPY_DTYPES
 from ..adapter import Adapter, AdapterConfig
 from ..checkpoint import Checkpoint
-from ..errors import DTypeError, InvalidArgumentError, MismatchError, StateError
+from ..errors import DTypeError, InvalidArgumentError, LoLDUWarning, MismatchError, StateError
 from ._functions import LIBRARY_DTYPES
 from .layers import LoLDULayer, layer_class
 
@@ -92,14 +93,23 @@ def add_loldu(
         raise InvalidArgumentError(
             f"target_modules {target_modules!r} matched no module of the model; adaptable modules are "
             f"named e.g. {sample}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    for i, (name, module) in enumerate(matched):
-        config = AdapterConfig(rank=rank, alpha=0.0 if alpha is None else alpha, z_init=z_init, residual=residual,
-                               seed=seed + i, train_sigma=train_sigma, borrow_weight=borrow_weight)
-        if isinstance(module, LoLDULayer):
-            if adapter_name not in module.loldu_config:  # (one it has already is left as it is)
-                module.update_layer(adapter_name, config)
-        else:
-            _set_submodule(root, name, layer_class(module)(module, config, name=name, adapter_name=adapter_name))
+    with warnings.catch_warnings(record=True) as caught:  # one warning for the model, not one per layer
+        warnings.simplefilter("always", LoLDUWarning)
+        for i, (name, module) in enumerate(matched):
+            config = AdapterConfig(rank=rank, alpha=0.0 if alpha is None else alpha, z_init=z_init, residual=residual,
+                                   seed=seed + i, train_sigma=train_sigma, borrow_weight=borrow_weight)
+            if isinstance(module, LoLDULayer):
+                if adapter_name not in module.loldu_config:  # (one it has already is left as it is)
+                    module.update_layer(adapter_name, config)
+            else:
+                _set_submodule(root, name, layer_class(module)(module, config, name=name, adapter_name=adapter_name))
+    changed = [w for w in caught if issubclass(w.category, LoLDUWarning)]
+    for w in caught:
+        if w not in changed:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if changed:
+        warnings.warn(f"{len(changed)} of {len(matched)} adapted layers, e.g. {changed[0].message}", LoLDUWarning,
+                      stacklevel=2)
     if mark_trainable:
         set_adapter(model, adapter_name)
         mark_only_loldu_as_trainable(model)
