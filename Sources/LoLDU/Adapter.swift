@@ -196,10 +196,10 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         let c = (0..<r).map { Double(sigma0) * (Double(P(z0[$0])) - Double(zRef?[$0] ?? factors.diagonal[$0])) }
         guard c.contains(where: { $0 != 0 }) else { return 0 }
         let lowerGram = try HeapBuffer<P>(count: r * r), upperGram = try HeapBuffer<P>(count: r * r)
-        P.gemm(transA: true, transB: false, m: r, n: r, k: m, alpha: 1, a: factors.lower.pointer, lda: factors.rank,
-               b: factors.lower.pointer, ldb: factors.rank, beta: 0, c: lowerGram.pointer, ldc: r)
-        P.gemm(transA: false, transB: true, m: r, n: r, k: n, alpha: 1, a: factors.upper.pointer, lda: n,
-               b: factors.upper.pointer, ldb: n, beta: 0, c: upperGram.pointer, ldc: r)
+        P.multiply(transA: true, transB: false, m: r, n: r, k: m, a: factors.lower.pointer, lda: factors.rank,
+               b: factors.lower.pointer, ldb: factors.rank, accumulate: false, c: lowerGram.pointer, ldc: r)
+        P.multiply(transA: false, transB: true, m: r, n: r, k: n, a: factors.upper.pointer, lda: n,
+               b: factors.upper.pointer, ldb: n, accumulate: false, c: upperGram.pointer, ldc: r)
         var change = 0.0
         for j in 0..<r {
             for k in 0..<r { change += c[j] * c[k] * Double(lowerGram.pointer[j * r + k]) * Double(upperGram.pointer[j * r + k]) }
@@ -214,8 +214,11 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
 
     /// `c = σ z − σ₀ z_ref` into `c` (`rank` values).
     func coefficients(into c: UnsafeMutablePointer<P>) {
-        let z = params, s = params[rank]
-        for k in 0..<rank { c[k] = s * z[k] - reference(k) }
+        if let zRef {
+            P.combine(params[rank], params, sigma0, zRef, into: c, count: rank)
+        } else {
+            factors.diagonal.withUnsafeBufferPointer { d in P.combine(params[rank], params, sigma0, d.baseAddress!, into: c, count: rank) }
+        }
     }
 
     // MARK: Single-adapter state: the merged-weight cache and work space
@@ -468,21 +471,19 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         withUnsafeTemporaryAllocation(of: P.self, capacity: m) { row in
             for b in 0..<batch {
                 E.widen(dy + b * m, to: row.baseAddress!, count: m)
-                for i in 0..<m { db[i] += row[i] }
+                P.add(row.baseAddress!, into: db, count: m)
             }
         }
     }
 
     /// `dz += σ s`, and `dσ += z · s` when `σ` is trainable.
     func accumulateScores(_ s: UnsafePointer<P>, into dz: UnsafeMutablePointer<P>) {
-        let r = rank, z = params
-        let sigma = z[r]
-        var dSigma: P = 0
-        for k in 0..<r {
-            dz[k] += sigma * s[k]
-            dSigma += z[k] * s[k]
+        let r = rank
+        if config.trainSigma { dz[r] += P.dot(params, s, count: r) }
+        withUnsafeTemporaryAllocation(of: P.self, capacity: r) { sigma in
+            sigma.initialize(repeating: params[r])
+            P.addHadamard(sigma.baseAddress!, s, into: dz, count: r)
         }
-        if config.trainSigma { dz[r] += dSigma }
     }
 
     /// Weight-space backward: for a layer that uses `W_eff` in another way (convolution,
@@ -551,12 +552,11 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         let negated = try HeapBuffer<P>(count: r), scaled = try HeapBuffer<P>(count: m * r)
         for k in 0..<r { negated.pointer[k] = -reference(k) }
         E.widen(factors.weight, to: out, count: m * n)
-        let a = factors.lower.pointer
         for i in 0..<m {
-            for k in 0..<r { scaled.pointer[i * r + k] = a[i * factors.rank + k] * negated.pointer[k] }
+            P.hadamard(factors.lower.pointer + i * factors.rank, negated.pointer, into: scaled.pointer + i * r, count: r)
         }
-        P.gemm(transA: false, transB: false, m: m, n: n, k: r, alpha: 1, a: scaled.pointer, lda: r,
-               b: factors.upper.pointer, ldb: n, beta: 1, c: out, ldc: n)
+        P.multiply(transA: false, transB: false, m: m, n: n, k: r, a: scaled.pointer, lda: r,
+               b: factors.upper.pointer, ldb: n, accumulate: true, c: out, ldc: n)
     }
 
     // MARK: State

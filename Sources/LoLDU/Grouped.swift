@@ -109,7 +109,7 @@ extension Adapter {
                 let a = Int(group.rows[b])
                 guard a >= 0, let db = biasGrads[a] else { continue }
                 E.widen(dy + b * m, to: row.pointer, count: m)
-                for i in 0..<m { db[i] += row.pointer[i] }
+                P.add(row.pointer, into: db, count: m)
             }
         }
         guard let dx else { return }

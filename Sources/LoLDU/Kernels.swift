@@ -77,15 +77,13 @@ extension LDUFactors {
                     if a < 0 {
                         target.update(repeating: 0, count: r)
                     } else {
-                        let coef = c.table + a * r
-                        for k in 0..<r { target[k] = source[k] * coef[k] }
+                        P.hadamard(source, c.table + a * r, into: target, count: r)
                     }
                 } else {
                     if a < 0 {
                         row.update(repeating: 0, count: r)
                     } else {
-                        let coef = c.table + a * r
-                        for k in 0..<r { row[k] = source[k] * coef[k] }
+                        P.hadamard(source, c.table + a * r, into: row, count: r)
                     }
                     G.narrow(row, to: out + b * r, count: r)
                 }
@@ -99,31 +97,22 @@ extension LDUFactors {
         for b in 0..<batch {
             let a = c.index(b)
             guard a >= 0 else { continue }
-            let s = scores + a * r, hb = h + b * r, gb = g + b * r
-            for k in 0..<r { s[k] += hb[k] * gb[k] }
+            P.addHadamard(h + b * r, g + b * r, into: scores + a * r, count: r)
         }
     }
 
     /// `s_k = (Aᵀ G U_rᵀ)_kk` for a weight gradient `G` (`m × n`, in `P`), with `work` (`r × n`).
     func weightScores(r: Int, _ gradient: UnsafePointer<P>, work: UnsafeMutablePointer<P>, into s: UnsafeMutablePointer<P>) {
-        P.gemm(transA: true, transB: false, m: r, n: n, k: m, alpha: 1, a: lower.pointer, lda: rank,
-               b: gradient, ldb: n, beta: 0, c: work, ldc: n)
-        let u = upper.pointer
-        for k in 0..<r {
-            var sum: P = 0
-            for j in 0..<n { sum += work[k * n + j] * u[k * n + j] }
-            s[k] = sum
-        }
+        P.multiply(transA: true, transB: false, m: r, n: n, k: m, a: lower.pointer, lda: rank,
+               b: gradient, ldb: n, accumulate: false, c: work, ldc: n)
+        for k in 0..<r { s[k] = P.dot(work + k * n, upper.pointer + k * n, count: n) }
     }
 
     /// `W + A_r diag(c) U_r` (`m × n`) into `out` as an operand; `scaled` (`m × r` of `P`) and,
     /// when `G` is not `P`, `wide` (`m × n` of `P`) are work space.
     func buildEffective(r: Int, _ c: UnsafePointer<P>, into out: UnsafeMutablePointer<G>,
                         scaled: UnsafeMutablePointer<P>, wide: UnsafeMutablePointer<P>?) {
-        let a = lower.pointer
-        for i in 0..<m {
-            for k in 0..<r { scaled[i * r + k] = a[i * rank + k] * c[k] }
-        }
+        for i in 0..<m { P.hadamard(lower.pointer + i * rank, c, into: scaled + i * r, count: r) }
         let sum: UnsafeMutablePointer<P>
         if G.self == P.self {
             sum = UnsafeMutableRawPointer(out).assumingMemoryBound(to: P.self)
@@ -132,8 +121,8 @@ extension LDUFactors {
             sum = wide!
             E.widen(weight, to: sum, count: m * n)
         }
-        P.gemm(transA: false, transB: false, m: m, n: n, k: r, alpha: 1, a: scaled, lda: r,
-               b: upper.pointer, ldb: n, beta: 1, c: sum, ldc: n)
+        P.multiply(transA: false, transB: false, m: m, n: n, k: r, a: scaled, lda: r,
+               b: upper.pointer, ldb: n, accumulate: true, c: sum, ldc: n)
         if G.self != P.self { G.narrow(sum, to: out, count: m * n) }
     }
 }

@@ -35,6 +35,45 @@ public protocol BLASScalar: BinaryFloatingPoint, Sendable {
     static func getrf(
         m: Int, n: Int, a: UnsafeMutablePointer<Self>, lda: Int,
         ipiv: UnsafeMutablePointer<Int32>) -> Int32
+
+    // Elementwise loops, as requirements so that each type runs them as concrete code: written
+    // in a generic adapter, every arithmetic operation would go through a witness table.
+    /// `out[k] = a[k] · b[k]`.
+    static func hadamard(_ a: UnsafePointer<Self>, _ b: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int)
+    /// `out[k] += a[k] · b[k]`.
+    static func addHadamard(_ a: UnsafePointer<Self>, _ b: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int)
+    /// `out[k] += a[k]`.
+    static func add(_ a: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int)
+    /// `Σ_k a[k] · b[k]`.
+    static func dot(_ a: UnsafePointer<Self>, _ b: UnsafePointer<Self>, count: Int) -> Self
+    /// `out[k] = s · a[k] − t · b[k]`.
+    static func combine(_ s: Self, _ a: UnsafePointer<Self>, _ t: Self, _ b: UnsafePointer<Self>,
+                        into out: UnsafeMutablePointer<Self>, count: Int)
+}
+
+extension BLASScalar {
+    public static func hadamard(_ a: UnsafePointer<Self>, _ b: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int) {
+        for k in 0..<count { out[k] = a[k] * b[k] }
+    }
+
+    public static func addHadamard(_ a: UnsafePointer<Self>, _ b: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int) {
+        for k in 0..<count { out[k] += a[k] * b[k] }
+    }
+
+    public static func add(_ a: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int) {
+        for k in 0..<count { out[k] += a[k] }
+    }
+
+    public static func dot(_ a: UnsafePointer<Self>, _ b: UnsafePointer<Self>, count: Int) -> Self {
+        var sum: Self = 0
+        for k in 0..<count { sum += a[k] * b[k] }
+        return sum
+    }
+
+    public static func combine(_ s: Self, _ a: UnsafePointer<Self>, _ t: Self, _ b: UnsafePointer<Self>,
+                               into out: UnsafeMutablePointer<Self>, count: Int) {
+        for k in 0..<count { out[k] = s * a[k] - t * b[k] }
+    }
 }
 
 /// The element types GEMMs multiply: `Float`, `Double`, and `BFloat16` where the CPU has bf16
