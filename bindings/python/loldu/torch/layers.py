@@ -264,7 +264,9 @@ class LoLDULayer(nn.Module):
         """Cheap checks before each use: threads, base weight unchanged, parameters bound."""
         if not _threads_configured:
             configure_threads()
-        weight = self._base_weight()
+        # (Module attributes read through _modules / _parameters: nn.Module.__getattr__ is slow,
+        # and this runs on every call.)
+        weight = self._modules["base_layer"]._parameters["weight"]
         version, ptr, dtype, crc = self._stamp
         if weight._version != version or weight.data_ptr() != ptr:
             if weight.device.type != "cpu" or weight.dtype != dtype or _crc(self._weight_matrix(weight.detach())) != crc:
@@ -276,8 +278,9 @@ class LoLDULayer(nn.Module):
                 )
             self._stamp = (weight._version, weight.data_ptr(), dtype, crc)
         adapter = self._adapters[name]
-        z = self.loldu_z[name]
-        if z.data_ptr() != adapter._params_ptr or self.loldu_sigma[name].data_ptr() != adapter._params_ptr + adapter.rank * adapter.param_dtype.itemsize:
+        z = self._modules["loldu_z"]._parameters[name]
+        sigma = self._modules["loldu_sigma"]._parameters[name]
+        if z.data_ptr() != adapter._params_ptr or sigma.data_ptr() != adapter._params_ptr + adapter.rank * adapter.param_dtype.itemsize:
             self._rebind_from_parameters(name)
         return adapter
 
@@ -501,9 +504,17 @@ class LoLDULinear(LoLDULayer):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor, *, adapter_names=None) -> torch.Tensor:
+        base = self._modules["base_layer"]
+        if (adapter_names is None and self._mixed is None and not self._disabled and type(x) is torch.Tensor
+                and x.dim() == 2 and x.dtype == base._parameters["weight"].dtype and x.device.type == "cpu"
+                and len(self.active_adapters) == 1 and not torch.is_autocast_enabled("cpu")
+                and x.shape[1] == base.in_features):
+            # The common call, every check below passed: attributes read once, as cheaply as can be.
+            name = self.active_adapters[0]
+            return self._forward_one(x.contiguous(), name, self._prepare(name), base._parameters["bias"])
         dtype = self._compute_dtype()
         x = self._check_float_input(x, dtype)
-        n = self.base_layer.in_features
+        n = base.in_features
         if x.shape[-1] != n:
             raise ShapeError(
                 f"{self.loldu_name}: the input has shape {tuple(x.shape)}; its last dimension must be "
@@ -513,27 +524,30 @@ class LoLDULinear(LoLDULayer):
         names = adapter_names if adapter_names is not None else self._mixed
         flat = x.dim() == 2
         x2 = (x if flat else x.reshape(-1, n)).contiguous()
-        bias = self.base_layer.bias
+        bias = base.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         if names is not None and not self._disabled:
             y = self._mixed_forward(names, x, x2, bias, dtype)
         else:
             name = self._single_name() if not self._disabled else self.active_adapters[0]
-            adapter = self._computing_adapter(name, dtype)
-            z, sigma = self.loldu_z[name], self.loldu_sigma[name]
-            if self._training(x2, z, sigma, bias):
-                key = (name, x2.shape[0])
-                keep_h = self._plans.get(key)
-                if keep_h is None:
-                    keep_h = self._plans[key] = adapter.plan(x2.shape[0], keeps_h=True) == "factored"
-                y = LinearFunction.apply(x2, z, sigma, bias, adapter, keep_h)
-            else:
-                y = torch.empty((x2.shape[0], adapter.m), dtype=dtype)
-                check(_capi.loldu_forward(adapter.handle, x2.shape[0], x2.data_ptr(), y.data_ptr(), None))
-                if bias is not None:
-                    y += bias
+            y = self._forward_one(x2, name, self._computing_adapter(name, dtype), bias)
         return y if flat else y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _forward_one(self, x: torch.Tensor, name: str, adapter: Adapter, bias) -> torch.Tensor:
+        """``x W_effᵀ + bias`` with adapter ``name`` (computing as ``adapter``), for a 2-D input."""
+        z = self._modules["loldu_z"]._parameters[name]
+        sigma = self._modules["loldu_sigma"]._parameters[name]
+        if self._training(x, z, sigma, bias):
+            keep_h = self._plans.get((name, x.shape[0]))
+            if keep_h is None:
+                keep_h = self._plans[(name, x.shape[0])] = adapter.plan(x.shape[0], keeps_h=True) == "factored"
+            return LinearFunction.apply(x, z, sigma, bias, adapter, keep_h)
+        y = torch.empty((x.shape[0], adapter.m), dtype=x.dtype)
+        check(_capi.loldu_forward(adapter.handle, x.shape[0], x.data_ptr(), y.data_ptr(), None))
+        if bias is not None:
+            y += bias
+        return y
 
     def _mixed_forward(self, names, x, x2, bias, dtype) -> torch.Tensor:
         used, index = self._mixed_rows(names, x, 0)
