@@ -262,6 +262,11 @@ class LoLDULayer(nn.Module):
 
     def _prepare(self, name: str) -> Adapter:
         """Cheap checks before each use: threads, base weight unchanged, parameters bound."""
+        self._check_weight()
+        return self._bound(name)
+
+    def _check_weight(self) -> None:
+        """Threads configured, and the base weight unchanged since it was factored."""
         if not _threads_configured:
             configure_threads()
         # (Module attributes read through _modules / _parameters: nn.Module.__getattr__ is slow,
@@ -277,6 +282,9 @@ class LoLDULayer(nn.Module):
                     _capi.LOLDU_ERR_STATE,
                 )
             self._stamp = (weight._version, weight.data_ptr(), dtype, crc)
+
+    def _bound(self, name: str) -> Adapter:
+        """Adapter ``name``, its ``loldu_z`` / ``loldu_sigma`` still its memory (bound again if replaced)."""
         adapter = self._adapters[name]
         z = self._modules["loldu_z"]._parameters[name]
         sigma = self._modules["loldu_sigma"]._parameters[name]
@@ -329,10 +337,10 @@ class LoLDULayer(nn.Module):
                              _capi.LOLDU_ERR_DTYPE)
         return x
 
-    def _computing_adapter(self, name: str, dtype: torch.dtype) -> Adapter:
+    def _computing_adapter(self, name: str, dtype: torch.dtype, weight_checked: bool = False) -> Adapter:
         """The adapter that computes ``name`` in ``dtype``: itself, or under autocast its
         conversion to the half type (same factorisation; z and σ copied in before each use)."""
-        adapter = self._prepare(name)
+        adapter = self._bound(name) if weight_checked else self._prepare(name)
         if dtype == self.dtype:
             return adapter
         companion = self._companions.get((name, dtype))
@@ -554,8 +562,10 @@ class LoLDULinear(LoLDULayer):
         rows = np.repeat(index, x2.shape[0] // len(names)) if len(names) else index
         if not used:  # every sample on the pretrained layer
             used = [self.active_adapters[0] if self.active_adapters else next(iter(self._adapters))]
-        adapters = [self._computing_adapter(name, dtype) for name in used]
-        parameters = [p for name in used for p in (self.loldu_z[name], self.loldu_sigma[name])]
+        self._check_weight()
+        adapters = [self._computing_adapter(name, dtype, weight_checked=True) for name in used]
+        z, sigma = self._modules["loldu_z"]._parameters, self._modules["loldu_sigma"]._parameters
+        parameters = [p for name in used for p in (z[name], sigma[name])]
         return GroupedLinearFunction.apply(x2, torch.from_numpy(np.ascontiguousarray(rows, np.int32)), bias,
                                            tuple(adapters), *parameters)
 
