@@ -136,10 +136,29 @@ SWEEP: list[tuple[str, list[Setting]]] = [
      [L(rank="full", train_sigma=False, update="rel", lr=lr) for lr in (3e-4, 1e-3, 3e-3)]),
     ("LoLDU full rank, σ₀ = 1 frozen, scale-aware AdamW s = 1/(‖a_k‖‖u_k‖)",
      [L(rank="full", train_sigma=False, update="effect", lr=lr) for lr in (3e-3, 1e-2, 3e-2)]),
+    ("Target modules: LoLDU (σ₀ = 1 frozen) and LoRA on all attention projections or every linear layer",
+     [L(rank="full", train_sigma=False, targets=t, lr=lr) for t in ("attn", "all") for lr in (3e-4, 1e-3)]
+     + [L(rank="full", train_sigma=False, targets=t, update="rel", lr=1e-3) for t in ("attn", "all")]
+     + [L(rank=64, train_sigma=False, targets="all", lr=lr) for lr in (1e-3, 3e-3)]
+     + [R(1e-3, "attn"), R(1e-3, "all")]),
+    ("z init: the paper's mean-based uniform (full rank, q, v)",
+     [L(rank="full", alpha=1, train_sigma=False, z_init="uniform", lr=lr) for lr in (1e-1, 3.84e-1)]
+     + [L(rank="full", train_sigma=False, z_init="uniform", residual="init", lr=1e-3),
+        L(rank="full", train_sigma=False, z_init="uniform", residual="pivots", lr=1e-3)]),
 ]
 
-# The finalists: LoRA at its best sweep rate, and the LoLDU setups closest to it in the sweep.
-FINAL: list[Setting] = []
+# The finalists, chosen from the sweep: LoRA at its best rate on q, v and on its best targets
+# (q, k, v, o); LoLDU full rank on q, v with plain AdamW at its best rate and with the best
+# scale-aware variant; LoLDU on more modules: r = 64 on every linear layer (within 1/20 of LoRA's
+# parameters) and full rank on the attention projections (its best sweep accuracy).
+FINAL: list[Setting] = [
+    R(1e-3),
+    R(1e-3, "attn"),
+    L(rank="full", train_sigma=False, lr=1e-3),
+    L(rank="full", train_sigma=False, update="effect", lr=3e-2),
+    L(rank=64, train_sigma=False, targets="all", lr=1e-3),
+    L(rank="full", train_sigma=False, targets="attn", lr=1e-3),
+]
 
 
 def sweep_settings() -> list[Setting]:
@@ -386,6 +405,11 @@ def mean_std(values) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def md(text: str) -> str:
+    """Text for a markdown table cell (a `|` would end the cell)."""
+    return text.replace("|", "\\|")
+
+
 def render(results: list[dict]) -> str:
     by_id = {r["id"]: r for r in results}
     lines = [BEGIN, "", "## Learning-fidelity study (issue 15)", ""]
@@ -409,17 +433,17 @@ def render(results: list[dict]) -> str:
             rs = [by_id.get(run_id(s, seed, LARGE)) for seed in FINAL_SEEDS]
             rs = [r for r in rs if r]
             if not rs:
-                lines.append(f"| {s.label()} | | pending | | | | |")
+                lines.append(f"| {md(s.label())} | | pending | | | | |")
                 continue
             ok = [r for r in rs if r.get("accuracy") is not None]
             lines.append(
-                f"| {s.label()} | {rs[0]['trainable']:,} | {mean_std([r.get('accuracy') for r in rs])}"
+                f"| {md(s.label())} | {rs[0]['trainable']:,} | {mean_std([r.get('accuracy') for r in rs])}"
                 f"{'' if len(rs) == len(FINAL_SEEDS) else f' ({len(rs)} of {len(FINAL_SEEDS)} seeds)'} | "
                 f"{' / '.join(pct(r.get('accuracy')) for r in rs)} | "
                 f"{statistics.mean(r['final_loss_mean20'] for r in ok):.3f} | "
                 f"{100 * statistics.mean(r['final_change_median'] for r in ok):.2f}% | "
                 f"{1e3 * statistics.median(r['step_seconds'] for r in ok):.0f} ms |" if ok else
-                f"| {s.label()} | {rs[0]['trainable']:,} | failed | | | | |")
+                f"| {md(s.label())} | {rs[0]['trainable']:,} | failed | | | | |")
         lines += ["", "Final loss: mean training loss of the last 20 steps (mean over seeds). ‖ΔW‖/‖W‖ after: "
                   "median over the adapted layers of the relative change of the weight after training.", ""]
 
@@ -427,17 +451,17 @@ def render(results: list[dict]) -> str:
               "| setting | trainable (encoder) | accuracy per epoch | accuracy | final loss | ‖ΔW‖/‖W‖ at init → after | σ after | time per step |",
               "|---|---|---|---|---|---|---|---|"]
     for title, group in SWEEP:
-        lines.append(f"| **{title}** | | | | | | | |")
+        lines.append(f"| **{md(title)}** | | | | | | | |")
         for s in group:
             r = by_id.get(run_id(s, 0, SMALL))
             if r is None:
-                lines.append(f"| {s.label()} | | | pending | | | | |")
+                lines.append(f"| {md(s.label())} | | | pending | | | | |")
             elif r.get("accuracy") is None:
-                lines.append(f"| {s.label()} | {r['trainable']:,} | | failed: {r.get('error', '')[:60]} | | | | |")
+                lines.append(f"| {md(s.label())} | {r['trainable']:,} | | failed: {r.get('error', '')[:60]} | | | | |")
             else:
                 sig = r.get("sigma_final_median")
                 lines.append(
-                    f"| {s.label()} | {r['trainable']:,} | {' / '.join(pct(a) for a in r['accuracy_per_epoch'])} | "
+                    f"| {md(s.label())} | {r['trainable']:,} | {' / '.join(pct(a) for a in r['accuracy_per_epoch'])} | "
                     f"**{pct(r['accuracy'])}** | {r['final_loss_mean20']:.3f} | "
                     f"{100 * r['init_change_median']:.2f}% → {100 * r['final_change_median']:.2f}% | "
                     f"{'—' if sig is None else f'{sig:.3f}'} | {1e3 * r['step_seconds']:.0f} ms |")
