@@ -27,7 +27,7 @@ endif
 APT_PACKAGES := pkg-config libopenblas-dev liblapacke-dev libdnnl-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup build test test-swift test-c test-fuzz test-tsan test-examples fuzz demo compare bench install clean FORCE
+.PHONY: all setup build test test-swift test-c test-fuzz test-tsan test-examples fuzz demo compare study bench install clean FORCE
 
 all: build
 
@@ -146,6 +146,11 @@ demo: build python-setup
 # LoLDU (r = 64, full rank) vs PEFT LoRA vs a linear probe vs full fine-tuning: docs/results.md
 compare: build python-setup
 	$(PY_RUN) examples/python/finetune_minilm.py --compare
+
+# The learning-fidelity study (issue 15): hours of CPU, resumable (build/study/results.jsonl keeps
+# finished runs; start it again to continue); rewrites the study section of docs/results.md.
+study: build python-setup
+	$(PY_RUN) examples/python/study.py $(STUDY_ARGS)
 
 # --- benchmarks: one run, ratios against baselines measured in the same process ---------------
 $(BUILD)/bench: bench/bench.c build

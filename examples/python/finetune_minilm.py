@@ -176,14 +176,16 @@ def prepare(method: str, args) -> tuple[SentenceClassifier, list]:
     return model, groups
 
 
-def train(model, groups, data, args, progress: bool = True):
-    """AdamW with a linear warm-up schedule; returns the loss per step and the accuracy per epoch."""
+def train(model, groups, data, args, progress: bool = True, make_optimizer=None):
+    """AdamW with a linear warm-up schedule; returns the loss per step, the accuracy per epoch and
+    the median step time. ``make_optimizer(groups)`` replaces ``torch.optim.AdamW`` (the study
+    passes a scale-aware AdamW through it)."""
     from transformers import get_linear_schedule_with_warmup
 
     (train_ids, train_mask, train_y), (test_ids, test_mask, test_y) = data
     steps_per_epoch = (len(train_y) + args.batch - 1) // args.batch
     total = args.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = (make_optimizer or torch.optim.AdamW)(groups)
     schedule = get_linear_schedule_with_warmup(optimizer, args.warmup, total)
     generator = torch.Generator().manual_seed(args.seed)
     loss_fn = nn.CrossEntropyLoss()
@@ -325,6 +327,9 @@ def demo(args) -> None:
 # The comparison
 # ---------------------------------------------------------------------------------------------
 
+STUDY_BEGIN = "<!-- study:begin -->"
+
+
 def compare(args) -> None:
     (train_x, train_y), (test_x, test_y) = rotten_tomatoes(args.train, args.test, args.seed)
     data = (*tokenize(train_x, args.max_length), train_y), (*tokenize(test_x, args.max_length), test_y)
@@ -365,8 +370,14 @@ def compare(args) -> None:
     lines += ["", "Adapter file: `adapter_model.safetensors` (LoLDU, LoRA) or the encoder's weights (full "
               "fine-tuning), as written to disk; the head is extra in every case.", ""]
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    text = "\n".join(lines)
+    if os.path.exists(args.results):  # keep the section `make study` writes (examples/python/study.py)
+        with open(args.results, encoding="utf-8") as f:
+            previous = f.read()
+        if STUDY_BEGIN in previous:
+            text = text.rstrip("\n") + "\n\n" + previous[previous.index(STUDY_BEGIN):]
     with open(args.results, "w") as f:
-        f.write("\n".join(lines))
+        f.write(text)
     print("\n" + "\n".join(lines))
 
 
