@@ -287,10 +287,11 @@ def grouped(reps: int, counts: list[int], peft_counts: list[int]) -> list[dict]:
         x = torch.randn(GROUP_BATCH, n)
         xg = x.clone().requires_grad_()
         dy = torch.randn(GROUP_BATCH, m)
-        layer = lt.LoLDULinear(linear(m, n, 1), rank=r, adapter_name="a0", z_init="normal", seed=0)
+        # (residual "init": each adapter its own random z, the layer unchanged at the start)
+        layer = lt.LoLDULinear(linear(m, n, 1), rank=r, adapter_name="a0", z_init="normal", residual="init", seed=0)
         start = time.perf_counter()
         for i in range(1, max(counts)):
-            layer.update_layer(f"a{i}", AdapterConfig(rank=r, z_init="normal", seed=i, borrow_weight=True))
+            layer.update_layer(f"a{i}", AdapterConfig(rank=r, z_init="normal", residual="init", seed=i, borrow_weight=True))
         ours_add = (time.perf_counter() - start) / max(1, max(counts) - 1)
 
         lora = lora_model(linear(m, n, 1), 16)
@@ -811,7 +812,7 @@ def main() -> None:
                   "would move it out of the first load."]
     lines += ["", "### Through loldu.torch and PEFT (`adapter_names=`)", "",
               f"The same batches of {GROUP_BATCH} rows (round-robin), float32. Ours: one `LoLDULinear` with "
-              f"{max(GROUP_COUNTS)} named adapters (`update_layer`, z_init normal, own seed each); forward under "
+              f"{max(GROUP_COUNTS)} named adapters (`update_layer`, z_init normal with residual init, own seed each); forward under "
               "`torch.no_grad()` and forward + backward (dX and every used adapter's z, σ). PEFT LoRA r = 16 with "
               "`add_adapter` per name, forward only: PEFT refuses `adapter_names` in training mode (\"Cannot pass "
               "`adapter_names` when the model is in training mode\"), so mixed batches are inference-only there. "

@@ -756,7 +756,7 @@ typedef struct loldu_lora_options {
                                              directory); NULL (default) writes null */
     const loldu_lora_layer *layers;       /* one per adapter, or NULL (default): all LOLDU_LORA_LINEAR */
     int32_t replace;                      /* 1: replace an earlier export at dir, as a whole; 0 (default):
-                                             dir must not exist */
+                                             dir must not exist, or be an empty directory */
 } loldu_lora_options;
 
 /** Fills `options` with the defaults above. */
@@ -818,7 +818,8 @@ LOLDU_API loldu_status loldu_merge_options_default(loldu_merge_options *options)
  * (a full disk, a corrupt shard, a weight that is not the saved one) or a kill leaves no output.
  *
  * @param options NULL for the defaults.
- * @return LOLDU_ERR_IO if out_dir exists; as loldu_checkpoint_create for the model files.
+ * @return LOLDU_ERR_IO if out_dir exists and is not an empty directory; as loldu_checkpoint_create
+ *         for the model files.
  */
 LOLDU_API loldu_status loldu_merge_model(const char *out_dir, const char *base_dir, const loldu_checkpoint *checkpoint,
                                          const loldu_merge_options *options);

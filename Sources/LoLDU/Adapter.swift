@@ -181,8 +181,8 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     /// `‖A diag(c₀) U_r‖_F / ‖W‖_F` with `c₀ = σ₀ (z₀ − z_ref)` the coefficients the adapter was
     /// created with: how much it moved the pretrained weight before any training. 0 when
     /// `z₀ = z_ref` (`z_init = lu`, or `residual = init`); otherwise computed on request from the
-    /// two `r × r` Gram matrices `AᵀA` and `U_r U_rᵀ` (`O((m + n) r²)`, once), as
-    /// `Σ_jk c_j c_k (AᵀA)_jk (U_r U_rᵀ)_jk`.
+    /// Gram matrices `AᵀA` and `U_r U_rᵀ` that the shared factors keep (``LDUFactors/grams()``), as
+    /// `Σ_jk c_j c_k (AᵀA)_jk (U_r U_rᵀ)_jk`, and `‖W‖` (`O(r²)` per adapter).
     public func initialChange() throws(LoLDUError) -> Double {
         if let initialChangeCache { return initialChangeCache }
         let change = try computeInitialChange()
@@ -195,19 +195,11 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         let z0 = initialDiagonal(config.zInit, pivots: factors.diagonal[0..<r].map { Double($0) }, seed: config.seed)
         let c = (0..<r).map { Double(sigma0) * (Double(P(z0[$0])) - Double(zRef?[$0] ?? factors.diagonal[$0])) }
         guard c.contains(where: { $0 != 0 }) else { return 0 }
-        let lowerGram = try HeapBuffer<P>(count: r * r), upperGram = try HeapBuffer<P>(count: r * r)
-        P.multiply(transA: true, transB: false, m: r, n: r, k: m, a: factors.lower.pointer, lda: factors.rank,
-               b: factors.lower.pointer, ldb: factors.rank, accumulate: false, c: lowerGram.pointer, ldc: r)
-        P.multiply(transA: false, transB: true, m: r, n: r, k: n, a: factors.upper.pointer, lda: n,
-               b: factors.upper.pointer, ldb: n, accumulate: false, c: upperGram.pointer, ldc: r)
+        let (lowerGram, upperGram, weight) = try factors.grams()
+        let stride = factors.rank
         var change = 0.0
         for j in 0..<r {
-            for k in 0..<r { change += c[j] * c[k] * Double(lowerGram.pointer[j * r + k]) * Double(upperGram.pointer[j * r + k]) }
-        }
-        var weight = 0.0
-        for i in 0..<(m * n) {
-            let w = Double(E.wide(factors.weight[i]))
-            weight += w * w
+            for k in 0..<r { change += c[j] * c[k] * Double(lowerGram[j * stride + k]) * Double(upperGram[j * stride + k]) }
         }
         return weight > 0 ? (Swift.max(change, 0) / weight).squareRoot() : .infinity
     }

@@ -97,20 +97,42 @@ public final class AtomicDirectory {
         }
     }
 
-    /// Puts the directory in place: a new `target` if `replace` is false (an existing one is an
-    /// error), else swapped with the existing one, which is then deleted.
+    /// Whether `path` is a directory with nothing in it (as `mkdir out` leaves it).
+    public static func isEmptyDirectory(_ path: String) -> Bool {
+        guard let dir = opendir(path) else { return false }
+        defer { closedir(dir) }
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+            }
+            if name != "." && name != ".." { return false }
+        }
+        return true
+    }
+
+    /// Puts the directory in place: a new `target`, or in place of an empty directory, if
+    /// `replace` is false (one with files is an error); else swapped with the existing one,
+    /// which is then deleted.
     public func commit(replace: Bool) throws(LoLDUError) {
         guard fsync(fd) == 0 else { throw AtomicFile.failure("cannot flush", path) }
         var info = stat()
         let exists = lstat(target, &info) == 0
-        if exists && !replace { throw LoLDUError(.io, "\"\(target)\" already exists") }
         if exists {
             guard (info.st_mode & S_IFMT) == S_IFDIR else {
                 throw LoLDUError(.io, "\"\(target)\" is \(AtomicFile.kind(info.st_mode)), not a directory")
             }
+        }
+        if exists && replace {
             guard Self.rename(path, target, exchange: true) else { throw AtomicFile.failure("cannot replace", target) }
             committed = true
             Self.removeTree(path)  // the previous directory, now under the temporary name
+        } else if exists {
+            // rename(2) replaces an empty directory, atomically, and refuses one that is not.
+            guard Glibc.rename(path, target) == 0 else {
+                throw errno == EEXIST || errno == ENOTEMPTY ? LoLDUError(.io, "\"\(target)\" already exists")
+                    : AtomicFile.failure("cannot create", target)
+            }
+            committed = true
         } else {
             guard Self.rename(path, target, exchange: false) else {
                 throw errno == EEXIST || errno == ENOTEMPTY ? LoLDUError(.io, "\"\(target)\" already exists")

@@ -62,6 +62,8 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     private let operandStorage: [HeapBuffer<G>]
     /// ``fingerprint`` of `W`'s values, computed once on first use.
     private var weightPrint: String?
+    /// `AᵀA`, `U Uᵀ` (`rank × rank` each) and `‖W‖²`, once asked for (see ``grams()``).
+    private var gramCache: (lower: HeapBuffer<P>, upper: HeapBuffer<P>, weight: Double)?
     private let printLock: UnsafeMutablePointer<pthread_mutex_t>
 
     /// The scale of the degeneracy test, in units of `ε_double · max(m, r) · g`.
@@ -270,6 +272,32 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
         }
         weightPrint = print
         return print
+    }
+
+    /// `AᵀA` and `U Uᵀ` (`rank × rank`, row-major) and `‖W‖_F²`, computed once
+    /// (`O((m + n) rank² + m n)`) and shared by every adapter on these factors: a rank-`r`
+    /// adapter uses the Gram matrices' leading `r × r` blocks.
+    public func grams() throws(LoLDUError) -> (lower: UnsafePointer<P>, upper: UnsafePointer<P>, weight: Double) {
+        pthread_mutex_lock(printLock)
+        defer { pthread_mutex_unlock(printLock) }
+        if gramCache == nil {
+            let r = rank
+            let lowerGram = try HeapBuffer<P>(count: r * r), upperGram = try HeapBuffer<P>(count: r * r)
+            P.multiply(transA: true, transB: false, m: r, n: r, k: m, a: lower.pointer, lda: r,
+                       b: lower.pointer, ldb: r, accumulate: false, c: lowerGram.pointer, ldc: r)
+            P.multiply(transA: false, transB: true, m: r, n: r, k: n, a: upper.pointer, lda: n,
+                       b: upper.pointer, ldb: n, accumulate: false, c: upperGram.pointer, ldc: r)
+            var squares = 0.0
+            withUnsafeTemporaryAllocation(of: P.self, capacity: 4096) { chunk in
+                for start in stride(from: 0, to: m * n, by: 4096) {
+                    let count = Swift.min(4096, m * n - start)
+                    E.widen(weight + start, to: chunk.baseAddress!, count: count)
+                    squares += Double(P.dot(chunk.baseAddress!, chunk.baseAddress!, count: count))
+                }
+            }
+            gramCache = (lowerGram, upperGram, squares)
+        }
+        return (UnsafePointer(gramCache!.lower.pointer), UnsafePointer(gramCache!.upper.pointer), gramCache!.weight)
     }
 
     /// The fingerprint of the first `r` pivots: what an adapter of rank `r` on these factors uses.

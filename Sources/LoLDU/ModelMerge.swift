@@ -46,8 +46,8 @@ public enum ModelMerge {
                              progress: Progress?) throws(LoLDUError) {
         if dtype == .float64 { throw .invalid("dtype must be float32, bfloat16 or float16 (0 keeps the file's types)") }
         var info = stat()
-        if lstat(output, &info) == 0 {
-            throw LoLDUError(.io, "\"\(output)\" already exists; a merge writes a new directory")
+        if lstat(output, &info) == 0 && !AtomicDirectory.isEmptyDirectory(output) {
+            throw LoLDUError(.io, "\"\(output)\" already exists; a merge writes a new directory (or fills an empty one)")
         }
         let model = try ModelFiles(directory: base)
         var layerOf: [String: String] = [:]

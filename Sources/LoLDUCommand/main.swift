@@ -83,7 +83,7 @@ let helps: [String: String] = [
         convert_lora_to_gguf.py.
 
           --base MODEL       the base model directory (the factors are computed from its weights)
-          --out DIR          the new directory (must not exist, unless --force replaces an earlier export)
+          --out DIR          the new directory, or an empty one (--force replaces an earlier export)
           --dtype T          the tensors' type: f32 (default), f16 or bf16
           --base-name NAME   base_model_name_or_path in the config (default: MODEL as given)
           --embedding LAYER  LAYER is an nn.Embedding (PEFT's lora_embedding_A/B); repeat as needed
@@ -100,7 +100,7 @@ let helps: [String: String] = [
         transformers' from_pretrained(DIR) loads the result.
 
           --base MODEL   the base model directory
-          --out DIR      the new directory; it must not exist. It appears only when complete.
+          --out DIR      the new directory (or an empty one). It appears only when complete.
           --dtype T      convert every float tensor to f32, f16 or bf16 (default: keep each type)
         """,
 ]

@@ -16,12 +16,6 @@ import Testing
         return handle
     }
 
-    static func info(_ a: OpaquePointer) -> loldu_adapter_info {
-        var info = loldu_adapter_info()
-        _ = loldu_adapter_get_info(a, &info, MemoryLayout<loldu_adapter_info>.size)
-        return info
-    }
-
     /// A rank-r adapter derived from a rank-R base uses the first r columns of A and rows of U_r:
     /// the factors a direct rank-r adapter computes (to rounding), the same pivots, and outputs
     /// equal to rounding; it costs its z and σ, not a copy of the factors.
@@ -33,10 +27,10 @@ import Testing
         let direct = try TestAdapter<Double>(m: m, n: n, weight: w, bias: b) { $0.rank = Int64(small) }
         let derived = try Self.derive(base.handle, rank: small)
         defer { loldu_adapter_free(derived) }
-        let info = Self.info(derived)
+        let info = adapterInfo(derived)
         #expect(info.rank == Int64(small) && info.factor_rank == Int64(big))
         #expect(info.bytes_state == Int64((small + 1) * 8), "only z and σ: \(info.bytes_state)")
-        #expect(info.bytes_weight == Self.info(base.handle).bytes_weight)
+        #expect(info.bytes_weight == adapterInfo(base.handle).bytes_weight)
         for (which, count) in [(LOLDU_FACTOR_LOWER, m * small), (LOLDU_FACTOR_UPPER, small * n), (LOLDU_FACTOR_DIAG, small)] {
             var got = [Double](repeating: .nan, count: count)
             #expect(loldu_get_factor(derived, which, &got) == LOLDU_OK)
@@ -266,9 +260,9 @@ import Testing
             #expect(loldu_get_z(a, &z) == LOLDU_OK && z == saved[i])
             loaded.append(a!)
         }
-        let states = loaded.map { Self.info($0).bytes_state }
+        let states = loaded.map { adapterInfo($0).bytes_state }
         #expect(states.allSatisfy { $0 <= 4 * 9 }, "each adapter holds its z and σ only")
-        #expect(Set(loaded.map { Self.info($0).bytes_weight }) == [Self.info(fresh.handle).bytes_weight])
+        #expect(Set(loaded.map { adapterInfo($0).bytes_weight }) == [adapterInfo(fresh.handle).bytes_weight])
     }
 }
 
@@ -278,8 +272,7 @@ extension TestAdapter {
         var copy: OpaquePointer?
         let status = loldu_adapter_clone(&copy, handle)
         guard status == LOLDU_OK, let copy else { throw LibraryError(status: status, message: String(cString: loldu_last_error())) }
-        var info = loldu_adapter_info()
-        _ = loldu_adapter_get_info(copy, &info, MemoryLayout<loldu_adapter_info>.size)
+        let info = adapterInfo(copy)
         return TestAdapter<T>(adopting: copy, m: Int(info.m), n: Int(info.n), rank: Int(info.rank))
     }
 }

@@ -61,12 +61,6 @@ import Testing
         return handle
     }
 
-    static func info(_ a: OpaquePointer) -> loldu_adapter_info {
-        var info = loldu_adapter_info()
-        _ = loldu_adapter_get_info(a, &info, MemoryLayout<loldu_adapter_info>.size)
-        return info
-    }
-
     static let settings: [(Half, Bool)] = [(.bf16, false), (.bf16, true), (.f16, false)]
 
     @Test(arguments: settings)
@@ -83,7 +77,7 @@ import Testing
         let reference = try Self.adapter(LOLDU_FLOAT32, m: m, n: n, weight: wf, bias: bf, rank: r)
         defer { loldu_adapter_free(reference) }
 
-        let info = Self.info(a)
+        let info = adapterInfo(a)
         #expect(info.dtype == Int32(half.dtype.rawValue) && info.param_dtype == Int32(LOLDU_FLOAT32.rawValue))
         var chosen = loldu_backend(rawValue: 0)
         #expect(loldu_gemm_backend(half.dtype, &chosen, nil) == LOLDU_OK)

@@ -78,6 +78,13 @@ func expectClose<A: BinaryFloatingPoint, B: BinaryFloatingPoint>(
 
 func tolerance<T: TestScalar>(_: T.Type) -> Double { T.self == Float.self ? 2e-4 : 1e-10 }
 
+/// `loldu_adapter_get_info` of a handle.
+func adapterInfo(_ handle: OpaquePointer) -> loldu_adapter_info {
+    var info = loldu_adapter_info()
+    #expect(loldu_adapter_get_info(handle, &info, MemoryLayout<loldu_adapter_info>.size) == LOLDU_OK)
+    return info
+}
+
 /// An adapter handle, freed with the test object; every method calls the C ABI.
 final class TestAdapter<T: TestScalar> {
     let handle: OpaquePointer
@@ -117,11 +124,7 @@ final class TestAdapter<T: TestScalar> {
 
     deinit { loldu_adapter_free(handle) }
 
-    var info: loldu_adapter_info {
-        var info = loldu_adapter_info()
-        #expect(loldu_adapter_get_info(handle, &info, MemoryLayout<loldu_adapter_info>.size) == LOLDU_OK)
-        return info
-    }
+    var info: loldu_adapter_info { adapterInfo(handle) }
 
     func forward(_ x: [T], batch: Int, h: UnsafeMutablePointer<T>? = nil) -> [T] {
         var y = [T](repeating: .nan, count: batch * m)

@@ -163,6 +163,7 @@ def test_an_existing_directory_is_refused_or_replaced_only_if_it_is_an_export(tm
     rng = np.random.default_rng(1)
     a = loldu.Adapter(rng.standard_normal((6, 5)).astype(np.float32), rank=3)
     target = tmp_path / "lora"
+    target.mkdir()  # an empty directory is filled
     loldu.export_lora(target, {"l": a})
     before = (target / "adapter_model.safetensors").read_bytes()
     a.sigma = 2.0
@@ -336,7 +337,11 @@ def test_bad_model_directories_are_refused_and_leave_no_output(trained_minilm, t
     refused(KeyboardInterrupt, "", minilm_dir(), progress=stop)
     with pytest.raises(loldu.InvalidArgumentError, match="float32, bfloat16 or float16"):
         loldu.merge_model(checkpoint, minilm_dir(), out, dtype="float64")
-    # An existing output is never touched.
+    # An empty directory is filled (as after `mkdir out`); one with files is never touched.
+    out.mkdir()
+    loldu.merge_model(checkpoint, minilm_dir(), out)
+    assert (out / "model.safetensors").is_file()
+    shutil.rmtree(out)
     out.mkdir()
     (out / "keep").write_text("x")
     with pytest.raises(loldu.LoLDUIOError, match="already exists"):

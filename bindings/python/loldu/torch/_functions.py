@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import torch
 
 from .. import _capi
@@ -102,8 +103,11 @@ class GroupedLinearFunction(torch.autograd.Function):
             dy = dy.to(x.dtype)
         dy = dy.contiguous()
         dx = torch.empty_like(x) if need_x else None
-        outputs = [torch.zeros(a.rank + 1, dtype=p.dtype) for a, p in zip(adapters, parameters[::2])]
-        pointers = (ctypes.c_void_p * len(outputs))(*[g.data_ptr() for g in outputs])
+        sizes = [a.rank + 1 for a in adapters]
+        storage = torch.empty(sum(sizes), dtype=parameters[0].dtype)  # every adapter's dz, dσ, in one tensor
+        outputs = torch.split(storage, sizes)
+        offsets = np.cumsum([0] + sizes[:-1]) * storage.element_size() + storage.data_ptr()
+        pointers = (ctypes.c_void_p * len(outputs))(*offsets.tolist())
         rows_ptr = ctypes.cast(rows.data_ptr(), ctypes.POINTER(ctypes.c_int32))
         check(_capi.loldu_grouped_backward_into(_handles(adapters), len(adapters), x.shape[0], rows_ptr, x.data_ptr(),
                                                 dy.data_ptr(), None if dx is None else dx.data_ptr(), pointers))

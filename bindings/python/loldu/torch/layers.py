@@ -411,17 +411,13 @@ class LoLDULayer(nn.Module):
         if len(names) != x.shape[sample_dim]:
             raise ShapeError(f"{self.loldu_name}: adapter_names has {len(names)} entries for a batch of "
                              f"{x.shape[sample_dim]} samples", _capi.LOLDU_ERR_SHAPE)
-        used: list[str] = []
-        index = np.empty(len(names), np.int32)
-        for i, name in enumerate(names):
-            if name == BASE_NAME:
-                index[i] = -1
-                continue
-            self.get_adapter(name)
-            if name not in used:
-                used.append(name)
-            index[i] = used.index(name)
-        return used, index
+        position: dict[str, int] = {BASE_NAME: -1}
+        for name in names:
+            if name not in position:
+                self.get_adapter(name)
+                position[name] = len(position) - 1
+        index = np.fromiter((position[name] for name in names), np.int32, len(names))
+        return [name for name in position if name != BASE_NAME], index
 
     # -- dtype / device conversions -------------------------------------------------------------
 
