@@ -559,7 +559,10 @@ class LoLDULinear(LoLDULayer):
         if not used:  # every sample on the pretrained layer
             used = [self.active_adapters[0] if self.active_adapters else next(iter(self._adapters))]
         self._check_weight()
-        adapters = [self._computing_adapter(name, dtype, weight_checked=True) for name in used]
+        if dtype == self.dtype:
+            adapters = [self._bound(name) for name in used]
+        else:
+            adapters = [self._computing_adapter(name, dtype, weight_checked=True) for name in used]
         z, sigma = self._modules["loldu_z"]._parameters, self._modules["loldu_sigma"]._parameters
         parameters = [p for name in used for p in (z[name], sigma[name])]
         return GroupedLinearFunction.apply(x2, torch.from_numpy(np.ascontiguousarray(rows, np.int32)), bias,
