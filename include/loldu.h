@@ -106,7 +106,7 @@ LOLDU_API const char *loldu_status_string(int status);
 
 /**
  * @return the message of the last failed call on this thread, naming the argument and what was
- * expected (e.g. "config.rank must be in [1, min(m, n)] = [1, 64], got 0"), or "" if none.
+ * expected (e.g. "config.rank must be 0 (full rank) or in [1, min(m, n)] = [1, 64], got 65"), or "" if none.
  * Valid until the next failing call on the same thread. Successful calls do not clear it.
  */
 LOLDU_API const char *loldu_last_error(void);
@@ -186,7 +186,8 @@ typedef enum loldu_factor {
 typedef struct loldu_config {
     uint32_t struct_size; /* sizeof(loldu_config); set by loldu_config_default */
     int32_t z_init;       /* loldu_z_init; default LOLDU_INIT_LU */
-    int64_t rank;         /* r, in [1, min(m, n)]; default 8 */
+    int64_t rank;         /* r, in [1, min(m, n)]; 0 (default): full rank, min(m, n) (for
+                             loldu_adapter_derive: the shared factors' rank) */
     double alpha;         /* σ = alpha / rank; 0 means alpha = rank, i.e. σ = 1 (default) */
     uint64_t seed;        /* for the random inits; default 0. Same seed, same z on any machine */
     int32_t residual;     /* loldu_residual; default LOLDU_RESIDUAL_PIVOTS */

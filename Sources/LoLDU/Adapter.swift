@@ -56,6 +56,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     public convenience init(
         m: Int, n: Int, weight: UnsafePointer<E>, bias: UnsafePointer<E>?, config: AdapterConfig
     ) throws(LoLDUError) {
+        let config = config.resolved(fullRank: Swift.min(m, n))
         try config.validate(m: m, n: n)
         let factors = try LDUFactors<E, G>(
             m: m, n: n, rank: config.rank, weight: weight, bias: bias, borrowWeight: config.borrowWeight)
@@ -65,9 +66,10 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     /// A new adapter of rank `config.rank ≤ factors.rank` on existing factors, initialised as
     /// `config` says: O(r), no factorisation, no copy of `W`.
     public init(factors: LDUFactors<E, G>, config: AdapterConfig) throws(LoLDUError) {
+        let config = config.resolved(fullRank: factors.rank)
         let r = config.rank
         guard r >= 1, r <= factors.rank else {
-            throw .invalid("config.rank must be in [1, \(factors.rank)] (the rank of the shared factors), got \(r)")
+            throw .invalid("config.rank must be 0 (the shared factors' rank) or in [1, \(factors.rank)], got \(r)")
         }
         try config.validate(m: factors.m, n: factors.n)
         let d = factors.diagonal[0..<r].map { Double($0) }

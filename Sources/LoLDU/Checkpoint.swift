@@ -233,6 +233,7 @@ public final class Checkpoint: @unchecked Sendable {
             guard m >= 1, n >= 1, m <= Int(Int32.max), n <= Int(Int32.max) else { throw fail("layers[\"\(name)\"] has a bad shape") }
             var c = AdapterConfig()
             c.rank = try field("r") { $0.int }
+            guard c.rank >= 1 else { throw fail("layers[\"\(name)\"].r must be >= 1, got \(c.rank)") }
             c.alpha = try field("alpha") { $0.double }
             let zInitName = try field("z_init") { $0.string }
             guard let zInit = ZInit.allCases.first(where: { $0.name == zInitName }) else {

@@ -94,7 +94,9 @@ public enum ComputePath: Int32, Sendable, CaseIterable {
 
 /// Everything that decides an adapter besides its weight. Validated by `validate(m:n:)`.
 public struct AdapterConfig: Sendable, Equatable {
-    public var rank: Int = 8
+    /// `r`; `0` (the default) means full rank: `min(m, n)`, or the shared factors' rank for a
+    /// derived adapter (see ``resolved(fullRank:)``).
+    public var rank: Int = 0
     /// `σ = alpha / rank`; `0` means `alpha = rank`, so `σ = 1` (the paper's runs).
     public var alpha: Double = 0
     public var zInit: ZInit = .lu
@@ -106,13 +108,20 @@ public struct AdapterConfig: Sendable, Equatable {
 
     public init() {}
 
+    /// This configuration with rank `0` replaced by `fullRank`.
+    public func resolved(fullRank: Int) -> AdapterConfig {
+        var c = self
+        if c.rank == 0 { c.rank = fullRank }
+        return c
+    }
+
     public var effectiveAlpha: Double { alpha == 0 ? Double(rank) : alpha }
     public var sigma: Double { effectiveAlpha / Double(rank) }
 
     public func validate(m: Int, n: Int) throws(LoLDUError) {
         let k = min(m, n)
-        guard rank >= 1, rank <= k else {
-            throw .invalid("config.rank must be in [1, min(m, n)] = [1, \(k)], got \(rank)")
+        guard rank >= 0, rank <= k else {
+            throw .invalid("config.rank must be 0 (full rank) or in [1, min(m, n)] = [1, \(k)], got \(rank)")
         }
         guard alpha.isFinite, alpha >= 0 else {
             throw .invalid("config.alpha must be finite and >= 0 (0 means alpha = rank), got \(alpha)")

@@ -56,8 +56,8 @@ import Testing
         Case(name: "m × n overflows", expected: LOLDU_ERR_SHAPE, mentions: "too large") {
             create(m: Int64(Int32.max), n: Int64(Int32.max))
         },
-        Case(name: "r = 0", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "config.rank must be in [1, min(m, n)] = [1, 3], got 0") {
-            create { $0.rank = 0 }
+        Case(name: "r < 0", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "config.rank must be 0 (full rank) or in [1, min(m, n)] = [1, 3], got -1") {
+            create { $0.rank = -1 }
         },
         Case(name: "r > min(m, n)", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "got 4") { create { $0.rank = 4 } },
         Case(name: "negative alpha", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "config.alpha") { create { $0.alpha = -1 } },

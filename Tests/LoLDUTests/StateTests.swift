@@ -221,16 +221,23 @@ import Testing
         var config = loldu_config()
         #expect(loldu_config_default(&config) == LOLDU_OK)
         #expect(config.struct_size == UInt32(MemoryLayout<loldu_config>.size))
-        #expect(config.rank == 8 && config.alpha == 0 && config.z_init == LOLDU_INIT_LU.i32)
+        #expect(config.rank == 0 && config.alpha == 0 && config.z_init == LOLDU_INIT_LU.i32)  // full rank
         #expect(config.residual == LOLDU_RESIDUAL_PIVOTS.i32 && config.train_sigma == 1)
 
         var random = TestRandom(59)
         let adapter = try TestAdapter<Float>(m: 12, n: 10, weight: random.array(120), bias: random.array(12))
         let info = adapter.info
-        #expect(info.m == 12 && info.n == 10 && info.rank == 8 && info.dtype == LOLDU_FLOAT32.i32)
-        #expect(info.alpha == 8 && info.sigma == 1 && info.num_trainable == 9 && info.has_bias == 1)
+        #expect(info.m == 12 && info.n == 10 && info.rank == 10 && info.dtype == LOLDU_FLOAT32.i32)
+        #expect(info.alpha == 10 && info.sigma == 1 && info.num_trainable == 11 && info.has_bias == 1)
         #expect(info.enabled == 1 && info.merged == 0 && info.path == LOLDU_PATH_AUTO.i32)
-        #expect(info.bytes_factors >= Int64(8 * (12 + 10) * 4) && info.bytes_merged == 0)
+        #expect(info.bytes_factors >= Int64(10 * (12 + 10) * 4) && info.bytes_merged == 0)
+
+        // Rank 0 in a derived adapter's config: the shared factors' rank.
+        let base = try TestAdapter<Float>(m: 12, n: 10, weight: adapter.weight) { $0.rank = 4 }
+        var derived: OpaquePointer?
+        #expect(loldu_adapter_derive(&derived, base.handle, &config) == LOLDU_OK)
+        #expect(adapterInfo(derived!).rank == 4)
+        loldu_adapter_free(derived)
     }
 
     @Test func borrowedWeightComputesLikeACopy() throws {

@@ -104,7 +104,7 @@ final class TestAdapter<T: TestScalar> {
         self.handle = handle
         self.m = m
         self.n = n
-        rank = Int(config.rank)
+        rank = Int(adapterInfo(handle).rank)  // (config.rank 0 means full rank)
         self.weight = weight
         self.bias = bias
     }

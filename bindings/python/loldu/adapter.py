@@ -76,7 +76,8 @@ def _choice(value: str, choices: tuple, what: str) -> int:
 class AdapterConfig:
     """Everything that decides an adapter besides its weight (``loldu_config``).
 
-    rank:          r, in [1, min(m, n)].
+    rank:          r, in [1, min(m, n)], or "full" (the default): min(m, n) (for ``derive``: the
+                   shared factors' rank).
     alpha:         σ = alpha / rank; 0 (the default) means alpha = rank, i.e. σ = 1.
     z_init:        'lu' (z = D_r, the paper's default), 'constant', 'uniform', 'normal',
                    's_uniform', 's_normal', 'ones', 'zeros'.
@@ -88,7 +89,7 @@ class AdapterConfig:
                    binding keeps the array alive, the caller must not change it.
     """
 
-    rank: int = 8
+    rank: int | str = "full"
     alpha: float = 0.0
     z_init: str = "lu"
     residual: str = "pivots"
@@ -102,11 +103,11 @@ class AdapterConfig:
         check(_capi.loldu_config_default(ctypes.byref(c)))
         c.z_init = _choice(self.z_init, Z_INITS, "z_init")
         c.residual = _choice(self.residual, RESIDUALS, "residual")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
-            raise InvalidArgumentError(f"rank must be an int, got {self.rank!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-        if not -(2**63) <= int(self.rank) < 2**63:
-            raise InvalidArgumentError(f"rank is out of range, got {self.rank}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-        c.rank = int(self.rank)
+        if self.rank != "full" and (isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer))):
+            raise InvalidArgumentError(f"rank must be an int or 'full', got {self.rank!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        if self.rank != "full" and not 1 <= int(self.rank) < 2**63:
+            raise InvalidArgumentError(f"rank must be >= 1 or 'full', got {self.rank}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        c.rank = 0 if self.rank == "full" else int(self.rank)
         c.alpha = float(self.alpha if self.alpha is not None else 0.0)
         if not 0 <= int(self.seed) < 2**64:
             raise InvalidArgumentError(f"seed must be in [0, 2**64), got {self.seed}", _capi.LOLDU_ERR_INVALID_ARGUMENT)

@@ -282,7 +282,7 @@ def test_bad_inputs_raise_documented_exceptions():
         loldu.Adapter(w, np.zeros(8))
     with pytest.raises(loldu.ShapeError, match=r"bias has shape \(6,\), expected \(8,\)"):
         loldu.Adapter(w, np.zeros(6, np.float32))
-    with pytest.raises(loldu.InvalidArgumentError, match=r"config.rank must be in \[1, min\(m, n\)\] = \[1, 6\], got 7"):
+    with pytest.raises(loldu.InvalidArgumentError, match=r"config.rank must be 0 \(full rank\) or in \[1, min\(m, n\)\] = \[1, 6\], got 7"):
         loldu.Adapter(w, rank=7)
     with pytest.raises(loldu.InvalidArgumentError, match="z_init must be one of"):
         loldu.Adapter(w, rank=4, z_init="svd")

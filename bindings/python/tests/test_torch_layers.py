@@ -257,7 +257,7 @@ def test_bad_inputs_raise_clear_exceptions():
         emb(torch.zeros(3))
     with pytest.raises(loldu.DTypeError, match="libloldu computes in float32, float64, bfloat16 or float16"):
         lt.LoLDULinear(nn.Linear(5, 3).to(torch.float8_e4m3fn), rank=2)
-    with pytest.raises(loldu.InvalidArgumentError, match="rank must be in"):
+    with pytest.raises(loldu.InvalidArgumentError, match=r"rank must be 0 \(full rank\) or in"):
         lt.LoLDULinear(nn.Linear(5, 3), rank=4)
     with pytest.raises(loldu.InvalidArgumentError, match="LoLDULinear wraps Linear"):
         lt.LoLDULinear(nn.Conv2d(3, 4, 2))

@@ -102,7 +102,7 @@ def test_regex_targets_and_bad_targets(model):
         lt.add_loldu(model, ["nonexistent"])
     with pytest.raises(loldu.InvalidArgumentError, match="is a BertSelfAttention; LoLDU adapts nn.Linear"):
         lt.add_loldu(model, r"encoder\.layer\.0\.attention\.self")
-    with pytest.raises(loldu.InvalidArgumentError, match=r"encoder.layer.0.intermediate.dense: config.rank must be in"):
+    with pytest.raises(loldu.InvalidArgumentError, match=r"encoder.layer.0.intermediate.dense: config.rank must be 0 \(full rank\) or in"):
         lt.add_loldu(model, ["intermediate.dense"], rank=1000)
     lt.add_loldu(model, ["query"], rank=4)  # adapted already: left as is
     assert len(lt.loldu_layers(model)) == 12

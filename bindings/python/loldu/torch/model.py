@@ -52,7 +52,7 @@ def loldu_layers(model: nn.Module) -> dict[str, LoLDULayer]:
 def add_loldu(
     model: nn.Module,
     target_modules,
-    rank: int | str = 8,
+    rank: int | str = "full",
     alpha: float | None = None,
     z_init: str = "lu",
     residual: str = "pivots",
@@ -69,7 +69,7 @@ def add_loldu(
     (``r".*\\.attention\\.self\\.(query|value)"``), or a list of names or name suffixes
     (``["query", "value"]``), as in PEFT. Matched modules must be ``nn.Linear``, ``nn.Conv1d/2d/3d``
     or ``nn.Embedding`` on the CPU in float32, float64, bfloat16 or float16. ``rank``: an int or
-    ``"full"`` (``min(m, n)`` per layer); ``alpha``: σ = alpha / rank (``None``: alpha = rank,
+    ``"full"`` (``min(m, n)`` per layer, the default); ``alpha``: σ = alpha / rank (``None``: alpha = rank,
     σ = 1). Layer ``i`` (in model order) gets seed ``seed + i``. Modules that are LoLDU layers
     already get the new adapter beside their others (on the same factors); an adapter they have
     already is left as it is. With ``mark_trainable`` (as PEFT's ``get_peft_model``) only the
