@@ -12,9 +12,11 @@ parameters, the adapter's bytes on disk and the wall time, saves the adapter, re
 fresh model and checks the predictions are identical, merges and checks again, and plots the
 loss and accuracy.
 
-With ``--compare`` it runs the same data and budget for LoLDU (r = 64 and full rank 384), PEFT
-LoRA (r = 16 on query and value), a linear probe (head only) and full fine-tuning, and writes
-the table to docs/results.md with the command that produced it.
+The defaults (full rank, learning rate 1e-3) are what the learning-fidelity study
+(examples/python/study.py, docs/results.md) found best. With ``--compare`` it runs the same data
+and budget for LoLDU (full rank and r = 64), PEFT LoRA (r = 16 on query and value), a linear probe
+(head only), full fine-tuning and both adapters on a bfloat16 encoder, and writes the table to
+docs/results.md with the command that produced it.
 """
 
 from __future__ import annotations
@@ -136,12 +138,12 @@ def accuracy(logits, labels) -> float:
 # ---------------------------------------------------------------------------------------------
 
 METHODS = {
-    "loldu": "LoLDU r = 64 (query, value)",
-    "loldu-full": "LoLDU full rank 384 (query, value)",
+    "loldu": "LoLDU full rank 384 (query, value)",
+    "loldu-64": "LoLDU r = 64 (query, value)",
     "lora": "PEFT LoRA r = 16 (query, value)",
     "probe": "linear probe (head only)",
     "full": "full fine-tuning",
-    "loldu-bf16": "LoLDU r = 64 (query, value), bfloat16 encoder",
+    "loldu-bf16": "LoLDU full rank 384 (query, value), bfloat16 encoder",
     "lora-bf16": "PEFT LoRA r = 16 (query, value), bfloat16 encoder",
 }
 
@@ -152,8 +154,8 @@ def prepare(method: str, args) -> tuple[SentenceClassifier, list]:
     method = method.removesuffix("-bf16")
     model = fresh_model(args.seed, dtype)
     targets = args.targets
-    if method in ("loldu", "loldu-full"):
-        rank = "full" if method == "loldu-full" else args.rank
+    if method in ("loldu", "loldu-64"):
+        rank = 64 if method == "loldu-64" else args.rank
         lt.add_loldu(model.encoder, target_modules=targets, rank=rank, alpha=args.alpha, z_init=args.z_init,
                      residual=args.residual)
         encoder_params, lr = lt.loldu_parameters(model.encoder), args.lr
@@ -390,11 +392,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64, help="tokens per sentence")
     parser.add_argument("--targets", nargs="+", default=["query", "value"], help="modules LoLDU adapts")
-    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--rank", type=lambda text: text if text == "full" else int(text), default="full",
+                        help="LoLDU rank: an int or full (min(m, n), the default)")
     parser.add_argument("--alpha", type=float, default=None, help="σ = alpha / rank (default alpha = rank)")
     parser.add_argument("--z-init", default="lu", choices=loldu.Z_INITS)
     parser.add_argument("--residual", default="pivots", choices=loldu.RESIDUALS)
-    parser.add_argument("--lr", type=float, default=3e-3, help="LoLDU learning rate")
+    parser.add_argument("--lr", type=float, default=1e-3, help="LoLDU learning rate")
     parser.add_argument("--head-lr", type=float, default=2e-3)
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--full-lr", type=float, default=5e-5)
