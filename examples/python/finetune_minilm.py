@@ -317,10 +317,12 @@ def demo(args) -> None:
     other.encoder = peft.PeftModel.from_pretrained(other.encoder, lora_dir)
     other.head.load_state_dict(model.head.state_dict())
     through_peft = predict(other, test_ids, test_mask)
-    peft_same = torch.equal(through_peft.argmax(1), reference.argmax(1))
-    print(f"exported as a PEFT LoRA ({lora_dir}) and loaded by peft.PeftModel: predictions "
-          f"{'identical' if peft_same else 'DIFFERENT'} (largest logit difference "
-          f"{float((through_peft - reference).abs().max()):.2e})")
+    agree = float((through_peft.argmax(1) == reference.argmax(1)).float().mean())
+    # float32: the same predictions; bf16: PEFT adds its float32 LoRA product to the bf16 layer's
+    # output where LoLDU rounds W_eff, so predictions at the decision boundary may flip.
+    peft_same = agree == 1.0 if args.dtype == "float32" else agree >= 0.99
+    print(f"exported as a PEFT LoRA ({lora_dir}) and loaded by peft.PeftModel: {agree:.2%} of the "
+          f"predictions agree (largest logit difference {float((through_peft - reference).abs().max()):.2e})")
 
     png = os.path.join(out, "training.png")
     plot(losses, accuracies, before, png)
