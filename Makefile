@@ -82,7 +82,7 @@ test-tsan: $(BUILD)/.apt-ready
 	swift test --sanitize=thread --scratch-path .build-tsan
 
 # C programs against the library, compiled through loldu.pc as a user would.
-$(BUILD)/%: examples/c/%.c build
+$(BUILD)/%: examples/c/%.c examples/c/check.h build
 	cc -std=c11 $(CFLAGS_STRICT) -O2 $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu) -lm -o $@
 
 $(BUILD)/faults: Tests/c/faults.c build

@@ -8,15 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#define CHECK(call)                                                                       \
-    do {                                                                                  \
-        loldu_status s_ = (call);                                                         \
-        if (s_ != LOLDU_OK) {                                                             \
-            fprintf(stderr, "%s failed: %s: %s\n", #call, loldu_status_string(s_),        \
-                    loldu_last_error());                                                  \
-            exit(1);                                                                      \
-        }                                                                                 \
-    } while (0)
+#include "check.h"
 
 enum { M = 6, N = 4, RANK = 2, B = 3 };
 

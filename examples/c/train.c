@@ -13,15 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CHECK(call)                                                                       \
-    do {                                                                                  \
-        loldu_status s_ = (call);                                                         \
-        if (s_ != LOLDU_OK) {                                                             \
-            fprintf(stderr, "%s failed: %s: %s\n", #call, loldu_status_string(s_),        \
-                    loldu_last_error());                                                  \
-            exit(1);                                                                      \
-        }                                                                                 \
-    } while (0)
+#include "check.h"
 
 enum { M = 64, N = 48, RANK = 16, BATCH = 256, PROBE = 8, STEPS = 300 };
 static const char *LAYER = "encoder.layer.0.attention.self.query";
