@@ -378,13 +378,13 @@ def init_changes() -> list[dict]:
     return rows
 
 
-def pending(phases, results) -> list[tuple[Setting, int, tuple[int, int], str]]:
+def pending(phases, results, seeds=FINAL_SEEDS) -> list[tuple[Setting, int, tuple[int, int], str]]:
     done = {r["id"] for r in results}
     plan = []
     if "sweep" in phases:
         plan += [(s, 0, SMALL, "sweep") for s in sweep_settings()]
     if "final" in phases:
-        plan += [(s, seed, LARGE, "final") for seed in FINAL_SEEDS for s in FINAL]
+        plan += [(s, seed, LARGE, "final") for seed in seeds for s in FINAL]
     return [p for p in plan if run_id(p[0], p[1], p[2]) not in done]
 
 
@@ -505,6 +505,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--phase", nargs="+", default=["init", "sweep", "final"], choices=["init", "sweep", "final"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(FINAL_SEEDS), choices=FINAL_SEEDS,
+                        help="the final phase's seeds to run (two processes with one thread each and "
+                             "different seeds share the results file)")
     parser.add_argument("--results", default=RESULTS)
     parser.add_argument("--doc", default=DOC)
     parser.add_argument("--threads", type=int, default=2)
@@ -529,7 +532,7 @@ def main() -> None:
             for row in init_changes():
                 append_result(args.results, row)
             print("init: ‖W_eff − W‖/‖W‖ at initialisation recorded")
-        todo = pending(args.phase, results)
+        todo = pending(args.phase, results, args.seeds)
         print(f"libloldu {loldu.library_version()} ({loldu.library_path}); {len(todo)} runs pending")
         for i, (setting, seed, budget, phase) in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {phase} seed {seed} {budget[0]}/{budget[1]}: {setting.label()}", flush=True)
