@@ -155,7 +155,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     public func grads() throws(LoLDUError) -> UnsafeMutablePointer<P> {
         if let gradStorage { return gradStorage }
         guard let made = Self.allocate(rank + 1) else { throw LoLDUError(.outOfMemory, "out of memory allocating gradients") }
-        made.initialize(repeating: 0, count: rank + 1)
+        made.zero(count: rank + 1)
         gradStorage = made
         return made
     }
@@ -165,14 +165,14 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         guard factors.bias != nil else { return nil }
         if let biasGradStorage { return biasGradStorage }
         guard let made = Self.allocate(m) else { throw LoLDUError(.outOfMemory, "out of memory allocating the bias gradient") }
-        made.initialize(repeating: 0, count: m)
+        made.zero(count: m)
         biasGradStorage = made
         return made
     }
 
     public func zeroGrad() {
-        gradStorage?.update(repeating: 0, count: rank + 1)
-        biasGradStorage?.update(repeating: 0, count: m)
+        gradStorage?.zero(count: rank + 1)
+        biasGradStorage?.zero(count: m)
     }
 
     // MARK: Coefficients
@@ -239,10 +239,10 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         var large = Scratch<P>()    // G = dYᵀ x, or W_eff before rounding (m × n)
 
         init(rank r: Int) throws(LoLDUError) {
-            effectiveCoef = try HeapBuffer(repeating: 0, count: r)
+            effectiveCoef = try HeapBuffer(zeros: r)
             forwardCoef = try HeapBuffer(repeating: .nan, count: r)
-            coef = try HeapBuffer(repeating: 0, count: r)
-            scores = try HeapBuffer(repeating: 0, count: r)
+            coef = try HeapBuffer(zeros: r)
+            scores = try HeapBuffer(zeros: r)
         }
 
         var bytes: Int {
@@ -378,7 +378,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         dx: UnsafeMutablePointer<E>?, h hIn: UnsafePointer<P>?, gradsOut: UnsafeMutablePointer<P>? = nil
     ) throws(LoLDUError) {
         guard batch > 0 else {
-            gradsOut?.update(repeating: 0, count: rank + 1)
+            gradsOut?.zero(count: rank + 1)
             return
         }
         let (m, n, r) = (self.m, self.n, rank)
@@ -386,7 +386,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         let grads: UnsafeMutablePointer<P>
         if let gradsOut { grads = gradsOut } else { grads = try self.grads() }
         let db = gradsOut == nil ? try biasGrad() : nil
-        gradsOut?.update(repeating: 0, count: r + 1)
+        gradsOut?.zero(count: r + 1)
         let wideDY = E.self == G.self ? nil : try s.input2.get(batch * m)
         if let weight = fixedWeight {
             let out = try dx.map { dx throws(LoLDUError) in try computeBuffer(dx, count: batch * n, &s.output) }
@@ -443,7 +443,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
                 factors.project(batch: batch, r: r, x: xG, into: work)
                 h = UnsafePointer(work)
             } else { return }  // unreachable: work holds h whenever h is not given
-            scores.update(repeating: 0, count: r)
+            scores.zero(count: r)
             factors.accumulateScores(batch: batch, r: r, h: h, g: g, .init(table: c, rows: nil), into: scores)
         }
         accumulateScores(scores, into: grads)
@@ -474,10 +474,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     func accumulateScores(_ s: UnsafePointer<P>, into dz: UnsafeMutablePointer<P>) {
         let r = rank
         if config.trainSigma { dz[r] += P.dot(params, s, count: r) }
-        withUnsafeTemporaryAllocation(of: P.self, capacity: r) { sigma in
-            sigma.initialize(repeating: params[r])
-            P.addHadamard(sigma.baseAddress!, s, into: dz, count: r)
-        }
+        P.addScaled(params[r], s, into: dz, count: r)
     }
 
     /// Weight-space backward: for a layer that uses `W_eff` in another way (convolution,
@@ -487,7 +484,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     public func weightBackward(_ dw: UnsafePointer<E>, gradsOut: UnsafeMutablePointer<P>? = nil) throws(LoLDUError) {
         let grads: UnsafeMutablePointer<P>
         if let gradsOut { grads = gradsOut } else { grads = try self.grads() }
-        gradsOut?.update(repeating: 0, count: rank + 1)
+        gradsOut?.zero(count: rank + 1)
         guard fixedWeight == nil else { return }
         let s = try localState()
         let work = try s.h.get(rank * n)

@@ -27,7 +27,7 @@ extension Adapter {
     private static func table(_ group: Group, width r: Int, into table: UnsafeMutablePointer<P>) {
         for (i, adapter) in group.adapters.enumerated() {
             let row = table + i * r
-            row.update(repeating: 0, count: r)
+            row.zero(count: r)
             if adapter.enabled { adapter.coefficients(into: row) }
         }
     }
@@ -68,7 +68,7 @@ extension Adapter {
         _ group: Group, base: Adapter, batch: Int, x: UnsafePointer<E>, dy: UnsafePointer<E>,
         dx: UnsafeMutablePointer<E>?, gradsOut: [UnsafeMutablePointer<P>?]? = nil
     ) throws(LoLDUError) {
-        for (i, out) in (gradsOut ?? []).enumerated() { out?.update(repeating: 0, count: group.adapters[i].rank + 1) }
+        for (i, out) in (gradsOut ?? []).enumerated() { out?.zero(count: group.adapters[i].rank + 1) }
         guard batch > 0 else { return }
         let factors = base.factors
         let (m, n, r, count) = (factors.m, factors.n, group.width, group.adapters.count)
@@ -86,7 +86,7 @@ extension Adapter {
             }
         }
         let coefficients = try HeapBuffer<P>(count: Swift.max(count, 1) * r)
-        let scores = try HeapBuffer<P>(repeating: 0, count: Swift.max(count, 1) * r)
+        let scores = try HeapBuffer<P>(zeros: Swift.max(count, 1) * r)
         let h = try HeapBuffer<P>(count: batch * r), g = try HeapBuffer<P>(count: batch * r)
         let work = G.self == P.self ? nil : try HeapBuffer<G>(count: batch * r)
         let wideX = E.self == G.self ? nil : try HeapBuffer<G>(count: batch * n)

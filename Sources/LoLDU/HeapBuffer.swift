@@ -33,6 +33,12 @@ public final class HeapBuffer<T>: @unchecked Sendable {
         pointer.initialize(repeating: value, count: count)
     }
 
+    /// `count` zeros (for the floating-point types: all bits clear, one `memset`).
+    public convenience init(zeros count: Int) throws(LoLDUError) where T: BinaryFloatingPoint {
+        try self.init(count: count)
+        pointer.zero(count: count)
+    }
+
     deinit { free(pointer) }
 
     public var buffer: UnsafeMutableBufferPointer<T> { .init(start: pointer, count: count) }
@@ -52,4 +58,13 @@ struct Scratch<T> {
     }
 
     var bytes: Int { (storage?.count ?? 0) * MemoryLayout<T>.stride }
+}
+
+extension UnsafeMutablePointer where Pointee: BinaryFloatingPoint {
+    /// Sets `count` values to +0 (all bits clear) with one `memset`. In generic code,
+    /// `update(repeating:)` copies element by element through the type's value witnesses.
+    @inline(__always)
+    func zero(count: Int) {
+        _ = memset(self, 0, count * MemoryLayout<Pointee>.stride)
+    }
 }

@@ -75,13 +75,13 @@ extension LDUFactors {
                 if G.self == P.self {
                     let target = UnsafeMutableRawPointer(out + b * r).assumingMemoryBound(to: P.self)
                     if a < 0 {
-                        target.update(repeating: 0, count: r)
+                        target.zero(count: r)
                     } else {
                         P.hadamard(source, c.table + a * r, into: target, count: r)
                     }
                 } else {
                     if a < 0 {
-                        row.update(repeating: 0, count: r)
+                        row.zero(count: r)
                     } else {
                         P.hadamard(source, c.table + a * r, into: row, count: r)
                     }

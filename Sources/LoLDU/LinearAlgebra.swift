@@ -44,6 +44,8 @@ public protocol BLASScalar: BinaryFloatingPoint, Sendable {
     static func addHadamard(_ a: UnsafePointer<Self>, _ b: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int)
     /// `out[k] += a[k]`.
     static func add(_ a: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int)
+    /// `out[k] += s · a[k]`.
+    static func addScaled(_ s: Self, _ a: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int)
     /// `Σ_k a[k] · b[k]`.
     static func dot(_ a: UnsafePointer<Self>, _ b: UnsafePointer<Self>, count: Int) -> Self
     /// `out[k] = s · a[k] − t · b[k]`.
@@ -62,6 +64,10 @@ extension BLASScalar {
 
     public static func add(_ a: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int) {
         for k in 0..<count { out[k] += a[k] }
+    }
+
+    public static func addScaled(_ s: Self, _ a: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int) {
+        for k in 0..<count { out[k] += s * a[k] }
     }
 
     public static func dot(_ a: UnsafePointer<Self>, _ b: UnsafePointer<Self>, count: Int) -> Self {

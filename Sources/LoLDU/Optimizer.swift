@@ -311,9 +311,9 @@ final class State<T: BLASScalar>: ParameterState {
     var initialized = false
 
     init(count: Int) throws(LoLDUError) {
-        momentum = try HeapBuffer(repeating: 0, count: count)
-        expAvg = try HeapBuffer(repeating: 0, count: count)
-        expAvgSq = try HeapBuffer(repeating: 0, count: count)
+        momentum = try HeapBuffer(zeros: count)
+        expAvg = try HeapBuffer(zeros: count)
+        expAvgSq = try HeapBuffer(zeros: count)
     }
 
     var buffers: [UnsafeBufferPointer<UInt8>] {
