@@ -213,7 +213,8 @@ def z_scales(model, update: str) -> dict:
             s = 1.0 / (np.linalg.norm(a.factor("lower"), axis=0) * np.linalg.norm(a.factor("upper"), axis=1))
         else:
             raise ValueError(update)
-        scales[layer.loldu_z] = torch.from_numpy(s.astype(np.float64)).to(layer.loldu_z.dtype)
+        z = layer.loldu_z[layer.active_adapter]
+        scales[z] = torch.from_numpy(s.astype(np.float64)).to(z.dtype)
     return scales
 
 
@@ -349,7 +350,7 @@ def run(setting: Setting, seed: int, budget: tuple[int, int], phase: str, progre
         losses, accuracies, step = fm.train(model, groups, data, args, progress=progress,
                                             make_optimizer=make_optimizer)
         final_change = relative_changes(model.encoder)
-        sigmas = [float(layer.loldu_sigma) for layer in lt.loldu_layers(model.encoder).values()]
+        sigmas = [float(layer.loldu_sigma[layer.active_adapter]) for layer in lt.loldu_layers(model.encoder).values()]
         record.update(accuracy=accuracies[-1], accuracy_per_epoch=accuracies, final_loss=losses[-1],
                       final_loss_mean20=float(np.mean(losses[-20:])), step_seconds=step,
                       final_change_median=float(np.median(final_change)),
