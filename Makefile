@@ -134,9 +134,11 @@ fuzz: $(BUILD)/fuzz $(FUZZ_CORPUS)
 # do not fight libloldu's BLAS threads for the cores (see README, "Performance").
 PY_RUN = LOLDU_LIBRARY=$(LIB) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON)
 
-# The Python examples, short: two adapters trained on two tasks and served in one mixed batch.
+# The Python examples, short: two adapters trained on two tasks and served in one mixed batch;
+# the study's finalists, each a few steps on a few sentences.
 test-examples: build python-setup
 	$(PY_RUN) examples/python/many_adapters.py --quick
+	$(PY_RUN) examples/python/study.py --selftest --threads 1
 
 # DTYPE=bfloat16: the encoder in bf16 (bf16 GEMMs on CPUs with bf16 units).
 DTYPE ?= float32

@@ -249,6 +249,13 @@ def selftest() -> None:
     print(f"ScaledAdamW vs torch AdamW: max |difference| {diff:.2e}; vs AdamW on δ: {rdiff:.2e}")
     if diff > 1e-5 or rdiff > 1e-4:
         raise SystemExit("selftest failed")
+    # Every finalist runs end to end on a few sentences (a run that fails is recorded, not raised:
+    # catch it here rather than after hours of CPU).
+    for setting in FINAL:
+        record = run(setting, 0, (64, 32), "selftest", False)
+        if "error" in record or not 0 <= record["accuracy"] <= 1:
+            raise SystemExit(f"selftest failed: {setting.label()}: {record.get('error')}")
+    print(f"the {len(FINAL)} finalists run")
 
 
 # ---------------------------------------------------------------------------------------------
