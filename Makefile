@@ -149,7 +149,7 @@ demo: build python-setup
 compare: build python-setup
 	$(PY_RUN) examples/python/finetune_minilm.py --compare
 
-# The learning-fidelity study (issue 15): hours of CPU, resumable (build/study/results.jsonl keeps
+# The learning-fidelity study: hours of CPU, resumable (build/study/results.jsonl keeps
 # finished runs; start it again to continue); rewrites the study section of docs/results.md.
 study: build python-setup
 	$(PY_RUN) examples/python/study.py $(STUDY_ARGS)

@@ -5,7 +5,7 @@
  *   steps    One training step (forward + backward with dX) on each compute path and on AUTO, as a
  *            ratio to the bare layer's two GEMMs (x Wᵀ and dY W) computed by the library itself
  *            (a disabled adapter: exactly those two products, through the same GEMM library),
- *            next to the step's FLOP lower bound (DESIGN.md). OpenBLAS's own SGEMMs are timed
+ *            next to the step's FLOP lower bound (docs/design.md). OpenBLAS's own SGEMMs are timed
  *            alongside. z changes before every step, as in training, so a merged weight must be
  *            rebuilt each time.
  *   init     loldu_adapter_create (panel LU) against LAPACK's full getrf of W.
@@ -141,7 +141,7 @@ static double median_ratio(const double *num, const double *den, int n) {
     return m;
 }
 
-/* FLOPs of a training step on each path (DESIGN.md), h kept from forward to backward. */
+/* FLOPs of a training step on each path (docs/design.md), h kept from forward to backward. */
 static double step_flops(int path, double m, double n, double r, double b) {
     switch (path) {
     case LOLDU_PATH_FACTORED: return 4 * b * m * n + 4 * b * r * (m + n);
@@ -916,7 +916,7 @@ int main(int argc, char **argv) {
             "through the same GEMM library as the steps (the library sends float32 to %s here). OpenBLAS's own\n"
             "two SGEMMs are timed in the same repetitions (last column). `z` changes before every step, as in\n"
             "training, so the merged paths rebuild `W_eff` every step. The FLOP bound is the cheapest path's\n"
-            "FLOP count over the bare layer's (DESIGN.md); the target is auto within 1.10× of it, and the\n"
+            "FLOP count over the bare layer's (docs/design.md); the target is auto within 1.10× of it, and the\n"
             "chooser (`auto picks`) choosing the fastest path.\n\n%s\n"
             "Targets: every step within 1.10× of its bound: **%s**; chooser picks the fastest path (within 3%%) on\n"
             "every shape: **%s**.\n\n",

@@ -1,6 +1,6 @@
 """What a user would otherwise pick, written in plain PyTorch for the benchmarks.
 
-- ``ReferenceLoLDU``: the LoLDU formulation as the paper describes it (DESIGN.md): a full
+- ``ReferenceLoLDU``: the LoLDU formulation as the paper describes it (docs/design.md): a full
   ``torch.linalg.lu`` of W, a dense m × m permutation P, the residual formed by dense products,
   and the whole m × n update ``σ P L_r diag(z) U_r`` rebuilt on every forward.
 - ``pissa_init`` / ``pissa_init_lowrank``: PiSSA-style initialisation by SVD.

@@ -575,8 +575,9 @@ typedef struct loldu_optimizer loldu_optimizer;
 
 /**
  * Creates an optimiser over `count` ≥ 1 different adapters (`adapters` read; the optimiser keeps
- * them alive until it is freed; adapters of both element types may be mixed). Its state
- * (momentum, first and second moments) is in each adapter's element type, as in torch.
+ * them alive until it is freed; adapters of any element types may be mixed). Its state
+ * (momentum, first and second moments) is in each adapter's parameter type (float32; float64 for
+ * float64 adapters), like z and σ.
  */
 LOLDU_API loldu_status loldu_optimizer_create(loldu_optimizer **out, const loldu_optimizer_config *config,
                                               loldu_adapter *const *adapters, size_t count);
@@ -625,7 +626,8 @@ LOLDU_API loldu_status loldu_optimizer_load(loldu_optimizer *optimizer, const ch
 /* ---------------------------------------------------------------------------------------
  * Checkpoints: a directory like PEFT's save_pretrained
  *   adapter_model.safetensors  per layer NAME: "NAME.loldu_z" (rank values) and
- *                              "NAME.loldu_sigma" (1 value), in the adapter's element type;
+ *                              "NAME.loldu_sigma" (1 value), in the parameter type (float32;
+ *                              float64 for float64 adapters);
  *                              the header's __metadata__ holds fingerprints of each layer's base
  *                              weight and pivots. About 4·(rank + 1) bytes per layer (float).
  *   adapter_config.json        rank, alpha, z init, residual mode, shapes, target names,
@@ -684,8 +686,10 @@ LOLDU_API loldu_status loldu_checkpoint_layer(const loldu_checkpoint *checkpoint
  * Sets z and σ of `adapter` from layer `name`, both or neither (LOLDU_ERR_NOT_FINITE if σ·z_k
  * would overflow the adapter's type, changing nothing). The adapter's base weight and pivots must have the
  * fingerprints that were saved (of the weight's contents at save time: a borrowed weight must not
- * have changed since the adapter was created), and its dtype, shape and rank must match: otherwise
- * LOLDU_ERR_MISMATCH (nothing is changed). Outputs are then bit for bit those of the saved
+ * have changed since the adapter was created), its shape, parameter type (float32 or float64: a
+ * checkpoint saved on a bf16 model applies to its float32 copy) and configuration (rank, alpha,
+ * z_init, residual, seed, train_sigma: loldu_checkpoint_layer's) must match: otherwise
+ * LOLDU_ERR_MISMATCH naming the difference (nothing is changed). Outputs are then bit for bit those of the saved
  * adapter on the same compute path (same machine, BLAS and thread count: some BLAS kernels sum
  * in an order that depends on the threads). LOLDU_PATH_AUTO may reuse a merged
  * weight cached by earlier calls, which agrees to rounding only: fix the path with
@@ -780,7 +784,7 @@ LOLDU_API loldu_status loldu_lora_options_default(loldu_lora_options *options);
  *
  * @param options NULL for the defaults.
  * @return LOLDU_ERR_NOT_FINITE naming the layer if its z or σ is not finite; LOLDU_ERR_IO if dir
- *         exists (without replace) or cannot be written.
+ *         exists and is not an empty directory (without replace) or cannot be written.
  */
 LOLDU_API loldu_status loldu_export_lora(const char *dir, loldu_adapter *const *adapters, const char *const *names,
                                          size_t count, const loldu_lora_options *options);

@@ -12,7 +12,7 @@ enum Exit: Int32 {
     case ok = 0
     case failure = 1   // the operation failed: the message says why
     case usage = 2     // the command line is wrong
-    case mismatch = 3  // verify: the adapter was not trained on this base
+    case mismatch = 3  // the adapter was not trained on this base (any command)
 }
 
 struct Failure: Error {
@@ -54,7 +54,8 @@ let usage = """
       --version        the library version
 
     exit codes: 0 success; 1 failure (the message says why); 2 bad command line;
-                3 (verify) the adapter does not match the base model.
+                3 the adapter does not match the base model (verify reports the layers;
+                export-lora and merge refuse).
     """
 
 let helps: [String: String] = [

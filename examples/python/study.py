@@ -1,4 +1,4 @@
-"""The learning-fidelity study (issue 15): which LoLDU setup comes closest to LoRA on a real task.
+"""The learning-fidelity study: which LoLDU setup comes closest to LoRA on a real task.
 
     python3 examples/python/study.py                 # `make study`: every pending run, then the doc
     python3 examples/python/study.py --list          # the runs, done or pending, with no training
@@ -123,7 +123,7 @@ def R(lr: float, targets: str = "qv") -> Setting:
 # The sweep (small budget, seed 0), in the order it runs. Groups: (title, settings).
 SWEEP: list[tuple[str, list[Setting]]] = [
     ("LoRA r = 16 (q, v): learning rate", [R(lr) for lr in (1e-4, 3e-4, 1e-3, 3e-3)]),
-    ("LoLDU r = 64, σ₀ = 1 trained (today's default): learning rate",
+    ("LoLDU r = 64, σ₀ = 1 trained (the former default): learning rate",
      [L(rank=64, lr=lr) for lr in (1e-4, 3e-4, 1e-3, 3e-3)]),
     ("LoLDU full rank, σ₀ = 1 trained: learning rate",
      [L(rank="full", lr=lr) for lr in (1e-4, 3e-4, 1e-3, 3e-3)]),
@@ -420,7 +420,7 @@ def md(text: str) -> str:
 
 def render(results: list[dict]) -> str:
     by_id = {r["id"]: r for r in results}
-    lines = [BEGIN, "", "## Learning-fidelity study (issue 15)", ""]
+    lines = [BEGIN, "", "## Learning-fidelity study", ""]
     lines += [
         "Produced by `make study` (`python3 examples/python/study.py`; resumable: runs are appended to "
         "`build/study/results.jsonl` and skipped when done; this section is rewritten from that file). "

@@ -11,13 +11,14 @@ Three layers:
   LoRA), ``merge_model`` (a checkpoint merged into a model's safetensors files), threads,
   ``gemm_backend``;
 - ``loldu.torch`` (imported on demand, needs PyTorch): modules that turn ``nn.Linear``,
-  ``nn.Conv2d`` and ``nn.Embedding`` layers of an existing model into LoLDU layers, and
+  ``nn.Conv1d/2d/3d`` and ``nn.Embedding`` layers of an existing model into LoLDU layers, and
   PEFT-style helpers (``add_loldu``, ``save_loldu``, ``load_loldu``, ...).
 
 Import-time behaviour:
 
 - ``libloldu.so`` is looked for through ``LOLDU_LIBRARY``, then this package's folder, then
-  the repository's ``.build/release`` (see ``loldu._capi``); ``FileNotFoundError`` lists them.
+  the repository's ``.build/release``, then the system's library path (see ``loldu._capi``);
+  ``FileNotFoundError`` lists them.
 - ``OPENBLAS_CORETYPE``: Debian's OpenBLAS 0.3.21 misdetects recent Intel CPUs and falls back
   to very slow kernels. Unless you set it, the package sets ``OPENBLAS_CORETYPE`` before the
   library (and with it OpenBLAS) is loaded: ``SkylakeX`` when ``/proc/cpuinfo`` has

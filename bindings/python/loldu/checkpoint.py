@@ -115,7 +115,8 @@ class Checkpoint(_HandleOwner):
 
     def apply(self, name: str, adapter: Adapter) -> None:
         """Sets the adapter's z and σ from layer ``name``; ``MismatchError`` (nothing changed) if
-        its base weight, pivots, dtype, shape or configuration differ from the saved ones."""
+        its base weight, pivots, shape, parameter type (float32 or float64) or configuration differ
+        from the saved ones."""
         check(_capi.loldu_checkpoint_apply(self.handle, name.encode("utf-8"), adapter.handle))
 
     def create(self, name: str, weight: np.ndarray, bias=None, *, borrow_weight: bool = False) -> Adapter:

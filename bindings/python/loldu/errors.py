@@ -24,7 +24,7 @@ CANCELLED (13)         ``CancelledError``          ``RuntimeError``
 =====================  ==========================  ==================
 
 The binding raises the same classes for the mistakes it catches before calling the library
-(a float16 array is a ``DTypeError``, a non-contiguous one a ``ShapeError``...), with the
+(an int32 array is a ``DTypeError``, a non-contiguous one a ``ShapeError``...), with the
 status the library would have returned. ``DeviceError`` (an ``InvalidArgumentError``) is for
 tensors that are not on the CPU.
 """

@@ -88,6 +88,11 @@ def test_verify_accepts_the_base_and_names_the_layers_of_another(trained_minilm,
     bad = run("verify", checkpoint, "--base", other, check_code=3)
     assert "MISMATCH encoder.layer.3.attention.self.query" in bad.stdout
     assert bad.stdout.count("MISMATCH") == 1 and "1 of 19 layers do not match" in bad.stderr
+    # Every command refuses another base with the same exit code, and writes nothing.
+    for command in ("merge", "export-lora"):
+        refused = run(command, checkpoint, "--base", other, "--out", tmp_path / command, check_code=3)
+        assert "encoder.layer.3.attention.self.query" in refused.stderr, refused.stderr
+        assert not (tmp_path / command).exists()
 
 
 def test_export_lora_writes_what_the_library_writes(trained_minilm, tmp_path):

@@ -3,7 +3,7 @@ helpers for existing models and training scripts::
 
     import loldu.torch as lt
 
-    lt.add_loldu(model, target_modules=["query", "value"], rank=64)   # or a regex string
+    lt.add_loldu(model, target_modules=["query", "value"])   # full rank; or rank=64, a regex
     lt.print_trainable_parameters(model)          # only loldu_z (and loldu_sigma) train
     opt = torch.optim.AdamW(lt.loldu_parameters(model), lr=1e-3)     # or lt.Optimizer(model, ...)
     ...the usual training loop...
