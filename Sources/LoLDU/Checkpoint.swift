@@ -3,8 +3,9 @@ import Glibc
 /// Adapter checkpoints: a directory like PEFT's `save_pretrained`.
 ///
 /// - `adapter_model.safetensors`: per layer `NAME.loldu_z` (`r`) and `NAME.loldu_sigma` (`1`)
-///   in the parameter type (float32, float64 for float64 adapters); `__metadata__` holds `NAME.weight_fingerprint` and
-///   `NAME.pivots_fingerprint` (see ``fingerprint(_:)``), `format` and the library version.
+///   in the parameter type (float32, float64 for float64 adapters); `__metadata__` holds
+///   `NAME.weight_fingerprint` and `NAME.pivots_fingerprint` (see ``fingerprint(_:)``), `format`
+///   and the library version.
 /// - `adapter_config.json`: the shared settings at the top level (from the first layer), the
 ///   layer names in `target_modules`, and every layer's dtype, shape and configuration in
 ///   `layers`.
