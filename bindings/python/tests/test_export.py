@@ -334,7 +334,7 @@ def test_bad_model_directories_are_refused_and_leave_no_output(trained_minilm, t
         if done > total // 2:
             raise KeyboardInterrupt
 
-    refused(KeyboardInterrupt, "", minilm_dir(), progress=stop)
+    refused(KeyboardInterrupt, None, minilm_dir(), progress=stop)
     with pytest.raises(loldu.InvalidArgumentError, match="float32, bfloat16 or float16"):
         loldu.merge_model(checkpoint, minilm_dir(), out, dtype="float64")
     # An empty directory is filled (as after `mkdir out`); one with files is never touched.

@@ -181,7 +181,7 @@ class LoLDULayer(nn.Module):
     def _restore(adapter: Adapter, values) -> None:
         z, sigma = values
         adapter.set_z(z.detach().cpu().to(parameter_dtype(adapter)).numpy())
-        adapter.sigma = float(sigma.reshape(-1)[0])
+        adapter.sigma = float(sigma.detach().reshape(-1)[0])
 
     def _factor(self, matrix: torch.Tensor, rank: int, borrow: bool) -> None:
         """Factors the base weight at ``rank`` and moves every adapter onto the new factors,
