@@ -453,7 +453,9 @@ def render(results: list[dict]) -> str:
                 f"{1e3 * statistics.median(r['step_seconds'] for r in ok):.0f} ms |" if ok else
                 f"| {md(s.label())} | {rs[0]['trainable']:,} | failed | | | | |")
         lines += ["", "Final loss: mean training loss of the last 20 steps (mean over seeds). ‖ΔW‖/‖W‖ after: "
-                  "median over the adapted layers of the relative change of the weight after training.", ""]
+                  "median over the adapted layers of the relative change of the weight after training. Time per "
+                  "step: median over the seeds, each run with the threads it recorded (`threads` in the results "
+                  "file; runs made side by side with `--threads 1` are slower per step).", ""]
 
     lines += ["### Sweep: 1,600 / 800 sentences, seed 0", "",
               "| setting | trainable (encoder) | accuracy per epoch | accuracy | final loss | ‖ΔW‖/‖W‖ at init → after | σ after | time per step |",
