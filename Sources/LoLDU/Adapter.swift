@@ -35,6 +35,10 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     public let params: UnsafeMutablePointer<P>
     /// `σ₀`, the scale folded into `W` (`W_res = W − σ₀ A diag(z_ref) U_r`).
     let sigma0: P
+    /// ``initialChange()`` once computed (NaN before): a `Float`, a ratio reported to a few
+    /// digits, beside `sigma0` in the padding before the next pointer, so that it costs an
+    /// adapter no memory.
+    private var initialChangeCache: Float = .nan
     /// `z_ref` when it is not `D_r` (residual `init` with an init other than `lu`).
     private let zRef: UnsafeMutablePointer<P>?
     private var gradStorage: UnsafeMutablePointer<P>?
@@ -129,8 +133,6 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         path = d.path
     }
 
-    /// ``initialChange()``, once computed.
-    private var initialChangeCache: Double?
 
     deinit {
         free(params)
@@ -186,10 +188,10 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     /// Gram matrices `AᵀA` and `U_r U_rᵀ` that the shared factors keep (``LDUFactors/grams()``), as
     /// `Σ_jk c_j c_k (AᵀA)_jk (U_r U_rᵀ)_jk`, and `‖W‖` (`O(r²)` per adapter).
     public func initialChange() throws(LoLDUError) -> Double {
-        if let initialChangeCache { return initialChangeCache }
-        let change = try computeInitialChange()
+        if !initialChangeCache.isNaN { return Double(initialChangeCache) }
+        let change = Float(try computeInitialChange())
         initialChangeCache = change
-        return change
+        return Double(change)
     }
 
     private func computeInitialChange() throws(LoLDUError) -> Double {

@@ -14,7 +14,11 @@ extension Adapter {
         let adapters: [Adapter]
         let rows: UnsafePointer<Int32>
         /// The largest rank among `adapters` (at least 1).
-        var width: Int { adapters.map(\.rank).max() ?? 1 }
+        var width: Int {
+            var r = 1
+            for adapter in adapters { r = Swift.max(r, adapter.rank) }
+            return r
+        }
 
         public init(adapters: [Adapter], rows: UnsafePointer<Int32>) {
             self.adapters = adapters
@@ -25,8 +29,9 @@ extension Adapter {
     /// `c` of every adapter of the group into a `count × width` table (zeros past each rank,
     /// and for a disabled adapter).
     private static func table(_ group: Group, width r: Int, into table: UnsafeMutablePointer<P>) {
-        for (i, adapter) in group.adapters.enumerated() {
-            let row = table + i * r
+        // Index loops: `enumerated()` in generic code instantiates tuple metadata at run time.
+        for i in group.adapters.indices {
+            let adapter = group.adapters[i], row = table + i * r
             row.zero(count: r)
             if adapter.enabled { adapter.coefficients(into: row) }
         }
@@ -68,14 +73,15 @@ extension Adapter {
         _ group: Group, base: Adapter, batch: Int, x: UnsafePointer<E>, dy: UnsafePointer<E>,
         dx: UnsafeMutablePointer<E>?, gradsOut: [UnsafeMutablePointer<P>?]? = nil
     ) throws(LoLDUError) {
-        for (i, out) in (gradsOut ?? []).enumerated() { out?.zero(count: group.adapters[i].rank + 1) }
+        if let gradsOut { for i in gradsOut.indices { gradsOut[i]?.zero(count: group.adapters[i].rank + 1) } }
         guard batch > 0 else { return }
         let factors = base.factors
         let (m, n, r, count) = (factors.m, factors.n, group.width, group.adapters.count)
         // Everything this call needs, before anything is written (gradients included).
         var grads: [UnsafeMutablePointer<P>?] = []
         var biasGrads: [UnsafeMutablePointer<P>?] = []
-        for (i, adapter) in group.adapters.enumerated() {
+        for i in group.adapters.indices {
+            let adapter = group.adapters[i]
             let live = adapter.enabled && !adapter.merged
             if let gradsOut {
                 grads.append(live ? gradsOut[i] : nil)
@@ -102,8 +108,8 @@ extension Adapter {
             factors.project(batch: batch, r: r, x: xG, into: h.pointer)
             factors.gather(batch: batch, r: r, dy: dyG, into: g.pointer)
             factors.accumulateScores(batch: batch, r: r, h: h.pointer, g: g.pointer, rows, into: scores.pointer)
-            for (i, adapter) in group.adapters.enumerated() {
-                if let dz = grads[i] { adapter.accumulateScores(scores.pointer + i * r, into: dz) }
+            for i in group.adapters.indices {
+                if let dz = grads[i] { group.adapters[i].accumulateScores(scores.pointer + i * r, into: dz) }
             }
             for b in 0..<batch {
                 let a = Int(group.rows[b])

@@ -70,10 +70,19 @@ extension BLASScalar {
         for k in 0..<count { out[k] += s * a[k] }
     }
 
+    /// Eight partial sums (a single one waits on every addition: the compiler may not reorder
+    /// floating-point sums), added pairwise at the end.
     public static func dot(_ a: UnsafePointer<Self>, _ b: UnsafePointer<Self>, count: Int) -> Self {
-        var sum: Self = 0
-        for k in 0..<count { sum += a[k] * b[k] }
-        return sum
+        var s0: Self = 0, s1: Self = 0, s2: Self = 0, s3: Self = 0
+        var s4: Self = 0, s5: Self = 0, s6: Self = 0, s7: Self = 0
+        var k = 0
+        while k + 8 <= count {
+            s0 += a[k] * b[k]; s1 += a[k + 1] * b[k + 1]; s2 += a[k + 2] * b[k + 2]; s3 += a[k + 3] * b[k + 3]
+            s4 += a[k + 4] * b[k + 4]; s5 += a[k + 5] * b[k + 5]; s6 += a[k + 6] * b[k + 6]; s7 += a[k + 7] * b[k + 7]
+            k += 8
+        }
+        while k < count { s0 += a[k] * b[k]; k += 1 }
+        return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
     }
 
     public static func combine(_ s: Self, _ a: UnsafePointer<Self>, _ t: Self, _ b: UnsafePointer<Self>,
