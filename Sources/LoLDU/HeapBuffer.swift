@@ -34,7 +34,7 @@ public final class HeapBuffer<T>: @unchecked Sendable {
     }
 
     /// `count` zeros (for the floating-point types: all bits clear, one `memset`).
-    public convenience init(zeros count: Int) throws(LoLDUError) where T: BinaryFloatingPoint {
+    convenience init(zeros count: Int) throws(LoLDUError) where T: BinaryFloatingPoint {
         try self.init(count: count)
         pointer.zero(count: count)
     }
