@@ -48,15 +48,17 @@ final class HandleTable<Object: Sendable>: Sendable {
         return OpaquePointer(bitPattern: token)!
     }
 
-    func get(_ handle: OpaquePointer?, _ name: String) throws(LoLDUError) -> Object {
+    /// The object of a live handle of this kind. `name` (the argument, for the message) is built
+    /// only on failure: a grouped call looks up every adapter its rows use.
+    func get(_ handle: OpaquePointer?, _ name: @autoclosure () -> String) throws(LoLDUError) -> Object {
         guard let handle else {
-            throw LoLDUError(.nullPointer, "\(name) is NULL; expected a live \(kind) handle")
+            throw LoLDUError(.nullPointer, "\(name()) is NULL; expected a live \(kind) handle")
         }
         guard let entry = registry.withLock({ $0.objects[Self.token(handle)] }) else {
-            throw LoLDUError(.invalidHandle, "\(name) is not a live \(kind) handle (never created, or already freed)")
+            throw LoLDUError(.invalidHandle, "\(name()) is not a live \(kind) handle (never created, or already freed)")
         }
         guard entry.kind == kind, let object = entry.object as? Object else {
-            throw LoLDUError(.invalidHandle, "\(name) is a \(entry.kind) handle, not a \(kind) handle")
+            throw LoLDUError(.invalidHandle, "\(name()) is a \(entry.kind) handle, not a \(kind) handle")
         }
         return object
     }
