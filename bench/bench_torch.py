@@ -802,7 +802,9 @@ def main() -> None:
                   "`c` computed into the coefficient table (r values, in forward and again in backward), the rows "
                   "reading 256 different table rows instead of one, each adapter's dz and dσ reductions over its "
                   "scores, and per-adapter bookkeeping (handle look-up, gradient buffers). Keeping every adapter's "
-                  "`c` cached would save the first at the cost of r more values per adapter."]
+                  "`c` cached would save the first at the cost of r more values per adapter. That time is serial: it is "
+                  "the same with one thread or two (`OMP_NUM_THREADS=1` or `2 build/grouped_loop N 3000` for N = 1 "
+                  "and 256), so the ratio is largest where the GEMMs are fastest."]
     lines += ["", "### Adding a saved adapter to a loaded base", ""] + demote(sections.get("Adding a saved adapter to a loaded base", "(not run)"))
     if not all(v["first_ms"] <= 1 for v in c_load.values()):
         lines += ["", "The first adapter added to a new 4096 × 4096 base takes longer than the later ones: its "
