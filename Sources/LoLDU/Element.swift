@@ -41,25 +41,25 @@ extension Element {
     static var computesInPlace: Bool { Self.self == Compute.self }
 }
 
-extension Float: Element {
-    public typealias Compute = Float
-    public static func widen(_ src: UnsafePointer<Float>, to dst: UnsafeMutablePointer<Float>, count: Int) {
-        if src != UnsafePointer(dst) { dst.update(from: src, count: count) }
+/// A type that is its own compute type: widening and narrowing are copies (none in place), of
+/// raw bytes so that no generic code copies element by element.
+extension Element where Compute == Self {
+    public static func widen(_ src: UnsafePointer<Self>, to dst: UnsafeMutablePointer<Self>, count: Int) {
+        copy(src, to: dst, count: count)
     }
-    public static func narrow(_ src: UnsafePointer<Float>, to dst: UnsafeMutablePointer<Float>, count: Int) {
-        if src != UnsafePointer(dst) { dst.update(from: src, count: count) }
+    public static func narrow(_ src: UnsafePointer<Self>, to dst: UnsafeMutablePointer<Self>, count: Int) {
+        copy(src, to: dst, count: count)
+    }
+    @inline(__always)
+    private static func copy(_ src: UnsafePointer<Self>, to dst: UnsafeMutablePointer<Self>, count: Int) {
+        guard src != UnsafePointer(dst) else { return }
+        UnsafeMutableRawPointer(dst).copyMemory(from: src, byteCount: count * MemoryLayout<Self>.stride)
     }
 }
 
-extension Double: Element {
-    public typealias Compute = Double
-    public static func widen(_ src: UnsafePointer<Double>, to dst: UnsafeMutablePointer<Double>, count: Int) {
-        if src != UnsafePointer(dst) { dst.update(from: src, count: count) }
-    }
-    public static func narrow(_ src: UnsafePointer<Double>, to dst: UnsafeMutablePointer<Double>, count: Int) {
-        if src != UnsafePointer(dst) { dst.update(from: src, count: count) }
-    }
-}
+extension Float: Element { public typealias Compute = Float }
+
+extension Double: Element { public typealias Compute = Double }
 
 /// bfloat16: the top half of a float32 (1 sign, 8 exponent, 7 mantissa bits), as PyTorch's
 /// `torch.bfloat16` and numpy's `ml_dtypes.bfloat16`.
