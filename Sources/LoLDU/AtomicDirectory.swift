@@ -67,12 +67,7 @@ public final class AtomicDirectory {
         let full = file(name)
         let out = open(full, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard out >= 0 else { throw AtomicFile.failure("cannot create", full) }
-        var closed = false
-        defer { if !closed { close(out) } }
-        try body(AtomicFile.Writer(fd: out, path: full))
-        guard fsync(out) == 0 else { throw AtomicFile.failure("cannot flush", full) }
-        closed = true
-        guard close(out) == 0 else { throw AtomicFile.failure("cannot close", full) }
+        try AtomicFile.Writer.fill(out, full, body)
     }
 
     /// Copies the regular file `source` to `name`.

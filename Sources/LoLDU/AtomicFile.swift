@@ -34,6 +34,17 @@ public enum AtomicFile {
         public func write(_ bytes: [UInt8]) throws(LoLDUError) {
             try rethrowing { try bytes.withUnsafeBytes { raw in try write(raw) } }
         }
+
+        /// Runs `body` on the newly created file `fd` (at `path`), then flushes it to disk and
+        /// closes it; `fd` is closed whatever happens.
+        static func fill(_ fd: Int32, _ path: String, _ body: (Writer) throws(LoLDUError) -> Void) throws(LoLDUError) {
+            var closed = false
+            defer { if !closed { close(fd) } }
+            try body(Writer(fd: fd, path: path))
+            guard fsync(fd) == 0 else { throw AtomicFile.failure("cannot flush", path) }
+            closed = true
+            guard close(fd) == 0 else { throw AtomicFile.failure("cannot close", path) }
+        }
     }
 
     static func failure(_ what: String, _ path: String) -> LoLDUError {
@@ -139,16 +150,11 @@ public enum AtomicFile {
             let out = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
             guard out >= 0 else { throw AtomicFile.failure("cannot create a temporary file in", path) }
             let temporary = String(cString: template.withUnsafeBufferPointer { $0.baseAddress! })
-            var closed = false
             do throws(LoLDUError) {
                 _ = fcntl(out, F_SETFD, FD_CLOEXEC)
                 _ = fchmod(out, 0o644)
-                try body(Writer(fd: out, path: temporary))
-                guard fsync(out) == 0 else { throw AtomicFile.failure("cannot flush", temporary) }
-                closed = true
-                guard close(out) == 0 else { throw AtomicFile.failure("cannot close", temporary) }
+                try Writer.fill(out, temporary, body)
             } catch {
-                if !closed { close(out) }
                 unlink(temporary)
                 throw error
             }
