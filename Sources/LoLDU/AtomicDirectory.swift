@@ -94,15 +94,7 @@ public final class AtomicDirectory {
 
     /// Whether `path` is a directory with nothing in it (as `mkdir out` leaves it).
     public static func isEmptyDirectory(_ path: String) -> Bool {
-        guard let dir = opendir(path) else { return false }
-        defer { closedir(dir) }
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
-            }
-            if name != "." && name != ".." { return false }
-        }
-        return true
+        AtomicFile.entries(of: path)?.isEmpty ?? false
     }
 
     /// Puts the directory in place: a new `target`, or in place of an empty directory, if
@@ -170,16 +162,8 @@ public final class AtomicDirectory {
 
     /// Removes temporary directories of `name` whose writers are gone (no one holds their lock).
     private static func removeStale(in parent: String, of name: String) {
-        guard let dir = opendir(parent) else { return }
-        var stale: [String] = []
-        while let entry = readdir(dir) {
-            let entryName = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
-            }
-            if AtomicFile.isTemporary(entryName, of: name) { stale.append("\(parent)/\(entryName)") }
-        }
-        closedir(dir)
-        for path in stale {
+        for entry in AtomicFile.entries(of: parent) ?? [] where AtomicFile.isTemporary(entry, of: name) {
+            let path = "\(parent)/\(entry)"
             let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW)
             guard fd >= 0 else { continue }
             if flock(fd, LOCK_EX | LOCK_NB) == 0 { removeTree(path) }
@@ -191,15 +175,7 @@ public final class AtomicDirectory {
     static func removeTree(_ path: String) {
         var info = stat()
         guard lstat(path, &info) == 0 else { return }
-        if (info.st_mode & S_IFMT) == S_IFDIR, let dir = opendir(path) {
-            var entries: [String] = []
-            while let entry = readdir(dir) {
-                let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                    String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
-                }
-                if name != "." && name != ".." { entries.append(name) }
-            }
-            closedir(dir)
+        if (info.st_mode & S_IFMT) == S_IFDIR, let entries = AtomicFile.entries(of: path) {
             for name in entries { removeTree("\(path)/\(name)") }
             rmdir(path)
         } else {

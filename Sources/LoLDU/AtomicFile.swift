@@ -47,6 +47,20 @@ public enum AtomicFile {
         }
     }
 
+    /// The names in directory `path` (without "." and ".."), or nil when it cannot be read.
+    static func entries(of path: String) -> [String]? {
+        guard let dir = opendir(path) else { return nil }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
     static func failure(_ what: String, _ path: String) -> LoLDUError {
         LoLDUError(.io, "\(what) \"\(path)\": \(String(cString: strerror(errno)))")
     }
@@ -131,16 +145,9 @@ public enum AtomicFile {
 
         /// Removes `.NAME.XXXXXX` files left by killed writers (call with the exclusive lock).
         public func removeStaleTemporaries(of names: [String]) {
-            guard let dir = opendir(path) else { return }
-            defer { closedir(dir) }
-            var stale: [String] = []
-            while let entry = readdir(dir) {
-                let entryName = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                    String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
-                }
-                for name in names where AtomicFile.isTemporary(entryName, of: name) { stale.append(entryName) }
+            for entry in AtomicFile.entries(of: path) ?? [] where names.contains(where: { AtomicFile.isTemporary(entry, of: $0) }) {
+                unlinkat(fd, entry, 0)
             }
-            for entryName in stale { unlinkat(fd, entryName, 0) }
         }
 
         /// Writes a new version of `name` to a temporary file, flushed to disk; returns its path

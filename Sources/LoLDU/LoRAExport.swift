@@ -96,13 +96,9 @@ public enum LoRAExport {
         guard (info.st_mode & S_IFMT) == S_IFDIR else {
             throw LoLDUError(.io, "\"\(directory)\" is \(AtomicFile.kind(info.st_mode)), not an earlier export")
         }
-        guard let dir = opendir(directory) else { throw AtomicFile.failure("cannot read", directory) }
-        defer { closedir(dir) }
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
-            }
-            guard name == "." || name == ".." || exportFiles.contains(name) else {
+        guard let names = AtomicFile.entries(of: directory) else { throw AtomicFile.failure("cannot read", directory) }
+        for name in names {
+            guard exportFiles.contains(name) else {
                 throw LoLDUError(.io, "\"\(directory)\" holds \"\(name)\", so it is not an earlier LoRA export; it is not replaced")
             }
         }

@@ -126,14 +126,7 @@ public enum ModelMerge {
     static func copyTree(from base: String, _ relative: String, into out: AtomicDirectory, skipping: Set<String>, depth: Int) throws(LoLDUError) {
         let directory = relative.isEmpty ? base : "\(base)/\(relative)"
         guard depth < 16 else { throw LoLDUError(.io, "\"\(directory)\" is nested too deep (a link loop?)") }
-        guard let dir = opendir(directory) else { throw AtomicFile.failure("cannot read", directory) }
-        var names: [String] = []
-        while let entry = readdir(dir) {
-            names.append(withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
-            })
-        }
-        closedir(dir)
+        guard let names = AtomicFile.entries(of: directory) else { throw AtomicFile.failure("cannot read", directory) }
         for name in names.sorted() where !name.hasPrefix(".") {
             let path = relative.isEmpty ? name : "\(relative)/\(name)"
             if depth == 0 && skipping.contains(name) { continue }
