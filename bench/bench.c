@@ -96,6 +96,25 @@ static float *random_matrix(long count, unsigned seed, float scale) {
     return a;
 }
 
+/* The float32 buffers of a step on an m × n layer at rank r and B rows: W (m × n), X (B × n)
+   and dY (B × m) random from their seeds, Y, dX and H work space. */
+typedef struct { float *w, *x, *dy, *y, *dx, *h; } buffers;
+
+static buffers make_buffers(int m, int n, int r, int b, unsigned w_seed, unsigned x_seed, unsigned dy_seed) {
+    buffers t;
+    t.w = random_matrix((long)m * n, w_seed, 0.1f);
+    t.x = random_matrix((long)b * n, x_seed, 1.0f);
+    t.dy = random_matrix((long)b * m, dy_seed, 1.0f);
+    t.y = checked_malloc(sizeof(float) * (size_t)b * m);
+    t.dx = checked_malloc(sizeof(float) * (size_t)b * n);
+    t.h = checked_malloc(sizeof(float) * (size_t)b * r);
+    return t;
+}
+
+static void free_buffers(buffers t) {
+    free(t.w); free(t.x); free(t.dy); free(t.y); free(t.dx); free(t.h);
+}
+
 /* float -> bfloat16, round to nearest even (the values here are finite). */
 static uint16_t *to_bf16(const float *a, long count) {
     uint16_t *out = checked_malloc(sizeof(uint16_t) * (size_t)count);
@@ -287,13 +306,8 @@ static void section_steps(int reps, buffer *md, buffer *js, int *all_within, int
     *all_within = *all_chosen = 1;
     for (int s = 0; s < NSHAPES; s++) {
         shape sh = shapes[s];
-        long mn = (long)sh.m * sh.n;
-        float *w = random_matrix(mn, 1 + s, 0.1f);
-        float *x = random_matrix((long)sh.b * sh.n, 100 + s, 1.0f);
-        float *dy = random_matrix((long)sh.b * sh.m, 200 + s, 1.0f);
-        float *y = checked_malloc(sizeof(float) * (size_t)sh.b * sh.m);
-        float *dx = checked_malloc(sizeof(float) * (size_t)sh.b * sh.n);
-        float *h = checked_malloc(sizeof(float) * (size_t)sh.b * sh.r);
+        buffers io = make_buffers(sh.m, sh.n, sh.r, sh.b, 1 + s, 100 + s, 200 + s);
+        float *w = io.w, *x = io.x, *dy = io.dy, *y = io.y, *dx = io.dx, *h = io.h;
 
         loldu_config config;
         CHECK(loldu_config_default(&config));
@@ -363,7 +377,7 @@ static void section_steps(int reps, buffer *md, buffer *js, int *all_within, int
         fprintf(stderr, "steps: shape %d done\n", s);
         loldu_adapter_free(bare);
         loldu_adapter_free(a);
-        free(w); free(x); free(dy); free(y); free(dx); free(h);
+        free_buffers(io);
     }
     put(js, "], ");
 }
@@ -447,13 +461,9 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
     for (int s = 0; s < NSHAPES; s++) {
         shape sh = shapes[s];
         long mn = (long)sh.m * sh.n;
-        float *w = random_matrix(mn, 1 + s, 0.1f);
-        float *x = random_matrix((long)sh.b * sh.n, 100 + s, 1.0f);
-        float *dy = random_matrix((long)sh.b * sh.m, 200 + s, 1.0f);
+        buffers io = make_buffers(sh.m, sh.n, sh.r, sh.b, 1 + s, 100 + s, 200 + s);
+        float *w = io.w, *x = io.x, *dy = io.dy, *y = io.y, *dx = io.dx, *h = io.h;
         uint16_t *wb = to_bf16(w, mn), *xb = to_bf16(x, (long)sh.b * sh.n), *dyb = to_bf16(dy, (long)sh.b * sh.m);
-        float *y = checked_malloc(sizeof(float) * (size_t)sh.b * sh.m);
-        float *dx = checked_malloc(sizeof(float) * (size_t)sh.b * sh.n);
-        float *h = checked_malloc(sizeof(float) * (size_t)sh.b * sh.r);
         uint16_t *yb = checked_malloc(sizeof(uint16_t) * (size_t)sh.b * sh.m);
         uint16_t *dxb = checked_malloc(sizeof(uint16_t) * (size_t)sh.b * sh.n);
 
@@ -535,7 +545,8 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
         for (int p = 0; p < 3; p++) loldu_adapter_free(bf_paths[p]);
         loldu_adapter_free(f32_bare); loldu_adapter_free(bf_bare); loldu_adapter_free(wide_bare);
         loldu_adapter_free(f32); loldu_adapter_free(bf); loldu_adapter_free(wide);
-        free(w); free(x); free(dy); free(wb); free(xb); free(dyb); free(y); free(dx); free(h); free(yb); free(dxb);
+        free_buffers(io);
+        free(wb); free(xb); free(dyb); free(yb); free(dxb);
     }
     put(js, "]}, ");
     put(md, "\n");
@@ -592,12 +603,8 @@ static void section_grouped(int reps, buffer *md, buffer *js) {
     put(js, "\"grouped\": [");
     for (int gs = 0; gs < NGROUP; gs++) {
         group_shape sh = group_shapes[gs];
-        float *w = random_matrix((long)sh.m * sh.n, 11 + gs, 0.1f);
-        float *x = random_matrix((long)sh.b * sh.n, 300 + gs, 1.0f);
-        float *dy = random_matrix((long)sh.b * sh.m, 400 + gs, 1.0f);
-        float *y = checked_malloc(sizeof(float) * (size_t)sh.b * sh.m);
-        float *dx = checked_malloc(sizeof(float) * (size_t)sh.b * sh.n);
-        float *h = checked_malloc(sizeof(float) * (size_t)sh.b * sh.r);
+        buffers io = make_buffers(sh.m, sh.n, sh.r, sh.b, 11 + gs, 300 + gs, 400 + gs);
+        float *w = io.w, *x = io.x, *dy = io.dy, *y = io.y, *dx = io.dx, *h = io.h;
         loldu_config config;
         CHECK(loldu_config_default(&config));
         config.rank = sh.r;
@@ -746,7 +753,7 @@ static void section_grouped(int reps, buffer *md, buffer *js) {
         for (int i = 0; i < MAX_ADAPTERS; i++) loldu_adapter_free(list[i]);
         free(list);
         loldu_adapter_free(base);
-        free(w); free(x); free(dy); free(y); free(dx); free(h);
+        free_buffers(io);
     }
     put(js, "], ");
 }
