@@ -26,17 +26,6 @@ extension Element {
         }
     }
 
-    /// One value, rounded.
-    @inline(__always)
-    static func narrowed(_ value: Compute) -> Self {
-        withUnsafePointer(to: value) { p in
-            withUnsafeTemporaryAllocation(of: Self.self, capacity: 1) { out in
-                narrow(p, to: out.baseAddress!, count: 1)
-                return out[0]
-            }
-        }
-    }
-
     /// Whether the element type is its own compute type (float32, float64): no conversions.
     static var computesInPlace: Bool { Self.self == Compute.self }
 }
