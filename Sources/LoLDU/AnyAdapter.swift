@@ -191,12 +191,20 @@ extension Adapter: AnyAdapter {
         return Group(adapters: typed, rows: rows)
     }
 
+    @_specialize(where E == Float, G == Float)
+    @_specialize(where E == BFloat16, G == BFloat16)
+    @_specialize(where E == BFloat16, G == Float)
+    @_specialize(where E == Float16, G == Float)
     public func groupedForward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
                                x: UnsafeRawPointer, y: UnsafeMutableRawPointer) throws(LoLDUError) {
         try Self.groupedForward(try group(adapters, rows: rows), base: self, batch: batch,
                                 x: x.assumingMemoryBound(to: E.self), y: y.assumingMemoryBound(to: E.self))
     }
 
+    @_specialize(where E == Float, G == Float)
+    @_specialize(where E == BFloat16, G == BFloat16)
+    @_specialize(where E == BFloat16, G == Float)
+    @_specialize(where E == Float16, G == Float)
     public func groupedBackward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
                                 x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?,
                                 grads: [UnsafeMutableRawPointer?]?) throws(LoLDUError) {

@@ -29,11 +29,14 @@ extension Adapter {
     /// `c` of every adapter of the group into a `count × width` table (zeros past each rank,
     /// and for a disabled adapter).
     private static func table(_ group: Group, width r: Int, into table: UnsafeMutablePointer<P>) {
-        // Index loops: `enumerated()` in generic code instantiates tuple metadata at run time.
-        for i in group.adapters.indices {
-            let adapter = group.adapters[i], row = table + i * r
-            row.zero(count: r)
-            if adapter.enabled { adapter.coefficients(into: row) }
+        // Index loops: `enumerated()` in generic code instantiates tuple metadata at run time;
+        // through the buffer, no reference count changes per adapter.
+        group.adapters.withUnsafeBufferPointer { adapters in
+            for i in adapters.indices {
+                let row = table + i * r, filled = adapters[i].enabled ? adapters[i].rank : 0
+                if filled > 0 { adapters[i].coefficients(into: row) }
+                (row + filled).zero(count: r - filled)
+            }
         }
     }
 
@@ -78,17 +81,19 @@ extension Adapter {
         let factors = base.factors
         let (m, n, r, count) = (factors.m, factors.n, group.width, group.adapters.count)
         // Everything this call needs, before anything is written (gradients included).
-        var grads: [UnsafeMutablePointer<P>?] = []
-        var biasGrads: [UnsafeMutablePointer<P>?] = []
-        for i in group.adapters.indices {
-            let adapter = group.adapters[i]
-            let live = adapter.enabled && !adapter.merged
-            if let gradsOut {
-                grads.append(live ? gradsOut[i] : nil)
-                biasGrads.append(nil)
-            } else {
-                grads.append(live ? try adapter.grads() : nil)
-                biasGrads.append(try adapter.biasGrad())
+        var grads: [UnsafeMutablePointer<P>?] = [], biasGrads: [UnsafeMutablePointer<P>?] = []
+        grads.reserveCapacity(count)
+        biasGrads.reserveCapacity(count)
+        try group.adapters.withUnsafeBufferPointer { adapters throws(LoLDUError) in
+            for i in adapters.indices {
+                let live = adapters[i].enabled && !adapters[i].merged
+                if let gradsOut {
+                    grads.append(live ? gradsOut[i] : nil)
+                    biasGrads.append(nil)
+                } else {
+                    grads.append(live ? try adapters[i].grads() : nil)
+                    biasGrads.append(try adapters[i].biasGrad())
+                }
             }
         }
         let coefficients = try HeapBuffer<P>(count: Swift.max(count, 1) * r)
@@ -108,8 +113,10 @@ extension Adapter {
             factors.project(batch: batch, r: r, x: xG, into: h.pointer)
             factors.gather(batch: batch, r: r, dy: dyG, into: g.pointer)
             factors.accumulateScores(batch: batch, r: r, h: h.pointer, g: g.pointer, rows, into: scores.pointer)
-            for i in group.adapters.indices {
-                if let dz = grads[i] { group.adapters[i].accumulateScores(scores.pointer + i * r, into: dz) }
+            group.adapters.withUnsafeBufferPointer { adapters in
+                for i in adapters.indices {
+                    if let dz = grads[i] { adapters[i].accumulateScores(scores.pointer + i * r, into: dz) }
+                }
             }
             for b in 0..<batch {
                 let a = Int(group.rows[b])

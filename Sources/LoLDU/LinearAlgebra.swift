@@ -55,7 +55,13 @@ public protocol BLASScalar: BinaryFloatingPoint, Sendable {
 
 extension BLASScalar {
     public static func hadamard(_ a: UnsafePointer<Self>, _ b: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int) {
-        for k in 0..<count { out[k] = a[k] * b[k] }
+        // In place (`out == a`, as for `h ⊙ c` into `h`) as its own loop: the vectoriser's
+        // overlap check would send `out == a` to the scalar loop.
+        if UnsafePointer(out) == a {
+            for k in 0..<count { out[k] *= b[k] }
+        } else {
+            for k in 0..<count { out[k] = a[k] * b[k] }
+        }
     }
 
     public static func addHadamard(_ a: UnsafePointer<Self>, _ b: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int) {

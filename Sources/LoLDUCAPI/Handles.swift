@@ -9,9 +9,15 @@ import LoLDU
 private let registry = Registry()
 
 /// The table behind every handle, under one pthread mutex (which ThreadSanitizer understands).
+/// An entry is its kind (the table's name: a static string, compared by address, copied
+/// without reference counting) and the object in its table's box.
 private final class Registry: @unchecked Sendable {
+    struct Entry {
+        let kind: StaticString
+        let box: AnyObject
+    }
     struct Entries {
-        var objects: [UInt: (kind: String, object: any Sendable)] = [:]
+        var objects: [UInt: Entry] = [:]
         var next: UInt = 0x10
     }
     private var entries = Entries()
@@ -30,19 +36,26 @@ private final class Registry: @unchecked Sendable {
 
 /// The handles of one kind: a typed view of the shared registry.
 final class HandleTable<Object: Sendable>: Sendable {
-    let kind: String
+    private final class Box: Sendable {
+        let object: Object
+        init(_ object: Object) { self.object = object }
+    }
+    let kind: StaticString
 
-    init(kind: String) { self.kind = kind }
+    init(kind: StaticString) { self.kind = kind }
 
     private static func token(_ handle: OpaquePointer) -> UInt {
         UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(handle)))
     }
 
+    private func isMine(_ entry: Registry.Entry) -> Bool { entry.kind.utf8Start == kind.utf8Start }
+
     func insert(_ object: Object) -> OpaquePointer {
+        let entry = Registry.Entry(kind: kind, box: Box(object))
         let token = registry.withLock { registry in
             let token = registry.next
             registry.next += 0x10
-            registry.objects[token] = (kind, object)
+            registry.objects[token] = entry
             return token
         }
         return OpaquePointer(bitPattern: token)!
@@ -57,10 +70,10 @@ final class HandleTable<Object: Sendable>: Sendable {
         guard let entry = registry.withLock({ $0.objects[Self.token(handle)] }) else {
             throw LoLDUError(.invalidHandle, "\(name()) is not a live \(kind) handle (never created, or already freed)")
         }
-        guard entry.kind == kind, let object = entry.object as? Object else {
+        guard isMine(entry) else {
             throw LoLDUError(.invalidHandle, "\(name()) is a \(entry.kind) handle, not a \(kind) handle")
         }
-        return object
+        return unsafeDowncast(entry.box, to: Box.self).object
     }
 
     /// Removes a handle of this kind; returns whether it was one (any other value: no-op).
@@ -68,9 +81,9 @@ final class HandleTable<Object: Sendable>: Sendable {
     func remove(_ handle: OpaquePointer?) -> Bool {
         guard let handle else { return false }
         let token = Self.token(handle)
-        let removed: (any Sendable)? = registry.withLock { registry in
-            guard registry.objects[token]?.kind == kind else { return nil }
-            return registry.objects.removeValue(forKey: token)?.object
+        let removed: Registry.Entry? = registry.withLock { registry in
+            guard let entry = registry.objects[token], isMine(entry) else { return nil }
+            return registry.objects.removeValue(forKey: token)
         }
         return removed != nil  // the object is released here, outside the lock
     }
