@@ -169,9 +169,9 @@ static double step_flops(int path, double m, double n, double r, double b) {
     }
 }
 
-/* The part of step_flops that runs through P.gemm (float32 cblas_sgemm on OpenBLAS whatever the
-   element type's GEMM library): the W_eff rebuild and, on merged_wgrad, Aᵀ (dYᵀx) for dz. */
-static double step_flops_openblas(int path, double m, double n, double r) {
+/* The part of step_flops in weight space, which runs as float32 GEMMs (the library's float32
+   backend) whatever the element type: the W_eff rebuild and, on merged_wgrad, Aᵀ (dYᵀx) for dz. */
+static double step_flops_weight_space(int path, double m, double n, double r) {
     switch (path) {
     case LOLDU_PATH_FACTORED: return 0;
     case LOLDU_PATH_MERGED: return 2 * m * n * r;
@@ -179,14 +179,14 @@ static double step_flops_openblas(int path, double m, double n, double r) {
     }
 }
 
-/* The bound at the GEMM rates measured in the same run: the element type's GEMM library runs at
-   the bare layer's rate, the P.gemm part `penalty` times slower (OpenBLAS's two SGEMMs of the bare
-   layer over the library's bare layer). */
+/* The bound at the GEMM rates measured in the same run: the element type's GEMMs run at the bare
+   layer's rate, the weight-space part `penalty` times slower (the bare float32 layer over the bare
+   layer of the element type). */
 static double rate_bound(double m, double n, double r, double b, double penalty) {
     double bound = INFINITY;
     for (int p = 1; p <= 3; p++) {
-        double blas = step_flops_openblas(p, m, n, r);
-        double f = step_flops(p, m, n, r, b) - blas + penalty * blas;
+        double wide = step_flops_weight_space(p, m, n, r);
+        double f = step_flops(p, m, n, r, b) - wide + penalty * wide;
         if (f < bound) bound = f;
     }
     return bound / (4.0 * b * m * n);
@@ -300,8 +300,8 @@ static shape shapes[] = {
 /* ---- 1. float32 steps ---------------------------------------------------------------------- */
 
 static void section_steps(int reps, buffer *md, buffer *js, int *all_within, int *all_chosen) {
-    put(md, "| shape (m × n, r, B) | bare step (library) | factored | merged | merged_wgrad | auto picks | auto | FLOP bound | auto / bound | fastest | OpenBLAS bare / library bare | bound at measured GEMM rates | auto / that |\n");
-    put(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    put(md, "| shape (m × n, r, B) | bare step (library) | factored | merged | merged_wgrad | auto picks | auto | FLOP bound | auto / bound | fastest | OpenBLAS bare / library bare |\n");
+    put(md, "|---|---|---|---|---|---|---|---|---|---|---|\n");
     put(js, "\"shapes\": [");
     *all_within = *all_chosen = 1;
     for (int s = 0; s < NSHAPES; s++) {
@@ -350,7 +350,6 @@ static void section_steps(int reps, buffer *md, buffer *js, int *all_within, int
         double bare_time = median(took[5], reps), ratios[4];
         for (int p = 0; p < 4; p++) ratios[p] = median_ratio(took[p], took[5], reps);
         double openblas = median_ratio(took[4], took[5], reps);
-        double rated = rate_bound(sh.m, sh.n, sh.r, sh.b, openblas);
 
         loldu_path chosen;
         CHECK(loldu_set_path(a, LOLDU_PATH_AUTO));
@@ -364,16 +363,15 @@ static void section_steps(int reps, buffer *md, buffer *js, int *all_within, int
         int within = auto_ratio <= 1.10 * bound;
         *all_within &= within;
         *all_chosen &= chosen_ok;
-        put(md, "| %d × %d, r = %d, B = %d (%s) | %.1f ms | %.3f× | %.3f× | %.3f× | %s%s | %.3f× | %.3f× | %.3f%s | %s | %.2f× | %.3f× | %.3f |\n",
+        put(md, "| %d × %d, r = %d, B = %d (%s) | %.1f ms | %.3f× | %.3f× | %.3f× | %s%s | %.3f× | %.3f× | %.3f%s | %s | %.2f× |\n",
             sh.m, sh.n, sh.r, sh.b, sh.name, 1e3 * bare_time, ratios[0], ratios[1], ratios[2],
             path_name(chosen), chosen_ok ? "" : " (not fastest)", auto_ratio, bound,
-            auto_ratio / bound, within ? "" : " (over 1.10)", path_name(order[fastest]), openblas, rated,
-            auto_ratio / rated);
+            auto_ratio / bound, within ? "" : " (over 1.10)", path_name(order[fastest]), openblas);
         put(js, "%s{\"m\": %d, \"n\": %d, \"r\": %d, \"b\": %d, \"bare_ms\": %.4f, \"openblas_bare_ms\": %.4f, "
                 "\"factored\": %.4f, \"merged\": %.4f, \"merged_wgrad\": %.4f, \"auto\": %.4f, \"auto_path\": \"%s\", "
-                "\"bound\": %.4f, \"auto_ms\": %.4f, \"openblas_over_bare\": %.4f, \"rate_bound\": %.4f}",
+                "\"bound\": %.4f, \"auto_ms\": %.4f, \"openblas_over_bare\": %.4f}",
             s ? ", " : "", sh.m, sh.n, sh.r, sh.b, 1e3 * bare_time, 1e3 * median(took[4], reps), ratios[0], ratios[1],
-            ratios[2], auto_ratio, path_name(chosen), bound, 1e3 * median(took[3], reps), openblas, rated);
+            ratios[2], auto_ratio, path_name(chosen), bound, 1e3 * median(took[3], reps), openblas);
         fprintf(stderr, "steps: shape %d done\n", s);
         loldu_adapter_free(bare);
         loldu_adapter_free(a);
@@ -439,7 +437,7 @@ static void section_init(int quick, buffer *md, buffer *js) {
 
 /* ---- 3. bfloat16 steps --------------------------------------------------------------------- */
 
-enum { F32_BARE, F32_STEP, BF_BARE, BF_AUTO, BF_FACTORED, BF_MERGED, BF_WGRAD, WIDE_BARE, WIDE_STEP, OPENBLAS_BARE, NBF };
+enum { F32_BARE, F32_STEP, BF_BARE, BF_AUTO, BF_FACTORED, BF_MERGED, BF_WGRAD, WIDE_BARE, WIDE_STEP, NBF };
 
 static void section_bf16(int reps, buffer *md, buffer *js) {
     loldu_backend f32_backend, bf_backend;
@@ -454,8 +452,8 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
             "*widened* is the same bf16 adapter created after `loldu_set_widened_half(1)`: bf16 storage,\n"
             "operands widened to float32 for every GEMM.\n\n",
         backend_name(f32_backend), backend_name(bf_backend), bf_text, reps);
-    put(md, "| shape (m × n, r, B) | bare bf16 | bare bf16 / bare f32 | bf16 step: auto picks | bf16 step / bare bf16 | FLOP bound | step / bound | factored | merged | merged_wgrad | f32 step / bf16 step | widened bf16 step / bf16 step | widened bare / bare bf16 | OpenBLAS f32 bare / bare bf16 | bound at measured GEMM rates | step / that |\n");
-    put(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    put(md, "| shape (m × n, r, B) | bare bf16 | bare bf16 / bare f32 | bf16 step: auto picks | bf16 step / bare bf16 | FLOP bound | step / bound | factored | merged | merged_wgrad | f32 step / bf16 step | widened bf16 step / bf16 step | widened bare / bare bf16 | bound at measured GEMM rates | step / that |\n");
+    put(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     put(js, "\"bf16\": {\"f32_backend\": \"%s\", \"bf16_backend\": \"%s\", \"description\": \"%s\", \"shapes\": [",
         backend_name(f32_backend), backend_name(bf_backend), bf_text);
     for (int s = 0; s < NSHAPES; s++) {
@@ -489,7 +487,6 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
         st[BF_BARE] = make_stepper(bf_bare, sh.b);
         st[BF_AUTO] = make_stepper(bf, sh.b);
         for (int p = 0; p < 3; p++) st[BF_FACTORED + p] = make_stepper(bf_paths[p], sh.b);
-        st[OPENBLAS_BARE] = st[F32_BARE]; /* unused: timed inline */
         st[WIDE_BARE] = make_stepper(wide_bare, sh.b);
         st[WIDE_STEP] = make_stepper(wide, sh.b);
         st[F32_BARE].keep_h = st[BF_BARE].keep_h = st[WIDE_BARE].keep_h = 0;
@@ -502,15 +499,6 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
         for (int rep = -1; rep < reps; rep++) {
             for (int q = 0; q < NBF; q++) {
                 int c = (q + rep + 1) % NBF;
-                if (c == OPENBLAS_BARE) { /* the bare layer's two SGEMMs on OpenBLAS: P.gemm's library */
-                    double t0 = now();
-                    for (int i = 0; i < inner; i++) {
-                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sh.b, sh.m, sh.n, 1, x, sh.n, w, sh.n, 0, y, sh.m);
-                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sh.b, sh.n, sh.m, 1, dy, sh.m, w, sh.n, 0, dx, sh.n);
-                    }
-                    if (rep >= 0) took[c][rep] = (now() - t0) / inner;
-                    continue;
-                }
                 int f32_kind = c == F32_BARE || c == F32_STEP;
                 double t = timed_steps(&st[c], rep + 1, inner, sh.b, f32_kind ? (void *)x : (void *)xb,
                                        f32_kind ? (void *)dy : (void *)dyb, f32_kind ? (void *)y : (void *)yb,
@@ -526,21 +514,20 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
         double widened_bare = median_ratio(took[WIDE_BARE], took[BF_BARE], reps);
         double paths[3];
         for (int p = 0; p < 3; p++) paths[p] = median_ratio(took[BF_FACTORED + p], took[BF_BARE], reps);
-        double penalty = median_ratio(took[OPENBLAS_BARE], took[BF_BARE], reps);
-        double rated = rate_bound(sh.m, sh.n, sh.r, sh.b, penalty);
-        put(md, "| %d × %d, r = %d, B = %d (%s) | %.1f ms | %.3f× | %s | %.3f× | %.3f× | %.3f%s | %.3f× | %.3f× | %.3f× | **%.2f×** | %.2f× | %.2f× | %.2f× | %.3f× | %.3f |\n",
+        double rated = rate_bound(sh.m, sh.n, sh.r, sh.b, 1 / bare_speed);
+        put(md, "| %d × %d, r = %d, B = %d (%s) | %.1f ms | %.3f× | %s | %.3f× | %.3f× | %.3f%s | %.3f× | %.3f× | %.3f× | **%.2f×** | %.2f× | %.2f× | %.3f× | %.3f |\n",
             sh.m, sh.n, sh.r, sh.b, sh.name, 1e3 * median(took[BF_BARE], reps), bare_speed, path_name(chosen),
             step_bare, bound, step_bare / bound, step_bare <= 1.10 * bound ? "" : " (over 1.10)", paths[0], paths[1],
-            paths[2], speedup, widened, widened_bare, penalty, rated, step_bare / rated);
+            paths[2], speedup, widened, widened_bare, rated, step_bare / rated);
         put(js, "%s{\"m\": %d, \"n\": %d, \"r\": %d, \"b\": %d, \"bare_bf16_ms\": %.4f, \"bare_f32_ms\": %.4f, "
                 "\"bf16_step_ms\": %.4f, \"f32_step_ms\": %.4f, \"widened_step_ms\": %.4f, \"bare_bf16_over_bare_f32\": %.4f, "
                 "\"auto_path\": \"%s\", \"step_over_bare\": %.4f, \"bound\": %.4f, \"factored\": %.4f, \"merged\": %.4f, "
                 "\"merged_wgrad\": %.4f, \"f32_over_bf16\": %.4f, \"widened_over_bf16\": %.4f, \"widened_bare_over_bare\": %.4f, "
-                "\"backend\": \"%s\", \"widened_backend\": \"%s\", \"openblas_over_bare\": %.4f, \"rate_bound\": %.4f}",
+                "\"backend\": \"%s\", \"widened_backend\": \"%s\", \"rate_bound\": %.4f}",
             s ? ", " : "", sh.m, sh.n, sh.r, sh.b, 1e3 * median(took[BF_BARE], reps), 1e3 * median(took[F32_BARE], reps),
             1e3 * median(took[BF_AUTO], reps), 1e3 * median(took[F32_STEP], reps), 1e3 * median(took[WIDE_STEP], reps),
             bare_speed, path_name(chosen), step_bare, bound, paths[0], paths[1], paths[2], speedup, widened,
-            widened_bare, backend_name(bf_backend_used), backend_name(wide_backend_used), penalty, rated);
+            widened_bare, backend_name(bf_backend_used), backend_name(wide_backend_used), rated);
         fprintf(stderr, "bf16: shape %d done\n", s);
         for (int p = 0; p < 3; p++) loldu_adapter_free(bf_paths[p]);
         loldu_adapter_free(f32_bare); loldu_adapter_free(bf_bare); loldu_adapter_free(wide_bare);

@@ -741,13 +741,6 @@ def main() -> None:
               "numbers); the difference is what loldu.torch adds per step: autograd's graph and the per-call checks, "
               "`torch.empty` for y, dX, h and the gradients (fresh pages for the large ones), and the bias added in "
               "PyTorch (`y += b`, a pass over B × m) where the C step has none.", ""]
-    if not within:
-        lines += ["What limits the float32 steps against the bound here: the weight-space products of the merged paths "
-                  "(`W_eff` rebuild, `Aᵀ·(dYᵀx)` for dz) call float32 GEMMs directly on OpenBLAS (`P.gemm`), not through "
-                  "the float32 dispatch that sends `x Wᵀ` and `dY W` to oneDNN. With OpenBLAS on its Haswell kernels "
-                  f"(core `{c['blas']}`) they run at about half the bare layer's rate: see the *OpenBLAS bare / library "
-                  "bare* column of the C table (two SGEMMs on OpenBLAS against the same two on oneDNN).", ""]
-
     # -- bf16
     lines += ["## bfloat16", "",
               "### From C", ""] + demote(sections.get("bfloat16 training steps", "(not run)"))
@@ -758,12 +751,12 @@ def main() -> None:
               + ", ".join(f"{v['f32_over_bf16'] * v['bare_bf16_over_bare_f32']:.0%} of that gain at {k[0]}²"
                           for k, v in bf_target.items()) + ". Not checkable without AMX.",
               "- FLOP bound: the merged paths' weight-space products (the `W_eff` rebuild, 2·m·n·r, and on "
-              "merged_wgrad `Aᵀ (dYᵀx)` for dz, another 2·m·n·r) run as float32 GEMMs straight on OpenBLAS "
-              "(`P.gemm` → `cblas_sgemm`, core `" + c["blas"] + "`) whatever the element type; only `x Wᵀ`, `dY W`, "
-              "`dYᵀx` and the factored products go to oneDNN's bf16 kernels. The *OpenBLAS f32 bare / bare bf16* column "
-              "measures that rate gap (two SGEMMs on OpenBLAS against the same two in bf16 on oneDNN); *bound at "
-              "measured GEMM rates* charges the P.gemm FLOPs at it, and *step / that* is what remains (the elementwise "
-              "passes: widening W and narrowing W_eff, y and dX, the coefficient and score loops).",
+              "merged_wgrad `Aᵀ (dYᵀx)` for dz, another 2·m·n·r) run as float32 GEMMs (the library's float32 backend, "
+              + c["bf16"]["f32_backend"] + " here) whatever the element type: `A`, `U_r` and the coefficients stay "
+              "float32, so the rebuilt `W_eff` is rounded to bf16 once. Only `x Wᵀ`, `dY W`, `dYᵀx` and the factored "
+              "products run on bf16 operands. *Bound at measured GEMM rates* charges the weight-space FLOPs at the "
+              "float32 rate measured in the same run (*bare bf16 / bare f32*), and *step / that* is what remains (the "
+              "elementwise passes: widening W and narrowing W_eff, y and dX, the coefficient and score loops).",
               "- The widened path (`loldu_set_widened_half(1)`) is the float32 speed: it confirms the bf16 kernels are "
               "taken by default (`loldu_gemm_backend` → " + c["bf16"]["bf16_backend"] + ").", ""]
     lines += ["", "### Through loldu.torch (a bf16 model), against PyTorch and PEFT in bf16", "",
