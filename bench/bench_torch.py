@@ -739,8 +739,9 @@ def main() -> None:
               f"**{status(all(v <= 1.05 for v in over.values()))}** ({sum(v <= 1.05 for v in over.values())} of "
               f"{len(over)} shapes). Compared in the same process through ctypes (not against the C benchmark's "
               "numbers); the difference is what loldu.torch adds per step: autograd's graph and the per-call checks, "
-              "`torch.empty` for y, dX, h and the gradients (fresh pages for the large ones), and the bias added in "
-              "PyTorch (`y += b`, a pass over B × m) where the C step has none.", ""]
+              "`torch.empty` for y, dX, h and the gradients (new buffers each step where the library calls reuse "
+              "theirs; their pages stay mapped, see README's performance notes), and the bias added in PyTorch "
+              "(`y += b`, a pass over B × m) where the C step has none.", ""]
     # -- bf16
     lines += ["## bfloat16", "",
               "### From C", ""] + demote(sections.get("bfloat16 training steps", "(not run)"))

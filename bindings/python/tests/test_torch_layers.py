@@ -15,6 +15,7 @@ from torch import nn
 
 import loldu
 import loldu.torch as lt
+from conftest import run_python
 from reference import ldu_factors, torch_linear, torch_weight
 
 LINEARS = [
@@ -345,16 +346,50 @@ def test_library_threads_follow_torch_on_first_use(monkeypatch):
         torch.set_num_threads(2)
         layer = lt.LoLDULinear(nn.Linear(4, 4), rank=2)
         # a fresh process: nothing configured yet, the user did not choose
-        monkeypatch.setattr(lt.layers, "_threads_configured", False)
+        monkeypatch.setattr(lt.layers, "_process_configured", False)
         monkeypatch.setattr(loldu, "_threads_set_by_user", False)
         loldu._capi.loldu_set_num_threads(1)
         layer(torch.zeros(1, 4))
         assert loldu.get_num_threads() == 2
         # the user's choice wins
-        monkeypatch.setattr(lt.layers, "_threads_configured", False)
+        monkeypatch.setattr(lt.layers, "_process_configured", False)
         loldu.set_num_threads(1)
         layer(torch.zeros(1, 4))
         assert loldu.get_num_threads() == 1
     finally:
         loldu._capi.loldu_set_num_threads(before[0])
         torch.set_num_threads(before[1])
+
+
+STEP_FAULTS = """
+import resource, torch
+from torch import nn
+import loldu.torch as lt
+torch.set_num_threads(1)
+layer = lt.LoLDULinear(nn.Linear(384, 384), rank=384)
+x, dy = torch.randn(2048, 384, requires_grad=True), torch.randn(2048, 384)
+def step():
+    x.grad = None
+    layer(x).backward(dy)
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+def test_step_buffers_stay_mapped_unless_the_user_opts_out():
+    """y and dX (3 MiB each here) are allocated afresh every step: with glibc's defaults their
+    pages are handed back and faulted in again each step (768 pages per buffer); the package
+    keeps them mapped (configure_malloc), unless LOLDU_KEEP_MALLOC=1 or glibc's own variables
+    are set."""
+    clean = {"MALLOC_MMAP_THRESHOLD_": None, "MALLOC_TRIM_THRESHOLD_": None, "LOLDU_KEEP_MALLOC": None}
+    kept = run_python(STEP_FAULTS, env=clean)
+    default = run_python(STEP_FAULTS, env={**clean, "LOLDU_KEEP_MALLOC": "1"})
+    assert kept.returncode == 0 and default.returncode == 0, kept.stderr + default.stderr
+    assert float(kept.stdout) < 150 < 500 < float(default.stdout), (kept.stdout, default.stdout)
+    assert lt.layers.configure_malloc({"LOLDU_KEEP_MALLOC": "1"}) is False
+    assert lt.layers.configure_malloc({"MALLOC_TRIM_THRESHOLD_": "0"}) is False
+    assert lt.layers.configure_malloc({}) is True

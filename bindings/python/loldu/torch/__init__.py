@@ -48,6 +48,9 @@ new dtype keeping z and σ; moving a model to another device raises before anyth
 
 Threads: on first use, unless ``loldu.set_num_threads`` was called, the library's threads are
 set to ``torch.get_num_threads()`` so that the two pools do not oversubscribe the cores.
+Memory: on first use, glibc's malloc is asked to keep freed blocks up to 32 MiB mapped, so that
+each step's fresh outputs are not page-faulted in again (``layers.configure_malloc``;
+``LOLDU_KEEP_MALLOC=1`` opts out).
 """
 
 from __future__ import annotations
