@@ -287,7 +287,7 @@ enum OneDNN {
     static func gemm(
         type: dnnl_data_type_t, transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
         a: UnsafeRawPointer, lda: Int, b: UnsafeRawPointer, ldb: Int,
-        accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int, threads: Int
+        accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int
     ) -> Bool {
         guard let api, m > 0, n > 0 else { return m == 0 || n == 0 }
         let shape = Shape(type: type.rawValue, transA: transA, transB: transB, m: m, n: n, k: k,
@@ -316,7 +316,9 @@ enum OneDNN {
             dnnl_exec_arg_t(arg: loldu_dnnl_arg_scratchpad, memory: memories[3]),
         ]
         // oneDNN parallelises with OpenMP over the calling thread's thread count: use ours for
-        // this call, and give the caller's back (PyTorch shares this runtime).
+        // this call (fewer for a small product), and give the caller's back (PyTorch shares
+        // this runtime).
+        let threads = BLASThreads.count(m: m, n: n, k: k)
         let previous = api.getThreads?() ?? Int32(threads)
         if previous != Int32(threads) { api.setThreads?(Int32(threads)) }
         defer { if previous != Int32(threads) { api.setThreads?(previous) } }
