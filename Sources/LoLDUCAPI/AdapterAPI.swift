@@ -274,19 +274,19 @@ private func group(
     guard b > 0 else { return (base, [], [], [], 0) }
     let rows = try Check.nonNull(rows, "rows")
     var slot = [Int32](repeating: -1, count: count)
-    var used: [any AnyAdapter] = [], listIndex: [Int] = []
+    var listIndex: [Int] = []
     var compact = [Int32](repeating: -1, count: b)
     for i in 0..<b {
         let a = Int(rows[i])
         guard a >= -1, a < count else { throw .invalid("rows[\(i)] = \(a) is not in [-1, \(count)) (count = \(count))") }
         guard a >= 0 else { continue }
         if slot[a] < 0 {
-            slot[a] = Int32(used.count)
-            used.append(a == 0 ? base : try adapters.get(list[a], "adapters[\(a)]"))
+            slot[a] = Int32(listIndex.count)
             listIndex.append(a)
         }
         compact[i] = slot[a]
     }
+    let used = try adapters.get(list, listIndex) { "adapters[\($0)]" }
     return (base, used, listIndex, compact, b)
 }
 

@@ -1,90 +1,104 @@
 import Glibc
 import LoLDU
 
-/// Every live object behind a C handle, of every kind, in one table. A handle is an opaque
-/// token (a counter value shared by all kinds, never an address and never reused), so a NULL,
-/// stale, double-freed or made-up handle, and a handle of another kind passed in its place
+/// The live objects behind C handles, one table per kind. A handle is an opaque token (a counter
+/// value shared by all kinds, never an address and never reused), so a NULL, stale, double-freed
+/// or made-up handle, and a handle of another kind passed in its place
 /// (`loldu_adapter_free((loldu_adapter *)optimizer)`), are recognised and answered with a status
-/// instead of being dereferenced.
+/// instead of being dereferenced. Each table holds its objects with their own type (no cast on
+/// look-up); the kinds are consulted together only to name a wrong kind in a message.
 private let registry = Registry()
 
-/// The table behind every handle, under one pthread mutex (which ThreadSanitizer understands).
-/// An entry is its kind (the table's name: a static string, compared by address, copied
-/// without reference counting) and the object in its table's box.
+/// The token counter and the tables, under one pthread mutex (which ThreadSanitizer understands)
+/// that also guards every table's objects.
 private final class Registry: @unchecked Sendable {
-    struct Entry {
-        let kind: StaticString
-        let box: AnyObject
-    }
-    struct Entries {
-        var objects: [UInt: Entry] = [:]
-        var next: UInt = 0x10
-    }
-    private var entries = Entries()
+    var next: UInt = 0x10
+    var tables: [any KindTable] = []
     private let mutex: UnsafeMutablePointer<pthread_mutex_t> = {
         let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
         pthread_mutex_init(m, nil)
         return m
     }()
 
-    func withLock<R>(_ body: (inout Entries) -> R) -> R {
+    func withLock<R, Failure: Error>(_ body: () throws(Failure) -> R) throws(Failure) -> R {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
-        return body(&entries)
+        return try body()
+    }
+
+    /// The kind of a live token, for a message (under the lock).
+    func kind(of token: UInt) -> String? {
+        tables.first { $0.holds(token) }?.kind
     }
 }
 
-/// The handles of one kind: a typed view of the shared registry.
-final class HandleTable<Object: Sendable>: Sendable {
-    private final class Box: Sendable {
-        let object: Object
-        init(_ object: Object) { self.object = object }
-    }
-    let kind: StaticString
+private protocol KindTable: AnyObject {
+    var kind: String { get }
+    /// Under the registry's lock.
+    func holds(_ token: UInt) -> Bool
+}
 
-    init(kind: StaticString) { self.kind = kind }
+/// The handles of one kind.
+final class HandleTable<Object: Sendable>: KindTable, @unchecked Sendable {
+    let kind: String
+    /// Under the registry's lock.
+    private var objects: [UInt: Object] = [:]
+
+    init(kind: String) {
+        self.kind = kind
+        registry.withLock { registry.tables.append(self) }
+    }
+
+    fileprivate func holds(_ token: UInt) -> Bool { objects[token] != nil }
 
     private static func token(_ handle: OpaquePointer) -> UInt {
         UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(handle)))
     }
 
-    private func isMine(_ entry: Registry.Entry) -> Bool { entry.kind.utf8Start == kind.utf8Start }
-
     func insert(_ object: Object) -> OpaquePointer {
-        let entry = Registry.Entry(kind: kind, box: Box(object))
-        let token = registry.withLock { registry in
+        let token = registry.withLock {
             let token = registry.next
             registry.next += 0x10
-            registry.objects[token] = entry
+            objects[token] = object
             return token
         }
         return OpaquePointer(bitPattern: token)!
     }
 
-    /// The object of a live handle of this kind. `name` (the argument, for the message) is built
-    /// only on failure: a grouped call looks up every adapter its rows use.
-    func get(_ handle: OpaquePointer?, _ name: @autoclosure () -> String) throws(LoLDUError) -> Object {
+    /// The object of a live handle of this kind, under the lock. `name` (the argument, for the
+    /// message) is built only on failure.
+    private func lookUp(_ handle: OpaquePointer?, _ name: () -> String) throws(LoLDUError) -> Object {
         guard let handle else {
             throw LoLDUError(.nullPointer, "\(name()) is NULL; expected a live \(kind) handle")
         }
-        guard let entry = registry.withLock({ $0.objects[Self.token(handle)] }) else {
-            throw LoLDUError(.invalidHandle, "\(name()) is not a live \(kind) handle (never created, or already freed)")
+        let token = Self.token(handle)
+        if let object = objects[token] { return object }
+        if let other = registry.kind(of: token) {
+            throw LoLDUError(.invalidHandle, "\(name()) is a \(other) handle, not a \(kind) handle")
         }
-        guard isMine(entry) else {
-            throw LoLDUError(.invalidHandle, "\(name()) is a \(entry.kind) handle, not a \(kind) handle")
+        throw LoLDUError(.invalidHandle, "\(name()) is not a live \(kind) handle (never created, or already freed)")
+    }
+
+    func get(_ handle: OpaquePointer?, _ name: @autoclosure () -> String) throws(LoLDUError) -> Object {
+        try registry.withLock { () throws(LoLDUError) in try lookUp(handle, name) }
+    }
+
+    /// `get` of `handles[i]` for every `i` in `indices`, under one lock (a grouped call looks up
+    /// every adapter its rows use); `name(i)` names `handles[i]`.
+    func get(_ handles: UnsafePointer<OpaquePointer?>, _ indices: [Int], _ name: (Int) -> String) throws(LoLDUError) -> [Object] {
+        try registry.withLock { () throws(LoLDUError) in
+            var found: [Object] = []
+            found.reserveCapacity(indices.count)
+            for i in indices { found.append(try lookUp(handles[i], { name(i) })) }
+            return found
         }
-        return unsafeDowncast(entry.box, to: Box.self).object
     }
 
     /// Removes a handle of this kind; returns whether it was one (any other value: no-op).
     @discardableResult
     func remove(_ handle: OpaquePointer?) -> Bool {
         guard let handle else { return false }
-        let token = Self.token(handle)
-        let removed: Registry.Entry? = registry.withLock { registry in
-            guard let entry = registry.objects[token], isMine(entry) else { return nil }
-            return registry.objects.removeValue(forKey: token)
-        }
+        let removed = registry.withLock { objects.removeValue(forKey: Self.token(handle)) }
         return removed != nil  // the object is released here, outside the lock
     }
 }
