@@ -191,6 +191,9 @@ extension Adapter: AnyAdapter {
         return Group(adapters: typed, rows: rows)
     }
 
+    // The grouped calls are specialised for the pairings of `AdapterMaker.make`: reached through
+    // `any AnyAdapter`, generic code would handle every adapter of a group through value
+    // witnesses and metadata look-ups (0.5 µs per adapter). Float64 stays generic.
     @_specialize(where E == Float, G == Float)
     @_specialize(where E == BFloat16, G == BFloat16)
     @_specialize(where E == BFloat16, G == Float)
