@@ -103,18 +103,19 @@ class GroupedLinearFunction(torch.autograd.Function):
             dy = dy.to(x.dtype)
         dy = dy.contiguous()
         dx = torch.empty_like(x) if need_x else None
-        sizes = [a.rank + 1 for a in adapters]
-        storage = torch.empty(sum(sizes), dtype=parameters[0].dtype)  # every adapter's dz, dσ, in one tensor
-        outputs = torch.split(storage, sizes)
-        offsets = np.cumsum([0] + sizes[:-1]) * storage.element_size() + storage.data_ptr()
-        pointers = (ctypes.c_void_p * len(outputs))(*offsets.tolist())
+        ranks = np.fromiter((a.rank for a in adapters), dtype=np.int64, count=len(adapters))
+        # Every adapter's dz, dσ in one tensor, split into its z and σ views in one call.
+        storage = torch.empty(int(ranks.sum()) + len(adapters), dtype=parameters[0].dtype)
+        offsets = np.cumsum(ranks + 1) - (ranks + 1)
+        pointers = (ctypes.c_void_p * len(adapters))(*(offsets * storage.element_size() + storage.data_ptr()).tolist())
         rows_ptr = ctypes.cast(rows.data_ptr(), ctypes.POINTER(ctypes.c_int32))
         check(_capi.loldu_grouped_backward_into(_handles(adapters), len(adapters), x.shape[0], rows_ptr, x.data_ptr(),
                                                 dy.data_ptr(), None if dx is None else dx.data_ptr(), pointers))
-        grads = []
+        sizes = np.stack([ranks, np.ones_like(ranks)], axis=1).reshape(-1).tolist()
+        grads = torch.split(storage, sizes)  # z_0, σ_0, z_1, σ_1, …
         needs = ctx.needs_input_grad[4:]
-        for i, (a, g) in enumerate(zip(adapters, outputs)):
-            grads += [g[: a.rank] if needs[2 * i] else None, g[a.rank:] if needs[2 * i + 1] else None]
+        if not all(needs):
+            grads = [g if need else None for g, need in zip(grads, needs)]
         return (dx, None, dy.sum(0) if need_bias else None, None, *grads)
 
 
