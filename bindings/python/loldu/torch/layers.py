@@ -289,7 +289,7 @@ class LoLDULayer(nn.Module):
         return self._bound(name)
 
     def _check_weight(self) -> None:
-        """Threads configured, and the base weight unchanged since it was factored."""
+        """The process configured (threads, malloc), and the base weight unchanged since it was factored."""
         if not _process_configured:
             configure_process()
         # (Module attributes read through _modules / _parameters: nn.Module.__getattr__ is slow,
