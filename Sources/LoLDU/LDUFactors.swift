@@ -64,7 +64,8 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     private var weightPrint: String?
     /// `AᵀA`, `U Uᵀ` (`rank × rank` each) and `‖W‖²`, once asked for (see ``grams()``).
     private var gramCache: (lower: HeapBuffer<P>, upper: HeapBuffer<P>, weight: Double)?
-    private let printLock: UnsafeMutablePointer<pthread_mutex_t>
+    /// Guards `weightPrint` and `gramCache`.
+    private let cacheLock: UnsafeMutablePointer<pthread_mutex_t>
 
     /// The scale of the degeneracy test, in units of `ε_double · max(m, r) · g`.
     static var degenerateScale: Double { 0x1p16 }
@@ -145,8 +146,8 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
         lowerOperand = try operand(lower.pointer, count: m * r)
         upperOperand = try operand(upper.pointer, count: r * n)
         operandStorage = operands
-        printLock = .allocate(capacity: 1)
-        pthread_mutex_init(printLock, nil)
+        cacheLock = .allocate(capacity: 1)
+        pthread_mutex_init(cacheLock, nil)
     }
 
     /// The factorisation, for factors of another element type on the same weight's values.
@@ -235,8 +236,8 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     }
 
     deinit {
-        pthread_mutex_destroy(printLock)
-        printLock.deallocate()
+        pthread_mutex_destroy(cacheLock)
+        cacheLock.deallocate()
     }
 
     /// Bytes of the copy of `W` (0 when borrowed).
@@ -253,33 +254,41 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     /// bytes for float32, bfloat16 and float16 weights (so that a bf16 model and its float32 copy
     /// have the same), of their float64 bytes for float64.
     public var weightFingerprint: String {
-        pthread_mutex_lock(printLock)
-        defer { pthread_mutex_unlock(printLock) }
+        pthread_mutex_lock(cacheLock)
+        defer { pthread_mutex_unlock(cacheLock) }
         if let weightPrint { return weightPrint }
-        let print: String
-        if E.computesInPlace {
-            print = fingerprint(UnsafeRawBufferPointer(start: weight, count: m * n * MemoryLayout<E>.stride))
-        } else {
-            var hasher = Fingerprinter()
-            withUnsafeTemporaryAllocation(of: P.self, capacity: 4096) { chunk in
-                for start in stride(from: 0, to: m * n, by: 4096) {
-                    let count = Swift.min(4096, m * n - start)
-                    E.widen(weight + start, to: chunk.baseAddress!, count: count)
-                    hasher.add(UnsafeRawBufferPointer(start: chunk.baseAddress!, count: count * MemoryLayout<P>.stride))
-                }
-            }
-            print = hasher.finish()
+        var hasher = Fingerprinter()
+        forEachWeightPiece { values, count in
+            hasher.add(UnsafeRawBufferPointer(start: values, count: count * MemoryLayout<P>.stride))
         }
+        let print = hasher.finish()
         weightPrint = print
         return print
+    }
+
+    /// `body(values, count)` over `W`'s values in the compute type, in order, in pieces of at most
+    /// 4096: pieces of `W` itself when the element type is its own compute type, else widened
+    /// copies.
+    private func forEachWeightPiece(_ body: (UnsafePointer<P>, Int) -> Void) {
+        withUnsafeTemporaryAllocation(of: P.self, capacity: 4096) { chunk in
+            for start in stride(from: 0, to: m * n, by: 4096) {
+                let count = Swift.min(4096, m * n - start)
+                if E.computesInPlace {
+                    body(UnsafeRawPointer(weight + start).assumingMemoryBound(to: P.self), count)
+                } else {
+                    E.widen(weight + start, to: chunk.baseAddress!, count: count)
+                    body(chunk.baseAddress!, count)
+                }
+            }
+        }
     }
 
     /// `AᵀA` and `U Uᵀ` (`rank × rank`, row-major) and `‖W‖_F²`, computed once
     /// (`O((m + n) rank² + m n)`) and shared by every adapter on these factors: a rank-`r`
     /// adapter uses the Gram matrices' leading `r × r` blocks.
     public func grams() throws(LoLDUError) -> (lower: UnsafePointer<P>, upper: UnsafePointer<P>, weight: Double) {
-        pthread_mutex_lock(printLock)
-        defer { pthread_mutex_unlock(printLock) }
+        pthread_mutex_lock(cacheLock)
+        defer { pthread_mutex_unlock(cacheLock) }
         if gramCache == nil {
             let r = rank
             let lowerGram = try HeapBuffer<P>(count: r * r), upperGram = try HeapBuffer<P>(count: r * r)
@@ -288,13 +297,7 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
             P.multiply(transA: false, transB: true, m: r, n: r, k: n, a: upper.pointer, lda: n,
                        b: upper.pointer, ldb: n, accumulate: false, c: upperGram.pointer, ldc: r)
             var squares = 0.0
-            withUnsafeTemporaryAllocation(of: P.self, capacity: 4096) { chunk in
-                for start in stride(from: 0, to: m * n, by: 4096) {
-                    let count = Swift.min(4096, m * n - start)
-                    E.widen(weight + start, to: chunk.baseAddress!, count: count)
-                    squares += Double(P.dot(chunk.baseAddress!, chunk.baseAddress!, count: count))
-                }
-            }
+            forEachWeightPiece { values, count in squares += Double(P.dot(values, values, count: count)) }
             gramCache = (lowerGram, upperGram, squares)
         }
         return (UnsafePointer(gramCache!.lower.pointer), UnsafePointer(gramCache!.upper.pointer), gramCache!.weight)
