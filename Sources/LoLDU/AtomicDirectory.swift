@@ -104,24 +104,18 @@ public final class AtomicDirectory {
         guard fsync(fd) == 0 else { throw AtomicFile.failure("cannot flush", path) }
         var info = stat()
         let exists = lstat(target, &info) == 0
-        if exists {
-            guard (info.st_mode & S_IFMT) == S_IFDIR else {
-                throw LoLDUError(.io, "\"\(target)\" is \(AtomicFile.kind(info.st_mode)), not a directory")
-            }
+        if exists && (info.st_mode & S_IFMT) != S_IFDIR {
+            throw LoLDUError(.io, "\"\(target)\" is \(AtomicFile.kind(info.st_mode)), not a directory")
         }
         if exists && replace {
             guard Self.rename(path, target, exchange: true) else { throw AtomicFile.failure("cannot replace", target) }
             committed = true
             Self.removeTree(path)  // the previous directory, now under the temporary name
-        } else if exists {
-            // rename(2) replaces an empty directory, atomically, and refuses one that is not.
-            guard Glibc.rename(path, target) == 0 else {
-                throw errno == EEXIST || errno == ENOTEMPTY ? LoLDUError(.io, "\"\(target)\" already exists")
-                    : AtomicFile.failure("cannot create", target)
-            }
-            committed = true
         } else {
-            guard Self.rename(path, target, exchange: false) else {
+            // rename(2) replaces an empty directory, atomically, and refuses one that is not;
+            // where there is none, no other may appear in its place meanwhile.
+            let moved = exists ? Glibc.rename(path, target) == 0 : Self.rename(path, target, exchange: false)
+            guard moved else {
                 throw errno == EEXIST || errno == ENOTEMPTY ? LoLDUError(.io, "\"\(target)\" already exists")
                     : AtomicFile.failure("cannot create", target)
             }
