@@ -133,7 +133,6 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         path = d.path
     }
 
-
     deinit {
         free(params)
         free(zRef)

@@ -103,11 +103,14 @@ class AdapterConfig:
         check(_capi.loldu_config_default(ctypes.byref(c)))
         c.z_init = _choice(self.z_init, Z_INITS, "z_init")
         c.residual = _choice(self.residual, RESIDUALS, "residual")
-        if self.rank != "full" and (isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer))):
+        if self.rank == "full":
+            c.rank = 0
+        elif isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
             raise InvalidArgumentError(f"rank must be an int or 'full', got {self.rank!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-        if self.rank != "full" and not 1 <= int(self.rank) < 2**63:
+        elif not 1 <= int(self.rank) < 2**63:
             raise InvalidArgumentError(f"rank must be >= 1 or 'full', got {self.rank}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-        c.rank = 0 if self.rank == "full" else int(self.rank)
+        else:
+            c.rank = int(self.rank)
         c.alpha = float(self.alpha if self.alpha is not None else 0.0)
         if not 0 <= int(self.seed) < 2**64:
             raise InvalidArgumentError(f"seed must be in [0, 2**64), got {self.seed}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
