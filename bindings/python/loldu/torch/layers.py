@@ -42,7 +42,7 @@ _process_configured = False
 # glibc's malloc gives large freed blocks back to the kernel: blocks above M_MMAP_THRESHOLD at
 # once, and the top of the heap above M_TRIM_THRESHOLD. A training step allocates its outputs
 # (y, dX: megabytes each) afresh, so with the defaults every step page-faults them in again
-# (measured: 500–750 faults and +1 ms per step on a 384 × 384 layer at B = 2048). Kept instead,
+# (measured: 225–750 faults and up to +1 ms per step on a 384 × 384 layer at B = 2048). Kept instead,
 # up to these sizes (mallopt's parameter numbers from <malloc.h>; 32 MiB is glibc's ceiling for
 # its own adaptive threshold on 64-bit).
 MALLOC_KEEP = {"M_MMAP_THRESHOLD": (-3, 32 << 20), "M_TRIM_THRESHOLD": (-1, 256 << 20)}
