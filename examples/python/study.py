@@ -9,7 +9,8 @@
 Task and protocol: those of ``finetune_minilm.py --compare`` (all-MiniLM-L6-v2, Rotten Tomatoes,
 mean pooling and a linear head trained in every method at 2e-3, AdamW with 30 linear warm-up
 steps then linear decay, 3 epochs of batches of 32, no weight decay, no dropout); only the
-adapter, its learning rate and its update rule change from run to run.
+adapter, its learning rate and its update rule change from run to run (a few sweep runs also train
+the adapted layers' biases, or train for 6 epochs, for LoLDU and LoRA alike).
 
 Phases: ``init`` (no training: ‖W_eff − W‖/‖W‖ at initialisation for every z init × alpha ×
 residual), ``sweep`` (1,600 / 800 sentences, seed 0) and ``final`` (6,530 / 2,000 sentences,
@@ -91,17 +92,24 @@ class Setting:
     z_init: str = "lu"
     residual: str = "pivots"
     update: str = "adamw"            # "adamw", or the scale-aware "rel" / "effect" (z only)
+    bias: bool = False               # the adapted layers' biases train too (PEFT's bias="lora_only")
+    epochs: int = 3
 
     def key(self) -> str:
+        # Axes added later appear only when not at their default, so earlier runs keep their ids.
+        extra = ("|bias" if self.bias else "") + (f"|epochs={self.epochs}" if self.epochs != 3 else "")
         if self.method == "lora":
-            return f"lora|r={self.rank}|t={self.targets}|lr={self.lr:g}"
+            return f"lora|r={self.rank}|t={self.targets}|lr={self.lr:g}" + extra
         return (f"loldu|r={self.rank}|alpha={'r' if self.alpha is None else f'{self.alpha:g}'}|"
                 f"sigma={'trained' if self.train_sigma else 'frozen'}|init={self.z_init}|res={self.residual}|"
-                f"t={self.targets}|upd={self.update}|lr={self.lr:g}")
+                f"t={self.targets}|upd={self.update}|lr={self.lr:g}" + extra)
+
+    def suffix(self) -> str:
+        return ("; biases trained" if self.bias else "") + (f"; {self.epochs} epochs" if self.epochs != 3 else "")
 
     def label(self) -> str:
         if self.method == "lora":
-            return f"LoRA r = {self.rank} ({TARGET_NAMES[self.targets]}), lr {self.lr:g}"
+            return f"LoRA r = {self.rank} ({TARGET_NAMES[self.targets]}), lr {self.lr:g}{self.suffix()}"
         parts = [f"LoLDU r = {self.rank}", TARGET_NAMES[self.targets]]
         parts.append("σ₀ = 1/r" if self.alpha == 1 else ("σ₀ = 1" if self.alpha is None else f"alpha {self.alpha:g}"))
         parts.append("σ trained" if self.train_sigma else "σ frozen")
@@ -109,15 +117,15 @@ class Setting:
             parts.append(f"init {self.z_init}, residual {self.residual}")
         if self.update != "adamw":
             parts.append({"rel": "scale-aware AdamW (s = |D|)", "effect": "scale-aware AdamW (s = 1/‖a‖‖u‖)"}[self.update])
-        return f"{parts[0]} ({', '.join(parts[1:])}), lr {self.lr:g}"
+        return f"{parts[0]} ({', '.join(parts[1:])}), lr {self.lr:g}{self.suffix()}"
 
 
 def L(**kw) -> Setting:
     return Setting(method="loldu", **kw)
 
 
-def R(lr: float, targets: str = "qv") -> Setting:
-    return Setting(method="lora", lr=lr, targets=targets, rank=16)
+def R(lr: float, targets: str = "qv", **kw) -> Setting:
+    return Setting(method="lora", lr=lr, targets=targets, rank=16, **kw)
 
 
 # The sweep (small budget, seed 0), in the order it runs. Groups: (title, settings).
@@ -145,6 +153,9 @@ SWEEP: list[tuple[str, list[Setting]]] = [
      [L(rank="full", alpha=1, train_sigma=False, z_init="uniform", lr=lr) for lr in (1e-1, 3.84e-1)]
      + [L(rank="full", train_sigma=False, z_init="uniform", residual="init", lr=1e-3),
         L(rank="full", train_sigma=False, z_init="uniform", residual="pivots", lr=1e-3)]),
+    ("Longer training and trained biases (full rank, q, v, σ₀ = 1 frozen; LoRA alike)",
+     [L(rank="full", train_sigma=False, lr=1e-3, epochs=6), R(1e-3, epochs=6),
+      L(rank="full", train_sigma=False, lr=1e-3, bias=True), R(1e-3, bias=True)]),
 ]
 
 # The finalists, chosen from the sweep: LoRA at its best rate on q, v and on its best targets
@@ -329,13 +340,14 @@ def build(setting: Setting, seed: int):
     if setting.method == "lora":
         import peft
 
-        config = peft.LoraConfig(r=setting.rank, lora_alpha=setting.rank, lora_dropout=0.0, target_modules=targets)
+        config = peft.LoraConfig(r=setting.rank, lora_alpha=setting.rank, lora_dropout=0.0, target_modules=targets,
+                                 bias="lora_only" if setting.bias else "none")
         model.encoder = peft.get_peft_model(model.encoder, config)
-        encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     else:
         lt.add_loldu(model.encoder, target_modules=targets, rank=setting.rank, alpha=setting.alpha,
                      z_init=setting.z_init, residual=setting.residual, train_sigma=setting.train_sigma)
-        encoder_params = lt.loldu_parameters(model.encoder)
+        lt.mark_only_loldu_as_trainable(model.encoder, bias="loldu_only" if setting.bias else "none")
+    encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     groups = [{"params": list(model.head.parameters()), "lr": 2e-3, "weight_decay": 0.0},
               {"params": encoder_params, "lr": setting.lr, "weight_decay": 0.0}]
     make_optimizer = None
@@ -350,7 +362,7 @@ def run(setting: Setting, seed: int, budget: tuple[int, int], phase: str, progre
     data = data_for(budget, seed)
     model, groups, make_optimizer, trainable = build(setting, seed)
     init_change = relative_changes(model.encoder)
-    args = argparse.Namespace(batch=32, epochs=3, warmup=30, seed=seed)
+    args = argparse.Namespace(batch=32, epochs=setting.epochs, warmup=30, seed=seed)
     torch.manual_seed(seed)
     record = {"id": run_id(setting, seed, budget), "phase": phase, "setting": dataclasses.asdict(setting),
               "label": setting.label(), "seed": seed, "train": budget[0], "test": budget[1],
