@@ -401,6 +401,19 @@ LOLDU_API loldu_status loldu_get_coefficients(const loldu_adapter *adapter, void
 LOLDU_API loldu_status loldu_forward(loldu_adapter *adapter, int64_t batch, const void *x, void *y, void *h);
 
 /**
+ * loldu_forward with the layer's bias given for this call: y = x W_effᵀ + bias, the bias added
+ * in the GEMM where the backend can (oneDNN), which saves the caller a pass over y. For a bias
+ * the caller owns and may change or train between calls (a framework module's); the adapter
+ * keeps no pointer to it.
+ * @param bias  read during the call: m values of the element type; NULL is loldu_forward.
+ * @return as loldu_forward; LOLDU_ERR_STATE if the adapter was created with a bias of its own
+ *         (one bias per layer). loldu_backward's db is for the adapter's own bias: with a bias
+ *         given per call, db = Σ_b dY is the caller's to compute.
+ */
+LOLDU_API loldu_status loldu_forward_bias(loldu_adapter *adapter, int64_t batch, const void *x, const void *bias,
+                                          void *y, void *h);
+
+/**
  * Backward of loldu_forward for the upstream gradient dY.
  * @param x   read: B × n, the forward's input.
  * @param dy  read: B × m.

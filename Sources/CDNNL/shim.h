@@ -9,5 +9,6 @@
 static const int loldu_dnnl_arg_src = DNNL_ARG_SRC;
 static const int loldu_dnnl_arg_weights = DNNL_ARG_WEIGHTS;
 static const int loldu_dnnl_arg_dst = DNNL_ARG_DST;
+static const int loldu_dnnl_arg_bias = DNNL_ARG_BIAS;
 static const int loldu_dnnl_arg_scratchpad = DNNL_ARG_SCRATCHPAD;
 #endif

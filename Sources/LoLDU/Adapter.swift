@@ -238,6 +238,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         var output = Scratch<P>()   // y or dX before rounding (B × max(m, n))
         var scaled = Scratch<P>()   // A diag(c) (m × r)
         var large = Scratch<P>()    // G = dYᵀ x, or W_eff before rounding (m × n)
+        var bias = Scratch<P>()     // a bias given for the call, widened (m)
 
         init(rank r: Int) throws(LoLDUError) {
             effectiveCoef = try HeapBuffer(zeros: r)
@@ -250,6 +251,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
             let p = MemoryLayout<P>.stride
             return (effectiveCoef.count + forwardCoef.count + coef.count + scores.count) * p
                 + h.bytes + g.bytes + work.bytes + input.bytes + input2.bytes + output.bytes + scaled.bytes + large.bytes
+                + bias.bytes
         }
     }
 
@@ -325,9 +327,15 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
 
     /// `y = x W_effᵀ + b` for `batch` rows: `x` is `batch × n`, `y` is `batch × m`, row-major.
     /// When `hOut` is given (`batch × r`) it receives `h = x U_rᵀ`, which ``backward`` can reuse.
+    /// `b` is the layer's own bias, or `callBias` (`m` values, read during the call) for a layer
+    /// created without one (`state` otherwise: one bias per layer).
     public func forward(
-        batch: Int, x: UnsafePointer<E>, y: UnsafeMutablePointer<E>, h hOut: UnsafeMutablePointer<P>?
+        batch: Int, x: UnsafePointer<E>, y: UnsafeMutablePointer<E>, h hOut: UnsafeMutablePointer<P>?,
+        bias callBias: UnsafePointer<E>? = nil
     ) throws(LoLDUError) {
+        if callBias != nil, factors.bias != nil {
+            throw LoLDUError(.state, "this adapter was created with a bias of its own; pass bias = NULL (one bias per layer)")
+        }
         guard batch > 0 else { return }
         let (m, n, r) = (self.m, self.n, rank)
         let s = try localState()
@@ -347,6 +355,16 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         // Everything this call needs, before anything is written.
         let wideX = E.self == G.self ? nil : try s.input.get(batch * n)
         let out = try computeBuffer(y, count: batch * m, &s.output)
+        var bias = factors.bias.map { UnsafePointer($0.pointer) }
+        if let callBias {
+            if E.computesInPlace {
+                bias = UnsafeRawPointer(callBias).assumingMemoryBound(to: P.self)
+            } else {
+                let wide = try s.bias.get(m)
+                E.widen(callBias, to: wide, count: m)
+                bias = UnsafePointer(wide)
+            }
+        }
         var h = hOut
         var work: UnsafeMutablePointer<G>? = nil
         if factored != nil {
@@ -356,7 +374,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         }
 
         let xG = asOperand(x, count: batch * n, work: wideX)
-        factors.multiplyWeight(batch: batch, x: xG, weight: weight, into: out)
+        factors.multiplyWeight(batch: batch, x: xG, weight: weight, bias: bias, into: out)
         if let h { factors.project(batch: batch, r: r, x: xG, into: h) }
         if let c = factored, let h, let work {
             factors.addLowRank(batch: batch, r: r, h: h, .init(table: c, rows: nil), work: work, into: out)

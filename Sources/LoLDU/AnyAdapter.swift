@@ -30,7 +30,8 @@ public protocol AnyAdapter: AnyObject, Sendable {
     /// The identity of the frozen factors, shared by clones and derived adapters.
     var factorsIdentity: ObjectIdentifier { get }
 
-    func forward(batch: Int, x: UnsafeRawPointer, y: UnsafeMutableRawPointer, h: UnsafeMutableRawPointer?) throws(LoLDUError)
+    func forward(batch: Int, x: UnsafeRawPointer, y: UnsafeMutableRawPointer, h: UnsafeMutableRawPointer?,
+                 bias: UnsafeRawPointer?) throws(LoLDUError)
     /// With `grads`, this call's `dz`, `dσ` go there (``Adapter/backward``'s `gradsOut`).
     func backward(batch: Int, x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?, h: UnsafeRawPointer?,
                   grads: UnsafeMutableRawPointer?) throws(LoLDUError)
@@ -167,9 +168,10 @@ extension Adapter: AnyAdapter {
     public func biasGradPointer() throws(LoLDUError) -> UnsafeMutableRawPointer? { try biasGrad().map { UnsafeMutableRawPointer($0) } }
     public var factorsIdentity: ObjectIdentifier { ObjectIdentifier(factors) }
 
-    public func forward(batch: Int, x: UnsafeRawPointer, y: UnsafeMutableRawPointer, h: UnsafeMutableRawPointer?) throws(LoLDUError) {
+    public func forward(batch: Int, x: UnsafeRawPointer, y: UnsafeMutableRawPointer, h: UnsafeMutableRawPointer?,
+                        bias: UnsafeRawPointer?) throws(LoLDUError) {
         try forward(batch: batch, x: x.assumingMemoryBound(to: E.self), y: y.assumingMemoryBound(to: E.self),
-                    h: h?.assumingMemoryBound(to: P.self))
+                    h: h?.assumingMemoryBound(to: P.self), bias: bias?.assumingMemoryBound(to: E.self))
     }
 
     public func backward(batch: Int, x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?, h: UnsafeRawPointer?,

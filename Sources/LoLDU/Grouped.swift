@@ -58,7 +58,7 @@ extension Adapter {
 
         table(group, width: r, into: coefficients.pointer)
         let xG = asOperand(x, count: batch * n, work: wideX?.pointer)
-        factors.multiplyWeight(batch: batch, x: xG, weight: factors.weightOperand, into: yP)
+        factors.multiplyWeight(batch: batch, x: xG, weight: factors.weightOperand, bias: factors.bias?.pointer, into: yP)
         if count > 0 {
             factors.project(batch: batch, r: r, x: xG, into: h.pointer)
             factors.addLowRank(batch: batch, r: r, h: h.pointer, .init(table: coefficients.pointer, rows: group.rows),

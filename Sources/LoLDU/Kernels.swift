@@ -21,15 +21,17 @@ extension LDUFactors {
         @inline(__always) func index(_ b: Int) -> Int { rows.map { Int($0[b]) } ?? 0 }
     }
 
-    /// `y = x Wᵀ + bias` with `weight` (`W`, or a merged `W_eff`) as the operand.
-    func multiplyWeight(batch: Int, x: UnsafePointer<G>, weight: UnsafePointer<G>, into y: UnsafeMutablePointer<P>) {
-        var accumulate = false
+    /// `y = x Wᵀ + bias` with `weight` (`W`, or a merged `W_eff`) as the operand; `bias` (`m`
+    /// values) is the layer's own or one given for the call.
+    func multiplyWeight(batch: Int, x: UnsafePointer<G>, weight: UnsafePointer<G>, bias: UnsafePointer<P>?,
+                        into y: UnsafeMutablePointer<P>) {
         if let bias {
-            for b in 0..<batch { (y + b * m).update(from: bias.pointer, count: m) }
-            accumulate = true
+            G.multiply(transA: false, transB: true, m: batch, n: m, k: n, a: x, lda: n, b: weight, ldb: n,
+                       bias: bias, c: y, ldc: m)
+        } else {
+            G.multiply(transA: false, transB: true, m: batch, n: m, k: n, a: x, lda: n, b: weight, ldb: n,
+                       accumulate: false, c: y, ldc: m)
         }
-        G.multiply(transA: false, transB: true, m: batch, n: m, k: n, a: x, lda: n, b: weight, ldb: n,
-                   accumulate: accumulate, c: y, ldc: m)
     }
 
     /// `h = x U_rᵀ` (`batch × r`).

@@ -99,12 +99,42 @@ extension BLASScalar {
 
 /// The element types GEMMs multiply: `Float`, `Double`, and `BFloat16` where the CPU has bf16
 /// units. `C` (row-major, `m × n`, in `Compute`) = `op(A) op(B)` (`beta` 0) or `+= op(A) op(B)`
-/// (`beta` 1). Which library runs each type is ``GEMMBackend``'s choice.
+/// (`beta` 1); or `op(A) op(B)` plus a bias row added to every row. Which library runs each
+/// type is ``GEMMBackend``'s choice.
 public protocol GEMMOperand: Element {
     static func multiply(
         transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
         a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
         accumulate: Bool, c: UnsafeMutablePointer<Compute>, ldc: Int)
+
+    /// `C = op(A) op(B) + 1 biasᵀ` (`bias`: `n` values, added to every row of `C`).
+    static func multiply(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
+        bias: UnsafePointer<Compute>, c: UnsafeMutablePointer<Compute>, ldc: Int)
+}
+
+extension GEMMOperand {
+    /// The bias copied into every row of `C`, then the product accumulated onto it: a pass over
+    /// `C` that a library adding the bias in its kernel (oneDNN) saves.
+    public static func multiply(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
+        bias: UnsafePointer<Compute>, c: UnsafeMutablePointer<Compute>, ldc: Int
+    ) {
+        biasedProduct(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
+                      bias: bias, c: c, ldc: ldc)
+    }
+
+    static func biasedProduct(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
+        bias: UnsafePointer<Compute>, c: UnsafeMutablePointer<Compute>, ldc: Int
+    ) {
+        for row in 0..<m { (c + row * ldc).update(from: bias, count: n) }
+        multiply(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
+                 accumulate: true, c: c, ldc: ldc)
+    }
 }
 
 extension Float: GEMMOperand {
@@ -120,6 +150,20 @@ extension Float: GEMMOperand {
         }
         gemm(transA: transA, transB: transB, m: m, n: n, k: k, alpha: 1, a: a, lda: lda, b: b, ldb: ldb,
              beta: accumulate ? 1 : 0, c: c, ldc: ldc)
+    }
+
+    public static func multiply(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
+        bias: UnsafePointer<Float>, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        if GEMMBackend.float32 == .oneDNN,
+           OneDNN.gemm(type: dnnl_f32, transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda,
+                       b: b, ldb: ldb, bias: bias, accumulate: false, c: c, ldc: ldc) {
+            return
+        }
+        biasedProduct(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
+                      bias: bias, c: c, ldc: ldc)
     }
 }
 
@@ -148,6 +192,19 @@ extension BFloat16: GEMMOperand {
         }
         widenedProduct(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
                        accumulate: accumulate, c: c, ldc: ldc)
+    }
+
+    public static func multiply(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        a: UnsafePointer<BFloat16>, lda: Int, b: UnsafePointer<BFloat16>, ldb: Int,
+        bias: UnsafePointer<Float>, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        if OneDNN.gemm(type: dnnl_bf16, transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda,
+                       b: b, ldb: ldb, bias: bias, accumulate: false, c: c, ldc: ldc) {
+            return
+        }
+        biasedProduct(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
+                      bias: bias, c: c, ldc: ldc)
     }
 }
 

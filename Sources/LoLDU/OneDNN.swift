@@ -142,18 +142,19 @@ enum OneDNN {
 
     // MARK: Primitives
 
-    /// What decides a matmul primitive: element types, layout and the sum post-op.
+    /// What decides a matmul primitive: element types, layout, the bias and the sum post-op.
     struct Shape: Hashable {
-        let type: UInt32  // dnnl_data_type_t of A and B (C is f32)
+        let type: UInt32  // dnnl_data_type_t of A and B (C and the bias are f32)
         let transA: Bool, transB: Bool
         let m: Int, n: Int, k: Int, lda: Int, ldb: Int, ldc: Int
+        let bias: Bool        // a row of n values added to every row of C, in the kernel
         let accumulate: Bool  // beta = 1
     }
 
     /// A primitive and the memory descriptors its arguments are created with.
     final class Primitive: @unchecked Sendable {
         let primitive: dnnl_primitive_t
-        var a = dnnl_memory_desc_t(), b = dnnl_memory_desc_t(), c = dnnl_memory_desc_t()
+        var a = dnnl_memory_desc_t(), b = dnnl_memory_desc_t(), c = dnnl_memory_desc_t(), bias = dnnl_memory_desc_t()
         var scratchpad = dnnl_memory_desc_t()
         let scratchpadBytes: Int
         let implementation: String
@@ -166,13 +167,15 @@ enum OneDNN {
                 return api.memoryDescInit(&md, 2, dims, type, strides) == dnnl_success
             }
             let type = dnnl_data_type_t(shape.type)
-            var a = dnnl_memory_desc_t(), b = dnnl_memory_desc_t(), c = dnnl_memory_desc_t()
+            var a = dnnl_memory_desc_t(), b = dnnl_memory_desc_t(), c = dnnl_memory_desc_t(), bias = dnnl_memory_desc_t()
             guard describe(&a, rows: shape.m, cols: shape.k, transposed: shape.transA, ld: shape.lda, type: type),
                   describe(&b, rows: shape.k, cols: shape.n, transposed: shape.transB, ld: shape.ldb, type: type),
-                  describe(&c, rows: shape.m, cols: shape.n, transposed: false, ld: shape.ldc, type: dnnl_f32)
+                  describe(&c, rows: shape.m, cols: shape.n, transposed: false, ld: shape.ldc, type: dnnl_f32),
+                  !shape.bias || describe(&bias, rows: 1, cols: shape.n, transposed: false, ld: shape.n, type: dnnl_f32)
             else { return nil }
             var op = dnnl_matmul_desc_t()
-            guard api.matmulDescInit(&op, &a, &b, nil, &c) == dnnl_success else { return nil }
+            let described = shape.bias ? api.matmulDescInit(&op, &a, &b, &bias, &c) : api.matmulDescInit(&op, &a, &b, nil, &c)
+            guard described == dnnl_success else { return nil }
             var attr: dnnl_primitive_attr_t?
             guard api.attrCreate(&attr) == dnnl_success else { return nil }
             defer { _ = api.attrDestroy(attr) }
@@ -198,7 +201,7 @@ enum OneDNN {
             var primitive: dnnl_primitive_t?
             guard api.primitiveCreate(&primitive, pd) == dnnl_success, let primitive else { return nil }
             self.primitive = primitive
-            (self.a, self.b, self.c) = (a, b, c)
+            (self.a, self.b, self.c, self.bias) = (a, b, c, bias)
         }
 
         deinit { _ = OneDNN.api?.primitiveDestroy(primitive) }
@@ -281,17 +284,17 @@ enum OneDNN {
 
     // MARK: GEMM
 
-    /// `C = op(A) op(B) + beta C` (`beta` 0 or 1), row-major, `A` and `B` of `type`, `C` float32.
-    /// Returns false (nothing computed) when oneDNN cannot run it; the caller then computes it
-    /// another way.
+    /// `C = op(A) op(B) (+ 1 biasᵀ) + beta C` (`beta` 0 or 1), row-major, `A` and `B` of `type`,
+    /// `C` and `bias` (`n` values, added to every row) float32. Returns false (nothing computed)
+    /// when oneDNN cannot run it; the caller then computes it another way.
     static func gemm(
         type: dnnl_data_type_t, transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
-        a: UnsafeRawPointer, lda: Int, b: UnsafeRawPointer, ldb: Int,
+        a: UnsafeRawPointer, lda: Int, b: UnsafeRawPointer, ldb: Int, bias: UnsafePointer<Float>? = nil,
         accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int
     ) -> Bool {
         guard let api, m > 0, n > 0 else { return m == 0 || n == 0 }
         let shape = Shape(type: type.rawValue, transA: transA, transB: transB, m: m, n: n, k: k,
-                          lda: lda, ldb: ldb, ldc: ldc, accumulate: accumulate)
+                          lda: lda, ldb: ldb, ldc: ldc, bias: bias != nil, accumulate: accumulate)
         guard let primitive = primitive(shape, api: api), let thread = resources(api: api) else { return false }
         var scratch: UnsafeMutableRawPointer? = nil
         if primitive.scratchpadBytes > 0 {
@@ -302,19 +305,21 @@ enum OneDNN {
             guard let buffer = thread.scratchpad else { return false }
             scratch = UnsafeMutableRawPointer(buffer.pointer)
         }
-        var memories: [dnnl_memory_t?] = [nil, nil, nil, nil]
+        var memories: [dnnl_memory_t?] = [nil, nil, nil, nil, nil]
         defer { for memory in memories where memory != nil { _ = api.memoryDestroy(memory) } }
         guard api.memoryCreate(&memories[0], &primitive.a, api.engine, UnsafeMutableRawPointer(mutating: a)) == dnnl_success,
               api.memoryCreate(&memories[1], &primitive.b, api.engine, UnsafeMutableRawPointer(mutating: b)) == dnnl_success,
               api.memoryCreate(&memories[2], &primitive.c, api.engine, UnsafeMutableRawPointer(c)) == dnnl_success,
-              api.memoryCreate(&memories[3], &primitive.scratchpad, api.engine, scratch) == dnnl_success
+              api.memoryCreate(&memories[3], &primitive.scratchpad, api.engine, scratch) == dnnl_success,
+              bias == nil || api.memoryCreate(&memories[4], &primitive.bias, api.engine, UnsafeMutableRawPointer(mutating: bias)) == dnnl_success
         else { return false }
-        let args = [
+        var args = [
             dnnl_exec_arg_t(arg: loldu_dnnl_arg_src, memory: memories[0]),
             dnnl_exec_arg_t(arg: loldu_dnnl_arg_weights, memory: memories[1]),
             dnnl_exec_arg_t(arg: loldu_dnnl_arg_dst, memory: memories[2]),
             dnnl_exec_arg_t(arg: loldu_dnnl_arg_scratchpad, memory: memories[3]),
         ]
+        if bias != nil { args.append(dnnl_exec_arg_t(arg: loldu_dnnl_arg_bias, memory: memories[4])) }
         // oneDNN parallelises with OpenMP over the calling thread's thread count: use ours for
         // this call (fewer for a small product), and give the caller's back (PyTorch shares
         // this runtime).

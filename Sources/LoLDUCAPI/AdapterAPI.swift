@@ -217,12 +217,28 @@ public func lolduForward(
     _ handle: OpaquePointer?, _ batch: Int64, _ x: UnsafeRawPointer?, _ y: UnsafeMutableRawPointer?,
     _ h: UnsafeMutableRawPointer?
 ) -> Int32 {
+    forward(handle, batch, x, nil, y, h)
+}
+
+@_cdecl("loldu_forward_bias")
+public func lolduForwardBias(
+    _ handle: OpaquePointer?, _ batch: Int64, _ x: UnsafeRawPointer?, _ bias: UnsafeRawPointer?,
+    _ y: UnsafeMutableRawPointer?, _ h: UnsafeMutableRawPointer?
+) -> Int32 {
+    forward(handle, batch, x, bias, y, h)
+}
+
+private func forward(
+    _ handle: OpaquePointer?, _ batch: Int64, _ x: UnsafeRawPointer?, _ bias: UnsafeRawPointer?,
+    _ y: UnsafeMutableRawPointer?, _ h: UnsafeMutableRawPointer?
+) -> Int32 {
     status { () throws(LoLDUError) in
         let a = try adapters.get(handle, "adapter")
         let b = try batchSize(batch, a)
         guard b > 0 else { return }  // an empty batch does nothing, whatever the buffers
         try a.forward(batch: b, x: try Check.buffer(x, "x", a.dtype), y: try Check.mutableBuffer(y, "y", a.dtype),
-                      h: try Check.optionalBuffer(h, "h", a.dtype.parameterType))
+                      h: try Check.optionalBuffer(h, "h", a.dtype.parameterType),
+                      bias: try bias.map { p throws(LoLDUError) in try Check.buffer(p, "bias", a.dtype) })
     }
 }
 

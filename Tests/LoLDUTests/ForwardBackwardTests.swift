@@ -226,4 +226,46 @@ import Testing
         var zero = [Float](repeating: .nan, count: r + 1)
         #expect(loldu_backward_into(a.handle, 0, nil, nil, nil, nil, &zero) == LOLDU_OK && zero.allSatisfy { $0 == 0 })
     }
+
+    /// loldu_forward_bias on an adapter without a bias computes what the same adapter created
+    /// with that bias computes, bit for bit, on every path and in both states (enabled,
+    /// disabled); NULL is loldu_forward; an adapter with a bias of its own refuses, writing
+    /// nothing.
+    @Test func biasGivenPerCallEqualsTheLayersOwn() throws {
+        try check(Float.self)
+        try check(Double.self)
+
+        func check<T: TestScalar>(_: T.Type) throws {
+            var random = TestRandom(611)
+            let (m, n, r, batch) = (13, 10, 4, 7)
+            let w: [T] = random.array(m * n), b: [T] = random.array(m), x: [T] = random.array(batch * n)
+            let plain = try TestAdapter<T>(m: m, n: n, weight: w) { $0.rank = Int64(r) }
+            let own = try TestAdapter<T>(m: m, n: n, weight: w, bias: b) { $0.rank = Int64(r) }
+            let z: [T] = random.array(r)
+            plain.z = z
+            own.z = z
+            for enabled: Int32 in [1, 0] {
+                #expect(loldu_set_enabled(plain.handle, enabled) == LOLDU_OK && loldu_set_enabled(own.handle, enabled) == LOLDU_OK)
+                for path in allPaths {
+                    plain.setPath(path)
+                    own.setPath(path)
+                    var y = [T](repeating: .nan, count: batch * m)
+                    #expect(loldu_forward_bias(plain.handle, Int64(batch), x, b, &y, nil) == LOLDU_OK)
+                    #expect(y == own.forward(x, batch: batch), "\(T.self) enabled \(enabled) path \(path.rawValue)")
+                    #expect(loldu_forward_bias(plain.handle, Int64(batch), x, nil, &y, nil) == LOLDU_OK)
+                    #expect(y == plain.forward(x, batch: batch), "\(T.self): NULL bias is loldu_forward")
+                }
+            }
+            #expect(loldu_forward_bias(plain.handle, Int64(batch), x, b, nil, nil) == LOLDU_ERR_NULL_POINTER)
+            var untouched = [T](repeating: .nan, count: batch * m)
+            #expect(loldu_forward_bias(own.handle, Int64(batch), x, b, &untouched, nil) == LOLDU_ERR_STATE)
+            #expect(String(cString: loldu_last_error()).contains("bias"))
+            #expect(untouched.allSatisfy { $0.isNaN }, "nothing written on failure")
+            // A misaligned bias is refused by name.
+            var bytes = [UInt8](repeating: 0, count: (m + 1) * MemoryLayout<T>.stride)
+            var y = [T](repeating: 0, count: batch * m)
+            let status = bytes.withUnsafeMutableBytes { loldu_forward_bias(plain.handle, Int64(batch), x, $0.baseAddress! + 1, &y, nil) }
+            #expect(status == LOLDU_ERR_INVALID_ARGUMENT && String(cString: loldu_last_error()).contains("bias"))
+        }
+    }
 }

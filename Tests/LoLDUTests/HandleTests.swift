@@ -42,6 +42,7 @@ import Testing
         use("loldu_get_factor", .adapter) { h in var o = [Float](repeating: 0, count: 64); return loldu_get_factor(h, LOLDU_FACTOR_DIAG, &o) },
         use("loldu_get_pivots", .adapter) { h in var p = [Int32](repeating: 0, count: 8); return loldu_get_pivots(h, &p) },
         use("loldu_forward", .adapter) { h in var y = [Float](repeating: 0, count: 64); return loldu_forward(h, 1, x, &y, nil) },
+        use("loldu_forward_bias", .adapter) { h in var y = [Float](repeating: 0, count: 64); return loldu_forward_bias(h, 1, x, x, &y, nil) },
         use("loldu_backward", .adapter) { h in loldu_backward(h, 1, x, x, nil, nil) },
         use("loldu_backward_into", .adapter) { h in var g = [Float](repeating: 0, count: 9); return loldu_backward_into(h, 1, x, x, nil, nil, &g) },
         use("loldu_effective_weight", .adapter) { h in var w = [Float](repeating: 0, count: 64); return loldu_effective_weight(h, &w) },

@@ -210,8 +210,9 @@ struct LibraryError: Error, CustomStringConvertible {
     var description: String { "status \(status.rawValue): \(message)" }
 }
 
-/// The bare layer `x Wᵀ + b`, computed the way the library computes it (bias rows, then one
-/// GEMM with beta = 1), so that an unchanged layer compares bit for bit.
+/// The bare layer `x Wᵀ + b`: one GEMM with beta = 1 onto rows of the bias, which rounds as the
+/// library does (the product, then one addition of the bias, whether the GEMM library adds it in
+/// its kernel or onto `C`), so that an unchanged layer compares bit for bit.
 func bareLayer<T: TestScalar>(_ x: [T], _ w: [T], _ b: [T]?, batch: Int, m: Int, n: Int) -> [T] {
     var y = [T](repeating: 0, count: batch * m)
     if let b { for r in 0..<batch { for i in 0..<m { y[r * m + i] = b[i] } } }

@@ -455,6 +455,12 @@ loldu_get_coefficients = _declare("loldu_get_coefficients", loldu_status, [loldu
 # LOLDU_API loldu_status loldu_forward(loldu_adapter *adapter, int64_t batch, const void *x, void *y, void *h);
 loldu_forward = _declare("loldu_forward", loldu_status, [loldu_adapter_p, c_int64, c_void_p, c_void_p, c_void_p])
 
+# LOLDU_API loldu_status loldu_forward_bias(loldu_adapter *adapter, int64_t batch, const void *x, const void *bias,
+#                                           void *y, void *h);
+loldu_forward_bias = _declare(
+    "loldu_forward_bias", loldu_status, [loldu_adapter_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p]
+)
+
 # LOLDU_API loldu_status loldu_backward(loldu_adapter *adapter, int64_t batch, const void *x, const void *dy,
 #                                       void *dx, const void *h);
 loldu_backward = _declare(

@@ -463,16 +463,23 @@ class Adapter:
         ptr = check_array(x, what, self.dtype, min_ndim=1, last_dim=width)
         return ptr, int(np.prod(x.shape[:-1], dtype=np.int64))
 
-    def forward(self, x: np.ndarray, out: np.ndarray | None = None, h: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, out: np.ndarray | None = None, h: np.ndarray | None = None,
+                *, bias: np.ndarray | None = None) -> np.ndarray:
         """``y = x W_effᵀ + b`` for ``x`` of shape ``(..., n)``; returns ``y`` of shape ``(..., m)``
         (written into ``out`` if given). ``h`` (``(B, rank)``, B the number of rows) receives
-        ``x U_rᵀ`` for ``backward`` to reuse; worth it only when ``plan(B, True) == 'factored'``."""
+        ``x U_rᵀ`` for ``backward`` to reuse; worth it only when ``plan(B, True) == 'factored'``.
+        ``bias`` (``m`` values of the adapter's dtype): the layer's bias for this call, for an
+        adapter created without one (``loldu_forward_bias``)."""
         x_ptr, batch = self._rows(x, "x", self.n)
         if out is None:
             out = np.empty(x.shape[:-1] + (self.m,), self.dtype)
         y_ptr = check_array(out, "out", self.dtype, x.shape[:-1] + (self.m,), writable=True)
         h_ptr = None if h is None else check_array(h, "h", self.param_dtype, (batch, self.rank), writable=True)
-        check(_capi.loldu_forward(self.handle, batch, x_ptr, y_ptr, h_ptr))
+        if bias is None:
+            check(_capi.loldu_forward(self.handle, batch, x_ptr, y_ptr, h_ptr))
+        else:
+            b_ptr = check_array(bias, "bias", self.dtype, (self.m,))
+            check(_capi.loldu_forward_bias(self.handle, batch, x_ptr, b_ptr, y_ptr, h_ptr))
         return out
 
     __call__ = forward

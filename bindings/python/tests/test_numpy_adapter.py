@@ -109,6 +109,23 @@ def test_every_path_and_the_h_buffer_agree(minilm, dtype):
         np.testing.assert_allclose(grads, results["factored"][2], rtol=1e-3 if dtype == np.float32 else 1e-9)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_bias_given_per_call_equals_the_layers_own(minilm, dtype):
+    w, b = layer(minilm, LAYERS[0], dtype)
+    x = np.random.default_rng(4).standard_normal((40, w.shape[1])).astype(dtype)
+    with loldu.Adapter(w, rank=16, z_init="s_normal", residual="init") as plain, \
+            loldu.Adapter(w, b, rank=16, z_init="s_normal", residual="init") as own:
+        for path in loldu.PATHS[1:]:
+            plain.path = own.path = path
+            np.testing.assert_array_equal(plain.forward(x, bias=b), own.forward(x))
+        with pytest.raises(loldu.StateError, match="bias"):
+            own.forward(x, bias=b)
+        with pytest.raises(loldu.DTypeError):
+            plain.forward(x, bias=b.astype(np.float32 if dtype != np.float32 else np.float64))
+        with pytest.raises(loldu.ShapeError):
+            plain.forward(x, bias=b[:-1])
+
+
 @pytest.mark.parametrize("z_init", loldu.Z_INITS)
 def test_inits_and_residual_modes(minilm, z_init):
     w, b = layer(minilm, LAYERS[0], np.float64)

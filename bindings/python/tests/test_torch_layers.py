@@ -299,6 +299,33 @@ def test_base_weight_changes_are_detected():
         layer(x)
 
 
+def test_the_modules_bias_goes_to_the_library_with_each_call():
+    """The bias is the module's at every call: changed in place, replaced by a tensor of another
+    dtype or layout, or removed; with and without autograd."""
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    layer = lt.LoLDULinear(base, rank=4, z_init="s_normal", residual="init")
+    x = torch.randn(5, 8)
+
+    def expected():
+        w = torch.from_numpy(layer.adapter.effective_weight())
+        return x @ w.T + (0 if base.bias is None else base.bias.detach().float())
+    for change in ("in place", "strided", "float64", "none"):
+        if change == "in place":
+            with torch.no_grad():
+                base.bias.add_(1)
+        elif change == "strided":
+            base.bias = nn.Parameter(torch.randn(12)[::2])
+            assert not base.bias.is_contiguous()
+        elif change == "float64":
+            base.bias = nn.Parameter(torch.randn(6, dtype=torch.float64))
+        else:
+            base.bias = None
+        torch.testing.assert_close(layer(x), expected(), msg=change)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected(), msg=f"{change}, no grad")
+
+
 def test_replaced_parameters_are_rebound():
     torch.manual_seed(8)
     layer = lt.LoLDULinear(nn.Linear(8, 6), rank=4)

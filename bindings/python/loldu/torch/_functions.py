@@ -1,6 +1,7 @@
 """The autograd Functions: one library call per direction.
 
-- ``LinearFunction``: ``y = x W_effᵀ (+ b)`` through one adapter; backward is one
+- ``LinearFunction``: ``y = x W_effᵀ (+ b)`` through one adapter, the module's bias passed to the
+  library with the call (``loldu_forward_bias``); backward is one
   ``loldu_backward_into``, which writes this call's dz and dσ straight into the gradient tensor
   autograd receives (no zero_grad, no copy).
 - ``GroupedLinearFunction``: a batch whose rows belong to different adapters on one base
@@ -41,15 +42,22 @@ def parameter_dtype(adapter) -> torch.dtype:
     return TORCH_DTYPES[adapter._param_code]
 
 
+def linear(adapter, x: torch.Tensor, bias, h=None) -> torch.Tensor:
+    """``x W_effᵀ + bias`` in one library call: the module's bias is added by the library
+    (``loldu_forward_bias``, in the GEMM where the backend can), not by a pass over y here."""
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        bias = bias.to(x.dtype).contiguous()
+    y = torch.empty((x.shape[0], adapter.m), dtype=x.dtype)
+    check(_capi.loldu_forward_bias(adapter.handle, x.shape[0], x.data_ptr(), None if bias is None else bias.data_ptr(),
+                                   y.data_ptr(), None if h is None else h.data_ptr()))
+    return y
+
+
 class LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, z, sigma, bias, adapter, keep_h: bool):
-        batch = x.shape[0]
-        y = torch.empty((batch, adapter.m), dtype=x.dtype)
-        h = torch.empty((batch, adapter.rank), dtype=z.dtype) if keep_h else None
-        check(_capi.loldu_forward(adapter.handle, batch, x.data_ptr(), y.data_ptr(), None if h is None else h.data_ptr()))
-        if bias is not None:
-            y += bias
+        h = torch.empty((x.shape[0], adapter.rank), dtype=z.dtype) if keep_h else None
+        y = linear(adapter, x, bias, h)
         ctx.save_for_backward(x, z, sigma)
         ctx.adapter, ctx.h = adapter, h
         return y

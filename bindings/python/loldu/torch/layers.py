@@ -34,7 +34,7 @@ from .. import _capi
 from .._arrays import NUMPY_DTYPES
 from ..adapter import INIT_CHANGE_WARNING, Adapter, AdapterConfig, init_change_advice
 from ..errors import DeviceError, DTypeError, InvalidArgumentError, LoLDUWarning, ShapeError, StateError, check
-from ._functions import LIBRARY_DTYPES, GroupedLinearFunction, LinearFunction, WeightFunction, parameter_dtype
+from ._functions import LIBRARY_DTYPES, GroupedLinearFunction, LinearFunction, WeightFunction, linear, parameter_dtype
 
 BASE_NAME = "__base__"  # PEFT's name for rows that use no adapter in a mixed batch
 _process_configured = False
@@ -570,11 +570,7 @@ class LoLDULinear(LoLDULayer):
             if keep_h is None:
                 keep_h = self._plans[(name, x.shape[0])] = adapter.plan(x.shape[0], keeps_h=True) == "factored"
             return LinearFunction.apply(x, z, sigma, bias, adapter, keep_h)
-        y = torch.empty((x.shape[0], adapter.m), dtype=x.dtype)
-        check(_capi.loldu_forward(adapter.handle, x.shape[0], x.data_ptr(), y.data_ptr(), None))
-        if bias is not None:
-            y += bias
-        return y
+        return linear(adapter, x, bias)
 
     def _mixed_forward(self, names, x, x2, bias, dtype) -> torch.Tensor:
         used, index = self._mixed_rows(names, x, 0)
