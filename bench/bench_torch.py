@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import pstats
+import random
 import re
 import statistics
 import subprocess
@@ -71,16 +72,18 @@ def timed(fn) -> float:
 
 
 def interleave(contenders: dict, reps: int, warmup: int = 1) -> dict:
-    """Times every contender `reps` times; each repetition runs them all back to back, starting
-    with a different one each time."""
+    """Times every contender `reps` times; each repetition runs them all back to back in a new
+    random order (seeded), so that no contender always follows the same one and inherits its
+    warm caches."""
     for fn in contenders.values():  # warm up (allocations, caches, primitives)
         for _ in range(warmup):
             fn()
     samples = {k: [] for k in contenders}
-    names = list(contenders)
-    for rep in range(reps):
-        for i in range(len(names)):
-            name = names[(i + rep) % len(names)]
+    order = list(contenders)
+    shuffle = random.Random(0).shuffle
+    for _ in range(reps):
+        shuffle(order)
+        for name in order:
             samples[name].append(timed(contenders[name]))
     return samples
 
@@ -116,13 +119,12 @@ def med(samples: dict, key) -> float:
     return statistics.median(samples[key])
 
 
-def linear(m: int, n: int, seed: int) -> nn.Linear:
+def linear(m: int, n: int, seed: int, bias: bool = True) -> nn.Linear:
     torch.manual_seed(seed)
-    layer = nn.Linear(n, m)
+    layer = nn.Linear(n, m, bias=bias)
     with torch.no_grad():
         layer.weight.normal_(0, n ** -0.5)
-    layer.weight.requires_grad_(False)
-    layer.bias.requires_grad_(False)
+    layer.requires_grad_(False)
     return layer
 
 
@@ -149,31 +151,34 @@ def library_steps(layer, x: torch.Tensor, dy: torch.Tensor):
     h when the plan keeps it) and loldu_backward_into; and the bare layer through the same GEMM
     library (a disabled clone: exactly x Wᵀ and dY W). Buffers are allocated once, as in C."""
     adapter = layer.adapter
+    z = layer.loldu_z["default"]
+
+    def perturb():
+        with torch.no_grad():
+            z.view(-1)[0] += 1e-4
+    bare = adapter.clone()
+    bare.enabled = False
+    return adapter_step(adapter, x, dy, perturb), adapter_step(bare, x, dy, None), bare
+
+
+def adapter_step(adapter, x: torch.Tensor, dy: torch.Tensor, perturb):
+    """One step of `adapter` through ctypes (``perturb()`` first, if given), as in C."""
     batch = x.shape[0]
     keep_h = adapter.plan(batch, keeps_h=True) == "factored"
     y = torch.empty(batch, adapter.m, dtype=x.dtype)
     dx = torch.empty(batch, adapter.n, dtype=x.dtype)
     h = torch.empty(batch, adapter.rank, dtype=torch.float32)
     grads = torch.empty(adapter.rank + 1, dtype=torch.float32)
-    z = layer.loldu_z["default"]
-    bare = adapter.clone()
-    bare.enabled = False
     forward, backward = _capi.loldu_forward, _capi.loldu_backward_into
-    xp, yp, dyp, dxp, gp = x.data_ptr(), y.data_ptr(), dy.data_ptr(), dx.data_ptr(), grads.data_ptr()
+    handle, xp, yp, dyp, dxp, gp = adapter.handle, x.data_ptr(), y.data_ptr(), dy.data_ptr(), dx.data_ptr(), grads.data_ptr()
     hp = h.data_ptr() if keep_h else None
 
-    buffers = (x, dy, y, dx, h, grads)  # the closures keep the memory behind the pointers alive
-
-    def step(handle, h_ptr, perturb):
-        def run(buffers=buffers):
-            if perturb:
-                with torch.no_grad():
-                    z.view(-1)[0] += 1e-4
-            if forward(handle, batch, xp, yp, h_ptr) or backward(handle, batch, xp, dyp, dxp, h_ptr, gp):
-                raise RuntimeError(f"libloldu: {_capi.loldu_last_error().decode()}")
-        return run
-
-    return step(adapter.handle, hp, True), step(bare.handle, None, False), bare
+    def run(buffers=(x, dy, y, dx, h, grads)):  # the default keeps the memory behind the pointers alive
+        if perturb is not None:
+            perturb()
+        if forward(handle, batch, xp, yp, hp) or backward(handle, batch, xp, dyp, dxp, hp, gp):
+            raise RuntimeError(f"libloldu: {_capi.loldu_last_error().decode()}")
+    return run
 
 
 # ---- 1. initialisation -------------------------------------------------------------------------
@@ -209,12 +214,14 @@ def steps(reps: int) -> list[dict]:
         x = torch.randn(batch, n, requires_grad=True)
         dy = torch.randn(batch, m)
         ours = lt.LoLDULinear(linear(m, n, 1), rank=r)
+        ours_nobias = lt.LoLDULinear(linear(m, n, 1, bias=False), rank=r)  # same W, same plan
         reference = ReferenceLoLDU(linear(m, n, 1), r)
         lora = lora_model(linear(m, n, 1), 16)
         library, library_bare, bare_clone = library_steps(ours, x, dy)
         contenders = {
             "bare": step_fn(base, x, dy, [], False),
             "ours": step_fn(ours, x, dy, ours_params(ours), True),
+            "ours_nobias": step_fn(ours_nobias, x, dy, ours_params(ours_nobias), True),
             "library": library,
             "library_bare": library_bare,
             "reference": step_fn(reference, x, dy, [reference.z, reference.sigma], True),
@@ -227,12 +234,43 @@ def steps(reps: int) -> list[dict]:
                      "reference_over_ours": mratio(samples, "reference", "ours"),
                      "ours_over_library": mratio(samples, "ours", "library"),
                      "library_over_library_bare": mratio(samples, "library", "library_bare"),
-                     "ours_minus_library_ms": 1e3 * mdiff(samples, "ours", "library")})
+                     "ours_minus_library_ms": 1e3 * mdiff(samples, "ours", "library"),
+                     "bias_ms": 1e3 * mdiff(samples, "ours", "ours_nobias"),
+                     "cold_roundtrip_us": cold_roundtrip(library, reps)})
         print(f"step {m}x{n} r={r} B={batch}: " + ", ".join(f"{k} {1e3 * med(samples, k):.1f} ms" for k in samples),
               flush=True)
         bare_clone.close()
         ours.close()
+        ours_nobias.close()
     return rows
+
+
+class _Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy
+
+
+def cold_roundtrip(library_step, reps: int) -> dict:
+    """µs of a trivial autograd round trip (an identity Function on 16 numbers, forward and
+    backward) warm, and right after one library step: what PyTorch's own bookkeeping costs once
+    the step's buffers have evicted its code and data from the caches."""
+    a = torch.zeros(16, requires_grad=True)
+
+    def roundtrip():
+        a.grad = None
+        _Identity.apply(a).sum().backward()
+    samples = {"warm": [], "after_step": []}
+    for _ in range(3 * reps):
+        roundtrip()
+        samples["warm"].append(timed(roundtrip))
+        library_step()
+        samples["after_step"].append(timed(roundtrip))
+    return {k: 1e6 * statistics.median(v) for k, v in samples.items()}
 
 
 # ---- 3. bfloat16 steps -------------------------------------------------------------------------
@@ -576,7 +614,7 @@ def main() -> None:
     loldu.set_num_threads(threads)
 
     init_ms = init(3 if args.quick else 7)
-    step_rows = steps(reps)
+    step_rows = steps(3 if args.quick else 25)
     bf_rows = bf16_steps(3 if args.quick else 11)
     group_rows = grouped(3 if args.quick else 9, GROUP_COUNTS if not args.quick else [1, 16, 256],
                          PEFT_COUNTS if not args.quick else [1, 16])
@@ -731,18 +769,27 @@ def main() -> None:
               "`nn.Linear` (loldu.torch, reference, PEFT) sit on a slower baseline than the ratios from C.", ""]
     lines += ["Against the library in this process:", "",
               "| shape | library bare / nn.Linear bare | library step / library bare | loldu.torch / library step | "
-              "loldu.torch − library step |", "|---|---|---|---|---|"]
+              "loldu.torch − library step | of which the bias | autograd round trip: warm → after a step |",
+              "|---|---|---|---|---|---|---|"]
     for row in step_rows:
+        cold = row["cold_roundtrip_us"]
         lines.append(f"| {row['m']} × {row['n']}, r = {row['r']}, B = {row['b']} | {row['ratio']['library_bare']:.3f}× | "
                      f"{row['library_over_library_bare']:.3f}× | **{row['ours_over_library']:.3f}** | "
-                     f"{row['ours_minus_library_ms']:+.2f} ms |")
+                     f"{row['ours_minus_library_ms']:+.2f} ms | {row['bias_ms']:+.2f} ms | "
+                     f"{cold['warm']:.0f} → {cold['after_step']:.0f} µs |")
     lines += ["", "Target: loldu.torch within 1.05× of the library calls it makes: "
               f"**{status(all(v <= 1.05 for v in over.values()))}** (met on {sum(v <= 1.05 for v in over.values())} of "
               f"{len(over)} shapes). Compared in the same process through ctypes (not against the C benchmark's "
-              "numbers); the difference is what loldu.torch adds per step: autograd's graph and the per-call checks, "
-              "`torch.empty` for y, dX, h and the gradients (new buffers each step where the library calls reuse "
-              "theirs; their pages stay mapped, see README's performance notes), and the bias added in PyTorch "
-              "(`y += b`, a pass over B × m) where the C step has none.", ""]
+              "numbers); the difference is what loldu.torch adds per step. The module's bias goes to the library with "
+              "each call (`loldu_forward_bias`), which adds it in the GEMM kernel (oneDNN's bias argument) instead of a "
+              "pass over y: the bias column (the same layer with and without bias; the C step has none) is within "
+              "the noise. The rest is "
+              "PyTorch's own work around the two library calls (autograd's graph, the dispatcher, `torch.empty` for "
+              "y, dX, h and the gradients, the checks of the binding), which costs several times its warm cost because "
+              "each step's buffers evict PyTorch's code and data from the caches: the last column times a trivial "
+              "autograd Function (forward and backward on 16 numbers) warm and right after one library step. That "
+              "remainder is a fixed cost per layer and step, a visible fraction only where the step itself is a few "
+              "milliseconds (384 × 384).", ""]
     # -- bf16
     lines += ["## bfloat16", "",
               "### From C", ""] + demote(sections.get("bfloat16 training steps", "(not run)"))
