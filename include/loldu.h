@@ -486,6 +486,14 @@ LOLDU_API loldu_status loldu_grouped_forward(loldu_adapter *const *adapters, siz
                                              const int32_t *rows, const void *x, void *y);
 
 /**
+ * loldu_grouped_forward with the layer's bias given for this call (m values of the element
+ * type, read during the call; NULL is loldu_grouped_forward), as loldu_forward_bias:
+ * LOLDU_ERR_STATE if the adapters' factors hold a bias of their own.
+ */
+LOLDU_API loldu_status loldu_grouped_forward_bias(loldu_adapter *const *adapters, size_t count, int64_t batch,
+                                                  const int32_t *rows, const void *x, const void *bias, void *y);
+
+/**
  * Backward of loldu_grouped_forward: writes dX (B × n, optional) for every row, and accumulates
  * into each adapter its dz, dσ (enabled, unmerged adapters) and db from its own rows only, so
  * that several adapters train in one batch (an optimiser may then step any subset of them).

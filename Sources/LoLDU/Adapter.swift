@@ -333,9 +333,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         batch: Int, x: UnsafePointer<E>, y: UnsafeMutablePointer<E>, h hOut: UnsafeMutablePointer<P>?,
         bias callBias: UnsafePointer<E>? = nil
     ) throws(LoLDUError) {
-        if callBias != nil, factors.bias != nil {
-            throw LoLDUError(.state, "this adapter was created with a bias of its own; pass bias = NULL (one bias per layer)")
-        }
+        try factors.checkCallBias(callBias)
         guard batch > 0 else { return }
         let (m, n, r) = (self.m, self.n, rank)
         let s = try localState()
@@ -355,16 +353,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         // Everything this call needs, before anything is written.
         let wideX = E.self == G.self ? nil : try s.input.get(batch * n)
         let out = try computeBuffer(y, count: batch * m, &s.output)
-        var bias = factors.bias.map { UnsafePointer($0.pointer) }
-        if let callBias {
-            if E.computesInPlace {
-                bias = UnsafeRawPointer(callBias).assumingMemoryBound(to: P.self)
-            } else {
-                let wide = try s.bias.get(m)
-                E.widen(callBias, to: wide, count: m)
-                bias = UnsafePointer(wide)
-            }
-        }
+        let wideBias = callBias == nil || E.computesInPlace ? nil : try s.bias.get(m)
         var h = hOut
         var work: UnsafeMutablePointer<G>? = nil
         if factored != nil {
@@ -374,7 +363,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         }
 
         let xG = asOperand(x, count: batch * n, work: wideX)
-        factors.multiplyWeight(batch: batch, x: xG, weight: weight, bias: bias, into: out)
+        factors.multiplyWeight(batch: batch, x: xG, weight: weight, bias: factors.forwardBias(callBias, wide: wideBias), into: out)
         if let h { factors.project(batch: batch, r: r, x: xG, into: h) }
         if let c = factored, let h, let work {
             factors.addLowRank(batch: batch, r: r, h: h, .init(table: c, rows: nil), work: work, into: out)

@@ -38,7 +38,7 @@ public protocol AnyAdapter: AnyObject, Sendable {
     /// ``Adapter/groupedForward`` with this adapter as the base and `adapters` the group
     /// (`mismatch` unless they share this adapter's factors).
     func groupedForward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
-                        x: UnsafeRawPointer, y: UnsafeMutableRawPointer) throws(LoLDUError)
+                        x: UnsafeRawPointer, y: UnsafeMutableRawPointer, bias: UnsafeRawPointer?) throws(LoLDUError)
     func groupedBackward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
                          x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?,
                          grads: [UnsafeMutableRawPointer?]?) throws(LoLDUError)
@@ -201,9 +201,10 @@ extension Adapter: AnyAdapter {
     @_specialize(where E == BFloat16, G == Float)
     @_specialize(where E == Float16, G == Float)
     public func groupedForward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
-                               x: UnsafeRawPointer, y: UnsafeMutableRawPointer) throws(LoLDUError) {
+                               x: UnsafeRawPointer, y: UnsafeMutableRawPointer, bias: UnsafeRawPointer?) throws(LoLDUError) {
         try Self.groupedForward(try group(adapters, rows: rows), base: self, batch: batch,
-                                x: x.assumingMemoryBound(to: E.self), y: y.assumingMemoryBound(to: E.self))
+                                x: x.assumingMemoryBound(to: E.self), y: y.assumingMemoryBound(to: E.self),
+                                bias: bias?.assumingMemoryBound(to: E.self))
     }
 
     @_specialize(where E == Float, G == Float)

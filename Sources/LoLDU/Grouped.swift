@@ -41,12 +41,15 @@ extension Adapter {
     }
 
     /// `y = x W_effᵀ + b` with every row's own adapter (the rows of ``Group``); `base` gives the
-    /// factors when no row uses an adapter.
+    /// factors when no row uses an adapter. `b`: the layer's own bias or `callBias` (as in
+    /// ``forward``).
     public static func groupedForward(
-        _ group: Group, base: Adapter, batch: Int, x: UnsafePointer<E>, y: UnsafeMutablePointer<E>
+        _ group: Group, base: Adapter, batch: Int, x: UnsafePointer<E>, y: UnsafeMutablePointer<E>,
+        bias callBias: UnsafePointer<E>? = nil
     ) throws(LoLDUError) {
-        guard batch > 0 else { return }
         let factors = base.factors
+        try factors.checkCallBias(callBias)
+        guard batch > 0 else { return }
         let (m, n, r, count) = (factors.m, factors.n, group.width, group.adapters.count)
         // Everything this call needs, before anything is written.
         let coefficients = try HeapBuffer<P>(count: Swift.max(count, 1) * r)
@@ -54,11 +57,13 @@ extension Adapter {
         let work = G.self == P.self ? nil : try HeapBuffer<G>(count: batch * r)
         let wideX = E.self == G.self ? nil : try HeapBuffer<G>(count: batch * n)
         let out = E.computesInPlace ? nil : try HeapBuffer<P>(count: batch * m)
+        let wideBias = callBias == nil || E.computesInPlace ? nil : try HeapBuffer<P>(count: m)
         let yP = out?.pointer ?? UnsafeMutableRawPointer(y).assumingMemoryBound(to: P.self)
 
         table(group, width: r, into: coefficients.pointer)
         let xG = asOperand(x, count: batch * n, work: wideX?.pointer)
-        factors.multiplyWeight(batch: batch, x: xG, weight: factors.weightOperand, bias: factors.bias?.pointer, into: yP)
+        factors.multiplyWeight(batch: batch, x: xG, weight: factors.weightOperand,
+                               bias: factors.forwardBias(callBias, wide: wideBias?.pointer), into: yP)
         if count > 0 {
             factors.project(batch: batch, r: r, x: xG, into: h.pointer)
             factors.addLowRank(batch: batch, r: r, h: h.pointer, .init(table: coefficients.pointer, rows: group.rows),

@@ -21,8 +21,24 @@ extension LDUFactors {
         @inline(__always) func index(_ b: Int) -> Int { rows.map { Int($0[b]) } ?? 0 }
     }
 
+    /// `call`, a bias given for one forward, is for layers created without one.
+    func checkCallBias(_ call: UnsafePointer<E>?) throws(LoLDUError) {
+        if call != nil, bias != nil {
+            throw LoLDUError(.state, "this adapter was created with a bias of its own; pass bias = NULL (one bias per layer)")
+        }
+    }
+
+    /// The bias a forward adds: the layer's own, or `call` (checked by ``checkCallBias``),
+    /// widened into `wide` (`m` values, required then) when `E` is not the compute type.
+    func forwardBias(_ call: UnsafePointer<E>?, wide: UnsafeMutablePointer<P>?) -> UnsafePointer<P>? {
+        guard let call else { return bias.map { UnsafePointer($0.pointer) } }
+        if E.computesInPlace { return UnsafeRawPointer(call).assumingMemoryBound(to: P.self) }
+        E.widen(call, to: wide!, count: m)
+        return UnsafePointer(wide!)
+    }
+
     /// `y = x Wᵀ + bias` with `weight` (`W`, or a merged `W_eff`) as the operand; `bias` (`m`
-    /// values) is the layer's own or one given for the call.
+    /// values) is the layer's own or one given for the call (``forwardBias``).
     func multiplyWeight(batch: Int, x: UnsafePointer<G>, weight: UnsafePointer<G>, bias: UnsafePointer<P>?,
                         into y: UnsafeMutablePointer<P>) {
         if let bias {

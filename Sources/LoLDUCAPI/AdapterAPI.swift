@@ -311,12 +311,28 @@ public func lolduGroupedForward(
     _ list: UnsafePointer<OpaquePointer?>?, _ count: Int, _ batch: Int64, _ rows: UnsafePointer<Int32>?,
     _ x: UnsafeRawPointer?, _ y: UnsafeMutableRawPointer?
 ) -> Int32 {
+    groupedForward(list, count, batch, rows, x, nil, y)
+}
+
+@_cdecl("loldu_grouped_forward_bias")
+public func lolduGroupedForwardBias(
+    _ list: UnsafePointer<OpaquePointer?>?, _ count: Int, _ batch: Int64, _ rows: UnsafePointer<Int32>?,
+    _ x: UnsafeRawPointer?, _ bias: UnsafeRawPointer?, _ y: UnsafeMutableRawPointer?
+) -> Int32 {
+    groupedForward(list, count, batch, rows, x, bias, y)
+}
+
+private func groupedForward(
+    _ list: UnsafePointer<OpaquePointer?>?, _ count: Int, _ batch: Int64, _ rows: UnsafePointer<Int32>?,
+    _ x: UnsafeRawPointer?, _ bias: UnsafeRawPointer?, _ y: UnsafeMutableRawPointer?
+) -> Int32 {
     status { () throws(LoLDUError) in
         let g = try group(list, count, batch, rows)
         guard g.batch > 0 else { return }
         let x = try Check.buffer(x, "x", g.base.dtype), y = try Check.mutableBuffer(y, "y", g.base.dtype)
+        let bias = try bias.map { p throws(LoLDUError) in try Check.buffer(p, "bias", g.base.dtype) }
         try g.rows.withUnsafeBufferPointer { rows throws(LoLDUError) in
-            try g.base.groupedForward(g.used, rows: rows.baseAddress!, batch: g.batch, x: x, y: y)
+            try g.base.groupedForward(g.used, rows: rows.baseAddress!, batch: g.batch, x: x, y: y, bias: bias)
         }
     }
 }

@@ -90,6 +90,41 @@ import Testing
         return Array(UnsafeBufferPointer(start: g!.assumingMemoryBound(to: Double.self), count: m))
     }
 
+    /// A bias given with a grouped call is the layer's own bias to the last bit: a fleet derived
+    /// from a base without bias, given the bias per call, computes what the fleet with the bias
+    /// computes; factors with a bias of their own refuse a second one, writing nothing.
+    @Test func biasGivenPerGroupedCallEqualsTheLayersOwn() throws {
+        try check(Float.self)
+        try check(Double.self)
+
+        func check<T: TestScalar>(_: T.Type) throws {
+            var random = TestRandom(431)
+            let (m, n, r, batch) = (18, 12, 6, 9)
+            let w: [T] = random.array(m * n), b: [T] = random.array(m), x: [T] = random.array(batch * n)
+            let plain = try TestAdapter<T>(m: m, n: n, weight: w) { $0.rank = Int64(r) }
+            let own = try TestAdapter<T>(m: m, n: n, weight: w, bias: b) { $0.rank = Int64(r) }
+            var fleets: [[OpaquePointer?]] = [[], []]
+            defer { fleets.joined().forEach { loldu_adapter_free($0) } }
+            for seed in 0..<3 {
+                for (k, base) in [plain, own].enumerated() {
+                    fleets[k].append(try GroupedTests.derive(base.handle, rank: r - seed) { $0.seed = UInt64(seed); $0.z_init = LOLDU_INIT_S_NORMAL.i32 })
+                }
+            }
+            let rows: [Int32] = (0..<batch).map { Int32($0 % 4) - 1 }
+            var y = [T](repeating: .nan, count: batch * m), expected = y
+            #expect(loldu_grouped_forward_bias(fleets[0], 3, Int64(batch), rows, x, b, &y) == LOLDU_OK)
+            #expect(loldu_grouped_forward(fleets[1], 3, Int64(batch), rows, x, &expected) == LOLDU_OK)
+            #expect(y == expected, "\(T.self)")
+            #expect(loldu_grouped_forward_bias(fleets[0], 3, Int64(batch), rows, x, nil, &y) == LOLDU_OK)
+            var unbiased = [T](repeating: .nan, count: batch * m)
+            #expect(loldu_grouped_forward(fleets[0], 3, Int64(batch), rows, x, &unbiased) == LOLDU_OK)
+            #expect(y == unbiased, "\(T.self): NULL bias is loldu_grouped_forward")
+            var untouched = [T](repeating: .nan, count: batch * m)
+            #expect(loldu_grouped_forward_bias(fleets[1], 3, Int64(batch), rows, x, b, &untouched) == LOLDU_ERR_STATE)
+            #expect(untouched.allSatisfy { $0.isNaN }, "nothing written on failure")
+        }
+    }
+
     @Test func everyRowGetsWhatItsOwnAdapterGivesIt() throws {
         let f = try Fleet()
         let (m, n, batch) = (f.m, f.n, 40)

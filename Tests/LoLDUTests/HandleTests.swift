@@ -89,6 +89,10 @@ import Testing
             var y = [Float](repeating: 0, count: 64)
             return loldu_grouped_forward([h], 1, 1, [0], x, &y)
         },
+        use("loldu_grouped_forward_bias", .adapter) { h in
+            var y = [Float](repeating: 0, count: 64)
+            return loldu_grouped_forward_bias([h], 1, 1, [0], x, x, &y)
+        },
         use("loldu_grouped_backward", .adapter) { h in loldu_grouped_backward([h], 1, 1, [0], x, x, nil) },
         use("loldu_grouped_backward_into", .adapter) { h in
             var g = [Float](repeating: 0, count: 9)

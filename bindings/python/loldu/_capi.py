@@ -494,6 +494,14 @@ loldu_grouped_forward = _declare(
     [POINTER(loldu_adapter_p), c_size_t, c_int64, POINTER(c_int32), c_void_p, c_void_p],
 )
 
+# LOLDU_API loldu_status loldu_grouped_forward_bias(loldu_adapter *const *adapters, size_t count, int64_t batch,
+#                                                   const int32_t *rows, const void *x, const void *bias, void *y);
+loldu_grouped_forward_bias = _declare(
+    "loldu_grouped_forward_bias",
+    loldu_status,
+    [POINTER(loldu_adapter_p), c_size_t, c_int64, POINTER(c_int32), c_void_p, c_void_p, c_void_p],
+)
+
 # LOLDU_API loldu_status loldu_grouped_backward(loldu_adapter *const *adapters, size_t count, int64_t batch,
 #                                               const int32_t *rows, const void *x, const void *dy, void *dx);
 loldu_grouped_backward = _declare(

@@ -589,15 +589,19 @@ def _group(adapters, rows, x, width: int, what: str):
     return base, handles, len(adapters), rows, x_ptr, batch
 
 
-def grouped_forward(adapters, rows, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def grouped_forward(adapters, rows, x: np.ndarray, out: np.ndarray | None = None, *,
+                    bias: np.ndarray | None = None) -> np.ndarray:
     """``y`` for a batch whose row ``b`` belongs to ``adapters[rows[b]]`` (``-1``: the pretrained
     layer), at one adapter's cost (``loldu_grouped_forward``). The adapters must share one base's
-    factors (``derive``, ``clone``); ``x`` is ``(..., n)``, ``rows`` holds one index per row."""
+    factors (``derive``, ``clone``); ``x`` is ``(..., n)``, ``rows`` holds one index per row.
+    ``bias``: the layer's bias for this call, for factors created without one (as ``forward``)."""
     base, handles, count, rows, x_ptr, batch = _group(adapters, rows, x, adapters[0].n if adapters else 0, "grouped_forward")
     if out is None:
         out = np.empty(x.shape[:-1] + (base.m,), base.dtype)
     y_ptr = check_array(out, "out", base.dtype, x.shape[:-1] + (base.m,), writable=True)
-    check(_capi.loldu_grouped_forward(handles, count, batch, rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), x_ptr, y_ptr))
+    b_ptr = None if bias is None else check_array(bias, "bias", base.dtype, (base.m,))
+    check(_capi.loldu_grouped_forward_bias(handles, count, batch, rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                           x_ptr, b_ptr, y_ptr))
     return out
 
 

@@ -67,6 +67,14 @@ def test_derived_adapters_and_a_grouped_batch():
     other = loldu.Adapter(rng.standard_normal((20, 12)), rank=8)
     with pytest.raises(loldu.MismatchError, match="adapters"):
         loldu.grouped_forward([adapters[0], other], np.zeros(9, np.int32) + np.arange(9) % 2, x)
+    # The same fleet on factors without a bias, the bias given with the call: the same y.
+    plain = loldu.Adapter(w, rank=8)
+    fleet = [plain.derive(rank=a.rank, seed=i) for i, a in enumerate(adapters)]
+    for mine, theirs in zip(fleet, adapters):
+        mine.z = theirs.z
+    np.testing.assert_array_equal(loldu.grouped_forward(fleet, rows, x, bias=b), y)
+    with pytest.raises(loldu.StateError, match="bias"):
+        loldu.grouped_forward(adapters, rows, x, bias=b)
 
 
 def test_convert_to_half_keeps_the_factorisation():
