@@ -475,11 +475,8 @@ class Adapter:
             out = np.empty(x.shape[:-1] + (self.m,), self.dtype)
         y_ptr = check_array(out, "out", self.dtype, x.shape[:-1] + (self.m,), writable=True)
         h_ptr = None if h is None else check_array(h, "h", self.param_dtype, (batch, self.rank), writable=True)
-        if bias is None:
-            check(_capi.loldu_forward(self.handle, batch, x_ptr, y_ptr, h_ptr))
-        else:
-            b_ptr = check_array(bias, "bias", self.dtype, (self.m,))
-            check(_capi.loldu_forward_bias(self.handle, batch, x_ptr, b_ptr, y_ptr, h_ptr))
+        b_ptr = None if bias is None else check_array(bias, "bias", self.dtype, (self.m,))
+        check(_capi.loldu_forward_bias(self.handle, batch, x_ptr, b_ptr, y_ptr, h_ptr))
         return out
 
     __call__ = forward
