@@ -7,6 +7,7 @@ import gc
 
 import warnings
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -109,7 +110,8 @@ def test_every_path_and_the_h_buffer_agree(minilm, dtype):
         np.testing.assert_allclose(grads, results["factored"][2], rtol=1e-3 if dtype == np.float32 else 1e-9)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, ml_dtypes.bfloat16],
+                         ids=["float32", "float64", "float16", "bfloat16"])
 def test_bias_given_per_call_equals_the_layers_own(minilm, dtype):
     w, b = layer(minilm, LAYERS[0], dtype)
     x = np.random.default_rng(4).standard_normal((40, w.shape[1])).astype(dtype)
