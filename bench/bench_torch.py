@@ -147,21 +147,23 @@ def ours_params(layer) -> list:
 
 def library_steps(layer, x: torch.Tensor, dy: torch.Tensor):
     """The library calls loldu.torch's LinearFunction makes for one step, straight through ctypes
-    on the layer's own adapter (same handle, same plan, same z perturbation): loldu_forward (with
-    h when the plan keeps it) and loldu_backward_into; and the bare layer through the same GEMM
-    library (a disabled clone: exactly x Wᵀ and dY W). Buffers are allocated once, as in C."""
+    on the layer's own adapter (same handle, same plan, same z perturbation): loldu_forward_bias
+    with the module's bias (and h when the plan keeps it) and loldu_backward_into; and the bare
+    layer through the same GEMM library (a disabled clone: exactly x Wᵀ + b and dY W). Buffers
+    are allocated once, as in C."""
     adapter = layer.adapter
     z = layer.loldu_z["default"]
+    bias = layer.base_layer.bias
 
     def perturb():
         with torch.no_grad():
             z.view(-1)[0] += 1e-4
     bare = adapter.clone()
     bare.enabled = False
-    return adapter_step(adapter, x, dy, perturb), adapter_step(bare, x, dy, None), bare
+    return adapter_step(adapter, x, bias, dy, perturb), adapter_step(bare, x, bias, dy, None), bare
 
 
-def adapter_step(adapter, x: torch.Tensor, dy: torch.Tensor, perturb):
+def adapter_step(adapter, x: torch.Tensor, bias, dy: torch.Tensor, perturb):
     """One step of `adapter` through ctypes (``perturb()`` first, if given), as in C."""
     batch = x.shape[0]
     keep_h = adapter.plan(batch, keeps_h=True) == "factored"
@@ -169,14 +171,15 @@ def adapter_step(adapter, x: torch.Tensor, dy: torch.Tensor, perturb):
     dx = torch.empty(batch, adapter.n, dtype=x.dtype)
     h = torch.empty(batch, adapter.rank, dtype=torch.float32)
     grads = torch.empty(adapter.rank + 1, dtype=torch.float32)
-    forward, backward = _capi.loldu_forward, _capi.loldu_backward_into
+    forward, backward = _capi.loldu_forward_bias, _capi.loldu_backward_into
     handle, xp, yp, dyp, dxp, gp = adapter.handle, x.data_ptr(), y.data_ptr(), dy.data_ptr(), dx.data_ptr(), grads.data_ptr()
     hp = h.data_ptr() if keep_h else None
+    bp = None if bias is None else bias.data_ptr()
 
-    def run(buffers=(x, dy, y, dx, h, grads)):  # the default keeps the memory behind the pointers alive
+    def run(buffers=(x, bias, dy, y, dx, h, grads)):  # the default keeps the memory behind the pointers alive
         if perturb is not None:
             perturb()
-        if forward(handle, batch, xp, yp, hp) or backward(handle, batch, xp, dyp, dxp, hp, gp):
+        if forward(handle, batch, xp, bp, yp, hp) or backward(handle, batch, xp, dyp, dxp, hp, gp):
             raise RuntimeError(f"libloldu: {_capi.loldu_last_error().decode()}")
     return run
 
@@ -740,8 +743,9 @@ def main() -> None:
               "Each contender as a multiple of the bare frozen layer: for ours from C, the bare layer computed by "
               "the library itself in the same C process (a disabled adapter: `x Wᵀ` and `dY W` through the same "
               "GEMM library, here oneDNN for float32); for the others, a frozen `nn.Linear` in this process "
-              "(PyTorch's MKL). *library* is the same library calls loldu.torch makes (`loldu_forward`, "
-              "`loldu_backward_into`, on the layer's own adapter) made straight through ctypes in this process, "
+              "(PyTorch's MKL). *library* is the same library calls loldu.torch makes (`loldu_forward_bias` with the "
+              "module's bias, `loldu_backward_into`, on the layer's own adapter) made straight through ctypes in this "
+              "process, "
               "and *library bare* the disabled adapter likewise: the last columns compare loldu.torch with the "
               "library in the same process. The trainable values change before every step, as in training.", "",
               f"![training step ratios]({os.path.basename(args.png)})", ""]
@@ -781,9 +785,9 @@ def main() -> None:
               f"**{status(all(v <= 1.05 for v in over.values()))}** (met on {sum(v <= 1.05 for v in over.values())} of "
               f"{len(over)} shapes). Compared in the same process through ctypes (not against the C benchmark's "
               "numbers); the difference is what loldu.torch adds per step. The module's bias goes to the library with "
-              "each call (`loldu_forward_bias`), which adds it in the GEMM kernel (oneDNN's bias argument) instead of a "
-              "pass over y: the bias column (the same layer with and without bias; the C step has none) is within "
-              "the noise. The rest is "
+              "each call (`loldu_forward_bias`, in both columns), which adds it in the GEMM kernel (oneDNN's bias "
+              "argument) instead of a pass over y: the bias column (loldu.torch on the same layer with and without "
+              "bias) is within the noise. The rest is "
               "PyTorch's own work around the two library calls (autograd's graph, the dispatcher, `torch.empty` for "
               "y, dX, h and the gradients, the checks of the binding), which costs several times its warm cost because "
               "each step's buffers evict PyTorch's code and data from the caches: the last column times a trivial "
