@@ -143,7 +143,7 @@ extension Float: GEMMOperand {
         a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
         accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int
     ) {
-        if GEMMBackend.float32 == .oneDNN,
+        if GEMMBackend.float32 == .oneDNN, !OneDNN.isTiny(m: m, n: n, k: k),
            OneDNN.gemm(type: dnnl_f32, transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda,
                        b: b, ldb: ldb, accumulate: accumulate, c: c, ldc: ldc) {
             return
@@ -157,7 +157,7 @@ extension Float: GEMMOperand {
         a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
         bias: UnsafePointer<Float>, c: UnsafeMutablePointer<Float>, ldc: Int
     ) {
-        if GEMMBackend.float32 == .oneDNN,
+        if GEMMBackend.float32 == .oneDNN, !OneDNN.isTiny(m: m, n: n, k: k),
            OneDNN.gemm(type: dnnl_f32, transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda,
                        b: b, ldb: ldb, bias: bias, accumulate: false, c: c, ldc: ldc) {
             return

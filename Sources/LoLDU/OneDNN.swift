@@ -284,6 +284,13 @@ enum OneDNN {
 
     // MARK: GEMM
 
+    /// A product too small for oneDNN's per-call cost (a primitive look-up and four or five
+    /// memory objects, about 1 µs) to pay off: at most 16 Ki multiply-adds, which even OpenBLAS's
+    /// oldest kernels finish in well under that. Such float32 products go to OpenBLAS.
+    static func isTiny(m: Int, n: Int, k: Int) -> Bool {
+        m <= 1 << 14 && n <= 1 << 14 && k <= 1 << 14 && m * n * k <= 1 << 14
+    }
+
     /// `C = op(A) op(B) (+ 1 biasᵀ) + beta C` (`beta` 0 or 1), row-major, `A` and `B` of `type`,
     /// `C` and `bias` (`n` values, added to every row) float32. Returns false (nothing computed)
     /// when oneDNN cannot run it; the caller then computes it another way.
