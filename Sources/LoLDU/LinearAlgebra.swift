@@ -138,12 +138,18 @@ extension GEMMOperand {
 }
 
 extension Float: GEMMOperand {
+    /// Whether oneDNN runs an `m × n × k` float32 product: when it is the float32 backend and the
+    /// product is not tiny (``OneDNN/isTiny(m:n:k:)``); OpenBLAS otherwise.
+    private static func onOneDNN(m: Int, n: Int, k: Int) -> Bool {
+        GEMMBackend.float32 == .oneDNN && !OneDNN.isTiny(m: m, n: n, k: k)
+    }
+
     public static func multiply(
         transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
         a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
         accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int
     ) {
-        if GEMMBackend.float32 == .oneDNN, !OneDNN.isTiny(m: m, n: n, k: k),
+        if onOneDNN(m: m, n: n, k: k),
            OneDNN.gemm(type: dnnl_f32, transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda,
                        b: b, ldb: ldb, accumulate: accumulate, c: c, ldc: ldc) {
             return
@@ -157,7 +163,7 @@ extension Float: GEMMOperand {
         a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
         bias: UnsafePointer<Float>, c: UnsafeMutablePointer<Float>, ldc: Int
     ) {
-        if GEMMBackend.float32 == .oneDNN, !OneDNN.isTiny(m: m, n: n, k: k),
+        if onOneDNN(m: m, n: n, k: k),
            OneDNN.gemm(type: dnnl_f32, transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda,
                        b: b, ldb: ldb, bias: bias, accumulate: false, c: c, ldc: ldc) {
             return

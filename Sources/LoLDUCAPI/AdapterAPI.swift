@@ -238,7 +238,7 @@ private func forward(
         guard b > 0 else { return }  // an empty batch does nothing, whatever the buffers
         try a.forward(batch: b, x: try Check.buffer(x, "x", a.dtype), y: try Check.mutableBuffer(y, "y", a.dtype),
                       h: try Check.optionalBuffer(h, "h", a.dtype.parameterType),
-                      bias: try bias.map { p throws(LoLDUError) in try Check.buffer(p, "bias", a.dtype) })
+                      bias: try Check.optionalBuffer(bias, "bias", a.dtype))
     }
 }
 
@@ -273,7 +273,7 @@ private func backward(
         }
         try a.backward(batch: b, x: try Check.buffer(x, "x", a.dtype), dy: try Check.buffer(dy, "dy", a.dtype),
                        dx: try Check.optionalBuffer(dx, "dx", a.dtype),
-                       h: h == nil ? nil : try Check.buffer(h, "h", a.dtype.parameterType), grads: out)
+                       h: try Check.optionalBuffer(h, "h", a.dtype.parameterType), grads: out)
     }
 }
 
@@ -330,7 +330,7 @@ private func groupedForward(
         let g = try group(list, count, batch, rows)
         guard g.batch > 0 else { return }
         let x = try Check.buffer(x, "x", g.base.dtype), y = try Check.mutableBuffer(y, "y", g.base.dtype)
-        let bias = try bias.map { p throws(LoLDUError) in try Check.buffer(p, "bias", g.base.dtype) }
+        let bias = try Check.optionalBuffer(bias, "bias", g.base.dtype)
         try g.rows.withUnsafeBufferPointer { rows throws(LoLDUError) in
             try g.base.groupedForward(g.used, rows: rows.baseAddress!, batch: g.batch, x: x, y: y, bias: bias)
         }

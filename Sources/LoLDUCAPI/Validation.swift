@@ -21,6 +21,12 @@ enum Check {
         UnsafeMutableRawPointer(mutating: try buffer(pointer, name, dtype))
     }
 
+    /// NULL, or a buffer as ``buffer`` checks it.
+    static func optionalBuffer(_ pointer: UnsafeRawPointer?, _ name: String, _ dtype: DType) throws(LoLDUError) -> UnsafeRawPointer? {
+        guard let pointer else { return nil }
+        return try buffer(pointer, name, dtype)
+    }
+
     static func optionalBuffer(_ pointer: UnsafeMutableRawPointer?, _ name: String, _ dtype: DType) throws(LoLDUError) -> UnsafeMutableRawPointer? {
         guard let pointer else { return nil }
         return try mutableBuffer(pointer, name, dtype)
