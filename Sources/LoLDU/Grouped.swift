@@ -101,8 +101,8 @@ extension Adapter {
                 }
             }
         }
-        let coefficients = try HeapBuffer<P>(count: Swift.max(count, 1) * r)
-        let scores = try HeapBuffer<P>(zeros: Swift.max(count, 1) * r)
+        // One row of `r` per adapter: first its scores, then (for dX) its coefficients.
+        let perAdapter = try HeapBuffer<P>(zeros: Swift.max(count, 1) * r)
         let h = try HeapBuffer<P>(count: batch * r), g = try HeapBuffer<P>(count: batch * r)
         let work = G.self == P.self ? nil : try HeapBuffer<G>(count: batch * r)
         let wideX = E.self == G.self ? nil : try HeapBuffer<G>(count: batch * n)
@@ -110,17 +110,16 @@ extension Adapter {
         let out = dx == nil || E.computesInPlace ? nil : try HeapBuffer<P>(count: batch * n)
         let row = try HeapBuffer<P>(count: m)
 
-        table(group, width: r, into: coefficients.pointer)
-        let rows = LDUFactors<E, G>.Rows(table: coefficients.pointer, rows: group.rows)
+        let rows = LDUFactors<E, G>.Rows(table: perAdapter.pointer, rows: group.rows)
         let xG = asOperand(x, count: batch * n, work: wideX?.pointer)
         let dyG = asOperand(dy, count: batch * m, work: wideDY?.pointer)
         if count > 0 {
             factors.project(batch: batch, r: r, x: xG, into: h.pointer)
             factors.gather(batch: batch, r: r, dy: dyG, into: g.pointer)
-            factors.accumulateScores(batch: batch, r: r, h: h.pointer, g: g.pointer, rows, into: scores.pointer)
+            factors.accumulateScores(batch: batch, r: r, h: h.pointer, g: g.pointer, rows, into: perAdapter.pointer)
             group.adapters.withUnsafeBufferPointer { adapters in
                 for i in adapters.indices {
-                    if let dz = grads[i] { adapters[i].accumulateScores(scores.pointer + i * r, into: dz) }
+                    if let dz = grads[i] { adapters[i].accumulateScores(perAdapter.pointer + i * r, into: dz) }
                 }
             }
             for b in 0..<batch {
@@ -134,6 +133,7 @@ extension Adapter {
         let dxP = out?.pointer ?? UnsafeMutableRawPointer(dx).assumingMemoryBound(to: P.self)
         factors.multiplyWeightBackward(batch: batch, dy: dyG, weight: factors.weightOperand, into: dxP)
         if count > 0 {
+            table(group, width: r, into: perAdapter.pointer)
             factors.addLowRankBackward(batch: batch, r: r, g: g.pointer, rows,
                                        work: work?.pointer ?? UnsafeMutableRawPointer(g.pointer).assumingMemoryBound(to: G.self),
                                        into: dxP)
