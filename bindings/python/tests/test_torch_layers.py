@@ -310,10 +310,12 @@ def test_the_modules_bias_goes_to_the_library_with_each_call():
     def expected():
         w = torch.from_numpy(layer.adapter.effective_weight())
         return x @ w.T + (0 if base.bias is None else base.bias.detach().float())
-    for change in ("in place", "strided", "float64", "none"):
+    for change in ("in place", "strided", "float64", "broadcast", "none"):
         if change == "in place":
             with torch.no_grad():
                 base.bias.add_(1)
+        elif change == "broadcast":  # F.linear broadcasts a bias of one value
+            base.bias = nn.Parameter(torch.tensor([0.5]))
         elif change == "strided":
             base.bias = nn.Parameter(torch.randn(12)[::2])
             assert not base.bias.is_contiguous()
@@ -324,6 +326,28 @@ def test_the_modules_bias_goes_to_the_library_with_each_call():
         torch.testing.assert_close(layer(x), expected(), msg=change)
         with torch.no_grad():
             torch.testing.assert_close(layer(x), expected(), msg=f"{change}, no grad")
+
+
+def test_a_bias_of_another_size_is_refused_as_f_linear_refuses_it():
+    """The library reads m bias values: a bias that does not broadcast to (m,) must raise, not
+    be read past its end; one that broadcasts gets its gradient summed back to its shape."""
+    torch.manual_seed(1)
+    base = nn.Linear(8, 6)
+    layer = lt.LoLDULinear(base, rank=4)
+    x = torch.randn(5, 8)
+    base.bias = nn.Parameter(torch.zeros(3))
+    for call in (lambda: layer(x), lambda: layer(x, adapter_names=["default"] * 5)):
+        with pytest.raises(RuntimeError):
+            nn.functional.linear(x, base.weight, base.bias)
+        with pytest.raises(RuntimeError):
+            call()
+    base.bias = nn.Parameter(torch.tensor([0.25]))
+    for call in (lambda: layer(x), lambda: layer(x, adapter_names=["default"] * 5)):
+        base.bias.grad = None
+        y = call()
+        y.sum().backward()
+        assert base.bias.grad.shape == (1,)
+        torch.testing.assert_close(base.bias.grad, torch.tensor([30.0]))
 
 
 def test_replaced_parameters_are_rebound():

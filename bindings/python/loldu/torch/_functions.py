@@ -42,9 +42,15 @@ def parameter_dtype(adapter) -> torch.dtype:
     return TORCH_DTYPES[adapter._param_code]
 
 
-def _library_bias(bias, x: torch.Tensor):
-    """The module's bias as the library reads it: contiguous, of x's dtype."""
-    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+def _library_bias(bias, x: torch.Tensor, m: int):
+    """The module's bias as the library reads it: ``m`` contiguous values of x's dtype. A bias
+    that broadcasts to ``(m,)`` (as ``F.linear`` allows) is expanded; any other shape raises
+    as ``F.linear`` does."""
+    if bias is None:
+        return None
+    if bias.shape != (m,):
+        bias = bias.expand(m)
+    if bias.dtype != x.dtype or not bias.is_contiguous():
         bias = bias.to(x.dtype).contiguous()
     return bias
 
@@ -52,7 +58,7 @@ def _library_bias(bias, x: torch.Tensor):
 def linear(adapter, x: torch.Tensor, bias, h=None) -> torch.Tensor:
     """``x W_effᵀ + bias`` in one library call: the module's bias is added by the library
     (``loldu_forward_bias``, in the GEMM where the backend can), not by a pass over y here."""
-    bias = _library_bias(bias, x)
+    bias = _library_bias(bias, x, adapter.m)
     y = torch.empty((x.shape[0], adapter.m), dtype=x.dtype)
     check(_capi.loldu_forward_bias(adapter.handle, x.shape[0], x.data_ptr(), None if bias is None else bias.data_ptr(),
                                    y.data_ptr(), None if h is None else h.data_ptr()))
@@ -101,7 +107,7 @@ class GroupedLinearFunction(torch.autograd.Function):
         batch = x.shape[0]
         y = torch.empty((batch, base.m), dtype=x.dtype)
         rows_ptr = ctypes.cast(rows.data_ptr(), ctypes.POINTER(ctypes.c_int32))
-        bias = _library_bias(bias, x)
+        bias = _library_bias(bias, x, base.m)
         check(_capi.loldu_grouped_forward_bias(_handles(adapters), len(adapters), batch, rows_ptr, x.data_ptr(),
                                                None if bias is None else bias.data_ptr(), y.data_ptr()))
         ctx.save_for_backward(x, rows, *parameters)
