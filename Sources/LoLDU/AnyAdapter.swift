@@ -12,6 +12,8 @@ public protocol AnyAdapter: AnyObject, Sendable {
     var factorRank: Int { get }
     var config: AdapterConfig { get }
     var hasBias: Bool { get }
+    /// A bias given for one forward is only for layers created without one (`state` otherwise).
+    func checkCallBias(_ bias: UnsafeRawPointer?) throws(LoLDUError)
     var enabled: Bool { get }
     var merged: Bool { get }
     var path: ComputePath { get set }
@@ -153,6 +155,9 @@ extension Adapter: AnyAdapter {
     public var dtype: DType { E.dtype }
     public var factorRank: Int { factors.rank }
     public var hasBias: Bool { factors.bias != nil }
+    public func checkCallBias(_ bias: UnsafeRawPointer?) throws(LoLDUError) {
+        try factors.checkCallBias(bias?.assumingMemoryBound(to: E.self))
+    }
     public var degeneratePivots: Int { factors.degeneratePivots }
     public var sigmaValue: Double { Double(sigma) }
     public var backend: GEMMBackend {

@@ -235,6 +235,7 @@ private func forward(
     status { () throws(LoLDUError) in
         let a = try adapters.get(handle, "adapter")
         let b = try batchSize(batch, a)
+        try a.checkCallBias(bias)
         guard b > 0 else { return }  // an empty batch does nothing, whatever the buffers
         try a.forward(batch: b, x: try Check.buffer(x, "x", a.dtype), y: try Check.mutableBuffer(y, "y", a.dtype),
                       h: try Check.optionalBuffer(h, "h", a.dtype.parameterType),
@@ -328,6 +329,7 @@ private func groupedForward(
 ) -> Int32 {
     status { () throws(LoLDUError) in
         let g = try group(list, count, batch, rows)
+        try g.base.checkCallBias(bias)
         guard g.batch > 0 else { return }
         let x = try Check.buffer(x, "x", g.base.dtype), y = try Check.mutableBuffer(y, "y", g.base.dtype)
         let bias = try Check.optionalBuffer(bias, "bias", g.base.dtype)
