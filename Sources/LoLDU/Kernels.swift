@@ -41,13 +41,8 @@ extension LDUFactors {
     /// values) is the layer's own or one given for the call (``forwardBias``).
     func multiplyWeight(batch: Int, x: UnsafePointer<G>, weight: UnsafePointer<G>, bias: UnsafePointer<P>?,
                         into y: UnsafeMutablePointer<P>) {
-        if let bias {
-            G.multiply(transA: false, transB: true, m: batch, n: m, k: n, a: x, lda: n, b: weight, ldb: n,
-                       bias: bias, c: y, ldc: m)
-        } else {
-            G.multiply(transA: false, transB: true, m: batch, n: m, k: n, a: x, lda: n, b: weight, ldb: n,
-                       accumulate: false, c: y, ldc: m)
-        }
+        G.multiply(transA: false, transB: true, m: batch, n: m, k: n, a: x, lda: n, b: weight, ldb: n,
+                   bias: bias, accumulate: false, c: y, ldc: m)
     }
 
     /// `h = x U_rᵀ` (`batch × r`).

@@ -102,74 +102,54 @@ extension BLASScalar {
 /// (`beta` 1); or `op(A) op(B)` plus a bias row added to every row. Which library runs each
 /// type is ``GEMMBackend``'s choice.
 public protocol GEMMOperand: Element {
+    /// `C = op(A) op(B) + 1 biasᵀ` with `bias` (`n` values, added to every row of `C`; then
+    /// `accumulate` is false), else `C (+)= op(A) op(B)`. A library that adds the bias in its
+    /// kernel (oneDNN) saves a pass over `C`; otherwise ``biasRows`` starts `C` as the bias and
+    /// the product is accumulated onto it.
     static func multiply(
         transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
         a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
-        accumulate: Bool, c: UnsafeMutablePointer<Compute>, ldc: Int)
-
-    /// `C = op(A) op(B) + 1 biasᵀ` (`bias`: `n` values, added to every row of `C`).
-    static func multiply(
-        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
-        a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
-        bias: UnsafePointer<Compute>, c: UnsafeMutablePointer<Compute>, ldc: Int)
+        bias: UnsafePointer<Compute>?, accumulate: Bool, c: UnsafeMutablePointer<Compute>, ldc: Int)
 }
 
 extension GEMMOperand {
-    /// The bias copied into every row of `C`, then the product accumulated onto it: a pass over
-    /// `C` that a library adding the bias in its kernel (oneDNN) saves.
+    /// `C (+)= op(A) op(B)`.
+    @inline(__always)
     public static func multiply(
         transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
         a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
-        bias: UnsafePointer<Compute>, c: UnsafeMutablePointer<Compute>, ldc: Int
+        accumulate: Bool, c: UnsafeMutablePointer<Compute>, ldc: Int
     ) {
-        biasedProduct(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
-                      bias: bias, c: c, ldc: ldc)
+        multiply(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
+                 bias: nil, accumulate: accumulate, c: c, ldc: ldc)
     }
 
-    static func biasedProduct(
-        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
-        a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
-        bias: UnsafePointer<Compute>, c: UnsafeMutablePointer<Compute>, ldc: Int
-    ) {
+    /// Copies `bias` into the `m` rows of `C` when given; returns whether the product must then
+    /// be accumulated (`beta` 1).
+    static func biasRows(_ bias: UnsafePointer<Compute>?, m: Int, n: Int, accumulate: Bool,
+                         c: UnsafeMutablePointer<Compute>, ldc: Int) -> Bool {
+        guard let bias else { return accumulate }
         for row in 0..<m { (c + row * ldc).update(from: bias, count: n) }
-        multiply(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
-                 accumulate: true, c: c, ldc: ldc)
+        return true
     }
 }
 
 extension Float: GEMMOperand {
-    /// Whether oneDNN runs an `m × n × k` float32 product: when it is the float32 backend and the
-    /// product is not tiny (``OneDNN/isTiny(m:n:k:)``); OpenBLAS otherwise.
-    private static func onOneDNN(m: Int, n: Int, k: Int) -> Bool {
-        GEMMBackend.float32 == .oneDNN && !OneDNN.isTiny(m: m, n: n, k: k)
-    }
-
+    /// oneDNN when it is the float32 backend and the product is not tiny
+    /// (``OneDNN/isTiny(m:n:k:)``); OpenBLAS otherwise.
     public static func multiply(
         transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
         a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
-        accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int
+        bias: UnsafePointer<Float>?, accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int
     ) {
-        if onOneDNN(m: m, n: n, k: k),
+        if GEMMBackend.float32 == .oneDNN, !OneDNN.isTiny(m: m, n: n, k: k),
            OneDNN.gemm(type: dnnl_f32, transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda,
-                       b: b, ldb: ldb, accumulate: accumulate, c: c, ldc: ldc) {
+                       b: b, ldb: ldb, bias: bias, accumulate: accumulate, c: c, ldc: ldc) {
             return
         }
+        let beta: Float = biasRows(bias, m: m, n: n, accumulate: accumulate, c: c, ldc: ldc) ? 1 : 0
         gemm(transA: transA, transB: transB, m: m, n: n, k: k, alpha: 1, a: a, lda: lda, b: b, ldb: ldb,
-             beta: accumulate ? 1 : 0, c: c, ldc: ldc)
-    }
-
-    public static func multiply(
-        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
-        a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
-        bias: UnsafePointer<Float>, c: UnsafeMutablePointer<Float>, ldc: Int
-    ) {
-        if onOneDNN(m: m, n: n, k: k),
-           OneDNN.gemm(type: dnnl_f32, transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda,
-                       b: b, ldb: ldb, bias: bias, accumulate: false, c: c, ldc: ldc) {
-            return
-        }
-        biasedProduct(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
-                      bias: bias, c: c, ldc: ldc)
+             beta: beta, c: c, ldc: ldc)
     }
 }
 
@@ -177,10 +157,11 @@ extension Double: GEMMOperand {
     public static func multiply(
         transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
         a: UnsafePointer<Double>, lda: Int, b: UnsafePointer<Double>, ldb: Int,
-        accumulate: Bool, c: UnsafeMutablePointer<Double>, ldc: Int
+        bias: UnsafePointer<Double>?, accumulate: Bool, c: UnsafeMutablePointer<Double>, ldc: Int
     ) {
+        let beta: Double = biasRows(bias, m: m, n: n, accumulate: accumulate, c: c, ldc: ldc) ? 1 : 0
         gemm(transA: transA, transB: transB, m: m, n: n, k: k, alpha: 1, a: a, lda: lda, b: b, ldb: ldb,
-             beta: accumulate ? 1 : 0, c: c, ldc: ldc)
+             beta: beta, c: c, ldc: ldc)
     }
 }
 
@@ -190,27 +171,14 @@ extension BFloat16: GEMMOperand {
     public static func multiply(
         transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
         a: UnsafePointer<BFloat16>, lda: Int, b: UnsafePointer<BFloat16>, ldb: Int,
-        accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int
+        bias: UnsafePointer<Float>?, accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int
     ) {
         if OneDNN.gemm(type: dnnl_bf16, transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda,
-                       b: b, ldb: ldb, accumulate: accumulate, c: c, ldc: ldc) {
+                       b: b, ldb: ldb, bias: bias, accumulate: accumulate, c: c, ldc: ldc) {
             return
         }
         widenedProduct(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
-                       accumulate: accumulate, c: c, ldc: ldc)
-    }
-
-    public static func multiply(
-        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
-        a: UnsafePointer<BFloat16>, lda: Int, b: UnsafePointer<BFloat16>, ldb: Int,
-        bias: UnsafePointer<Float>, c: UnsafeMutablePointer<Float>, ldc: Int
-    ) {
-        if OneDNN.gemm(type: dnnl_bf16, transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda,
-                       b: b, ldb: ldb, bias: bias, accumulate: false, c: c, ldc: ldc) {
-            return
-        }
-        biasedProduct(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
-                      bias: bias, c: c, ldc: ldc)
+                       accumulate: biasRows(bias, m: m, n: n, accumulate: accumulate, c: c, ldc: ldc), c: c, ldc: ldc)
     }
 }
 

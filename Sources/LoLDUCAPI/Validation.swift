@@ -28,8 +28,7 @@ enum Check {
     }
 
     static func optionalBuffer(_ pointer: UnsafeMutableRawPointer?, _ name: String, _ dtype: DType) throws(LoLDUError) -> UnsafeMutableRawPointer? {
-        guard let pointer else { return nil }
-        return try mutableBuffer(pointer, name, dtype)
+        try optionalBuffer(UnsafeRawPointer(pointer), name, dtype).map { UnsafeMutableRawPointer(mutating: $0) }
     }
 
     /// A size in `[minimum, 2³¹ − 1]` (BLAS integers are 32-bit).
