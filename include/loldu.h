@@ -289,7 +289,8 @@ LOLDU_API void loldu_adapter_free(loldu_adapter *adapter);
 typedef struct loldu_adapter_info {
     int32_t dtype;             /* loldu_dtype: the element type */
     int32_t param_dtype;       /* loldu_dtype of z, σ, gradients, h and the factors */
-    int32_t backend;           /* loldu_backend that runs this adapter's GEMMs */
+    int32_t backend;           /* loldu_backend that runs this adapter's GEMMs (float32 products
+                                  of at most 16384 multiply-adds run on OpenBLAS whatever it says) */
     int32_t z_init;            /* loldu_z_init */
     int64_t m, n, rank;
     int64_t factor_rank;       /* the rank of the shared factors (≥ rank; see loldu_adapter_derive) */
