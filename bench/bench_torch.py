@@ -115,6 +115,11 @@ def mdiff(samples: dict, num, den) -> float:
     return statistics.median(a - b for a, b in zip(samples[num], samples[den]))
 
 
+def per_adapter(us: float) -> str:
+    """A per-adapter time difference; one at or below zero is noise, not a saving."""
+    return f"{us:.1f} µs" if not us <= 0 else f"none measurable ({us:+.1f} µs)"
+
+
 def med(samples: dict, key) -> float:
     return statistics.median(samples[key])
 
@@ -166,7 +171,7 @@ def library_steps(layer, x: torch.Tensor, dy: torch.Tensor):
 def adapter_step(adapter, x: torch.Tensor, bias, dy: torch.Tensor, perturb):
     """One step of `adapter` through ctypes (``perturb()`` first, if given), as in C."""
     batch = x.shape[0]
-    keep_h = adapter.plan(batch, keeps_h=True) == "factored"
+    keep_h = adapter.enabled and adapter.plan(batch, keeps_h=True) == "factored"  # (a disabled one would still write h)
     y = torch.empty(batch, adapter.m, dtype=x.dtype)
     dx = torch.empty(batch, adapter.n, dtype=x.dtype)
     h = torch.empty(batch, adapter.rank, dtype=torch.float32)
@@ -217,14 +222,13 @@ def steps(reps: int) -> list[dict]:
         x = torch.randn(batch, n, requires_grad=True)
         dy = torch.randn(batch, m)
         ours = lt.LoLDULinear(linear(m, n, 1), rank=r)
-        ours_nobias = lt.LoLDULinear(linear(m, n, 1, bias=False), rank=r)  # same W, same plan
         reference = ReferenceLoLDU(linear(m, n, 1), r)
         lora = lora_model(linear(m, n, 1), 16)
         library, library_bare, bare_clone = library_steps(ours, x, dy)
         contenders = {
             "bare": step_fn(base, x, dy, [], False),
             "ours": step_fn(ours, x, dy, ours_params(ours), True),
-            "ours_nobias": step_fn(ours_nobias, x, dy, ours_params(ours_nobias), True),
+            "ours_nobias": without_bias(ours.base_layer, step_fn(ours, x, dy, ours_params(ours), True)),
             "library": library,
             "library_bare": library_bare,
             "reference": step_fn(reference, x, dy, [reference.z, reference.sigma], True),
@@ -244,8 +248,20 @@ def steps(reps: int) -> list[dict]:
               flush=True)
         bare_clone.close()
         ours.close()
-        ours_nobias.close()
     return rows
+
+
+def without_bias(module: nn.Module, fn):
+    """`fn` with `module`'s bias removed for the call (the same layer, so that the difference
+    to `fn` alone is the bias and not two layers' memory placement)."""
+    def run():
+        bias = module._parameters["bias"]
+        module._parameters["bias"] = None
+        try:
+            fn()
+        finally:
+            module._parameters["bias"] = bias
+    return run
 
 
 class _Identity(torch.autograd.Function):
@@ -600,7 +616,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reuse-c", action="store_true", help="reuse the C benchmark's last output (development)")
     args = parser.parse_args()
-    reps = 3 if args.quick else 15
     started = time.perf_counter()
 
     build = os.path.dirname(os.path.abspath(args.c_bench))
@@ -786,8 +801,8 @@ def main() -> None:
               f"{len(over)} shapes). Compared in the same process through ctypes (not against the C benchmark's "
               "numbers); the difference is what loldu.torch adds per step. The module's bias goes to the library with "
               "each call (`loldu_forward_bias`, in both columns), which adds it in the GEMM kernel (oneDNN's bias "
-              "argument) instead of a pass over y: the bias column (loldu.torch on the same layer with and without "
-              "bias) is within the noise. The rest is "
+              "argument) instead of a pass over y; the bias column is loldu.torch on the same layer with and without "
+              "its bias (median of per-repetition differences). The rest is "
               "PyTorch's own work around the two library calls (autograd's graph, the dispatcher, `torch.empty` for "
               "y, dX, h and the gradients, the checks of the binding), which costs several times its warm cost because "
               "each step's buffers evict PyTorch's code and data from the caches: the last column times a trivial "
@@ -836,8 +851,8 @@ def main() -> None:
     lines += ["## Many adapters on one base", "",
               "### From C", ""] + demote(sections.get("Many adapters on one base (float32)", "(not run)"))
     if not all(v <= 1.10 for v in worst_group.values()):
-        extra = "; ".join(f"{k[0]}×{k[1]} r = {k[2]}: {g['extra_us_per_adapter_forward']:.1f} µs forward, "
-                          f"{g['extra_us_per_adapter_step']:.1f} µs forward + backward"
+        extra = "; ".join(f"{k[0]}×{k[1]} r = {k[2]}: {per_adapter(g['extra_us_per_adapter_forward'])} forward, "
+                          f"{per_adapter(g['extra_us_per_adapter_step'])} forward + backward"
                           for k, g in c_group.items())
         lines += ["", "What limits N = 4,096 against N = 1 (measured): the GEMMs are the same for every N (one factored "
                   "pass at the largest rank), but each adapter a batch uses costs a fixed time on top — "
@@ -881,10 +896,10 @@ def main() -> None:
             lines.append(f"| {count} | {e['ours_forward']:.3f}× ({e['ours_forward_ms']:.2f} ms) | "
                          f"{e['ours_step']:.3f}× ({e['ours_step_ms']:.2f} ms) | {peft} | {vs} |")
         if "extra_us" in g:
-            lines += ["", f"Extra time per used adapter (N = 256 minus N = 1, over 256): {g['extra_us']['ours_forward']:.1f} µs "
-                      f"forward and {g['extra_us']['ours_step']:.1f} µs forward + backward through loldu.torch, against "
-                      f"{cg.get('extra_us_per_adapter_forward', float('nan')):.1f} and "
-                      f"{cg.get('extra_us_per_adapter_step', float('nan')):.1f} µs in the C calls alone: the rest is the "
+            lines += ["", f"Extra time per used adapter (N = 256 minus N = 1, over 256): {per_adapter(g['extra_us']['ours_forward'])} "
+                      f"forward and {per_adapter(g['extra_us']['ours_step'])} forward + backward through loldu.torch, against "
+                      f"{per_adapter(cg.get('extra_us_per_adapter_forward', float('nan')))} and "
+                      f"{per_adapter(cg.get('extra_us_per_adapter_step', float('nan')))} in the C calls alone: the rest is the "
                       "binding's Python work per adapter (profile below)."]
         lines += ["", f"Time to add one adapter: ours (`update_layer`, derive + parameters) {g['ours_add_ms']:.3f} ms on "
                   f"average over {max(GROUP_COUNTS) - 1}; PEFT `add_adapter`, cumulative: {peft_times}. Parameters per "
