@@ -139,8 +139,10 @@ public enum LoRAExport {
                     entry("lora_embedding_B", [n, rank]) { up($0 % rank, $0 / rank) }]
         case .convolution:
             let kernel = layer.kernel
-            let size = kernel.reduce(1, *)
-            guard (1...3).contains(kernel.count), kernel.allSatisfy({ $0 >= 1 }), n % size == 0 else {
+            // The product, stopped once it exceeds n (it must divide n): no overflow.
+            var size = 1
+            for k in kernel where size <= n { size = k >= 1 && k <= n ? size * k : n + 1 }
+            guard (1...3).contains(kernel.count), kernel.allSatisfy({ $0 >= 1 }), size <= n, n % size == 0 else {
                 throw .invalid("layer \"\(name)\": a convolution's kernel must have 1 to 3 sizes ≥ 1 whose product divides n = \(n), got \(kernel)")
             }
             let ones = [Int](repeating: 1, count: kernel.count)

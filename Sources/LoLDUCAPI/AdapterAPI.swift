@@ -290,20 +290,34 @@ private func group(
     let b = try batchSize(batch, base)
     guard b > 0 else { return (base, [], [], [], 0) }
     let rows = try Check.nonNull(rows, "rows")
-    var slot = [Int32](repeating: -1, count: count)
+    // Each used adapter's place in `used`: a table over `count` when that is small next to the
+    // batch, else a dictionary (only the entries the rows use are read, so `count` may be large).
+    var slot = count <= 4 * b + 4096 ? [Int32](repeating: -1, count: count) : []
+    var slots: [Int: Int32] = [:]
     var listIndex: [Int] = []
     var compact = [Int32](repeating: -1, count: b)
     for i in 0..<b {
         let a = Int(rows[i])
         guard a >= -1, a < count else { throw .invalid("rows[\(i)] = \(a) is not in [-1, \(count)) (count = \(count))") }
         guard a >= 0 else { continue }
-        if slot[a] < 0 {
-            slot[a] = Int32(listIndex.count)
+        var s = slot.isEmpty ? slots[a, default: -1] : slot[a]
+        if s < 0 {
+            s = Int32(listIndex.count)
             listIndex.append(a)
+            if slot.isEmpty { slots[a] = s } else { slot[a] = s }
         }
-        compact[i] = slot[a]
+        compact[i] = s
     }
     let used = try adapters.get(list, listIndex) { "adapters[\($0)]" }
+    for (j, adapter) in used.enumerated() {
+        let name = "adapters[\(listIndex[j])]"
+        guard adapter.dtype == base.dtype else {
+            throw LoLDUError(.mismatch, "\(name) is \(adapter.dtype.name) but adapters[0] is \(base.dtype.name); a grouped call takes adapters of one element type")
+        }
+        guard adapter.factorsIdentity == base.factorsIdentity else {
+            throw LoLDUError(.mismatch, "\(name) does not share the frozen factors of adapters[0]; group only adapters cloned or derived from one base")
+        }
+    }
     return (base, used, listIndex, compact, b)
 }
 

@@ -382,7 +382,9 @@ func exportLoRA(_ args: [String]) throws(Failure) {
         adapters.append(try checkpoint.adapter(name, base: base))
         var layer = loldu_lora_layer()
         let shape = (try? model.weightKey(layer: name)).flatMap { model.tensor($0)?.tensor.shape } ?? []
-        if shape.count > 2 {
+        if shape.count > 5 {
+            throw Failure(code: .failure, message: "layer \"\(name)\": its weight in the base model has \(shape.count) dimensions \(shape); a LoRA can be written for linear layers, embeddings and 1–3-dimensional convolutions")
+        } else if shape.count > 2 {
             layer.kind = Int32(LOLDU_LORA_CONV.rawValue)
             layer.kernel_dims = Int32(shape.count - 2)
             withUnsafeMutableBytes(of: &layer.kernel) { raw in

@@ -97,6 +97,8 @@ import Testing
         let odd = loldu_lora_layer(kind: LOLDU_LORA_CONV.i32, kernel_dims: 2, kernel: (5, 1, 0))  // 5 does not divide n = 9
         #expect(export({ _ in }, layers: [odd, loldu_lora_layer()]) == LOLDU_ERR_INVALID_ARGUMENT)
         #expect(Self.message().contains("layer \"encoder.q\""))
+        let huge = loldu_lora_layer(kind: LOLDU_LORA_CONV.i32, kernel_dims: 3, kernel: (Int64(Int32.max), Int64(Int32.max), Int64(Int32.max)))
+        #expect(export({ _ in }, layers: [huge, loldu_lora_layer()]) == LOLDU_ERR_INVALID_ARGUMENT, "a product past Int64: refused, not a trap")
         #expect(!FileManager.default.fileExists(atPath: out))
         // A conv whose kernel divides n, and the defaults: both write a directory.
         let fits = loldu_lora_layer(kind: LOLDU_LORA_CONV.i32, kernel_dims: 1, kernel: (3, 0, 0))

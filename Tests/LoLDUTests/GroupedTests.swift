@@ -255,6 +255,19 @@ import Testing
         #expect(String(cString: loldu_last_error()).contains("adapters[1]"), "\(String(cString: loldu_last_error()))")
         #expect(loldu_grouped_backward(mixed, 2, 3, [0, 1, 0], x, dy, nil) == LOLDU_ERR_MISMATCH)
         #expect(y.allSatisfy { $0 == -7 } && Self.grads(f.adapters[0], 11) == before)
+        // The message names the entry of the caller's list, whichever entries the rows skip.
+        let skipping: [OpaquePointer?] = [f.adapters[0], f.adapters[1], other.handle]
+        #expect(loldu_grouped_forward(skipping, 3, 3, [0, 2, 0], x, &y) == LOLDU_ERR_MISMATCH)
+        #expect(String(cString: loldu_last_error()).contains("adapters[2]"), "\(String(cString: loldu_last_error()))")
+        let single = try TestAdapter<Float>(m: f.m, n: f.n, weight: random.array(f.m * f.n)) { $0.rank = 10 }
+        #expect(loldu_grouped_forward([f.adapters[0], single.handle], 2, 3, [0, 1, 0], x, &y) == LOLDU_ERR_MISMATCH)
+        #expect(String(cString: loldu_last_error()).contains("element type"), "\(String(cString: loldu_last_error()))")
+        #expect(y.allSatisfy { $0 == -7 })
+        // A count far larger than the batch: only the entries the rows use are read.
+        var wide = [Double](repeating: 0, count: 3 * f.m), narrow = wide
+        #expect(loldu_grouped_forward(handles, Int(Int32.max), 3, [0, 1, -1], x, &wide) == LOLDU_OK)
+        #expect(loldu_grouped_forward(handles, handles.count, 3, [0, 1, -1], x, &narrow) == LOLDU_OK)
+        #expect(wide == narrow)
         #expect(loldu_grouped_forward(handles, handles.count, 3, nil, x, &y) == LOLDU_ERR_NULL_POINTER)
         #expect(loldu_grouped_forward(handles, 0, 3, [0, 0, 0], x, &y) == LOLDU_ERR_INVALID_ARGUMENT)
         // An unused entry of the list is not looked at; adapters[0] (the base) always is.

@@ -119,6 +119,19 @@ def test_export_lora_writes_what_the_library_writes(trained_minilm, tmp_path):
     assert "--embedding embeddings.word_embeddings" in note.stderr
 
 
+def test_export_lora_refuses_a_base_weight_of_more_than_five_dimensions(trained_minilm, tmp_path):
+    checkpoint, _ = trained_minilm
+    base = tmp_path / "base"
+    shutil.copytree(minilm_dir(), base)
+    weights = load_file(base / "model.safetensors")
+    key = "encoder.layer.0.attention.self.query.weight"
+    weights[key] = weights[key].reshape(384, 1, 1, 1, 1, 384)  # the same values, 6 dimensions
+    save_file(weights, base / "model.safetensors")
+    result = run("export-lora", checkpoint, "--base", base, "--out", tmp_path / "x", check_code=1)
+    assert "6 dimensions" in result.stderr and "encoder.layer.0.attention.self.query" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_merge_writes_what_the_library_writes_and_refuses_bad_input(trained_minilm, tmp_path):
     checkpoint, _ = trained_minilm
     out = tmp_path / "merged"
