@@ -615,8 +615,9 @@ LOLDU_API void loldu_optimizer_free(loldu_optimizer *optimizer);
  * @param grad_norm optional, written: the global gradient norm before clipping.
  * @return LOLDU_ERR_STATE if an adapter is merged, or after 2^53 steps;
  *         LOLDU_ERR_NOT_FINITE if a gradient is NaN or infinite, or if the step would make a
- *         z_k or σ (or σ·z_k − σ₀·z_ref,k) NaN or infinite (a learning rate far too large);
- *         the message names the adapter and the value.
+ *         z_k or σ (or σ·z_k − σ₀·z_ref,k) NaN or infinite (a learning rate far too large),
+ *         or a value of the optimiser's state (a gradient whose square overflows the parameter
+ *         type): the message names the adapter and the value, and nothing is changed.
  */
 LOLDU_API loldu_status loldu_optimizer_step(loldu_optimizer *optimizer, double *grad_norm);
 

@@ -146,9 +146,18 @@ public final class Optimizer: @unchecked Sendable {
                          trainSigma: adapter.config.trainSigma, config: config, step: steps + 1, lr: lr, lrSigma: lrSigma)
         }
         for (i, adapter) in adapters.enumerated() {
-            guard let bad = adapter.firstNonFiniteParameter else { continue }
+            // The state first: an overflowing state (a squared gradient past the type's range)
+            // is the cause when a parameter then overflows too.
+            let cause: String
+            if let bad = states[i].firstNonFiniteValue {
+                cause = "the optimiser's \(bad) not finite (gradients too large for \(adapter.dtype.parameterType.name): clip them, e.g. max_grad_norm)"
+            } else if let bad = adapter.firstNonFiniteParameter {
+                cause = "\(bad) not finite (learning rate \(lr) too large?)"
+            } else {
+                continue
+            }
             for snapshot in saved { snapshot.restore() }
-            throw LoLDUError(.notFinite, "adapters[\(i)]: this step would make \(bad) not finite (learning rate \(lr) too large?); nothing was changed")
+            throw LoLDUError(.notFinite, "adapters[\(i)]: this step would make \(cause); nothing was changed")
         }
         steps += 1
         return norm
@@ -302,6 +311,8 @@ protocol ParameterState: AnyObject {
     func update(params: UnsafeMutableRawPointer, grads: UnsafeMutableRawPointer, rank: Int, trainSigma: Bool,
                 config: OptimizerConfig, step: Int, lr: Double, lrSigma: Double)
     func restore(_ values: [[Double]], initialized: Bool)
+    /// The first state value that is not finite (`"exp_avg_sq[k]"`), if any.
+    var firstNonFiniteValue: String? { get }
 }
 
 final class State<T: BLASScalar>: ParameterState {
@@ -333,6 +344,13 @@ final class State<T: BLASScalar>: ParameterState {
     func scale(_ grads: UnsafeMutableRawPointer, count: Int, by factor: Double) {
         let g = grads.assumingMemoryBound(to: T.self), f = T(factor)
         for k in 0..<count { g[k] *= f }
+    }
+
+    var firstNonFiniteValue: String? {
+        for (name, buffer) in zip(Self.names, [momentum, expAvg, expAvgSq]) {
+            for k in 0..<buffer.count where !buffer.pointer[k].isFinite { return "\(name)[\(k)]" }
+        }
+        return nil
     }
 
     func restore(_ values: [[Double]], initialized: Bool) {

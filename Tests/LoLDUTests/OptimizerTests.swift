@@ -169,6 +169,22 @@ import Testing
         let before = a.z
         #expect(loldu_optimizer_step(optimizer, nil) == LOLDU_ERR_NOT_FINITE)
         #expect(a.z == before)
+        // Finite gradients whose squares overflow float32: the step would leave exp_avg_sq
+        // infinite (and a state file that no load accepts), so it is refused as a whole.
+        for k in 0..<4 { g!.assumingMemoryBound(to: Float.self)[k] = 1e30 }
+        var steps: Int64 = -1
+        #expect(loldu_optimizer_step(optimizer, nil) == LOLDU_ERR_NOT_FINITE)
+        #expect(String(cString: loldu_last_error()).contains("exp_avg_sq"), "\(String(cString: loldu_last_error()))")
+        #expect(a.z == before && loldu_optimizer_get_step(optimizer, &steps) == LOLDU_OK && steps == 0)
+        for k in 0..<4 { g!.assumingMemoryBound(to: Float.self)[k] = 1 }
+        #expect(loldu_optimizer_step(optimizer, nil) == LOLDU_OK)
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var reloaded: OpaquePointer?
+        #expect(loldu_optimizer_create(&reloaded, &config, [a.handle], 1) == LOLDU_OK)
+        defer { loldu_optimizer_free(reloaded) }
+        #expect(loldu_optimizer_save(optimizer, "\(directory)/state.safetensors") == LOLDU_OK)
+        #expect(loldu_optimizer_load(reloaded, "\(directory)/state.safetensors") == LOLDU_OK, "\(String(cString: loldu_last_error()))")
         #expect(loldu_merge(a.handle) == LOLDU_OK)
         _ = loldu_optimizer_zero_grad(optimizer)
         #expect(loldu_optimizer_step(optimizer, nil) == LOLDU_ERR_STATE)
