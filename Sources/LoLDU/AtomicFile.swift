@@ -68,6 +68,7 @@ public enum AtomicFile {
     /// What a non-regular file is, for messages.
     static func kind(_ mode: mode_t) -> String {
         switch mode & S_IFMT {
+        case S_IFREG: "a regular file"
         case S_IFDIR: "a directory"
         case S_IFIFO: "a FIFO"
         case S_IFCHR: "a character device"
@@ -87,13 +88,26 @@ public enum AtomicFile {
             throw failure("cannot inspect", path)
         }
         if (info.st_mode & S_IFMT) == S_IFLNK && followLinks {
-            guard let resolved = realpath(path, nil) else {
-                if errno == ENOENT { return path }  // a dangling link is replaced
-                throw failure("cannot resolve", path)
+            // Followed link by link, as open(O_CREAT) would: a dangling link's target is created.
+            var target = path
+            for _ in 0..<40 {
+                var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+                let length = readlink(target, &buffer, Int(PATH_MAX))
+                guard length >= 0 else {
+                    if errno == EINVAL || errno == ENOENT { return try replaceable(target, followLinks: false) }
+                    throw failure("cannot resolve", target)
+                }
+                let link = String(decoding: buffer[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                if link.hasPrefix("/") {
+                    target = link
+                } else if let slash = target.lastIndex(of: "/") {
+                    target = String(target[...slash]) + link
+                } else {
+                    target = link
+                }
             }
-            defer { free(resolved) }
-            let target = String(cString: resolved)
-            return try replaceable(target, followLinks: false)
+            errno = ELOOP
+            throw failure("cannot resolve", path)
         }
         let type = info.st_mode & S_IFMT
         guard type == S_IFREG || type == S_IFLNK else {

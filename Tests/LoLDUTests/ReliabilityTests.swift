@@ -160,6 +160,40 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
         #expect(intoFifo == LOLDU_ERR_IO && Self.lastError().contains("not a directory"), "\(Self.lastError())")
         var checkpoint: OpaquePointer?
         #expect(loldu_checkpoint_open(&checkpoint, fifo) == LOLDU_ERR_IO)
+        // A regular file where a directory is expected is called one.
+        let file = directory + "/plain"
+        #expect(FileManager.default.createFile(atPath: file, contents: Data("x".utf8)))
+        #expect(loldu_checkpoint_open(&checkpoint, file) == LOLDU_ERR_IO)
+        #expect(Self.lastError().contains("is a regular file, not a directory"), "\(Self.lastError())")
+    }
+
+    /// A symbolic link where a file is written is followed, to an existing target or to one
+    /// that does not exist yet (which is created, as open(O_CREAT) does); the link stays a link.
+    @Test func symbolicLinksAreFollowedEvenWhenDangling() throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let t = try Training()
+        try FileManager.default.createDirectory(atPath: directory + "/real", withIntermediateDirectories: false)
+        let existing = directory + "/real/existing.st", dangling = directory + "/real/later.st"
+        #expect(loldu_optimizer_save(t.optimizer, existing) == LOLDU_OK)
+        for (link, target) in [("to-existing", "real/existing.st"), ("dangling", "real/later.st"),
+                               ("chain", "dangling")] {
+            #expect(symlink(target, directory + "/" + link) == 0)
+        }
+        for link in ["to-existing", "chain"] {
+            #expect(loldu_optimizer_save(t.optimizer, directory + "/" + link) == LOLDU_OK, "\(Self.lastError())")
+        }
+        for link in ["to-existing", "dangling", "chain"] {
+            var info = stat()
+            #expect(lstat(directory + "/" + link, &info) == 0 && (info.st_mode & S_IFMT) == S_IFLNK, "\(link) is still a link")
+        }
+        for target in [existing, dangling] {
+            var info = stat()
+            #expect(lstat(target, &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG, "\(target) was written")
+            #expect(loldu_optimizer_load(t.optimizer, target) == LOLDU_OK, "\(Self.lastError())")
+        }
+        #expect(symlink("loop-b", directory + "/loop-a") == 0 && symlink("loop-a", directory + "/loop-b") == 0)
+        #expect(loldu_optimizer_save(t.optimizer, directory + "/loop-a") == LOLDU_ERR_IO)
     }
 
     // MARK: 3. Interrupted saves
