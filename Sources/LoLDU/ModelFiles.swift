@@ -49,6 +49,9 @@ public final class ModelFiles {
             var wanted: [String: String] = [:]
             for (tensor, file) in map {
                 guard let name = file.string else { throw fail("weight_map[\"\(tensor)\"] is not a file name") }
+                guard !name.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else {
+                    throw fail("weight_map[\"\(tensor)\"] contains a control character")
+                }
                 guard !name.isEmpty, !name.contains("/"), !name.hasPrefix(".") else {
                     throw fail("weight_map[\"\(tensor)\"] = \"\(name)\" is not a file name in this directory")
                 }

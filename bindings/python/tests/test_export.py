@@ -318,6 +318,9 @@ def test_bad_model_directories_are_refused_and_leave_no_output(trained_minilm, t
     index["weight_map"] = {"x": "../model.safetensors"}
     (tmp_path / "lying" / "model.safetensors.index.json").write_text(json.dumps(index))
     refused(loldu.FormatError, "not a file name in this directory", tmp_path / "lying")
+    index["weight_map"] = {"x": "model-00001-of-00003.safetensors\u0000junk"}  # JSON may escape a NUL
+    (tmp_path / "lying" / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(loldu.FormatError, "control character", tmp_path / "lying")
     # Another model: one adapted weight changed.
     tensors = load_file(str(minilm_dir() / "model.safetensors"))
     other = tmp_path / "other"
