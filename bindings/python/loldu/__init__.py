@@ -31,7 +31,9 @@ Errors are ``LoLDUError`` subclasses, one per status code, carrying the library'
 
 from __future__ import annotations
 
-from . import _capi
+import ctypes
+
+from . import _arrays, _capi
 from ._arrays import BFLOAT16 as bfloat16
 from ._version import HEADER_VERSION, __version__
 from .adapter import BACKENDS, FACTORS, PATHS, RESIDUALS, Z_INITS, Adapter, AdapterConfig, grouped_backward, grouped_forward
@@ -74,7 +76,7 @@ def set_num_threads(threads: int) -> None:
     Once called, ``loldu.torch`` no longer aligns it with ``torch.get_num_threads()``.
     """
     global _threads_set_by_user
-    check(_capi.loldu_set_num_threads(int(threads)))
+    check(_capi.loldu_set_num_threads(_arrays.integer(threads, "threads", ctypes.c_int)))
     _threads_set_by_user = True
 
 

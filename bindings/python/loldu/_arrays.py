@@ -4,11 +4,12 @@ library memory. Internal."""
 from __future__ import annotations
 
 import ctypes
+import operator
 
 import numpy as np
 
 from . import _capi
-from .errors import DTypeError, ShapeError
+from .errors import DTypeError, InvalidArgumentError, ShapeError
 
 import ml_dtypes  # numpy's bfloat16, as JAX and TensorFlow use it (a dependency of the package)
 
@@ -24,6 +25,37 @@ NUMPY_DTYPES = {
 LIBRARY_DTYPES = {dtype: code for code, dtype in NUMPY_DTYPES.items()}
 # The parameter types (z, σ, gradients, h, factors) and their ctypes, for zero-copy views.
 CTYPES = {_capi.LOLDU_FLOAT32: ctypes.c_float, _capi.LOLDU_FLOAT64: ctypes.c_double}
+
+
+def integer(value, what: str, ctype=ctypes.c_int64) -> int:
+    """``value`` as a Python int that ``ctype`` holds exactly, or ``InvalidArgumentError``:
+    ctypes would silently wrap it (2**32 passed as an int would reach the library as 0)."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise InvalidArgumentError(f"{what} must be an integer, got {value!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT) from None
+    bits = 8 * ctypes.sizeof(ctype)
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if ctype(-1).value == -1 else (0, (1 << bits) - 1)
+    if not low <= number <= high:
+        raise InvalidArgumentError(f"{what} = {number} is outside [{low}, {high}]", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    return number
+
+
+def row_indices(rows, count: int, what: str) -> np.ndarray:
+    """A grouped call's row → adapter indices as int32, refusing what a cast would change:
+    non-integer values, and values outside [-1, count) that int32 cannot hold (the library
+    names the others)."""
+    rows = np.asarray(rows)
+    if rows.dtype.kind not in "iu" and not (rows.size == 0 and rows.dtype.kind == "f"):
+        raise DTypeError(f"{what}: rows must be integers, got {rows.dtype}", _capi.LOLDU_ERR_DTYPE)
+    if rows.size and rows.dtype.itemsize >= 4 and rows.dtype != np.int32:
+        low, high = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+        bad = np.flatnonzero((rows < low) | (rows > high)) if rows.dtype.kind == "i" else np.flatnonzero(rows > high)
+        if bad.size:
+            i = int(bad[0])
+            raise InvalidArgumentError(f"{what}: rows[{i}] = {int(rows.flat[i])} is not in [-1, {count})",
+                                       _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    return np.ascontiguousarray(rows, dtype=np.int32)
 
 
 def library_dtype(dtype, what: str) -> int:

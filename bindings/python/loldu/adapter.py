@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 
 from . import _capi
-from ._arrays import NUMPY_DTYPES, check_array, library_dtype, view
+from ._arrays import NUMPY_DTYPES, check_array, integer, library_dtype, row_indices, view
 from .errors import InvalidArgumentError, InvalidHandleError, LoLDUWarning, ShapeError, check
 
 # Above this ‖W_eff − W‖ / ‖W‖ at creation, the initial z has replaced much of the pretrained
@@ -380,7 +380,7 @@ class Adapter:
     def plan(self, batch: int, keeps_h: bool = False) -> str:
         """The path 'auto' takes for a training step on ``batch`` rows (``loldu_plan``)."""
         path = _capi.loldu_path()
-        check(_capi.loldu_plan(self.handle, int(batch), 1 if keeps_h else 0, ctypes.byref(path)))
+        check(_capi.loldu_plan(self.handle, integer(batch, "batch"), 1 if keeps_h else 0, ctypes.byref(path)))
         return PATHS[path.value]
 
     # -- parameters and gradients --------------------------------------------------------------
@@ -578,7 +578,7 @@ def _group(adapters, rows, x, width: int, what: str):
                                    _capi.LOLDU_ERR_INVALID_ARGUMENT)
     base = adapters[0]
     x_ptr, batch = base._rows(x, "x", width)
-    rows = np.ascontiguousarray(rows, dtype=np.int32)
+    rows = row_indices(rows, len(adapters), what)
     if rows.shape != (batch,):
         raise ShapeError(f"{what}: rows must hold one adapter index per row of x ({batch}), got shape {rows.shape}",
                          _capi.LOLDU_ERR_SHAPE)

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Mapping
 
 from . import _capi
-from ._arrays import library_dtype
+from ._arrays import integer, library_dtype
 from .adapter import Adapter, _names
 from .checkpoint import Checkpoint, _named
 from .errors import InvalidArgumentError, check
@@ -63,7 +63,7 @@ def export_lora(directory, adapters: Mapping[str, Adapter], *, base_model_name_o
         layers[i].kind = LORA_KINDS.index(kind)
         layers[i].kernel_dims = len(kernel)
         for k, size in enumerate(tuple(kernel)[:3]):
-            layers[i].kernel[k] = int(size)
+            layers[i].kernel[k] = integer(size, f"kinds[{name!r}] kernel size")
     options.layers = layers
     check(_capi.loldu_export_lora(os.fsencode(directory), handles, names, count, ctypes.byref(options)))
 

@@ -17,6 +17,7 @@ import math
 import os
 
 from . import _capi
+from ._arrays import integer
 from .adapter import Adapter, _choice, _Handle, _HandleOwner, _names
 from .errors import InvalidArgumentError, check
 
@@ -110,8 +111,8 @@ class Optimizer(_HandleOwner):
         c.eps = float(eps)
         c.max_grad_norm = float(max_grad_norm)
         c.schedule = _choice(schedule, SCHEDULES, "schedule")
-        c.warmup_steps = int(warmup_steps)
-        c.total_steps = int(total_steps)
+        c.warmup_steps = integer(warmup_steps, "warmup_steps")
+        c.total_steps = integer(total_steps, "total_steps")
         handles = (_capi.loldu_adapter_p * len(self.adapters))(*(a.handle for a in self.adapters))
         out = _capi.loldu_optimizer_p()
         check(_capi.loldu_optimizer_create(ctypes.byref(out), ctypes.byref(c), handles, len(self.adapters)))

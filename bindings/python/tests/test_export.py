@@ -157,6 +157,13 @@ def test_convolutions_export_in_peft_shapes_and_odd_ones_are_refused(tmp_path):
     with pytest.raises(loldu.InvalidArgumentError, match=r"layer '0'.*dilation=\(2, 2\)"):
         lt.export_lora(dilated, tmp_path / "dilated")
     assert not (tmp_path / "dilated").exists()
+    # Kernel sizes the C struct cannot hold are refused, not wrapped into a valid-looking shape.
+    a = loldu.Adapter(np.random.default_rng(2).standard_normal((4, 12)).astype(np.float32), rank=2)
+    for kernel, message in [((2**64 + 3, 2**64 + 4), "kernel size = 18446744073709551619 is outside"),
+                            ((2**31 - 1,) * 3, "kernel")]:
+        with pytest.raises(loldu.InvalidArgumentError, match=message):
+            loldu.export_lora(tmp_path / "huge", {"c": a}, kinds={"c": ("conv", kernel)})
+        assert not (tmp_path / "huge").exists()
 
 
 def test_an_existing_directory_is_refused_or_replaced_only_if_it_is_an_export(tmp_path):

@@ -335,6 +335,15 @@ def test_bad_inputs_raise_documented_exceptions():
             a.sigma = float("nan")
         with pytest.raises(loldu.InvalidArgumentError, match="path must be one of"):
             a.path = "fastest"
+        # Integers that ctypes would wrap silently are refused by name.
+        with pytest.raises(loldu.InvalidArgumentError, match=r"batch = 9223372036854775808 is outside"):
+            a.plan(2**63)
+        with pytest.raises(loldu.InvalidArgumentError, match=r"batch must be an integer"):
+            a.plan(2.5)
+        with pytest.raises(loldu.InvalidArgumentError, match=r"threads = 4294967298 is outside"):
+            loldu.set_num_threads(2**32 + 2)
+        with pytest.raises(loldu.InvalidArgumentError, match=r"total_steps = 18446744073709551626 is outside"):
+            loldu.AdamW([a], lr=1e-3, schedule="linear", warmup_steps=5, total_steps=2**64 + 10)
         with pytest.raises(loldu.InvalidArgumentError, match="which must be one of"):
             a.factor("pivots")
         with pytest.raises(loldu.StateError, match="no bias"):

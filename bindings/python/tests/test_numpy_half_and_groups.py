@@ -64,6 +64,15 @@ def test_derived_adapters_and_a_grouped_batch():
     np.testing.assert_allclose(adapters[2].grad, own.grad, rtol=1e-12)
     with pytest.raises(loldu.InvalidArgumentError, match=r"rows\[1\] = 5"):
         loldu.grouped_forward(adapters, np.array([0, 5, 0, 0, 0, 0, 0, 0, 0], np.int32), x)
+    # What a cast to int32 would change is refused, not wrapped or truncated into valid rows.
+    with pytest.raises(loldu.InvalidArgumentError, match=r"rows\[2\] = 4294967297"):
+        loldu.grouped_forward(adapters, np.array([0, 1, 2**32 + 1] + [0] * 6, np.int64), x)
+    with pytest.raises(loldu.InvalidArgumentError, match=r"rows\[0\] = 4294967295"):
+        loldu.grouped_forward(adapters, np.array([2**32 - 1] + [0] * 8, np.uint32), x)
+    with pytest.raises(loldu.DTypeError, match="integers"):
+        loldu.grouped_forward(adapters, np.array([0.9] * 9), x)
+    np.testing.assert_array_equal(loldu.grouped_forward(adapters, rows.astype(np.int64), x), y)
+    np.testing.assert_array_equal(loldu.grouped_forward(adapters, rows.tolist(), x), y)
     other = loldu.Adapter(rng.standard_normal((20, 12)), rank=8)
     with pytest.raises(loldu.MismatchError, match="adapters"):
         loldu.grouped_forward([adapters[0], other], np.zeros(9, np.int32) + np.arange(9) % 2, x)
