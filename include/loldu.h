@@ -743,8 +743,9 @@ LOLDU_API loldu_status loldu_checkpoint_values(const loldu_checkpoint *checkpoin
  * (the layer names carry a prefix the file lacks). Its bias is the same name ending in ".bias".
  *
  * @return LOLDU_ERR_MISMATCH naming the layer if no tensor matches, the shape differs, or the
- *         weight's fingerprint is not the saved one (checked before the factorisation); LOLDU_ERR_IO
- *         or LOLDU_ERR_FORMAT for missing, unreadable or corrupt model files.
+ *         weight's fingerprint is not the saved one (checked before the factorisation);
+ *         LOLDU_ERR_DTYPE if the tensor is not F32, F64, BF16 or F16; LOLDU_ERR_IO or
+ *         LOLDU_ERR_FORMAT for missing, unreadable or corrupt model files.
  */
 LOLDU_API loldu_status loldu_checkpoint_create(loldu_adapter **out, const loldu_checkpoint *checkpoint,
                                                const char *name, const char *base_dir);

@@ -257,6 +257,15 @@ public final class Checkpoint: @unchecked Sendable {
                 throw fail("layers[\"\(name)\"]: \(error.message)")
             }
             guard c.alpha > 0 else { throw fail("layers[\"\(name)\"].alpha must be > 0") }
+            // σ₀ = alpha / r must be a finite nonzero value of the parameter type.
+            let sigma0: Double
+            switch dtype.parameterType {
+            case .float64: sigma0 = c.sigma
+            default: sigma0 = Double(Float(c.sigma))
+            }
+            guard sigma0.isFinite, sigma0 != 0 else {
+                throw fail("layers[\"\(name)\"].alpha = \(c.alpha) gives sigma = alpha / r = \(c.sigma), not a finite nonzero \(dtype.parameterType.name)")
+            }
 
             func hex(_ key: String) throws(LoLDUError) -> String {
                 guard let value = model.metadata["\(name).\(key)"], value.count == 16,

@@ -7,7 +7,12 @@ extension Checkpoint {
     /// bf16 file gives a bf16 adapter), else its parameter type (float32 for half types).
     public func adapter(_ name: String, in model: ModelFiles, fileType: Bool = true) throws(LoLDUError) -> any AnyAdapter {
         let layer = try layer(name)
-        let weight = try model.weight(layer: name)
+        let weight: ModelFiles.Weight
+        do {
+            weight = try model.weight(layer: name)
+        } catch where error.code == .shape {
+            throw LoLDUError(.mismatch, error.message)  // not a weight this layer can have been saved on
+        }
         guard weight.m == layer.m, weight.n == layer.n else {
             throw LoLDUError(.mismatch, "layer \"\(name)\": saved on a \(layer.m) × \(layer.n) weight, but tensor \"\(weight.key)\" in \(model.directory) has shape \(weight.shape)")
         }
@@ -17,8 +22,13 @@ extension Checkpoint {
             throw LoLDUError(.mismatch, "layer \"\(name)\": tensor \"\(weight.key)\" in \(model.directory) is not the weight the checkpoint was saved on (fingerprint \(print), saved \(layer.weightFingerprint)); is this the base model the adapter was trained on?")
         }
         let bias = try model.bias(layer: name, weight: weight)
-        let adapter = try makeAdapter(dtype: type, m: weight.m, n: weight.n, weight: weight.values.pointer,
+        let adapter: any AnyAdapter
+        do {
+            adapter = try makeAdapter(dtype: type, m: weight.m, n: weight.n, weight: weight.values.pointer,
                                       bias: bias.map { UnsafeRawPointer($0.pointer) }, config: layer.config)
+        } catch where error.code == .notFinite {  // a value of the model's tensors: say which file
+            throw LoLDUError(.notFinite, "layer \"\(name)\" (tensor \"\(weight.key)\" and its bias in \(model.directory)): \(error.message)")
+        }
         try apply(name, to: adapter)
         return fileType && weight.dtype != type ? try adapter.converted(to: weight.dtype) : adapter
     }

@@ -121,7 +121,7 @@ func check(_ status: loldu_status, _ what: String) throws(Failure) {
     default: advice = ""
     }
     throw Failure(code: status == LOLDU_ERR_MISMATCH ? .mismatch : .failure,
-                  message: "\(what): \(message)" + (advice.isEmpty ? "" : "\n  (\(advice))"))
+                  message: (message.hasPrefix(what) ? message : "\(what): \(message)") + (advice.isEmpty ? "" : "\n  (\(advice))"))
 }
 
 final class CheckpointFile {

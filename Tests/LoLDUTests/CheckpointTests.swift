@@ -247,6 +247,12 @@ import Testing
         Corruption(name: "rank beyond the shape", file: "config", expected: LOLDU_ERR_FORMAT, mentions: "rank") {
             Array(String(decoding: $0, as: UTF8.self).replacingOccurrences(of: "\"r\":10", with: "\"r\":11").utf8)
         },
+        Corruption(name: "alpha overflowing sigma", file: "config", expected: LOLDU_ERR_FORMAT, mentions: "not a finite nonzero float32") {
+            Array(String(decoding: $0, as: UTF8.self).replacingOccurrences(of: "\"alpha\":[0-9.]+", with: "\"alpha\":1e300", options: .regularExpression).utf8)
+        },
+        Corruption(name: "alpha underflowing sigma", file: "config", expected: LOLDU_ERR_FORMAT, mentions: "not a finite nonzero float32") {
+            Array(String(decoding: $0, as: UTF8.self).replacingOccurrences(of: "\"alpha\":[0-9.]+", with: "\"alpha\":1e-320", options: .regularExpression).utf8)
+        },
         Corruption(name: "deeply nested config", file: "config", expected: LOLDU_ERR_FORMAT, mentions: "nesting") { _ in
             Array((String(repeating: "[", count: 100_000) + String(repeating: "]", count: 100_000)).utf8)
         },

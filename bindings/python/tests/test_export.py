@@ -335,10 +335,19 @@ def test_bad_model_directories_are_refused_and_leave_no_output(trained_minilm, t
     tensors["encoder.layer.2.attention.self.value.weight"][0, 0] += 1e-3
     save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
     refused(loldu.MismatchError, r"layer \"encoder.layer.2.attention.self.value\".*not the weight", other)
+    # The same values in one dimension: a tensor the layer cannot have been saved on.
+    tensors["encoder.layer.2.attention.self.value.weight"] = np.zeros(384 * 384, np.float32)
+    save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+    refused(loldu.MismatchError, r"layer \"encoder.layer.2.attention.self.value\".*has shape \(147456,\)|\[147456\]", other)
     # A weight stored as integers.
     tensors["encoder.layer.2.attention.self.value.weight"] = np.zeros((384, 384), np.int32)
     save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
     refused(loldu.DTypeError, "I32", other)
+    # The right weight with an infinite bias: the message names the layer and the file.
+    tensors = load_file(str(minilm_dir() / "model.safetensors"))
+    tensors["encoder.layer.2.attention.self.value.bias"][0] = np.inf
+    save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+    refused(loldu.NotFiniteError, r"layer \"encoder.layer.2.attention.self.value\".*other.*bias\[0\]", other)
     # A progress callback that raises stops the merge; its exception comes out.
     def stop(done, total, name):
         if done > total // 2:
