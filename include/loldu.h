@@ -33,11 +33,14 @@
  *
  * Thread safety
  *   - Different adapters may be used from different threads at the same time.
- *   - One adapter is used by one thread at a time, for every function, including those taking a
- *     const adapter (forward may rebuild a cached merged weight, backward accumulates gradients,
- *     and a reader would race with them). The frozen factors are immutable:
- *     loldu_adapter_clone() gives a second adapter that shares them read-only, with its own z,
- *     σ, gradients and caches, usable from another thread.
+ *   - On one adapter, loldu_forward(_bias), loldu_backward(_into), loldu_weight_backward(_into),
+ *     loldu_effective_weight and loldu_merge may be called from several threads at once: they
+ *     hold a lock of the adapter and run one at a time (as a framework's layer may be called
+ *     from several inference threads). Every other function that takes an adapter, and the
+ *     grouped calls (which take no lock), must not overlap another call on that adapter from
+ *     another thread. For parallel work on one base, clone it: the frozen factors are
+ *     immutable, and loldu_adapter_clone() gives a second adapter that shares them read-only,
+ *     with its own z, σ, gradients and caches.
  *   - loldu_last_error() is per thread.
  *
  * Threads: BLAS runs with loldu_set_num_threads() threads (OpenBLAS's default otherwise). In a

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 
 /// What defines an adapter on its factors (its configuration, `z`, `σ`, `z_ref`, path), in
 /// `Double`, exact for both compute types: to copy it onto the same or converted factors.
@@ -26,7 +27,10 @@ public struct AdapterDefinition: Sendable {
 /// (`z` then `σ`, in the compute type `P`) at a fixed address. Backward accumulates `dz`, `dσ`
 /// into ``grads`` and `db` into ``biasGrad`` until ``zeroGrad()``; `dX` is written.
 ///
-/// Not thread-safe: one thread at a time per adapter.
+/// Threads: the compute calls (``forward``, ``backward``, ``weightBackward``,
+/// ``writeEffectiveWeight``, ``merge``) hold a lock of the adapter, so several threads may make
+/// them at once (they run one at a time); every other call must not overlap another call on the
+/// same adapter. Grouped calls take no lock: they use no per-adapter work space.
 public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable where G.Compute == E.Compute {
     public typealias P = E.Compute
     public let factors: LDUFactors<E, G>
@@ -45,6 +49,8 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     private var biasGradStorage: UnsafeMutablePointer<P>?
     /// Caches and work space of single-adapter calls, on first use.
     private var local: Local?
+    /// Held by the compute calls, which share `local` (a futex word: 4 bytes per adapter).
+    private let callLock = Mutex<Void>(())
 
     public private(set) var enabled = true
     public private(set) var merged = false
@@ -333,6 +339,17 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         batch: Int, x: UnsafePointer<E>, y: UnsafeMutablePointer<E>, h hOut: UnsafeMutablePointer<P>?,
         bias callBias: UnsafePointer<E>? = nil
     ) throws(LoLDUError) {
+        try exclusive { () throws(LoLDUError) in try forwardAlone(batch: batch, x: x, y: y, h: hOut, bias: callBias) }
+    }
+
+    /// Runs `body` holding ``callLock``.
+    private func exclusive(_ body: () throws(LoLDUError) -> Void) throws(LoLDUError) {
+        try callLock.withLock { _ throws(LoLDUError) in try body() }
+    }
+
+    private func forwardAlone(
+        batch: Int, x: UnsafePointer<E>, y: UnsafeMutablePointer<E>, h hOut: UnsafeMutablePointer<P>?, bias callBias: UnsafePointer<E>?
+    ) throws(LoLDUError) {
         try factors.checkCallBias(callBias)
         guard batch > 0 else { return }
         let (m, n, r) = (self.m, self.n, rank)
@@ -384,6 +401,13 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     public func backward(
         batch: Int, x: UnsafePointer<E>, dy: UnsafePointer<E>,
         dx: UnsafeMutablePointer<E>?, h hIn: UnsafePointer<P>?, gradsOut: UnsafeMutablePointer<P>? = nil
+    ) throws(LoLDUError) {
+        try exclusive { () throws(LoLDUError) in try backwardAlone(batch: batch, x: x, dy: dy, dx: dx, h: hIn, gradsOut: gradsOut) }
+    }
+
+    private func backwardAlone(
+        batch: Int, x: UnsafePointer<E>, dy: UnsafePointer<E>,
+        dx: UnsafeMutablePointer<E>?, h hIn: UnsafePointer<P>?, gradsOut: UnsafeMutablePointer<P>?
     ) throws(LoLDUError) {
         guard batch > 0 else {
             gradsOut?.zero(count: rank + 1)
@@ -490,6 +514,10 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     /// With `gradsOut`, this call's `dz`, `dσ` are written there instead (zeros when disabled
     /// or merged).
     public func weightBackward(_ dw: UnsafePointer<E>, gradsOut: UnsafeMutablePointer<P>? = nil) throws(LoLDUError) {
+        try exclusive { () throws(LoLDUError) in try weightBackwardAlone(dw, gradsOut: gradsOut) }
+    }
+
+    private func weightBackwardAlone(_ dw: UnsafePointer<E>, gradsOut: UnsafeMutablePointer<P>?) throws(LoLDUError) {
         let grads: UnsafeMutablePointer<P>
         if let gradsOut { grads = gradsOut } else { grads = try self.grads() }
         gradsOut?.zero(count: rank + 1)
@@ -511,6 +539,10 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     /// Writes the weight the layer currently computes with (`m × n`): `W_eff`, the merged
     /// weight while merged, `W` while disabled.
     public func writeEffectiveWeight(_ out: UnsafeMutablePointer<E>) throws(LoLDUError) {
+        try exclusive { () throws(LoLDUError) in try writeEffectiveWeightAlone(out) }
+    }
+
+    private func writeEffectiveWeightAlone(_ out: UnsafeMutablePointer<E>) throws(LoLDUError) {
         let (m, n) = (self.m, self.n)
         if !enabled {
             out.update(from: factors.weight, count: m * n)
@@ -564,6 +596,10 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     /// The pretrained `W` is kept, so unmerging is exact; merging twice is a no-op. Refuses
     /// (as PEFT's `safe_merge`) a merged weight that would not be finite.
     public func merge() throws(LoLDUError) {
+        try exclusive { () throws(LoLDUError) in try mergeAlone() }
+    }
+
+    private func mergeAlone() throws(LoLDUError) {
         guard !merged else { return }
         let s = try localState()
         coefficients(into: s.coef.pointer)

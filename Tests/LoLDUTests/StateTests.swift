@@ -170,6 +170,46 @@ import Testing
         }
     }
 
+    /// Compute calls on one adapter from several threads at once run one at a time (the
+    /// adapter's lock): each result equals the same call made alone, although they share the
+    /// adapter's work space (here on the factored path, with batch sizes that make it grow).
+    @Test func oneAdapterFromManyThreads() throws {
+        var random = TestRandom(61)
+        let (m, n, r, threads, rounds) = (80, 64, 24, 4, 25)
+        let a = try TestAdapter<Float>(m: m, n: n, weight: random.array(m * n)) { $0.rank = Int64(r) }
+        a.z = random.array(r)
+        a.setPath(LOLDU_PATH_FACTORED)
+        let batches = [1, 7, 33, 64, 5, 48]
+        let inputs = batches.map { b -> (x: [Float], dy: [Float]) in (random.array(b * n), random.array(b * m)) }
+        /// y, dX and this call's dz, dσ of batch `i`; nil if a call failed.
+        @Sendable func step(_ handle: SendableHandle, _ i: Int, _ x: [Float], _ dy: [Float]) -> [Float]? {
+            let b = batches[i]
+            var y = [Float](repeating: .nan, count: b * m), dx = [Float](repeating: .nan, count: b * n)
+            var grads = [Float](repeating: .nan, count: r + 1)
+            guard loldu_forward(handle.raw, Int64(b), x, &y, nil) == LOLDU_OK,
+                  loldu_backward_into(handle.raw, Int64(b), x, dy, &dx, nil, &grads) == LOLDU_OK else { return nil }
+            return y + dx + grads
+        }
+        let handle = SendableHandle(raw: a.handle)
+        let alone = inputs.indices.map { step(handle, $0, inputs[$0].x, inputs[$0].dy) }
+        final class Slot: @unchecked Sendable { var results: [[Float]?] = [] }  // one per thread
+        let slots = (0..<threads).map { _ in Slot() }
+        DispatchQueue.concurrentPerform(iterations: threads) { t in
+            for round in 0..<rounds {
+                let i = (t + round) % batches.count
+                slots[t].results.append(step(handle, i, inputs[i].x, inputs[i].dy))
+            }
+        }
+        for t in 0..<threads {
+            for (round, result) in slots[t].results.enumerated() {
+                let i = (t + round) % batches.count
+                let expected = try #require(alone[i])
+                let got = try #require(result, "thread \(t), round \(round): a call failed")
+                expectClose(got, expected, rtol: 1e-5, atol: 1e-6, "thread \(t), round \(round), batch \(batches[i])")
+            }
+        }
+    }
+
     /// The library's random inits, against an independent implementation of the documented
     /// generator (SplitMix64-seeded xoshiro256**, top 53 bits).
     @Test func randomInitsAreReproducible() throws {
