@@ -214,14 +214,18 @@ def test_disabled_and_merged_layers():
         torch.testing.assert_close(y, base(x))
         y.sum().backward()
     assert layer.enabled
-    assert torch.count_nonzero(layer.loldu_z["default"].grad) == 0 and x.grad is not None
-    layer.loldu_z["default"].grad = None
+    # As PEFT: an adapter that does not compute gets no gradient (None, so that an optimiser's
+    # weight decay leaves it alone), while x gets its gradient.
+    assert layer.loldu_z["default"].grad is None and x.grad is not None
     layer.merge()
     assert layer.merged
     y = layer(x)
     torch.testing.assert_close(y, adapted, rtol=1e-6, atol=1e-6)
     y.sum().backward()
-    assert torch.count_nonzero(layer.loldu_z["default"].grad) == 0
+    assert layer.loldu_z["default"].grad is None
+    z = layer.loldu_z["default"].detach().clone()
+    torch.optim.AdamW([layer.loldu_z["default"]], lr=0.1, weight_decay=0.1).step()
+    assert torch.equal(layer.loldu_z["default"].detach(), z), "z does not move while merged"
     with pytest.raises(loldu.StateError, match="merged"):
         lt.set_loldu_state_dict(nn.Sequential(layer), {"0.loldu_z": torch.zeros(6)})
     layer.unmerge()
@@ -339,15 +343,18 @@ def test_a_bias_of_another_size_is_refused_as_f_linear_refuses_it():
     for call in (lambda: layer(x), lambda: layer(x, adapter_names=["default"] * 5)):
         with pytest.raises(RuntimeError):
             nn.functional.linear(x, base.weight, base.bias)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(loldu.ShapeError, match=r"bias has shape \(3,\)"):
             call()
-    base.bias = nn.Parameter(torch.tensor([0.25]))
-    for call in (lambda: layer(x), lambda: layer(x, adapter_names=["default"] * 5)):
-        base.bias.grad = None
-        y = call()
-        y.sum().backward()
-        assert base.bias.grad.shape == (1,)
-        torch.testing.assert_close(base.bias.grad, torch.tensor([30.0]))
+    for bias in (torch.tensor([0.25]), torch.full((1, 6), 0.25)):  # one row, as F.linear broadcasts it
+        base.bias = nn.Parameter(bias)
+        expected = nn.functional.linear(x, base.weight, base.bias)
+        for call in (lambda: layer(x), lambda: layer(x, adapter_names=["default"] * 5)):
+            base.bias.grad = None
+            y = call()
+            torch.testing.assert_close(y, expected)
+            y.sum().backward()
+            assert base.bias.grad.shape == bias.shape
+            torch.testing.assert_close(base.bias.grad, torch.full(bias.shape, 30.0 if bias.numel() == 1 else 5.0))
 
 
 def test_replaced_parameters_are_rebound():

@@ -239,3 +239,119 @@ def test_add_loldu_warns_once_when_the_initial_z_replaces_the_pretrained_layers(
         with warnings.catch_warnings():
             warnings.simplefilter("error", loldu.LoLDUWarning)
             lt.add_loldu(nn.Sequential(nn.Linear(32, 32)), ["0"], rank=16, **safe)
+
+
+def small() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8))
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a failed call must leave as it was: module types, adapters, values, flags."""
+    out = {name: type(m).__name__ for name, m in model.named_modules()}
+    for name, layer in lt.loldu_layers(model).items():
+        out[name] = (sorted(layer.loldu_config), list(layer.active_adapters),
+                     {a: (c.rank, layer.loldu_z[a].detach().clone().tolist(), layer.loldu_z[a].requires_grad)
+                      for a, c in layer.loldu_config.items()})
+    out["grads"] = {n: p.requires_grad for n, p in model.named_parameters()}
+    return out
+
+
+def test_failed_model_operations_leave_the_model_as_it_was(tmp_path):
+    other = small()
+    with torch.no_grad():
+        other[0].weight.add_(1)  # another base model
+    lt.add_loldu(other, ["0", "2"], rank=8)
+    lt.save_loldu(other, tmp_path / "other")
+
+    model = small()
+    lt.add_loldu(model, ["0", "2"], rank=4)
+    with torch.no_grad():
+        model[0].loldu_z["default"].add_(0.25)  # "trained"
+    optimizer = lt.Optimizer(model, "adamw", lr=1e-3)
+    before = snapshot(model)
+    with pytest.raises(loldu.MismatchError):
+        lt.load_loldu(model, tmp_path / "other")  # layer 0: a different base weight
+    assert snapshot(model) == before
+    with pytest.raises(loldu.MismatchError):
+        lt.load_loldu(model, tmp_path / "other", adapter_name="new")
+    assert snapshot(model) == before
+    model(torch.randn(3, 16)).sum().backward()
+    optimizer.step()  # the adapters it holds are still the model's
+
+    plain = small()
+    before = snapshot(plain)
+    with pytest.raises(loldu.InvalidArgumentError, match="rank"):
+        lt.add_loldu(plain, ["0", "2"], rank=10)  # fits layer 0 (12 × 16), not layer 2 (8 × 12)
+    assert snapshot(plain) == before
+
+    lt.add_loldu(model, ["2"], rank=4, adapter_name="c")
+    before = snapshot(model)
+    with pytest.raises(loldu.InvalidArgumentError, match="already has an adapter named 'c'"):
+        lt.add_weighted_adapter(model, ["default"], [1.0], "c")
+    with pytest.raises(loldu.InvalidArgumentError, match=r"weights\[0\] = nan"):
+        lt.add_weighted_adapter(model, ["default"], [float("nan")], "d")
+    state = lt.loldu_state_dict(model)
+    state["2.loldu_z"] = torch.full_like(state["2.loldu_z"], float("nan"))
+    state["0.loldu_z"] = torch.zeros_like(state["0.loldu_z"])
+    with pytest.raises(loldu.NotFiniteError, match="2.loldu_z"):
+        lt.set_loldu_state_dict(model, state)
+    assert snapshot(model) == before
+
+
+def test_adapters_that_do_not_compute_get_no_gradient_and_twice_differentiating_raises():
+    model = small()
+    lt.add_loldu(model, ["0", "2"], rank=6)
+    x = torch.randn(5, 16, requires_grad=True)
+    y = model(x).square().sum()
+    (g,) = torch.autograd.grad(y, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):  # not a silently missing term
+        g.square().sum().backward()
+    with pytest.raises(RuntimeError, match="cannot be traced"):
+        torch.jit.trace(model, torch.randn(2, 16))
+    with pytest.raises(loldu.ShapeError):
+        model[0](torch.tensor(1.0))
+
+
+def test_deleting_adapters_as_peft_does(tmp_path):
+    model = small()
+    lt.add_loldu(model, ["0", "2"], rank=4)
+    lt.add_loldu(model, ["0", "2"], rank=4, adapter_name="b")
+    lt.set_adapter(model, "b")
+    lt.delete_adapter(model, "b")
+    assert lt.active_adapters(model) == ["default"]
+    assert model[0].loldu_z["default"].requires_grad  # active again, and trainable
+    # A layer whose adapters are all deleted computes its base module; saving skips it.
+    lt.add_loldu(model, ["0"], rank=4, adapter_name="only0")
+    reference = small()
+    x = torch.randn(3, 16)
+    lt.delete_adapter(model, "default")
+    assert lt.loldu_layers(model)["2"].active_adapters == []
+    with torch.no_grad():
+        expected = reference[2](model[1](model[0](x)))
+        torch.testing.assert_close(model(x), expected)
+    lt.save_loldu(model, tmp_path / "saved")
+    assert loldu.Checkpoint(tmp_path / "saved").names == ["0"]
+
+
+def test_copies_of_a_disabled_model_stay_disabled_and_embeddings_keep_their_weight():
+    model = nn.Sequential(nn.Linear(16, 12))
+    reference = copy.deepcopy(model)
+    lt.add_loldu(model, ["0"], rank=4)
+    with torch.no_grad():
+        model[0].loldu_z["default"].add_(0.5)
+    lt.disable_loldu(model)
+    x = torch.randn(3, 16)
+    for copied in (copy.deepcopy(model), model):
+        assert not copied[0].enabled
+        torch.testing.assert_close(copied(x), reference(x))
+
+    embedding = nn.Sequential(nn.Embedding(20, 8, max_norm=1.0))
+    with torch.no_grad():
+        embedding[0].weight.mul_(3)
+    lt.add_loldu(embedding, ["0"], rank=4)
+    weight = embedding[0].base_layer.weight.detach().clone()
+    with lt.mixed_batch(embedding, ["__base__", "default"]):
+        embedding(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    assert torch.equal(embedding[0].base_layer.weight, weight), "max_norm renormalised the base weight"
+    embedding(torch.tensor([[1, 2]]))

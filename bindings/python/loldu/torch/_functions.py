@@ -23,9 +23,10 @@ import ctypes
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import _capi
-from ..errors import check
+from ..errors import ShapeError, check
 
 # loldu_dtype codes of the torch dtypes the library takes, and back.
 LIBRARY_DTYPES = {
@@ -44,20 +45,31 @@ def parameter_dtype(adapter) -> torch.dtype:
 
 def _library_bias(bias, x: torch.Tensor, m: int):
     """The module's bias as the library reads it: ``m`` contiguous values of x's dtype. A bias
-    that broadcasts to ``(m,)`` (as ``F.linear`` allows) is expanded; any other shape raises
-    as ``F.linear`` does."""
+    that is one row (``(m,)``, ``(1, m)``, or one value, which ``F.linear`` broadcasts) is
+    taken as ``(m,)``; any other shape is a ``ShapeError``."""
     if bias is None:
         return None
     if bias.shape != (m,):
-        bias = bias.expand(m)
+        if bias.numel() not in (1, m) or any(d != 1 for d in bias.shape[:-1]):
+            raise ShapeError(f"the layer's bias has shape {tuple(bias.shape)}; a LoLDU linear layer adds a bias of "
+                             f"shape ({m},), or one that broadcasts as a single row", _capi.LOLDU_ERR_SHAPE)
+        bias = bias.reshape(-1).expand(m)
     if bias.dtype != x.dtype or not bias.is_contiguous():
         bias = bias.to(x.dtype).contiguous()
     return bias
 
 
+def refuse_tracing() -> None:
+    """``torch.jit.trace`` cannot see into the library: it would record an empty output."""
+    if torch.jit.is_tracing():
+        raise RuntimeError("loldu.torch layers cannot be traced by torch.jit (the library's work is invisible to "
+                           "the tracer); use torch.compile, or loldu.torch.merge_and_unload(model) first")
+
+
 def linear(adapter, x: torch.Tensor, bias, h=None) -> torch.Tensor:
     """``x W_effᵀ + bias`` in one library call: the module's bias is added by the library
     (``loldu_forward_bias``, in the GEMM where the backend can), not by a pass over y here."""
+    refuse_tracing()
     bias = _library_bias(bias, x, adapter.m)
     y = torch.empty((x.shape[0], adapter.m), dtype=x.dtype)
     check(_capi.loldu_forward_bias(adapter.handle, x.shape[0], x.data_ptr(), None if bias is None else bias.data_ptr(),
@@ -71,10 +83,11 @@ class LinearFunction(torch.autograd.Function):
         h = torch.empty((x.shape[0], adapter.rank), dtype=z.dtype) if keep_h else None
         y = linear(adapter, x, bias, h)
         ctx.save_for_backward(x, z, sigma)
-        ctx.adapter, ctx.h = adapter, h
+        ctx.adapter, ctx.h, ctx.bias_shape = adapter, h, None if bias is None else bias.shape
         return y
 
     @staticmethod
+    @once_differentiable  # the library computes first derivatives only: a second one raises
     def backward(ctx, dy):
         x, z, sigma = ctx.saved_tensors
         adapter, h = ctx.adapter, ctx.h
@@ -90,7 +103,7 @@ class LinearFunction(torch.autograd.Function):
                                         None if h is None else h.data_ptr(), grads.data_ptr()))
         r = adapter.rank
         return (dx, grads[:r] if need_z else None, grads[r:] if need_sigma else None,
-                dy.sum(0) if need_bias else None, None, None)
+                dy.sum_to_size(ctx.bias_shape) if need_bias else None, None, None)
 
 
 def _handles(adapters) -> ctypes.Array:
@@ -103,6 +116,8 @@ class GroupedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, rows, bias, adapters, *parameters):
+        refuse_tracing()
+        ctx.bias_shape = None if bias is None else bias.shape
         base = adapters[0]
         batch = x.shape[0]
         y = torch.empty((batch, base.m), dtype=x.dtype)
@@ -115,6 +130,7 @@ class GroupedLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the library computes first derivatives only: a second one raises
     def backward(ctx, dy):
         x, rows, *parameters = ctx.saved_tensors
         adapters = ctx.adapters
@@ -136,7 +152,7 @@ class GroupedLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[4:]
         if not all(needs):
             grads = [g if need else None for g, need in zip(grads, needs)]
-        return (dx, None, dy.sum(0) if need_bias else None, None, *grads)
+        return (dx, None, dy.sum_to_size(ctx.bias_shape) if need_bias else None, None, *grads)
 
 
 class WeightFunction(torch.autograd.Function):
@@ -145,6 +161,7 @@ class WeightFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, sigma, adapter, dtype: torch.dtype):
+        refuse_tracing()
         w = torch.empty((adapter.m, adapter.n), dtype=dtype)
         check(_capi.loldu_effective_weight(adapter.handle, w.data_ptr()))
         ctx.save_for_backward(z, sigma)
@@ -152,6 +169,7 @@ class WeightFunction(torch.autograd.Function):
         return w
 
     @staticmethod
+    @once_differentiable  # the library computes first derivatives only: a second one raises
     def backward(ctx, dw):
         adapter = ctx.adapter  # (saved_tensors below: autograd's version check)
         if dw.layout != torch.strided:  # sparse embedding gradients

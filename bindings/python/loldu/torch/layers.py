@@ -34,7 +34,8 @@ from .. import _capi
 from .._arrays import NUMPY_DTYPES
 from ..adapter import INIT_CHANGE_WARNING, Adapter, AdapterConfig, init_change_advice
 from ..errors import DeviceError, DTypeError, InvalidArgumentError, LoLDUWarning, ShapeError, StateError, check
-from ._functions import LIBRARY_DTYPES, GroupedLinearFunction, LinearFunction, WeightFunction, linear, parameter_dtype
+from ._functions import (LIBRARY_DTYPES, GroupedLinearFunction, LinearFunction, WeightFunction, linear, parameter_dtype,
+                         refuse_tracing)
 
 BASE_NAME = "__base__"  # PEFT's name for rows that use no adapter in a mixed batch
 _process_configured = False
@@ -111,6 +112,7 @@ class LoLDULayer(nn.Module):
         self._stamp = None
         self._disabled = False
         self._mixed: list[str] | None = None
+        self._merged_name: str | None = None  # the merged adapter (merge()), whose z and σ get no gradient
         self._companions: dict = {}
         self._plans: dict[tuple[str, int], bool] = {}
         self.base_layer.weight.requires_grad_(False)
@@ -170,6 +172,23 @@ class LoLDULayer(nn.Module):
     def update_layer(self, adapter_name: str, config: AdapterConfig, values=None) -> None:
         """Adds (or replaces) adapter ``adapter_name`` with ``config``, on the shared factors
         (factored again at a larger rank if needed); ``values`` = (z, σ) to restore."""
+        config, adapter, factors = self._new_adapter(config)
+        try:
+            if values is not None:
+                self._restore(adapter, values)
+            elif (change := adapter._raw_info().init_change) > INIT_CHANGE_WARNING:
+                warnings.warn(f"{self.loldu_name}: {init_change_advice(change, config)}", LoLDUWarning, stacklevel=3)
+        except BaseException:
+            adapter.close()
+            if factors is not None:
+                factors.close()
+            raise
+        self._install(adapter_name, config, adapter, factors)
+
+    def _new_adapter(self, config: AdapterConfig) -> tuple[AdapterConfig, Adapter, Adapter | None]:
+        """An adapter for ``config`` (its rank resolved) that is not part of the layer yet: on the
+        layer's factors, or on new ones (returned third, for ``_install``) where those are too
+        small. The layer is unchanged."""
         weight = self._base_weight()
         if weight.device.type != "cpu":
             raise DeviceError(
@@ -181,16 +200,22 @@ class LoLDULayer(nn.Module):
         matrix = self._weight_matrix(weight.detach())
         rank = self._resolved_rank(config, matrix)
         config = dataclasses.replace(config, rank=rank)
+        factors = None
         try:
             if self._factors is None or rank > self._factors.rank:
-                self._factor(matrix, max([rank] + [a.rank for a in self._adapters.values()]), config.borrow_weight)
-            adapter = self._factors._derive(config)
+                factors = self._new_factors(matrix, rank, config.borrow_weight)
+            return config, (factors or self._factors)._derive(config), factors
         except _loldu.LoLDUError as error:
+            if factors is not None:
+                factors.close()
             raise type(error)(f"{self.loldu_name}: {error.message}", error.status) from None
-        if values is not None:
-            self._restore(adapter, values)
-        elif (change := adapter._raw_info().init_change) > INIT_CHANGE_WARNING:
-            warnings.warn(f"{self.loldu_name}: {init_change_advice(change, config)}", LoLDUWarning, stacklevel=3)
+
+    def _install(self, adapter_name: str, config: AdapterConfig, adapter: Adapter, factors: Adapter | None = None) -> None:
+        """Makes ``adapter`` (from ``_new_adapter``) the layer's adapter ``adapter_name``, moving
+        the others onto ``factors`` when given."""
+        if factors is not None:
+            self._adopt(factors)
+        adapter.enabled = not self._disabled
         old = self._adapters.get(adapter_name)
         self._adapters[adapter_name] = adapter
         self.loldu_config[adapter_name] = config
@@ -206,24 +231,33 @@ class LoLDULayer(nn.Module):
         adapter.set_z(z.detach().cpu().to(parameter_dtype(adapter)).numpy())
         adapter.sigma = float(sigma.detach().reshape(-1)[0])
 
-    def _factor(self, matrix: torch.Tensor, rank: int, borrow: bool) -> None:
-        """Factors the base weight at ``rank`` and moves every adapter onto the new factors,
-        keeping its z and σ (and parameter objects)."""
+    @staticmethod
+    def _new_factors(matrix: torch.Tensor, rank: int, borrow: bool) -> Adapter:
+        """The factors of ``matrix`` (the base weight) at ``rank``: an adapter nobody trains."""
         if not matrix.is_contiguous():
             matrix, borrow = matrix.contiguous(), False
         config = AdapterConfig(rank=rank, borrow_weight=borrow)
-        factors = Adapter.from_pointers(LIBRARY_DTYPES[matrix.dtype], matrix.shape[0], matrix.shape[1],
-                                        matrix.data_ptr(), None, config, keep=matrix)
+        return Adapter.from_pointers(LIBRARY_DTYPES[matrix.dtype], matrix.shape[0], matrix.shape[1],
+                                     matrix.data_ptr(), None, config, keep=matrix)
+
+    def _factor(self, matrix: torch.Tensor, rank: int, borrow: bool) -> None:
+        """Factors the base weight at ``rank`` and moves every adapter onto the new factors."""
+        self._adopt(self._new_factors(matrix, rank, borrow))
+
+    def _adopt(self, factors: Adapter) -> None:
+        """Makes ``factors`` (of the current base weight) the layer's and moves every adapter
+        onto them, keeping its z, σ, enabled state (and parameter objects)."""
         old, self._factors = self._factors, factors
         for name, adapter in list(self._adapters.items()):
             moved = factors._derive(self.loldu_config[name])
             moved.set_z(adapter.z)
             moved.sigma = adapter.sigma
+            moved.enabled = adapter.enabled
             self._adapters[name] = moved
             self._bind(name)
             adapter.close()
         weight = self._base_weight()
-        self._stamp = (weight._version, weight.data_ptr(), weight.dtype, _crc(matrix))
+        self._stamp = (weight._version, weight.data_ptr(), weight.dtype, _crc(self._weight_matrix(weight.detach())))
         self._companions.clear()
         if old is not None:
             old.close()
@@ -255,9 +289,11 @@ class LoLDULayer(nn.Module):
         del self.loldu_z[adapter_name], self.loldu_sigma[adapter_name]
         self._forget(adapter_name)
         adapter.close()
-        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
-        if not self.active_adapters and self._adapters:
-            self.active_adapters = [next(iter(self._adapters))]
+        if adapter_name in self.active_adapters:  # as PEFT: another becomes active and trainable
+            remaining = [a for a in self.active_adapters if a != adapter_name]
+            if not remaining and self._adapters:
+                remaining = [next(iter(self._adapters))]
+            self.set_adapter(remaining)  # (none left: the layer computes its base module)
 
     def _forget(self, name: str) -> None:
         """Drops the autocast conversions of adapter ``name``."""
@@ -389,8 +425,9 @@ class LoLDULayer(nn.Module):
     def _effective_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         adapter = self._computing_adapter(name, dtype)
         z, sigma = self.loldu_z[name], self.loldu_sigma[name]
-        if self._training(z, sigma):
+        if name != self._merged_name and not self._disabled and self._training(z, sigma):
             return WeightFunction.apply(z, sigma, adapter, dtype)
+        refuse_tracing()
         w = torch.empty((adapter.m, adapter.n), dtype=dtype)
         check(_capi.loldu_effective_weight(adapter.handle, w.data_ptr()))
         return w
@@ -409,12 +446,16 @@ class LoLDULayer(nn.Module):
         return self.adapter.merged
 
     def merge(self) -> None:
-        """Computes with a merged weight until ``unmerge()`` (z and σ must not change meanwhile)."""
-        self._prepare(self.active_adapter).merge()
+        """Computes with a merged weight until ``unmerge()`` (z and σ must not change meanwhile:
+        as in PEFT, they get no gradient, so an optimiser leaves them alone)."""
+        name = self.active_adapter
+        self._prepare(name).merge()
+        self._merged_name = name
 
     def unmerge(self) -> None:
         for adapter in self._adapters.values():
             adapter.unmerge()
+        self._merged_name = None
 
     @property
     def enabled(self) -> bool:
@@ -491,6 +532,7 @@ class LoLDULayer(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_adapters"], state["_factors"], state["_stamp"], state["_companions"] = {}, None, None, {}
+        state["_merged_name"] = None  # (a copy is rebuilt unmerged)
         return state
 
     def __setstate__(self, state):
@@ -542,13 +584,15 @@ class LoLDULinear(LoLDULayer):
         dtype = self._compute_dtype()
         x = self._check_float_input(x, dtype)
         n = base.in_features
-        if x.shape[-1] != n:
+        if x.dim() == 0 or x.shape[-1] != n:
             raise ShapeError(
                 f"{self.loldu_name}: the input has shape {tuple(x.shape)}; its last dimension must be "
                 f"in_features = {n}",
                 _capi.LOLDU_ERR_SHAPE,
             )
         names = adapter_names if adapter_names is not None else self._mixed
+        if not self.active_adapters and (names is None or self._disabled):
+            return base(x)  # every adapter deleted: the pretrained module, as PEFT computes it
         flat = x.dim() == 2
         x2 = (x if flat else x.reshape(-1, n)).contiguous()
         bias = base.bias
@@ -565,6 +609,8 @@ class LoLDULinear(LoLDULayer):
         """``x W_effᵀ + bias`` with adapter ``name`` (computing as ``adapter``), for a 2-D input."""
         z = self._modules["loldu_z"]._parameters[name]
         sigma = self._modules["loldu_sigma"]._parameters[name]
+        if name == self._merged_name or self._disabled:  # as PEFT: no gradient for an unused adapter
+            z, sigma = z.detach(), sigma.detach()
         if self._training(x, z, sigma, bias):
             keep_h = self._plans.get((name, x.shape[0]))
             if keep_h is None:
@@ -583,7 +629,7 @@ class LoLDULinear(LoLDULayer):
         else:
             adapters = [self._computing_adapter(name, dtype, weight_checked=True) for name in used]
         z, sigma = self._modules["loldu_z"]._parameters, self._modules["loldu_sigma"]._parameters
-        parameters = [p for name in used for p in (z[name], sigma[name])]
+        parameters = [p if name != self._merged_name else p.detach() for name in used for p in (z[name], sigma[name])]
         return GroupedLinearFunction.apply(x2, torch.from_numpy(np.ascontiguousarray(rows, np.int32)), bias,
                                            tuple(adapters), *parameters)
 
@@ -597,6 +643,8 @@ class _WeightSpaceLayer(LoLDULayer):
 
     def _forward_weights(self, x: torch.Tensor, dtype: torch.dtype, sample_dim: int = 0) -> torch.Tensor:
         names = self._mixed
+        if not self.active_adapters and (names is None or self._disabled):
+            return self.base_layer(x)  # every adapter deleted: the pretrained module
         if names is None or self._disabled:
             name = self._single_name() if not self._disabled else self.active_adapters[0]
             return self._compute(x, self._effective_weight(name, dtype).reshape(self._base_weight().shape))
@@ -607,8 +655,8 @@ class _WeightSpaceLayer(LoLDULayer):
             if not samples:
                 continue
             part = x[samples]
-            if i < 0:
-                weight = self._base_weight().to(dtype)
+            if i < 0:  # a copy, as the adapters' weights are: F.embedding(max_norm=) renormalises in place
+                weight = self._base_weight().detach().to(dtype, copy=True)
             else:
                 weight = self._effective_weight(used[i], dtype).reshape(self._base_weight().shape)
             out = self._compute(part, weight)

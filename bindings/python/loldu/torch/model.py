@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import warnings
 from collections.abc import Iterator, Mapping
@@ -18,7 +19,7 @@ from .. import _capi
 from .._arrays import NUMPY_DTYPES
 from ..adapter import Adapter, AdapterConfig
 from ..checkpoint import Checkpoint
-from ..errors import DTypeError, InvalidArgumentError, LoLDUWarning, MismatchError, StateError
+from ..errors import DTypeError, InvalidArgumentError, LoLDUWarning, MismatchError, NotFiniteError, ShapeError, StateError
 from ._functions import LIBRARY_DTYPES
 from .layers import LoLDULayer, layer_class
 
@@ -93,16 +94,33 @@ def add_loldu(
         raise InvalidArgumentError(
             f"target_modules {target_modules!r} matched no module of the model; adaptable modules are "
             f"named e.g. {sample}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    frozen = {name: module.weight.requires_grad for name, module in matched if not isinstance(module, LoLDULayer)}
+    wrapped, extended = [], []
     with warnings.catch_warnings(record=True) as caught:  # one warning for the model, not one per layer
         warnings.simplefilter("always", LoLDUWarning)
-        for i, (name, module) in enumerate(matched):
-            config = AdapterConfig(rank=rank, alpha=0.0 if alpha is None else alpha, z_init=z_init, residual=residual,
-                                   seed=seed + i, train_sigma=train_sigma, borrow_weight=borrow_weight)
-            if isinstance(module, LoLDULayer):
-                if adapter_name not in module.loldu_config:  # (one it has already is left as it is)
-                    module.update_layer(adapter_name, config)
-            else:
-                _set_submodule(root, name, layer_class(module)(module, config, name=name, adapter_name=adapter_name))
+        try:
+            for i, (name, module) in enumerate(matched):
+                config = AdapterConfig(rank=rank, alpha=0.0 if alpha is None else alpha, z_init=z_init,
+                                       residual=residual, seed=seed + i, train_sigma=train_sigma,
+                                       borrow_weight=borrow_weight)
+                if isinstance(module, LoLDULayer):
+                    if adapter_name not in module.loldu_config:  # (one it has already is left as it is)
+                        module.update_layer(adapter_name, config)
+                        extended.append(module)
+                else:
+                    layer = layer_class(module)(module, config, name=name, adapter_name=adapter_name)
+                    _set_submodule(root, name, layer)
+                    wrapped.append((name, module, layer))
+        except BaseException:  # all or nothing: the model as it was
+            for name, module, layer in wrapped:
+                _set_submodule(root, name, module)
+                layer.close()
+            for name, module in matched:
+                if name in frozen:
+                    module.weight.requires_grad_(frozen[name])
+            for layer in extended:
+                layer.delete_adapter(adapter_name)
+            raise
     changed = [w for w in caught if issubclass(w.category, LoLDUWarning)]
     for w in caught:
         if w not in changed:
@@ -163,23 +181,34 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     if len(adapters) != len(weights) or not adapters:
         raise InvalidArgumentError("adapters and weights must be non-empty lists of the same length",
                                    _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    for i, weight in enumerate(weights):
+        if not math.isfinite(float(weight)):
+            raise InvalidArgumentError(f"weights[{i}] = {weight} must be finite", _capi.LOLDU_ERR_INVALID_ARGUMENT)
     layers = [layer for layer in loldu_layers(model).values() if any(a in layer.loldu_config for a in adapters)]
     if not layers:
         raise InvalidArgumentError(f"no LoLDU layer has adapter(s) {adapters}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    for layer in layers:
+    for layer in layers:  # (every refusal before any layer changes)
         if adapter_name in layer.loldu_config:
             raise InvalidArgumentError(f"{layer.loldu_name} already has an adapter named {adapter_name!r}",
                                        _capi.LOLDU_ERR_INVALID_ARGUMENT)
-        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.loldu_config]
-        rank = max(layer.get_adapter(a).rank for a, _ in present)
-        c = torch.zeros(rank, dtype=torch.float64)
-        for name, weight in present:
-            coefficients = adapter_coefficients(layer, name)
-            c[: coefficients.numel()] += float(weight) * coefficients
-        d = torch.from_numpy(layer._factors.factor("diag")[:rank]).double()
-        config = AdapterConfig(rank=rank, borrow_weight=layer.loldu_config[present[0][0]].borrow_weight)
-        layer.update_layer(adapter_name, config, values=((c + d).to(layer.param_dtype), torch.ones(1)))
-        layer.set_adapter(layer.active_adapters)
+    done = []
+    try:
+        for layer in layers:
+            present = [(a, w) for a, w in zip(adapters, weights) if a in layer.loldu_config]
+            rank = max(layer.get_adapter(a).rank for a, _ in present)
+            c = torch.zeros(rank, dtype=torch.float64)
+            for name, weight in present:
+                coefficients = adapter_coefficients(layer, name)
+                c[: coefficients.numel()] += float(weight) * coefficients
+            d = torch.from_numpy(layer._factors.factor("diag")[:rank]).double()
+            config = AdapterConfig(rank=rank, borrow_weight=layer.loldu_config[present[0][0]].borrow_weight)
+            layer.update_layer(adapter_name, config, values=((c + d).to(layer.param_dtype), torch.ones(1)))
+            done.append(layer)
+            layer.set_adapter(layer.active_adapters)
+    except BaseException:
+        for layer in done:  # all or nothing
+            layer.delete_adapter(adapter_name)
+        raise
 
 
 def adapter_coefficients(layer: LoLDULayer, adapter_name: str) -> torch.Tensor:
@@ -265,7 +294,7 @@ def loldu_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[
     ``get_peft_model_state_dict``)."""
     out = {}
     for name, layer in loldu_layers(model).items():
-        adapter = adapter_name or layer.active_adapter
+        adapter = adapter_name or _active(layer)
         if adapter in layer.loldu_config:
             out[f"{name}.loldu_z"] = layer.loldu_z[adapter].detach().clone()
             out[f"{name}.loldu_sigma"] = layer.loldu_sigma[adapter].detach().clone()
@@ -279,23 +308,41 @@ def set_loldu_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     layers = loldu_layers(model)
     own = {}
     for name, layer in layers.items():
-        adapter = adapter_name or layer.active_adapter
+        adapter = adapter_name or _active(layer)
         if adapter in layer.loldu_config:
             own[f"{name}.loldu_z"] = (layer, adapter)
             own[f"{name}.loldu_sigma"] = (layer, adapter)
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    for key, value in state_dict.items():
+    targets = {}
+    for key, value in state_dict.items():  # every refusal before any value changes
         if key not in own:
             continue
         layer, adapter = own[key]
         a = layer._prepare(adapter)
         if a.merged:
             raise StateError(f"{layer.loldu_name} is merged; unmerge before loading values", _capi.LOLDU_ERR_STATE)
-        if key.endswith(".loldu_z"):
-            a.set_z(value.detach().cpu().to(layer.param_dtype).numpy())  # checks finiteness
-        else:
-            a.sigma = float(value.reshape(-1)[0])
+        expected = a.rank if key.endswith(".loldu_z") else 1
+        if value.numel() != expected:
+            raise ShapeError(f"{key} has {value.numel()} values; the adapter has {expected}", _capi.LOLDU_ERR_SHAPE)
+        if not torch.isfinite(value.detach()).all():
+            raise NotFiniteError(f"{key} holds a value that is not finite", _capi.LOLDU_ERR_NOT_FINITE)
+        targets[a._params_ptr] = a
+    saved = {ptr: a.params.copy() for ptr, a in targets.items()}
+    try:
+        for key, value in state_dict.items():
+            if key not in own:
+                continue
+            layer, adapter = own[key]
+            a = layer._adapters[adapter]
+            if key.endswith(".loldu_z"):
+                a.set_z(value.detach().cpu().to(layer.param_dtype).reshape(-1).numpy())
+            else:
+                a.sigma = float(value.reshape(-1)[0])
+    except BaseException:  # (σ·z overflowing the parameter type): every adapter as it was
+        for ptr, a in targets.items():
+            a.params[:] = saved[ptr]
+        raise
     return missing, unexpected
 
 
@@ -303,13 +350,18 @@ def set_loldu_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
+def _active(layer: LoLDULayer) -> str | None:
+    """The layer's (first) active adapter; None for a layer whose adapters were all deleted."""
+    return layer.active_adapters[0] if layer.active_adapters else None
+
+
 def _names_and_adapters(model: nn.Module, adapter_name: str | None) -> dict[str, Adapter]:
     layers = loldu_layers(model)
     if not layers:
         raise InvalidArgumentError("the model has no LoLDU layer (call add_loldu first)", _capi.LOLDU_ERR_INVALID_ARGUMENT)
     adapters = {}
     for name, layer in layers.items():
-        adapter = adapter_name or layer.active_adapter
+        adapter = adapter_name or _active(layer)
         if adapter in layer.loldu_config:
             adapters[name] = layer._prepare(adapter)
     if not adapters:
@@ -374,52 +426,65 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
     gets its z and σ overwritten (the parameter objects stay, so an existing optimiser keeps
     working); a LoLDU layer without it gets it added on its factors (no new factorisation when
     its factors' rank suffices); a plain module is wrapped. ``MismatchError`` if a name is not in
-    the model or a base weight is not the one the checkpoint was saved on (nothing is changed
-    then for that layer). With ``mark_trainable``, ``adapter_name`` becomes active and trainable.
+    the model or a base weight is not the one the checkpoint was saved on: every layer is checked
+    before any changes, so a failed load leaves the model as it was. With ``mark_trainable``,
+    ``adapter_name`` becomes active and trainable.
     """
     root = unwrap(model)
+    modules = dict(root.named_modules())
+    installs, made, trials = [], [], []  # what to do once every layer is checked; what was made for it
+    frozen = {}
     with Checkpoint(directory) as ckpt:
-        modules = dict(root.named_modules())
-        for name in ckpt.names:
-            module = modules.get(name)
-            if module is None:
-                raise MismatchError(f"the checkpoint's layer {name!r} is not a module of the model",
-                                    _capi.LOLDU_ERR_MISMATCH)
-            info = ckpt.layer(name)
-            base = module.base_layer if isinstance(module, LoLDULayer) else module
-            if layer_class(base) is None:
-                raise MismatchError(f"the checkpoint's layer {name!r} is a {type(base).__name__} in the model",
-                                    _capi.LOLDU_ERR_MISMATCH)
-            code = LIBRARY_DTYPES.get(base.weight.dtype)
-            saved_code = _capi.LOLDU_FLOAT64 if info.dtype == "float64" else _capi.LOLDU_FLOAT32
-            if code is None or (code == _capi.LOLDU_FLOAT64) != (saved_code == _capi.LOLDU_FLOAT64):
-                raise DTypeError(
-                    f"{name}: saved in {info.dtype}, the model's weight is {base.weight.dtype}; convert the "
-                    f"model first (model.to(torch.{info.dtype}))", _capi.LOLDU_ERR_DTYPE)
-            saved = dataclasses.replace(info.config, borrow_weight=borrow_weight)
-            if isinstance(module, LoLDULayer):
+        try:
+            for name in ckpt.names:
+                module = modules.get(name)
+                if module is None:
+                    raise MismatchError(f"the checkpoint's layer {name!r} is not a module of the model",
+                                        _capi.LOLDU_ERR_MISMATCH)
+                info = ckpt.layer(name)
+                base = module.base_layer if isinstance(module, LoLDULayer) else module
+                if layer_class(base) is None:
+                    raise MismatchError(f"the checkpoint's layer {name!r} is a {type(base).__name__} in the model",
+                                        _capi.LOLDU_ERR_MISMATCH)
+                code = LIBRARY_DTYPES.get(base.weight.dtype)
+                saved_code = _capi.LOLDU_FLOAT64 if info.dtype == "float64" else _capi.LOLDU_FLOAT32
+                if code is None or (code == _capi.LOLDU_FLOAT64) != (saved_code == _capi.LOLDU_FLOAT64):
+                    raise DTypeError(
+                        f"{name}: saved in {info.dtype}, the model's weight is {base.weight.dtype}; convert the "
+                        f"model first (model.to(torch.{info.dtype}))", _capi.LOLDU_ERR_DTYPE)
+                saved = dataclasses.replace(info.config, borrow_weight=borrow_weight)
+                if not isinstance(module, LoLDULayer):
+                    frozen[name] = base.weight.requires_grad
+                    layer = layer_class(base)(base, saved, name=name, adapter_name=adapter_name)
+                    made.append(layer)
+                    ckpt.apply(name, layer.adapter)
+                    installs.append(lambda name=name, layer=layer: _set_submodule(root, name, layer))
+                    continue
                 current = module.loldu_config.get(adapter_name)
                 if current is not None and dataclasses.replace(current, borrow_weight=borrow_weight) == saved:
                     adapter = module._prepare(adapter_name)
                     if adapter.merged:
                         raise StateError(f"{name} is merged; unmerge before loading", _capi.LOLDU_ERR_STATE)
-                    ckpt.apply(name, adapter)
+                    trial = adapter.clone()  # checked on a clone: the adapter itself changes only at the end
+                    trials.append(trial)
+                    ckpt.apply(name, trial)
+                    installs.append(lambda name=name, adapter=adapter: ckpt.apply(name, adapter))
                     continue
-                module.update_layer(adapter_name, saved)
-                try:
-                    ckpt.apply(name, module.get_adapter(adapter_name))
-                except BaseException:
-                    module.delete_adapter(adapter_name) if len(module.loldu_config) > 1 else None
-                    raise
-                continue
-            layer = layer_class(base)(base, saved, name=name, adapter_name=adapter_name)
-            try:
-                ckpt.apply(name, layer.adapter)
-            except BaseException:
-                layer.close()
-                raise
-            _set_submodule(root, name, layer)
-            modules[name] = layer
+                config, adapter, factors = module._new_adapter(saved)
+                made += [adapter] + ([factors] if factors is not None else [])
+                ckpt.apply(name, adapter)
+                installs.append(lambda module=module, c=config, a=adapter, f=factors: module._install(adapter_name, c, a, f))
+        except BaseException:  # all or nothing: nothing was installed
+            for thing in made:
+                thing.close()
+            for name, requires_grad in frozen.items():
+                modules[name].weight.requires_grad_(requires_grad)
+            raise
+        finally:
+            for trial in trials:
+                trial.close()
+        for install in installs:  # every layer checked: now the model changes
+            install()
     if mark_trainable:
         set_adapter(model, adapter_name)
         mark_only_loldu_as_trainable(model)
