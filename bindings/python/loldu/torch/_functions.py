@@ -59,9 +59,26 @@ def _library_bias(bias, x: torch.Tensor, m: int):
     return bias
 
 
+def first_order(backward):
+    """A backward the library computes to first order only. Under ``create_graph=True`` (grad
+    mode on during backward) it runs as ``once_differentiable``, so differentiating its result
+    raises instead of silently missing terms; otherwise it is called directly (once_differentiable's
+    own no_grad block would cost every step a few microseconds)."""
+    guarded = once_differentiable(backward)
+
+    def run(ctx, *grads):
+        return guarded(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+    return run
+
+
+def _bias_grad(dy: torch.Tensor, shape):
+    """dY summed to the bias's shape (its rows, and broadcast dimensions)."""
+    return dy.sum(0) if shape == dy.shape[1:] else dy.sum_to_size(shape)
+
+
 def refuse_tracing() -> None:
     """``torch.jit.trace`` cannot see into the library: it would record an empty output."""
-    if torch.jit.is_tracing():
+    if torch._C._is_tracing():  # (torch.jit.is_tracing, without its Python layers)
         raise RuntimeError("loldu.torch layers cannot be traced by torch.jit (the library's work is invisible to "
                            "the tracer); use torch.compile, or loldu.torch.merge_and_unload(model) first")
 
@@ -87,7 +104,7 @@ class LinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the library computes first derivatives only: a second one raises
+    @first_order
     def backward(ctx, dy):
         x, z, sigma = ctx.saved_tensors
         adapter, h = ctx.adapter, ctx.h
@@ -103,7 +120,7 @@ class LinearFunction(torch.autograd.Function):
                                         None if h is None else h.data_ptr(), grads.data_ptr()))
         r = adapter.rank
         return (dx, grads[:r] if need_z else None, grads[r:] if need_sigma else None,
-                dy.sum_to_size(ctx.bias_shape) if need_bias else None, None, None)
+                _bias_grad(dy, ctx.bias_shape) if need_bias else None, None, None)
 
 
 def _handles(adapters) -> ctypes.Array:
@@ -130,7 +147,7 @@ class GroupedLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the library computes first derivatives only: a second one raises
+    @first_order
     def backward(ctx, dy):
         x, rows, *parameters = ctx.saved_tensors
         adapters = ctx.adapters
@@ -152,7 +169,7 @@ class GroupedLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[4:]
         if not all(needs):
             grads = [g if need else None for g, need in zip(grads, needs)]
-        return (dx, None, dy.sum_to_size(ctx.bias_shape) if need_bias else None, None, *grads)
+        return (dx, None, _bias_grad(dy, ctx.bias_shape) if need_bias else None, None, *grads)
 
 
 class WeightFunction(torch.autograd.Function):
@@ -169,7 +186,7 @@ class WeightFunction(torch.autograd.Function):
         return w
 
     @staticmethod
-    @once_differentiable  # the library computes first derivatives only: a second one raises
+    @first_order
     def backward(ctx, dw):
         adapter = ctx.adapter  # (saved_tensors below: autograd's version check)
         if dw.layout != torch.strided:  # sparse embedding gradients
