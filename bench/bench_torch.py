@@ -862,7 +862,7 @@ def main() -> None:
                   "they are 256 of 4,096 (each 16 adapters apart in memory: cache and TLB misses on their z and "
                   "gradients). A profile (`bench/grouped_loop.c`, commands in its header) puts that time in work "
                   "proportional to the adapters used, not in BLAS: each adapter's `c` computed into the coefficient "
-                  "table (r values, in forward and again in backward), the rows reading 256 different table rows "
+                  "table (r values, in forward and, when dX is asked for, in backward), the rows reading 256 different table rows "
                   "instead of one, and each adapter's dz and dσ reductions over its scores. Keeping every adapter's "
                   "`c` cached would save the first at the cost of r more values per adapter. That time is serial: it is "
                   "the same with one thread or two (`OMP_NUM_THREADS=1` or `2 build/grouped_loop N 3000` for N = 1 "

@@ -747,7 +747,8 @@ LOLDU_API loldu_status loldu_checkpoint_values(const loldu_checkpoint *checkpoin
  *
  * @return LOLDU_ERR_MISMATCH naming the layer if no tensor matches, the shape differs, or the
  *         weight's fingerprint is not the saved one (checked before the factorisation);
- *         LOLDU_ERR_DTYPE if the tensor is not F32, F64, BF16 or F16; LOLDU_ERR_IO or
+ *         a bias tensor of another length is a mismatch too; LOLDU_ERR_DTYPE if the weight or
+ *         bias tensor is not F32, F64, BF16 or F16; LOLDU_ERR_IO or
  *         LOLDU_ERR_FORMAT for missing, unreadable or corrupt model files.
  */
 LOLDU_API loldu_status loldu_checkpoint_create(loldu_adapter **out, const loldu_checkpoint *checkpoint,

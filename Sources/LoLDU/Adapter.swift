@@ -84,10 +84,8 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         try config.validate(m: factors.m, n: factors.n)
         let d = factors.diagonal[0..<r].map { Double($0) }
         let z0 = initialDiagonal(config.zInit, pivots: d, seed: config.seed).map { P($0) }
+        if let why = config.unusableSigma(as: P.dtype) { throw .invalid("config.\(why)") }
         let s0 = P(config.sigma)
-        guard s0.isFinite, s0 != 0 else {
-            throw .invalid("config.alpha = \(config.effectiveAlpha) gives sigma = alpha / rank = \(config.sigma), which is not a finite nonzero \(P.dtype.name)")
-        }
         let referenceIsInit = config.residual == .initial && config.zInit != .lu
         for k in 0..<r where !z0[k].isFinite || !(s0 * (referenceIsInit ? z0[k] : factors.diagonal[k])).isFinite {
             throw .invalid("config.alpha = \(config.effectiveAlpha): sigma times the initial diagonal overflows \(P.dtype.name); use a smaller alpha")

@@ -38,10 +38,10 @@ public protocol AnyAdapter: AnyObject, Sendable {
     func backward(batch: Int, x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?, h: UnsafeRawPointer?,
                   grads: UnsafeMutableRawPointer?) throws(LoLDUError)
     /// ``Adapter/groupedForward`` with this adapter as the base and `adapters` the group
-    /// (`mismatch` unless they share this adapter's factors).
-    func groupedForward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
+    /// (`mismatch` unless they share this adapter's factors, naming `adapters[listIndex[i]]`).
+    func groupedForward(_ adapters: [any AnyAdapter], listIndex: [Int], rows: UnsafePointer<Int32>, batch: Int,
                         x: UnsafeRawPointer, y: UnsafeMutableRawPointer, bias: UnsafeRawPointer?) throws(LoLDUError)
-    func groupedBackward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
+    func groupedBackward(_ adapters: [any AnyAdapter], listIndex: [Int], rows: UnsafePointer<Int32>, batch: Int,
                          x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?,
                          grads: [UnsafeMutableRawPointer?]?) throws(LoLDUError)
     /// With `grads`, this call's `dz`, `dσ` go there.
@@ -186,12 +186,18 @@ extension Adapter: AnyAdapter {
                      gradsOut: grads?.assumingMemoryBound(to: P.self))
     }
 
-    /// The group's adapters as this type, all on this adapter's factors.
-    private func group(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>) throws(LoLDUError) -> Group {
+    /// The group's adapters as this type, all on this adapter's factors; `adapters[i]` is the
+    /// caller's `adapters[listIndex[i]]` (for messages).
+    private func group(_ adapters: [any AnyAdapter], listIndex: [Int], rows: UnsafePointer<Int32>) throws(LoLDUError) -> Group {
         var typed: [Adapter] = []
+        typed.reserveCapacity(adapters.count)
         for (i, adapter) in adapters.enumerated() {
             guard let same = adapter as? Adapter, same.factors === factors else {
-                throw LoLDUError(.mismatch, "adapters[\(i)] does not share the frozen factors of the others; group only adapters cloned or derived from one base")
+                let name = "adapters[\(listIndex[i])]"
+                if adapter.dtype != dtype {
+                    throw LoLDUError(.mismatch, "\(name) is \(adapter.dtype.name) but adapters[0] is \(dtype.name); a grouped call takes adapters of one element type")
+                }
+                throw LoLDUError(.mismatch, "\(name) does not share the frozen factors of adapters[0]; group only adapters cloned or derived from one base")
             }
             typed.append(same)
         }
@@ -205,9 +211,9 @@ extension Adapter: AnyAdapter {
     @_specialize(where E == BFloat16, G == BFloat16)
     @_specialize(where E == BFloat16, G == Float)
     @_specialize(where E == Float16, G == Float)
-    public func groupedForward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
+    public func groupedForward(_ adapters: [any AnyAdapter], listIndex: [Int], rows: UnsafePointer<Int32>, batch: Int,
                                x: UnsafeRawPointer, y: UnsafeMutableRawPointer, bias: UnsafeRawPointer?) throws(LoLDUError) {
-        try Self.groupedForward(try group(adapters, rows: rows), base: self, batch: batch,
+        try Self.groupedForward(try group(adapters, listIndex: listIndex, rows: rows), base: self, batch: batch,
                                 x: x.assumingMemoryBound(to: E.self), y: y.assumingMemoryBound(to: E.self),
                                 bias: bias?.assumingMemoryBound(to: E.self))
     }
@@ -216,10 +222,10 @@ extension Adapter: AnyAdapter {
     @_specialize(where E == BFloat16, G == BFloat16)
     @_specialize(where E == BFloat16, G == Float)
     @_specialize(where E == Float16, G == Float)
-    public func groupedBackward(_ adapters: [any AnyAdapter], rows: UnsafePointer<Int32>, batch: Int,
+    public func groupedBackward(_ adapters: [any AnyAdapter], listIndex: [Int], rows: UnsafePointer<Int32>, batch: Int,
                                 x: UnsafeRawPointer, dy: UnsafeRawPointer, dx: UnsafeMutableRawPointer?,
                                 grads: [UnsafeMutableRawPointer?]?) throws(LoLDUError) {
-        try Self.groupedBackward(try group(adapters, rows: rows), base: self, batch: batch,
+        try Self.groupedBackward(try group(adapters, listIndex: listIndex, rows: rows), base: self, batch: batch,
                                  x: x.assumingMemoryBound(to: E.self), dy: dy.assumingMemoryBound(to: E.self),
                                  dx: dx?.assumingMemoryBound(to: E.self),
                                  gradsOut: grads.map { $0.map { $0?.assumingMemoryBound(to: P.self) } })

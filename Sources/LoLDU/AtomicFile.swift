@@ -97,7 +97,9 @@ public enum AtomicFile {
                     if errno == EINVAL || errno == ENOENT { return try replaceable(target, followLinks: false) }
                     throw failure("cannot resolve", target)
                 }
-                let link = String(decoding: buffer[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                guard let link = String(validating: buffer[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self) else {
+                    throw LoLDUError(.io, "the target of the symbolic link \"\(target)\" is not valid UTF-8; choose another path")
+                }
                 if link.hasPrefix("/") {
                     target = link
                 } else if let slash = target.lastIndex(of: "/") {

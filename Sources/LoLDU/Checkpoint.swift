@@ -53,7 +53,7 @@ public final class Checkpoint: @unchecked Sendable {
             guard !name.isEmpty, name.utf8.count <= 512 else {
                 throw .invalid("names[\(i)] must be 1 to 512 bytes long, got \(name.utf8.count)")
             }
-            guard !name.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else {
+            guard !name.containsControlCharacter else {
                 throw .invalid("names[\(i)] contains a control character")
             }
             guard seen.insert(name).inserted else { throw .invalid("names[\(i)] \"\(name)\" appears twice") }
@@ -257,15 +257,7 @@ public final class Checkpoint: @unchecked Sendable {
                 throw fail("layers[\"\(name)\"]: \(error.message)")
             }
             guard c.alpha > 0 else { throw fail("layers[\"\(name)\"].alpha must be > 0") }
-            // σ₀ = alpha / r must be a finite nonzero value of the parameter type.
-            let sigma0: Double
-            switch dtype.parameterType {
-            case .float64: sigma0 = c.sigma
-            default: sigma0 = Double(Float(c.sigma))
-            }
-            guard sigma0.isFinite, sigma0 != 0 else {
-                throw fail("layers[\"\(name)\"].alpha = \(c.alpha) gives sigma = alpha / r = \(c.sigma), not a finite nonzero \(dtype.parameterType.name)")
-            }
+            if let why = c.unusableSigma(as: dtype.parameterType) { throw fail("layers[\"\(name)\"].\(why)") }
 
             func hex(_ key: String) throws(LoLDUError) -> String {
                 guard let value = model.metadata["\(name).\(key)"], value.count == 16,

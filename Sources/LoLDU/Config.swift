@@ -118,6 +118,18 @@ public struct AdapterConfig: Sendable, Equatable {
     public var effectiveAlpha: Double { alpha == 0 ? Double(rank) : alpha }
     public var sigma: Double { effectiveAlpha / Double(rank) }
 
+    /// Why σ₀ = alpha / rank cannot be a parameter of type `type` (not a finite nonzero value
+    /// there), for a message after the configuration's name; nil when it can.
+    public func unusableSigma(as type: DType) -> String? {
+        let value: Double
+        switch type {
+        case .float64: value = sigma
+        default: value = Double(Float(sigma))
+        }
+        guard !value.isFinite || value == 0 else { return nil }
+        return "alpha = \(effectiveAlpha) gives sigma = alpha / rank = \(sigma), which is not a finite nonzero \(type.name)"
+    }
+
     public func validate(m: Int, n: Int) throws(LoLDUError) {
         let k = min(m, n)
         guard rank >= 0, rank <= k else {

@@ -129,6 +129,7 @@ extension GEMMOperand {
     static func biasRows(_ bias: UnsafePointer<Compute>?, m: Int, n: Int, accumulate: Bool,
                          c: UnsafeMutablePointer<Compute>, ldc: Int) -> Bool {
         guard let bias else { return accumulate }
+        assert(!accumulate, "a bias is added to a product, not accumulated")
         for row in 0..<m { (c + row * ldc).update(from: bias, count: n) }
         return true
     }

@@ -49,8 +49,8 @@ public final class ModelFiles {
             var wanted: [String: String] = [:]
             for (tensor, file) in map {
                 guard let name = file.string else { throw fail("weight_map[\"\(tensor)\"] is not a file name") }
-                guard !name.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else {
-                    throw fail("weight_map[\"\(tensor)\"] contains a control character")
+                guard !name.containsControlCharacter, !tensor.containsControlCharacter else {
+                    throw fail("weight_map has an entry with a control character")
                 }
                 guard !name.isEmpty, !name.contains("/"), !name.hasPrefix(".") else {
                     throw fail("weight_map[\"\(tensor)\"] = \"\(name)\" is not a file name in this directory")
@@ -137,8 +137,11 @@ public final class ModelFiles {
     public func bias(layer name: String, weight: Weight) throws(LoLDUError) -> HeapBuffer<UInt8>? {
         let key = String(weight.key.dropLast(".weight".count)) + ".bias"
         guard let (file, tensor) = tensor(key) else { return nil }
-        guard let dtype = SafeTensors.dtype(named: tensor.dtype), tensor.shape == [weight.m] else {
-            throw LoLDUError(.shape, "layer \"\(name)\": tensor \"\(key)\" is \(tensor.dtype) \(tensor.shape); a bias of this layer is [\(weight.m)] of a float type")
+        guard let dtype = SafeTensors.dtype(named: tensor.dtype) else {
+            throw LoLDUError(.dtype, "layer \"\(name)\": tensor \"\(key)\" has dtype \(tensor.dtype); a bias is F32, F64, BF16 or F16")
+        }
+        guard tensor.shape == [weight.m] else {
+            throw LoLDUError(.shape, "layer \"\(name)\": tensor \"\(key)\" has shape \(tensor.shape); this layer's bias is [\(weight.m)]")
         }
         let type = weight.dtype.parameterType
         let values = try HeapBuffer<UInt8>(count: weight.m * type.byteSize)

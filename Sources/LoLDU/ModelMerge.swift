@@ -21,7 +21,12 @@ extension Checkpoint {
         guard print == layer.weightFingerprint else {
             throw LoLDUError(.mismatch, "layer \"\(name)\": tensor \"\(weight.key)\" in \(model.directory) is not the weight the checkpoint was saved on (fingerprint \(print), saved \(layer.weightFingerprint)); is this the base model the adapter was trained on?")
         }
-        let bias = try model.bias(layer: name, weight: weight)
+        let bias: HeapBuffer<UInt8>?
+        do {
+            bias = try model.bias(layer: name, weight: weight)
+        } catch where error.code == .shape {
+            throw LoLDUError(.mismatch, error.message)
+        }
         let adapter: any AnyAdapter
         do {
             adapter = try makeAdapter(dtype: type, m: weight.m, n: weight.n, weight: weight.values.pointer,

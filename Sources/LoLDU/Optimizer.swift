@@ -149,8 +149,10 @@ public final class Optimizer: @unchecked Sendable {
             // The state first: an overflowing state (a squared gradient past the type's range)
             // is the cause when a parameter then overflows too.
             let cause: String
-            if let bad = states[i].firstNonFiniteValue {
-                cause = "the optimiser's \(bad) not finite (gradients too large for \(adapter.dtype.parameterType.name): clip them, e.g. max_grad_norm)"
+            if let (state, k) = states[i].firstNonFiniteValue {
+                let of = k < adapter.rank ? "z[\(k)]" : "sigma"
+                let advice = config.maxGradNorm > 0 ? "" : ": clip them, e.g. max_grad_norm"
+                cause = "the optimiser's \(state) of \(of) not finite (gradients too large for \(adapter.dtype.parameterType.name)\(advice))"
             } else if let bad = adapter.firstNonFiniteParameter {
                 cause = "\(bad) not finite (learning rate \(lr) too large?)"
             } else {
@@ -311,8 +313,8 @@ protocol ParameterState: AnyObject {
     func update(params: UnsafeMutableRawPointer, grads: UnsafeMutableRawPointer, rank: Int, trainSigma: Bool,
                 config: OptimizerConfig, step: Int, lr: Double, lrSigma: Double)
     func restore(_ values: [[Double]], initialized: Bool)
-    /// The first state value that is not finite (`"exp_avg_sq[k]"`), if any.
-    var firstNonFiniteValue: String? { get }
+    /// The first state value that is not finite: its buffer's name and index, if any.
+    var firstNonFiniteValue: (state: String, index: Int)? { get }
 }
 
 final class State<T: BLASScalar>: ParameterState {
@@ -346,9 +348,9 @@ final class State<T: BLASScalar>: ParameterState {
         for k in 0..<count { g[k] *= f }
     }
 
-    var firstNonFiniteValue: String? {
+    var firstNonFiniteValue: (state: String, index: Int)? {
         for (name, buffer) in zip(Self.names, [momentum, expAvg, expAvgSq]) {
-            for k in 0..<buffer.count where !buffer.pointer[k].isFinite { return "\(name)[\(k)]" }
+            for k in 0..<buffer.count where !buffer.pointer[k].isFinite { return (name, k) }
         }
         return nil
     }

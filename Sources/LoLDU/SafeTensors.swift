@@ -108,6 +108,7 @@ public enum SafeTensors {
         var tensors: [String: Tensor] = [:]
         var spans: [(begin: Int, end: Int, name: String)] = []
         for (name, entry) in members {
+            guard !name.containsControlCharacter else { throw fail("a tensor name contains a control character") }
             if name == "__metadata__" {
                 guard let map = entry.object else { throw fail("__metadata__ is not an object") }
                 for (key, value) in map {

@@ -309,15 +309,6 @@ private func group(
         compact[i] = s
     }
     let used = try adapters.get(list, listIndex) { "adapters[\($0)]" }
-    for (j, adapter) in used.enumerated() {
-        let name = "adapters[\(listIndex[j])]"
-        guard adapter.dtype == base.dtype else {
-            throw LoLDUError(.mismatch, "\(name) is \(adapter.dtype.name) but adapters[0] is \(base.dtype.name); a grouped call takes adapters of one element type")
-        }
-        guard adapter.factorsIdentity == base.factorsIdentity else {
-            throw LoLDUError(.mismatch, "\(name) does not share the frozen factors of adapters[0]; group only adapters cloned or derived from one base")
-        }
-    }
     return (base, used, listIndex, compact, b)
 }
 
@@ -348,7 +339,7 @@ private func groupedForward(
         let x = try Check.buffer(x, "x", g.base.dtype), y = try Check.mutableBuffer(y, "y", g.base.dtype)
         let bias = try Check.optionalBuffer(bias, "bias", g.base.dtype)
         try g.rows.withUnsafeBufferPointer { rows throws(LoLDUError) in
-            try g.base.groupedForward(g.used, rows: rows.baseAddress!, batch: g.batch, x: x, y: y, bias: bias)
+            try g.base.groupedForward(g.used, listIndex: g.listIndex, rows: rows.baseAddress!, batch: g.batch, x: x, y: y, bias: bias)
         }
     }
 }
@@ -390,7 +381,7 @@ private func groupedBackward(
         let x = try Check.buffer(x, "x", dtype), dy = try Check.buffer(dy, "dy", dtype)
         let dx = try Check.optionalBuffer(dx, "dx", dtype)
         try g.rows.withUnsafeBufferPointer { rows throws(LoLDUError) in
-            try g.base.groupedBackward(g.used, rows: rows.baseAddress!, batch: g.batch, x: x, dy: dy, dx: dx, grads: outs)
+            try g.base.groupedBackward(g.used, listIndex: g.listIndex, rows: rows.baseAddress!, batch: g.batch, x: x, dy: dy, dx: dx, grads: outs)
         }
     }
 }

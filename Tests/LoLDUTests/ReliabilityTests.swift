@@ -194,6 +194,11 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
         }
         #expect(symlink("loop-b", directory + "/loop-a") == 0 && symlink("loop-a", directory + "/loop-b") == 0)
         #expect(loldu_optimizer_save(t.optimizer, directory + "/loop-a") == LOLDU_ERR_IO)
+        // A target that is not UTF-8 (which a path given as a C string could not name back): refused.
+        let latin1: [CChar] = Array("caf".utf8CString.dropLast()) + [CChar(bitPattern: 0xE9)] + Array(".st".utf8CString)
+        #expect(symlink(latin1, directory + "/odd") == 0)
+        #expect(loldu_optimizer_save(t.optimizer, directory + "/odd") == LOLDU_ERR_IO && Self.lastError().contains("UTF-8"),
+                "\(Self.lastError())")
     }
 
     // MARK: 3. Interrupted saves

@@ -41,20 +41,32 @@ def integer(value, what: str, ctype=ctypes.c_int64) -> int:
     return number
 
 
-def row_indices(rows, count: int, what: str) -> np.ndarray:
-    """A grouped call's row → adapter indices as int32, refusing what a cast would change:
-    non-integer values, and values outside [-1, count) that int32 cannot hold (the library
-    names the others)."""
-    rows = np.asarray(rows)
-    if rows.dtype.kind not in "iu" and not (rows.size == 0 and rows.dtype.kind == "f"):
+def row_indices(rows, count: int, batch: int, what: str) -> np.ndarray:
+    """A grouped call's row → adapter indices (one per row of the batch) as int32, refusing what
+    a cast would change: values that are not integers, and values outside [-1, count) that
+    int32 cannot hold (the library names the others)."""
+    # A sequence of Python ints as objects: numpy would turn 2**63 into a float.
+    rows = np.asarray(rows) if hasattr(rows, "__array__") else np.asarray(rows, dtype=object)
+    if rows.shape != (batch,):
+        raise ShapeError(f"{what}: rows must hold one adapter index per row of x ({batch}), got shape {rows.shape}",
+                         _capi.LOLDU_ERR_SHAPE)
+    low, high = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
+    if rows.dtype == object:  # Python ints beyond int64, or other objects
+        try:
+            values = [operator.index(v) for v in rows]
+        except TypeError:
+            raise DTypeError(f"{what}: rows must be integers", _capi.LOLDU_ERR_DTYPE) from None
+        bad = [i for i, v in enumerate(values) if not low <= v <= high]
+        rows = np.array([0 if bad else v for v in values], dtype=np.int64)
+    elif rows.dtype.kind in "iu":
+        bad = np.flatnonzero((rows < low) | (rows > high)) if rows.dtype.itemsize >= 4 else ()
+        values = rows
+    else:
         raise DTypeError(f"{what}: rows must be integers, got {rows.dtype}", _capi.LOLDU_ERR_DTYPE)
-    if rows.size and rows.dtype.itemsize >= 4 and rows.dtype != np.int32:
-        low, high = np.iinfo(np.int32).min, np.iinfo(np.int32).max
-        bad = np.flatnonzero((rows < low) | (rows > high)) if rows.dtype.kind == "i" else np.flatnonzero(rows > high)
-        if bad.size:
-            i = int(bad[0])
-            raise InvalidArgumentError(f"{what}: rows[{i}] = {int(rows.flat[i])} is not in [-1, {count})",
-                                       _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    if len(bad):
+        i = int(bad[0])
+        raise InvalidArgumentError(f"{what}: rows[{i}] = {int(values[i])} is not in [-1, {count})",
+                                   _capi.LOLDU_ERR_INVALID_ARGUMENT)
     return np.ascontiguousarray(rows, dtype=np.int32)
 
 

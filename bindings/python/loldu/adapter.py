@@ -578,10 +578,7 @@ def _group(adapters, rows, x, width: int, what: str):
                                    _capi.LOLDU_ERR_INVALID_ARGUMENT)
     base = adapters[0]
     x_ptr, batch = base._rows(x, "x", width)
-    rows = row_indices(rows, len(adapters), what)
-    if rows.shape != (batch,):
-        raise ShapeError(f"{what}: rows must hold one adapter index per row of x ({batch}), got shape {rows.shape}",
-                         _capi.LOLDU_ERR_SHAPE)
+    rows = row_indices(rows, len(adapters), batch, what)
     handles = (_capi.loldu_adapter_p * len(adapters))(*[a.handle for a in adapters])
     return base, handles, len(adapters), rows, x_ptr, batch
 

@@ -69,6 +69,8 @@ def test_derived_adapters_and_a_grouped_batch():
         loldu.grouped_forward(adapters, np.array([0, 1, 2**32 + 1] + [0] * 6, np.int64), x)
     with pytest.raises(loldu.InvalidArgumentError, match=r"rows\[0\] = 4294967295"):
         loldu.grouped_forward(adapters, np.array([2**32 - 1] + [0] * 8, np.uint32), x)
+    with pytest.raises(loldu.InvalidArgumentError, match=r"rows\[2\] = 9223372036854775808"):
+        loldu.grouped_forward(adapters, [0, 1, 2**63] + [0] * 6, x)  # (numpy would make it a float)
     with pytest.raises(loldu.DTypeError, match="integers"):
         loldu.grouped_forward(adapters, np.array([0.9] * 9), x)
     np.testing.assert_array_equal(loldu.grouped_forward(adapters, rows.astype(np.int64), x), y)
