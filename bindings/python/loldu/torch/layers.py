@@ -404,7 +404,12 @@ class LoLDULayer(nn.Module):
             return adapter
         companion = self._companions.get((name, dtype))
         if companion is None:
-            companion = self._companions[(name, dtype)] = adapter.convert(NUMPY_DTYPES[LIBRARY_DTYPES[dtype]])
+            # Derived from the factors converted once per dtype, so that the companions of one
+            # layer share factors as the adapters do (a mixed batch under autocast groups them).
+            factors = self._companions.get((None, dtype))
+            if factors is None:
+                factors = self._companions[(None, dtype)] = self._factors.convert(NUMPY_DTYPES[LIBRARY_DTYPES[dtype]])
+            companion = self._companions[(name, dtype)] = factors._derive(self.loldu_config[name])
         if not np.array_equal(companion.params, adapter.params):
             companion.params[:] = adapter.params
         companion.enabled = adapter.enabled
