@@ -36,9 +36,12 @@
  *   - On one adapter, loldu_forward(_bias), loldu_backward(_into), loldu_weight_backward(_into),
  *     loldu_effective_weight and loldu_merge may be called from several threads at once: they
  *     hold a lock of the adapter and run one at a time (as a framework's layer may be called
- *     from several inference threads). Every other function that takes an adapter, and the
- *     grouped calls (which take no lock), must not overlap another call on that adapter from
- *     another thread. For parallel work on one base, clone it: the frozen factors are
+ *     from several inference threads). loldu_grouped_forward(_bias) and
+ *     loldu_grouped_backward_into take no lock and only read the adapters they use: they may
+ *     overlap those calls and each other. Every other function that takes an adapter (those
+ *     that change its z, σ, state or accumulated gradients, loldu_grouped_backward included)
+ *     must not overlap another call on that adapter from another thread. For parallel work on
+ *     one base, clone it: the frozen factors are
  *     immutable, and loldu_adapter_clone() gives a second adapter that shares them read-only,
  *     with its own z, σ, gradients and caches.
  *   - loldu_last_error() is per thread.

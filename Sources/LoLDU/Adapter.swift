@@ -29,8 +29,10 @@ public struct AdapterDefinition: Sendable {
 ///
 /// Threads: the compute calls (``forward``, ``backward``, ``weightBackward``,
 /// ``writeEffectiveWeight``, ``merge``) hold a lock of the adapter, so several threads may make
-/// them at once (they run one at a time); every other call must not overlap another call on the
-/// same adapter. Grouped calls take no lock: they use no per-adapter work space.
+/// them at once (they run one at a time); the lock is not recursive, so none of them may call
+/// another. Every other call must not overlap another call on the same adapter. Grouped calls
+/// take no lock: they use no per-adapter work space and, unless they accumulate into the
+/// adapters' gradients, only read the adapters.
 public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable where G.Compute == E.Compute {
     public typealias P = E.Compute
     public let factors: LDUFactors<E, G>

@@ -45,11 +45,15 @@ def row_indices(rows, count: int, batch: int, what: str) -> np.ndarray:
     """A grouped call's row → adapter indices (one per row of the batch) as int32, refusing what
     a cast would change: values that are not integers, and values outside [-1, count) that
     int32 cannot hold (the library names the others)."""
-    # A sequence of Python ints as objects: numpy would turn 2**63 into a float.
-    rows = np.asarray(rows) if hasattr(rows, "__array__") else np.asarray(rows, dtype=object)
+    given = rows
+    rows = np.asarray(rows)
     if rows.shape != (batch,):
         raise ShapeError(f"{what}: rows must hold one adapter index per row of x ({batch}), got shape {rows.shape}",
                          _capi.LOLDU_ERR_SHAPE)
+    if rows.size == 0:
+        return np.zeros(0, np.int32)
+    if rows.dtype.kind == "f" and not hasattr(given, "__array__"):
+        rows = np.asarray(given, dtype=object)  # Python ints numpy made floats (2**63), or floats: checked below
     low, high = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
     if rows.dtype == object:  # Python ints beyond int64, or other objects
         try:

@@ -355,3 +355,51 @@ def test_copies_of_a_disabled_model_stay_disabled_and_embeddings_keep_their_weig
         embedding(torch.tensor([[1, 2, 3], [4, 5, 6]]))
     assert torch.equal(embedding[0].base_layer.weight, weight), "max_norm renormalised the base weight"
     embedding(torch.tensor([[1, 2]]))
+
+
+def test_adapters_keep_their_objects_and_merged_state_through_loads_and_refactors(tmp_path):
+    model = small()
+    lt.add_loldu(model, ["0", "2"], rank=4)  # alpha left at its default
+    lt.save_loldu(model, tmp_path / "same")
+    optimizer = lt.Optimizer(model, "adamw", lr=1e-3)
+    before = {name: layer.adapter for name, layer in lt.loldu_layers(model).items()}
+    lt.load_loldu(model, tmp_path / "same")  # the saved alpha (= rank) is the default's
+    assert {name: layer.adapter for name, layer in lt.loldu_layers(model).items()} == before
+    model(torch.randn(3, 16)).sum().backward()
+    optimizer.step()
+    # A failing add_loldu that would refactor one layer before another refuses: nothing re-created.
+    with pytest.raises(loldu.InvalidArgumentError):
+        lt.add_loldu(model, ["0", "2"], rank=10, adapter_name="big")
+    assert {name: layer.adapter for name, layer in lt.loldu_layers(model).items()} == before
+    optimizer.step()
+    # A merged adapter stays merged (and gets no gradient) when its layer is factored again.
+    layer = model[0]
+    layer.merge()
+    lt.add_loldu(model, ["0"], rank=8, adapter_name="wide")  # factors at rank 8 now
+    assert layer.get_adapter("default").merged
+    x = torch.randn(3, 16, requires_grad=True)
+    model(x).sum().backward()
+    assert layer.loldu_z["default"].grad is None or not layer.loldu_z["default"].grad.any()
+
+
+def test_a_layer_without_adapters_is_its_base_module_everywhere(tmp_path):
+    model = small()
+    reference = small()
+    lt.add_loldu(model, ["0", "2"], rank=4)
+    lt.add_loldu(model, ["0"], rank=4, adapter_name="b")
+    lt.delete_adapter(model, "default")  # layer 2 has none left
+    x = torch.randn(3, 16)
+    with lt.mixed_batch(model, ["__base__"] * 3), torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+    lt.merge_loldu(model)
+    lt.unmerge_loldu(model)
+    with pytest.raises(loldu.InvalidArgumentError, match="no LoLDU layer has adapter 'zzz'"):
+        lt.save_loldu(model, tmp_path / "none", adapter_name="zzz")
+    model.double()
+    plain = lt.merge_and_unload(model.float())
+    assert isinstance(plain[2], nn.Linear)
+    torch.testing.assert_close(plain[2].weight, reference[2].weight)
+    layer = lt.LoLDULinear(nn.Linear(8, 6), rank=2)
+    layer.base_layer.bias = nn.Parameter(torch.zeros(1, 1, 6))
+    with pytest.raises(loldu.ShapeError, match=r"bias has shape \(1, 1, 6\)"):
+        layer(torch.randn(2, 8))

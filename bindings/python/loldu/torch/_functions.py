@@ -50,7 +50,7 @@ def _library_bias(bias, x: torch.Tensor, m: int):
     if bias is None:
         return None
     if bias.shape != (m,):
-        if bias.numel() not in (1, m) or any(d != 1 for d in bias.shape[:-1]):
+        if bias.numel() not in (1, m) or bias.dim() > 2 or any(d != 1 for d in bias.shape[:-1]):
             raise ShapeError(f"the layer's bias has shape {tuple(bias.shape)}; a LoLDU linear layer adds a bias of "
                              f"shape ({m},), or one that broadcasts as a single row", _capi.LOLDU_ERR_SHAPE)
         bias = bias.reshape(-1).expand(m)
@@ -72,15 +72,21 @@ def first_order(backward):
 
 
 def _bias_grad(dy: torch.Tensor, shape):
-    """dY summed to the bias's shape (its rows, and broadcast dimensions)."""
-    return dy.sum(0) if shape == dy.shape[1:] else dy.sum_to_size(shape)
+    """dY summed to the bias's shape: over the rows, or (``shape`` given: a broadcast bias of
+    ``_library_bias``'s other shapes) down to it."""
+    return dy.sum(0) if shape is None else dy.sum_to_size(shape)
+
+
+def _bias_shape(bias) -> torch.Size | None:
+    """What ``_bias_grad`` needs of a bias: None for none or a plain ``(m,)`` one."""
+    return None if bias is None or bias.dim() == 1 and bias.numel() > 1 else bias.shape
 
 
 def refuse_tracing() -> None:
     """``torch.jit.trace`` cannot see into the library: it would record an empty output."""
     if torch._C._is_tracing():  # (torch.jit.is_tracing, without its Python layers)
         raise RuntimeError("loldu.torch layers cannot be traced by torch.jit (the library's work is invisible to "
-                           "the tracer); use torch.compile, or loldu.torch.merge_and_unload(model) first")
+                           "the tracer); trace loldu.torch.merge_and_unload(model) instead")
 
 
 def linear(adapter, x: torch.Tensor, bias, h=None) -> torch.Tensor:
@@ -100,7 +106,7 @@ class LinearFunction(torch.autograd.Function):
         h = torch.empty((x.shape[0], adapter.rank), dtype=z.dtype) if keep_h else None
         y = linear(adapter, x, bias, h)
         ctx.save_for_backward(x, z, sigma)
-        ctx.adapter, ctx.h, ctx.bias_shape = adapter, h, None if bias is None else bias.shape
+        ctx.adapter, ctx.h, ctx.bias_shape = adapter, h, _bias_shape(bias)
         return y
 
     @staticmethod
@@ -134,7 +140,7 @@ class GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rows, bias, adapters, *parameters):
         refuse_tracing()
-        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.bias_shape = _bias_shape(bias)
         base = adapters[0]
         batch = x.shape[0]
         y = torch.empty((batch, base.m), dtype=x.dtype)

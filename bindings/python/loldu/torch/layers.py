@@ -112,7 +112,7 @@ class LoLDULayer(nn.Module):
         self._stamp = None
         self._disabled = False
         self._mixed: list[str] | None = None
-        self._merged_name: str | None = None  # the merged adapter (merge()), whose z and σ get no gradient
+        self._merged: set[str] = set()  # merged adapters (merge()): their z and σ get no gradient
         self._companions: dict = {}
         self._plans: dict[tuple[str, int], bool] = {}
         self.base_layer.weight.requires_grad_(False)
@@ -176,14 +176,19 @@ class LoLDULayer(nn.Module):
         try:
             if values is not None:
                 self._restore(adapter, values)
-            elif (change := adapter._raw_info().init_change) > INIT_CHANGE_WARNING:
-                warnings.warn(f"{self.loldu_name}: {init_change_advice(change, config)}", LoLDUWarning, stacklevel=3)
+            else:
+                self._warn_init_change(adapter, config)
         except BaseException:
             adapter.close()
             if factors is not None:
                 factors.close()
             raise
         self._install(adapter_name, config, adapter, factors)
+
+    def _warn_init_change(self, adapter: Adapter, config: AdapterConfig) -> None:
+        """The warning of an initialisation that moves the pretrained layer far (see INIT_CHANGE_WARNING)."""
+        if (change := adapter._raw_info().init_change) > INIT_CHANGE_WARNING:
+            warnings.warn(f"{self.loldu_name}: {init_change_advice(change, config)}", LoLDUWarning, stacklevel=4)
 
     def _new_adapter(self, config: AdapterConfig) -> tuple[AdapterConfig, Adapter, Adapter | None]:
         """An adapter for ``config`` (its rank resolved) that is not part of the layer yet: on the
@@ -216,6 +221,7 @@ class LoLDULayer(nn.Module):
         if factors is not None:
             self._adopt(factors)
         adapter.enabled = not self._disabled
+        self._merged.discard(adapter_name)
         old = self._adapters.get(adapter_name)
         self._adapters[adapter_name] = adapter
         self.loldu_config[adapter_name] = config
@@ -253,6 +259,9 @@ class LoLDULayer(nn.Module):
             moved.set_z(adapter.z)
             moved.sigma = adapter.sigma
             moved.enabled = adapter.enabled
+            moved.path = adapter.path
+            if name in self._merged:
+                moved.merge()
             self._adapters[name] = moved
             self._bind(name)
             adapter.close()
@@ -410,10 +419,16 @@ class LoLDULayer(nn.Module):
             if factors is None:
                 factors = self._companions[(None, dtype)] = self._factors.convert(NUMPY_DTYPES[LIBRARY_DTYPES[dtype]])
             companion = self._companions[(name, dtype)] = factors._derive(self.loldu_config[name])
+            companion.path = adapter.path
         if not np.array_equal(companion.params, adapter.params):
             companion.params[:] = adapter.params
         companion.enabled = adapter.enabled
         return companion
+
+    def _computes(self, name: str) -> bool:
+        """Whether adapter ``name``'s z and σ take part in this call: not while it is merged or
+        the layer disabled (as PEFT, they then get no gradient, and torch.optim leaves them alone)."""
+        return not self._disabled and name not in self._merged
 
     @staticmethod
     def _training(*tensors) -> bool:
@@ -430,7 +445,7 @@ class LoLDULayer(nn.Module):
     def _effective_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         adapter = self._computing_adapter(name, dtype)
         z, sigma = self.loldu_z[name], self.loldu_sigma[name]
-        if name != self._merged_name and not self._disabled and self._training(z, sigma):
+        if self._computes(name) and self._training(z, sigma):
             return WeightFunction.apply(z, sigma, adapter, dtype)
         refuse_tracing()
         w = torch.empty((adapter.m, adapter.n), dtype=dtype)
@@ -455,12 +470,12 @@ class LoLDULayer(nn.Module):
         as in PEFT, they get no gradient, so an optimiser leaves them alone)."""
         name = self.active_adapter
         self._prepare(name).merge()
-        self._merged_name = name
+        self._merged.add(name)
 
     def unmerge(self) -> None:
         for adapter in self._adapters.values():
             adapter.unmerge()
-        self._merged_name = None
+        self._merged.clear()
 
     @property
     def enabled(self) -> bool:
@@ -524,6 +539,11 @@ class LoLDULayer(nn.Module):
         for key in list(self._companions):
             self._companions.pop(key).close()
         self._adapters, self._factors = {}, None
+        self._merged.clear()
+        if not self.loldu_config:  # every adapter deleted: nothing to factor
+            for adapter in old:
+                adapter.close()
+            return
         matrix = self._weight_matrix(self._base_weight().detach())
         rank = max(self._resolved_rank(c, matrix) for c in self.loldu_config.values())
         self._factor(matrix, rank, next(iter(self.loldu_config.values())).borrow_weight)
@@ -537,7 +557,7 @@ class LoLDULayer(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_adapters"], state["_factors"], state["_stamp"], state["_companions"] = {}, None, None, {}
-        state["_merged_name"] = None  # (a copy is rebuilt unmerged)
+        state["_merged"] = set()  # (a copy is rebuilt unmerged)
         return state
 
     def __setstate__(self, state):
@@ -614,7 +634,7 @@ class LoLDULinear(LoLDULayer):
         """``x W_effᵀ + bias`` with adapter ``name`` (computing as ``adapter``), for a 2-D input."""
         z = self._modules["loldu_z"]._parameters[name]
         sigma = self._modules["loldu_sigma"]._parameters[name]
-        if name == self._merged_name or self._disabled:  # as PEFT: no gradient for an unused adapter
+        if not self._computes(name):
             z, sigma = z.detach(), sigma.detach()
         if self._training(x, z, sigma, bias):
             keep_h = self._plans.get((name, x.shape[0]))
@@ -627,6 +647,8 @@ class LoLDULinear(LoLDULayer):
         used, index = self._mixed_rows(names, x, 0)
         rows = np.repeat(index, x2.shape[0] // len(names)) if len(names) else index
         if not used:  # every sample on the pretrained layer
+            if not self._adapters:
+                return F.linear(x2, self._base_weight().to(dtype), bias)
             used = [self.active_adapters[0] if self.active_adapters else next(iter(self._adapters))]
         self._check_weight()
         if dtype == self.dtype:
@@ -634,7 +656,7 @@ class LoLDULinear(LoLDULayer):
         else:
             adapters = [self._computing_adapter(name, dtype, weight_checked=True) for name in used]
         z, sigma = self._modules["loldu_z"]._parameters, self._modules["loldu_sigma"]._parameters
-        parameters = [p if name != self._merged_name else p.detach() for name in used for p in (z[name], sigma[name])]
+        parameters = [p if self._computes(name) else p.detach() for name in used for p in (z[name], sigma[name])]
         return GroupedLinearFunction.apply(x2, torch.from_numpy(np.ascontiguousarray(rows, np.int32)), bias,
                                            tuple(adapters), *parameters)
 

@@ -39,6 +39,28 @@ def _matches(name: str, target_modules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def _requires_grad(parameters) -> dict:
+    """Each parameter's ``requires_grad`` (a LoLDU layer freezes its base weight), for ``_discard``."""
+    return {p: p.requires_grad for p in parameters}
+
+
+def _discard(made, frozen: dict) -> None:
+    """Undoes what a failed model-level call made before installing anything: closes its new
+    layers and adapters and restores the base weights' ``requires_grad``."""
+    for thing in made:
+        thing.close()
+    for p, flag in frozen.items():
+        p.requires_grad_(flag)
+
+
+def _same_config(a: AdapterConfig, b: AdapterConfig) -> bool:
+    """Whether two configurations make the same adapter (alpha 0 means alpha = rank; where W
+    lives does not matter)."""
+    def key(c):
+        return dataclasses.replace(c, alpha=c.alpha or float(c.rank), borrow_weight=False)
+    return key(a) == key(b)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -94,8 +116,8 @@ def add_loldu(
         raise InvalidArgumentError(
             f"target_modules {target_modules!r} matched no module of the model; adaptable modules are "
             f"named e.g. {sample}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    frozen = {name: module.weight.requires_grad for name, module in matched if not isinstance(module, LoLDULayer)}
-    wrapped, extended = [], []
+    frozen = _requires_grad(module.weight for _, module in matched if not isinstance(module, LoLDULayer))
+    installs, made = [], []  # every layer's adapter made first; the model changes only once all are
     with warnings.catch_warnings(record=True) as caught:  # one warning for the model, not one per layer
         warnings.simplefilter("always", LoLDUWarning)
         try:
@@ -105,22 +127,19 @@ def add_loldu(
                                        borrow_weight=borrow_weight)
                 if isinstance(module, LoLDULayer):
                     if adapter_name not in module.loldu_config:  # (one it has already is left as it is)
-                        module.update_layer(adapter_name, config)
-                        extended.append(module)
+                        config, adapter, factors = module._new_adapter(config)
+                        made += [adapter] + ([factors] if factors is not None else [])
+                        module._warn_init_change(adapter, config)
+                        installs.append(lambda m=module, c=config, a=adapter, f=factors: m._install(adapter_name, c, a, f))
                 else:
                     layer = layer_class(module)(module, config, name=name, adapter_name=adapter_name)
-                    _set_submodule(root, name, layer)
-                    wrapped.append((name, module, layer))
-        except BaseException:  # all or nothing: the model as it was
-            for name, module, layer in wrapped:
-                _set_submodule(root, name, module)
-                layer.close()
-            for name, module in matched:
-                if name in frozen:
-                    module.weight.requires_grad_(frozen[name])
-            for layer in extended:
-                layer.delete_adapter(adapter_name)
+                    made.append(layer)
+                    installs.append(lambda name=name, layer=layer: _set_submodule(root, name, layer))
+        except BaseException:  # all or nothing: nothing was installed
+            _discard(made, frozen)
             raise
+        for install in installs:
+            install()
     changed = [w for w in caught if issubclass(w.category, LoLDUWarning)]
     for w in caught:
         if w not in changed:
@@ -365,7 +384,8 @@ def _names_and_adapters(model: nn.Module, adapter_name: str | None) -> dict[str,
         if adapter in layer.loldu_config:
             adapters[name] = layer._prepare(adapter)
     if not adapters:
-        raise InvalidArgumentError(f"no LoLDU layer has adapter {adapter_name!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        what = f"adapter {adapter_name!r}" if adapter_name else "an active adapter"
+        raise InvalidArgumentError(f"no LoLDU layer has {what}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
     return adapters
 
 
@@ -454,14 +474,14 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
                         f"model first (model.to(torch.{info.dtype}))", _capi.LOLDU_ERR_DTYPE)
                 saved = dataclasses.replace(info.config, borrow_weight=borrow_weight)
                 if not isinstance(module, LoLDULayer):
-                    frozen[name] = base.weight.requires_grad
+                    frozen.update(_requires_grad([base.weight]))
                     layer = layer_class(base)(base, saved, name=name, adapter_name=adapter_name)
                     made.append(layer)
                     ckpt.apply(name, layer.adapter)
                     installs.append(lambda name=name, layer=layer: _set_submodule(root, name, layer))
                     continue
                 current = module.loldu_config.get(adapter_name)
-                if current is not None and dataclasses.replace(current, borrow_weight=borrow_weight) == saved:
+                if current is not None and _same_config(current, saved):
                     adapter = module._prepare(adapter_name)
                     if adapter.merged:
                         raise StateError(f"{name} is merged; unmerge before loading", _capi.LOLDU_ERR_STATE)
@@ -475,10 +495,7 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
                 ckpt.apply(name, adapter)
                 installs.append(lambda module=module, c=config, a=adapter, f=factors: module._install(adapter_name, c, a, f))
         except BaseException:  # all or nothing: nothing was installed
-            for thing in made:
-                thing.close()
-            for name, requires_grad in frozen.items():
-                modules[name].weight.requires_grad_(requires_grad)
+            _discard(made, frozen)
             raise
         finally:
             for trial in trials:
@@ -500,7 +517,8 @@ def merge_loldu(model: nn.Module) -> None:
     ``unmerge_loldu``). Reversible, as PEFT's ``merge_adapter``; ``merge_and_unload`` removes the
     layers instead (what the reference code's ``merge_loldu`` does)."""
     for layer in loldu_layers(model).values():
-        layer.merge()
+        if layer.active_adapters:  # (a layer whose adapters were all deleted computes its base already)
+            layer.merge()
 
 
 def unmerge_loldu(model: nn.Module) -> None:
@@ -514,9 +532,10 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Mo
     In place; returns the model."""
     root = unwrap(model)
     for name, layer in loldu_layers(root).items():
-        weight = layer.effective_weight(adapter_name)
+        chosen = adapter_name or _active(layer)
         base = layer.base_layer
-        base.weight = nn.Parameter(weight, requires_grad=False)
+        if chosen in layer.loldu_config:  # (else the layer computes its base module already)
+            base.weight = nn.Parameter(layer.effective_weight(chosen), requires_grad=False)
         _set_submodule(root, name, base)
         layer.close()
     return model
