@@ -117,6 +117,7 @@ public final class ModelFiles {
         public let values: HeapBuffer<UInt8>
     }
 
+    /// `mismatch` for a tensor of a shape no layer weight has, `dtype` for one not of a float type.
     public func weight(layer name: String) throws(LoLDUError) -> Weight {
         let key = try weightKey(layer: name)
         let (file, tensor) = tensor(key)!
@@ -124,7 +125,7 @@ public final class ModelFiles {
             throw LoLDUError(.dtype, "layer \"\(name)\": tensor \"\(key)\" has dtype \(tensor.dtype); LoLDU adapts F32, F64, BF16 and F16 weights")
         }
         guard tensor.shape.count >= 2, tensor.shape.allSatisfy({ $0 >= 1 }) else {
-            throw LoLDUError(.shape, "layer \"\(name)\": tensor \"\(key)\" has shape \(tensor.shape); a weight has at least 2 dimensions, none empty")
+            throw LoLDUError(.mismatch, "layer \"\(name)\": tensor \"\(key)\" has shape \(tensor.shape); a weight has at least 2 dimensions, none empty")
         }
         let m = tensor.shape[0], n = tensor.shape.dropFirst().reduce(1, *)
         let type = dtype.parameterType
@@ -133,7 +134,8 @@ public final class ModelFiles {
         return Weight(key: key, dtype: dtype, shape: tensor.shape, m: m, n: n, values: values)
     }
 
-    /// Layer `name`'s bias (`m` values of its weight's parameter type), if the file has one.
+    /// Layer `name`'s bias (`m` values of its weight's parameter type), if the file has one;
+    /// `mismatch` for another length, `dtype` for a type that is not a float type.
     public func bias(layer name: String, weight: Weight) throws(LoLDUError) -> HeapBuffer<UInt8>? {
         let key = String(weight.key.dropLast(".weight".count)) + ".bias"
         guard let (file, tensor) = tensor(key) else { return nil }
@@ -141,7 +143,7 @@ public final class ModelFiles {
             throw LoLDUError(.dtype, "layer \"\(name)\": tensor \"\(key)\" has dtype \(tensor.dtype); a bias is F32, F64, BF16 or F16")
         }
         guard tensor.shape == [weight.m] else {
-            throw LoLDUError(.shape, "layer \"\(name)\": tensor \"\(key)\" has shape \(tensor.shape); this layer's bias is [\(weight.m)]")
+            throw LoLDUError(.mismatch, "layer \"\(name)\": tensor \"\(key)\" has shape \(tensor.shape); this layer's bias is [\(weight.m)]")
         }
         let type = weight.dtype.parameterType
         let values = try HeapBuffer<UInt8>(count: weight.m * type.byteSize)

@@ -7,12 +7,7 @@ extension Checkpoint {
     /// bf16 file gives a bf16 adapter), else its parameter type (float32 for half types).
     public func adapter(_ name: String, in model: ModelFiles, fileType: Bool = true) throws(LoLDUError) -> any AnyAdapter {
         let layer = try layer(name)
-        let weight: ModelFiles.Weight
-        do {
-            weight = try model.weight(layer: name)
-        } catch where error.code == .shape {
-            throw LoLDUError(.mismatch, error.message)  // not a weight this layer can have been saved on
-        }
+        let weight = try model.weight(layer: name)
         guard weight.m == layer.m, weight.n == layer.n else {
             throw LoLDUError(.mismatch, "layer \"\(name)\": saved on a \(layer.m) × \(layer.n) weight, but tensor \"\(weight.key)\" in \(model.directory) has shape \(weight.shape)")
         }
@@ -21,12 +16,7 @@ extension Checkpoint {
         guard print == layer.weightFingerprint else {
             throw LoLDUError(.mismatch, "layer \"\(name)\": tensor \"\(weight.key)\" in \(model.directory) is not the weight the checkpoint was saved on (fingerprint \(print), saved \(layer.weightFingerprint)); is this the base model the adapter was trained on?")
         }
-        let bias: HeapBuffer<UInt8>?
-        do {
-            bias = try model.bias(layer: name, weight: weight)
-        } catch where error.code == .shape {
-            throw LoLDUError(.mismatch, error.message)
-        }
+        let bias = try model.bias(layer: name, weight: weight)
         let adapter: any AnyAdapter
         do {
             adapter = try makeAdapter(dtype: type, m: weight.m, n: weight.n, weight: weight.values.pointer,
