@@ -61,7 +61,6 @@ def row_indices(rows, count: int, batch: int, what: str) -> np.ndarray:
         except TypeError:
             raise DTypeError(f"{what}: rows must be integers", _capi.LOLDU_ERR_DTYPE) from None
         bad = [i for i, v in enumerate(values) if not low <= v <= high]
-        rows = np.array([0 if bad else v for v in values], dtype=np.int64)
     elif rows.dtype.kind in "iu":
         bad = np.flatnonzero((rows < low) | (rows > high)) if rows.dtype.itemsize >= 4 else ()
         values = rows
@@ -71,7 +70,7 @@ def row_indices(rows, count: int, batch: int, what: str) -> np.ndarray:
         i = int(bad[0])
         raise InvalidArgumentError(f"{what}: rows[{i}] = {int(values[i])} is not in [-1, {count})",
                                    _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    return np.ascontiguousarray(rows, dtype=np.int32)
+    return np.ascontiguousarray(values, dtype=np.int32)
 
 
 def library_dtype(dtype, what: str) -> int:

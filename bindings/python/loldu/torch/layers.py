@@ -540,15 +540,12 @@ class LoLDULayer(nn.Module):
             self._companions.pop(key).close()
         self._adapters, self._factors = {}, None
         self._merged.clear()
-        if not self.loldu_config:  # every adapter deleted: nothing to factor
-            for adapter in old:
-                adapter.close()
-            return
-        matrix = self._weight_matrix(self._base_weight().detach())
-        rank = max(self._resolved_rank(c, matrix) for c in self.loldu_config.values())
-        self._factor(matrix, rank, next(iter(self.loldu_config.values())).borrow_weight)
-        for name, config in list(self.loldu_config.items()):
-            self.update_layer(name, config, values=values[name])
+        if self.loldu_config:  # (every adapter deleted: nothing to factor)
+            matrix = self._weight_matrix(self._base_weight().detach())
+            rank = max(self._resolved_rank(c, matrix) for c in self.loldu_config.values())
+            self._factor(matrix, rank, next(iter(self.loldu_config.values())).borrow_weight)
+            for name, config in list(self.loldu_config.items()):
+                self.update_layer(name, config, values=values[name])
         for adapter in old:
             adapter.close()
 

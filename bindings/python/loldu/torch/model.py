@@ -39,9 +39,24 @@ def _matches(name: str, target_modules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def _requires_grad(parameters) -> dict:
-    """Each parameter's ``requires_grad`` (a LoLDU layer freezes its base weight), for ``_discard``."""
-    return {p: p.requires_grad for p in parameters}
+def _stage_adapter(layer: LoLDULayer, adapter_name: str, config: AdapterConfig, made: list):
+    """A new adapter ``adapter_name`` for ``layer``, made without changing the layer (listed in
+    ``made`` until installed): its resolved configuration, the adapter, and the call that
+    installs it."""
+    config, adapter, factors = layer._new_adapter(config)
+    made += [adapter] + ([factors] if factors is not None else [])
+    return config, adapter, lambda: layer._install(adapter_name, config, adapter, factors)
+
+
+def _stage_layer(root: nn.Module, name: str, module: nn.Module, config: AdapterConfig, adapter_name: str,
+                 made: list, frozen: dict):
+    """A LoLDU layer around the plain ``module``, not yet in the model (listed in ``made``; the
+    base weight's ``requires_grad``, which the layer turns off, in ``frozen``): the layer and the
+    call that installs it."""
+    frozen[module.weight] = module.weight.requires_grad
+    layer = layer_class(module)(module, config, name=name, adapter_name=adapter_name)
+    made.append(layer)
+    return layer, lambda: _set_submodule(root, name, layer)
 
 
 def _discard(made, frozen: dict) -> None:
@@ -116,8 +131,7 @@ def add_loldu(
         raise InvalidArgumentError(
             f"target_modules {target_modules!r} matched no module of the model; adaptable modules are "
             f"named e.g. {sample}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    frozen = _requires_grad(module.weight for _, module in matched if not isinstance(module, LoLDULayer))
-    installs, made = [], []  # every layer's adapter made first; the model changes only once all are
+    installs, made, frozen = [], [], {}  # every layer's adapter made first; the model changes only once all are
     with warnings.catch_warnings(record=True) as caught:  # one warning for the model, not one per layer
         warnings.simplefilter("always", LoLDUWarning)
         try:
@@ -127,14 +141,11 @@ def add_loldu(
                                        borrow_weight=borrow_weight)
                 if isinstance(module, LoLDULayer):
                     if adapter_name not in module.loldu_config:  # (one it has already is left as it is)
-                        config, adapter, factors = module._new_adapter(config)
-                        made += [adapter] + ([factors] if factors is not None else [])
+                        config, adapter, install = _stage_adapter(module, adapter_name, config, made)
                         module._warn_init_change(adapter, config)
-                        installs.append(lambda m=module, c=config, a=adapter, f=factors: m._install(adapter_name, c, a, f))
+                        installs.append(install)
                 else:
-                    layer = layer_class(module)(module, config, name=name, adapter_name=adapter_name)
-                    made.append(layer)
-                    installs.append(lambda name=name, layer=layer: _set_submodule(root, name, layer))
+                    installs.append(_stage_layer(root, name, module, config, adapter_name, made, frozen)[1])
         except BaseException:  # all or nothing: nothing was installed
             _discard(made, frozen)
             raise
@@ -474,11 +485,9 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
                         f"model first (model.to(torch.{info.dtype}))", _capi.LOLDU_ERR_DTYPE)
                 saved = dataclasses.replace(info.config, borrow_weight=borrow_weight)
                 if not isinstance(module, LoLDULayer):
-                    frozen.update(_requires_grad([base.weight]))
-                    layer = layer_class(base)(base, saved, name=name, adapter_name=adapter_name)
-                    made.append(layer)
+                    layer, install = _stage_layer(root, name, base, saved, adapter_name, made, frozen)
                     ckpt.apply(name, layer.adapter)
-                    installs.append(lambda name=name, layer=layer: _set_submodule(root, name, layer))
+                    installs.append(install)
                     continue
                 current = module.loldu_config.get(adapter_name)
                 if current is not None and _same_config(current, saved):
@@ -490,10 +499,9 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
                     ckpt.apply(name, trial)
                     installs.append(lambda name=name, adapter=adapter: ckpt.apply(name, adapter))
                     continue
-                config, adapter, factors = module._new_adapter(saved)
-                made += [adapter] + ([factors] if factors is not None else [])
+                _, adapter, install = _stage_adapter(module, adapter_name, saved, made)
                 ckpt.apply(name, adapter)
-                installs.append(lambda module=module, c=config, a=adapter, f=factors: module._install(adapter_name, c, a, f))
+                installs.append(install)
         except BaseException:  # all or nothing: nothing was installed
             _discard(made, frozen)
             raise
