@@ -52,7 +52,8 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         }
     }
     // The whole input as an optimiser state; a step after any accepted state must not trap.
-    if (try? optimizer.load(bytes, what: "fuzz")) != nil {
+    if let source = try? bytes.withUnsafeBytes({ raw in try FileBytes(copying: raw) }),
+       (try? optimizer.load(source, what: "fuzz")) != nil {
         _ = try? optimizer.step()
     }
     // The whole input as JSON.

@@ -16,7 +16,9 @@
  *       factors A, D_r, U_r, W_res: float for float32, bfloat16 and float16 adapters, double
  *       for float64 ones.
  *     Buffers are aligned for their type and owned by the caller. Each function says which
- *     buffers it reads, writes (overwrites) or accumulates into. The library copies W (unless
+ *     buffers it reads, writes (overwrites) or accumulates into; an output must not share
+ *     memory with another buffer of the same call (LOLDU_ERR_INVALID_ARGUMENT: no in-place
+ *     forward or backward). The library copies W (unless
  *     borrowed, see loldu_config) and the bias at creation and keeps no other pointer to a
  *     caller buffer after a call returns.
  *   - Every function that can fail returns a loldu_status. On failure nothing is written to
@@ -448,6 +450,8 @@ LOLDU_API loldu_status loldu_backward_into(loldu_adapter *adapter, int64_t batch
  * Weight space, for layers that use the weight in another way (convolution, embedding, fused
  * projections): writes the weight the layer currently computes with, W_eff (m × n), into
  * `w`; the pretrained W while disabled; the merged weight while merged.
+ * @return LOLDU_ERR_NOT_FINITE, writing nothing, if W_eff does not fit the element type (a
+ *         float16 value beyond 65504: σ or z too large).
  */
 LOLDU_API loldu_status loldu_effective_weight(loldu_adapter *adapter, void *w);
 
@@ -528,7 +532,8 @@ LOLDU_API loldu_status loldu_grouped_backward_into(loldu_adapter *const *adapter
  * Bakes the current update into a merged weight W_eff (m × n, held by the adapter) that every
  * later call computes with, until loldu_unmerge. W is kept, so unmerging is exact. Changing z
  * or σ is refused while merged (LOLDU_ERR_STATE). Merging a merged adapter is a no-op. A merged
- * weight that would not be finite is refused (LOLDU_ERR_NOT_FINITE), as PEFT's safe_merge.
+ * weight that would not be finite in the element type (float16 ends at 65504) is refused
+ * (LOLDU_ERR_NOT_FINITE), as PEFT's safe_merge.
  */
 LOLDU_API loldu_status loldu_merge(loldu_adapter *adapter);
 
@@ -814,7 +819,8 @@ LOLDU_API loldu_status loldu_lora_options_default(loldu_lora_options *options);
  * directory holding other files is refused (LOLDU_ERR_IO), never deleted.
  *
  * @param options NULL for the defaults.
- * @return LOLDU_ERR_NOT_FINITE naming the layer if its z or σ is not finite; LOLDU_ERR_IO if dir
+ * @return LOLDU_ERR_NOT_FINITE naming the layer if its z or σ is not finite, or naming the
+ *         tensor if a value is beyond the range of options->dtype; LOLDU_ERR_IO if dir
  *         exists and is not an empty directory (without replace) or cannot be written.
  */
 LOLDU_API loldu_status loldu_export_lora(const char *dir, loldu_adapter *const *adapters, const char *const *names,
@@ -848,10 +854,13 @@ LOLDU_API loldu_status loldu_merge_options_default(loldu_merge_options *options)
  * hidden ones and weights in other formats (*.bin, *.pt, *.onnx, ...), which would still hold the
  * unmerged weights. transformers' from_pretrained(out_dir) then loads the adapted model.
  *
- * Tensors are read from the mapped files one at a time: memory stays near the largest adapted
- * tensor and its factors, whatever the model's size. Every layer is matched and checked before
- * anything is written. `out_dir` appears whole or not at all (see loldu_export_lora): a failure
- * (a full disk, a corrupt shard, a weight that is not the saved one) or a kill leaves no output.
+ * Tensors are read (not mapped) one at a time: memory stays near the largest adapted tensor
+ * and its factors, whatever the model's size, and a shard truncated by another process during
+ * the merge is LOLDU_ERR_FORMAT, not a SIGBUS. Every layer is matched and its base weight's
+ * fingerprint checked before anything is written. A value that options->dtype cannot hold
+ * (beyond float16's 65504) is LOLDU_ERR_NOT_FINITE naming the tensor. `out_dir` appears whole
+ * or not at all (see loldu_export_lora): a failure (a full disk, a corrupt shard, a weight that
+ * is not the saved one) or a kill leaves no output.
  *
  * @param options NULL for the defaults.
  * @return LOLDU_ERR_IO if out_dir exists and is not an empty directory; as loldu_checkpoint_create

@@ -418,10 +418,10 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         let grads: UnsafeMutablePointer<P>
         if let gradsOut { grads = gradsOut } else { grads = try self.grads() }
         let db = gradsOut == nil ? try biasGrad() : nil
-        gradsOut?.zero(count: r + 1)
         let wideDY = E.self == G.self ? nil : try s.input2.get(batch * m)
         if let weight = fixedWeight {
             let out = try dx.map { dx throws(LoLDUError) in try computeBuffer(dx, count: batch * n, &s.output) }
+            gradsOut?.zero(count: r + 1)  // after every allocation: a failed call writes nothing
             let dyG = asOperand(dy, count: batch * m, work: wideDY)
             if let dx, let out {
                 factors.multiplyWeightBackward(batch: batch, dy: dyG, weight: weight, into: out)
@@ -459,6 +459,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         let gWork: UnsafeMutablePointer<G>? = dx != nil && !dxMerged
             ? (G.self == P.self ? UnsafeMutableRawPointer(g!).assumingMemoryBound(to: G.self) : try s.work.get(batch * r)) : nil
         let wideX = E.self == G.self || (!dzFromWeight && hIn != nil) ? nil : try s.input.get(batch * n)
+        gradsOut?.zero(count: r + 1)
 
         let dyG = asOperand(dy, count: batch * m, work: wideDY)
         let xG: UnsafePointer<G>? = wideX == nil && E.self != G.self ? nil : asOperand(x, count: batch * n, work: wideX)
@@ -520,11 +521,14 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     private func weightBackwardAlone(_ dw: UnsafePointer<E>, gradsOut: UnsafeMutablePointer<P>?) throws(LoLDUError) {
         let grads: UnsafeMutablePointer<P>
         if let gradsOut { grads = gradsOut } else { grads = try self.grads() }
-        gradsOut?.zero(count: rank + 1)
-        guard fixedWeight == nil else { return }
+        guard fixedWeight == nil else {
+            gradsOut?.zero(count: rank + 1)
+            return
+        }
         let s = try localState()
         let work = try s.h.get(rank * n)
         let wide = E.computesInPlace ? nil : try s.large.get(m * n)
+        gradsOut?.zero(count: rank + 1)  // after every allocation: a failed call writes nothing
         let gradient: UnsafePointer<P>
         if let wide {
             E.widen(dw, to: wide, count: m * n)
@@ -566,8 +570,10 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
             let image = try s.large.get(m * n)  // G is P here: a half type widened
             factors.buildEffective(r: rank, c, into: UnsafeMutableRawPointer(image).assumingMemoryBound(to: G.self),
                                    scaled: scaled, wide: nil)
-            E.narrow(image, to: out, count: m * n)
-            return
+            source = UnsafePointer(UnsafeMutableRawPointer(image).assumingMemoryBound(to: G.self))
+        }
+        guard Self.representable(source, count: m * n) else {
+            throw LoLDUError(.notFinite, "the effective weight is not finite in \(E.dtype.name) (sigma or z too large); nothing written")
         }
         if G.self == E.self {
             UnsafeMutableRawPointer(out).assumingMemoryBound(to: G.self).update(from: source, count: m * n)
@@ -604,11 +610,28 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         let s = try localState()
         coefficients(into: s.coef.pointer)
         let weight = try refreshEffective(s, s.coef.pointer)
-        guard G.allFinite(weight, count: m * n, copyingTo: nil) else {
+        guard Self.representable(weight, count: m * n) else {
             s.effectiveValid = false
-            throw LoLDUError(.notFinite, "the merged weight would not be finite (sigma or z too large); not merged")
+            throw LoLDUError(.notFinite, "the merged weight would not be finite in \(E.dtype.name) (sigma or z too large); not merged")
         }
         merged = true
+    }
+
+    /// Whether `count` values of `W_eff` in the GEMM type are finite and stay finite when
+    /// rounded to the element type (float16 ends at 65504; bfloat16 rounds the largest float32
+    /// values up to infinity).
+    static func representable(_ values: UnsafePointer<G>, count: Int) -> Bool {
+        guard G.allFinite(values, count: count, copyingTo: nil) else { return false }
+        guard !E.computesInPlace, G.self == P.self else { return true }  // stored as E already
+        let wide = UnsafeRawPointer(values).assumingMemoryBound(to: P.self)
+        return withUnsafeTemporaryAllocation(of: E.self, capacity: 4096) { chunk in
+            for start in stride(from: 0, to: count, by: 4096) {
+                let k = Swift.min(4096, count - start)
+                E.narrow(wide + start, to: chunk.baseAddress!, count: k)
+                if !E.allFinite(chunk.baseAddress!, count: k, copyingTo: nil) { return false }
+            }
+            return true
+        }
     }
 
     public func unmerge() { merged = false }

@@ -246,17 +246,17 @@ public enum AtomicFile {
     }
 
     /// The whole file, refusing anything larger than `limit` bytes; `nil` if it does not exist
-    /// and `missingOK`.
-    public static func read(_ path: String, limit: Int, missingOK: Bool = false) throws(LoLDUError) -> [UInt8]? {
+    /// and `missingOK`. Memory that cannot be had is an `outOfMemory` error.
+    public static func read(_ path: String, limit: Int, missingOK: Bool = false) throws(LoLDUError) -> FileBytes? {
         guard let (fd, size) = try openRegular(path, missingOK: missingOK) else { return nil }
         defer { close(fd) }
         guard size <= limit else {
             throw LoLDUError(.format, "\"\(path)\" is \(size) bytes, more than the \(limit) this file may have")
         }
-        var bytes = [UInt8](repeating: 0, count: size)
+        let bytes = try HeapBuffer<UInt8>(count: size)
         var done = 0
         while done < size {
-            let n = bytes.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + done, size - done) }
+            let n = Glibc.read(fd, bytes.pointer + done, size - done)
             if n < 0 {
                 if errno == EINTR { continue }
                 throw failure("cannot read", path)
@@ -264,11 +264,11 @@ public enum AtomicFile {
             if n == 0 { break }  // the file shrank while we read it
             done += n
         }
-        return Array(bytes[0..<done])
+        return FileBytes(bytes, count: done)
     }
 
     /// The whole file (see ``read(_:limit:missingOK:)``); a missing file is an `io` error.
-    public static func read(_ path: String, limit: Int) throws(LoLDUError) -> [UInt8] {
+    public static func read(_ path: String, limit: Int) throws(LoLDUError) -> FileBytes {
         guard let bytes = try read(path, limit: limit, missingOK: false) else { throw failure("cannot open", path) }
         return bytes
     }
@@ -290,5 +290,72 @@ public enum AtomicFile {
         guard let slash = path.lastIndex(of: "/") else { return "." }
         let head = path[..<slash]
         return head.isEmpty ? "/" : String(head)
+    }
+}
+
+/// Bytes read by range: a file read whole into memory (``FileBytes``) or an open file read on
+/// demand (``OpenFile``).
+public protocol ByteSource: AnyObject, Sendable {
+    var count: Int { get }
+    /// Copies the bytes in `range` (within `0..<count`) to `destination`.
+    func read(_ range: Range<Int>, into destination: UnsafeMutableRawPointer) throws(LoLDUError)
+}
+
+/// A file's bytes in memory (see ``AtomicFile/read(_:limit:missingOK:)``).
+public final class FileBytes: ByteSource, @unchecked Sendable {
+    private let storage: HeapBuffer<UInt8>
+    public let count: Int
+
+    init(_ storage: HeapBuffer<UInt8>, count: Int) {
+        self.storage = storage
+        self.count = count
+    }
+
+    /// A copy of `bytes`.
+    public convenience init(copying bytes: UnsafeRawBufferPointer) throws(LoLDUError) {
+        let storage = try HeapBuffer<UInt8>(count: bytes.count)
+        if let base = bytes.baseAddress { storage.pointer.update(from: base.assumingMemoryBound(to: UInt8.self), count: bytes.count) }
+        self.init(storage, count: bytes.count)
+    }
+
+    public func withUnsafeBytes<R, Failure: Error>(_ body: (UnsafeRawBufferPointer) throws(Failure) -> R) throws(Failure) -> R {
+        try body(UnsafeRawBufferPointer(start: storage.pointer, count: count))
+    }
+
+    public func read(_ range: Range<Int>, into destination: UnsafeMutableRawPointer) throws(LoLDUError) {
+        destination.copyMemory(from: storage.pointer + range.lowerBound, byteCount: range.count)
+    }
+}
+
+/// A regular file kept open and read by range (`pread`): a model's weights are read one tensor
+/// at a time instead of mapped, so memory stays near one tensor, and a file truncated by
+/// another process while in use is a `format` error, not a `SIGBUS`.
+public final class OpenFile: ByteSource, @unchecked Sendable {
+    private let fd: Int32
+    public let count: Int
+    public let path: String
+
+    public init(_ path: String) throws(LoLDUError) {
+        guard let (fd, size) = try AtomicFile.openRegular(path) else { throw AtomicFile.failure("cannot open", path) }
+        self.fd = fd
+        self.count = size
+        self.path = path
+    }
+
+    deinit { close(fd) }
+
+    public func read(_ range: Range<Int>, into destination: UnsafeMutableRawPointer) throws(LoLDUError) {
+        var done = 0
+        while done < range.count {
+            let n = pread(fd, destination + done, range.count - done, off_t(range.lowerBound + done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw AtomicFile.failure("cannot read", path)
+            }
+            if n == 0 {
+                throw LoLDUError(.format, "\"\(path)\" ends at byte \(range.lowerBound + done), but had \(count) bytes when opened (truncated or replaced while in use?)")
+            }
+            done += n
+        }
     }
 }

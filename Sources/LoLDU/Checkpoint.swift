@@ -151,7 +151,7 @@ public final class Checkpoint: @unchecked Sendable {
         try SafeTensors.parse(try AtomicFile.read(path, limit: readLimit), what: path).metadata[generationKey]
     }
 
-    static func configGeneration(_ bytes: [UInt8], what: String) throws(LoLDUError) -> String? {
+    static func configGeneration(_ bytes: FileBytes, what: String) throws(LoLDUError) -> String? {
         try rethrowing { try bytes.withUnsafeBytes { raw in try JSON.parse(raw, what: what) } }["generation"]?.string
     }
 
@@ -293,6 +293,12 @@ public final class Checkpoint: @unchecked Sendable {
         return layer
     }
 
+    /// What to check when a base weight's fingerprint is not the saved one.
+    static func baseHint(saved: DType, base: DType) -> String {
+        guard saved != base else { return "is this the base model the adapter was trained on?" }
+        return "the checkpoint was saved on a \(saved.name) weight and this one is \(base.name): a weight rounded to another type is another weight (a checkpoint saved on a half-precision base applies to its exact float32 copy, not the reverse); use the base the adapter was trained on"
+    }
+
     /// Checks that `adapter` is the one `name` was saved from (base weight, pivots, shape,
     /// configuration), then sets its `z` and `σ`.
     public func apply(_ name: String, to adapter: any AnyAdapter) throws(LoLDUError) {
@@ -317,7 +323,7 @@ public final class Checkpoint: @unchecked Sendable {
             throw mismatch("saved with a different \(field); create the adapter with loldu_checkpoint_layer's config")
         }
         guard adapter.weightFingerprint == layer.weightFingerprint else {
-            throw mismatch("the base weight differs from the one the checkpoint was saved on (fingerprint \(adapter.weightFingerprint), saved \(layer.weightFingerprint))")
+            throw mismatch("the base weight differs from the one the checkpoint was saved on (fingerprint \(adapter.weightFingerprint), saved \(layer.weightFingerprint)); \(Self.baseHint(saved: layer.dtype, base: adapter.dtype))")
         }
         guard adapter.pivotsFingerprint == layer.pivotsFingerprint else {
             throw mismatch("the LU pivots differ from the saved ones (another BLAS or machine?)")

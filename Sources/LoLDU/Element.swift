@@ -153,6 +153,37 @@ func convertElements(_ src: UnsafeRawPointer, _ from: DType, _ dst: UnsafeMutabl
     }
 }
 
+/// ``convertElements(_:_:_:_:count:)``, refusing (`notFinite`, naming `what`) a finite value
+/// that the conversion turns into ±Inf: one beyond the range of `to` (float16 ends at 65504).
+func convertElementsInRange(_ src: UnsafeRawPointer, _ from: DType, _ dst: UnsafeMutableRawPointer, _ to: DType,
+                            count: Int, what: String) throws(LoLDUError) {
+    convertElements(src, from, dst, to, count: count)
+    guard !allFinite(dst, to, count: count) else { return }
+    for j in 0..<count where element(src, from, j).isFinite && !element(dst, to, j).isFinite {
+        throw LoLDUError(.notFinite, "\(what): element \(j) = \(element(src, from, j)) is beyond the range of \(to.name)")
+    }
+}
+
+/// Whether `count` elements of type `dtype` at `x` are all finite.
+func allFinite(_ x: UnsafeRawPointer, _ dtype: DType, count: Int) -> Bool {
+    switch dtype {
+    case .float32: Float.allFinite(x.assumingMemoryBound(to: Float.self), count: count, copyingTo: nil)
+    case .float64: Double.allFinite(x.assumingMemoryBound(to: Double.self), count: count, copyingTo: nil)
+    case .bfloat16: BFloat16.allFinite(x.assumingMemoryBound(to: BFloat16.self), count: count, copyingTo: nil)
+    case .float16: Float16.allFinite(x.assumingMemoryBound(to: Float16.self), count: count, copyingTo: nil)
+    }
+}
+
+/// Element `j` of an array of type `dtype`, as a double (for messages).
+private func element(_ x: UnsafeRawPointer, _ dtype: DType, _ j: Int) -> Double {
+    switch dtype {
+    case .float32: Double(x.assumingMemoryBound(to: Float.self)[j])
+    case .float64: x.assumingMemoryBound(to: Double.self)[j]
+    case .bfloat16: Double(BFloat16.wide(x.assumingMemoryBound(to: BFloat16.self)[j]))
+    case .float16: Double(x.assumingMemoryBound(to: Float16.self)[j])
+    }
+}
+
 private func widenToFloats(_ src: UnsafeRawPointer, _ from: DType, _ dst: UnsafeMutablePointer<Float>, count: Int) {
     switch from {
     case .float32: dst.update(from: src.assumingMemoryBound(to: Float.self), count: count)

@@ -81,8 +81,10 @@ extension Adapter {
         _ group: Group, base: Adapter, batch: Int, x: UnsafePointer<E>, dy: UnsafePointer<E>,
         dx: UnsafeMutablePointer<E>?, gradsOut: [UnsafeMutablePointer<P>?]? = nil
     ) throws(LoLDUError) {
-        if let gradsOut { for i in gradsOut.indices { gradsOut[i]?.zero(count: group.adapters[i].rank + 1) } }
-        guard batch > 0 else { return }
+        func zeroGradsOut() {  // after every allocation: a failed call writes nothing
+            if let gradsOut { for i in gradsOut.indices { gradsOut[i]?.zero(count: group.adapters[i].rank + 1) } }
+        }
+        guard batch > 0 else { return zeroGradsOut() }
         let factors = base.factors
         let (m, n, r, count) = (factors.m, factors.n, group.width, group.adapters.count)
         // Everything this call needs, before anything is written (gradients included).
@@ -109,6 +111,7 @@ extension Adapter {
         let wideDY = E.self == G.self ? nil : try HeapBuffer<G>(count: batch * m)
         let out = dx == nil || E.computesInPlace ? nil : try HeapBuffer<P>(count: batch * n)
         let row = try HeapBuffer<P>(count: m)
+        zeroGradsOut()
 
         let rows = LDUFactors<E, G>.Rows(table: perAdapter.pointer, rows: group.rows)
         let xG = asOperand(x, count: batch * n, work: wideX?.pointer)

@@ -127,7 +127,7 @@ public enum LoRAExport {
                 let count = shape.reduce(1, *)
                 let values = try HeapBuffer<Double>(count: count)
                 for i in 0..<count { values.pointer[i] = value(i) }
-                convertElements(values.pointer, .float64, out.baseAddress!, dtype, count: count)
+                try convertElementsInRange(values.pointer, .float64, out.baseAddress!, dtype, count: count, what: prefix + key)
             }
         }
         switch layer.kind {

@@ -4,8 +4,8 @@ import Glibc
 /// `model.safetensors` or in shards listed by `model.safetensors.index.json` (its `weight_map`
 /// gives each tensor's file), and other files (tokenizer, ...).
 ///
-/// The safetensors files are mapped, not read: only their headers are read and validated when
-/// the directory is opened; a tensor costs its pages when it is used.
+/// The safetensors files are kept open: only their headers are read and validated when the
+/// directory is opened; a tensor is read when it is used.
 ///
 /// **Layer names → tensor names.** A layer `NAME` (its name in the adapted model) has its weight
 /// in the tensor
@@ -58,7 +58,7 @@ public final class ModelFiles {
                 wanted[tensor] = name
             }
             shards = Set(wanted.values).sorted()
-            files = try shards.map { name throws(LoLDUError) in try SafeTensors.map("\(directory)/\(name)") }
+            files = try shards.map { name throws(LoLDUError) in try SafeTensors.open("\(directory)/\(name)") }
             var location: [String: (Int, SafeTensors.Tensor)] = [:]
             for (tensor, name) in wanted {
                 let shard = shards.firstIndex(of: name)!
@@ -75,7 +75,7 @@ public final class ModelFiles {
                 throw LoLDUError(.io, "\"\(directory)\" has neither \(Self.singleFile) nor \(Self.indexFile); a model directory holds its weights in safetensors files")
             }
             shards = [Self.singleFile]
-            files = [try SafeTensors.map(single)]
+            files = [try SafeTensors.open(single)]
             index = nil
             location = files[0].tensors.mapValues { (0, $0) }
         }
@@ -129,8 +129,7 @@ public final class ModelFiles {
         }
         let m = tensor.shape[0], n = tensor.shape.dropFirst().reduce(1, *)
         let type = dtype.parameterType
-        let values = try HeapBuffer<UInt8>(count: m * n * type.byteSize)
-        convertElements(file.data(tensor).baseAddress!, dtype, UnsafeMutableRawPointer(values.pointer), type, count: m * n)
+        let values = try file.read(tensor, as: dtype, to: type)
         return Weight(key: key, dtype: dtype, shape: tensor.shape, m: m, n: n, values: values)
     }
 
@@ -145,9 +144,6 @@ public final class ModelFiles {
         guard tensor.shape == [weight.m] else {
             throw LoLDUError(.mismatch, "layer \"\(name)\": tensor \"\(key)\" has shape \(tensor.shape); this layer's bias is [\(weight.m)]")
         }
-        let type = weight.dtype.parameterType
-        let values = try HeapBuffer<UInt8>(count: weight.m * type.byteSize)
-        convertElements(file.data(tensor).baseAddress!, dtype, UnsafeMutableRawPointer(values.pointer), type, count: weight.m)
-        return values
+        return try file.read(tensor, as: dtype, to: weight.dtype.parameterType)
     }
 }

@@ -6,16 +6,8 @@ extension Checkpoint {
     /// before the factorisation. The adapter's element type is the tensor's when `fileType` (a
     /// bf16 file gives a bf16 adapter), else its parameter type (float32 for half types).
     public func adapter(_ name: String, in model: ModelFiles, fileType: Bool = true) throws(LoLDUError) -> any AnyAdapter {
-        let layer = try layer(name)
-        let weight = try model.weight(layer: name)
-        guard weight.m == layer.m, weight.n == layer.n else {
-            throw LoLDUError(.mismatch, "layer \"\(name)\": saved on a \(layer.m) × \(layer.n) weight, but tensor \"\(weight.key)\" in \(model.directory) has shape \(weight.shape)")
-        }
+        let (layer, weight) = try checkedWeight(name, in: model)
         let type = weight.dtype.parameterType
-        let print = fingerprint(UnsafeRawBufferPointer(start: weight.values.pointer, count: weight.values.count))
-        guard print == layer.weightFingerprint else {
-            throw LoLDUError(.mismatch, "layer \"\(name)\": tensor \"\(weight.key)\" in \(model.directory) is not the weight the checkpoint was saved on (fingerprint \(print), saved \(layer.weightFingerprint)); is this the base model the adapter was trained on?")
-        }
         let bias = try model.bias(layer: name, weight: weight)
         let adapter: any AnyAdapter
         do {
@@ -27,6 +19,21 @@ extension Checkpoint {
         try apply(name, to: adapter)
         return fileType && weight.dtype != type ? try adapter.converted(to: weight.dtype) : adapter
     }
+
+    /// Layer `name`'s base weight in `model` (see ``ModelFiles/weight(layer:)``), checked to be
+    /// the one the checkpoint was saved on: its shape and its fingerprint.
+    func checkedWeight(_ name: String, in model: ModelFiles) throws(LoLDUError) -> (Layer, ModelFiles.Weight) {
+        let layer = try layer(name)
+        let weight = try model.weight(layer: name)
+        guard weight.m == layer.m, weight.n == layer.n else {
+            throw LoLDUError(.mismatch, "layer \"\(name)\": saved on a \(layer.m) × \(layer.n) weight, but tensor \"\(weight.key)\" in \(model.directory) has shape \(weight.shape)")
+        }
+        let print = fingerprint(UnsafeRawBufferPointer(start: weight.values.pointer, count: weight.values.count))
+        guard print == layer.weightFingerprint else {
+            throw LoLDUError(.mismatch, "layer \"\(name)\": tensor \"\(weight.key)\" in \(model.directory) is not the weight the checkpoint was saved on (fingerprint \(print), saved \(layer.weightFingerprint)); \(Self.baseHint(saved: layer.dtype, base: weight.dtype))")
+        }
+        return (layer, weight)
+    }
 }
 
 /// A checkpoint merged into a copy of its base model's files: the same layout (one file or
@@ -35,7 +42,7 @@ extension Checkpoint {
 /// once to the file's type. Other files are copied, except hidden ones and weights in other
 /// formats (`*.bin`, `*.pt`, `*.onnx`, …), which would still hold the unmerged weights.
 ///
-/// Tensors are read from the mapped files one at a time, so memory stays near the largest
+/// Tensors are read from the files one at a time, so memory stays near the largest
 /// adapted tensor and its factors, whatever the model's size. The output is an
 /// ``AtomicDirectory``: a failed or killed merge leaves no output directory.
 public enum ModelMerge {
@@ -56,16 +63,12 @@ public enum ModelMerge {
         }
         let model = try ModelFiles(directory: base)
         var layerOf: [String: String] = [:]
-        for layer in checkpoint.layers {
-            let key = try model.weightKey(layer: layer.name)
-            if let other = layerOf[key] {
-                throw LoLDUError(.mismatch, "layers \"\(other)\" and \"\(layer.name)\" both map to tensor \"\(key)\"")
+        for layer in checkpoint.layers {  // every layer checked before anything is written
+            let (_, weight) = try checkpoint.checkedWeight(layer.name, in: model)
+            if let other = layerOf[weight.key] {
+                throw LoLDUError(.mismatch, "layers \"\(other)\" and \"\(layer.name)\" both map to tensor \"\(weight.key)\"")
             }
-            let shape = model.tensor(key)!.tensor.shape
-            guard shape.count >= 2, shape[0] == layer.m, shape.dropFirst().reduce(1, *) == layer.n else {
-                throw LoLDUError(.mismatch, "layer \"\(layer.name)\": saved on a \(layer.m) × \(layer.n) weight, but tensor \"\(key)\" in \(base) has shape \(shape)")
-            }
-            layerOf[key] = layer.name
+            layerOf[weight.key] = layer.name
         }
 
         func target(_ tensor: SafeTensors.Tensor) -> DType? {
@@ -92,11 +95,12 @@ public enum ModelMerge {
                         let adapter = try checkpoint.adapter(layer, in: model, fileType: false)
                         let merged = try HeapBuffer<UInt8>(count: count * adapter.dtype.byteSize)
                         try adapter.writeEffectiveWeight(merged.pointer)
-                        convertElements(merged.pointer, adapter.dtype, buffer.baseAddress!, type!, count: count)
+                        try convertElementsInRange(merged.pointer, adapter.dtype, buffer.baseAddress!, type!, count: count,
+                                                   what: "tensor \"\(key)\" merged with layer \"\(layer)\"")
                     } else if let type, let source = SafeTensors.dtype(named: tensor.dtype) {
-                        convertElements(file.data(tensor).baseAddress!, source, buffer.baseAddress!, type, count: count)
+                        try file.read(tensor, into: buffer.baseAddress!, as: source, to: type, what: "tensor \"\(key)\"")
                     } else {
-                        buffer.copyMemory(from: file.data(tensor))
+                        try file.read(tensor, into: buffer.baseAddress!)
                     }
                     counter.done += buffer.count
                     if let progress, !progress(counter.done, total, key) {

@@ -213,7 +213,7 @@ public final class Optimizer: @unchecked Sendable {
 
     /// ``load(from:)`` from the bytes of a file; `what` names it in messages. Every value read
     /// is range-checked before anything changes.
-    func load(_ bytes: [UInt8], what path: String) throws(LoLDUError) {
+    func load(_ bytes: any ByteSource, what path: String) throws(LoLDUError) {
         let file = try SafeTensors.parse(bytes, what: path)
         let meta = file.metadata
         guard meta["format"] == Self.format else { throw file.fail("not an optimiser state (format is not \"\(Self.format)\")") }
@@ -267,6 +267,10 @@ public final class Optimizer: @unchecked Sendable {
                 switch adapter.dtype {
                 case .float32, .bfloat16, .float16: values.append(try file.values(key, shape: shape, as: Float.self).map(Double.init))
                 case .float64: values.append(try file.values(key, shape: shape, as: Double.self))
+                }
+                // A second moment is a running mean of squares: a negative one has no square root.
+                if name == "exp_avg_sq", let bad = values.last!.firstIndex(where: { $0 < 0 }) {
+                    throw file.fail("tensor \"\(key)\" element \(bad) is \(values.last![bad]); a second moment is never negative")
                 }
             }
             restored.append((state, values, meta["adapter.\(i).initialized"] == "1"))

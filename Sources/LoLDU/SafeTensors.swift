@@ -36,9 +36,10 @@ public enum SafeTensors {
         public let range: Range<Int>
     }
 
-    /// A parsed file: its bytes (read, or mapped) and the validated header.
+    /// A parsed file: its bytes (read whole, or an open file read on demand) and the validated
+    /// header.
     public struct File: Sendable {
-        public let bytes: Bytes
+        public let source: any ByteSource
         /// Tensors in the order of their data.
         public let order: [String]
         public let tensors: [String: Tensor]
@@ -47,9 +48,29 @@ public enum SafeTensors {
 
         public func fail(_ message: String) -> LoLDUError { LoLDUError(.format, "\(what): \(message)") }
 
-        /// The bytes of a tensor of this file.
-        public func data(_ tensor: Tensor) -> UnsafeRawBufferPointer {
-            UnsafeRawBufferPointer(rebasing: bytes.buffer[tensor.range])
+        /// Copies the bytes of a tensor of this file to `destination` (`tensor.range.count` bytes).
+        public func read(_ tensor: Tensor, into destination: UnsafeMutableRawPointer) throws(LoLDUError) {
+            try source.read(tensor.range, into: destination)
+        }
+
+        /// The values of `tensor` (of element type `dtype`) converted to `type`, in a new buffer:
+        /// read into it directly when the types are the same.
+        public func read(_ tensor: Tensor, as dtype: DType, to type: DType) throws(LoLDUError) -> HeapBuffer<UInt8> {
+            let values = try HeapBuffer<UInt8>(count: tensor.range.count / dtype.byteSize * type.byteSize)
+            try read(tensor, into: values.pointer, as: dtype, to: type)
+            return values
+        }
+
+        /// The values of `tensor` (of element type `dtype`) converted to `type` into
+        /// `destination`: read into it directly when the types are the same. A finite value
+        /// beyond the range of `type` is refused (`notFinite`, naming `what`).
+        public func read(_ tensor: Tensor, into destination: UnsafeMutableRawPointer, as dtype: DType, to type: DType,
+                         what: String = "") throws(LoLDUError) {
+            guard dtype != type else { return try read(tensor, into: destination) }
+            let raw = try HeapBuffer<UInt8>(count: tensor.range.count)
+            try read(tensor, into: raw.pointer)
+            try convertElementsInRange(raw.pointer, dtype, destination, type, count: tensor.range.count / dtype.byteSize,
+                                       what: what.isEmpty ? self.what : what)
         }
 
         /// The named tensor, which must have this dtype and shape.
@@ -64,8 +85,9 @@ public enum SafeTensors {
         public func values<T: BLASScalar>(_ name: String, shape: [Int], as _: T.Type) throws(LoLDUError) -> [T] {
             let t = try tensor(name, dtype: SafeTensors.name(of: T.dtype), shape: shape)
             let count = shape.reduce(1, *)
-            let raw = bytes.buffer
-            let values = (0..<count).map { raw.loadUnaligned(fromByteOffset: t.range.lowerBound + $0 * MemoryLayout<T>.size, as: T.self) }
+            let raw = try HeapBuffer<T>(count: count)
+            try read(t, into: raw.pointer)
+            let values = Array(UnsafeBufferPointer(start: raw.pointer, count: count))
             if let bad = values.firstIndex(where: { !$0.isFinite }) {
                 throw fail("tensor \"\(name)\" element \(bad) is \(values[bad]); every value must be finite")
             }
@@ -75,34 +97,35 @@ public enum SafeTensors {
 
     /// Parses and validates a whole file; `what` names it in error messages.
     public static func parse(_ bytes: [UInt8], what: String) throws(LoLDUError) -> File {
-        try parse(Bytes(copying: bytes), what: what)
+        try parse(try rethrowing { try bytes.withUnsafeBytes { raw in try FileBytes(copying: raw) } }, what: what)
     }
 
-    /// Maps a file (read-only) and parses it: only the header is read now, tensors as they are
-    /// used, so a model's weights cost their pages, not a copy.
-    public static func map(_ path: String) throws(LoLDUError) -> File {
-        try parse(try Bytes(mapping: path), what: path)
+    /// Opens a file and parses it: only the header is read now, tensors when they are read, so
+    /// a model's weights cost one tensor at a time, not a copy.
+    public static func open(_ path: String) throws(LoLDUError) -> File {
+        try parse(try OpenFile(path), what: path)
     }
 
-    /// Parses and validates the file in `storage`.
-    public static func parse(_ storage: Bytes, what: String) throws(LoLDUError) -> File {
+    /// Parses and validates the file in `source`.
+    public static func parse(_ source: any ByteSource, what: String) throws(LoLDUError) -> File {
         func fail(_ message: String) -> LoLDUError { LoLDUError(.format, "\(what): \(message)") }
-        let bytes = storage.buffer
-        guard bytes.count >= 8 else {
-            throw fail("truncated: \(bytes.count) bytes, but a safetensors file starts with an 8-byte header length")
+        let size = source.count
+        guard size >= 8 else {
+            throw fail("truncated: \(size) bytes, but a safetensors file starts with an 8-byte header length")
         }
-        var length: UInt64 = 0
-        for i in 0..<8 { length |= UInt64(bytes[i]) << (8 * UInt64(i)) }
-        guard length <= UInt64(bytes.count - 8) else {
-            throw fail("header length \(length) runs past the end of the file (\(bytes.count) bytes)")
+        var prefix: UInt64 = 0
+        try source.read(0..<8, into: &prefix)
+        let length = UInt64(littleEndian: prefix)
+        guard length <= UInt64(size - 8) else {
+            throw fail("header length \(length) runs past the end of the file (\(size) bytes)")
         }
         guard length <= UInt64(maxHeader) else { throw fail("header length \(length) exceeds \(maxHeader)") }
         let headerEnd = 8 + Int(length)
-        let header = try rethrowing {
-            try JSON.parse(UnsafeRawBufferPointer(rebasing: bytes[8..<headerEnd]), what: "\(what) header")
-        }
+        let headerBytes = try HeapBuffer<UInt8>(count: Int(length))
+        try source.read(8..<headerEnd, into: headerBytes.pointer)
+        let header = try JSON.parse(UnsafeRawBufferPointer(start: headerBytes.pointer, count: Int(length)), what: "\(what) header")
         guard let members = header.object else { throw fail("the header is not a JSON object") }
-        let dataLength = bytes.count - headerEnd
+        let dataLength = size - headerEnd
 
         var metadata: [String: String] = [:]
         var tensors: [String: Tensor] = [:]
@@ -152,41 +175,7 @@ public enum SafeTensors {
             next = span.end
         }
         guard next == dataLength else { throw fail("\(dataLength - next) bytes of data belong to no tensor") }
-        return File(bytes: storage, order: spans.map(\.name), tensors: tensors, metadata: metadata, what: what)
-    }
-
-    /// The bytes of a file: a copy in memory, or a read-only mapping of the file.
-    public final class Bytes: @unchecked Sendable {
-        public let buffer: UnsafeRawBufferPointer
-        private let mapped: Bool
-
-        init(copying bytes: [UInt8]) {
-            let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: Swift.max(bytes.count, 1), alignment: 64)
-            bytes.withUnsafeBytes { memory.copyMemory(from: $0) }
-            buffer = UnsafeRawBufferPointer(rebasing: memory[0..<bytes.count])
-            mapped = false
-        }
-
-        /// Maps a regular file; refuses anything else (see ``AtomicFile``).
-        init(mapping path: String) throws(LoLDUError) {
-            guard let (fd, size) = try AtomicFile.openRegular(path) else { throw AtomicFile.failure("cannot open", path) }
-            defer { close(fd) }
-            guard size > 0 else {
-                buffer = UnsafeRawBufferPointer(start: nil, count: 0)
-                mapped = false
-                return
-            }
-            guard let base = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0), base != MAP_FAILED else {
-                throw AtomicFile.failure("cannot map", path)
-            }
-            buffer = UnsafeRawBufferPointer(start: base, count: size)
-            mapped = true
-        }
-
-        deinit {
-            guard let base = buffer.baseAddress else { return }
-            if mapped { munmap(UnsafeMutableRawPointer(mutating: base), buffer.count) } else { base.deallocate() }
-        }
+        return File(source: source, order: spans.map(\.name), tensors: tensors, metadata: metadata, what: what)
     }
 
     /// One tensor to write: its bytes are produced by `fill` into a buffer of `byteCount` bytes.

@@ -237,6 +237,9 @@ private func forward(
         let b = try batchSize(batch, a)
         try a.checkCallBias(bias)
         guard b > 0 else { return }  // an empty batch does nothing, whatever the buffers
+        let (dtype, p) = (a.dtype, a.dtype.parameterType)
+        try Check.disjoint((UnsafeRawPointer(y), b * a.m, dtype, "y"), from: (x, b * a.n, dtype, "x"), (UnsafeRawPointer(h), b * a.rank, p, "h"), (bias, a.m, dtype, "bias"))
+        try Check.disjoint((UnsafeRawPointer(h), b * a.rank, p, "h"), from: (x, b * a.n, dtype, "x"), (bias, a.m, dtype, "bias"))
         try a.forward(batch: b, x: try Check.buffer(x, "x", a.dtype), y: try Check.mutableBuffer(y, "y", a.dtype),
                       h: try Check.optionalBuffer(h, "h", a.dtype.parameterType),
                       bias: try Check.optionalBuffer(bias, "bias", a.dtype))
@@ -272,6 +275,10 @@ private func backward(
             out?.initializeMemory(as: UInt8.self, repeating: 0, count: (a.rank + 1) * a.dtype.parameterType.byteSize)
             return
         }
+        let (dtype, p) = (a.dtype, a.dtype.parameterType)
+        try Check.disjoint((UnsafeRawPointer(dx), b * a.n, dtype, "dx"), from: (x, b * a.n, dtype, "x"), (dy, b * a.m, dtype, "dy"), (UnsafeRawPointer(h), b * a.rank, p, "h"))
+        try Check.disjoint((UnsafeRawPointer(grads), a.rank + 1, p, "grads"), from: (x, b * a.n, dtype, "x"), (dy, b * a.m, dtype, "dy"),
+                           (UnsafeRawPointer(dx), b * a.n, dtype, "dx"), (UnsafeRawPointer(h), b * a.rank, p, "h"))
         try a.backward(batch: b, x: try Check.buffer(x, "x", a.dtype), dy: try Check.buffer(dy, "dy", a.dtype),
                        dx: try Check.optionalBuffer(dx, "dx", a.dtype),
                        h: try Check.optionalBuffer(h, "h", a.dtype.parameterType), grads: out)
@@ -283,30 +290,34 @@ private func backward(
 /// list are looked up.
 private func group(
     _ list: UnsafePointer<OpaquePointer?>?, _ count: Int, _ batch: Int64, _ rows: UnsafePointer<Int32>?
-) throws(LoLDUError) -> (base: any AnyAdapter, used: [any AnyAdapter], listIndex: [Int], rows: [Int32], batch: Int) {
+) throws(LoLDUError) -> (base: any AnyAdapter, used: [any AnyAdapter], listIndex: [Int], rows: HeapBuffer<Int32>?, batch: Int) {
     guard count >= 1, count <= Int(Int32.max) else { throw .invalid("count must be in [1, \(Int32.max)], got \(count)") }
     let list = try Check.nonNull(list, "adapters")
     let base = try adapters.get(list[0], "adapters[0]")
     let b = try batchSize(batch, base)
-    guard b > 0 else { return (base, [], [], [], 0) }
+    guard b > 0 else { return (base, [], [], nil, 0) }
     let rows = try Check.nonNull(rows, "rows")
     // Each used adapter's place in `used`: a table over `count` when that is small next to the
     // batch, else a dictionary (only the entries the rows use are read, so `count` may be large).
-    var slot = count <= 4 * b + 4096 ? [Int32](repeating: -1, count: count) : []
+    // The tables sized by the caller's counts are heap buffers: no memory is an error, not a trap.
+    let slot = count <= 4 * b + 4096 ? try HeapBuffer<Int32>(repeating: -1, count: count) : nil
     var slots: [Int: Int32] = [:]
     var listIndex: [Int] = []
-    var compact = [Int32](repeating: -1, count: b)
+    let compact = try HeapBuffer<Int32>(count: b)
     for i in 0..<b {
         let a = Int(rows[i])
         guard a >= -1, a < count else { throw .invalid("rows[\(i)] = \(a) is not in [-1, \(count)) (count = \(count))") }
-        guard a >= 0 else { continue }
-        var s = slot.isEmpty ? slots[a, default: -1] : slot[a]
+        guard a >= 0 else {
+            compact.pointer[i] = -1
+            continue
+        }
+        var s = slot?.pointer[a] ?? slots[a, default: -1]
         if s < 0 {
             s = Int32(listIndex.count)
             listIndex.append(a)
-            if slot.isEmpty { slots[a] = s } else { slot[a] = s }
+            if let slot { slot.pointer[a] = s } else { slots[a] = s }
         }
-        compact[i] = s
+        compact.pointer[i] = s
     }
     let used = try adapters.get(list, listIndex) { "adapters[\($0)]" }
     return (base, used, listIndex, compact, b)
@@ -338,9 +349,10 @@ private func groupedForward(
         guard g.batch > 0 else { return }
         let x = try Check.buffer(x, "x", g.base.dtype), y = try Check.mutableBuffer(y, "y", g.base.dtype)
         let bias = try Check.optionalBuffer(bias, "bias", g.base.dtype)
-        try g.rows.withUnsafeBufferPointer { rows throws(LoLDUError) in
-            try g.base.groupedForward(g.used, listIndex: g.listIndex, rows: rows.baseAddress!, batch: g.batch, x: x, y: y, bias: bias)
-        }
+        let (b, m, n, dtype) = (g.batch, g.base.m, g.base.n, g.base.dtype)
+        try Check.disjoint((UnsafeRawPointer(y), b * m, dtype, "y"), from: (x, b * n, dtype, "x"), (bias, m, dtype, "bias"))
+        guard let rows = g.rows?.pointer else { return }
+        try g.base.groupedForward(g.used, listIndex: g.listIndex, rows: rows, batch: g.batch, x: x, y: y, bias: bias)
     }
 }
 
@@ -380,9 +392,14 @@ private func groupedBackward(
         guard g.batch > 0 else { return }
         let x = try Check.buffer(x, "x", dtype), dy = try Check.buffer(dy, "dy", dtype)
         let dx = try Check.optionalBuffer(dx, "dx", dtype)
-        try g.rows.withUnsafeBufferPointer { rows throws(LoLDUError) in
-            try g.base.groupedBackward(g.used, listIndex: g.listIndex, rows: rows.baseAddress!, batch: g.batch, x: x, dy: dy, dx: dx, grads: outs)
+        let (b, m, n) = (g.batch, g.base.m, g.base.n)
+        try Check.disjoint((UnsafeRawPointer(dx), b * n, dtype, "dx"), from: (x, b * n, dtype, "x"), (dy, b * m, dtype, "dy"))
+        for (j, out) in (outs ?? []).enumerated() {
+            let name = "grads[\(g.listIndex[j])]", p = g.used[j].dtype.parameterType
+            try Check.disjoint((UnsafeRawPointer(out), g.used[j].rank + 1, p, name), from: (x, b * n, dtype, "x"), (dy, b * m, dtype, "dy"), (UnsafeRawPointer(dx), b * n, dtype, "dx"))
         }
+        guard let rows = g.rows?.pointer else { return }
+        try g.base.groupedBackward(g.used, listIndex: g.listIndex, rows: rows, batch: g.batch, x: x, dy: dy, dx: dx, grads: outs)
     }
 }
 
@@ -407,6 +424,7 @@ public func lolduWeightBackwardInto(_ handle: OpaquePointer?, _ dw: UnsafeRawPoi
     status { () throws(LoLDUError) in
         let a = try adapters.get(handle, "adapter")
         let out = try Check.mutableBuffer(grads, "grads", a.dtype.parameterType)
+        try Check.disjoint((UnsafeRawPointer(out), a.rank + 1, a.dtype.parameterType, "grads"), from: (dw, a.m * a.n, a.dtype, "dw"))
         try a.weightBackward(rawPointer: try Check.buffer(dw, "dw", a.dtype), grads: out)
     }
 }

@@ -8,6 +8,26 @@ enum Check {
         return pointer
     }
 
+    /// A buffer of a call: its address, its length in elements of `dtype`, its name.
+    typealias Region = (pointer: UnsafeRawPointer?, count: Int, dtype: DType, name: String)
+
+    /// Refuses an output that shares memory with another buffer of the same call: the kernels
+    /// read their inputs after they start writing their outputs.
+    static func disjoint(_ output: Region, from others: Region...) throws(LoLDUError) {
+        func span(_ r: Region) -> (Int, Int)? {
+            guard let p = r.pointer else { return nil }
+            let (bytes, overflow) = r.count.multipliedReportingOverflow(by: r.dtype.byteSize)
+            let start = Int(bitPattern: p)
+            let (end, past) = start.addingReportingOverflow(overflow ? Int.max : bytes)
+            return (start, past ? Int.max : end)
+        }
+        guard let (a0, a1) = span(output) else { return }
+        for other in others {
+            guard let (b0, b1) = span(other), a0 < b1, b0 < a1 else { continue }
+            throw .invalid("\(output.name) overlaps \(other.name); an output must not share memory with another buffer of the call")
+        }
+    }
+
     /// A non-null buffer of `dtype` elements, aligned for that type.
     static func buffer(_ pointer: UnsafeRawPointer?, _ name: String, _ dtype: DType) throws(LoLDUError) -> UnsafeRawPointer {
         let p = try nonNull(pointer, name)

@@ -200,6 +200,38 @@ import Testing
         Case(name: "zero threads", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "threads") {
             loldu_set_num_threads(0)
         },
+        Case(name: "y over x", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "y overlaps x") {
+            withAdapter { a in
+                let buffer = UnsafeMutablePointer<Float>.allocate(capacity: 8)
+                defer { buffer.deallocate() }
+                buffer.initialize(repeating: 1, count: 8)
+                return loldu_forward(a, 2, buffer, buffer + 2, nil)
+            }
+        },
+        Case(name: "dx over dy", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "dx overlaps dy") {
+            withAdapter { a in
+                let buffer = UnsafeMutablePointer<Float>.allocate(capacity: 16)
+                defer { buffer.deallocate() }
+                buffer.initialize(repeating: 1, count: 16)
+                return loldu_backward(a, 2, buffer, buffer + 8, buffer + 8, nil)
+            }
+        },
+        Case(name: "grads over x", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "grads overlaps x") {
+            withAdapter { a in
+                let buffer = UnsafeMutablePointer<Float>.allocate(capacity: 16)
+                defer { buffer.deallocate() }
+                buffer.initialize(repeating: 1, count: 16)
+                return loldu_backward_into(a, 2, buffer, buffer + 8, nil, nil, buffer)
+            }
+        },
+        Case(name: "grouped y over x", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "y overlaps x") {
+            withAdapter { a in
+                let buffer = UnsafeMutablePointer<Float>.allocate(capacity: 8)
+                defer { buffer.deallocate() }
+                buffer.initialize(repeating: 1, count: 8)
+                return loldu_grouped_forward([a], 1, 2, [0, -1], buffer, buffer)
+            }
+        },
         Case(name: "plan for a negative batch", expected: LOLDU_ERR_SHAPE, mentions: "batch") {
             withAdapter { a in
                 var path = LOLDU_PATH_AUTO

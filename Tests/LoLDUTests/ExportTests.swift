@@ -179,4 +179,48 @@ import Testing
         let leftovers = try FileManager.default.contentsOfDirectory(atPath: f.directory).filter { $0.hasPrefix(".") }
         #expect(leftovers.isEmpty)
     }
+
+    /// A merge checks every layer's base weight before it writes anything: a base whose last
+    /// adapted weight differs is refused before the first tensor is written. A shard truncated
+    /// by another process during the merge is a format error (the files are read, not mapped:
+    /// no SIGBUS), and neither leaves an output directory.
+    @Test func mergeChecksEveryLayerFirstAndSurvivesATruncatedShard() throws {
+        let f = try Fixture()
+        let c = try f.checkpoint()
+        defer { loldu_checkpoint_free(c) }
+        let file = "\(f.directory)/base/model.safetensors"
+        let original = try Data(contentsOf: URL(fileURLWithPath: file))
+        let bytes = [UInt8](original)
+        let length = bytes[0..<8].enumerated().reduce(0) { $0 | Int($1.element) << (8 * $1.offset) }
+        let header = try JSONSerialization.jsonObject(with: Data(bytes[8..<(8 + length)])) as! [String: Any]
+        let last = f.names.map { "\($0).weight" }.max { a, b in
+            ((header[a] as! [String: Any])["data_offsets"] as! [Int])[0] < ((header[b] as! [String: Any])["data_offsets"] as! [Int])[0]
+        }!
+        var changed = bytes
+        changed[8 + length + ((header[last] as! [String: Any])["data_offsets"] as! [Int])[1] - 1] ^= 0x01
+        try Data(changed).write(to: URL(fileURLWithPath: file))
+
+        final class Calls { var count = 0; var truncate: String? }
+        let calls = Calls()
+        var options = loldu_merge_options()
+        #expect(loldu_merge_options_default(&options) == LOLDU_OK)
+        options.user = Unmanaged.passUnretained(calls).toOpaque()
+        options.progress = { user, _, _, _ in
+            let calls = Unmanaged<Calls>.fromOpaque(user!).takeUnretainedValue()
+            calls.count += 1
+            if let path = calls.truncate { _ = truncate(path, 64) }
+            return 0
+        }
+        #expect(loldu_merge_model("\(f.directory)/wrong", "\(f.directory)/base", c, &options) == LOLDU_ERR_MISMATCH)
+        #expect(Self.message().contains(last), "\(Self.message())")
+        #expect(calls.count == 0, "the merge wrote \(calls.count) tensors before finding the wrong weight")
+        #expect(!FileManager.default.fileExists(atPath: "\(f.directory)/wrong"))
+
+        try original.write(to: URL(fileURLWithPath: file))
+        calls.truncate = file
+        #expect(loldu_merge_model("\(f.directory)/cut", "\(f.directory)/base", c, &options) == LOLDU_ERR_FORMAT)
+        #expect(Self.message().contains("truncated or replaced while in use"), "\(Self.message())")
+        #expect(calls.count == 1)
+        #expect(!FileManager.default.fileExists(atPath: "\(f.directory)/cut"))
+    }
 }

@@ -1,4 +1,5 @@
 import CLoLDU
+import Glibc
 import Testing
 
 /// bfloat16 and float16 adapters against float32 adapters on the same (half-precision) values.
@@ -226,7 +227,9 @@ import Testing
     }
 
     /// A checkpoint saved from a half-precision model applies to its float32 copy (same values,
-    /// same fingerprints) and back; float64 is refused with the reason.
+    /// same fingerprints); one saved on float32 values that bf16 cannot hold does not apply to
+    /// the bf16 model (another weight), and the refusal says so; float64 is refused with the
+    /// reason.
     @Test func checkpointsMoveBetweenAHalfModelAndItsFloat32Copy() throws {
         let directory = try temporaryDirectory()
         var random = TestRandom(5)
@@ -251,5 +254,49 @@ import Testing
         defer { loldu_adapter_free(double) }
         #expect(loldu_checkpoint_apply(checkpoint, "layer", double) == LOLDU_ERR_MISMATCH)
         #expect(String(cString: loldu_last_error()).contains("float64"))
+
+        // The other way: float32 values that bf16 rounds.
+        let fine = (0..<(m * n)).map { _ in Float(random.symmetric()) + 0x1p-20 }
+        let single = try Self.adapter(LOLDU_FLOAT32, m: m, n: n, weight: fine, bias: nil, rank: r)
+        defer { loldu_adapter_free(single) }
+        let singleDirectory = try temporaryDirectory()
+        #expect(withCStrings(["layer"]) { loldu_checkpoint_save(singleDirectory, [single], $0, 1) } == LOLDU_OK)
+        var saved: OpaquePointer?
+        #expect(loldu_checkpoint_open(&saved, singleDirectory) == LOLDU_OK)
+        defer { loldu_checkpoint_free(saved) }
+        let rounded = fine.map { Half.bf16.round($0) }
+        let halfCopy = try Self.adapter(LOLDU_BFLOAT16, m: m, n: n, weight: rounded, bias: nil, rank: r)
+        defer { loldu_adapter_free(halfCopy) }
+        #expect(loldu_checkpoint_apply(saved, "layer", halfCopy) == LOLDU_ERR_MISMATCH)
+        let message = String(cString: loldu_last_error())
+        #expect(message.contains("saved on a float32 weight and this one is bfloat16"), "\(message)")
+    }
+
+    /// Values of `W_eff` beyond float16's range (65504) are refused wherever they would be
+    /// written in float16 — merging, the effective weight, a float16 LoRA export — and nothing
+    /// is written.
+    @Test func float16OverflowIsRefused() throws {
+        var random = TestRandom(12)
+        let (m, n, r) = (8, 8, 8)
+        let w = Self.values(.f16, m * n, &random)
+        let a = try Self.adapter(LOLDU_FLOAT16, m: m, n: n, weight: w, bias: nil, rank: r)
+        defer { loldu_adapter_free(a) }
+        #expect(loldu_set_sigma(a, 1e6) == LOLDU_OK)  // finite in float32, far beyond float16
+        #expect(loldu_merge(a) == LOLDU_ERR_NOT_FINITE)
+        #expect(String(cString: loldu_last_error()).contains("float16"))
+        var info = loldu_adapter_info()
+        #expect(loldu_adapter_get_info(a, &info, MemoryLayout<loldu_adapter_info>.size) == LOLDU_OK && info.merged == 0)
+        var out = [UInt16](repeating: 0x1234, count: m * n)
+        #expect(loldu_effective_weight(a, &out) == LOLDU_ERR_NOT_FINITE)
+        #expect(out.allSatisfy { $0 == 0x1234 }, "a refused effective weight was written")
+        let directory = try temporaryDirectory()
+        var options = loldu_lora_options()
+        #expect(loldu_lora_options_default(&options) == LOLDU_OK)
+        options.dtype = LOLDU_FLOAT16.i32
+        #expect(withCStrings(["layer"]) { loldu_export_lora("\(directory)/lora", [a], $0, 1, &options) } == LOLDU_ERR_NOT_FINITE)
+        #expect(String(cString: loldu_last_error()).contains("beyond the range of float16"))
+        #expect(access("\(directory)/lora", F_OK) != 0, "a refused export left a directory")
+        #expect(withCStrings(["layer"]) { loldu_export_merged("\(directory)/merged.safetensors", [a], $0, 1) } == LOLDU_ERR_NOT_FINITE)
+        #expect(access("\(directory)/merged.safetensors", F_OK) != 0, "a refused export left a file")
     }
 }

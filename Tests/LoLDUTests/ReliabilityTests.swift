@@ -115,6 +115,30 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
         #expect(Self.lastError().contains("total_steps"))
     }
 
+    /// A negative second moment (AdamW's running mean of squares) in an optimiser file is refused
+    /// at load, naming the tensor, instead of failing every later step.
+    @Test func aNegativeSecondMomentIsRefused() throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let t = try Training()
+        #expect(t.step() == LOLDU_OK)
+        let path = directory + "/state.safetensors"
+        #expect(loldu_optimizer_save(t.optimizer, path) == LOLDU_OK)
+        var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+        let length = bytes[0..<8].enumerated().reduce(0) { $0 | Int($1.element) << (8 * $1.offset) }
+        let header = try JSONSerialization.jsonObject(with: Data(bytes[8..<(8 + length)])) as! [String: Any]
+        let entry = header["adapter.0.exp_avg_sq"] as! [String: Any]
+        #expect(entry["dtype"] as? String == "F32")
+        let begin = 8 + length + (entry["data_offsets"] as! [Int])[0] + 4  // its second element
+        withUnsafeBytes(of: Float(-1).bitPattern.littleEndian) { bytes.replaceSubrange(begin..<(begin + 4), with: $0) }
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        let z = t.adapter.z
+        #expect(loldu_optimizer_load(t.optimizer, path) == LOLDU_ERR_FORMAT)
+        #expect(Self.lastError().contains("exp_avg_sq\" element 1 is -1"), "\(Self.lastError())")
+        #expect(t.steps == 1 && t.adapter.z == z)
+        #expect(t.step() == LOLDU_OK && t.steps == 2)
+    }
+
     // MARK: 2. Special files
 
     @Test func fifosDevicesAndDirectoriesAreRefusedWithoutBlocking() throws {

@@ -376,6 +376,33 @@ import Testing
         #expect(String(cString: loldu_status_string(Int32(LOLDU_ERR_SHAPE.rawValue))).contains("shape"))
         #expect(String(cString: loldu_status_string(12345)) == "unknown status")
     }
+
+    /// `init_change` is ‖W_eff − W‖_F / ‖W‖_F at creation, measured here on the effective
+    /// weight: zero for the `lu` init or the residual `init`, about the whole weight for the
+    /// uniform init under σ = 1 with residual `pivots` (the combination the Python APIs warn of).
+    @Test func initChangeMeasuresTheInitialMove() throws {
+        var random = TestRandom(41)
+        let (m, n) = (24, 20)
+        let w: [Double] = random.array(m * n)
+        func change(_ zInit: loldu_z_init, _ residual: loldu_residual) throws -> (reported: Double, measured: Double) {
+            let a = try TestAdapter<Double>(m: m, n: n, weight: w) {
+                $0.z_init = zInit.i32
+                $0.residual = residual.i32
+            }
+            var effective = [Double](repeating: 0, count: m * n)
+            #expect(loldu_effective_weight(a.handle, &effective) == LOLDU_OK)
+            let difference = zip(effective, w).reduce(0) { $0 + ($1.0 - $1.1) * ($1.0 - $1.1) }
+            let norm = w.reduce(0) { $0 + $1 * $1 }
+            return (a.info.init_change, (difference / norm).squareRoot())
+        }
+        let uniform = try change(LOLDU_INIT_UNIFORM, LOLDU_RESIDUAL_PIVOTS)
+        #expect(uniform.measured > 0.5, "the uniform init under sigma = 1 should move W a lot: \(uniform)")
+        #expect(abs(uniform.reported - uniform.measured) <= 1e-6 * uniform.measured, "\(uniform)")
+        for (zInit, residual) in [(LOLDU_INIT_LU, LOLDU_RESIDUAL_PIVOTS), (LOLDU_INIT_UNIFORM, LOLDU_RESIDUAL_INIT)] {
+            let none = try change(zInit, residual)
+            #expect(none.reported <= 1e-12 && none.measured <= 1e-12, "\(zInit) \(residual): \(none)")
+        }
+    }
 }
 
 /// xoshiro256** seeded by SplitMix64, written from the published algorithm.

@@ -114,10 +114,17 @@ static void out_of_memory(void) {
     setrlimit(RLIMIT_AS, &tight);
     loldu_status backward = loldu_backward(a, B, x, dy, dx, NULL);
     loldu_status forward = loldu_forward(a, B, x, y, NULL);
+    double into[9];
+    for (int k = 0; k <= 8; k++) into[k] = 42;
+    loldu_status backward_into = loldu_backward_into(a, B, x, dy, dx, NULL, into);
     setrlimit(RLIMIT_AS, &saved);
 
     EXPECT(backward == LOLDU_ERR_OUT_OF_MEMORY, "backward returned %d", backward);
     EXPECT(forward == LOLDU_ERR_OUT_OF_MEMORY, "forward returned %d", forward);
+    EXPECT(backward_into == LOLDU_ERR_OUT_OF_MEMORY, "backward_into returned %d", backward_into);
+    int into_untouched = 1;
+    for (int k = 0; k <= 8; k++) into_untouched &= into[k] == 42;
+    EXPECT(into_untouched, "a failed backward_into wrote its gradient buffer");
     int untouched = 1;
     for (int k = 0; k <= 8; k++) untouched &= grads[k] == 0;
     for (int i = 0; i < M; i++) untouched &= db[i] == 0;
@@ -127,6 +134,37 @@ static void out_of_memory(void) {
     EXPECT(y_untouched, "a failed forward wrote y");
     /* With memory back, the same calls work. */
     EXPECT(loldu_backward(a, B, x, dy, dx, NULL) == LOLDU_OK, "backward after the limit is lifted");
+    loldu_adapter_free(a);
+}
+
+/* 1b. Out of memory in a grouped call whose working tables scale with the batch: a status, not
+   a trap (4 Mi rows of a 1 × 1 layer: the caller's buffers exist, the call's 16 MB do not). */
+static void grouped_out_of_memory(void) {
+    enum { B = 1 << 22 };
+    loldu_adapter *a = make_adapter(LOLDU_FLOAT64, 1, 1, 1, 0);
+    double *x = malloc(sizeof(double) * B), *y = malloc(sizeof(double) * B);
+    int32_t *rows = malloc(sizeof(int32_t) * B);
+    if (!x || !y || !rows) { fprintf(stderr, "malloc\n"); exit(1); }
+    for (int i = 0; i < B; i++) { x[i] = 1; y[i] = -7; rows[i] = 0; }
+    struct rlimit saved, tight;
+    getrlimit(RLIMIT_AS, &saved);
+    FILE *f = fopen("/proc/self/statm", "r");
+    long pages = 0;
+    if (!f || fscanf(f, "%ld", &pages) != 1) { fprintf(stderr, "statm\n"); exit(1); }
+    fclose(f);
+    tight = saved;
+    tight.rlim_cur = (rlim_t)(pages * 4096L + (4L << 20));
+    setrlimit(RLIMIT_AS, &tight);
+    loldu_status forward = loldu_grouped_forward(&a, 1, B, rows, x, y);
+    setrlimit(RLIMIT_AS, &saved);
+    EXPECT(forward == LOLDU_ERR_OUT_OF_MEMORY, "grouped forward returned %d", forward);
+    int untouched = 1;
+    for (int i = 0; i < B; i++) untouched &= y[i] == -7;
+    EXPECT(untouched, "a failed grouped forward wrote y");
+    EXPECT(loldu_grouped_forward(&a, 1, B, rows, x, y) == LOLDU_OK, "grouped forward after the limit is lifted");
+    free(x);
+    free(y);
+    free(rows);
     loldu_adapter_free(a);
 }
 
@@ -425,6 +463,7 @@ int main(void) {
     char dir[] = "/tmp/loldu-faults-XXXXXX";
     if (!mkdtemp(dir)) { perror("mkdtemp"); return 1; }
     out_of_memory();
+    grouped_out_of_memory();
     char save_dir[256], export_dir[256];
     snprintf(save_dir, sizeof save_dir, "%.200s/ckpt", dir);
     snprintf(export_dir, sizeof export_dir, "%.200s/export", dir);
