@@ -118,12 +118,17 @@ enum OneDNN {
 
     // MARK: What this CPU gets
 
-    /// Whether the CPU has bf16 dot-product instructions oneDNN uses (AVX512-BF16, AMX-BF16):
-    /// then bf16 GEMMs run natively, at twice (AVX512-BF16) to several times (AMX) float32's speed.
+    /// Whether the CPU has bf16 dot-product instructions oneDNN uses (AVX512-BF16, AMX-BF16).
     /// Without them oneDNN emulates bf16, slower than converting to float32.
     static var hasNativeBFloat16: Bool {
         guard let isa = api?.isa.rawValue else { return false }
         return isa & dnnl_cpu_isa_avx512_core_bf16.rawValue == dnnl_cpu_isa_avx512_core_bf16.rawValue
+    }
+
+    /// Whether oneDNN runs bf16 products on AMX tiles (several times float32's speed).
+    static var hasAMX: Bool {
+        guard let isa = api?.isa.rawValue else { return false }
+        return isa & dnnl_cpu_isa_avx512_core_amx.rawValue == dnnl_cpu_isa_avx512_core_amx.rawValue
     }
 
     /// The instruction set oneDNN dispatches to, for reports.

@@ -76,7 +76,7 @@ let helps: [String: String] = [
         """,
     "export-lora": """
         usage: loldu export-lora ADAPTER --base MODEL --out DIR [--dtype f32|f16|bf16]
-                                 [--base-name NAME] [--embedding LAYER]... [--force]
+                                 [--base-name NAME] [--embedding LAYER]... [--linear LAYER]... [--force]
 
         Writes ADAPTER as a PEFT LoRA directory DIR (adapter_config.json, adapter_model.safetensors),
         exact: ΔW = A diag(c) U_r is a rank-r LoRA with lora_B = A diag(c), lora_A = U_r, lora_alpha = r.
@@ -88,8 +88,11 @@ let helps: [String: String] = [
           --dtype T          the tensors' type: f32 (default), f16 or bf16
           --base-name NAME   base_model_name_or_path in the config (default: MODEL as given)
           --embedding LAYER  LAYER is an nn.Embedding (PEFT's lora_embedding_A/B); repeat as needed
+          --linear LAYER     LAYER is an nn.Linear although its name looks like an embedding's
           --force            replace DIR if it holds an earlier LoRA export (and nothing else)
-        Layers whose weight has more than 2 dimensions are exported as convolutions.
+        Layers whose weight has more than 2 dimensions are exported as convolutions, others as
+        linear layers; a checkpoint does not record which 2-dimensional layers are embeddings,
+        so a layer named like one ("embed", "wte", "wpe") needs --embedding or --linear.
         """,
     "merge": """
         usage: loldu merge ADAPTER --base MODEL --out DIR [--dtype f32|f16|bf16]
@@ -357,15 +360,28 @@ func verify(_ args: [String]) throws(Failure) {
 
 func exportLoRA(_ args: [String]) throws(Failure) {
     let command = "export-lora"
-    let a = try Arguments(args, command: command, values: ["--base", "--out", "--dtype", "--base-name", "--embedding"],
+    let a = try Arguments(args, command: command, values: ["--base", "--out", "--dtype", "--base-name", "--embedding", "--linear"],
                           flags: ["--force"])
     let path = try a.adapter(command)
     let base = try a.one("--base", command)!, out = try a.one("--out", command)!
     let type = try dtype(try a.one("--dtype", command, required: false), command) ?? LOLDU_FLOAT32
     let checkpoint = try CheckpointFile(path)
-    let embeddings = Set(a.options["--embedding"] ?? [])
-    if let unknown = embeddings.subtracting(checkpoint.names).first {
-        throw usageError(command, "--embedding \(unknown): the checkpoint has no such layer")
+    let embeddings = Set(a.options["--embedding"] ?? []), linear = Set(a.options["--linear"] ?? [])
+    for (option, names) in [("--embedding", embeddings), ("--linear", linear)] {
+        if let unknown = names.subtracting(checkpoint.names).sorted().first {
+            throw usageError(command, "\(option) \(unknown): the checkpoint has no such layer")
+        }
+    }
+    if let both = embeddings.intersection(linear).sorted().first {
+        throw usageError(command, "layer \"\(both)\" is given as both --embedding and --linear")
+    }
+    // A wrongly typed embedding would load in PEFT with a warning and compute something else.
+    func namedLikeEmbedding(_ name: String) -> Bool {
+        let last = name.split(separator: ".").last.map { $0.lowercased() } ?? ""
+        return name.lowercased().contains("embed") || last == "wte" || last == "wpe"
+    }
+    if let unsure = checkpoint.names.first(where: { namedLikeEmbedding($0) && !embeddings.contains($0) && !linear.contains($0) }) {
+        throw usageError(command, "layer \"\(unsure)\" is named like an embedding, which PEFT stores differently; pass --embedding \(unsure) if it is an nn.Embedding, --linear \(unsure) if it is an nn.Linear")
     }
     let model: ModelFiles
     do {
@@ -392,9 +408,6 @@ func exportLoRA(_ args: [String]) throws(Failure) {
             }
         } else if embeddings.contains(name) {
             layer.kind = Int32(LOLDU_LORA_EMBEDDING.rawValue)
-        } else if name.lowercased().contains("embed") {
-            progress.finish()
-            printError("loldu: note: layer \"\(name)\" is exported as a linear layer; if it is an nn.Embedding, pass --embedding \(name)\n")
         }
         layers.append(layer)
     }

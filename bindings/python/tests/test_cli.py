@@ -25,6 +25,10 @@ from conftest import REPO, minilm_dir
 CLI = pathlib.Path(os.environ.get("LOLDU_CLI", REPO / "build" / "bin" / "loldu"))
 
 
+# The trained MiniLM checkpoint adapts the word embeddings too: export-lora needs to be told.
+EMBEDDING = ("--embedding", "embeddings.word_embeddings")
+
+
 def run(*args, check_code: int | None = 0, **kwargs) -> subprocess.CompletedProcess:
     assert CLI.is_file(), f"{CLI} is missing: build it with `make build`"
     result = subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
@@ -90,7 +94,8 @@ def test_verify_accepts_the_base_and_names_the_layers_of_another(trained_minilm,
     assert bad.stdout.count("MISMATCH") == 1 and "1 of 19 layers do not match" in bad.stderr
     # Every command refuses another base with the same exit code, and writes nothing.
     for command in ("merge", "export-lora"):
-        refused = run(command, checkpoint, "--base", other, "--out", tmp_path / command, check_code=3)
+        declared = EMBEDDING if command == "export-lora" else ()
+        refused = run(command, checkpoint, "--base", other, "--out", tmp_path / command, *declared, check_code=3)
         assert "encoder.layer.3.attention.self.query" in refused.stderr, refused.stderr
         assert not (tmp_path / command).exists()
 
@@ -101,8 +106,7 @@ def test_export_lora_writes_what_the_library_writes(trained_minilm, tmp_path):
 
     checkpoint, _ = trained_minilm
     out = tmp_path / "lora"
-    result = run("export-lora", checkpoint, "--base", minilm_dir(), "--out", out,
-                 "--embedding", "embeddings.word_embeddings", "--base-name", "sentence-transformers/all-MiniLM-L6-v2")
+    result = run("export-lora", checkpoint, "--base", minilm_dir(), "--out", out, *EMBEDDING, "--base-name", "sentence-transformers/all-MiniLM-L6-v2")
     assert "wrote" in result.stdout
     lt.export_lora(adapted_minilm(checkpoint), tmp_path / "python")
     mine, theirs = tensors(out), tensors(tmp_path / "python")
@@ -110,13 +114,18 @@ def test_export_lora_writes_what_the_library_writes(trained_minilm, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
 
-    again = run("export-lora", checkpoint, "--base", minilm_dir(), "--out", out, check_code=1)
+    again = run("export-lora", checkpoint, "--base", minilm_dir(), "--out", out, *EMBEDDING, check_code=1)
     assert "already exists" in again.stderr
-    run("export-lora", checkpoint, "--base", minilm_dir(), "--out", out, "--force", "--dtype", "bf16")
+    run("export-lora", checkpoint, "--base", minilm_dir(), "--out", out, *EMBEDDING, "--force", "--dtype", "bf16")
     assert {t.dtype for t in tensors(out).values()} == {torch.bfloat16}
-    # Without --embedding, a layer named like an embedding gets a note.
-    note = run("export-lora", checkpoint, "--base", minilm_dir(), "--out", tmp_path / "noted")
-    assert "--embedding embeddings.word_embeddings" in note.stderr
+    # A layer named like an embedding must be declared: exported as linear, PEFT would load it
+    # with a warning and compute something else.
+    unsure = run("export-lora", checkpoint, "--base", minilm_dir(), "--out", tmp_path / "unsure", check_code=2)
+    assert "--embedding embeddings.word_embeddings" in unsure.stderr and "--linear" in unsure.stderr
+    assert not (tmp_path / "unsure").exists()
+    both = run("export-lora", checkpoint, "--base", minilm_dir(), "--out", tmp_path / "both", "--embedding",
+               "embeddings.word_embeddings", "--linear", "embeddings.word_embeddings", check_code=2)
+    assert "both --embedding and --linear" in both.stderr
 
 
 def test_export_lora_refuses_a_base_weight_of_more_than_five_dimensions(trained_minilm, tmp_path):
@@ -127,7 +136,7 @@ def test_export_lora_refuses_a_base_weight_of_more_than_five_dimensions(trained_
     key = "encoder.layer.0.attention.self.query.weight"
     weights[key] = weights[key].reshape(384, 1, 1, 1, 1, 384)  # the same values, 6 dimensions
     save_file(weights, base / "model.safetensors")
-    result = run("export-lora", checkpoint, "--base", base, "--out", tmp_path / "x", check_code=1)
+    result = run("export-lora", checkpoint, "--base", base, "--out", tmp_path / "x", *EMBEDDING, check_code=1)
     assert "6 dimensions" in result.stderr and "encoder.layer.0.attention.self.query" in result.stderr
     assert not (tmp_path / "x").exists()
 
