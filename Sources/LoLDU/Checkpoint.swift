@@ -296,7 +296,7 @@ public final class Checkpoint: @unchecked Sendable {
     /// What to check when a base weight's fingerprint is not the saved one.
     static func baseHint(saved: DType, base: DType) -> String {
         guard saved != base else { return "is this the base model the adapter was trained on?" }
-        return "the checkpoint was saved on a \(saved.name) weight and this one is \(base.name): a weight rounded to another type is another weight (a checkpoint saved on a half-precision base applies to its exact float32 copy, not the reverse); use the base the adapter was trained on"
+        return "the checkpoint was saved on a \(saved.name) weight and this one is \(base.name): rounded to another type, a weight is another weight unless every value survives the rounding (a checkpoint saved on a half-precision base always applies to its float32 copy); use the base the adapter was trained on"
     }
 
     /// Checks that `adapter` is the one `name` was saved from (base weight, pivots, shape,

@@ -7,7 +7,8 @@ Three layers:
   weights, ``loldu.bfloat16`` for short; ``derive`` more adapters on its factors, ``convert`` to another element type),
   ``grouped_forward`` / ``grouped_backward`` (a batch whose rows belong to different adapters),
   ``AdapterConfig``, ``Optimizer`` (``SGD``, ``Adam``, ``AdamW``, schedules), ``save`` /
-  ``load`` / ``load_model`` / ``Checkpoint`` / ``export_merged``, ``export_lora`` (an exact PEFT
+  ``load`` (``base=``: many checkpoints on one factored base) / ``load_model`` / ``Checkpoint`` /
+  ``export_merged``, ``export_lora`` (an exact PEFT
   LoRA), ``merge_model`` (a checkpoint merged into a model's safetensors files), threads,
   ``gemm_backend``;
 - ``loldu.torch`` (imported on demand, needs PyTorch): modules that turn ``nn.Linear``,

@@ -32,18 +32,30 @@ from .errors import InvalidArgumentError, InvalidHandleError, LoLDUWarning, Shap
 INIT_CHANGE_WARNING = 0.1
 
 
-def init_change_advice(change: float, config: "AdapterConfig") -> str:
-    """Why an initial z moved the pretrained weight by ``change``, and what to do instead."""
-    return (f"z_init={config.z_init!r} with residual={config.residual!r} and alpha={config.alpha or 'rank'} "
-            f"moves the pretrained weight by {100 * change:.0f}% (‖W_eff − W‖/‖W‖) before any training, "
-            "replacing much of the pretrained layer. Use residual='init' (the layer starts unchanged whatever "
-            "the init), alpha=1 (σ = 1/rank, as the paper's code), or z_init='lu' (the default).")
+def init_change_advice(adapter: "Adapter") -> str | None:
+    """``None`` if the adapter's initial z moved the pretrained weight by at most
+    ``INIT_CHANGE_WARNING``; else why, and only the fixes that bring the change under it:
+    residual='init' and z_init='lu' (the change is then 0), and alpha=1 where it suffices (the
+    change is proportional to σ₀ = alpha / rank: z₀ does not depend on alpha)."""
+    info = adapter._raw_info()
+    change = info.init_change
+    if change <= INIT_CHANGE_WARNING:
+        return None
+    at_one = change / info.alpha
+    fixes = ["residual='init' (the layer starts unchanged whatever the init)"]
+    if info.alpha != 1 and at_one <= INIT_CHANGE_WARNING:
+        fixes.append(f"alpha=1 (σ = 1/rank, as the paper's code: {100 * at_one:.1f}% here)")
+    fixes.append("z_init='lu' (the default)")
+    note = "" if info.alpha == 1 or at_one <= INIT_CHANGE_WARNING else \
+        f" (alpha=1 would still move it by {100 * at_one:.1f}%)"
+    return (f"z_init={Z_INITS[info.z_init]!r} with residual={RESIDUALS[info.residual]!r} and alpha={info.alpha:g} "
+            f"moves the pretrained weight by {100 * change:.1f}% (‖W_eff − W‖/‖W‖) before any training, "
+            f"replacing much of the pretrained layer. Use {', '.join(fixes[:-1])} or {fixes[-1]}{note}.")
 
 
 def _warn_init_change(adapter: "Adapter", stacklevel: int = 3) -> None:
-    change = adapter._raw_info().init_change
-    if change > INIT_CHANGE_WARNING:
-        warnings.warn(init_change_advice(change, adapter.config), LoLDUWarning, stacklevel=stacklevel)
+    if (advice := init_change_advice(adapter)) is not None:
+        warnings.warn(advice, LoLDUWarning, stacklevel=stacklevel)
 
 def _names(prefix: str, rename=None) -> tuple[str, ...]:
     """The names of a C enum from its ``_capi`` constants (values 0, 1, ... in order), lower-cased

@@ -7,6 +7,15 @@ base weight it was saved on::
 
     loldu.save("ckpt", {"encoder.layer.0.attention.self.query": a})
     adapters = loldu.load("ckpt", {"encoder.layer.0.attention.self.query": (weight, bias)})
+
+Many checkpoints on one base: factor each base weight once (an ``Adapter`` at a rank at least the
+saved ones, ``rank="full"`` fits any) and pass it as ``base=``; every checkpoint's adapter is then
+derived on those factors (``loldu_checkpoint_layer`` + ``loldu_adapter_derive`` +
+``loldu_checkpoint_apply``: O(r), no factorisation), and the adapters share them (one
+``grouped_forward`` serves them all)::
+
+    base = {"q": loldu.Adapter(weight, bias)}                  # the one factorisation
+    fleet = [loldu.load(d, base=base)["q"] for d in directories]
 """
 
 from __future__ import annotations
@@ -129,7 +138,26 @@ class Checkpoint(_HandleOwner):
         if isinstance(weight, np.ndarray) and weight.shape != (info.m, info.n):
             raise MismatchError(f"layer {name!r} was saved on a {info.m} × {info.n} weight, got shape {weight.shape}",
                                 _capi.LOLDU_ERR_MISMATCH)
-        adapter = Adapter(weight, bias, dataclasses.replace(info.config, borrow_weight=borrow_weight))
+        return self._applied(name, Adapter(weight, bias, dataclasses.replace(info.config, borrow_weight=borrow_weight)))
+
+    def derive(self, name: str, base: Adapter) -> Adapter:
+        """Creates layer ``name``'s adapter on ``base``'s frozen factors (``Adapter.derive``: no
+        factorisation, no copy of the weight) with the saved configuration, and applies the saved
+        z and σ. ``base``: an adapter on the layer's base weight whose ``factor_rank`` is at least
+        the saved rank; ``MismatchError`` if its weight is not the saved one."""
+        if not isinstance(base, Adapter):
+            raise InvalidArgumentError(f"base for layer {name!r} must be a loldu.Adapter, got {type(base).__name__}",
+                                       _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        config = self.layer(name).config
+        if config.rank > base.factor_rank:
+            raise InvalidArgumentError(
+                f"base for layer {name!r}: its factors have rank {base.factor_rank}, the layer was saved at rank "
+                f"{config.rank}; create the base adapter with rank >= {config.rank} (or rank='full')",
+                _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        return self._applied(name, base._derive(config))
+
+    def _applied(self, name: str, adapter: Adapter) -> Adapter:
+        """``adapter`` with layer ``name``'s values applied; closed if they do not apply."""
         try:
             self.apply(name, adapter)
         except BaseException:
@@ -163,28 +191,60 @@ class Checkpoint(_HandleOwner):
         return f"<loldu.Checkpoint {self.directory!r}{' closed' if self._handle is None else ''}>"
 
 
-def load(directory, weights: Mapping, *, borrow_weight: bool = False) -> dict[str, Adapter]:
-    """Opens a checkpoint and creates its adapters on the given base weights.
+def _every_layer(ckpt: Checkpoint, make) -> dict[str, Adapter]:
+    """``make(name)`` for every saved layer, in saved order; all or nothing."""
+    adapters: dict[str, Adapter] = {}
+    try:
+        for name in ckpt.names:
+            adapters[name] = make(name)
+    except BaseException:
+        for a in adapters.values():
+            a.close()
+        raise
+    return adapters
 
-    ``weights`` maps each saved layer name to its weight array or to ``(weight, bias)``;
-    ``MismatchError`` if a saved layer has no weight or a weight differs from the saved one.
+
+def load(directory, weights: Mapping | None = None, *, base: Mapping[str, Adapter] | Adapter | None = None,
+         borrow_weight: bool = False) -> dict[str, Adapter]:
+    """Opens a checkpoint and creates its adapters, from exactly one of:
+
+    - ``weights``: maps each saved layer name to its weight array or to ``(weight, bias)``; each
+      is factored (``Checkpoint.create``; ``borrow_weight``: the adapters borrow the arrays
+      instead of copying them);
+    - ``base``: maps each saved layer name to a ``loldu.Adapter`` on its base weight (for a
+      checkpoint of one layer, that adapter alone will do), whose factors the new adapter shares
+      (``Checkpoint.derive``: no factorisation). Loading N checkpoints onto one base this way
+      factors it once, and their adapters serve one ``grouped_forward`` together.
+
+    ``MismatchError`` if a saved layer has no entry or a base weight differs from the saved one.
     """
+    if (weights is None) == (base is None):
+        raise InvalidArgumentError(
+            f"load needs exactly one of weights (base weights to factor) and base (adapters whose factors to "
+            f"share); got {'neither' if weights is None else 'both'}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
     with Checkpoint(directory) as ckpt:
         names = ckpt.names
-        missing = [n for n in names if n not in weights]
+        if isinstance(base, Adapter):
+            if len(names) != 1:
+                raise InvalidArgumentError(
+                    f"base: one adapter serves a checkpoint of one layer; this one has {len(names)}: pass a "
+                    "mapping of layer name to adapter", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+            base = {names[0]: base}
+        given, what = (weights, "base weight") if base is None else (base, "base adapter")
+        if not isinstance(given, Mapping):
+            raise InvalidArgumentError(f"{'weights' if base is None else 'base'} must be a mapping of layer name to "
+                                       f"{what}, got {type(given).__name__}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        missing = [n for n in names if n not in given]
         if missing:
-            raise MismatchError(f"no base weight given for saved layer(s) {missing}", _capi.LOLDU_ERR_MISMATCH)
-        adapters: dict[str, Adapter] = {}
-        try:
-            for name in names:
-                entry = weights[name]
-                weight, bias = entry if isinstance(entry, tuple) else (entry, None)
-                adapters[name] = ckpt.create(name, weight, bias, borrow_weight=borrow_weight)
-        except BaseException:
-            for a in adapters.values():
-                a.close()
-            raise
-        return adapters
+            raise MismatchError(f"no {what} given for saved layer(s) {missing}", _capi.LOLDU_ERR_MISMATCH)
+        if base is not None:
+            return _every_layer(ckpt, lambda name: ckpt.derive(name, base[name]))
+
+        def create(name):
+            entry = weights[name]
+            weight, bias = entry if isinstance(entry, tuple) else (entry, None)
+            return ckpt.create(name, weight, bias, borrow_weight=borrow_weight)
+        return _every_layer(ckpt, create)
 
 
 def load_model(directory, base_dir) -> dict[str, Adapter]:
@@ -192,12 +252,4 @@ def load_model(directory, base_dir) -> dict[str, Adapter]:
     ``base_dir`` (``Checkpoint.create_from_model``): serving an adapter on a model's files without
     building the model."""
     with Checkpoint(directory) as ckpt:
-        adapters: dict[str, Adapter] = {}
-        try:
-            for name in ckpt.names:
-                adapters[name] = ckpt.create_from_model(name, base_dir)
-        except BaseException:
-            for a in adapters.values():
-                a.close()
-            raise
-        return adapters
+        return _every_layer(ckpt, lambda name: ckpt.create_from_model(name, base_dir))

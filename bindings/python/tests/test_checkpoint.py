@@ -97,6 +97,48 @@ def test_load_checks_the_base_weight(minilm, tmp_path):
     assert restored[NAMES[0]].info["borrow_weight"]
 
 
+def test_many_checkpoints_load_onto_one_factored_base(minilm, tmp_path):
+    """loldu.load(dir, base=...) derives each checkpoint's adapter on the base's factors: 50
+    checkpoints cost one factorisation, and their adapters share it (one grouped_forward serves
+    them all, which refuses adapters on different factors) with the outputs of loading each alone."""
+    name = NAMES[0]
+    w, b = minilm[f"{name}.weight"], minilm[f"{name}.bias"]
+    rng = np.random.default_rng(30)
+    trainer = loldu.Adapter(w, b, rank=16)
+    directories = []
+    for i in range(50):
+        config = loldu.AdapterConfig(rank=(4, 8, 16)[i % 3], seed=i, z_init=("lu", "normal")[i % 2], residual="init")
+        with trainer.derive(config) as a:
+            a.z = a.z * rng.uniform(0.5, 1.5, a.rank).astype(np.float32)
+            a.sigma = 1 + i / 100
+            directories.append(tmp_path / f"ckpt{i}")
+            loldu.save(directories[-1], {name: a})
+    base = loldu.Adapter(w, b, rank=16)  # the one factorisation
+    fleet = [loldu.load(d, base={name: base})[name] for d in directories]
+    alone = [loldu.load(d, {name: (w, b)})[name] for d in directories]  # 50 factorisations
+    x = rng.standard_normal((100, 384)).astype(np.float32)
+    rows = np.arange(100, dtype=np.int32) % 50
+    y = loldu.grouped_forward(fleet, rows, x)
+    for i, (mine, theirs) in enumerate(zip(fleet, alone)):
+        assert (mine.rank, mine.sigma, mine.factor_rank) == (theirs.rank, theirs.sigma, 16)
+        np.testing.assert_array_equal(mine.z, theirs.z)
+        np.testing.assert_allclose(y[rows == i], theirs.forward(x[rows == i]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(loldu.MismatchError, match="adapters"):  # what sharing nothing would give
+        loldu.grouped_forward(alone[:2], rows[:2] % 2, x[:2])
+    # One adapter will do for a one-layer checkpoint; what does not fit is refused, naming it.
+    np.testing.assert_array_equal(loldu.load(directories[0], base=base)[name].z, fleet[0].z)
+    with pytest.raises(loldu.MismatchError, match="base weight differs"):
+        loldu.load(directories[0], base=loldu.Adapter(minilm["encoder.layer.1.attention.self.query.weight"], rank=16))
+    with pytest.raises(loldu.InvalidArgumentError, match="base for layer .* factors have rank 4.* rank 16"):
+        loldu.load(directories[2], base=loldu.Adapter(w, b, rank=4))
+    with pytest.raises(loldu.InvalidArgumentError, match="exactly one of weights .* and base .*; got both"):
+        loldu.load(directories[0], {name: w}, base=base)
+    with pytest.raises(loldu.InvalidArgumentError, match="got neither"):
+        loldu.load(directories[0])
+    with pytest.raises(loldu.MismatchError, match="no base adapter given"):
+        loldu.load(directories[0], base={"other": base})
+
+
 def test_hostile_and_missing_files(minilm, tmp_path):
     with pytest.raises(loldu.LoLDUIOError) as info:
         loldu.Checkpoint(tmp_path / "missing")

@@ -159,6 +159,29 @@ def test_inits_and_residual_modes(minilm, z_init):
         assert a.config.z_init == z_init and a.config.residual == "init" and a.config.seed == 7
 
 
+@pytest.mark.parametrize("z_init, alpha_one_fixes", [("normal", False), ("s_uniform", False), ("uniform", True)])
+def test_the_init_change_warning_suggests_only_what_brings_the_change_under_it(minilm, z_init, alpha_one_fixes):
+    """At rank 64 on a MiniLM query weight, alpha = 1 leaves 12% with the 'normal' and 's_uniform'
+    inits (the change is proportional to σ₀ = alpha / rank), 4% with 'uniform': it is suggested
+    only then; residual='init' and z_init='lu' always bring the change to 0."""
+    w, b = layer(minilm, LAYERS[0], np.float32)
+    with pytest.warns(loldu.LoLDUWarning) as record:
+        a = loldu.Adapter(w, b, rank=64, z_init=z_init, seed=7)
+    (message,) = [str(r.message) for r in record if r.category is loldu.LoLDUWarning]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", loldu.LoLDUWarning)
+        one = loldu.Adapter(w, b, rank=64, z_init=z_init, seed=7, alpha=1)
+    assert one.info["init_change"] == pytest.approx(a.info["init_change"] / 64, rel=1e-5)
+    assert (one.info["init_change"] <= 0.1) == alpha_one_fixes == (not caught)
+    assert ("alpha=1 (σ = 1/rank" in message) == alpha_one_fixes, message
+    assert ("alpha=1 would still move it by" in message) != alpha_one_fixes, message
+    assert "residual='init'" in message and "z_init='lu'" in message and "alpha=64 moves" in message
+    for fix in ({"residual": "init"}, {"z_init": "lu"}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", loldu.LoLDUWarning)
+            assert loldu.Adapter(w, b, **{"rank": 64, "z_init": z_init, "seed": 7, **fix}).info["init_change"] == 0
+
+
 def test_z_is_a_live_zero_copy_view():
     rng = np.random.default_rng(5)
     w = rng.standard_normal((12, 10))

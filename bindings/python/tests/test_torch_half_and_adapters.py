@@ -141,32 +141,101 @@ def test_weighted_adapter_is_the_exact_combination():
     torch.testing.assert_close(updates["mix"], 0.5 * updates["default"] + 2.0 * updates["b"], rtol=1e-5, atol=1e-5)
 
 
+def assert_rows_equal_each_alone(model, x, names, **tolerance):
+    """Sample i of a mixed batch is what the model computes for it with adapter names[i] set
+    (``"__base__"``: the adapters disabled)."""
+    with lt.mixed_batch(model, names):
+        y = model(x)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with lt.disable_adapters(model):
+                expected = model(x[i:i + 1])
+        else:
+            lt.set_adapter(model, name)
+            expected = model(x[i:i + 1])
+        torch.testing.assert_close(y[i:i + 1], expected, **tolerance)
+
+
+def test_an_adapter_on_some_layers_is_active_everywhere_and_computes_the_base_where_missing():
+    """PEFT: set_adapter sets every layer's active list; a layer without the adapter skips it
+    (LoraLayer.forward) and computes its base layer, in mixed batches too (_mixed_batch_forward)."""
+    model = lt.add_loldu(small_model(), ["0", "2"], rank=6, seed=1)
+    lt.add_loldu(model, ["2"], rank=4, z_init="s_normal", residual="init", adapter_name="b", mark_trainable=False)
+    with torch.no_grad():
+        model[2].loldu_z["b"].mul_(0.7)
+        model[0].loldu_z["default"].mul_(1.3)
+    x = torch.randn(5, 16)
+    lt.set_adapter(model, "b")
+    assert lt.active_adapters(model) == ["b"]
+    assert [layer.active_adapters for layer in lt.loldu_layers(model).values()] == [["b"], ["b"]]
+    with torch.no_grad():  # layer 0: its pretrained module, not its "default"
+        torch.testing.assert_close(model(x), model[2](model[1](model[0].base_layer(x))), rtol=0, atol=0)
+    assert not model[0].loldu_z["default"].requires_grad and not model[0].merged
+    assert lt.loldu_parameters(model) == [model[2].loldu_z["b"], model[2].loldu_sigma["b"]]
+    assert lt.Optimizer(model, "sgd", lr=0.1).layers == [model[2]]
+    lt.merge_loldu(model)  # (layer 0 has nothing to merge)
+    lt.unmerge_loldu(model)
+    assert_rows_equal_each_alone(model, x, ["b", "default", "__base__", "b", "default"], rtol=1e-5, atol=1e-6)
+    with lt.mixed_batch(model, ["b"] * 5), torch.no_grad():
+        torch.testing.assert_close(model(x), model[2](model[1](model[0].base_layer(x))), rtol=1e-6, atol=1e-6)
+    # A name on no layer is refused, as PEFT's "Adapter ... not found", and nothing changes.
+    for names in ("zzz", ["b", "zzz"]):
+        with pytest.raises(loldu.InvalidArgumentError, match="adapter_name: no LoLDU layer has adapter 'zzz'"):
+            lt.set_adapter(model, names)
+    assert lt.active_adapters(model) == ["default"]  # (the last set_adapter above)
+    # Deleting the active adapter activates the model's first remaining one on every layer alike.
+    lt.set_adapter(model, "b")
+    lt.delete_adapter(model, "b")
+    assert [layer.active_adapters for layer in lt.loldu_layers(model).values()] == [["default"], ["default"]]
+
+
+def test_weighted_adapter_of_small_weights_keeps_full_precision(tmp_path):
+    """The combined adapter stores c itself (z_init "zeros", residual "init", σ = 1), not
+    c + D_r, from which c would come back with D_r's rounding error (1e-4 relative here)."""
+    model = named_model()
+    weights = [0.01, -0.02]
+    lt.add_weighted_adapter(model, ["default", "b"], weights, "mix")
+    for layer in (model[0], model[2]):
+        c = sum(w * torch.nn.functional.pad(lt.adapter_coefficients(layer, name), (0, 6 - layer.get_adapter(name).rank))
+                for name, w in zip(["default", "b"], weights))
+        torch.testing.assert_close(lt.adapter_coefficients(layer, "mix"), c, rtol=1e-7, atol=0)
+        config = layer.loldu_config["mix"]
+        assert (config.z_init, config.residual, layer.get_adapter("mix").sigma) == ("zeros", "init", 1.0)
+        # Its output is the pretrained output plus the same combination of the adapters' deltas.
+        x = torch.randn(6, layer.in_features)
+        with torch.no_grad():
+            y = {name: layer(x, adapter_names=[name] * 6).double() for name in ("__base__", "default", "b", "mix")}
+        delta = sum(w * (y[name] - y["__base__"]) for name, w in zip(["default", "b"], weights))
+        torch.testing.assert_close(y["mix"] - y["__base__"], delta, rtol=0, atol=1e-6 * y["__base__"].abs().max().item())
+    # Saved and loaded as any adapter: the same values into a fresh model.
+    lt.save_loldu(model, tmp_path / "mix", adapter_name="mix")
+    fresh = lt.add_loldu(small_model(), ["0", "2"], rank=6, seed=1)
+    lt.load_loldu(fresh, tmp_path / "mix", adapter_name="mix")
+    lt.set_adapter(model, "mix")
+    for i in (0, 2):
+        torch.testing.assert_close(fresh[i].loldu_z["mix"], model[i].loldu_z["mix"], rtol=0, atol=0)
+    x = torch.randn(6, 16)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
 def test_mixed_batch_rows_equal_each_adapter_alone():
     model = named_model()
     x = torch.randn(5, 3, 16)  # 5 samples of 3 tokens
     names = ["b", "default", "__base__", "b", "default"]
-
-    def rows_equal_each_alone(tolerance):
-        with lt.mixed_batch(model, names):
-            y = model(x)
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with lt.disable_adapters(model):
-                    expected = model(x[i:i + 1])
-            else:
-                lt.set_adapter(model, name)
-                expected = model(x[i:i + 1])
-            torch.testing.assert_close(y[i:i + 1], expected, **tolerance)
-
-    rows_equal_each_alone(dict(rtol=1e-5, atol=1e-6))
+    assert_rows_equal_each_alone(model, x, names, rtol=1e-5, atol=1e-6)
     # Under autocast too (the bf16 companions of a layer's adapters share its factors).
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rows_equal_each_alone(dict(rtol=2e-2, atol=2e-2))
+        assert_rows_equal_each_alone(model, x, names, rtol=2e-2, atol=2e-2)
     with pytest.raises(loldu.ShapeError, match="adapter_names has 2 entries"):
         with lt.mixed_batch(model, ["b", "b"]):
             model(x)
-    with pytest.raises(loldu.InvalidArgumentError, match="no adapter 'zzz'"):
-        model[0](x, adapter_names=["zzz"] * 5)
+    # A name on no layer is refused by the model-level call (PEFT: "non-existing adapter"); a
+    # layer alone cannot tell, and gives such rows its base output, as PEFT's layers do.
+    with pytest.raises(loldu.InvalidArgumentError, match="adapter_names: no LoLDU layer has adapter 'zzz'"):
+        with lt.mixed_batch(model, ["b", "zzz", "b", "b", "b"]):
+            model(x)
+    with lt.disable_adapters(model):
+        torch.testing.assert_close(model[0](x, adapter_names=["zzz"] * 5), model[0](x))
 
 
 def test_two_adapters_trained_in_one_mixed_batch_match_training_apart():
@@ -209,3 +278,118 @@ def test_two_adapters_trained_in_one_mixed_batch_match_training_apart():
             for i in (0, 2):
                 torch.testing.assert_close(together[i].loldu_z[name], separately[name][i].loldu_z[name],
                                            rtol=1e-4, atol=1e-5, msg=f"{kind} {name} layer {i}")
+
+
+@pytest.mark.parametrize("setting", ["bfloat16 model", "float32 model under autocast"])
+def test_the_library_optimizer_trains_half_precision_as_torch_adamw(setting):
+    """lt.Optimizer and torch.optim.AdamW, the same settings, the same half-precision steps: the
+    same z and σ (the gradients are float32 in both; only the update's arithmetic differs)."""
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(7))
+    target = torch.randn(8, 8, generator=torch.Generator().manual_seed(8))
+    options = dict(lr=5e-2, betas=(0.9, 0.99), eps=1e-7, weight_decay=0.1)
+    autocast = setting.endswith("autocast")
+
+    def train(library: bool):
+        model = lt.add_loldu(small_model(torch.float32 if autocast else torch.bfloat16), ["0", "2"], rank=6)
+        if library:  # (σ's weight decay is its own option in the library, AdamW's for every parameter in torch)
+            optimizer = lt.Optimizer(model, "adamw", weight_decay_sigma=options["weight_decay"], **options)
+        else:
+            optimizer = torch.optim.AdamW(lt.loldu_parameters(model), **options)
+        losses = []
+        for _ in range(10):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = model(x if autocast else x.bfloat16())
+            assert y.dtype == torch.bfloat16
+            loss = (y.float() - target).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return model, losses
+
+    (ours, our_losses), (theirs, their_losses) = train(True), train(False)
+    assert our_losses[-1] < 0.9 * our_losses[0]
+    np.testing.assert_allclose(our_losses, their_losses, rtol=1e-4)
+    for i in (0, 2):
+        for params in ("loldu_z", "loldu_sigma"):
+            mine, reference = getattr(ours[i], params)["default"], getattr(theirs[i], params)["default"]
+            assert mine.dtype == torch.float32
+            torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6, msg=f"layer {i} {params}")
+
+
+def test_a_transformers_model_loaded_in_bf16_trains_with_loldu():
+    from transformers import AutoModel
+
+    from conftest import minilm_dir
+
+    model = AutoModel.from_pretrained(str(minilm_dir()), torch_dtype=torch.bfloat16).eval()
+    reference = copy.deepcopy(model)
+    lt.add_loldu(model, ["query", "value"], rank=8)
+    layer = model.encoder.layer[0].attention.self.query
+    assert layer.dtype == torch.bfloat16 and layer.adapter.dtype == loldu.bfloat16
+    tokens = torch.randint(1000, 30000, (2, 12), generator=torch.Generator().manual_seed(9))
+    hidden = model(input_ids=tokens).last_hidden_state
+    assert hidden.dtype == torch.bfloat16
+    with torch.no_grad():  # at initialisation, the pretrained model to bf16 rounding (through 6 layers)
+        expected = reference(input_ids=tokens).last_hidden_state.float()
+    assert float((hidden.detach().float() - expected).norm() / expected.norm()) < 2e-2
+    hidden.float().square().mean().backward()
+    grads = [p.grad for p in lt.loldu_parameters(model)]
+    assert len(grads) == 6 * 2 * 2  # z and σ of query and value in 6 layers
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_effective_weight_and_weight_gradient_in_half_precision_match_float32(dtype):
+    """A half-precision embedding and its float32 copy (the same rounded values): W_eff is the
+    float32 one rounded once, and the gradient through the weight (loldu_weight_backward, the
+    numpy API's Adapter.weight_backward) is float32's, to float32 rounding, from the same dW."""
+    torch.manual_seed(6)
+    half = nn.Embedding(40, 24).to(dtype)
+    wide = copy.deepcopy(half).float()
+    layers = {}
+    for name, module in (("half", half), ("float32", wide)):
+        layers[name] = lt.LoLDUEmbedding(module, rank=8, z_init="s_normal", residual="init", seed=3)
+        with torch.no_grad():
+            layers[name].loldu_z["default"].mul_(torch.linspace(0.5, 1.5, 8))
+    w_half, w32 = layers["half"].effective_weight(), layers["float32"].effective_weight()
+    assert w_half.dtype == dtype and w32.dtype == torch.float32
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(w_half.float(), w32, rtol=eps, atol=eps * w32.abs().max().item())
+    # Distinct indices: the embedding's dW is the upstream gradient itself, the same rounded values.
+    indices = torch.randperm(40, generator=torch.Generator().manual_seed(1))[:30].view(5, 6)
+    upstream = torch.randn(5, 6, 24).to(dtype)
+    layers["half"](indices).backward(upstream)
+    layers["float32"](indices).backward(upstream.float())
+    for params in ("loldu_z", "loldu_sigma"):
+        mine, reference = getattr(layers["half"], params)["default"].grad, getattr(layers["float32"], params)["default"].grad
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item(), msg=params)
+
+
+def test_a_float32_checkpoint_on_a_bf16_copy_is_another_weight_unless_exactly_representable(tmp_path):
+    """loldu_checkpoint_apply: the base weight's fingerprint (of its values) must be the saved
+    one. A float32 weight rounded to bf16 is another weight (MismatchError, the model unchanged);
+    float32 weights that bf16 represents exactly, and a bf16 checkpoint on the float32 copy, load."""
+    def trained(model):
+        lt.add_loldu(model, ["0", "2"], rank=6)
+        with torch.no_grad():
+            model[2].loldu_z["default"].add_(0.25)
+        return model
+
+    model = trained(small_model())
+    lt.save_loldu(model, tmp_path / "float32")
+    rounded = small_model().to(torch.bfloat16)
+    with pytest.raises(loldu.MismatchError, match="base weight differs .* saved on a float32 weight and this one is bfloat16"):
+        lt.load_loldu(rounded, tmp_path / "float32")
+    assert not lt.loldu_layers(rounded)
+
+    x = torch.randn(3, 16)
+    for saved, loaded in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        source = trained(small_model().to(torch.bfloat16).to(saved))  # weights bf16 represents exactly
+        lt.save_loldu(source, tmp_path / str(saved))
+        target = lt.load_loldu(small_model().to(torch.bfloat16).to(loaded), tmp_path / str(saved))
+        for i in (0, 2):
+            assert torch.equal(target[i].loldu_z["default"], source[i].loldu_z["default"])
+        torch.testing.assert_close(target(x.to(loaded)).float(), source(x.to(saved)).float(), rtol=0.03, atol=0.03)

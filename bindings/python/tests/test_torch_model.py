@@ -285,7 +285,7 @@ def test_failed_model_operations_leave_the_model_as_it_was(tmp_path):
         lt.add_loldu(plain, ["0", "2"], rank=10)  # fits layer 0 (12 × 16), not layer 2 (8 × 12)
     assert snapshot(plain) == before
 
-    lt.add_loldu(model, ["2"], rank=4, adapter_name="c")
+    lt.add_loldu(model, ["2"], rank=4, adapter_name="c", mark_trainable=False)  # "default" stays active
     before = snapshot(model)
     with pytest.raises(loldu.InvalidArgumentError, match="already has an adapter named 'c'"):
         lt.add_weighted_adapter(model, ["default"], [1.0], "c")
@@ -326,7 +326,7 @@ def test_deleting_adapters_as_peft_does(tmp_path):
     reference = small()
     x = torch.randn(3, 16)
     lt.delete_adapter(model, "default")
-    assert lt.loldu_layers(model)["2"].active_adapters == []
+    assert not lt.loldu_layers(model)["2"].loldu_config and lt.active_adapters(model) == ["only0"]
     with torch.no_grad():
         expected = reference[2](model[1](model[0](x)))
         torch.testing.assert_close(model(x), expected)

@@ -6,7 +6,9 @@ any number of named adapters on that weight, as PEFT's LoRA layers do: ``loldu_z
 that *share memory* with the library's adapters. All adapters of a layer share one set of
 frozen factors (the LU of the weight, computed once at the largest rank asked for), so an added
 adapter costs its r + 1 numbers. ``active_adapters`` compute by default; a mixed batch gives each
-sample its own adapter (``adapter_names=`` or ``loldu.torch.mixed_batch``).
+sample its own adapter (``adapter_names=`` or ``loldu.torch.mixed_batch``). As in PEFT, the active
+names are the model's: a layer skips those it does not have (without any, it computes its base
+layer), and a mixed batch's rows for an adapter the layer lacks get the base layer's output.
 
 Element types: the layer computes in its base weight's dtype: float32, float64, bfloat16 or
 float16 (``model.to(torch.bfloat16)``, ``from_pretrained(..., torch_dtype=torch.bfloat16)``).
@@ -32,7 +34,7 @@ import loldu as _loldu
 
 from .. import _capi
 from .._arrays import NUMPY_DTYPES
-from ..adapter import INIT_CHANGE_WARNING, Adapter, AdapterConfig, init_change_advice
+from ..adapter import Adapter, AdapterConfig, init_change_advice
 from ..errors import DeviceError, DTypeError, InvalidArgumentError, LoLDUWarning, ShapeError, StateError, check
 from ._functions import (LIBRARY_DTYPES, GroupedLinearFunction, LinearFunction, WeightFunction, linear, parameter_dtype,
                          refuse_tracing)
@@ -140,12 +142,18 @@ class LoLDULayer(nn.Module):
 
     # -- adapters ------------------------------------------------------------------------------
 
+    def _present_active(self) -> list[str]:
+        """The active adapters this layer has: those it computes (PEFT's layers skip the others)."""
+        return [name for name in self.active_adapters if name in self._adapters]
+
     @property
     def active_adapter(self) -> str:
-        """The (first) active adapter's name."""
-        if not self.active_adapters:
-            raise StateError(f"{self.loldu_name}: no active adapter (set_adapter)", _capi.LOLDU_ERR_STATE)
-        return self.active_adapters[0]
+        """The (first) active adapter the layer has."""
+        names = self._present_active()
+        if not names:
+            raise StateError(f"{self.loldu_name}: none of the active adapters {self.active_adapters} is on this "
+                             f"layer (it has {list(self._adapters)}; set_adapter)", _capi.LOLDU_ERR_STATE)
+        return names[0]
 
     @property
     def adapter(self) -> Adapter:
@@ -177,7 +185,7 @@ class LoLDULayer(nn.Module):
             if values is not None:
                 self._restore(adapter, values)
             else:
-                self._warn_init_change(adapter, config)
+                self._warn_init_change(adapter)
         except BaseException:
             adapter.close()
             if factors is not None:
@@ -185,10 +193,10 @@ class LoLDULayer(nn.Module):
             raise
         self._install(adapter_name, config, adapter, factors)
 
-    def _warn_init_change(self, adapter: Adapter, config: AdapterConfig) -> None:
+    def _warn_init_change(self, adapter: Adapter) -> None:
         """The warning of an initialisation that moves the pretrained layer far (see INIT_CHANGE_WARNING)."""
-        if (change := adapter._raw_info().init_change) > INIT_CHANGE_WARNING:
-            warnings.warn(f"{self.loldu_name}: {init_change_advice(change, config)}", LoLDUWarning, stacklevel=4)
+        if (advice := init_change_advice(adapter)) is not None:
+            warnings.warn(f"{self.loldu_name}: {advice}", LoLDUWarning, stacklevel=4)
 
     def _new_adapter(self, config: AdapterConfig) -> tuple[AdapterConfig, Adapter, Adapter | None]:
         """An adapter for ``config`` (its rank resolved) that is not part of the layer yet: on the
@@ -311,10 +319,10 @@ class LoLDULayer(nn.Module):
 
     def set_adapter(self, adapter_names) -> None:
         """Makes ``adapter_names`` (a name or a list) the active adapters; their parameters
-        require grad, the others' do not (as PEFT's ``set_adapter``)."""
+        require grad, the others' do not (as PEFT's ``set_adapter``). Names the layer does not have
+        are kept, as PEFT keeps them: they compute nothing here (``loldu.torch.set_adapter``
+        checks that each is on some layer of the model)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
-            self.get_adapter(name)
         self.active_adapters = names
         for name in self._adapters:
             active = name in names
@@ -324,7 +332,7 @@ class LoLDULayer(nn.Module):
     def refactor(self) -> None:
         """Factors the base weight again (after its values changed), keeping every z and σ."""
         matrix = self._weight_matrix(self._base_weight().detach())
-        self._factor(matrix, self._factors.rank, self.loldu_config[self.active_adapter].borrow_weight)
+        self._factor(matrix, self._factors.rank, self._factors.config.borrow_weight)
 
     # -- checks before use ----------------------------------------------------------------------
 
@@ -434,13 +442,16 @@ class LoLDULayer(nn.Module):
     def _training(*tensors) -> bool:
         return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
-    def _single_name(self) -> str:
-        if len(self.active_adapters) != 1:
+    def _single_name(self) -> str | None:
+        """The adapter a call without a mixed batch computes with: the one active adapter the layer
+        has (disabled: any of them); ``None``: the base layer (the layer has none of them)."""
+        names = self._present_active()
+        if len(names) > 1 and not self._disabled:  # (disabled, each computes the base weight)
             raise StateError(
-                f"{self.loldu_name}: {len(self.active_adapters)} active adapters {self.active_adapters}; "
+                f"{self.loldu_name}: {len(names)} active adapters {names}; "
                 "compute with one (set_adapter), combine them (add_weighted_adapter), or give each "
                 "sample its own (adapter_names=, loldu.torch.mixed_batch)", _capi.LOLDU_ERR_STATE)
-        return self.active_adapters[0]
+        return names[0] if names else None
 
     def _effective_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         adapter = self._computing_adapter(name, dtype)
@@ -463,12 +474,18 @@ class LoLDULayer(nn.Module):
 
     @property
     def merged(self) -> bool:
-        return self.adapter.merged
+        """Whether the adapter the layer computes with is merged (False without one)."""
+        names = self._present_active()
+        return bool(names) and self._adapters[names[0]].merged
 
     def merge(self) -> None:
         """Computes with a merged weight until ``unmerge()`` (z and σ must not change meanwhile:
-        as in PEFT, they get no gradient, so an optimiser leaves them alone)."""
-        name = self.active_adapter
+        as in PEFT, they get no gradient, so an optimiser leaves them alone). A layer that has none
+        of the active adapters has nothing to merge."""
+        names = self._present_active()
+        if not names:
+            return
+        name = names[0]
         self._prepare(name).merge()
         self._merged.add(name)
 
@@ -490,18 +507,20 @@ class LoLDULayer(nn.Module):
     # -- mixed batches ------------------------------------------------------------------------
 
     def _mixed_rows(self, names, x: torch.Tensor, sample_dim: int) -> tuple[list[str], np.ndarray]:
-        """The distinct adapters of a mixed batch and, per sample, its index among them (-1 for
-        ``"__base__"``)."""
+        """The distinct adapters of a mixed batch that the layer has and, per sample, its index
+        among them: -1 for ``"__base__"`` and for an adapter the layer lacks (its rows get the base
+        layer's output, as in PEFT's ``_mixed_batch_forward``)."""
         if len(names) != x.shape[sample_dim]:
             raise ShapeError(f"{self.loldu_name}: adapter_names has {len(names)} entries for a batch of "
                              f"{x.shape[sample_dim]} samples", _capi.LOLDU_ERR_SHAPE)
-        position: dict[str, int] = {BASE_NAME: -1}
+        position: dict[str, int] = {}
+        used: list[str] = []
         for name in names:
             if name not in position:
-                self.get_adapter(name)
-                position[name] = len(position) - 1
-        index = np.fromiter((position[name] for name in names), np.int32, len(names))
-        return [name for name in position if name != BASE_NAME], index
+                here = name != BASE_NAME and name in self._adapters
+                position[name] = len(used) if here else -1
+                used += [name] if here else []
+        return used, np.fromiter((position[name] for name in names), np.int32, len(names))
 
     # -- dtype / device conversions -------------------------------------------------------------
 
@@ -598,8 +617,8 @@ class LoLDULinear(LoLDULayer):
         base = self._modules["base_layer"]
         if (adapter_names is None and self._mixed is None and not self._disabled and type(x) is torch.Tensor
                 and x.dim() == 2 and x.dtype == base._parameters["weight"].dtype and x.device.type == "cpu"
-                and len(self.active_adapters) == 1 and not torch.is_autocast_enabled("cpu")
-                and x.shape[1] == base.in_features):
+                and len(self.active_adapters) == 1 and self.active_adapters[0] in self._adapters
+                and not torch.is_autocast_enabled("cpu") and x.shape[1] == base.in_features):
             # The common call, every check below passed: attributes read once, as cheaply as can be.
             name = self.active_adapters[0]
             return self._forward_one(x.contiguous(), name, self._prepare(name), base._parameters["bias"])
@@ -613,17 +632,18 @@ class LoLDULinear(LoLDULayer):
                 _capi.LOLDU_ERR_SHAPE,
             )
         names = adapter_names if adapter_names is not None else self._mixed
-        if not self.active_adapters and (names is None or self._disabled):
-            return base(x)  # every adapter deleted: the pretrained module, as PEFT computes it
+        mixed = names is not None and not self._disabled
+        name = None if mixed else self._single_name()
+        if not mixed and name is None:
+            return base(x)  # no active adapter here: the pretrained module, as PEFT computes it
         flat = x.dim() == 2
         x2 = (x if flat else x.reshape(-1, n)).contiguous()
         bias = base.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        if names is not None and not self._disabled:
+        if mixed:
             y = self._mixed_forward(names, x, x2, bias, dtype)
         else:
-            name = self._single_name() if not self._disabled else self.active_adapters[0]
             y = self._forward_one(x2, name, self._computing_adapter(name, dtype), bias)
         return y if flat else y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -646,7 +666,7 @@ class LoLDULinear(LoLDULayer):
         if not used:  # every sample on the pretrained layer
             if not self._adapters:
                 return F.linear(x2, self._base_weight().to(dtype), bias)
-            used = [self.active_adapters[0] if self.active_adapters else next(iter(self._adapters))]
+            used = [next(iter(self._adapters))]  # (any adapter's factors compute the base rows)
         self._check_weight()
         if dtype == self.dtype:
             adapters = [self._bound(name) for name in used]
@@ -667,10 +687,10 @@ class _WeightSpaceLayer(LoLDULayer):
 
     def _forward_weights(self, x: torch.Tensor, dtype: torch.dtype, sample_dim: int = 0) -> torch.Tensor:
         names = self._mixed
-        if not self.active_adapters and (names is None or self._disabled):
-            return self.base_layer(x)  # every adapter deleted: the pretrained module
         if names is None or self._disabled:
-            name = self._single_name() if not self._disabled else self.active_adapters[0]
+            name = self._single_name()
+            if name is None:
+                return self.base_layer(x)  # no active adapter here: the pretrained module
             return self._compute(x, self._effective_weight(name, dtype).reshape(self._base_weight().shape))
         used, index = self._mixed_rows(names, x, sample_dim)
         outputs = [None] * len(names)

@@ -21,7 +21,7 @@ from ..adapter import Adapter, AdapterConfig
 from ..checkpoint import Checkpoint
 from ..errors import DTypeError, InvalidArgumentError, LoLDUWarning, MismatchError, NotFiniteError, ShapeError, StateError
 from ._functions import LIBRARY_DTYPES
-from .layers import LoLDULayer, layer_class
+from .layers import BASE_NAME, LoLDULayer, layer_class
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -141,8 +141,8 @@ def add_loldu(
                                        borrow_weight=borrow_weight)
                 if isinstance(module, LoLDULayer):
                     if adapter_name not in module.loldu_config:  # (one it has already is left as it is)
-                        config, adapter, install = _stage_adapter(module, adapter_name, config, made)
-                        module._warn_init_change(adapter, config)
+                        _, adapter, install = _stage_adapter(module, adapter_name, config, made)
+                        module._warn_init_change(adapter)
                         installs.append(install)
                 else:
                     installs.append(_stage_layer(root, name, module, config, adapter_name, made, frozen)[1])
@@ -168,55 +168,81 @@ def add_loldu(
 # Named adapters
 # ---------------------------------------------------------------------------------------------
 
+def _names_of(layers: Mapping[str, LoLDULayer]) -> list[str]:
+    """Every adapter name any of ``layers`` has, in the order added."""
+    seen: dict[str, None] = {}
+    for layer in layers.values():
+        seen.update(dict.fromkeys(layer.loldu_config))
+    return list(seen)
+
+
+def _check_known(layers: Mapping[str, LoLDULayer], names, argument: str) -> None:
+    """``InvalidArgumentError`` naming ``argument`` if one of ``names`` is on no LoLDU layer (as
+    PEFT refuses an adapter that is not in the model; a name on some layers only is fine)."""
+    known = _names_of(layers)
+    missing = list(dict.fromkeys(n for n in names if n not in known))
+    if missing:
+        raise InvalidArgumentError(
+            f"{argument}: no LoLDU layer has adapter {', '.join(map(repr, missing))}; the model's adapters are "
+            f"{known}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+
+
 def set_adapter(model: nn.Module, adapter_name) -> None:
-    """Makes ``adapter_name`` (a name, or a list) the active adapter(s) of every LoLDU layer that
-    has it; only the active adapters' parameters require grad (PEFT's ``set_adapter``)."""
+    """Makes ``adapter_name`` (a name, or a list) the active adapter(s) of every LoLDU layer, as
+    PEFT's ``set_adapter``: a layer that lacks an active adapter skips it (without any, it computes
+    its base layer); only the active adapters' parameters require grad. ``InvalidArgumentError``
+    if a name is on no layer."""
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-    layers = [layer for layer in loldu_layers(model).values() if all(n in layer.loldu_config for n in names)]
-    if not layers:
-        raise InvalidArgumentError(f"no LoLDU layer has adapter(s) {names}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    for layer in layers:
+    layers = loldu_layers(model)
+    _check_known(layers, names, "adapter_name")
+    for layer in layers.values():
         layer.set_adapter(names)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    """The active adapters (of the first LoLDU layer; ``set_adapter`` keeps layers in step)."""
+    """The active adapters, as ``set_adapter`` set them on every layer (including the names some
+    layers lack; read from the first LoLDU layer)."""
     layers = list(loldu_layers(model).values())
     return list(layers[0].active_adapters) if layers else []
 
 
 def adapter_names(model: nn.Module) -> list[str]:
     """Every adapter name any LoLDU layer has, in the order added."""
-    seen: dict[str, None] = {}
-    for layer in loldu_layers(model).values():
-        seen.update(dict.fromkeys(layer.loldu_config))
-    return list(seen)
+    return _names_of(loldu_layers(model))
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Deletes ``adapter_name`` from every LoLDU layer that has it (PEFT's ``delete_adapter``)."""
-    layers = [layer for layer in loldu_layers(model).values() if adapter_name in layer.loldu_config]
-    if not layers:
-        raise InvalidArgumentError(f"no LoLDU layer has adapter {adapter_name!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    for layer in layers:
-        layer.delete_adapter(adapter_name)
+    """Deletes ``adapter_name`` from every LoLDU layer that has it (PEFT's ``delete_adapter``). If
+    it was active, the other active adapters stay so, or, if none, the model's first remaining
+    adapter becomes active, on every layer alike."""
+    layers = loldu_layers(model)
+    _check_known(layers, [adapter_name], "adapter_name")
+    was_active = [(layer, list(layer.active_adapters)) for layer in layers.values()
+                  if adapter_name in layer.active_adapters]
+    for layer in layers.values():
+        if adapter_name in layer.loldu_config:
+            layer.delete_adapter(adapter_name)
+    first = _names_of(layers)[:1]
+    for layer, active in was_active:
+        layer.set_adapter([a for a in active if a != adapter_name] or first)
 
 
 def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str) -> None:
     """Adds ``adapter_name`` = Σ weights[i] · adapters[i], exactly: all adapters of a layer share
     its factors, so their updates ``A diag(c) U_r`` combine by combining the coefficient vectors
     ``c`` (no SVD, no loss; PEFT's ``combination_type="linear"`` for LoRA is not exact).
-    The new adapter has rank max(ranks), σ = 1 (alpha = rank) and residual ``pivots``, with
-    ``z = Σ w_i c_i + D_r``."""
+    The new adapter has rank max(ranks), σ = 1 (alpha = rank), ``z_init="zeros"`` and residual
+    ``init`` (so ``W_res = W`` and its coefficients are its z): ``z = c = Σ w_i c_i``, summed in
+    float64 and rounded once to the parameter type. It saves and loads as any adapter."""
     if len(adapters) != len(weights) or not adapters:
         raise InvalidArgumentError("adapters and weights must be non-empty lists of the same length",
                                    _capi.LOLDU_ERR_INVALID_ARGUMENT)
     for i, weight in enumerate(weights):
         if not math.isfinite(float(weight)):
             raise InvalidArgumentError(f"weights[{i}] = {weight} must be finite", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    layers = [layer for layer in loldu_layers(model).values() if any(a in layer.loldu_config for a in adapters)]
-    if not layers:
-        raise InvalidArgumentError(f"no LoLDU layer has adapter(s) {adapters}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    every = loldu_layers(model)
+    _check_known(every, adapters, "adapters")
+    layers = [layer for layer in every.values() if any(a in layer.loldu_config for a in adapters)]
     for layer in layers:  # (every refusal before any layer changes)
         if adapter_name in layer.loldu_config:
             raise InvalidArgumentError(f"{layer.loldu_name} already has an adapter named {adapter_name!r}",
@@ -230,9 +256,9 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
             for name, weight in present:
                 coefficients = adapter_coefficients(layer, name)
                 c[: coefficients.numel()] += float(weight) * coefficients
-            d = torch.from_numpy(layer._factors.factor("diag")[:rank]).double()
-            config = AdapterConfig(rank=rank, borrow_weight=layer.loldu_config[present[0][0]].borrow_weight)
-            layer.update_layer(adapter_name, config, values=((c + d).to(layer.param_dtype), torch.ones(1)))
+            config = AdapterConfig(rank=rank, z_init="zeros", residual="init",
+                                   borrow_weight=layer.loldu_config[present[0][0]].borrow_weight)
+            layer.update_layer(adapter_name, config, values=(c.to(layer.param_dtype), torch.ones(1)))
             done.append(layer)
             layer.set_adapter(layer.active_adapters)
     except BaseException:
@@ -252,8 +278,12 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]):
     """Within the block, sample ``i`` of every forward uses adapter ``adapter_names[i]``
     (``"__base__"``: the pretrained model), at one adapter's cost per layer, for models whose
     ``forward`` does not pass ``adapter_names=`` down (PEFT's mixed-batch inference, usable for
-    training too: each adapter gets the gradient of its own samples)."""
-    layers = list(loldu_layers(model).values())
+    training too: each adapter gets the gradient of its own samples). As in PEFT, a layer that
+    lacks a sample's adapter gives that sample its base output; ``InvalidArgumentError`` if a
+    name is on no layer."""
+    every = loldu_layers(model)
+    _check_known(every, [name for name in adapter_names if name != BASE_NAME], "adapter_names")
+    layers = list(every.values())
     previous = [layer._mixed for layer in layers]
     try:
         for layer in layers:
@@ -323,11 +353,9 @@ def loldu_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[
     default): the tensors a checkpoint holds, without the adapter name (PEFT's
     ``get_peft_model_state_dict``)."""
     out = {}
-    for name, layer in loldu_layers(model).items():
-        adapter = adapter_name or _active(layer)
-        if adapter in layer.loldu_config:
-            out[f"{name}.loldu_z"] = layer.loldu_z[adapter].detach().clone()
-            out[f"{name}.loldu_sigma"] = layer.loldu_sigma[adapter].detach().clone()
+    for name, (layer, adapter) in _chosen(loldu_layers(model), adapter_name).items():
+        out[f"{name}.loldu_z"] = layer.loldu_z[adapter].detach().clone()
+        out[f"{name}.loldu_sigma"] = layer.loldu_sigma[adapter].detach().clone()
     return out
 
 
@@ -335,13 +363,9 @@ def set_loldu_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
                          adapter_name: str | None = None) -> tuple[list, list]:
     """Copies ``NAME.loldu_z`` / ``NAME.loldu_sigma`` values into one adapter (the active one by
     default); returns ``(missing, unexpected)`` keys. ``StateError`` if it is merged."""
-    layers = loldu_layers(model)
     own = {}
-    for name, layer in layers.items():
-        adapter = adapter_name or _active(layer)
-        if adapter in layer.loldu_config:
-            own[f"{name}.loldu_z"] = (layer, adapter)
-            own[f"{name}.loldu_sigma"] = (layer, adapter)
+    for name, chosen in _chosen(loldu_layers(model), adapter_name).items():
+        own[f"{name}.loldu_z"] = own[f"{name}.loldu_sigma"] = chosen
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     targets = {}
@@ -385,19 +409,25 @@ def _active(layer: LoLDULayer) -> str | None:
     return layer.active_adapters[0] if layer.active_adapters else None
 
 
+def _chosen(layers: Mapping, adapter_name: str | None, *, required: bool = False) -> dict:
+    """``{key: (layer, adapter)}`` for the layers that have adapter ``adapter_name`` (by default
+    each layer's first active adapter); with ``required``, ``InvalidArgumentError`` if none has."""
+    out = {}
+    for key, layer in layers.items():
+        adapter = adapter_name or _active(layer)
+        if adapter in layer.loldu_config:
+            out[key] = (layer, adapter)
+    if required and not out:
+        what = f"adapter {adapter_name!r}" if adapter_name else "an active adapter"
+        raise InvalidArgumentError(f"no LoLDU layer has {what}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    return out
+
+
 def _names_and_adapters(model: nn.Module, adapter_name: str | None) -> dict[str, Adapter]:
     layers = loldu_layers(model)
     if not layers:
         raise InvalidArgumentError("the model has no LoLDU layer (call add_loldu first)", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    adapters = {}
-    for name, layer in layers.items():
-        adapter = adapter_name or _active(layer)
-        if adapter in layer.loldu_config:
-            adapters[name] = layer._prepare(adapter)
-    if not adapters:
-        what = f"adapter {adapter_name!r}" if adapter_name else "an active adapter"
-        raise InvalidArgumentError(f"no LoLDU layer has {what}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    return adapters
+    return {name: layer._prepare(adapter) for name, (layer, adapter) in _chosen(layers, adapter_name, required=True).items()}
 
 
 def save_loldu(model: nn.Module, directory, adapter_name: str | None = None) -> None:
@@ -525,8 +555,7 @@ def merge_loldu(model: nn.Module) -> None:
     ``unmerge_loldu``). Reversible, as PEFT's ``merge_adapter``; ``merge_and_unload`` removes the
     layers instead (what the reference code's ``merge_loldu`` does)."""
     for layer in loldu_layers(model).values():
-        if layer.active_adapters:  # (a layer whose adapters were all deleted computes its base already)
-            layer.merge()
+        layer.merge()  # (a layer without an active adapter computes its base already)
 
 
 def unmerge_loldu(model: nn.Module) -> None:

@@ -11,13 +11,13 @@ import loldu as _loldu
 from .. import _capi
 from ..errors import InvalidArgumentError, StateError
 from .layers import LoLDULayer
-from .model import loldu_layers
+from .model import _chosen, loldu_layers
 
 
 class Optimizer:
     """``Optimizer(model_or_layers, kind="adamw", lr=1e-3, adapter_name=None, **options)``
     (options as ``loldu.Optimizer``: schedule, warm-up, clipping, σ's rate...) over one adapter
-    of each layer (the active one by default).
+    of each layer (the active one by default), on the layers that have it.
 
     The parameters' ``.grad`` are the library's own gradient buffers: ``zero_grad()`` sets them
     (zeroed) before the backward, autograd accumulates into them in place, and ``step()`` updates
@@ -38,7 +38,7 @@ class Optimizer:
             raise InvalidArgumentError("Optimizer needs a model with LoLDU layers or a list of LoLDU layers",
                                        _capi.LOLDU_ERR_INVALID_ARGUMENT)
         layers = list(dict.fromkeys(layers))  # a layer shared by two modules is updated once
-        self.entries = [(layer, adapter_name or layer.active_adapter) for layer in layers]
+        self.entries = list(_chosen(dict(enumerate(layers)), adapter_name, required=True).values())
         adapters = [layer._prepare(name) for layer, name in self.entries]
         self._optimizer = _loldu.Optimizer(adapters, kind, lr, **options)
         self.zero_grad()
