@@ -749,7 +749,7 @@ LOLDU_API loldu_status loldu_checkpoint_values(const loldu_checkpoint *checkpoin
  * shape[0] × the rest).
  *
  * base_dir holds the weights as transformers writes them: "model.safetensors", or shards listed in
- * "model.safetensors.index.json"; the files are mapped, not read whole. Layer NAME's weight is
+ * "model.safetensors.index.json"; only the tensors used are read. Layer NAME's weight is
  * the tensor (1) "NAME.weight"; else (2) the one tensor ending in ".NAME.weight" (the file's names
  * carry a prefix such as "bert."); else (3) NAME without its first components, as few as possible
  * (the layer names carry a prefix the file lacks). Its bias is the same name ending in ".bias".
