@@ -105,7 +105,8 @@ let helps: [String: String] = [
 
           --base MODEL   the base model directory
           --out DIR      the new directory (or an empty one). It appears only when complete.
-          --dtype T      convert every float tensor to f32, f16 or bf16 (default: keep each type)
+          --dtype T      convert every F32, F16 and BF16 tensor to f32, f16 or bf16 (F64 and
+                         integer tensors keep their type; default: every tensor keeps its type)
         """,
 ]
 
@@ -478,6 +479,10 @@ let commands: [String: ([String]) throws(Failure) -> Void] = [
         if args.count > 1, let help = helps[args[1]] { print(help) } else { print(usage) }
         return Exit.ok.rawValue
     case "--version", "version":
+        guard args.count == 1 else {
+            printError("loldu: \(first) takes no arguments, got \(args.dropFirst().joined(separator: " "))\n")
+            return Exit.usage.rawValue
+        }
         print("loldu \(String(cString: loldu_version_string()))")
         return Exit.ok.rawValue
     default:

@@ -48,6 +48,7 @@ def tensors(directory) -> dict[str, torch.Tensor]:
 
 def test_version_help_and_usage_errors():
     assert run("--version").stdout.strip() == f"loldu {loldu.HEADER_VERSION}"
+    assert "takes no arguments" in run("--version", "extra", check_code=2).stderr
     assert "export-lora" in run("--help").stdout
     for command in ("inspect", "verify", "export-lora", "merge"):
         assert run(command, "--help").stdout.startswith(f"usage: loldu {command}")
