@@ -89,7 +89,7 @@ $(BUILD)/faults: Tests/c/faults.c build
 	cc -std=c11 $(CFLAGS_STRICT) -O2 $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu) -lm -o $@
 
 $(BUILD)/backend: Tests/c/backend.c build
-	cc -std=c11 $(CFLAGS_STRICT) -O2 $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu openblas) -o $@
+	cc -std=c11 $(CFLAGS_STRICT) -O2 $< $$(PKG_CONFIG_PATH=$(BUILD) pkg-config --cflags --libs loldu openblas) -lm -o $@
 
 test-c: $(BUILD)/quickstart $(BUILD)/train $(BUILD)/serve $(BUILD)/faults $(BUILD)/backend
 	cc -std=c11 $(CFLAGS_STRICT) -Iinclude -c Tests/c/header_check.c -o $(BUILD)/header_check_c.o

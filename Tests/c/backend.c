@@ -3,10 +3,12 @@
  * against /proc/cpuinfo and the core OpenBLAS reports in the same process.
  *
  *   backend          run the checks (starts itself as "backend child" in each environment)
- *   backend child    print "core f32 f64 bf16 f16" for this process
+ *   backend child    print "core f32 f64 bf16 f16" for this process, then a float32 training
+ *                    step's results (sums over y and dX), which must agree whichever library ran
  */
 #define _POSIX_C_SOURCE 200809L
 #include <loldu.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,8 +47,32 @@ static int in_list(const char *word, const char *list) {
     return 0;
 }
 
-/* Runs this program as a child with `env` and reads its line. */
-static int child(const char *self, char *const env[], char core[64], int b[4]) {
+/* A float32 step on a fixed 64 × 48 layer (rank 16, trained z, 8 rows): the sums of y, of |y|,
+   of dX and of |dX|, in double. */
+enum { SM = 64, SN = 48, SB = 8 };
+static int step_sums(double sums[4]) {
+    static float w[SM * SN], x[SB * SN], dy[SB * SM], y[SB * SM], dx[SB * SN], z[16];
+    for (int i = 0; i < SM * SN; i++) w[i] = (float)sin(0.37 * i) + (i % (SN + 1) == 0 ? 3.0f : 0.0f);
+    for (int i = 0; i < SB * SN; i++) x[i] = (float)cos(0.11 * i);
+    for (int i = 0; i < SB * SM; i++) dy[i] = (float)sin(0.23 * i);
+    loldu_config c;
+    loldu_config_default(&c);
+    c.rank = 16;
+    loldu_adapter *a = NULL;
+    if (loldu_adapter_create(&a, LOLDU_FLOAT32, SM, SN, w, NULL, &c) != LOLDU_OK) return 0;
+    int ok = loldu_get_z(a, z) == LOLDU_OK;
+    for (int k = 0; k < 16; k++) z[k] *= 1.0f + 0.05f * (float)k;
+    ok = ok && loldu_set_z(a, z) == LOLDU_OK && loldu_forward(a, SB, x, y, NULL) == LOLDU_OK
+         && loldu_backward(a, SB, x, dy, dx, NULL) == LOLDU_OK;
+    loldu_adapter_free(a);
+    for (int j = 0; j < 4; j++) sums[j] = 0;
+    for (int i = 0; i < SB * SM; i++) { sums[0] += y[i]; sums[1] += fabs(y[i]); }
+    for (int i = 0; i < SB * SN; i++) { sums[2] += dx[i]; sums[3] += fabs(dx[i]); }
+    return ok;
+}
+
+/* Runs this program as a child with `env` and reads its lines. */
+static int child(const char *self, char *const env[], char core[64], int b[4], double sums[4]) {
     int fd[2];
     if (pipe(fd) != 0) return 0;
     pid_t pid = fork();
@@ -58,17 +84,21 @@ static int child(const char *self, char *const env[], char core[64], int b[4]) {
     }
     close(fd[1]);
     FILE *out = fdopen(fd[0], "r");
-    int n = fscanf(out, "%63s %d %d %d %d", core, &b[0], &b[1], &b[2], &b[3]);
+    int n = fscanf(out, "%63s %d %d %d %d %lf %lf %lf %lf", core, &b[0], &b[1], &b[2], &b[3],
+                   &sums[0], &sums[1], &sums[2], &sums[3]);
     fclose(out);
     int status = 0;
     waitpid(pid, &status, 0);
-    return n == 5 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    return n == 9 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "child") == 0) {
         printf("%s %d %d %d %d\n", openblas_get_corename(), backend_of(LOLDU_FLOAT32), backend_of(LOLDU_FLOAT64),
                backend_of(LOLDU_BFLOAT16), backend_of(LOLDU_FLOAT16));
+        double sums[4];
+        if (!step_sums(sums)) return 1;
+        printf("%.17g %.17g %.17g %.17g\n", sums[0], sums[1], sums[2], sums[3]);
         return 0;
     }
     const char *description = NULL;
@@ -83,10 +113,11 @@ int main(int argc, char **argv) {
     char *clean[] = {NULL};
     char *old[] = {"OPENBLAS_CORETYPE=Prescott", NULL};
     struct { const char *what; char *const *env; } runs[] = {{"env -i", clean}, {"OPENBLAS_CORETYPE=Prescott", old}};
+    double sums[2][4];
     for (int i = 0; i < 2; i++) {
         char core[64] = "";
         int got[4];
-        CHECK(child(argv[0], runs[i].env, core, got), "%s: the child ran", runs[i].what);
+        CHECK(child(argv[0], runs[i].env, core, got, sums[i]), "%s: the child ran", runs[i].what);
         for (char *c = core; *c; c++) *c = (char)(*c >= 'A' && *c <= 'Z' ? *c + 32 : *c);
         const char *avx512_cores = "skylakex cooperlake sapphirerapids";
         int current = avx512 ? in_list(core, avx512_cores)
@@ -104,6 +135,16 @@ int main(int argc, char **argv) {
         if (i == 1 && avx2) CHECK(got[0] == (onednn ? LOLDU_BACKEND_ONEDNN : LOLDU_BACKEND_OPENBLAS),
                                   "Prescott kernels on an AVX2 CPU send float32 to oneDNN");
     }
+    /* The same float32 step from both processes (often on different GEMM libraries): float32
+       rounding apart, sums of |.| agree to 1e-5 relative and signed sums to 1e-5 of those. */
+    for (int j = 0; j < 4; j += 2) {
+        double scale = fmax(sums[0][j + 1], sums[1][j + 1]);
+        CHECK(fabs(sums[0][j] - sums[1][j]) <= 1e-5 * scale && fabs(sums[0][j + 1] - sums[1][j + 1]) <= 1e-5 * scale,
+              "the float32 step differs between the two processes' GEMM libraries: %s sums %.9g %.9g vs %.9g %.9g",
+              j == 0 ? "y" : "dX", sums[0][j], sums[0][j + 1], sums[1][j], sums[1][j + 1]);
+    }
+    printf("float32 step on both libraries: y sums %.6g / %.6g, dX sums %.6g / %.6g\n", sums[0][0], sums[1][0],
+           sums[0][2], sums[1][2]);
     CHECK(loldu_gemm_backend((loldu_dtype)9, &b, NULL) == LOLDU_ERR_INVALID_ARGUMENT, "an unknown dtype is refused");
     if (failures) return 1;
     printf("backend: all checks passed\n");
