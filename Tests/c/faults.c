@@ -168,6 +168,58 @@ static void grouped_out_of_memory(void) {
     loldu_adapter_free(a);
 }
 
+/* An empty file of `size` bytes (no blocks on disk). */
+static int sparse_file(const char *path, long size) {
+    FILE *f = fopen(path, "w");
+    if (!f) return 0;
+    fclose(f);
+    return truncate(path, size) == 0;
+}
+
+/* 1c. A huge file where a small one is expected (a sparse 256 MiB optimiser state and
+   checkpoint model file, within the 1 GiB read limit): with no memory left to read it, a
+   status, not a trap. */
+static void huge_files_out_of_memory(const char *dir) {
+    char state[512], ckpt[512], model[512], config[512];
+    snprintf(state, sizeof state, "%.300s/huge-state.safetensors", dir);
+    snprintf(ckpt, sizeof ckpt, "%.300s/huge-ckpt", dir);
+    snprintf(model, sizeof model, "%.300s/adapter_model.safetensors", ckpt);
+    snprintf(config, sizeof config, "%.300s/adapter_config.json", ckpt);
+    mkdir(ckpt, 0755);
+    FILE *c = fopen(config, "w");
+    if (c) { fputs("{\"peft_type\": \"LOLDU\"}", c); fclose(c); }
+    if (!sparse_file(state, 256L << 20) || !sparse_file(model, 256L << 20)) {
+        perror("sparse file");
+        failures++;
+        return;
+    }
+    loldu_adapter *a = make_adapter(LOLDU_FLOAT32, 8, 8, 4, 0);
+    loldu_optimizer_config oc;
+    loldu_optimizer_config_default(&oc, LOLDU_ADAMW);
+    loldu_optimizer *opt = NULL;
+    if (loldu_optimizer_create(&opt, &oc, &a, 1) != LOLDU_OK) { fprintf(stderr, "optimizer\n"); exit(1); }
+    struct rlimit saved, tight;
+    getrlimit(RLIMIT_AS, &saved);
+    FILE *f = fopen("/proc/self/statm", "r");
+    long pages = 0;
+    if (!f || fscanf(f, "%ld", &pages) != 1) { fprintf(stderr, "statm\n"); exit(1); }
+    fclose(f);
+    tight = saved;
+    tight.rlim_cur = (rlim_t)(pages * 4096L + (16L << 20));
+    setrlimit(RLIMIT_AS, &tight);
+    loldu_status load = loldu_optimizer_load(opt, state);
+    loldu_checkpoint *checkpoint = NULL;
+    loldu_status open = loldu_checkpoint_open(&checkpoint, ckpt);
+    setrlimit(RLIMIT_AS, &saved);
+    EXPECT(load == LOLDU_ERR_OUT_OF_MEMORY, "optimizer_load of a huge file returned %d", load);
+    EXPECT(open == LOLDU_ERR_OUT_OF_MEMORY, "checkpoint_open of a huge file returned %d", open);
+    EXPECT(checkpoint == NULL, "a failed open returned a checkpoint");
+    /* With memory back, the zeros are read and refused as what they are. */
+    EXPECT(loldu_optimizer_load(opt, state) == LOLDU_ERR_FORMAT, "a file of zeros is a format error");
+    loldu_optimizer_free(opt);
+    loldu_adapter_free(a);
+}
+
 static long file_size(const char *path) {
     struct stat st;
     return stat(path, &st) == 0 ? (long)st.st_size : -1;
@@ -464,6 +516,7 @@ int main(void) {
     if (!mkdtemp(dir)) { perror("mkdtemp"); return 1; }
     out_of_memory();
     grouped_out_of_memory();
+    huge_files_out_of_memory(dir);
     char save_dir[256], export_dir[256];
     snprintf(save_dir, sizeof save_dir, "%.200s/ckpt", dir);
     snprintf(export_dir, sizeof export_dir, "%.200s/export", dir);
