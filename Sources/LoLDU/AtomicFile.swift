@@ -247,7 +247,7 @@ public enum AtomicFile {
 
     /// The whole file, refusing anything larger than `limit` bytes; `nil` if it does not exist
     /// and `missingOK`. Memory that cannot be had is an `outOfMemory` error.
-    public static func read(_ path: String, limit: Int, missingOK: Bool = false) throws(LoLDUError) -> FileBytes? {
+    static func read(_ path: String, limit: Int, missingOK: Bool = false) throws(LoLDUError) -> FileBytes? {
         guard let (fd, size) = try openRegular(path, missingOK: missingOK) else { return nil }
         defer { close(fd) }
         guard size <= limit else {
@@ -268,7 +268,7 @@ public enum AtomicFile {
     }
 
     /// The whole file (see ``read(_:limit:missingOK:)``); a missing file is an `io` error.
-    public static func read(_ path: String, limit: Int) throws(LoLDUError) -> FileBytes {
+    static func read(_ path: String, limit: Int) throws(LoLDUError) -> FileBytes {
         guard let bytes = try read(path, limit: limit, missingOK: false) else { throw failure("cannot open", path) }
         return bytes
     }
@@ -295,16 +295,16 @@ public enum AtomicFile {
 
 /// Bytes read by range: a file read whole into memory (``FileBytes``) or an open file read on
 /// demand (``OpenFile``).
-public protocol ByteSource: AnyObject, Sendable {
+protocol ByteSource: AnyObject, Sendable {
     var count: Int { get }
     /// Copies the bytes in `range` (within `0..<count`) to `destination`.
     func read(_ range: Range<Int>, into destination: UnsafeMutableRawPointer) throws(LoLDUError)
 }
 
 /// A file's bytes in memory (see ``AtomicFile/read(_:limit:missingOK:)``).
-public final class FileBytes: ByteSource, @unchecked Sendable {
+final class FileBytes: ByteSource, @unchecked Sendable {
     private let storage: HeapBuffer<UInt8>
-    public let count: Int
+    let count: Int
 
     init(_ storage: HeapBuffer<UInt8>, count: Int) {
         self.storage = storage
@@ -312,17 +312,17 @@ public final class FileBytes: ByteSource, @unchecked Sendable {
     }
 
     /// A copy of `bytes`.
-    public convenience init(copying bytes: UnsafeRawBufferPointer) throws(LoLDUError) {
+    convenience init(copying bytes: UnsafeRawBufferPointer) throws(LoLDUError) {
         let storage = try HeapBuffer<UInt8>(count: bytes.count)
         if let base = bytes.baseAddress { storage.pointer.update(from: base.assumingMemoryBound(to: UInt8.self), count: bytes.count) }
         self.init(storage, count: bytes.count)
     }
 
-    public func withUnsafeBytes<R, Failure: Error>(_ body: (UnsafeRawBufferPointer) throws(Failure) -> R) throws(Failure) -> R {
+    func withUnsafeBytes<R, Failure: Error>(_ body: (UnsafeRawBufferPointer) throws(Failure) -> R) throws(Failure) -> R {
         try body(UnsafeRawBufferPointer(start: storage.pointer, count: count))
     }
 
-    public func read(_ range: Range<Int>, into destination: UnsafeMutableRawPointer) throws(LoLDUError) {
+    func read(_ range: Range<Int>, into destination: UnsafeMutableRawPointer) throws(LoLDUError) {
         destination.copyMemory(from: storage.pointer + range.lowerBound, byteCount: range.count)
     }
 }
@@ -330,12 +330,12 @@ public final class FileBytes: ByteSource, @unchecked Sendable {
 /// A regular file kept open and read by range (`pread`): a model's weights are read one tensor
 /// at a time instead of mapped, so memory stays near one tensor, and a file truncated by
 /// another process while in use is a `format` error, not a `SIGBUS`.
-public final class OpenFile: ByteSource, @unchecked Sendable {
+final class OpenFile: ByteSource, @unchecked Sendable {
     private let fd: Int32
-    public let count: Int
-    public let path: String
+    let count: Int
+    let path: String
 
-    public init(_ path: String) throws(LoLDUError) {
+    init(_ path: String) throws(LoLDUError) {
         guard let (fd, size) = try AtomicFile.openRegular(path) else { throw AtomicFile.failure("cannot open", path) }
         self.fd = fd
         self.count = size
@@ -344,7 +344,7 @@ public final class OpenFile: ByteSource, @unchecked Sendable {
 
     deinit { close(fd) }
 
-    public func read(_ range: Range<Int>, into destination: UnsafeMutableRawPointer) throws(LoLDUError) {
+    func read(_ range: Range<Int>, into destination: UnsafeMutableRawPointer) throws(LoLDUError) {
         var done = 0
         while done < range.count {
             let n = pread(fd, destination + done, range.count - done, off_t(range.lowerBound + done))

@@ -39,7 +39,7 @@ public enum SafeTensors {
     /// A parsed file: its bytes (read whole, or an open file read on demand) and the validated
     /// header.
     public struct File: Sendable {
-        public let source: any ByteSource
+        let source: any ByteSource
         /// Tensors in the order of their data.
         public let order: [String]
         public let tensors: [String: Tensor]
@@ -107,7 +107,7 @@ public enum SafeTensors {
     }
 
     /// Parses and validates the file in `source`.
-    public static func parse(_ source: any ByteSource, what: String) throws(LoLDUError) -> File {
+    static func parse(_ source: any ByteSource, what: String) throws(LoLDUError) -> File {
         func fail(_ message: String) -> LoLDUError { LoLDUError(.format, "\(what): \(message)") }
         let size = source.count
         guard size >= 8 else {
