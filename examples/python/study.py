@@ -162,11 +162,13 @@ SWEEP: list[tuple[str, list[Setting]]] = [
 # (q, k, v, o); LoLDU full rank on q, v with plain AdamW at its best rate and with the best
 # scale-aware variant; LoLDU on more modules: r = 64 on every linear layer (within 1/20 of LoRA's
 # parameters) and full rank on the attention projections (its best sweep accuracy); and LoLDU at
-# 3e-4 (its best sweep rate, within noise of 1e-3), in case four times the steps favour it.
+# 3e-4 (its best sweep rate, within noise of 1e-3), in case four times the steps favour it; and
+# the library's default itself (σ trained), which the sweep found equal to σ frozen.
 FINAL: list[Setting] = [
     R(1e-3),
     R(1e-3, "attn"),
     L(rank="full", train_sigma=False, lr=1e-3),
+    L(rank="full", lr=1e-3),
     L(rank="full", train_sigma=False, lr=3e-4),
     L(rank="full", train_sigma=False, update="effect", lr=3e-2),
     L(rank=64, train_sigma=False, targets="all", lr=1e-3),
