@@ -7,6 +7,11 @@ environment variable. ``LOLDU_PREBUILT=/path/to/libloldu.so`` ships a library bu
 instead. An editable install (``pip install -e``) builds nothing: the package then uses the
 checkout's ``.build/release/libloldu.so`` (``make build``).
 
+An sdist (``python -m build``, which then builds the wheel from the unpacked sdist) carries the
+Swift package it needs in ``swift/`` (``SWIFT_PACKAGE``: the manifest, the sources with their
+module maps, the header and the test target the manifest declares), and is built from that copy,
+away from the repository.
+
 The metadata is in ``pyproject.toml``; this file only adds the build step.
 """
 
@@ -19,11 +24,16 @@ import subprocess
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 from setuptools.dist import Distribution
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 LIBRARY = "libloldu.so"
+# What `swift build` needs of the repository: Package.swift and every target it declares
+# (Sources/C* hold the module maps; CLoLDU's points at include/loldu.h), relative to its root.
+SWIFT_PACKAGE = ("Package.swift", "Sources", "include", "Tests/LoLDUTests")
+SDIST_SWIFT = HERE / "swift"  # where an sdist carries them
 
 NO_TOOLCHAIN = """\
 loldu: building libloldu.so needs a Swift toolchain (Swift 6 or newer: https://www.swift.org/install/linux/)
@@ -33,27 +43,36 @@ Or build the library elsewhere and install with LOLDU_PREBUILT=/path/to/libloldu
 """
 
 
+def swift_package() -> pathlib.Path:
+    """The Swift package to build: the copy an sdist carries, else the repository this folder
+    belongs to."""
+    for root in (SDIST_SWIFT, REPO):
+        if (root / "Package.swift").is_file():
+            return root
+    raise SystemExit(f"loldu: found no Package.swift in {SDIST_SWIFT} (an sdist's copy of the Swift package) nor in "
+                     f"{REPO}: install from a checkout of the repository (pip install ./bindings/python) or from an "
+                     "sdist made from one, or set LOLDU_PREBUILT to a built libloldu.so")
+
+
 def build_library() -> pathlib.Path:
-    """The libloldu.so to ship: LOLDU_PREBUILT, or a fresh SwiftPM build of this checkout."""
+    """The libloldu.so to ship: LOLDU_PREBUILT, or a fresh SwiftPM build of ``swift_package()``."""
     prebuilt = os.environ.get("LOLDU_PREBUILT")
     if prebuilt:
         path = pathlib.Path(prebuilt).expanduser()
         if not path.is_file():
             raise SystemExit(f"loldu: LOLDU_PREBUILT={prebuilt} is not a file")
         return path
-    if not (REPO / "Package.swift").is_file():
-        raise SystemExit(f"loldu: {REPO} holds no Package.swift: install from a checkout of the repository "
-                         "(pip install ./bindings/python), or set LOLDU_PREBUILT to a built libloldu.so")
+    root = swift_package()
     swift = shutil.which("swift")
     if swift is None:
         raise SystemExit(NO_TOOLCHAIN)
     command = [swift, "build", "-c", "release", "--product", "loldu", "-Xswiftc", "-static-stdlib",
-               "-Xlinker", f"--version-script={REPO / 'Sources' / 'LoLDUCAPI' / 'exports.map'}"]
-    print("loldu: building libloldu.so:", " ".join(command), flush=True)
-    result = subprocess.run(command, cwd=REPO)
+               "-Xlinker", f"--version-script={root / 'Sources' / 'LoLDUCAPI' / 'exports.map'}"]
+    print(f"loldu: building libloldu.so in {root}:", " ".join(command), flush=True)
+    result = subprocess.run(command, cwd=root)
     if result.returncode != 0:
         raise SystemExit(f"loldu: `swift build` failed (exit {result.returncode}); see its output above.\n" + NO_TOOLCHAIN)
-    return REPO / ".build" / "release" / LIBRARY
+    return root / ".build" / "release" / LIBRARY
 
 
 class BuildPy(build_py):
@@ -67,6 +86,21 @@ class BuildPy(build_py):
         shutil.copy2(build_library(), target)
 
 
+class SwiftSdist(sdist):
+    """sdist, with the Swift package (``SWIFT_PACKAGE``) copied into it as ``swift/``."""
+
+    def make_release_tree(self, base_dir, files):
+        super().make_release_tree(base_dir, files)
+        root = swift_package()
+        for name in SWIFT_PACKAGE:
+            source, target = root / name, pathlib.Path(base_dir) / "swift" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns(".*"))
+            else:
+                shutil.copy2(source, target)
+
+
 class BinaryDistribution(Distribution):
     """The wheel holds a native library, so it is tagged for this platform."""
 
@@ -74,7 +108,7 @@ class BinaryDistribution(Distribution):
         return True
 
 
-commands = {"build_py": BuildPy}
+commands = {"build_py": BuildPy, "sdist": SwiftSdist}
 try:  # setuptools >= 70.1; older ones take bdist_wheel from the wheel package
     from setuptools.command.bdist_wheel import bdist_wheel
 except ImportError:  # pragma: no cover

@@ -24,6 +24,11 @@ Import-time behaviour:
   to very slow kernels. Unless you set it, the package sets ``OPENBLAS_CORETYPE`` before the
   library (and with it OpenBLAS) is loaded: ``SkylakeX`` when ``/proc/cpuinfo`` has
   ``avx512f``, ``Haswell`` when it has ``avx2``, nothing otherwise.
+- ``OMP_WAIT_POLICY``: PyTorch's OpenMP threads spin between parallel regions and take the
+  cores from the library's threads, unless ``OMP_WAIT_POLICY=PASSIVE`` was set when its OpenMP
+  runtime started. Unless you set it (or ``LOLDU_KEEP_OMP_WAIT_POLICY=1``), the package sets it
+  to ``PASSIVE`` when no OpenMP runtime is loaded yet, i.e. when ``loldu`` or ``loldu.torch``
+  is imported before torch (``loldu._capi.configure_openmp``).
 - The library's version must match the header this binding mirrors (``ImportError`` if not).
 
 Errors are ``LoLDUError`` subclasses, one per status code, carrying the library's message

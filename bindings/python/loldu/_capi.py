@@ -22,6 +22,15 @@ slowest kernels unless ``OPENBLAS_CORETYPE`` is set before it is loaded. Before 
 when it is unset: ``"SkylakeX"`` if ``/proc/cpuinfo`` lists ``avx512f``, ``"Haswell"`` if it
 lists ``avx2``, and leaves it unset otherwise. Set it yourself to override; it has no effect
 if OpenBLAS was already loaded by something else in the process.
+
+OpenMP: PyTorch's OpenMP threads spin between parallel regions unless ``OMP_WAIT_POLICY=PASSIVE``
+was set when its OpenMP runtime started (at ``import torch``), and then compete with the
+library's BLAS threads for the cores (``make bench`` measured the loldu.torch step 1.12–1.59×
+and ``nn.Linear`` 1.25–2.74× slower on a 2-core machine). So, before loading the library, this
+module sets ``os.environ["OMP_WAIT_POLICY"] = "PASSIVE"`` when it is unset, ``LOLDU_KEEP_OMP_WAIT_POLICY=1``
+is not set, and no OpenMP runtime is loaded in the process yet (torch not imported, no
+libgomp / libiomp5 / libomp in ``/proc/self/maps``): that is, when ``loldu`` (or ``loldu.torch``)
+is imported before torch. Child processes inherit it, as any variable.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import ctypes.util
 import os
 import pathlib
 import re
+import sys
 from ctypes import (
     POINTER,
     Structure,
@@ -89,6 +99,36 @@ def configure_openblas(environ=os.environ, cpuinfo: str = "/proc/cpuinfo") -> st
 
 
 # ---------------------------------------------------------------------------------------------
+# OpenMP wait policy
+# ---------------------------------------------------------------------------------------------
+
+# The OpenMP runtimes (GNU, Intel, LLVM; torch's wheels bundle libgomp-<hash>.so) as mapped files.
+OPENMP_RUNTIME = re.compile(r"/lib(?:gomp|iomp5|omp)[-.][^/]*$")
+
+
+def openmp_loaded(maps: str = "/proc/self/maps", modules=sys.modules) -> bool:
+    """Whether an OpenMP runtime already started in this process (it read ``OMP_WAIT_POLICY``
+    then): torch is imported, or a runtime is among the process's mapped files."""
+    if "torch" in modules:
+        return True
+    try:
+        with open(maps, encoding="utf-8", errors="replace") as f:
+            return any(OPENMP_RUNTIME.search(line.rstrip("\n")) for line in f)
+    except OSError:
+        return False
+
+
+def configure_openmp(environ=os.environ, maps: str = "/proc/self/maps", modules=sys.modules) -> str | None:
+    """Sets ``OMP_WAIT_POLICY=PASSIVE`` in ``environ`` if unset, unless ``LOLDU_KEEP_OMP_WAIT_POLICY=1`` or an
+    OpenMP runtime is loaded already (see the module docstring). Returns the value in effect
+    afterwards (``None`` if none)."""
+    if "OMP_WAIT_POLICY" in environ or environ.get("LOLDU_KEEP_OMP_WAIT_POLICY") == "1" or openmp_loaded(maps, modules):
+        return environ.get("OMP_WAIT_POLICY")
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return "PASSIVE"
+
+
+# ---------------------------------------------------------------------------------------------
 # Finding and loading the library
 # ---------------------------------------------------------------------------------------------
 
@@ -133,6 +173,7 @@ def find_library(environ=os.environ) -> str:
 
 def _load() -> tuple[ctypes.CDLL, str]:
     configure_openblas()
+    configure_openmp()
     path = find_library()
     try:
         return ctypes.CDLL(path), path

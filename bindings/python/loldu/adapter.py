@@ -260,6 +260,9 @@ class Adapter:
         params = ctypes.c_void_p()
         check(_capi.loldu_params(value, ctypes.byref(params), None))
         self._params_ptr = params.value
+        # (enabled, merged), kept by the setters below, the only calls that change them: what the
+        # autograd Functions compare between forward and backward without a library call.
+        self._state = (bool(info.enabled), bool(info.merged))
         # The library allocates gradients on first use: a served adapter never holds them.
         self._grads_ptr = self._bias_grad_ptr = None
 
@@ -367,6 +370,7 @@ class Adapter:
     @enabled.setter
     def enabled(self, on: bool) -> None:
         check(_capi.loldu_set_enabled(self.handle, 1 if on else 0))
+        self._state = (bool(on), self._state[1])
 
     @property
     def merged(self) -> bool:
@@ -376,9 +380,11 @@ class Adapter:
         """Bakes the current update into a merged weight that every call uses until
         ``unmerge()``; z and σ cannot change meanwhile (``StateError``)."""
         check(_capi.loldu_merge(self.handle))
+        self._state = (self._state[0], True)
 
     def unmerge(self) -> None:
         check(_capi.loldu_unmerge(self.handle))
+        self._state = (self._state[0], False)
 
     @property
     def path(self) -> str:

@@ -256,6 +256,51 @@ def test_openblas_coretype_is_set_before_openblas_loads():
     assert result.stdout.split() == ["Haswell", "Haswell"]
 
 
+# --- OpenMP wait policy --------------------------------------------------------------------------
+
+def test_omp_wait_policy_is_set_only_before_an_openmp_runtime_starts(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libopenblas.so.0\n")
+    environ = {}
+    assert _capi.configure_openmp(environ, str(maps), modules={}) == "PASSIVE"
+    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for runtime in ("torch/lib/libgomp-a34b3233.so.1", "libgomp.so.1", "libiomp5.so", "llvm/lib/libomp.so.5"):
+        maps.write_text(f"7f00-7f01 r-xp 0 08:01 1 /opt/{runtime}\n")
+        environ = {}
+        assert _capi.configure_openmp(environ, str(maps), modules={}) is None and environ == {}, runtime
+    maps.write_text("")
+    for environ, modules in (({}, {"torch": None}), ({"LOLDU_KEEP_OMP_WAIT_POLICY": "1"}, {}),
+                             ({"OMP_WAIT_POLICY": "ACTIVE"}, {})):
+        before = dict(environ)
+        assert _capi.configure_openmp(environ, str(maps), modules=modules) == environ.get("OMP_WAIT_POLICY")
+        assert environ == before
+
+
+def test_importing_loldu_before_torch_makes_torchs_openmp_threads_wait_passively():
+    """What torch's OpenMP runtime (libgomp) started with, as OMP_DISPLAY_ENV=VERBOSE prints it:
+    after `import loldu.torch`, PASSIVE (spin count 0); the user's own setting when there is one;
+    libgomp's default (spinning 300000 rounds) with the opt-out, or when torch was imported first
+    (its runtime had started: the variable is then left unset)."""
+    code = """
+        import os, sys
+        if sys.argv[1] == "torch first":
+            import torch
+        import loldu.torch
+        print(os.environ.get("OMP_WAIT_POLICY"))
+    """
+    clean = {"OMP_WAIT_POLICY": None, "LOLDU_KEEP_OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None,
+             "OMP_DISPLAY_ENV": "VERBOSE"}
+    cases = [({}, "loldu first", "PASSIVE", "0"),
+             ({"OMP_WAIT_POLICY": "ACTIVE"}, "loldu first", "ACTIVE", "30000000000"),
+             ({"LOLDU_KEEP_OMP_WAIT_POLICY": "1"}, "loldu first", "None", "300000"),
+             ({}, "torch first", "None", "300000")]
+    for env, order, variable, spin_count in cases:
+        result = run_python(code, order, env={**clean, **env})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == [variable], (env, order, result.stdout)
+        assert re.findall(r"GOMP_SPINCOUNT = '(\d+)'", result.stderr) == [spin_count], (env, order, result.stderr)
+
+
 # --- status codes and errors --------------------------------------------------------------------
 
 def test_every_status_has_its_exception_class():

@@ -393,3 +393,74 @@ def test_a_float32_checkpoint_on_a_bf16_copy_is_another_weight_unless_exactly_re
         for i in (0, 2):
             assert torch.equal(target[i].loldu_z["default"], source[i].loldu_z["default"])
         torch.testing.assert_close(target(x.to(loaded)).float(), source(x.to(saved)).float(), rtol=0.03, atol=0.03)
+
+
+def adapter_state(model) -> dict:
+    return {name: (list(layer.loldu_config), list(layer.active_adapters), dict(layer.loldu_z.items()))
+            for name, layer in lt.loldu_layers(model).items()}
+
+
+def test_adapter_names_the_layers_cannot_hold_are_refused_before_any_layer_changes(tmp_path):
+    """The adapters' parameters live in nn.ParameterDicts, which store entries as attributes: a
+    name such as "copy" or "keys" used to fail after the first layer had half of the adapter,
+    and "training" silently replaced the dict's attribute. Every entry point refuses such names
+    with the argument named, leaving the model as it was; other strings work."""
+    model = named_model()
+    lt.save_loldu(model, tmp_path / "b", adapter_name="b")
+    x = torch.randn(3, 16)
+    y, before = model(x), adapter_state(model)
+    for name in ("copy", "keys", "items", "update", "pop", "to", "train", "training", "a.b", "", "__base__", 3):
+        with pytest.raises(loldu.InvalidArgumentError, match=r"^adapter_name must be a non-empty string without "
+                                                             r"'\.', other than '__base__' and the attributes"):
+            lt.add_loldu(model, ["0", "2"], rank=4, adapter_name=name, mark_trainable=False)
+        with pytest.raises(loldu.InvalidArgumentError, match="^adapter_name must be"):
+            lt.load_loldu(model, tmp_path / "b", adapter_name=name)
+        with pytest.raises(loldu.InvalidArgumentError, match="^adapter_name must be"):
+            lt.add_weighted_adapter(model, ["b"], [1.0], name)
+        with pytest.raises(loldu.InvalidArgumentError, match="^adapter_name must be"):
+            lt.LoLDULinear(nn.Linear(4, 4), rank=2, adapter_name=name)
+        assert adapter_state(model) == before
+        torch.testing.assert_close(model(x), y)
+    for name in ("weight", "b-2", "copy_of_b", "ÿ"):  # what the containers hold
+        lt.load_loldu(model, tmp_path / "b", adapter_name=name)
+        torch.testing.assert_close(model(x), y)
+    assert model[0].loldu_z.training is True and lt.adapter_names(model) == ["default", "b", "weight", "b-2",
+                                                                              "copy_of_b", "ÿ"]
+
+
+def test_a_failed_dtype_change_leaves_the_layer_as_it_was_and_working():
+    """model.half() with a weight beyond float16's range: the layer that cannot be factored in
+    float16 says so and stays a float32 layer that computes, trains and refactors as before
+    (its parameters, gradients and adapters put back). torch converts modules one at a time, so
+    those before it were converted; model.float() brings them back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with torch.no_grad():
+        model[1].weight[0, 0] = 1e5
+    lt.add_loldu(model, ["0", "1"], rank=4)
+    layer = model[1]
+    with torch.no_grad():
+        layer.loldu_z["default"].add_(0.25)
+    h = torch.randn(3, 8)
+    expected = layer(h).detach()
+    layer(h).sum().backward()
+    z, grad = layer.loldu_z["default"], layer.loldu_z["default"].grad.clone()
+    adapter = layer.adapter
+    with pytest.raises(loldu.NotFiniteError, match=r"^1: cannot convert the layer to torch.float16 \(weight\[0, 0\] is "
+                                                   r"inf.*\); it is left as it was, in torch.float32"):
+        model.half()
+    assert model[0].dtype == torch.float16  # converted before layer 1 was reached
+    assert layer.dtype == torch.float32 and layer.base_layer.bias.dtype == torch.float32
+    assert layer.adapter is adapter and layer.loldu_z["default"] is z and z.dtype == torch.float32
+    assert z.data_ptr() == adapter._params_ptr and torch.equal(z.grad, grad)
+    torch.testing.assert_close(layer(h), expected)
+    layer(h).sum().backward()
+    torch.testing.assert_close(z.grad, 2 * grad)
+    layer.refactor()
+    model.float()
+    torch.testing.assert_close(layer(h), expected)
+    # A conversion that works keeps each adapter's merged state, as refactoring does.
+    lt.merge_loldu(model)
+    model.double()
+    assert layer.merged and layer.get_adapter("default").dtype == np.float64
+    torch.testing.assert_close(layer(h.double()).float(), expected, rtol=1e-5, atol=1e-5)

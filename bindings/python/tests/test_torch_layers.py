@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import re
 
 import numpy as np
 import pytest
@@ -230,6 +231,129 @@ def test_disabled_and_merged_layers():
         lt.set_loldu_state_dict(nn.Sequential(layer), {"0.loldu_z": torch.zeros(6)})
     layer.unmerge()
     torch.testing.assert_close(layer(x), adapted)
+
+
+def gradients(model, forward, x, change=None):
+    """x's and every z's gradient of ``forward(model, x)`` (a non-uniform dY: the output squared),
+    with ``change(model)`` done between the forward and the backward."""
+    x = x.detach().clone().requires_grad_()
+    y = forward(model, x)
+    if change is not None:
+        change(model)
+    y.square().sum().backward()
+    return x.grad, {name: p.grad for name, p in lt.named_loldu_parameters(model) if ".loldu_z." in name}
+
+
+@pytest.mark.filterwarnings("ignore::loldu.LoLDUWarning")  # a non-lu init on purpose
+def test_backward_differentiates_what_the_forward_computed():
+    """As autograd's graph: a forward's gradients are those of what it computed, whatever the
+    layers' state at backward (disabled, merged, either way), for the one-adapter call, a mixed
+    batch and a weight-space layer; an adapter gone meanwhile raises, saying why."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(12, 9), nn.Conv1d(9, 6, 3))
+    lt.add_loldu(model, ["0", "1"], rank=4, z_init="s_normal", residual="init")
+    lt.add_loldu(model, ["0", "1"], rank=3, z_init="s_normal", residual="init", adapter_name="b",
+                 mark_trainable=False)
+    for layer in lt.loldu_layers(model).values():
+        for name in ("default", "b"):
+            with torch.no_grad():
+                layer.loldu_z[name].add_(0.5)  # trained: W_eff != W
+            layer.loldu_z[name].requires_grad_(True)
+    x = torch.randn(5, 12)
+
+    def chain(m, x):  # the linear layer (LinearFunction), then the convolution (WeightFunction)
+        return m[1](m[0](x).T.unsqueeze(0))
+
+    def mixed(m, x):  # GroupedLinearFunction
+        return m[0](x, adapter_names=["default", "b", "__base__", "b", "default"])
+
+    def unmerge_and_disable(m):
+        lt.unmerge_loldu(m)
+        lt.disable_loldu(m)
+
+    cases = [  # (state before the forward, forward, change between forward and backward)
+        (lt.disable_loldu, chain, lt.enable_loldu),  # lt.disable_adapters(model) around the forward only
+        (None, chain, lt.disable_loldu),
+        (None, chain, lt.merge_loldu),
+        (lt.merge_loldu, chain, lt.unmerge_loldu),
+        (lt.merge_loldu, chain, unmerge_and_disable),
+        (None, mixed, lambda m: m[0].merge()),
+        (None, mixed, lt.disable_loldu),
+    ]
+    for prepare, forward, change in cases:
+        twins = [copy.deepcopy(model), copy.deepcopy(model)]
+        for twin in twins:
+            if prepare is not None:
+                prepare(twin)
+        expected = gradients(twins[0], forward, x)
+        got = gradients(twins[1], forward, x, change)
+        where = (getattr(prepare, "__name__", None), forward.__name__, change.__name__)
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {m}")
+        assert {k: g is None for k, g in got[1].items()} == {k: g is None for k, g in expected[1].items()}, where
+        for name, grad in expected[1].items():
+            if grad is not None:
+                torch.testing.assert_close(got[1][name], grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {m}")
+    # The reported case: differentiated after the block, a forward under disable_adapters is the
+    # pretrained layer's: dX = dY W, and z gets no gradient.
+    one = nn.Sequential(copy.deepcopy(model[0]))
+
+    def pretrained(m, x):
+        with lt.disable_adapters(m):
+            return m(x)
+    dx, dz = gradients(one, pretrained, x)
+    base = one[0].base_layer
+    torch.testing.assert_close(dx, 2 * base(x).detach() @ base.weight)
+    assert all(grad is None for grad in dz.values())
+    for change in (lambda m: lt.delete_adapter(m, "default"), lambda m: m[0].refactor(), lambda m: m.double()):
+        with pytest.raises(loldu.StateError, match="closed before backward.*delete_adapter, refactor, a dtype change"):
+            gradients(copy.deepcopy(model), chain, x, change)
+
+
+def test_tensors_with_a_lazy_negation_are_read_as_their_values():
+    """torch._neg_view (and the imaginary part of a conjugated complex tensor) only sets a bit:
+    the memory holds the values un-negated. Inputs, upstream gradients and a base weight carrying
+    it compute what the materialised tensors compute."""
+    torch.manual_seed(5)
+    layer = lt.LoLDULinear(nn.Linear(12, 9), rank=4)
+    lt.add_loldu(nn.Sequential(layer), ["0"], rank=3, adapter_name="b", mark_trainable=False)
+    with torch.no_grad():
+        for z in layer.loldu_z.values():
+            z.add_(0.5)
+    x = torch.randn(4, 12)
+    assert torch._neg_view(x).is_neg() and torch._neg_view(x).is_contiguous()
+    for lazy, values in ((torch._neg_view(x), -x), (torch._neg_view(x.reshape(2, 2, 12)), -x.reshape(2, 2, 12)),
+                         (torch.complex(x, x).conj().imag, -x)):
+        assert lazy.is_neg()
+        torch.testing.assert_close(layer(lazy), layer(values), rtol=0, atol=0)
+    names = ["default", "b", "__base__", "b"]
+    torch.testing.assert_close(layer(torch._neg_view(x), adapter_names=names), layer(-x, adapter_names=names),
+                               rtol=0, atol=0)
+    g = torch.randn(4, 9)
+    grads = []
+    for dy in (torch._neg_view(g), -g):
+        x_ = x.clone().requires_grad_()
+        layer.loldu_z["default"].grad = None
+        layer(x_).backward(dy)
+        grads.append((x_.grad, layer.loldu_z["default"].grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    base = nn.Linear(12, 9)
+    base.weight = nn.Parameter(torch._neg_view(base.weight.detach().clone()), requires_grad=False)
+    plain = nn.Linear(12, 9)
+    with torch.no_grad():
+        plain.weight.copy_(base.weight.resolve_neg())
+        plain.bias.copy_(base.bias)
+    torch.testing.assert_close(lt.LoLDULinear(base, rank=4)(x), plain(x))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_an_empty_layer_is_refused_naming_its_empty_dimension():
+    cases = [(nn.Linear(4, 0), "out_features = 0"), (nn.Linear(0, 4), "in_features = 0"),
+             (nn.Embedding(0, 4), "num_embeddings = 0"), (nn.Conv1d(3, 0, 2), "out_channels = 0")]
+    for module, empty in cases:
+        model = nn.Sequential(nn.Linear(4, 4), module)
+        with pytest.raises(loldu.ShapeError, match=f"^1: {re.escape(empty)} .*leave this module out of target_modules"):
+            lt.add_loldu(model, ["0", "1"])  # rank "full": asked for, not given
+        assert not lt.loldu_layers(model) and model[0].weight.requires_grad  # nothing changed
 
 
 def test_bad_inputs_raise_clear_exceptions():

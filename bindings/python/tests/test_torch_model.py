@@ -403,3 +403,73 @@ def test_a_layer_without_adapters_is_its_base_module_everywhere(tmp_path):
     layer.base_layer.bias = nn.Parameter(torch.zeros(1, 1, 6))
     with pytest.raises(loldu.ShapeError, match=r"bias has shape \(1, 1, 6\)"):
         layer(torch.randn(2, 8))
+
+
+def test_load_state_dict_refuses_other_values_for_a_merged_adapter():
+    """torch's load_state_dict copies into z's memory: under a merged adapter that would leave
+    the merged weight stale (and merge_and_unload would export it). Refused, naming the layer,
+    before anything is copied; the same values load; unmerged, the new values load and merge."""
+    trained = small()
+    lt.add_loldu(trained, ["0", "2"], rank=4)
+    with torch.no_grad():
+        for layer in lt.loldu_layers(trained).values():
+            layer.loldu_z["default"].mul_(2.0)
+    x = torch.randn(3, 16)
+    state, want = trained.state_dict(), trained(x).detach()
+    model = small()
+    lt.add_loldu(model, ["0", "2"], rank=4)
+    lt.merge_loldu(model)
+    before, values = model(x).detach(), snapshot(model)
+    with pytest.raises(loldu.StateError, match=r"^0: adapter 'default' is merged, and the state dict holds other "
+                                               r"values of its loldu_z; unmerge"):
+        model.load_state_dict(state)
+    assert snapshot(model) == values
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    model.load_state_dict(model.state_dict())  # the same values: nothing goes stale
+    lt.unmerge_loldu(model)
+    model.load_state_dict(state)
+    lt.merge_loldu(model)
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lt.merge_and_unload(model)(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_merging_refuses_several_active_adapters_and_is_all_or_nothing():
+    """PEFT merges every active adapter into the base weight; a LoLDU layer merges into one
+    adapter's own weight and computes one adapter at a time, so several active adapters are
+    refused (naming the layer and the way out) before any layer merges. A merge that fails on a
+    later layer (a float16 weight that would overflow) undoes the earlier ones."""
+    model = small()
+    lt.add_loldu(model, ["0", "2"], rank=4)
+    lt.add_loldu(model, ["2"], rank=4, adapter_name="b")
+    lt.set_adapter(model, ["default", "b"])  # layer 0 has one of them, layer 2 both
+    message = r"^2: 2 active adapters \['default', 'b'\]; a LoLDU layer merges one adapter .*add_weighted_adapter"
+    with pytest.raises(loldu.StateError, match=message):
+        lt.merge_loldu(model)
+    with pytest.raises(loldu.StateError, match=message):
+        model[2].merge()
+    assert not any(layer._merged or layer.merged for layer in lt.loldu_layers(model).values())
+    lt.set_adapter(model, "b")
+    lt.merge_loldu(model)  # layer 0 has no "b": nothing to merge there
+    assert model[2].merged and model[2].get_adapter("b").merged and not model[0].merged
+
+    half = small().half()
+    lt.add_loldu(half, ["0", "2"], rank=4)
+    with torch.no_grad():
+        half[2].loldu_z["default"].fill_(1e6)  # W_eff beyond float16's 65504
+    with pytest.raises(loldu.NotFiniteError, match="^2: the merged weight would not be finite in float16"):
+        lt.merge_loldu(half)
+    assert not half[0].merged and not half[0].get_adapter("default").merged
+
+
+def test_delete_adapter_checks_every_layer_before_deleting_anywhere():
+    model = small()
+    lt.add_loldu(model, ["0", "2"], rank=4)
+    lt.add_loldu(model, ["0", "2"], rank=4, adapter_name="b")
+    model[2].merge()  # "b" (active) merged on the later layer only
+    before = snapshot(model)
+    with pytest.raises(loldu.StateError, match=r"^2: adapter 'b' is merged; unmerge it before deleting it"):
+        lt.delete_adapter(model, "b")
+    assert snapshot(model) == before
+    lt.unmerge_loldu(model)
+    lt.delete_adapter(model, "b")
+    assert lt.adapter_names(model) == ["default"]

@@ -14,7 +14,15 @@ The backward passes write gradients into tensors they return and never touch the
 gradient buffers, which ``loldu.torch.Optimizer`` lends to autograd as ``.grad``.
 
 ``z`` and ``sigma`` are passed as inputs so that autograd routes their gradients, and saved so that
-an in-place change between forward and backward is caught by autograd's version check.
+an in-place change between forward and backward is caught by autograd's version check. Each
+forward records its adapters' enabled / merged state; a backward run after that state changed (a
+forward inside ``disable_adapters`` differentiated after the block, a merge in between) computes
+with a clone of the adapter in the recorded state (``at_forward``): the gradients of what the
+forward computed, as autograd's graph would give them. An adapter closed in between (deleted,
+re-created by ``refactor`` or a dtype change) raises ``StateError`` saying so.
+
+Tensors handed to the library go through ``library_input``: contiguous, and with torch's lazy
+negation resolved (the library reads memory, not torch's negative bit).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _capi
-from ..errors import ShapeError, check
+from ..errors import ShapeError, StateError, check
 
 # loldu_dtype codes of the torch dtypes the library takes, and back.
 LIBRARY_DTYPES = {
@@ -43,6 +51,34 @@ def parameter_dtype(adapter) -> torch.dtype:
     return TORCH_DTYPES[adapter._param_code]
 
 
+def library_input(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the library reads it: contiguous memory holding its values. A lazy negation
+    (``torch._neg_view``, the imaginary part of a conjugated complex tensor) is resolved, only
+    when there is one. (The conjugate bit exists only on complex tensors, which the layers refuse.)"""
+    t = t.contiguous()
+    return t.resolve_neg() if t.is_neg() else t
+
+
+def at_forward(adapter, state: tuple[bool, bool]):
+    """The adapter a backward computes with: ``adapter`` if its (enabled, merged) ``state`` is
+    still the one its forward recorded, else a clone (same factors, z and σ) put in that state, so
+    that the gradients are those of what the forward computed. ``StateError`` if it was closed."""
+    if adapter.closed:
+        raise StateError(
+            "the LoLDU adapter this forward computed with was closed before backward: its layer's adapter was "
+            "deleted or re-created (delete_adapter, refactor, a dtype change, unload or merge_and_unload) between "
+            "forward and backward. Run backward before changing the model.", _capi.LOLDU_ERR_STATE)
+    if adapter._state == state:
+        return adapter
+    stand_in = adapter.clone()  # (enabled, unmerged; freed when backward drops it)
+    stand_in.path = adapter.path
+    if not state[0]:
+        stand_in.enabled = False
+    if state[1]:
+        stand_in.merge()
+    return stand_in
+
+
 def _library_bias(bias, x: torch.Tensor, m: int):
     """The module's bias as the library reads it: ``m`` contiguous values of x's dtype. A bias
     that is one row (``(m,)``, ``(1, m)``, or one value, which ``F.linear`` broadcasts) is
@@ -54,8 +90,8 @@ def _library_bias(bias, x: torch.Tensor, m: int):
             raise ShapeError(f"the layer's bias has shape {tuple(bias.shape)}; a LoLDU linear layer adds a bias of "
                              f"shape ({m},), or one that broadcasts as a single row", _capi.LOLDU_ERR_SHAPE)
         bias = bias.reshape(-1).expand(m)
-    if bias.dtype != x.dtype or not bias.is_contiguous():
-        bias = bias.to(x.dtype).contiguous()
+    if bias.dtype != x.dtype or not bias.is_contiguous() or bias.is_neg():
+        bias = library_input(bias.to(x.dtype))
     return bias
 
 
@@ -106,19 +142,19 @@ class LinearFunction(torch.autograd.Function):
         h = torch.empty((x.shape[0], adapter.rank), dtype=z.dtype) if keep_h else None
         y = linear(adapter, x, bias, h)
         ctx.save_for_backward(x, z, sigma)
-        ctx.adapter, ctx.h, ctx.bias_shape = adapter, h, _bias_shape(bias)
+        ctx.adapter, ctx.state, ctx.h, ctx.bias_shape = adapter, adapter._state, h, _bias_shape(bias)
         return y
 
     @staticmethod
     @first_order
     def backward(ctx, dy):
         x, z, sigma = ctx.saved_tensors
-        adapter, h = ctx.adapter, ctx.h
+        adapter, h = at_forward(ctx.adapter, ctx.state), ctx.h
         ctx.h = None
         need_x, need_z, need_sigma, need_bias = ctx.needs_input_grad[:4]
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
-        dy = dy.contiguous()
+        dy = library_input(dy)
         dx = torch.empty_like(x) if need_x else None
         grads = torch.empty(adapter.rank + 1, dtype=z.dtype)
         check(_capi.loldu_backward_into(adapter.handle, x.shape[0], x.data_ptr(), dy.data_ptr(),
@@ -149,18 +185,18 @@ class GroupedLinearFunction(torch.autograd.Function):
         check(_capi.loldu_grouped_forward_bias(_handles(adapters), len(adapters), batch, rows_ptr, x.data_ptr(),
                                                None if bias is None else bias.data_ptr(), y.data_ptr()))
         ctx.save_for_backward(x, rows, *parameters)
-        ctx.adapters = adapters
+        ctx.adapters, ctx.states = adapters, [a._state for a in adapters]
         return y
 
     @staticmethod
     @first_order
     def backward(ctx, dy):
         x, rows, *parameters = ctx.saved_tensors
-        adapters = ctx.adapters
+        adapters = [at_forward(a, state) for a, state in zip(ctx.adapters, ctx.states)]  # (clones share the factors)
         need_x, _, need_bias = ctx.needs_input_grad[:3]
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
-        dy = dy.contiguous()
+        dy = library_input(dy)
         dx = torch.empty_like(x) if need_x else None
         ranks = np.fromiter((a.rank for a in adapters), dtype=np.int64, count=len(adapters))
         # Every adapter's dz, dσ in one tensor, split into its z and σ views in one call.
@@ -188,17 +224,17 @@ class WeightFunction(torch.autograd.Function):
         w = torch.empty((adapter.m, adapter.n), dtype=dtype)
         check(_capi.loldu_effective_weight(adapter.handle, w.data_ptr()))
         ctx.save_for_backward(z, sigma)
-        ctx.adapter, ctx.dtype = adapter, dtype
+        ctx.adapter, ctx.state, ctx.dtype = adapter, adapter._state, dtype
         return w
 
     @staticmethod
     @first_order
     def backward(ctx, dw):
-        adapter = ctx.adapter  # (saved_tensors below: autograd's version check)
+        z = ctx.saved_tensors[0]  # (first: autograd's version check)
+        adapter = at_forward(ctx.adapter, ctx.state)
         if dw.layout != torch.strided:  # sparse embedding gradients
             dw = dw.to_dense()
-        dw = dw.to(ctx.dtype).contiguous()
-        z = ctx.saved_tensors[0]
+        dw = library_input(dw.to(ctx.dtype))
         grads = torch.empty(adapter.rank + 1, dtype=z.dtype)
         check(_capi.loldu_weight_backward_into(adapter.handle, dw.data_ptr(), grads.data_ptr()))
         r = adapter.rank

@@ -36,8 +36,8 @@ from .. import _capi
 from .._arrays import NUMPY_DTYPES
 from ..adapter import Adapter, AdapterConfig, init_change_advice
 from ..errors import DeviceError, DTypeError, InvalidArgumentError, LoLDUWarning, ShapeError, StateError, check
-from ._functions import (LIBRARY_DTYPES, GroupedLinearFunction, LinearFunction, WeightFunction, linear, parameter_dtype,
-                         refuse_tracing)
+from ._functions import (LIBRARY_DTYPES, GroupedLinearFunction, LinearFunction, WeightFunction, library_input, linear,
+                         parameter_dtype, refuse_tracing)
 
 BASE_NAME = "__base__"  # PEFT's name for rows that use no adapter in a mixed batch
 _process_configured = False
@@ -82,8 +82,39 @@ def check_dtype(dtype: torch.dtype, what: str, advice: str) -> None:
         )
 
 
+def check_adapter_name(name, argument: str = "adapter_name") -> None:
+    """``InvalidArgumentError`` naming ``argument`` unless ``name`` can name an adapter: a
+    non-empty string without ``"."`` (torch's parameter names), other than ``"__base__"`` (a
+    mixed batch's pretrained rows) and the attributes of the ``nn.ParameterDict`` holding the
+    adapters' parameters ("keys", "copy", "to", "training"...: the dict stores its entries as
+    attributes, so such a name fails or, for "training", silently replaces the attribute)."""
+    if not isinstance(name, str) or not name or "." in name or name == BASE_NAME or hasattr(nn.ParameterDict(), name):
+        raise InvalidArgumentError(
+            f"{argument} must be a non-empty string without '.', other than {BASE_NAME!r} and the attributes of "
+            f"nn.ParameterDict (such as 'keys', 'copy', 'to', 'training'), got {name!r}",
+            _capi.LOLDU_ERR_INVALID_ARGUMENT)
+
+
 def _crc(t: torch.Tensor) -> int:
-    return zlib.crc32(t.detach().contiguous().view(torch.uint8).numpy().reshape(-1))
+    return zlib.crc32(library_input(t.detach()).view(torch.uint8).numpy().reshape(-1))
+
+
+def _tensors(module: nn.Module) -> list:
+    """Every parameter and buffer of ``module`` with what ``nn.Module._apply`` replaces of it (its
+    data, its gradient's data, the object in its slot), for ``_put_back``."""
+    return [(slots, key, t, t.data, t.grad, None if t.grad is None else t.grad.data)
+            for m in module.modules() for slots in (m._parameters, m._buffers) for key, t in slots.items()
+            if t is not None]
+
+
+def _put_back(saved: list) -> None:
+    """Undoes an ``nn.Module._apply`` over the tensors ``_tensors`` listed."""
+    for slots, key, t, data, grad, grad_data in saved:
+        slots[key] = t
+        t.data = data
+        if grad is not None:
+            grad.data = grad_data
+        t.grad = grad
 
 
 class LoLDULayer(nn.Module):
@@ -92,10 +123,12 @@ class LoLDULayer(nn.Module):
 
     adapter_layer_names = ("loldu_z", "loldu_sigma")
     base_types: tuple[type, ...] = ()
+    dimension_names = ("out_features", "in_features")  # of the m × n matrix the library factors
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig | None = None, *, name: str | None = None,
                  adapter_name: str = "default", **fields):
         super().__init__()
+        check_adapter_name(adapter_name)
         if not isinstance(base_layer, self.base_types):
             raise InvalidArgumentError(
                 f"{type(self).__name__} wraps {' or '.join(t.__name__ for t in self.base_types)}, "
@@ -180,6 +213,7 @@ class LoLDULayer(nn.Module):
     def update_layer(self, adapter_name: str, config: AdapterConfig, values=None) -> None:
         """Adds (or replaces) adapter ``adapter_name`` with ``config``, on the shared factors
         (factored again at a larger rank if needed); ``values`` = (z, σ) to restore."""
+        check_adapter_name(adapter_name)
         config, adapter, factors = self._new_adapter(config)
         try:
             if values is not None:
@@ -211,6 +245,10 @@ class LoLDULayer(nn.Module):
             )
         check_dtype(weight.dtype, f"{self.loldu_name}: the base weight", "Convert the model first, e.g. model.float().")
         matrix = self._weight_matrix(weight.detach())
+        if matrix.numel() == 0:
+            empty = " and ".join(f"{d} = 0" for d, size in zip(self.dimension_names, matrix.shape) if size == 0)
+            raise ShapeError(f"{self.loldu_name}: {empty} (a weight of shape {tuple(weight.shape)}): there is nothing to "
+                             "adapt; leave this module out of target_modules", _capi.LOLDU_ERR_SHAPE)
         rank = self._resolved_rank(config, matrix)
         config = dataclasses.replace(config, rank=rank)
         factors = None
@@ -221,7 +259,11 @@ class LoLDULayer(nn.Module):
         except _loldu.LoLDUError as error:
             if factors is not None:
                 factors.close()
-            raise type(error)(f"{self.loldu_name}: {error.message}", error.status) from None
+            raise self._named(error) from None
+
+    def _named(self, error: _loldu.LoLDUError) -> _loldu.LoLDUError:
+        """The library's ``error`` with this layer's name in front of its message."""
+        return type(error)(f"{self.loldu_name}: {error.message}", error.status)
 
     def _install(self, adapter_name: str, config: AdapterConfig, adapter: Adapter, factors: Adapter | None = None) -> None:
         """Makes ``adapter`` (from ``_new_adapter``) the layer's adapter ``adapter_name``, moving
@@ -248,8 +290,8 @@ class LoLDULayer(nn.Module):
     @staticmethod
     def _new_factors(matrix: torch.Tensor, rank: int, borrow: bool) -> Adapter:
         """The factors of ``matrix`` (the base weight) at ``rank``: an adapter nobody trains."""
-        if not matrix.is_contiguous():
-            matrix, borrow = matrix.contiguous(), False
+        if not matrix.is_contiguous() or matrix.is_neg():
+            matrix, borrow = library_input(matrix), False
         config = AdapterConfig(rank=rank, borrow_weight=borrow)
         return Adapter.from_pointers(LIBRARY_DTYPES[matrix.dtype], matrix.shape[0], matrix.shape[1],
                                      matrix.data_ptr(), None, config, keep=matrix)
@@ -259,23 +301,35 @@ class LoLDULayer(nn.Module):
         self._adopt(self._new_factors(matrix, rank, borrow))
 
     def _adopt(self, factors: Adapter) -> None:
-        """Makes ``factors`` (of the current base weight) the layer's and moves every adapter
-        onto them, keeping its z, σ, enabled state (and parameter objects)."""
+        """Makes ``factors`` (of the current base weight, in any element type) the layer's and
+        moves every adapter onto them, keeping its z, σ, enabled and merged state (and parameter
+        objects). All or nothing: if an adapter cannot move (z beyond a narrower type's range, a
+        merged weight that would not be finite in it), ``factors`` is closed and the layer is
+        unchanged."""
+        moved = {}
+        try:
+            for name, adapter in self._adapters.items():
+                moved[name] = new = factors._derive(self.loldu_config[name])
+                new.set_z(adapter.z)
+                new.sigma = adapter.sigma
+                new.enabled = adapter.enabled
+                new.path = adapter.path
+                if name in self._merged:
+                    new.merge()
+        except BaseException:
+            for new in moved.values():
+                new.close()
+            factors.close()
+            raise
         old, self._factors = self._factors, factors
-        for name, adapter in list(self._adapters.items()):
-            moved = factors._derive(self.loldu_config[name])
-            moved.set_z(adapter.z)
-            moved.sigma = adapter.sigma
-            moved.enabled = adapter.enabled
-            moved.path = adapter.path
-            if name in self._merged:
-                moved.merge()
-            self._adapters[name] = moved
+        previous, self._adapters = self._adapters, moved
+        for name in moved:
             self._bind(name)
-            adapter.close()
         weight = self._base_weight()
         self._stamp = (weight._version, weight.data_ptr(), weight.dtype, _crc(self._weight_matrix(weight.detach())))
         self._companions.clear()
+        for adapter in previous.values():
+            adapter.close()
         if old is not None:
             old.close()
 
@@ -298,10 +352,7 @@ class LoLDULayer(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Removes an adapter; if it was active, the first remaining adapter becomes active."""
-        adapter = self.get_adapter(adapter_name)
-        if adapter.merged:
-            raise StateError(f"{self.loldu_name}: adapter {adapter_name!r} is merged; unmerge it before deleting it",
-                             _capi.LOLDU_ERR_STATE)
+        adapter = self._deletable(adapter_name)
         del self._adapters[adapter_name], self.loldu_config[adapter_name]
         del self.loldu_z[adapter_name], self.loldu_sigma[adapter_name]
         self._forget(adapter_name)
@@ -311,6 +362,14 @@ class LoLDULayer(nn.Module):
             if not remaining and self._adapters:
                 remaining = [next(iter(self._adapters))]
             self.set_adapter(remaining)  # (none left: the layer computes its base module)
+
+    def _deletable(self, adapter_name: str) -> Adapter:
+        """Adapter ``adapter_name``, which may be deleted: ``StateError`` while it is merged (as PEFT)."""
+        adapter = self.get_adapter(adapter_name)
+        if adapter_name in self._merged:
+            raise StateError(f"{self.loldu_name}: adapter {adapter_name!r} is merged; unmerge it before deleting it",
+                             _capi.LOLDU_ERR_STATE)
+        return adapter
 
     def _forget(self, name: str) -> None:
         """Drops the autocast conversions of adapter ``name``."""
@@ -330,9 +389,11 @@ class LoLDULayer(nn.Module):
             self.loldu_sigma[name].requires_grad_(active and self.loldu_config[name].train_sigma)
 
     def refactor(self) -> None:
-        """Factors the base weight again (after its values changed), keeping every z and σ."""
-        matrix = self._weight_matrix(self._base_weight().detach())
-        self._factor(matrix, self._factors.rank, self._factors.config.borrow_weight)
+        """Factors the base weight again (after its values changed or its type did), keeping every
+        z and σ; all or nothing (see ``_adopt``). A layer without adapters has nothing to factor."""
+        if self._factors is not None:
+            matrix = self._weight_matrix(self._base_weight().detach())
+            self._factor(matrix, self._factors.rank, self._factors.config.borrow_weight)
 
     # -- checks before use ----------------------------------------------------------------------
 
@@ -447,10 +508,23 @@ class LoLDULayer(nn.Module):
         has (disabled: any of them); ``None``: the base layer (the layer has none of them)."""
         names = self._present_active()
         if len(names) > 1 and not self._disabled:  # (disabled, each computes the base weight)
-            raise StateError(
-                f"{self.loldu_name}: {len(names)} active adapters {names}; "
-                "compute with one (set_adapter), combine them (add_weighted_adapter), or give each "
-                "sample its own (adapter_names=, loldu.torch.mixed_batch)", _capi.LOLDU_ERR_STATE)
+            raise self._several_active(names, "compute with one (set_adapter), combine them (add_weighted_adapter), "
+                                              "or give each sample its own (adapter_names=, loldu.torch.mixed_batch)")
+        return names[0] if names else None
+
+    def _several_active(self, names: list[str], advice: str) -> StateError:
+        return StateError(f"{self.loldu_name}: {len(names)} active adapters {names}; {advice}", _capi.LOLDU_ERR_STATE)
+
+    def _merge_name(self) -> str | None:
+        """The adapter ``merge()`` merges: the one active adapter the layer has (``None``: none,
+        nothing to merge). ``StateError`` for several: PEFT merges every active adapter into the
+        base weight, but each LoLDU adapter merges into a weight of its own and a layer computes
+        one at a time."""
+        names = self._present_active()
+        if len(names) > 1:
+            raise self._several_active(names, "a LoLDU layer merges one adapter (PEFT would merge them all into the "
+                                              "base weight): merge one (set_adapter), or combine them "
+                                              "(add_weighted_adapter) and merge that")
         return names[0] if names else None
 
     def _effective_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -481,18 +555,26 @@ class LoLDULayer(nn.Module):
     def merge(self) -> None:
         """Computes with a merged weight until ``unmerge()`` (z and σ must not change meanwhile:
         as in PEFT, they get no gradient, so an optimiser leaves them alone). A layer that has none
-        of the active adapters has nothing to merge."""
-        names = self._present_active()
-        if not names:
-            return
-        name = names[0]
-        self._prepare(name).merge()
+        of the active adapters has nothing to merge; one with several refuses (``_merge_name``)."""
+        name = self._merge_name()
+        if name is not None:
+            self._merge(name)
+
+    def _merge(self, name: str) -> None:
+        adapter = self._prepare(name)
+        try:
+            adapter.merge()
+        except _loldu.LoLDUError as error:
+            raise self._named(error) from None
         self._merged.add(name)
 
+    def _unmerge(self, name: str) -> None:
+        self._adapters[name].unmerge()
+        self._merged.discard(name)
+
     def unmerge(self) -> None:
-        for adapter in self._adapters.values():
-            adapter.unmerge()
-        self._merged.clear()
+        for name in self._adapters:
+            self._unmerge(name)
 
     @property
     def enabled(self) -> bool:
@@ -503,6 +585,21 @@ class LoLDULayer(nn.Module):
         self._disabled = not enabled
         for adapter in self._adapters.values():
             adapter.enabled = enabled
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        """Before ``loldu_z`` / ``loldu_sigma`` (children, loaded after this) copy the state dict's
+        values into the adapters' memory: ``StateError`` if that would change a merged adapter, whose
+        merged weight would then be stale (as ``set_loldu_state_dict`` refuses). The same values
+        load as they are."""
+        for name in self._merged:
+            for holder in self.adapter_layer_names:
+                value, current = state_dict.get(f"{prefix}{holder}.{name}"), getattr(self, holder)[name].detach()
+                if value is not None and not torch.equal(value.detach().to("cpu", current.dtype), current):
+                    raise StateError(
+                        f"{self.loldu_name}: adapter {name!r} is merged, and the state dict holds other values of its "
+                        f"{holder}; unmerge (loldu.torch.unmerge_loldu(model)), load, then merge again",
+                        _capi.LOLDU_ERR_STATE)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -- mixed batches ------------------------------------------------------------------------
 
@@ -534,39 +631,40 @@ class LoLDULayer(nn.Module):
             )
         check_dtype(probe.dtype, f"{self.loldu_name}: the requested dtype",
                     "Call loldu.torch.merge_and_unload(model) first to get plain layers.")
-        # z and σ keep their values and type whatever fn does to the parameters (a dtype cast).
-        values = {name: (self.loldu_z[name].detach().clone(), self.loldu_sigma[name].detach().clone())
-                  for name in self._adapters}
-        result = super()._apply(fn, recurse)
-        if self._factors is not None:
+        dtype = self.dtype
+        for name in self._adapters:
+            self._bound(name)  # (parameters replaced since the last call: their values are the ones to keep)
+        saved = _tensors(self)
+        result = super()._apply(fn, recurse)  # (z and σ keep their values and type whatever fn does to them)
+        if self._factors is None:
+            return result
+        try:
             if LIBRARY_DTYPES[self._base_weight().dtype] != self._factors._dtype_code:
-                self._rebuild(values)  # model.to(dtype): factored again in the new type
+                self.refactor()  # model.to(dtype): factored again in the new type (all or nothing)
             else:
                 for name, adapter in self._adapters.items():
                     if self.loldu_z[name].data_ptr() != adapter._params_ptr:
                         self._rebind_from_parameters(name)
+        except BaseException as error:  # the layer as it was, working: its tensors back in its old type
+            _put_back(saved)
+            if not isinstance(error, _loldu.LoLDUError):
+                raise
+            raise type(error)(
+                f"{self.loldu_name}: cannot convert the layer to {probe.dtype} ({error.message}); it is left as it "
+                f"was, in {dtype}. Modules converted before it keep {probe.dtype}: model.to({dtype}) converts them "
+                "back.", error.status) from None
         return result
 
-    def _rebuild(self, values=None) -> None:
-        """Re-creates the factors and every adapter from the current base weight and ``values``
-        (z, σ per adapter; by default the parameters' values), after a dtype change or
-        unpickling, keeping the parameter objects."""
-        if values is None:
-            values = {name: (self.loldu_z[name].detach().clone(), self.loldu_sigma[name].detach().clone())
-                      for name in self.loldu_config}
-        old = list(self._adapters.values()) + ([self._factors] if self._factors is not None else [])
-        for key in list(self._companions):
-            self._companions.pop(key).close()
-        self._adapters, self._factors = {}, None
-        self._merged.clear()
-        if self.loldu_config:  # (every adapter deleted: nothing to factor)
-            matrix = self._weight_matrix(self._base_weight().detach())
-            rank = max(self._resolved_rank(c, matrix) for c in self.loldu_config.values())
-            self._factor(matrix, rank, next(iter(self.loldu_config.values())).borrow_weight)
-            for name, config in list(self.loldu_config.items()):
-                self.update_layer(name, config, values=values[name])
-        for adapter in old:
-            adapter.close()
+    def _rebuild(self) -> None:
+        """Re-creates the factors and every adapter from the base weight and the parameters'
+        values after unpickling (which restores neither), keeping the parameter objects."""
+        values = {name: (self.loldu_z[name].detach().clone(), self.loldu_sigma[name].detach().clone())
+                  for name in self.loldu_config}
+        matrix = self._weight_matrix(self._base_weight().detach())
+        rank = max(self._resolved_rank(c, matrix) for c in self.loldu_config.values())
+        self._factor(matrix, rank, next(iter(self.loldu_config.values())).borrow_weight)
+        for name, config in list(self.loldu_config.items()):
+            self.update_layer(name, config, values=values[name])
 
     # -- copy and pickle --------------------------------------------------------------------------
 
@@ -621,7 +719,7 @@ class LoLDULinear(LoLDULayer):
                 and not torch.is_autocast_enabled("cpu") and x.shape[1] == base.in_features):
             # The common call, every check below passed: attributes read once, as cheaply as can be.
             name = self.active_adapters[0]
-            return self._forward_one(x.contiguous(), name, self._prepare(name), base._parameters["bias"])
+            return self._forward_one(library_input(x), name, self._prepare(name), base._parameters["bias"])
         dtype = self._compute_dtype()
         x = self._check_float_input(x, dtype)
         n = base.in_features
@@ -637,7 +735,7 @@ class LoLDULinear(LoLDULayer):
         if not mixed and name is None:
             return base(x)  # no active adapter here: the pretrained module, as PEFT computes it
         flat = x.dim() == 2
-        x2 = (x if flat else x.reshape(-1, n)).contiguous()
+        x2 = library_input(x if flat else x.reshape(-1, n))
         bias = base.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
@@ -715,9 +813,10 @@ class LoLDUConv(_WeightSpaceLayer):
     the library's ``W_eff``."""
 
     base_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    dimension_names = ("out_channels", "in_channels / groups × kernel size")
 
     def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.reshape(weight.shape[0], -1)
+        return weight.flatten(1)
 
     def _compute(self, x, weight):
         base = self.base_layer
@@ -744,6 +843,7 @@ class LoLDUEmbedding(_WeightSpaceLayer):
     lookup runs in torch with the library's ``W_eff``."""
 
     base_types = (nn.Embedding,)
+    dimension_names = ("num_embeddings", "embedding_dim")
 
     def _compute(self, x, weight):
         base = self.base_layer

@@ -21,7 +21,7 @@ from ..adapter import Adapter, AdapterConfig
 from ..checkpoint import Checkpoint
 from ..errors import DTypeError, InvalidArgumentError, LoLDUWarning, MismatchError, NotFiniteError, ShapeError, StateError
 from ._functions import LIBRARY_DTYPES
-from .layers import BASE_NAME, LoLDULayer, layer_class
+from .layers import BASE_NAME, LoLDULayer, check_adapter_name, layer_class
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -112,8 +112,11 @@ def add_loldu(
     already get the new adapter beside their others (on the same factors); an adapter they have
     already is left as it is. With ``mark_trainable`` (as PEFT's ``get_peft_model``) only the
     LoLDU parameters stay trainable, and ``adapter_name`` becomes the active adapter.
-    Returns the model; ``InvalidArgumentError`` (a ``ValueError``) if nothing matches.
+    Returns the model; ``InvalidArgumentError`` (a ``ValueError``) if nothing matches or for an
+    ``adapter_name`` the layers cannot hold (``check_adapter_name``). All or nothing: a failure
+    leaves the model as it was.
     """
+    check_adapter_name(adapter_name)
     root = unwrap(model)
     matched = []
     layers = loldu_layers(root)
@@ -217,11 +220,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     adapter becomes active, on every layer alike."""
     layers = loldu_layers(model)
     _check_known(layers, [adapter_name], "adapter_name")
+    holders = [layer for layer in layers.values() if adapter_name in layer.loldu_config]
+    for layer in holders:  # every refusal (merged) before any layer changes
+        layer._deletable(adapter_name)
     was_active = [(layer, list(layer.active_adapters)) for layer in layers.values()
                   if adapter_name in layer.active_adapters]
-    for layer in layers.values():
-        if adapter_name in layer.loldu_config:
-            layer.delete_adapter(adapter_name)
+    for layer in holders:
+        layer.delete_adapter(adapter_name)
     first = _names_of(layers)[:1]
     for layer, active in was_active:
         layer.set_adapter([a for a in active if a != adapter_name] or first)
@@ -491,6 +496,7 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
     before any changes, so a failed load leaves the model as it was. With ``mark_trainable``,
     ``adapter_name`` becomes active and trainable.
     """
+    check_adapter_name(adapter_name)
     root = unwrap(model)
     modules = dict(root.named_modules())
     installs, made, trials = [], [], []  # what to do once every layer is checked; what was made for it
@@ -553,9 +559,20 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
 def merge_loldu(model: nn.Module) -> None:
     """Merges every LoLDU layer's active adapter (faster inference; z and σ frozen until
     ``unmerge_loldu``). Reversible, as PEFT's ``merge_adapter``; ``merge_and_unload`` removes the
-    layers instead (what the reference code's ``merge_loldu`` does)."""
-    for layer in loldu_layers(model).values():
-        layer.merge()  # (a layer without an active adapter computes its base already)
+    layers instead (what the reference code's ``merge_loldu`` does). All or nothing: a layer with
+    several active adapters refuses (``StateError``, see ``LoLDULayer.merge``) before any layer
+    merges, and if a merge fails (a float16 weight that would overflow) the others are undone."""
+    chosen = [(layer, layer._merge_name()) for layer in loldu_layers(model).values()]
+    merged = []
+    try:
+        for layer, name in chosen:  # (a layer without an active adapter computes its base already)
+            if name is not None and name not in layer._merged:
+                layer._merge(name)
+                merged.append((layer, name))
+    except BaseException:
+        for layer, name in merged:
+            layer._unmerge(name)
+        raise
 
 
 def unmerge_loldu(model: nn.Module) -> None:
