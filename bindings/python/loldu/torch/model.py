@@ -183,7 +183,8 @@ def _check_known(layers: Mapping[str, LoLDULayer], names, argument: str) -> None
     """``InvalidArgumentError`` naming ``argument`` if one of ``names`` is on no LoLDU layer (as
     PEFT refuses an adapter that is not in the model; a name on some layers only is fine)."""
     known = _names_of(layers)
-    missing = list(dict.fromkeys(n for n in names if n not in known))
+    known_set = set(known)  # (a mixed batch may name thousands)
+    missing = list(dict.fromkeys(n for n in names if n not in known_set))
     if missing:
         raise InvalidArgumentError(
             f"{argument}: no LoLDU layer has adapter {', '.join(map(repr, missing))}; the model's adapters are "
