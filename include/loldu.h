@@ -127,9 +127,9 @@ LOLDU_API const char *loldu_last_error(void);
  * Element types. Half-precision weights and activations are computed with float32 accumulation
  * and rounded once, to nearest even, on output; parameters and gradients are float32.
  *   LOLDU_BFLOAT16: uint16_t holding the top half of a float (PyTorch's torch.bfloat16). GEMMs
- *     run in bf16 on AMX-BF16 (through oneDNN); with AVX512-BF16 alone, in bf16 or widened to
- *     float32, whichever a product timed once per process ran faster; widened elsewhere (see
- *     loldu_gemm_backend).
+ *     run in bf16 on AMX-BF16 (through oneDNN); with AVX512-BF16 alone, in bf16 unless a
+ *     product timed once per process ran 25% faster widened to float32; widened elsewhere (see
+ *     loldu_gemm_backend and loldu_set_widened_half).
  *   LOLDU_FLOAT16: IEEE binary16 (uint16_t / _Float16). Widened to float32 for the GEMMs (oneDNN
  *     2.6 has no float16 kernels for x86): the memory of float16, the speed of float32.
  */

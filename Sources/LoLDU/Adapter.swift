@@ -555,30 +555,41 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         let s = try localState()
         coefficients(into: s.coef.pointer)
         let c = UnsafePointer(s.coef.pointer)
+        let fitsType = merged || fits(c)  // (a merged weight was checked when merged)
         let source: UnsafePointer<G>
+        var image: HeapBuffer<G>? = nil
         if (merged || effectiveIsFresh(s, c)), let effective = s.effective {
             source = UnsafePointer(effective.pointer)
         } else {
-            // Built into the caller's buffer (or its compute-type image) without touching the cache.
+            // Built without touching the cache: into the caller's buffer when it certainly fits
+            // and needs no rounding; else into an image in the GEMM type, checked before `out`
+            // is written.
             let scaled = try s.scaled.get(m * rank)
-            if G.self == E.self {
-                let wide = G.self == P.self ? nil : try s.large.get(m * n)
+            let wide = G.self == P.self ? nil : try s.large.get(m * n)
+            if G.self == E.self && fitsType {
                 factors.buildEffective(r: rank, c, into: UnsafeMutableRawPointer(out).assumingMemoryBound(to: G.self),
                                        scaled: scaled, wide: wide)
                 return
             }
-            let image = try s.large.get(m * n)  // G is P here: a half type widened
-            factors.buildEffective(r: rank, c, into: UnsafeMutableRawPointer(image).assumingMemoryBound(to: G.self),
-                                   scaled: scaled, wide: nil)
-            source = UnsafePointer(UnsafeMutableRawPointer(image).assumingMemoryBound(to: G.self))
+            let target: UnsafeMutablePointer<G>
+            if wide == nil {  // G is P: the work buffer holds the image
+                target = UnsafeMutableRawPointer(try s.large.get(m * n)).assumingMemoryBound(to: G.self)
+            } else {
+                image = try HeapBuffer<G>(count: m * n)
+                target = image!.pointer
+            }
+            factors.buildEffective(r: rank, c, into: target, scaled: scaled, wide: wide)
+            source = UnsafePointer(target)
         }
-        guard Self.representable(source, count: m * n) else {
+        guard fitsType || Self.representable(source, count: m * n) else {
             throw LoLDUError(.notFinite, "the effective weight is not finite in \(E.dtype.name) (sigma or z too large); nothing written")
         }
-        if G.self == E.self {
-            UnsafeMutableRawPointer(out).assumingMemoryBound(to: G.self).update(from: source, count: m * n)
-        } else {
-            E.narrow(UnsafeRawPointer(source).assumingMemoryBound(to: P.self), to: out, count: m * n)
+        withExtendedLifetime(image) {
+            if G.self == E.self {
+                UnsafeMutableRawPointer(out).assumingMemoryBound(to: G.self).update(from: source, count: m * n)
+            } else {
+                E.narrow(UnsafeRawPointer(source).assumingMemoryBound(to: P.self), to: out, count: m * n)
+            }
         }
     }
 
@@ -610,11 +621,22 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         let s = try localState()
         coefficients(into: s.coef.pointer)
         let weight = try refreshEffective(s, s.coef.pointer)
-        guard Self.representable(weight, count: m * n) else {
+        guard fits(s.coef.pointer) || Self.representable(weight, count: m * n) else {
             s.effectiveValid = false
             throw LoLDUError(.notFinite, "the merged weight would not be finite in \(E.dtype.name) (sigma or z too large); not merged")
         }
         merged = true
+    }
+
+    /// Whether `W_eff` for coefficients `c` certainly fits the element type, by the bound of
+    /// ``LDUFactors/magnitudes()`` (with room for the GEMM's rounding): `O(r)` per call, so that
+    /// only an adapter near the type's end pays ``representable(_:count:)``'s pass.
+    func fits(_ c: UnsafePointer<P>) -> Bool {
+        let (w, a, u) = factors.magnitudes()
+        var sum = 0.0
+        for k in 0..<rank { sum += Double(c[k].magnitude) }
+        let bound = w + sum * a * u
+        return bound.isFinite && bound <= 0.5 * E.dtype.largestFinite
     }
 
     /// Whether `count` values of `W_eff` in the GEMM type are finite and stay finite when

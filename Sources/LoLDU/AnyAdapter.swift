@@ -135,6 +135,7 @@ private struct Converting<E: Element, G: GEMMOperand>: AdapterMaker where G.Comp
         if let source = f.bias {  // rounded to E2 too, as autocast rounds it
             let rounded = try HeapBuffer<E2>(count: f.m), wide = try HeapBuffer<E2.Compute>(count: f.m)
             E2.narrow(UnsafeRawPointer(source.pointer).assumingMemoryBound(to: E2.Compute.self), to: rounded.pointer, count: f.m)
+            try checkFinite(UnsafePointer(rounded.pointer), count: f.m, name: "the bias rounded to \(E2.dtype.name)")
             E2.widen(rounded.pointer, to: wide.pointer, count: f.m)
             bias = wide
         }

@@ -18,6 +18,16 @@ public enum DType: Int32, Sendable, CaseIterable {
         }
     }
 
+    /// The largest finite value (float16 ends at 65504; bfloat16 near float32's end).
+    var largestFinite: Double {
+        switch self {
+        case .float32: Double(Float.greatestFiniteMagnitude)
+        case .float64: Double.greatestFiniteMagnitude
+        case .bfloat16: Double(Float(bitPattern: 0x7F7F_0000))
+        case .float16: 65504
+        }
+    }
+
     public var name: String {
         switch self {
         case .float32: "float32"

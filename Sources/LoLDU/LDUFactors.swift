@@ -60,15 +60,13 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     let lowerOperand: UnsafePointer<G>
     let upperOperand: UnsafePointer<G>
     private let operandStorage: [HeapBuffer<G>]
-    /// The fingerprint of `W`'s values (see ``fingerprint(_:)``), computed with the factors (a
-    /// few milliseconds for 4096 × 4096, against seconds for the LU), so that adding an adapter
-    /// to these factors from a checkpoint costs `O(r)`: of their float32 bytes for float32,
-    /// bfloat16 and float16 weights (so that a bf16 model and its float32 copy have the same),
-    /// of their float64 bytes for float64.
-    public let weightFingerprint: String
+    /// ``fingerprint`` of `W`'s values, computed once on first use.
+    private var weightPrint: String?
     /// `AᵀA`, `U Uᵀ` (`rank × rank` each) and `‖W‖²`, once asked for (see ``grams()``).
     private var gramCache: (lower: HeapBuffer<P>, upper: HeapBuffer<P>, weight: Double)?
-    /// Guards `gramCache`.
+    /// `max |W|`, `max |A|`, `max |U_r|`, once asked for (see ``magnitudes()``).
+    private var magnitudeCache: (weight: Double, lower: Double, upper: Double)?
+    /// Guards `weightPrint`, `gramCache` and `magnitudeCache`.
     private let cacheLock: UnsafeMutablePointer<pthread_mutex_t>
 
     /// The scale of the degeneracy test, in units of `ε_double · max(m, r) · g`.
@@ -150,11 +148,6 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
         lowerOperand = try operand(lower.pointer, count: m * r)
         upperOperand = try operand(upper.pointer, count: r * n)
         operandStorage = operands
-        var hasher = Fingerprinter()
-        Self.forEachPiece(of: weight, count: m * n) { values, count in
-            hasher.add(UnsafeRawBufferPointer(start: values, count: count * MemoryLayout<P>.stride))
-        }
-        weightFingerprint = hasher.finish()
         cacheLock = .allocate(capacity: 1)
         pthread_mutex_init(cacheLock, nil)
     }
@@ -259,13 +252,49 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
             + operandStorage.reduce(0) { $0 + $1.count * MemoryLayout<G>.stride }
     }
 
+    /// The fingerprint of `W`'s values (see ``fingerprint(_:)``), computed once: of their float32
+    /// bytes for float32, bfloat16 and float16 weights (so that a bf16 model and its float32 copy
+    /// have the same), of their float64 bytes for float64.
+    public var weightFingerprint: String {
+        pthread_mutex_lock(cacheLock)
+        defer { pthread_mutex_unlock(cacheLock) }
+        if let weightPrint { return weightPrint }
+        var hasher = Fingerprinter()
+        forEachWeightPiece { values, count in
+            hasher.add(UnsafeRawBufferPointer(start: values, count: count * MemoryLayout<P>.stride))
+        }
+        let print = hasher.finish()
+        weightPrint = print
+        return print
+    }
+
+    /// The largest magnitudes of `W`, `A` and `U_r` (all `rank` rows), computed once
+    /// (`O(m n + (m + n) rank)`): every entry of `W + A diag(c) U_r` is at most
+    /// `max|W| + ‖c‖₁ max|A| max|U_r|`, a bound that tells without computing `W_eff` that it
+    /// fits a half type.
+    public func magnitudes() -> (weight: Double, lower: Double, upper: Double) {
+        pthread_mutex_lock(cacheLock)
+        defer { pthread_mutex_unlock(cacheLock) }
+        if let magnitudeCache { return magnitudeCache }
+        func largest(_ values: UnsafePointer<P>, _ count: Int, _ start: P) -> P {
+            var top = start
+            for i in 0..<count { top = Swift.max(top, values[i].magnitude) }
+            return top
+        }
+        var w = P(0)
+        forEachWeightPiece { values, count in w = largest(values, count, w) }
+        let found = (Double(w), Double(largest(lower.pointer, m * rank, 0)), Double(largest(upper.pointer, rank * n, 0)))
+        magnitudeCache = found
+        return found
+    }
+
     /// `body(values, count)` over `W`'s values in the compute type, in order, in pieces of at most
     /// 4096: pieces of `W` itself when the element type is its own compute type, else widened
     /// copies.
-    private static func forEachPiece(of weight: UnsafePointer<E>, count total: Int, _ body: (UnsafePointer<P>, Int) -> Void) {
+    private func forEachWeightPiece(_ body: (UnsafePointer<P>, Int) -> Void) {
         withUnsafeTemporaryAllocation(of: P.self, capacity: 4096) { chunk in
-            for start in stride(from: 0, to: total, by: 4096) {
-                let count = Swift.min(4096, total - start)
+            for start in stride(from: 0, to: m * n, by: 4096) {
+                let count = Swift.min(4096, m * n - start)
                 if E.computesInPlace {
                     body(UnsafeRawPointer(weight + start).assumingMemoryBound(to: P.self), count)
                 } else {
@@ -290,7 +319,7 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
             P.multiply(transA: false, transB: true, m: r, n: r, k: n, a: upper.pointer, lda: n,
                        b: upper.pointer, ldb: n, accumulate: false, c: upperGram.pointer, ldc: r)
             var squares = 0.0
-            Self.forEachPiece(of: weight, count: m * n) { values, count in squares += Double(P.dot(values, values, count: count)) }
+            forEachWeightPiece { values, count in squares += Double(P.dot(values, values, count: count)) }
             gramCache = (lowerGram, upperGram, squares)
         }
         return (UnsafePointer(gramCache!.lower.pointer), UnsafePointer(gramCache!.upper.pointer), gramCache!.weight)

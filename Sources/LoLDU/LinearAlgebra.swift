@@ -235,10 +235,12 @@ public enum GEMMBackend: Sendable, Equatable {
         return OneDNN.hasAMX ? .oneDNN : bfloat16Measured
     }
 
-    /// The faster of oneDNN's bf16 product and widening to float32 (the widened path's per-call
-    /// work: the activations converted, then a float32 product against a float32 weight) on a
-    /// 256 × 1024 × 1024 product, best of three each: about 30 ms, once, when the first bf16
-    /// adapter is created. oneDNN must win by 10%: close calls keep float32's accuracy.
+    /// oneDNN's bf16 product, unless widening to float32 (the widened path's per-call work: the
+    /// activations converted, then a float32 product against a float32 weight) ran a 256 × 1024
+    /// × 1024 product at least 25% faster, best of three each: about 30 ms, once, when the first
+    /// bf16 adapter is created. The margin keeps a busy machine's timing noise from choosing
+    /// differently in different processes; only a CPU whose bf16 kernels are clearly slower
+    /// (oneDNN's on some AVX512-BF16 Xeons) widens. `loldu_set_widened_half` pins widening.
     static let bfloat16Measured: GEMMBackend = {
         let (m, n, k) = (256, 1024, 1024)
         guard let x = try? HeapBuffer<BFloat16>(count: m * k), let w = try? HeapBuffer<BFloat16>(count: n * k),
@@ -271,7 +273,7 @@ public enum GEMMBackend: Sendable, Equatable {
             return true
         }
         guard let native, let widened else { return .widened }
-        return native * 1.1 < widened ? .oneDNN : .widened
+        return native > 1.25 * widened ? .widened : .oneDNN
     }()
 
     /// float16: widened to float32 (oneDNN 2.6 has no float16 matmul kernels for x86 CPUs).

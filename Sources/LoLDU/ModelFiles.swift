@@ -59,6 +59,15 @@ public final class ModelFiles {
             }
             shards = Set(wanted.values).sorted()
             files = try shards.map { name throws(LoLDUError) in try SafeTensors.open("\(directory)/\(name)") }
+            // A name in two shards would be two tensors under one name: refused, not guessed.
+            var holder: [String: Int] = [:]
+            for (shard, file) in files.enumerated() {
+                for tensor in file.order {
+                    if let other = holder.updateValue(shard, forKey: tensor) {
+                        throw LoLDUError(.format, "\(directory): tensor \"\(tensor)\" is in both \(shards[other]) and \(shards[shard]); a sharded model holds each tensor once")
+                    }
+                }
+            }
             var location: [String: (Int, SafeTensors.Tensor)] = [:]
             for (tensor, name) in wanted {
                 let shard = shards.firstIndex(of: name)!

@@ -93,6 +93,9 @@ public enum ModelMerge {
                 entries.append(.init(name: key, dtype: type.map(SafeTensors.name(of:)) ?? tensor.dtype, shape: tensor.shape) { buffer throws(LoLDUError) in
                     if let layer = layerOf[key] {
                         let adapter = try checkpoint.adapter(layer, in: model, fileType: false)
+                        guard adapter.m * adapter.n == count else {  // (one tensor per name: ModelFiles)
+                            throw LoLDUError(.mismatch, "tensor \"\(key)\" has \(count) values, layer \"\(layer)\" \(adapter.m) × \(adapter.n)")
+                        }
                         let merged = try HeapBuffer<UInt8>(count: count * adapter.dtype.byteSize)
                         try adapter.writeEffectiveWeight(merged.pointer)
                         try convertElementsInRange(merged.pointer, adapter.dtype, buffer.baseAddress!, type!, count: count,

@@ -49,13 +49,13 @@ public enum SafeTensors {
         public func fail(_ message: String) -> LoLDUError { LoLDUError(.format, "\(what): \(message)") }
 
         /// Copies the bytes of a tensor of this file to `destination` (`tensor.range.count` bytes).
-        public func read(_ tensor: Tensor, into destination: UnsafeMutableRawPointer) throws(LoLDUError) {
+        func read(_ tensor: Tensor, into destination: UnsafeMutableRawPointer) throws(LoLDUError) {
             try source.read(tensor.range, into: destination)
         }
 
         /// The values of `tensor` (of element type `dtype`) converted to `type`, in a new buffer:
         /// read into it directly when the types are the same.
-        public func read(_ tensor: Tensor, as dtype: DType, to type: DType) throws(LoLDUError) -> HeapBuffer<UInt8> {
+        func read(_ tensor: Tensor, as dtype: DType, to type: DType) throws(LoLDUError) -> HeapBuffer<UInt8> {
             let values = try HeapBuffer<UInt8>(count: tensor.range.count / dtype.byteSize * type.byteSize)
             try read(tensor, into: values.pointer, as: dtype, to: type)
             return values
@@ -64,7 +64,7 @@ public enum SafeTensors {
         /// The values of `tensor` (of element type `dtype`) converted to `type` into
         /// `destination`: read into it directly when the types are the same. A finite value
         /// beyond the range of `type` is refused (`notFinite`, naming `what`).
-        public func read(_ tensor: Tensor, into destination: UnsafeMutableRawPointer, as dtype: DType, to type: DType,
+        func read(_ tensor: Tensor, into destination: UnsafeMutableRawPointer, as dtype: DType, to type: DType,
                          what: String = "") throws(LoLDUError) {
             guard dtype != type else { return try read(tensor, into: destination) }
             let raw = try HeapBuffer<UInt8>(count: tensor.range.count)
@@ -102,7 +102,7 @@ public enum SafeTensors {
 
     /// Opens a file and parses it: only the header is read now, tensors when they are read, so
     /// a model's weights cost one tensor at a time, not a copy.
-    public static func open(_ path: String) throws(LoLDUError) -> File {
+    static func open(_ path: String) throws(LoLDUError) -> File {
         try parse(try OpenFile(path), what: path)
     }
 

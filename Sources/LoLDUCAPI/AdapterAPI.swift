@@ -394,9 +394,10 @@ private func groupedBackward(
         let dx = try Check.optionalBuffer(dx, "dx", dtype)
         let (b, m, n) = (g.batch, g.base.m, g.base.n)
         try Check.disjoint((UnsafeRawPointer(dx), b * n, dtype, "dx"), from: (x, b * n, dtype, "x"), (dy, b * m, dtype, "dy"))
-        for (j, out) in (outs ?? []).enumerated() {
-            let name = "grads[\(g.listIndex[j])]", p = g.used[j].dtype.parameterType
-            try Check.disjoint((UnsafeRawPointer(out), g.used[j].rank + 1, p, name), from: (x, b * n, dtype, "x"), (dy, b * m, dtype, "dy"), (UnsafeRawPointer(dx), b * n, dtype, "dx"))
+        if let outs {
+            try Check.disjoint(grads: outs, count: { g.used[$0].rank + 1 }, dtype: { g.used[$0].dtype.parameterType },
+                               name: { "grads[\(g.listIndex[$0])]" },
+                               from: [(x, b * n, dtype, "x"), (dy, b * m, dtype, "dy"), (UnsafeRawPointer(dx), b * n, dtype, "dx")])
         }
         guard let rows = g.rows?.pointer else { return }
         try g.base.groupedBackward(g.used, listIndex: g.listIndex, rows: rows, batch: g.batch, x: x, dy: dy, dx: dx, grads: outs)

@@ -92,7 +92,8 @@ let helps: [String: String] = [
           --force            replace DIR if it holds an earlier LoRA export (and nothing else)
         Layers whose weight has more than 2 dimensions are exported as convolutions, others as
         linear layers; a checkpoint does not record which 2-dimensional layers are embeddings,
-        so a layer named like one ("embed", "wte", "wpe") needs --embedding or --linear.
+        so a 2-dimensional layer named like one ("embed" anywhere, or ending in "wte" or "wpe")
+        needs --embedding or --linear.
         """,
     "merge": """
         usage: loldu merge ADAPTER --base MODEL --out DIR [--dtype f32|f16|bf16]
@@ -359,6 +360,13 @@ func verify(_ args: [String]) throws(Failure) {
     print("all \(checkpoint.names.count) layers match \(base)")
 }
 
+/// Names that the export-lora help lists as an embedding's ("embed" anywhere, or a last
+/// component "wte" or "wpe", GPT-2's).
+func namedLikeEmbedding(_ name: String) -> Bool {
+    let last = name.split(separator: ".").last.map { $0.lowercased() } ?? ""
+    return name.lowercased().contains("embed") || last == "wte" || last == "wpe"
+}
+
 func exportLoRA(_ args: [String]) throws(Failure) {
     let command = "export-lora"
     let a = try Arguments(args, command: command, values: ["--base", "--out", "--dtype", "--base-name", "--embedding", "--linear"],
@@ -376,32 +384,27 @@ func exportLoRA(_ args: [String]) throws(Failure) {
     if let both = embeddings.intersection(linear).sorted().first {
         throw usageError(command, "layer \"\(both)\" is given as both --embedding and --linear")
     }
-    // A wrongly typed embedding would load in PEFT with a warning and compute something else.
-    func namedLikeEmbedding(_ name: String) -> Bool {
-        let last = name.split(separator: ".").last.map { $0.lowercased() } ?? ""
-        return name.lowercased().contains("embed") || last == "wte" || last == "wpe"
-    }
-    if let unsure = checkpoint.names.first(where: { namedLikeEmbedding($0) && !embeddings.contains($0) && !linear.contains($0) }) {
-        throw usageError(command, "layer \"\(unsure)\" is named like an embedding, which PEFT stores differently; pass --embedding \(unsure) if it is an nn.Embedding, --linear \(unsure) if it is an nn.Linear")
-    }
     let model: ModelFiles
     do {
         model = try ModelFiles(directory: base)
     } catch {
         throw Failure(code: .failure, message: "cannot read the base model \"\(base)\": \(error.message)")
     }
-    var adapters: [OpaquePointer?] = []
-    defer { adapters.forEach { loldu_adapter_free($0) } }
+    // Each layer's kind, before any work: a weight of more than 2 dimensions is a convolution;
+    // a 2-dimensional one is linear unless declared an embedding, and one named like an
+    // embedding must be declared (exported as linear, PEFT would load it with a warning and
+    // compute something else).
     var layers: [loldu_lora_layer] = []
-    var progress = ProgressLine()
-    for (i, name) in checkpoint.names.enumerated() {
-        progress.show("factoring \(i + 1)/\(checkpoint.names.count) \(name)", force: true)
-        adapters.append(try checkpoint.adapter(name, base: base))
+    for name in checkpoint.names {
         var layer = loldu_lora_layer()
         let shape = (try? model.weightKey(layer: name)).flatMap { model.tensor($0)?.tensor.shape } ?? []
+        let declared = embeddings.contains(name) ? "--embedding" : linear.contains(name) ? "--linear" : nil
         if shape.count > 5 {
             throw Failure(code: .failure, message: "layer \"\(name)\": its weight in the base model has \(shape.count) dimensions \(shape); a LoRA can be written for linear layers, embeddings and 1–3-dimensional convolutions")
         } else if shape.count > 2 {
+            if let declared {
+                throw usageError(command, "\(declared) \(name): its weight has \(shape.count) dimensions \(shape), so it is exported as a convolution")
+            }
             layer.kind = Int32(LOLDU_LORA_CONV.rawValue)
             layer.kernel_dims = Int32(shape.count - 2)
             withUnsafeMutableBytes(of: &layer.kernel) { raw in
@@ -409,8 +412,17 @@ func exportLoRA(_ args: [String]) throws(Failure) {
             }
         } else if embeddings.contains(name) {
             layer.kind = Int32(LOLDU_LORA_EMBEDDING.rawValue)
+        } else if declared == nil && namedLikeEmbedding(name) {
+            throw usageError(command, "layer \"\(name)\" is named like an embedding, which PEFT stores differently; pass --embedding \(name) if it is an nn.Embedding, --linear \(name) if it is an nn.Linear")
         }
         layers.append(layer)
+    }
+    var adapters: [OpaquePointer?] = []
+    defer { adapters.forEach { loldu_adapter_free($0) } }
+    var progress = ProgressLine()
+    for (i, name) in checkpoint.names.enumerated() {
+        progress.show("factoring \(i + 1)/\(checkpoint.names.count) \(name)", force: true)
+        adapters.append(try checkpoint.adapter(name, base: base))
     }
     progress.show("writing \(out)", force: true)
     var options = loldu_lora_options()
@@ -493,7 +505,12 @@ let commands: [String: ([String]) throws(Failure) -> Void] = [
         return Exit.usage.rawValue
     }
     let rest = Array(args.dropFirst())
-    if rest.contains("-h") || rest.contains("--help") {
+    // -h / --help asks for help unless it is the value of an option (`--base-name --help`).
+    let flags: Set<String> = ["--force", "--json"]
+    let asksHelp = rest.indices.contains { i in
+        ["-h", "--help"].contains(rest[i]) && (i == 0 || !rest[i - 1].hasPrefix("-") || flags.contains(rest[i - 1]))
+    }
+    if asksHelp {
         print(helps[first]!)
         return Exit.ok.rawValue
     }

@@ -232,6 +232,18 @@ import Testing
                 return loldu_grouped_forward([a], 1, 2, [0, -1], buffer, buffer)
             }
         },
+        Case(name: "grouped grads over each other", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "grads[1] overlaps grads[0]") {
+            withAdapter { a in
+                var clone: OpaquePointer?
+                guard loldu_adapter_clone(&clone, a) == LOLDU_OK, let clone else { return LOLDU_ERR_INTERNAL }
+                defer { loldu_adapter_free(clone) }
+                let buffer = UnsafeMutablePointer<Float>.allocate(capacity: 32)
+                defer { buffer.deallocate() }
+                buffer.initialize(repeating: 1, count: 32)
+                let grads: [UnsafeMutableRawPointer?] = [UnsafeMutableRawPointer(buffer + 20), UnsafeMutableRawPointer(buffer + 22)]
+                return loldu_grouped_backward_into([a, clone], 2, 2, [0, 1], buffer, buffer + 8, nil, grads)
+            }
+        },
         Case(name: "plan for a negative batch", expected: LOLDU_ERR_SHAPE, mentions: "batch") {
             withAdapter { a in
                 var path = LOLDU_PATH_AUTO

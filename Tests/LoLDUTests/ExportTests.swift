@@ -222,5 +222,19 @@ import Testing
         #expect(Self.message().contains("truncated or replaced while in use"), "\(Self.message())")
         #expect(calls.count == 1)
         #expect(!FileManager.default.fileExists(atPath: "\(f.directory)/cut"))
+
+        // Shards that both hold a tensor of one name are refused, not guessed between (one of
+        // them could be another shape).
+        let sharded = "\(f.directory)/sharded"
+        try FileManager.default.createDirectory(atPath: sharded, withIntermediateDirectories: false)
+        try original.write(to: URL(fileURLWithPath: "\(sharded)/a.safetensors"))
+        #expect(withCStrings([f.names[0]]) { loldu_export_merged("\(sharded)/b.safetensors", [f.adapters[0].handle], $0, 1) } == LOLDU_OK)
+        let bias = "\(f.names[0]).bias"  // indexed to b; a holds it too, as it holds the weight
+        let map = header.keys.filter { $0 != "__metadata__" }.map { "\"\($0)\": \"\($0 == bias ? "b" : "a").safetensors\"" }
+            .joined(separator: ", ")
+        try Data("{\"weight_map\": {\(map)}}".utf8).write(to: URL(fileURLWithPath: "\(sharded)/model.safetensors.index.json"))
+        #expect(loldu_merge_model("\(f.directory)/twice", sharded, c, nil) == LOLDU_ERR_FORMAT)
+        #expect(Self.message().contains("is in both a.safetensors and b.safetensors"), "\(Self.message())")
+        #expect(!FileManager.default.fileExists(atPath: "\(f.directory)/twice"))
     }
 }

@@ -298,5 +298,24 @@ import Testing
         #expect(access("\(directory)/lora", F_OK) != 0, "a refused export left a directory")
         #expect(withCStrings(["layer"]) { loldu_export_merged("\(directory)/merged.safetensors", [a], $0, 1) } == LOLDU_ERR_NOT_FINITE)
         #expect(access("\(directory)/merged.safetensors", F_OK) != 0, "a refused export left a file")
+
+        // float32 too, where W_eff is built straight into the caller's buffer when it fits.
+        let wide = w.map(Half.f16.widen)
+        let single = try Self.adapter(LOLDU_FLOAT32, m: m, n: n, weight: wide, bias: nil, rank: r)
+        defer { loldu_adapter_free(single) }
+        #expect(loldu_set_z(single, [Float](repeating: 3e38, count: r)) == LOLDU_OK)
+        var floats = [Float](repeating: 7, count: m * n)
+        #expect(loldu_effective_weight(single, &floats) == LOLDU_ERR_NOT_FINITE)
+        #expect(floats.allSatisfy { $0 == 7 }, "a refused float32 effective weight was written")
+        #expect(loldu_set_z(single, [Float](repeating: 2, count: r)) == LOLDU_OK)
+        #expect(loldu_effective_weight(single, &floats) == LOLDU_OK && floats.allSatisfy(\.isFinite))
+
+        // Converting to float16 rounds the bias too: one beyond 65504 is refused.
+        let bias = (0..<m).map { Float($0 == 3 ? 70000 : $0) }
+        let biased = try Self.adapter(LOLDU_FLOAT32, m: m, n: n, weight: wide, bias: bias, rank: r)
+        defer { loldu_adapter_free(biased) }
+        var converted: OpaquePointer?
+        #expect(loldu_adapter_convert(&converted, biased, LOLDU_FLOAT16) == LOLDU_ERR_NOT_FINITE)
+        #expect(converted == nil && String(cString: loldu_last_error()).contains("bias"))
     }
 }

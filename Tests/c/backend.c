@@ -123,7 +123,7 @@ int main(int argc, char **argv) {
         int current = avx512 ? in_list(core, avx512_cores)
                              : in_list(core, avx512_cores) || in_list(core, "haswell zen zen2 zen3 zen4 skylake alderlake");
         int f32 = onednn && !current && avx2 ? LOLDU_BACKEND_ONEDNN : LOLDU_BACKEND_OPENBLAS;
-        /* AMX: oneDNN. AVX512-BF16 alone: whichever the library timed faster (either). */
+        /* AMX: oneDNN. AVX512-BF16 alone: oneDNN unless widening timed clearly faster (either). */
         int bf16 = onednn && bf16_units ? LOLDU_BACKEND_ONEDNN : LOLDU_BACKEND_WIDENED;
         if (onednn && bf16_units && !amx && got[2] == LOLDU_BACKEND_WIDENED) bf16 = LOLDU_BACKEND_WIDENED;
         printf("%s: OpenBLAS core %s -> float32 %d, float64 %d, bfloat16 %d, float16 %d\n", runs[i].what, core,

@@ -117,6 +117,9 @@ def test_export_lora_writes_what_the_library_writes(trained_minilm, tmp_path):
 
     again = run("export-lora", checkpoint, "--base", minilm_dir(), "--out", out, *EMBEDDING, check_code=1)
     assert "already exists" in again.stderr
+    named = tmp_path / "named"  # an option's value that reads like --help is a value, not a request for help
+    run("export-lora", checkpoint, "--base", minilm_dir(), "--out", named, *EMBEDDING, "--base-name", "--help")
+    assert json.loads((named / "adapter_config.json").read_text())["base_model_name_or_path"] == "--help"
     run("export-lora", checkpoint, "--base", minilm_dir(), "--out", out, *EMBEDDING, "--force", "--dtype", "bf16")
     assert {t.dtype for t in tensors(out).values()} == {torch.bfloat16}
     # A layer named like an embedding must be declared: exported as linear, PEFT would load it
@@ -140,6 +143,12 @@ def test_export_lora_refuses_a_base_weight_of_more_than_five_dimensions(trained_
     result = run("export-lora", checkpoint, "--base", base, "--out", tmp_path / "x", *EMBEDDING, check_code=1)
     assert "6 dimensions" in result.stderr and "encoder.layer.0.attention.self.query" in result.stderr
     assert not (tmp_path / "x").exists()
+    # With 4 dimensions it is a convolution, whatever its name: declaring it an embedding is refused.
+    weights[key] = weights[key].reshape(384, 384, 1, 1)
+    save_file(weights, base / "model.safetensors")
+    declared = run("export-lora", checkpoint, "--base", base, "--out", tmp_path / "y", *EMBEDDING,
+                   "--embedding", "encoder.layer.0.attention.self.query", check_code=2)
+    assert "exported as a convolution" in declared.stderr and not (tmp_path / "y").exists()
 
 
 def test_merge_writes_what_the_library_writes_and_refuses_bad_input(trained_minilm, tmp_path):
