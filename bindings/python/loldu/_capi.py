@@ -25,8 +25,8 @@ if OpenBLAS was already loaded by something else in the process.
 
 OpenMP: PyTorch's OpenMP threads spin between parallel regions unless ``OMP_WAIT_POLICY=PASSIVE``
 was set when its OpenMP runtime started (at ``import torch``), and then compete with the
-library's BLAS threads for the cores (``make bench`` measured the loldu.torch step 1.12–1.59×
-and ``nn.Linear`` 1.25–2.74× slower on a 2-core machine). So, before loading the library, this
+library's BLAS threads for the cores (``make bench`` measures the step with the variable unset
+against PASSIVE; on a busy machine spinning costs the most). So, before loading the library, this
 module sets ``os.environ["OMP_WAIT_POLICY"] = "PASSIVE"`` when it is unset, ``LOLDU_KEEP_OMP_WAIT_POLICY=1``
 is not set, and no OpenMP runtime is loaded in the process yet (torch not imported, no
 libgomp / libiomp5 / libomp in ``/proc/self/maps``): that is, when ``loldu`` (or ``loldu.torch``)

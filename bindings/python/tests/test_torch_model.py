@@ -473,3 +473,23 @@ def test_delete_adapter_checks_every_layer_before_deleting_anywhere():
     lt.unmerge_loldu(model)
     lt.delete_adapter(model, "b")
     assert lt.adapter_names(model) == ["default"]
+
+
+def test_merge_and_unload_is_all_or_nothing():
+    """Every effective weight is computed before any layer is replaced: a float16 layer whose
+    weight would overflow raises, naming it, and the model keeps all its LoLDU layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8)).half()
+    lt.add_loldu(model, ["0", "2"], rank=4)
+    with torch.no_grad():
+        model[2].loldu_z["default"].mul_(1e6)
+    with pytest.raises(loldu.NotFiniteError, match="^2: "):
+        lt.merge_and_unload(model)
+    assert isinstance(model[0], lt.LoLDULayer) and isinstance(model[2], lt.LoLDULayer)
+    with torch.no_grad():
+        model[2].loldu_z["default"].div_(1e6)
+    x = torch.randn(3, 16, dtype=torch.float16)
+    expected = model(x)
+    lt.merge_and_unload(model)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    assert torch.allclose(model(x), expected, rtol=1e-2, atol=1e-2)

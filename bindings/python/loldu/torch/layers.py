@@ -792,10 +792,10 @@ class _WeightSpaceLayer(LoLDULayer):
             return self._compute(x, self._effective_weight(name, dtype).reshape(self._base_weight().shape))
         used, index = self._mixed_rows(names, x, sample_dim)
         outputs = [None] * len(names)
-        groups = [(i, [b for b in range(len(names)) if index[b] == i]) for i in range(-1, len(used))]
-        for i, samples in groups:
-            if not samples:
-                continue
+        groups: dict[int, list[int]] = {}  # adapter index (-1: the base) → its samples, in one pass
+        for b, i in enumerate(index):
+            groups.setdefault(int(i), []).append(b)
+        for i, samples in sorted(groups.items()):
             part = x[samples]
             if i < 0:  # a copy, as the adapters' weights are: F.embedding(max_norm=) renormalises in place
                 weight = self._base_weight().detach().to(dtype, copy=True)

@@ -584,13 +584,22 @@ def unmerge_loldu(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Replaces every LoLDU layer by its base module carrying the effective weight of one adapter
     (the active one by default): a plain PyTorch model again, movable to any device and dtype.
-    In place; returns the model."""
+    In place; returns the model. All or nothing: every effective weight is computed before any
+    layer is replaced (one that does not fit the weight's dtype raises, naming the layer)."""
     root = unwrap(model)
-    for name, layer in loldu_layers(root).items():
+    layers = loldu_layers(root)
+    weights = {}
+    for name, layer in layers.items():
         chosen = adapter_name or _active(layer)
-        base = layer.base_layer
         if chosen in layer.loldu_config:  # (else the layer computes its base module already)
-            base.weight = nn.Parameter(layer.effective_weight(chosen), requires_grad=False)
+            try:
+                weights[name] = layer.effective_weight(chosen)
+            except _loldu.LoLDUError as error:
+                raise layer._named(error) from None
+    for name, layer in layers.items():
+        base = layer.base_layer
+        if name in weights:
+            base.weight = nn.Parameter(weights[name], requires_grad=False)
         _set_submodule(root, name, base)
         layer.close()
     return model
