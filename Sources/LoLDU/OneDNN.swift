@@ -120,15 +120,15 @@ enum OneDNN {
 
     /// Whether the CPU has bf16 dot-product instructions oneDNN uses (AVX512-BF16, AMX-BF16).
     /// Without them oneDNN emulates bf16, slower than converting to float32.
-    static var hasNativeBFloat16: Bool {
-        guard let isa = api?.isa.rawValue else { return false }
-        return isa & dnnl_cpu_isa_avx512_core_bf16.rawValue == dnnl_cpu_isa_avx512_core_bf16.rawValue
-    }
+    static var hasNativeBFloat16: Bool { dispatches(dnnl_cpu_isa_avx512_core_bf16) }
 
     /// Whether oneDNN runs bf16 products on AMX tiles (several times float32's speed).
-    static var hasAMX: Bool {
-        guard let isa = api?.isa.rawValue else { return false }
-        return isa & dnnl_cpu_isa_avx512_core_amx.rawValue == dnnl_cpu_isa_avx512_core_amx.rawValue
+    static var hasAMX: Bool { dispatches(dnnl_cpu_isa_avx512_core_amx) }
+
+    /// Whether the instruction set oneDNN dispatches to includes `isa` (its bits are a superset).
+    private static func dispatches(_ isa: dnnl_cpu_isa_t) -> Bool {
+        guard let effective = api?.isa.rawValue else { return false }
+        return effective & isa.rawValue == isa.rawValue
     }
 
     /// The instruction set oneDNN dispatches to, for reports.

@@ -155,8 +155,21 @@ import Testing
     }
 
     /// Rewrites a safetensors file's header text.
+    /// The length of a safetensors file's JSON header (its first 8 bytes, little-endian).
+    static func headerLength(_ bytes: [UInt8]) -> Int {
+        Int(bytes[0..<8].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) })
+    }
+
+    /// A safetensors file's header, parsed, and the offset of its data section: tensor `NAME`'s
+    /// bytes are `dataStart + data_offsets`.
+    static func header(_ bytes: [UInt8]) throws -> (entries: [String: Any], dataStart: Int) {
+        let length = headerLength(bytes)
+        let entries = try JSONSerialization.jsonObject(with: Data(bytes[8..<(8 + length)])) as! [String: Any]
+        return (entries, 8 + length)
+    }
+
     static func rewriteHeader(_ bytes: [UInt8], _ edit: (String) -> String) -> [UInt8] {
-        let length = Int(bytes[0..<8].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) })
+        let length = headerLength(bytes)
         let header = Array(edit(String(decoding: bytes[8..<(8 + length)], as: UTF8.self)).utf8)
         var out = (0..<8).map { UInt8(truncatingIfNeeded: UInt64(header.count) >> (8 * UInt64($0))) }
         out += header

@@ -191,13 +191,12 @@ import Testing
         let file = "\(f.directory)/base/model.safetensors"
         let original = try Data(contentsOf: URL(fileURLWithPath: file))
         let bytes = [UInt8](original)
-        let length = bytes[0..<8].enumerated().reduce(0) { $0 | Int($1.element) << (8 * $1.offset) }
-        let header = try JSONSerialization.jsonObject(with: Data(bytes[8..<(8 + length)])) as! [String: Any]
+        let (header, dataStart) = try CheckpointTests.header(bytes)
         let last = f.names.map { "\($0).weight" }.max { a, b in
             ((header[a] as! [String: Any])["data_offsets"] as! [Int])[0] < ((header[b] as! [String: Any])["data_offsets"] as! [Int])[0]
         }!
         var changed = bytes
-        changed[8 + length + ((header[last] as! [String: Any])["data_offsets"] as! [Int])[1] - 1] ^= 0x01
+        changed[dataStart + ((header[last] as! [String: Any])["data_offsets"] as! [Int])[1] - 1] ^= 0x01
         try Data(changed).write(to: URL(fileURLWithPath: file))
 
         final class Calls { var count = 0; var truncate: String? }

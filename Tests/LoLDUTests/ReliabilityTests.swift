@@ -39,6 +39,13 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
             return loldu_optimizer_step(optimizer, nil)
         }
 
+        /// Saves the optimiser's state as `directory/state.safetensors`; returns the path.
+        func saved(in directory: String) -> String {
+            let path = directory + "/state.safetensors"
+            #expect(loldu_optimizer_save(optimizer, path) == LOLDU_OK)
+            return path
+        }
+
         var steps: Int64 {
             var steps: Int64 = -1
             _ = loldu_optimizer_get_step(optimizer, &steps)
@@ -81,8 +88,7 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let t = try Training()
         #expect(t.step() == LOLDU_OK)
-        let path = directory + "/state.safetensors"
-        #expect(loldu_optimizer_save(t.optimizer, path) == LOLDU_OK)
+        let path = t.saved(in: directory)
         try Self.rewriteMetadata(path, limit.key, limit.value)
         let z = t.adapter.z
         let status = loldu_optimizer_load(t.optimizer, path)
@@ -98,8 +104,7 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let t = try Training()
-        let path = directory + "/state.safetensors"
-        #expect(loldu_optimizer_save(t.optimizer, path) == LOLDU_OK)
+        let path = t.saved(in: directory)
         try Self.rewriteMetadata(path, "steps", "9007199254740992")
         #expect(loldu_optimizer_load(t.optimizer, path) == LOLDU_OK, "\(Self.lastError())")
         #expect(t.steps == 9_007_199_254_740_992)
@@ -122,14 +127,12 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let t = try Training()
         #expect(t.step() == LOLDU_OK)
-        let path = directory + "/state.safetensors"
-        #expect(loldu_optimizer_save(t.optimizer, path) == LOLDU_OK)
+        let path = t.saved(in: directory)
         var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
-        let length = bytes[0..<8].enumerated().reduce(0) { $0 | Int($1.element) << (8 * $1.offset) }
-        let header = try JSONSerialization.jsonObject(with: Data(bytes[8..<(8 + length)])) as! [String: Any]
+        let (header, dataStart) = try CheckpointTests.header(bytes)
         let entry = header["adapter.0.exp_avg_sq"] as! [String: Any]
         #expect(entry["dtype"] as? String == "F32")
-        let begin = 8 + length + (entry["data_offsets"] as! [Int])[0] + 4  // its second element
+        let begin = dataStart + (entry["data_offsets"] as! [Int])[0] + 4  // its second element
         withUnsafeBytes(of: Float(-1).bitPattern.littleEndian) { bytes.replaceSubrange(begin..<(begin + 4), with: $0) }
         try Data(bytes).write(to: URL(fileURLWithPath: path))
         let z = t.adapter.z

@@ -85,6 +85,21 @@ static loldu_adapter *make_adapter(int dtype, int m, int n, int rank, int with_b
     return a;
 }
 
+/* Limits the address space to what the process maps now plus `room` bytes; returns the
+   previous limit, for setrlimit(RLIMIT_AS, &previous) afterwards. */
+static struct rlimit limit_address_space(long room) {
+    struct rlimit saved, tight;
+    getrlimit(RLIMIT_AS, &saved);
+    FILE *f = fopen("/proc/self/statm", "r");
+    long pages = 0;
+    if (!f || fscanf(f, "%ld", &pages) != 1) { fprintf(stderr, "statm\n"); exit(1); }
+    fclose(f);
+    tight = saved;
+    tight.rlim_cur = (rlim_t)(pages * 4096L + room);
+    setrlimit(RLIMIT_AS, &tight);
+    return saved;
+}
+
 /* 1. Out of memory: leave a few MB of address space, then ask for a 42 MB merged weight. */
 static void out_of_memory(void) {
     enum { M = 2304, N = 2304, B = 4 }; /* W_eff: 42 MB, beyond malloc's reusable heap */
@@ -103,15 +118,7 @@ static void out_of_memory(void) {
     for (int i = 0; i < B * M; i++) y[i] = -7;
     loldu_set_path(a, LOLDU_PATH_MERGED);
 
-    struct rlimit saved, tight;
-    getrlimit(RLIMIT_AS, &saved);
-    FILE *f = fopen("/proc/self/statm", "r");
-    long pages = 0;
-    if (!f || fscanf(f, "%ld", &pages) != 1) { fprintf(stderr, "statm\n"); exit(1); }
-    fclose(f);
-    tight = saved;
-    tight.rlim_cur = (rlim_t)(pages * 4096L + (8L << 20));
-    setrlimit(RLIMIT_AS, &tight);
+    struct rlimit saved = limit_address_space(8L << 20);
     loldu_status backward = loldu_backward(a, B, x, dy, dx, NULL);
     loldu_status forward = loldu_forward(a, B, x, y, NULL);
     double into[9];
@@ -146,15 +153,7 @@ static void grouped_out_of_memory(void) {
     int32_t *rows = malloc(sizeof(int32_t) * B);
     if (!x || !y || !rows) { fprintf(stderr, "malloc\n"); exit(1); }
     for (int i = 0; i < B; i++) { x[i] = 1; y[i] = -7; rows[i] = 0; }
-    struct rlimit saved, tight;
-    getrlimit(RLIMIT_AS, &saved);
-    FILE *f = fopen("/proc/self/statm", "r");
-    long pages = 0;
-    if (!f || fscanf(f, "%ld", &pages) != 1) { fprintf(stderr, "statm\n"); exit(1); }
-    fclose(f);
-    tight = saved;
-    tight.rlim_cur = (rlim_t)(pages * 4096L + (4L << 20));
-    setrlimit(RLIMIT_AS, &tight);
+    struct rlimit saved = limit_address_space(4L << 20);
     loldu_status forward = loldu_grouped_forward(&a, 1, B, rows, x, y);
     setrlimit(RLIMIT_AS, &saved);
     EXPECT(forward == LOLDU_ERR_OUT_OF_MEMORY, "grouped forward returned %d", forward);
@@ -198,15 +197,7 @@ static void huge_files_out_of_memory(const char *dir) {
     loldu_optimizer_config_default(&oc, LOLDU_ADAMW);
     loldu_optimizer *opt = NULL;
     if (loldu_optimizer_create(&opt, &oc, &a, 1) != LOLDU_OK) { fprintf(stderr, "optimizer\n"); exit(1); }
-    struct rlimit saved, tight;
-    getrlimit(RLIMIT_AS, &saved);
-    FILE *f = fopen("/proc/self/statm", "r");
-    long pages = 0;
-    if (!f || fscanf(f, "%ld", &pages) != 1) { fprintf(stderr, "statm\n"); exit(1); }
-    fclose(f);
-    tight = saved;
-    tight.rlim_cur = (rlim_t)(pages * 4096L + (16L << 20));
-    setrlimit(RLIMIT_AS, &tight);
+    struct rlimit saved = limit_address_space(16L << 20);
     loldu_status load = loldu_optimizer_load(opt, state);
     loldu_checkpoint *checkpoint = NULL;
     loldu_status open = loldu_checkpoint_open(&checkpoint, ckpt);
