@@ -16,6 +16,7 @@ from torch import nn
 
 import loldu
 import loldu.torch as lt
+from loldu import AdapterConfig
 from conftest import run_python
 from reference import ldu_factors, torch_linear, torch_weight
 
@@ -495,6 +496,46 @@ def test_replaced_parameters_are_rebound():
     np.testing.assert_array_equal(layer.adapter.z, [0.5] * 4)
 
 
+def test_a_mixed_batch_sees_replaced_parameters_and_added_or_deleted_adapters():
+    """The layer keeps its adapters as one group between mixed batches: parameters replaced
+    (``.data =``, ``load_state_dict(assign=True)``), adapters added, re-created or deleted since
+    the last batch must show in the next one."""
+    torch.manual_seed(9)
+    layer = lt.LoLDULinear(nn.Linear(8, 6), rank=4)
+    layer.update_layer("b", AdapterConfig(rank=3, residual="init", z_init="normal", seed=1))
+    x = torch.randn(4, 8)
+    names = ["default", "b", "__base__", "b"]
+
+    def alone(name, row):
+        if name == "__base__":
+            return layer.base_layer(x[row:row + 1])
+        layer.set_adapter(name)
+        return layer(x[row:row + 1])
+
+    def check():
+        with torch.no_grad():
+            y = layer(x, adapter_names=names)
+            for row, name in enumerate(names):
+                torch.testing.assert_close(y[row:row + 1], alone(name, row), rtol=1e-5, atol=1e-5)
+
+    check()
+    layer.loldu_z["b"].data = torch.full((3,), 2.0)  # the same parameter object, other memory
+    check()
+    assert layer.loldu_z["b"].data_ptr() == layer.get_adapter("b")._params_ptr
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.load_state_dict({**state, "loldu_z.default": torch.arange(1.0, 5.0)}, assign=True)  # new objects
+    check()
+    np.testing.assert_array_equal(layer.get_adapter("default").z, [1, 2, 3, 4])
+    layer.update_layer("c", AdapterConfig(rank=2, residual="init", z_init="normal", seed=2))
+    names = ["c", "b", "default", "c"]
+    check()
+    layer.update_layer("b", AdapterConfig(rank=4, residual="init", z_init="normal", seed=3))  # re-created
+    check()
+    layer.delete_adapter("c")
+    with torch.no_grad():  # a deleted adapter's rows: the base layer's output, as PEFT gives
+        torch.testing.assert_close(layer(x, adapter_names=names)[0], layer.base_layer(x)[0])
+
+
 def test_copy_pickle_and_dtype_conversions():
     torch.manual_seed(9)
     model = lt.add_loldu(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)), ["0", "2"], rank=3,
@@ -547,6 +588,7 @@ STEP_FAULTS = """
 import resource, torch
 from torch import nn
 import loldu.torch as lt
+from loldu import AdapterConfig
 torch.set_num_threads(1)
 layer = lt.LoLDULinear(nn.Linear(384, 384), rank=384)
 x, dy = torch.randn(2048, 384, requires_grad=True), torch.randn(2048, 384)

@@ -28,6 +28,7 @@ negation resolved (the library reads memory, not torch's negative bit).
 from __future__ import annotations
 
 import ctypes
+import itertools
 
 import numpy as np
 import torch
@@ -165,53 +166,85 @@ class LinearFunction(torch.autograd.Function):
                 _bias_grad(dy, ctx.bias_shape) if need_bias else None, None, None)
 
 
-def _handles(adapters) -> ctypes.Array:
-    return (_capi.loldu_adapter_p * len(adapters))(*[a.handle for a in adapters])
+class AdapterGroup:
+    """Adapters on one base as the grouped calls take them: every handle in one array, each
+    name's place in it, and where each adapter's z and σ live. A layer keeps the group of its
+    adapters until one is added or removed, so that a mixed batch does no per-adapter work in
+    Python beyond the adapters its rows use."""
+
+    def __init__(self, names: list[str], adapters: list):
+        self.names, self.adapters = names, adapters
+        self.position = {name: i for i, name in enumerate(names)}
+        self.handles = (_capi.loldu_adapter_p * len(adapters))(*[a.handle for a in adapters])
+        self.ranks = np.fromiter((a.rank for a in adapters), np.int64, len(adapters))
+        self.memory = [(a._params_ptr, a._params_ptr + a.rank * a.param_dtype.itemsize) for a in adapters]
+
+    def rows(self, names, repeat: int = 1) -> torch.Tensor:
+        """Each sample's place in the group (-1: a name the group lacks, ``"__base__"``), as the
+        int32 row map of ``repeat`` rows per sample."""
+        index = np.fromiter(map(self.position.get, names, itertools.repeat(-1)), np.int32, len(names))
+        return torch.from_numpy(index if repeat == 1 else np.repeat(index, repeat))
+
+
+def grouped_linear(group: AdapterGroup, x: torch.Tensor, rows: torch.Tensor, bias) -> torch.Tensor:
+    """``y`` of a mixed batch (``rows`` index ``group``) in one library call."""
+    refuse_tracing()
+    y = torch.empty((x.shape[0], group.adapters[0].m), dtype=x.dtype)
+    bias = _library_bias(bias, x, y.shape[1])
+    check(_capi.loldu_grouped_forward_bias(group.handles, len(group.adapters), x.shape[0],
+                                           ctypes.cast(rows.data_ptr(), ctypes.POINTER(ctypes.c_int32)),
+                                           x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr()))
+    return y
 
 
 class GroupedLinearFunction(torch.autograd.Function):
-    """``forward(ctx, x, rows, bias, adapters, *parameters)``: ``rows`` (int32, one per row of
-    ``x``) index ``adapters``; ``parameters`` are every adapter's z then σ, in order."""
+    """``forward(ctx, x, rows, bias, group, used, *parameters)``: ``rows`` (int32, one per row of
+    ``x``) index ``group``; ``used`` lists the group's adapters the rows use, and ``parameters``
+    are their z then σ, in that order."""
 
     @staticmethod
-    def forward(ctx, x, rows, bias, adapters, *parameters):
-        refuse_tracing()
+    def forward(ctx, x, rows, bias, group, used, *parameters):
         ctx.bias_shape = _bias_shape(bias)
-        base = adapters[0]
-        batch = x.shape[0]
-        y = torch.empty((batch, base.m), dtype=x.dtype)
-        rows_ptr = ctypes.cast(rows.data_ptr(), ctypes.POINTER(ctypes.c_int32))
-        bias = _library_bias(bias, x, base.m)
-        check(_capi.loldu_grouped_forward_bias(_handles(adapters), len(adapters), batch, rows_ptr, x.data_ptr(),
-                                               None if bias is None else bias.data_ptr(), y.data_ptr()))
+        y = grouped_linear(group, x, rows, bias)
         ctx.save_for_backward(x, rows, *parameters)
-        ctx.adapters, ctx.states = adapters, [a._state for a in adapters]
+        ctx.group, ctx.used = group, used
+        ctx.states = [group.adapters[i]._state for i in used]
         return y
 
     @staticmethod
     @first_order
     def backward(ctx, dy):
         x, rows, *parameters = ctx.saved_tensors
-        adapters = [at_forward(a, state) for a, state in zip(ctx.adapters, ctx.states)]  # (clones share the factors)
+        group, used = ctx.group, ctx.used
+        handles = group.handles
+        changed = [k for k, (i, state) in enumerate(zip(used, ctx.states))
+                   if group.adapters[i]._handle is None or group.adapters[i]._state != state]
+        if changed:  # (clones share the factors)
+            handles = type(handles).from_buffer_copy(handles)
+            stand_ins = [at_forward(group.adapters[used[k]], ctx.states[k]) for k in changed]
+            for k, stand_in in zip(changed, stand_ins):
+                handles[used[k]] = stand_in.handle
         need_x, _, need_bias = ctx.needs_input_grad[:3]
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
         dy = library_input(dy)
         dx = torch.empty_like(x) if need_x else None
-        ranks = np.fromiter((a.rank for a in adapters), dtype=np.int64, count=len(adapters))
-        # Every adapter's dz, dσ in one tensor, split into its z and σ views in one call.
-        storage = torch.empty(int(ranks.sum()) + len(adapters), dtype=parameters[0].dtype)
-        offsets = np.cumsum(ranks + 1) - (ranks + 1)
-        pointers = (ctypes.c_void_p * len(adapters))(*(offsets * storage.element_size() + storage.data_ptr()).tolist())
-        rows_ptr = ctypes.cast(rows.data_ptr(), ctypes.POINTER(ctypes.c_int32))
-        check(_capi.loldu_grouped_backward_into(_handles(adapters), len(adapters), x.shape[0], rows_ptr, x.data_ptr(),
-                                                dy.data_ptr(), None if dx is None else dx.data_ptr(), pointers))
+        # Every used adapter's dz, dσ in one tensor, split into its z and σ views in one call;
+        # one gradient pointer per adapter of the group (NULL: unused).
+        ranks = group.ranks[used]
+        storage = torch.empty(int(ranks.sum()) + len(used), dtype=parameter_dtype(group.adapters[0]))
+        pointers = np.zeros(len(group.adapters), np.uint64)
+        pointers[used] = (np.cumsum(ranks + 1) - (ranks + 1)) * storage.element_size() + storage.data_ptr()
+        check(_capi.loldu_grouped_backward_into(handles, len(group.adapters), x.shape[0],
+                                                ctypes.cast(rows.data_ptr(), ctypes.POINTER(ctypes.c_int32)),
+                                                x.data_ptr(), dy.data_ptr(), None if dx is None else dx.data_ptr(),
+                                                ctypes.cast(pointers.ctypes.data, ctypes.POINTER(ctypes.c_void_p))))
         sizes = np.stack([ranks, np.ones_like(ranks)], axis=1).reshape(-1).tolist()
         grads = torch.split(storage, sizes)  # z_0, σ_0, z_1, σ_1, …
-        needs = ctx.needs_input_grad[4:]
+        needs = ctx.needs_input_grad[5:]
         if not all(needs):
             grads = [g if need else None for g, need in zip(grads, needs)]
-        return (dx, None, _bias_grad(dy, ctx.bias_shape) if need_bias else None, None, *grads)
+        return (dx, None, _bias_grad(dy, ctx.bias_shape) if need_bias else None, None, None, *grads)
 
 
 class WeightFunction(torch.autograd.Function):

@@ -36,8 +36,8 @@ from .. import _capi
 from .._arrays import NUMPY_DTYPES
 from ..adapter import Adapter, AdapterConfig, init_change_advice
 from ..errors import DeviceError, DTypeError, InvalidArgumentError, LoLDUWarning, ShapeError, StateError, check
-from ._functions import (LIBRARY_DTYPES, GroupedLinearFunction, LinearFunction, WeightFunction, library_input, linear,
-                         parameter_dtype, refuse_tracing)
+from ._functions import (LIBRARY_DTYPES, AdapterGroup, GroupedLinearFunction, LinearFunction, WeightFunction, grouped_linear,
+                         library_input, linear, parameter_dtype, refuse_tracing)
 
 BASE_NAME = "__base__"  # PEFT's name for rows that use no adapter in a mixed batch
 _process_configured = False
@@ -150,6 +150,7 @@ class LoLDULayer(nn.Module):
         self._merged: set[str] = set()  # merged adapters (merge()): their z and σ get no gradient
         self._companions: dict = {}
         self._plans: dict[tuple[str, int], bool] = {}
+        self._grouping: AdapterGroup | None = None  # (_group)
         self.base_layer.weight.requires_grad_(False)
         self.update_layer(adapter_name, dataclasses.replace(config or AdapterConfig(), **fields))
         self.active_adapters = [adapter_name]
@@ -280,6 +281,7 @@ class LoLDULayer(nn.Module):
             old.close()
         self._forget(adapter_name)
         self._plans.clear()
+        self._grouping = None
 
     @staticmethod
     def _restore(adapter: Adapter, values) -> None:
@@ -323,6 +325,7 @@ class LoLDULayer(nn.Module):
             raise
         old, self._factors = self._factors, factors
         previous, self._adapters = self._adapters, moved
+        self._grouping = None
         for name in moved:
             self._bind(name)
         weight = self._base_weight()
@@ -354,6 +357,7 @@ class LoLDULayer(nn.Module):
         """Removes an adapter; if it was active, the first remaining adapter becomes active."""
         adapter = self._deletable(adapter_name)
         del self._adapters[adapter_name], self.loldu_config[adapter_name]
+        self._grouping = None
         del self.loldu_z[adapter_name], self.loldu_sigma[adapter_name]
         self._forget(adapter_name)
         adapter.close()
@@ -603,13 +607,16 @@ class LoLDULayer(nn.Module):
 
     # -- mixed batches ------------------------------------------------------------------------
 
+    def _check_names(self, names, x: torch.Tensor, sample_dim: int) -> None:
+        if len(names) != x.shape[sample_dim]:
+            raise ShapeError(f"{self.loldu_name}: adapter_names has {len(names)} entries for a batch of "
+                             f"{x.shape[sample_dim]} samples", _capi.LOLDU_ERR_SHAPE)
+
     def _mixed_rows(self, names, x: torch.Tensor, sample_dim: int) -> tuple[list[str], np.ndarray]:
         """The distinct adapters of a mixed batch that the layer has and, per sample, its index
         among them: -1 for ``"__base__"`` and for an adapter the layer lacks (its rows get the base
         layer's output, as in PEFT's ``_mixed_batch_forward``)."""
-        if len(names) != x.shape[sample_dim]:
-            raise ShapeError(f"{self.loldu_name}: adapter_names has {len(names)} entries for a batch of "
-                             f"{x.shape[sample_dim]} samples", _capi.LOLDU_ERR_SHAPE)
+        self._check_names(names, x, sample_dim)
         position: dict[str, int] = {}
         used: list[str] = []
         for name in names:
@@ -672,9 +679,11 @@ class LoLDULayer(nn.Module):
         state = self.__dict__.copy()
         state["_adapters"], state["_factors"], state["_stamp"], state["_companions"] = {}, None, None, {}
         state["_merged"] = set()  # (a copy is rebuilt unmerged)
+        state["_grouping"] = None
         return state
 
     def __setstate__(self, state):
+        state.setdefault("_grouping", None)
         super().__setstate__(state)
         if not self._adapters and self.loldu_config:
             self._rebuild()
@@ -759,21 +768,37 @@ class LoLDULinear(LoLDULayer):
         return linear(adapter, x, bias)
 
     def _mixed_forward(self, names, x, x2, bias, dtype) -> torch.Tensor:
-        used, index = self._mixed_rows(names, x, 0)
-        rows = np.repeat(index, x2.shape[0] // len(names)) if len(names) else index
-        if not used:  # every sample on the pretrained layer
-            if not self._adapters:
-                return F.linear(x2, self._base_weight().to(dtype), bias)
-            used = [next(iter(self._adapters))]  # (any adapter's factors compute the base rows)
+        self._check_names(names, x, 0)
+        if not self._adapters:
+            return F.linear(x2, self._base_weight().to(dtype), bias)
         self._check_weight()
-        if dtype == self.dtype:
-            adapters = [self._bound(name) for name in used]
-        else:
-            adapters = [self._computing_adapter(name, dtype, weight_checked=True) for name in used]
         z, sigma = self._modules["loldu_z"]._parameters, self._modules["loldu_sigma"]._parameters
-        parameters = [p if self._computes(name) else p.detach() for name in used for p in (z[name], sigma[name])]
-        return GroupedLinearFunction.apply(x2, torch.from_numpy(np.ascontiguousarray(rows, np.int32)), bias,
-                                           tuple(adapters), *parameters)
+        if dtype == self.dtype:
+            group = self._group()
+        else:  # autocast: the used adapters' conversions, as a group of their own
+            present = self._mixed_rows(names, x, 0)[0] or [next(iter(self._adapters))]
+            group = AdapterGroup(present, [self._computing_adapter(name, dtype, weight_checked=True) for name in present])
+        owners = group.names
+        used = [i for i in map(group.position.get, dict.fromkeys(names)) if i is not None]  # each once
+        if group is self._grouping:  # (conversions copy z and σ from the bound adapters)
+            for i in used:  # their parameters still their memory (else bound again)
+                if (z[owners[i]].data_ptr(), sigma[owners[i]].data_ptr()) != group.memory[i]:
+                    self._rebind_from_parameters(owners[i])
+        rows = group.rows(names, x2.shape[0] // len(names) if len(names) else 1)
+        if torch.is_grad_enabled():
+            # (A mixed batch is never on a disabled layer: merged adapters are those that do not compute.)
+            merged = self._merged
+            parameters = [p.detach() if owners[i] in merged else p for i in used for p in (z[owners[i]], sigma[owners[i]])]
+            if self._training(x2, bias, *parameters):
+                return GroupedLinearFunction.apply(x2, rows, bias, group, used, *parameters)
+        return grouped_linear(group, x2, rows, bias)
+
+    def _group(self) -> AdapterGroup:
+        """The layer's adapters as one group (kept until an adapter is added or removed)."""
+        group = self._grouping
+        if group is None:
+            group = self._grouping = AdapterGroup(list(self._adapters), list(self._adapters.values()))
+        return group
 
 
 class _WeightSpaceLayer(LoLDULayer):
