@@ -371,6 +371,19 @@ def bf16_steps(reps: int, shapes: list) -> list[dict]:
 
 # ---- 4. many adapters on one base --------------------------------------------------------------
 
+class _Gradients(torch.autograd.Function):
+    """``x[:, :1]``, and a gradient for each parameter: autograd's own cost per parameter input."""
+
+    @staticmethod
+    def forward(ctx, x, *parameters):
+        ctx.sizes = [p.numel() for p in parameters]
+        return x[:, :1].clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (None, *torch.split(torch.zeros(sum(ctx.sizes)), ctx.sizes))
+
+
 def spread(count: int, batch: int, name) -> list[str]:
     """Round-robin: row b → adapter b·⌈count/batch⌉ mod count (every row its own adapter once
     count ≥ batch), as in the C benchmark."""
@@ -416,6 +429,16 @@ def grouped(reps: int, shapes: list, counts: list[int], peft_counts: list[int]) 
 
             contenders[("ours_forward", count)] = forward
             contenders[("ours_step", count)] = step
+        # PyTorch's autograd alone with the parameters a step passes it (each used adapter's z and
+        # σ): a Function that computes nothing and returns their gradients.
+        for count in (1, 256):
+            used = list(dict.fromkeys(spread(count, batch, lambda i: f"a{i}")))
+            parameters = [p for name in used for p in (layer.loldu_z[name], layer.loldu_sigma[name])]
+
+            def autograd_only(parameters=parameters):
+                _Gradients.apply(xg, *parameters).backward(dy[:, :1])
+
+            contenders[("autograd", count)] = autograd_only
         for count in peft_counts:
             names = spread(count, batch, lambda i: "default" if i == 0 else f"a{i}")
 
@@ -440,7 +463,7 @@ def grouped(reps: int, shapes: list, counts: list[int], peft_counts: list[int]) 
             row["counts"][count] = entry
         if 256 in counts:
             row["extra_us"] = {kind: 1e6 * mdiff(samples, (kind, 256), (kind, 1)) / 256 / inner
-                               for kind in ("ours_forward", "ours_step")}
+                               for kind in ("ours_forward", "ours_step", "autograd")}
         # Where the Python mixed-batch forward spends its time, at the largest N used by a batch.
         row["profile"] = profile(lambda: forward(spread(256, batch, lambda i: f"a{i}")), 20, top=6)
         rows.append(row)
@@ -1093,8 +1116,12 @@ def main() -> None:
             lines += ["", f"Extra time per used adapter (N = 256 minus N = 1, over 256): {per_adapter(g['extra_us']['ours_forward'])} "
                       f"forward and {per_adapter(g['extra_us']['ours_step'])} forward + backward through loldu.torch, against "
                       f"{per_adapter(cg.get('extra_us_per_adapter_forward', float('nan')))} and "
-                      f"{per_adapter(cg.get('extra_us_per_adapter_step', float('nan')))} in the C calls alone: the rest is the "
-                      "binding's Python work per adapter (profile below)."]
+                      f"{per_adapter(cg.get('extra_us_per_adapter_step', float('nan')))} in the C calls alone. "
+                      "In forward + backward the rest is PyTorch's autograd: each used adapter's z and σ are inputs of "
+                      "the step's autograd Function, so that each gets the gradient of its own rows, and autograd alone "
+                      "(a Function that computes nothing and returns gradients for the same parameters) takes "
+                      f"{per_adapter(g['extra_us']['autograd'])} per used adapter. The forward's own Python work "
+                      "is profiled below."]
         lines += ["", f"Time to add one adapter: ours (`update_layer`, derive + parameters) {g['ours_add_ms']:.3f} ms on "
                   f"average over {max(group_counts) - 1}; PEFT `add_adapter`, cumulative: {peft_times}. Parameters per "
                   f"adapter: PEFT LoRA r = 16 {g['lora_bytes']} bytes; ours (C, above) "
@@ -1228,7 +1255,8 @@ def main() -> None:
             f"{g['m']} × {g['n']}, r = {g['r']}: forward {g['counts'][top]['ours_forward']:.2f}×, forward + backward "
             f"{g['counts'][top]['ours_step']:.2f}× N = 1" + (f" ({g['extra_us']['ours_forward']:.1f} and "
             f"{g['extra_us']['ours_step']:.1f} µs per used adapter, against {cg['extra_us_per_adapter_forward']:.2f} and "
-            f"{cg['extra_us_per_adapter_step']:.2f} µs in the C calls alone)" if "extra_us" in g else "")
+            f"{cg['extra_us_per_adapter_step']:.2f} µs in the C calls alone and {g['extra_us']['autograd']:.1f} µs in "
+            "PyTorch's autograd alone)" if "extra_us" in g else "")
             for g in group_rows for cg in [c_group[(g["m"], g["n"], g["r"])]]
             if max(g["counts"][top]["ours_forward"], g["counts"][top]["ours_step"]) > 1.10) + ".")
     if not all(v <= 1.05 for v in over.values()):
