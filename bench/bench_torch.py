@@ -1127,7 +1127,8 @@ def main() -> None:
                   f"adapter: PEFT LoRA r = 16 {g['lora_bytes']} bytes; ours (C, above) "
                   f"{cg.get('memory', {}).get('per_adapter', float('nan')):.0f} bytes in all.", "",
                   f"Where the Python mixed-batch forward spends its own time (N = 256, cProfile, "
-                  f"{g['profile']['total_us']:.0f} µs of Python per call under the profiler):", "",
+                  f"{g['profile']['total_us']:.0f} µs per call under the profiler; a library call counts as own time of the "
+                  "Python function that makes it):", "",
                   "| function | calls per forward | own µs per forward | share |", "|---|---|---|---|"]
         lines += [f"| `{p['function']}` | {p['calls']:.0f} | {p['own_us']:.1f} | {100 * p['share']:.0f}% |"
                   for p in g["profile"]["rows"]]

@@ -534,6 +534,19 @@ def test_a_mixed_batch_sees_replaced_parameters_and_added_or_deleted_adapters():
     layer.delete_adapter("c")
     with torch.no_grad():  # a deleted adapter's rows: the base layer's output, as PEFT gives
         torch.testing.assert_close(layer(x, adapter_names=names)[0], layer.base_layer(x)[0])
+    # An adapter the batch does not use, deleted between forward and backward: the gradients of
+    # what the forward computed.
+    xg = x.clone().requires_grad_()
+    layer.loldu_z["b"].requires_grad_(True)
+    twin = copy.deepcopy(layer)
+    layer(xg, adapter_names=["b"] * 4).sum().backward()
+    expected = xg.grad.clone(), layer.loldu_z["b"].grad.clone()
+    xg.grad = None
+    y = twin(xg, adapter_names=["b"] * 4)
+    twin.delete_adapter("default")
+    y.sum().backward()
+    torch.testing.assert_close(xg.grad, expected[0])
+    torch.testing.assert_close(twin.loldu_z["b"].grad, expected[1])
 
 
 def test_copy_pickle_and_dtype_conversions():

@@ -219,11 +219,16 @@ class GroupedLinearFunction(torch.autograd.Function):
         handles = group.handles
         changed = [k for k, (i, state) in enumerate(zip(used, ctx.states))
                    if group.adapters[i]._handle is None or group.adapters[i]._state != state]
-        if changed:  # (clones share the factors)
+        first_closed = group.adapters[0]._handle is None  # (the library takes the factors from adapters[0])
+        if changed or first_closed:
             handles = type(handles).from_buffer_copy(handles)
-            stand_ins = [at_forward(group.adapters[used[k]], ctx.states[k]) for k in changed]
+            stand_ins = [at_forward(group.adapters[used[k]], ctx.states[k]) for k in changed]  # (clones share the factors)
             for k, stand_in in zip(changed, stand_ins):
                 handles[used[k]] = stand_in.handle
+            if first_closed:
+                if not used:
+                    at_forward(group.adapters[0], None)  # (raises: closed)
+                handles[0] = handles[used[0]]
         need_x, _, need_bias = ctx.needs_input_grad[:3]
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
