@@ -549,6 +549,63 @@ def test_a_mixed_batch_sees_replaced_parameters_and_added_or_deleted_adapters():
     torch.testing.assert_close(twin.loldu_z["b"].grad, expected[1])
 
 
+def test_a_group_built_while_the_adapters_change_is_not_kept():
+    """Another thread may add an adapter while a mixed batch builds the layer's group: that
+    group may serve its own call, never a later one (here the change happens during the build)."""
+    import loldu.torch.layers as layers
+
+    torch.manual_seed(10)
+    layer = lt.LoLDULinear(nn.Linear(8, 6), rank=4)
+    x = torch.randn(3, 8)
+    built = layers.AdapterGroup
+
+    class AddingDuringTheBuild(built):
+        def __init__(self, *args):
+            layers.AdapterGroup = built  # once
+            layer.update_layer("new", AdapterConfig(rank=3, residual="init", z_init="normal", seed=1))
+            super().__init__(*args)
+
+    layers.AdapterGroup = AddingDuringTheBuild
+    try:
+        with torch.no_grad():
+            layer(x, adapter_names=["default"] * 3)
+    finally:
+        layers.AdapterGroup = built
+    with torch.no_grad():
+        layer.loldu_z["new"].add_(0.5)  # (trained: not the pretrained layer)
+        y = layer(x, adapter_names=["new", "default", "new"])
+        layer.set_adapter("new")
+        torch.testing.assert_close(y[0], layer(x)[0])
+        assert not torch.allclose(y[0], layer.base_layer(x)[0])
+
+
+def test_mixed_batch_edges_closed_layers_no_rows_one_sample_and_factors_outliving_adapters():
+    torch.manual_seed(11)
+    layer = lt.LoLDULinear(nn.Linear(8, 6), rank=4)
+    layer.update_layer("b", AdapterConfig(rank=3, residual="init", z_init="normal", seed=1))
+    layer.loldu_z["b"].requires_grad_(True)
+    # No rows (a 3-D batch of empty sequences): zero gradients, not the contents of fresh memory.
+    x = torch.randn(2, 0, 8, requires_grad=True)
+    layer(x, adapter_names=["default", "b"]).sum().backward()
+    for name in ("default", "b"):
+        assert torch.count_nonzero(layer.loldu_z[name].grad) == 0
+        layer.loldu_z[name].grad = None
+    # A 1-D input is one sample, not a batch.
+    with pytest.raises(loldu.ShapeError, match="adapter_names needs a batch"):
+        layer(torch.randn(8), adapter_names=["b"] * 8)
+    # Every row on the pretrained layer, the first adapter deleted before backward: dX = dY W.
+    x = torch.randn(4, 8, requires_grad=True)
+    y = layer(x, adapter_names=["__base__"] * 4)
+    layer.delete_adapter("default")
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(4, 6) @ layer.base_layer.weight.detach())
+    # A closed layer refuses mixed batches as it refuses the others, whatever ran before.
+    layer(x, adapter_names=["b"] * 4)
+    layer.close()
+    with pytest.raises(loldu.InvalidHandleError):
+        layer(x, adapter_names=["b"] * 4)
+
+
 def test_copy_pickle_and_dtype_conversions():
     torch.manual_seed(9)
     model = lt.add_loldu(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)), ["0", "2"], rank=3,

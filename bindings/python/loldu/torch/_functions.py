@@ -168,16 +168,19 @@ class LinearFunction(torch.autograd.Function):
 
 class AdapterGroup:
     """Adapters on one base as the grouped calls take them: every handle in one array, each
-    name's place in it, and where each adapter's z and σ live. A layer keeps the group of its
-    adapters until one is added or removed, so that a mixed batch does no per-adapter work in
-    Python beyond the adapters its rows use."""
+    name's place in it, and where each adapter's z and σ live. Place 0 is ``base``, an adapter
+    on the same factors that no row uses, from which the library reads the factors: a layer's
+    own factors, which outlive any named adapter. A layer keeps the group of its adapters until
+    one is added or removed, so that a mixed batch does no per-adapter work in Python beyond the
+    adapters its rows use."""
 
-    def __init__(self, names: list[str], adapters: list):
-        self.names, self.adapters = names, adapters
-        self.position = {name: i for i, name in enumerate(names)}
-        self.handles = (_capi.loldu_adapter_p * len(adapters))(*[a.handle for a in adapters])
-        self.ranks = np.fromiter((a.rank for a in adapters), np.int64, len(adapters))
-        self.memory = [(a._params_ptr, a._params_ptr + a.rank * a.param_dtype.itemsize) for a in adapters]
+    def __init__(self, base, names: list[str], adapters: list):
+        self.names, self.adapters = [None, *names], [base, *adapters]
+        self.position = {name: i for i, name in enumerate(names, 1)}
+        self.handles = (_capi.loldu_adapter_p * len(self.adapters))(*[a.handle for a in self.adapters])
+        self.ranks = np.fromiter((a.rank for a in self.adapters), np.int64, len(self.adapters))
+        self.memory = [(a._params_ptr, a._params_ptr + a.rank * a.param_dtype.itemsize) for a in self.adapters]
+        self.changes = 0  # (the layer's count of adapter changes it was built at)
 
     def rows(self, names, repeat: int = 1) -> torch.Tensor:
         """Each sample's place in the group (-1: a name the group lacks, ``"__base__"``), as the
@@ -217,18 +220,15 @@ class GroupedLinearFunction(torch.autograd.Function):
         x, rows, *parameters = ctx.saved_tensors
         group, used = ctx.group, ctx.used
         handles = group.handles
+        if group.adapters[0]._handle is None:  # the layer's factors were replaced (refactor, dtype change)
+            at_forward(group.adapters[0], None)  # (raises: closed)
         changed = [k for k, (i, state) in enumerate(zip(used, ctx.states))
                    if group.adapters[i]._handle is None or group.adapters[i]._state != state]
-        first_closed = group.adapters[0]._handle is None  # (the library takes the factors from adapters[0])
-        if changed or first_closed:
+        if changed:
             handles = type(handles).from_buffer_copy(handles)
             stand_ins = [at_forward(group.adapters[used[k]], ctx.states[k]) for k in changed]  # (clones share the factors)
             for k, stand_in in zip(changed, stand_ins):
                 handles[used[k]] = stand_in.handle
-            if first_closed:
-                if not used:
-                    at_forward(group.adapters[0], None)  # (raises: closed)
-                handles[0] = handles[used[0]]
         need_x, _, need_bias = ctx.needs_input_grad[:3]
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
@@ -237,7 +237,9 @@ class GroupedLinearFunction(torch.autograd.Function):
         # Every used adapter's dz, dσ in one tensor, split into its z and σ views in one call;
         # one gradient pointer per adapter of the group (NULL: unused).
         ranks = group.ranks[used]
-        storage = torch.empty(int(ranks.sum()) + len(used), dtype=parameter_dtype(group.adapters[0]))
+        # (No rows: the library touches no gradient, and they are zeros.)
+        storage = (torch.zeros if x.shape[0] == 0 else torch.empty)(int(ranks.sum()) + len(used),
+                                                                  dtype=parameter_dtype(group.adapters[0]))
         pointers = np.zeros(len(group.adapters), np.uint64)
         pointers[used] = (np.cumsum(ranks + 1) - (ranks + 1)) * storage.element_size() + storage.data_ptr()
         check(_capi.loldu_grouped_backward_into(handles, len(group.adapters), x.shape[0],

@@ -151,6 +151,7 @@ class LoLDULayer(nn.Module):
         self._companions: dict = {}
         self._plans: dict[tuple[str, int], bool] = {}
         self._grouping: AdapterGroup | None = None  # (_group)
+        self._changes = 0  # adapters added, re-created or removed (_group)
         self.base_layer.weight.requires_grad_(False)
         self.update_layer(adapter_name, dataclasses.replace(config or AdapterConfig(), **fields))
         self.active_adapters = [adapter_name]
@@ -281,7 +282,7 @@ class LoLDULayer(nn.Module):
             old.close()
         self._forget(adapter_name)
         self._plans.clear()
-        self._grouping = None
+        self._changes += 1
 
     @staticmethod
     def _restore(adapter: Adapter, values) -> None:
@@ -325,7 +326,7 @@ class LoLDULayer(nn.Module):
             raise
         old, self._factors = self._factors, factors
         previous, self._adapters = self._adapters, moved
-        self._grouping = None
+        self._changes += 1
         for name in moved:
             self._bind(name)
         weight = self._base_weight()
@@ -357,7 +358,7 @@ class LoLDULayer(nn.Module):
         """Removes an adapter; if it was active, the first remaining adapter becomes active."""
         adapter = self._deletable(adapter_name)
         del self._adapters[adapter_name], self.loldu_config[adapter_name]
-        self._grouping = None
+        self._changes += 1
         del self.loldu_z[adapter_name], self.loldu_sigma[adapter_name]
         self._forget(adapter_name)
         adapter.close()
@@ -486,17 +487,21 @@ class LoLDULayer(nn.Module):
             return adapter
         companion = self._companions.get((name, dtype))
         if companion is None:
-            # Derived from the factors converted once per dtype, so that the companions of one
-            # layer share factors as the adapters do (a mixed batch under autocast groups them).
-            factors = self._companions.get((None, dtype))
-            if factors is None:
-                factors = self._companions[(None, dtype)] = self._factors.convert(NUMPY_DTYPES[LIBRARY_DTYPES[dtype]])
-            companion = self._companions[(name, dtype)] = factors._derive(self.loldu_config[name])
+            companion = self._companions[(name, dtype)] = self._converted_factors(dtype)._derive(self.loldu_config[name])
             companion.path = adapter.path
         if not np.array_equal(companion.params, adapter.params):
             companion.params[:] = adapter.params
         companion.enabled = adapter.enabled
         return companion
+
+    def _converted_factors(self, dtype: torch.dtype) -> Adapter:
+        """The layer's factors converted to ``dtype`` once, so that the conversions of one
+        layer's adapters share factors as the adapters do (a mixed batch under autocast groups
+        them)."""
+        factors = self._companions.get((None, dtype))
+        if factors is None:
+            factors = self._companions[(None, dtype)] = self._factors.convert(NUMPY_DTYPES[LIBRARY_DTYPES[dtype]])
+        return factors
 
     def _computes(self, name: str) -> bool:
         """Whether adapter ``name``'s z and σ take part in this call: not while it is merged or
@@ -607,16 +612,21 @@ class LoLDULayer(nn.Module):
 
     # -- mixed batches ------------------------------------------------------------------------
 
-    def _check_names(self, names, x: torch.Tensor, sample_dim: int) -> None:
-        if len(names) != x.shape[sample_dim]:
+    def _check_names(self, names, x: torch.Tensor, batched: bool = True) -> None:
+        """``names`` has one entry per sample of ``x`` (its first dimension; ``batched``: whether
+        ``x`` is a batch at all, not one unbatched sample)."""
+        if not batched:
+            raise ShapeError(f"{self.loldu_name}: adapter_names needs a batch, samples along the first dimension; "
+                             f"the input has shape {tuple(x.shape)}", _capi.LOLDU_ERR_SHAPE)
+        if len(names) != x.shape[0]:
             raise ShapeError(f"{self.loldu_name}: adapter_names has {len(names)} entries for a batch of "
-                             f"{x.shape[sample_dim]} samples", _capi.LOLDU_ERR_SHAPE)
+                             f"{x.shape[0]} samples", _capi.LOLDU_ERR_SHAPE)
 
-    def _mixed_rows(self, names, x: torch.Tensor, sample_dim: int) -> tuple[list[str], np.ndarray]:
+    def _mixed_rows(self, names, x: torch.Tensor, batched: bool = True) -> tuple[list[str], np.ndarray]:
         """The distinct adapters of a mixed batch that the layer has and, per sample, its index
         among them: -1 for ``"__base__"`` and for an adapter the layer lacks (its rows get the base
         layer's output, as in PEFT's ``_mixed_batch_forward``)."""
-        self._check_names(names, x, sample_dim)
+        self._check_names(names, x, batched)
         position: dict[str, int] = {}
         used: list[str] = []
         for name in names:
@@ -684,6 +694,7 @@ class LoLDULayer(nn.Module):
 
     def __setstate__(self, state):
         state.setdefault("_grouping", None)
+        state.setdefault("_changes", 0)
         super().__setstate__(state)
         if not self._adapters and self.loldu_config:
             self._rebuild()
@@ -699,6 +710,7 @@ class LoLDULayer(nn.Module):
 
     def close(self) -> None:
         """Frees the library adapters now (the layer is unusable afterwards)."""
+        self._changes += 1
         for adapter in list(self._adapters.values()) + list(self._companions.values()):
             adapter.close()
         if self._factors is not None:
@@ -768,7 +780,7 @@ class LoLDULinear(LoLDULayer):
         return linear(adapter, x, bias)
 
     def _mixed_forward(self, names, x, x2, bias, dtype) -> torch.Tensor:
-        self._check_names(names, x, 0)
+        self._check_names(names, x, batched=x.dim() >= 2)
         if not self._adapters:
             return F.linear(x2, self._base_weight().to(dtype), bias)
         self._check_weight()
@@ -776,8 +788,9 @@ class LoLDULinear(LoLDULayer):
         if dtype == self.dtype:
             group = self._group()
         else:  # autocast: the used adapters' conversions, as a group of their own
-            present = self._mixed_rows(names, x, 0)[0] or [next(iter(self._adapters))]
-            group = AdapterGroup(present, [self._computing_adapter(name, dtype, weight_checked=True) for name in present])
+            present = self._mixed_rows(names, x)[0]
+            adapters = [self._computing_adapter(name, dtype, weight_checked=True) for name in present]
+            group = AdapterGroup(self._converted_factors(dtype), present, adapters)
         owners = group.names
         used = [i for i in map(group.position.get, dict.fromkeys(names)) if i is not None]  # each once
         if group is self._grouping:  # (conversions copy z and σ from the bound adapters)
@@ -794,11 +807,22 @@ class LoLDULinear(LoLDULayer):
         return grouped_linear(group, x2, rows, bias)
 
     def _group(self) -> AdapterGroup:
-        """The layer's adapters as one group (kept until an adapter is added or removed)."""
+        """The layer's adapters as one group, kept until an adapter is added, re-created or
+        removed. (Read the count, then the adapters: a group built while another thread changes
+        them serves that call at most, and one that met an adapter closed meanwhile is built again.)"""
         group = self._grouping
-        if group is None:
-            group = self._grouping = AdapterGroup(list(self._adapters), list(self._adapters.values()))
-        return group
+        if group is not None and group.changes == self._changes:
+            return group
+        while True:
+            changes, items = self._changes, list(self._adapters.items())
+            try:
+                group = AdapterGroup(self._factors, [name for name, _ in items], [adapter for _, adapter in items])
+            except _loldu.InvalidHandleError:
+                if self._changes == changes:
+                    raise
+                continue
+            group.changes, self._grouping = changes, group
+            return group
 
 
 class _WeightSpaceLayer(LoLDULayer):
@@ -808,14 +832,14 @@ class _WeightSpaceLayer(LoLDULayer):
     def _compute(self, x, weight):  # pragma: no cover - defined by subclasses
         raise NotImplementedError
 
-    def _forward_weights(self, x: torch.Tensor, dtype: torch.dtype, sample_dim: int = 0) -> torch.Tensor:
+    def _forward_weights(self, x: torch.Tensor, dtype: torch.dtype, batched: bool = True) -> torch.Tensor:
         names = self._mixed
         if names is None or self._disabled:
             name = self._single_name()
             if name is None:
                 return self.base_layer(x)  # no active adapter here: the pretrained module
             return self._compute(x, self._effective_weight(name, dtype).reshape(self._base_weight().shape))
-        used, index = self._mixed_rows(names, x, sample_dim)
+        used, index = self._mixed_rows(names, x, batched)
         outputs = [None] * len(names)
         groups: dict[int, list[int]] = {}  # adapter index (-1: the base) → its samples, in one pass
         for b, i in enumerate(index):
@@ -860,7 +884,7 @@ class LoLDUConv(_WeightSpaceLayer):
                 f"with {len(base.kernel_size)} spatial dimension(s)",
                 _capi.LOLDU_ERR_SHAPE,
             )
-        return self._forward_weights(x, dtype)
+        return self._forward_weights(x, dtype, batched=channel_dim == 1)
 
 
 class LoLDUEmbedding(_WeightSpaceLayer):
@@ -880,7 +904,7 @@ class LoLDUEmbedding(_WeightSpaceLayer):
         if x.dtype not in (torch.int64, torch.int32):
             raise DTypeError(f"{self.loldu_name}: embedding indices must be int64 or int32, got {x.dtype}",
                              _capi.LOLDU_ERR_DTYPE)
-        return self._forward_weights(x, self.dtype)
+        return self._forward_weights(x, self.dtype, batched=x.dim() >= 1)
 
 
 LAYER_FOR: list[tuple[type, type[LoLDULayer]]] = [
