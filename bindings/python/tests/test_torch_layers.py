@@ -590,9 +590,14 @@ def test_mixed_batch_edges_closed_layers_no_rows_one_sample_and_factors_outlivin
     for name in ("default", "b"):
         assert torch.count_nonzero(layer.loldu_z[name].grad) == 0
         layer.loldu_z[name].grad = None
-    # A 1-D input is one sample, not a batch.
+    # A 1-D input is one sample, not a batch; so are an unbatched convolution input and one index.
     with pytest.raises(loldu.ShapeError, match="adapter_names needs a batch"):
         layer(torch.randn(8), adapter_names=["b"] * 8)
+    for module, unbatched in ((nn.Conv1d(3, 4, 2), torch.randn(3, 5)), (nn.Embedding(10, 4), torch.tensor(3))):
+        model = nn.Sequential(module)
+        lt.add_loldu(model, ["0"], rank=2)
+        with lt.mixed_batch(model, ["default"] * 3), pytest.raises(loldu.ShapeError, match="adapter_names needs a batch"):
+            model(unbatched)
     # Every row on the pretrained layer, the first adapter deleted before backward: dX = dY W.
     x = torch.randn(4, 8, requires_grad=True)
     y = layer(x, adapter_names=["__base__"] * 4)
