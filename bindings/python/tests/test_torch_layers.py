@@ -604,8 +604,15 @@ def test_mixed_batch_edges_closed_layers_no_rows_one_sample_and_factors_outlivin
     layer.delete_adapter("default")
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.ones(4, 6) @ layer.base_layer.weight.detach())
+    # The used adapters' parameters are autograd inputs: torch.autograd.grad and hooks see them.
+    seen = []
+    hook = layer.loldu_z["b"].register_hook(seen.append)
+    (by_grad,) = torch.autograd.grad(layer(x, adapter_names=["b"] * 4).sum(), [layer.loldu_z["b"]])
+    hook.remove()
+    layer(x, adapter_names=["b"] * 4).sum().backward()
+    torch.testing.assert_close(by_grad, layer.loldu_z["b"].grad)
+    assert len(seen) == 1 and torch.equal(seen[0], by_grad)
     # A closed layer refuses mixed batches as it refuses the others, whatever ran before.
-    layer(x, adapter_names=["b"] * 4)
     layer.close()
     with pytest.raises(loldu.InvalidHandleError):
         layer(x, adapter_names=["b"] * 4)
