@@ -31,7 +31,8 @@ python-setup: $(filter $(CURDIR)/$(VENV)/bin/python,$(PYTHON))
 	@if ! $(PYTHON) -c "import importlib.util as u, os, sys; s = u.find_spec('loldu'); \
 	  sys.exit(s is None or os.path.realpath(s.origin) != os.path.realpath('$(PY_DIR)/loldu/__init__.py'))"; then \
 	  echo "pip installing: -e $(PY_DIR)"; \
-	  $(PYTHON) -m pip install -q --no-build-isolation -e $(PY_DIR) || $(PYTHON) -m pip install -q -e $(PY_DIR); \
+	  isolation=; $(PYTHON) -c "import setuptools, wheel" 2>/dev/null && isolation=--no-build-isolation; \
+	  $(PYTHON) -m pip install -q $$isolation -e $(PY_DIR); \
 	fi
 
 test-python: build python-setup
