@@ -215,11 +215,13 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
 
     /// `c = σ z − σ₀ z_ref` into `c` (`rank` values).
     func coefficients(into c: UnsafeMutablePointer<P>) {
-        if let zRef {
-            P.combine(params[rank], params, sigma0, zRef, into: c, count: rank)
-        } else {
-            factors.diagonal.withUnsafeBufferPointer { d in P.combine(params[rank], params, sigma0, d.baseAddress!, into: c, count: rank) }
-        }
+        factors.diagonal.withUnsafeBufferPointer { coefficients(into: c, diagonal: $0.baseAddress!) }
+    }
+
+    /// ``coefficients(into:)`` with the factors' `D_r` at hand (`diagonal`), for loops over the
+    /// adapters of one set of factors.
+    @inline(__always) func coefficients(into c: UnsafeMutablePointer<P>, diagonal: UnsafePointer<P>) {
+        P.combine(params[rank], params, sigma0, zRef.map { UnsafePointer($0) } ?? diagonal, into: c, count: rank)
     }
 
     // MARK: Single-adapter state: the merged-weight cache and work space

@@ -31,11 +31,14 @@ extension Adapter {
     private static func table(_ group: Group, width r: Int, into table: UnsafeMutablePointer<P>) {
         // Index loops: `enumerated()` in generic code instantiates tuple metadata at run time;
         // through the buffer, no reference count changes per adapter.
-        group.adapters.withUnsafeBufferPointer { adapters in
-            for i in adapters.indices {
-                let row = table + i * r, filled = adapters[i].enabled ? adapters[i].rank : 0
-                if filled > 0 { adapters[i].coefficients(into: row) }
-                (row + filled).zero(count: r - filled)
+        guard let first = group.adapters.first else { return }
+        first.factors.diagonal.withUnsafeBufferPointer { diagonal in  // (the group's adapters share the factors)
+            group.adapters.withUnsafeBufferPointer { adapters in
+                for i in adapters.indices {
+                    let row = table + i * r, filled = adapters[i].enabled ? adapters[i].rank : 0
+                    if filled > 0 { adapters[i].coefficients(into: row, diagonal: diagonal.baseAddress!) }
+                    (row + filled).zero(count: r - filled)
+                }
             }
         }
     }
