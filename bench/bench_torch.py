@@ -1055,10 +1055,9 @@ def main() -> None:
                   f"{100 * (rr[max(rr)]['step'] / rr[256]['step'] - 1):+.1f}% on top of that"
                   + (f"; {others}" if others else "") + ". A profile (`bench/grouped_loop.c`, commands in its header) "
                   "puts that time in work "
-                  "proportional to the adapters used, not in BLAS: each adapter's `c` computed into the coefficient "
-                  "table (r values, in forward and, when dX is asked for, in backward), the rows reading 256 different table rows "
-                  "instead of one, and each adapter's dz and dσ reductions over its scores. Keeping every adapter's "
-                  "`c` cached would save the first at the cost of r more values per adapter. That time is serial: it is "
+                  "proportional to the adapters used, not in BLAS: the rows reading 256 adapters' z (each `c` is "
+                  "computed as its rows read it, in forward and, when dX is asked for, in backward) instead of one, "
+                  "and each adapter's scores, dz and dσ reductions in backward. That time is serial: it is "
                   "the same with one thread or two (`OMP_NUM_THREADS=1` or `2 build/grouped_loop N 3000` for N = 1 "
                   "and 256), so the ratio is largest where the GEMMs are fastest."]
     lines += ["", "### Adding a saved adapter to a loaded base", ""] + demote(sections.get("Adding a saved adapter to a loaded base", "(not run)"))

@@ -215,13 +215,16 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
 
     /// `c = σ z − σ₀ z_ref` into `c` (`rank` values).
     func coefficients(into c: UnsafeMutablePointer<P>) {
-        factors.diagonal.withUnsafeBufferPointer { coefficients(into: c, diagonal: $0.baseAddress!) }
+        factors.diagonal.withUnsafeBufferPointer { d in
+            P.combine(params[rank], params, sigma0, zRef.map { UnsafePointer($0) } ?? d.baseAddress!, into: c, count: rank)
+        }
     }
 
-    /// ``coefficients(into:)`` with the factors' `D_r` at hand (`diagonal`), for loops over the
-    /// adapters of one set of factors.
-    @inline(__always) func coefficients(into c: UnsafeMutablePointer<P>, diagonal: UnsafePointer<P>) {
-        P.combine(params[rank], params, sigma0, zRef.map { UnsafePointer($0) } ?? diagonal, into: c, count: rank)
+    /// Where ``coefficients(into:)`` takes `c` from, with the factors' `D_r` at hand
+    /// (`diagonal`), for a grouped call (a disabled adapter: no coefficients).
+    @inline(__always) func coefficientSource(diagonal: UnsafePointer<P>) -> LDUFactors<E, G>.Source {
+        .init(sigma: params[rank], z: params, sigma0: sigma0, reference: zRef.map { UnsafePointer($0) } ?? diagonal,
+              filled: enabled ? rank : 0)
     }
 
     // MARK: Single-adapter state: the merged-weight cache and work space

@@ -26,19 +26,21 @@ extension Adapter {
         }
     }
 
-    /// `c` of every adapter of the group into a `count × width` table (zeros past each rank,
-    /// and for a disabled adapter).
-    private static func table(_ group: Group, width r: Int, into table: UnsafeMutablePointer<P>) {
+    /// The rows' coefficients, each adapter's `c` computed as its rows read it (no table of every
+    /// adapter's `c` written first): `work` (one ``LDUFactors/Source`` per adapter) holds where
+    /// each `c` comes from while `body` runs.
+    private static func withCoefficients<R>(
+        _ group: Group, work: HeapBuffer<LDUFactors<E, G>.Source>, _ body: (LDUFactors<E, G>.Rows) -> R
+    ) -> R {
         // Index loops: `enumerated()` in generic code instantiates tuple metadata at run time;
         // through the buffer, no reference count changes per adapter.
-        guard let first = group.adapters.first else { return }
-        first.factors.diagonal.withUnsafeBufferPointer { diagonal in  // (the group's adapters share the factors)
-            group.adapters.withUnsafeBufferPointer { adapters in
+        group.adapters.withUnsafeBufferPointer { adapters in
+            // (The group's adapters share the factors, and with them D_r.)
+            (adapters.first?.factors.diagonal ?? []).withUnsafeBufferPointer { diagonal in
                 for i in adapters.indices {
-                    let row = table + i * r, filled = adapters[i].enabled ? adapters[i].rank : 0
-                    if filled > 0 { adapters[i].coefficients(into: row, diagonal: diagonal.baseAddress!) }
-                    (row + filled).zero(count: r - filled)
+                    work.pointer[i] = adapters[i].coefficientSource(diagonal: diagonal.baseAddress!)
                 }
+                return body(.init(table: nil, sources: work.pointer, rows: group.rows))
             }
         }
     }
@@ -55,7 +57,7 @@ extension Adapter {
         guard batch > 0 else { return }
         let (m, n, r, count) = (factors.m, factors.n, group.width, group.adapters.count)
         // Everything this call needs, before anything is written.
-        let coefficients = try HeapBuffer<P>(count: Swift.max(count, 1) * r)
+        let sources = try HeapBuffer<LDUFactors<E, G>.Source>(count: Swift.max(count, 1))
         let h = try HeapBuffer<P>(count: batch * r)
         let work = G.self == P.self ? nil : try HeapBuffer<G>(count: batch * r)
         let wideX = E.self == G.self ? nil : try HeapBuffer<G>(count: batch * n)
@@ -63,15 +65,16 @@ extension Adapter {
         let wideBias = callBias == nil || E.computesInPlace ? nil : try HeapBuffer<P>(count: m)
         let yP = out?.pointer ?? UnsafeMutableRawPointer(y).assumingMemoryBound(to: P.self)
 
-        table(group, width: r, into: coefficients.pointer)
         let xG = asOperand(x, count: batch * n, work: wideX?.pointer)
         factors.multiplyWeight(batch: batch, x: xG, weight: factors.weightOperand,
                                bias: factors.forwardBias(callBias, wide: wideBias?.pointer), into: yP)
         if count > 0 {
             factors.project(batch: batch, r: r, x: xG, into: h.pointer)
-            factors.addLowRank(batch: batch, r: r, h: h.pointer, .init(table: coefficients.pointer, rows: group.rows),
-                               work: work?.pointer ?? UnsafeMutableRawPointer(h.pointer).assumingMemoryBound(to: G.self),
-                               into: yP)
+            withCoefficients(group, work: sources) { rows in
+                factors.addLowRank(batch: batch, r: r, h: h.pointer, rows,
+                                   work: work?.pointer ?? UnsafeMutableRawPointer(h.pointer).assumingMemoryBound(to: G.self),
+                                   into: yP)
+            }
         }
         if let out { E.narrow(out.pointer, to: y, count: batch * m) }
     }
@@ -106,8 +109,9 @@ extension Adapter {
                 }
             }
         }
-        // One row of `r` per adapter: first its scores, then (for dX) its coefficients.
+        // One row of `r` per adapter: its scores.
         let perAdapter = try HeapBuffer<P>(zeros: Swift.max(count, 1) * r)
+        let sources = dx == nil ? nil : try HeapBuffer<LDUFactors<E, G>.Source>(count: Swift.max(count, 1))
         let h = try HeapBuffer<P>(count: batch * r), g = try HeapBuffer<P>(count: batch * r)
         let work = G.self == P.self ? nil : try HeapBuffer<G>(count: batch * r)
         let wideX = E.self == G.self ? nil : try HeapBuffer<G>(count: batch * n)
@@ -116,7 +120,7 @@ extension Adapter {
         let row = try HeapBuffer<P>(count: m)
         zeroGradsOut()
 
-        let rows = LDUFactors<E, G>.Rows(table: perAdapter.pointer, rows: group.rows)
+        let rows = LDUFactors<E, G>.Rows(table: nil, rows: group.rows)  // (the scores' rows)
         let xG = asOperand(x, count: batch * n, work: wideX?.pointer)
         let dyG = asOperand(dy, count: batch * m, work: wideDY?.pointer)
         if count > 0 {
@@ -138,11 +142,12 @@ extension Adapter {
         guard let dx else { return }
         let dxP = out?.pointer ?? UnsafeMutableRawPointer(dx).assumingMemoryBound(to: P.self)
         factors.multiplyWeightBackward(batch: batch, dy: dyG, weight: factors.weightOperand, into: dxP)
-        if count > 0 {
-            table(group, width: r, into: perAdapter.pointer)
-            factors.addLowRankBackward(batch: batch, r: r, g: g.pointer, rows,
-                                       work: work?.pointer ?? UnsafeMutableRawPointer(g.pointer).assumingMemoryBound(to: G.self),
-                                       into: dxP)
+        if count > 0, let sources {
+            withCoefficients(group, work: sources) { rows in
+                factors.addLowRankBackward(batch: batch, r: r, g: g.pointer, rows,
+                                           work: work?.pointer ?? UnsafeMutableRawPointer(g.pointer).assumingMemoryBound(to: G.self),
+                                           into: dxP)
+            }
         }
         if let out { E.narrow(out.pointer, to: dx, count: batch * n) }
     }

@@ -12,13 +12,22 @@
 /// a grouped call): a rank-`r` adapter uses the first `r` columns of `A` and rows of `U`.
 /// Products run on operands of type `G` into `P` (see ``LDUFactors``); elementwise work is in `P`.
 extension LDUFactors {
-    /// Coefficients per batch row: row `b` uses `table[index(b) * r ..< +r]`, or zeros when
-    /// `index(b) < 0`; without `rows`, every row uses table row 0.
+    /// Coefficients per batch row: row `b` uses `table[index(b) * r ..< +r]`, or, with
+    /// `sources`, `sources[index(b)]` computed as it is read (a grouped call: no table of every
+    /// adapter's `c` written first); zeros when `index(b) < 0`; without `rows`, every row uses
+    /// table row 0.
     struct Rows {
-        let table: UnsafePointer<P>
+        let table: UnsafePointer<P>?
+        var sources: UnsafePointer<Source>? = nil
         let rows: UnsafePointer<Int32>?
 
         @inline(__always) func index(_ b: Int) -> Int { rows.map { Int($0[b]) } ?? 0 }
+    }
+
+    /// One adapter's coefficients, `c_k = σ z_k − σ₀ ref_k` for `k < filled` and 0 past it
+    /// (`filled` 0: a disabled adapter).
+    struct Source {
+        let sigma: P, z: UnsafePointer<P>, sigma0: P, reference: UnsafePointer<P>, filled: Int
     }
 
     /// `call`, a bias given for one forward, is for layers created without one.
@@ -85,21 +94,17 @@ extension LDUFactors {
             for b in 0..<batch {
                 let a = c.index(b)
                 let source = v + b * r
-                if G.self == P.self {
-                    let target = UnsafeMutableRawPointer(out + b * r).assumingMemoryBound(to: P.self)
-                    if a < 0 {
-                        target.zero(count: r)
-                    } else {
-                        P.hadamard(source, c.table + a * r, into: target, count: r)
-                    }
+                let target = G.self == P.self ? UnsafeMutableRawPointer(out + b * r).assumingMemoryBound(to: P.self) : row
+                if a < 0 {
+                    target.zero(count: r)
+                } else if let sources = c.sources {
+                    let s = sources[a]
+                    P.hadamardCombination(source, s.sigma, s.z, s.sigma0, s.reference, into: target, count: s.filled)
+                    (target + s.filled).zero(count: r - s.filled)
                 } else {
-                    if a < 0 {
-                        row.zero(count: r)
-                    } else {
-                        P.hadamard(source, c.table + a * r, into: row, count: r)
-                    }
-                    G.narrow(row, to: out + b * r, count: r)
+                    P.hadamard(source, c.table! + a * r, into: target, count: r)
                 }
+                if G.self != P.self { G.narrow(row, to: out + b * r, count: r) }
             }
         }
     }

@@ -51,6 +51,9 @@ public protocol BLASScalar: BinaryFloatingPoint, Sendable {
     /// `out[k] = s · a[k] − t · b[k]`.
     static func combine(_ s: Self, _ a: UnsafePointer<Self>, _ t: Self, _ b: UnsafePointer<Self>,
                         into out: UnsafeMutablePointer<Self>, count: Int)
+    /// `out[k] = v[k] · (s · a[k] − t · b[k])`, rounded as ``combine`` then ``hadamard``.
+    static func hadamardCombination(_ v: UnsafePointer<Self>, _ s: Self, _ a: UnsafePointer<Self>, _ t: Self,
+                                    _ b: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int)
 }
 
 extension BLASScalar {
@@ -94,6 +97,21 @@ extension BLASScalar {
     public static func combine(_ s: Self, _ a: UnsafePointer<Self>, _ t: Self, _ b: UnsafePointer<Self>,
                                into out: UnsafeMutablePointer<Self>, count: Int) {
         for k in 0..<count { out[k] = s * a[k] - t * b[k] }
+    }
+
+    public static func hadamardCombination(_ v: UnsafePointer<Self>, _ s: Self, _ a: UnsafePointer<Self>, _ t: Self,
+                                           _ b: UnsafePointer<Self>, into out: UnsafeMutablePointer<Self>, count: Int) {
+        if UnsafePointer(out) == v {  // (in place as its own loop, as in ``hadamard``)
+            for k in 0..<count {
+                let c = s * a[k] - t * b[k]
+                out[k] *= c
+            }
+        } else {
+            for k in 0..<count {
+                let c = s * a[k] - t * b[k]
+                out[k] = v[k] * c
+            }
+        }
     }
 }
 
