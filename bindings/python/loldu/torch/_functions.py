@@ -5,8 +5,9 @@
   ``loldu_backward_into``, which writes this call's dz and dσ straight into the gradient tensor
   autograd receives (no zero_grad, no copy).
 - ``GroupedLinearFunction``: a batch whose rows belong to different adapters on one base
-  (``loldu_grouped_forward`` / ``loldu_grouped_backward_into``); every adapter's z and σ are
-  inputs, so each gets the gradient of its own rows.
+  (``loldu_grouped_forward`` / ``loldu_grouped_backward_into``, over an ``AdapterGroup``); the
+  z and σ of every adapter the rows use are inputs, so each gets the gradient of its own rows.
+  Without gradients, ``grouped_linear`` is the one library call.
 - ``WeightFunction``: ``W_eff`` itself, for convolutions and embeddings
   (``loldu_effective_weight`` / ``loldu_weight_backward_into``).
 
