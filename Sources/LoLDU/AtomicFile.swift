@@ -254,17 +254,26 @@ public enum AtomicFile {
             throw LoLDUError(.format, "\"\(path)\" is \(size) bytes, more than the \(limit) this file may have")
         }
         let bytes = try HeapBuffer<UInt8>(count: size)
+        let done = try read(fd, at: 0, count: size, into: bytes.pointer, path: path)  // (fewer: the file shrank meanwhile)
+        return FileBytes(bytes, count: done)
+    }
+
+    /// Reads `count` bytes of the open file `fd` (at `path`) from byte `offset` into
+    /// `destination`, retrying short reads and interruptions; returns how many there were before
+    /// the end of the file.
+    static func read(_ fd: Int32, at offset: Int, count: Int, into destination: UnsafeMutableRawPointer,
+                     path: String) throws(LoLDUError) -> Int {
         var done = 0
-        while done < size {
-            let n = Glibc.read(fd, bytes.pointer + done, size - done)
+        while done < count {
+            let n = pread(fd, destination + done, count - done, off_t(offset + done))
             if n < 0 {
                 if errno == EINTR { continue }
                 throw failure("cannot read", path)
             }
-            if n == 0 { break }  // the file shrank while we read it
+            if n == 0 { break }
             done += n
         }
-        return FileBytes(bytes, count: done)
+        return done
     }
 
     /// The whole file (see ``read(_:limit:missingOK:)``); a missing file is an `io` error.
@@ -345,17 +354,9 @@ final class OpenFile: ByteSource, @unchecked Sendable {
     deinit { close(fd) }
 
     func read(_ range: Range<Int>, into destination: UnsafeMutableRawPointer) throws(LoLDUError) {
-        var done = 0
-        while done < range.count {
-            let n = pread(fd, destination + done, range.count - done, off_t(range.lowerBound + done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw AtomicFile.failure("cannot read", path)
-            }
-            if n == 0 {
-                throw LoLDUError(.format, "\"\(path)\" ends at byte \(range.lowerBound + done), but had \(count) bytes when opened (truncated or replaced while in use?)")
-            }
-            done += n
+        let done = try AtomicFile.read(fd, at: range.lowerBound, count: range.count, into: destination, path: path)
+        guard done == range.count else {
+            throw LoLDUError(.format, "\"\(path)\" ends at byte \(range.lowerBound + done), but had \(count) bytes when opened (truncated or replaced while in use?)")
         }
     }
 }

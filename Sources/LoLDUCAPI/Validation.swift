@@ -17,7 +17,7 @@ enum Check {
         guard let (a0, a1) = span(output) else { return }
         for other in others {
             guard let (b0, b1) = span(other), a0 < b1, b0 < a1 else { continue }
-            throw overlap(output, other)
+            throw overlap(output.name, other.name)
         }
     }
 
@@ -34,13 +34,13 @@ enum Check {
         for (j, pointer) in grads.enumerated() {
             guard let (start, end) = span((UnsafeRawPointer(pointer), count(j), dtype(j), "")) else { continue }
             if let hit = fixed.first(where: { start < $0.end && $0.start < end }) {
-                throw overlap((UnsafeRawPointer(pointer), count(j), dtype(j), name(j)), hit.region)
+                throw overlap(name(j), hit.region.name)
             }
             spans.append((start, end, j))
         }
         spans.sort { $0.start < $1.start }
         for (a, b) in zip(spans, spans.dropFirst()) where b.start < a.end {
-            throw .invalid("\(name(b.j)) overlaps \(name(a.j)); an output must not share memory with another buffer of the call")
+            throw overlap(name(b.j), name(a.j))
         }
     }
 
@@ -53,8 +53,8 @@ enum Check {
         return (start, past ? Int.max : end)
     }
 
-    private static func overlap(_ output: Region, _ other: Region) -> LoLDUError {
-        .invalid("\(output.name) overlaps \(other.name); an output must not share memory with another buffer of the call")
+    private static func overlap(_ output: String, _ other: String) -> LoLDUError {
+        .invalid("\(output) overlaps \(other); an output must not share memory with another buffer of the call")
     }
 
     /// A non-null buffer of `dtype` elements, aligned for that type.
