@@ -447,7 +447,7 @@ def test_merging_refuses_several_active_adapters_and_is_all_or_nothing():
         lt.merge_loldu(model)
     with pytest.raises(loldu.StateError, match=message):
         model[2].merge()
-    assert not any(layer._merged or layer.merged for layer in lt.loldu_layers(model).values())
+    assert not any(a.merged for layer in lt.loldu_layers(model).values() for a in layer._adapters.values())
     lt.set_adapter(model, "b")
     lt.merge_loldu(model)  # layer 0 has no "b": nothing to merge there
     assert model[2].merged and model[2].get_adapter("b").merged and not model[0].merged

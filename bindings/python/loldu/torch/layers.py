@@ -147,7 +147,6 @@ class LoLDULayer(nn.Module):
         self._stamp = None
         self._disabled = False
         self._mixed: list[str] | None = None
-        self._merged: set[str] = set()  # merged adapters (merge()): their z and σ get no gradient
         self._companions: dict = {}
         self._plans: dict[tuple[str, int], bool] = {}
         self._grouping: AdapterGroup | None = None  # (_group)
@@ -273,7 +272,6 @@ class LoLDULayer(nn.Module):
         if factors is not None:
             self._adopt(factors)
         adapter.enabled = not self._disabled
-        self._merged.discard(adapter_name)
         old = self._adapters.get(adapter_name)
         self._adapters[adapter_name] = adapter
         self.loldu_config[adapter_name] = config
@@ -317,7 +315,7 @@ class LoLDULayer(nn.Module):
                 new.sigma = adapter.sigma
                 new.enabled = adapter.enabled
                 new.path = adapter.path
-                if name in self._merged:
+                if adapter._state[1]:  # (merged)
                     new.merge()
         except BaseException:
             for new in moved.values():
@@ -371,7 +369,7 @@ class LoLDULayer(nn.Module):
     def _deletable(self, adapter_name: str) -> Adapter:
         """Adapter ``adapter_name``, which may be deleted: ``StateError`` while it is merged (as PEFT)."""
         adapter = self.get_adapter(adapter_name)
-        if adapter_name in self._merged:
+        if self._is_merged(adapter_name):
             raise StateError(f"{self.loldu_name}: adapter {adapter_name!r} is merged; unmerge it before deleting it",
                              _capi.LOLDU_ERR_STATE)
         return adapter
@@ -506,7 +504,12 @@ class LoLDULayer(nn.Module):
     def _computes(self, name: str) -> bool:
         """Whether adapter ``name``'s z and σ take part in this call: not while it is merged or
         the layer disabled (as PEFT, they then get no gradient, and torch.optim leaves them alone)."""
-        return not self._disabled and name not in self._merged
+        return not self._disabled and not self._is_merged(name)
+
+    def _is_merged(self, name: str) -> bool:
+        """Whether adapter ``name`` is merged: its own record of its state (the layer merges and
+        unmerges through it), without a library call."""
+        return self._adapters[name]._state[1]
 
     @staticmethod
     def _training(*tensors) -> bool:
@@ -575,15 +578,10 @@ class LoLDULayer(nn.Module):
             adapter.merge()
         except _loldu.LoLDUError as error:
             raise self._named(error) from None
-        self._merged.add(name)
-
-    def _unmerge(self, name: str) -> None:
-        self._adapters[name].unmerge()
-        self._merged.discard(name)
 
     def unmerge(self) -> None:
-        for name in self._adapters:
-            self._unmerge(name)
+        for adapter in self._adapters.values():
+            adapter.unmerge()
 
     @property
     def enabled(self) -> bool:
@@ -600,7 +598,7 @@ class LoLDULayer(nn.Module):
         values into the adapters' memory: ``StateError`` if that would change a merged adapter, whose
         merged weight would then be stale (as ``set_loldu_state_dict`` refuses). The same values
         load as they are."""
-        for name in self._merged:
+        for name in [name for name in self._adapters if self._is_merged(name)]:
             for holder in self.adapter_layer_names:
                 value, current = state_dict.get(f"{prefix}{holder}.{name}"), getattr(self, holder)[name].detach()
                 if value is not None and not torch.equal(value.detach().to("cpu", current.dtype), current):
@@ -659,9 +657,8 @@ class LoLDULayer(nn.Module):
             if LIBRARY_DTYPES[self._base_weight().dtype] != self._factors._dtype_code:
                 self.refactor()  # model.to(dtype): factored again in the new type (all or nothing)
             else:
-                for name, adapter in self._adapters.items():
-                    if self.loldu_z[name].data_ptr() != adapter._params_ptr:
-                        self._rebind_from_parameters(name)
+                for name in self._adapters:
+                    self._bound(name)  # (fn replaced the parameters: their values, bound again)
         except BaseException as error:  # the layer as it was, working: its tensors back in its old type
             _put_back(saved)
             if not isinstance(error, _loldu.LoLDUError):
@@ -688,7 +685,6 @@ class LoLDULayer(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_adapters"], state["_factors"], state["_stamp"], state["_companions"] = {}, None, None, {}
-        state["_merged"] = set()  # (a copy is rebuilt unmerged)
         state["_grouping"] = None
         return state
 
@@ -794,14 +790,13 @@ class LoLDULinear(LoLDULayer):
         owners = group.names
         used = [i for i in map(group.position.get, dict.fromkeys(names)) if i is not None]  # each once
         if group is self._grouping:  # (conversions copy z and σ from the bound adapters)
-            for i in used:  # their parameters still their memory (else bound again)
+            for i in used:  # ``_bound``, inline with the group's addresses: this runs per used adapter per batch
                 if (z[owners[i]].data_ptr(), sigma[owners[i]].data_ptr()) != group.memory[i]:
                     self._rebind_from_parameters(owners[i])
         rows = group.rows(names, x2.shape[0] // len(names) if len(names) else 1)
         if torch.is_grad_enabled():
             # (A mixed batch is never on a disabled layer: merged adapters are those that do not compute.)
-            merged = self._merged
-            parameters = [p.detach() if owners[i] in merged else p for i in used for p in (z[owners[i]], sigma[owners[i]])]
+            parameters = [p.detach() if self._is_merged(owners[i]) else p for i in used for p in (z[owners[i]], sigma[owners[i]])]
             if self._training(x2, bias, *parameters):
                 return GroupedLinearFunction.apply(x2, rows, bias, group, used, *parameters)
         return grouped_linear(group, x2, rows, bias)

@@ -567,12 +567,12 @@ def merge_loldu(model: nn.Module) -> None:
     merged = []
     try:
         for layer, name in chosen:  # (a layer without an active adapter computes its base already)
-            if name is not None and name not in layer._merged:
+            if name is not None and not layer._is_merged(name):
                 layer._merge(name)
                 merged.append((layer, name))
     except BaseException:
         for layer, name in merged:
-            layer._unmerge(name)
+            layer.get_adapter(name).unmerge()
         raise
 
 
