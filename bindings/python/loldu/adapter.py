@@ -261,7 +261,8 @@ class Adapter:
         check(_capi.loldu_params(value, ctypes.byref(params), None))
         self._params_ptr = params.value
         # (enabled, merged), kept by the setters below, the only calls that change them: what the
-        # autograd Functions compare between forward and backward without a library call.
+        # torch layers read and the autograd Functions compare between forward and backward,
+        # without a library call.
         self._state = (bool(info.enabled), bool(info.merged))
         # The library allocates gradients on first use: a served adapter never holds them.
         self._grads_ptr = self._bias_grad_ptr = None
