@@ -186,13 +186,26 @@ struct ProgressLine {
 
 // MARK: Commands
 
+/// What a command accepts: options that take a value, and flags.
+struct Options {
+    var values: Set<String> = []
+    var flags: Set<String> = []
+}
+
 struct Arguments {
+    let command: String
     var positional: [String] = []
     var options: [String: [String]] = [:]
     var flags: Set<String> = []
+    /// `-h` or `--help` was given where an option can stand (not as an option's value, as in
+    /// `--base-name --help`): the command's help is printed instead of running it, whatever else
+    /// is wrong with the line.
+    var help = false
 
-    /// Parses `args` given the options that take a value and the flags.
-    init(_ args: [String], command: String, values: Set<String>, flags known: Set<String>) throws(Failure) {
+    /// Parses `args` given the options the command accepts.
+    init(_ args: [String], command: String, accepts known: Options) throws(Failure) {
+        self.command = command
+        var failure: Failure?
         var i = 0
         while i < args.count {
             let arg = args[i]
@@ -205,53 +218,62 @@ struct Arguments {
                 positional.append(arg)
                 continue
             }
+            if arg == "-h" || arg == "--help" {
+                help = true
+                return
+            }
             var name = arg, value: String?
             if let eq = arg.firstIndex(of: "=") {
                 name = String(arg[..<eq])
                 value = String(arg[arg.index(after: eq)...])
             }
-            if known.contains(name) {
-                guard value == nil else { throw usageError(command, "\(name) takes no value") }
+            if known.flags.contains(name) {
+                if value != nil { failure = failure ?? usage("\(name) takes no value") }
                 flags.insert(name)
-            } else if values.contains(name) {
+            } else if known.values.contains(name) {
                 if value == nil {
-                    guard i < args.count else { throw usageError(command, "\(name) needs a value") }
+                    guard i < args.count else {
+                        failure = failure ?? usage("\(name) needs a value")
+                        break
+                    }
                     value = args[i]
                     i += 1
                 }
                 options[name, default: []].append(value!)
             } else {
-                throw usageError(command, "unknown option \(name)")
+                failure = failure ?? usage("unknown option \(name)")
             }
         }
+        if let failure { throw failure }
     }
 
-    func one(_ name: String, _ command: String, required: Bool = true) throws(Failure) -> String? {
+    func one(_ name: String, required: Bool = true) throws(Failure) -> String? {
         let given = options[name] ?? []
-        if given.count > 1 { throw usageError(command, "\(name) is given \(given.count) times") }
-        if required && given.isEmpty { throw usageError(command, "\(name) is required") }
+        if given.count > 1 { throw usage("\(name) is given \(given.count) times") }
+        if required && given.isEmpty { throw usage("\(name) is required") }
         return given.first
     }
 
-    func adapter(_ command: String) throws(Failure) -> String {
+    func adapter() throws(Failure) -> String {
         guard positional.count == 1 else {
-            throw usageError(command, positional.isEmpty ? "ADAPTER is missing" : "one ADAPTER expected, got \(positional.count) arguments")
+            throw usage(positional.isEmpty ? "ADAPTER is missing" : "one ADAPTER expected, got \(positional.count) arguments")
         }
         return positional[0]
     }
+
+    /// A usage error of this command.
+    func usage(_ message: String) -> Failure {
+        Failure(code: .usage, message: "\(message)\n  (see: loldu \(command) --help)")
+    }
 }
 
-func usageError(_ command: String, _ message: String) -> Failure {
-    Failure(code: .usage, message: "\(message)\n  (see: loldu \(command) --help)")
-}
-
-func dtype(_ text: String?, _ command: String) throws(Failure) -> loldu_dtype? {
-    guard let text else { return nil }
+func dtype(_ a: Arguments) throws(Failure) -> loldu_dtype? {
+    guard let text = try a.one("--dtype", required: false) else { return nil }
     switch text.lowercased() {
     case "f32", "float32": return LOLDU_FLOAT32
     case "f16", "float16": return LOLDU_FLOAT16
     case "bf16", "bfloat16": return LOLDU_BFLOAT16
-    default: throw usageError(command, "--dtype must be f32, f16 or bf16, got \"\(text)\"")
+    default: throw a.usage("--dtype must be f32, f16 or bf16, got \"\(text)\"")
     }
 }
 
@@ -284,9 +306,8 @@ extension String {
     }
 }
 
-func inspect(_ args: [String]) throws(Failure) {
-    let a = try Arguments(args, command: "inspect", values: [], flags: ["--json"])
-    let path = try a.adapter("inspect")
+func inspect(_ a: Arguments) throws(Failure) {
+    let path = try a.adapter()
     let checkpoint = try CheckpointFile(path)
     var layers: [JSON] = []
     var lines: [[String]] = [["layer", "dtype", "shape", "rank", "σ", "z mean", "z std", "z min", "z max", "weight fp", "pivots fp"]]
@@ -335,10 +356,9 @@ func inspect(_ args: [String]) throws(Failure) {
     }
 }
 
-func verify(_ args: [String]) throws(Failure) {
-    let a = try Arguments(args, command: "verify", values: ["--base"], flags: [])
-    let path = try a.adapter("verify")
-    let base = try a.one("--base", "verify")!
+func verify(_ a: Arguments) throws(Failure) {
+    let path = try a.adapter()
+    let base = try a.one("--base")!
     let checkpoint = try CheckpointFile(path)
     var progress = ProgressLine()
     var bad = 0
@@ -367,22 +387,19 @@ func namedLikeEmbedding(_ name: String) -> Bool {
     return name.lowercased().contains("embed") || last == "wte" || last == "wpe"
 }
 
-func exportLoRA(_ args: [String]) throws(Failure) {
-    let command = "export-lora"
-    let a = try Arguments(args, command: command, values: ["--base", "--out", "--dtype", "--base-name", "--embedding", "--linear"],
-                          flags: ["--force"])
-    let path = try a.adapter(command)
-    let base = try a.one("--base", command)!, out = try a.one("--out", command)!
-    let type = try dtype(try a.one("--dtype", command, required: false), command) ?? LOLDU_FLOAT32
+func exportLoRA(_ a: Arguments) throws(Failure) {
+    let path = try a.adapter()
+    let base = try a.one("--base")!, out = try a.one("--out")!
+    let type = try dtype(a) ?? LOLDU_FLOAT32
     let checkpoint = try CheckpointFile(path)
     let embeddings = Set(a.options["--embedding"] ?? []), linear = Set(a.options["--linear"] ?? [])
     for (option, names) in [("--embedding", embeddings), ("--linear", linear)] {
         if let unknown = names.subtracting(checkpoint.names).sorted().first {
-            throw usageError(command, "\(option) \(unknown): the checkpoint has no such layer")
+            throw a.usage("\(option) \(unknown): the checkpoint has no such layer")
         }
     }
     if let both = embeddings.intersection(linear).sorted().first {
-        throw usageError(command, "layer \"\(both)\" is given as both --embedding and --linear")
+        throw a.usage("layer \"\(both)\" is given as both --embedding and --linear")
     }
     let model: ModelFiles
     do {
@@ -403,7 +420,7 @@ func exportLoRA(_ args: [String]) throws(Failure) {
             throw Failure(code: .failure, message: "layer \"\(name)\": its weight in the base model has \(shape.count) dimensions \(shape); a LoRA can be written for linear layers, embeddings and 1–3-dimensional convolutions")
         } else if shape.count > 2 {
             if let declared {
-                throw usageError(command, "\(declared) \(name): its weight has \(shape.count) dimensions \(shape), so it is exported as a convolution")
+                throw a.usage("\(declared) \(name): its weight has \(shape.count) dimensions \(shape), so it is exported as a convolution")
             }
             layer.kind = Int32(LOLDU_LORA_CONV.rawValue)
             layer.kernel_dims = Int32(shape.count - 2)
@@ -413,7 +430,7 @@ func exportLoRA(_ args: [String]) throws(Failure) {
         } else if embeddings.contains(name) {
             layer.kind = Int32(LOLDU_LORA_EMBEDDING.rawValue)
         } else if declared == nil && namedLikeEmbedding(name) {
-            throw usageError(command, "layer \"\(name)\" is named like an embedding, which PEFT stores differently; pass --embedding \(name) if it is an nn.Embedding, --linear \(name) if it is an nn.Linear")
+            throw a.usage("layer \"\(name)\" is named like an embedding, which PEFT stores differently; pass --embedding \(name) if it is an nn.Embedding, --linear \(name) if it is an nn.Linear")
         }
         layers.append(layer)
     }
@@ -429,7 +446,7 @@ func exportLoRA(_ args: [String]) throws(Failure) {
     loldu_lora_options_default(&options)
     options.dtype = Int32(type.rawValue)
     options.replace = a.flags.contains("--force") ? 1 : 0
-    let baseName = try a.one("--base-name", command, required: false) ?? base
+    let baseName = try a.one("--base-name", required: false) ?? base
     let status = baseName.withCString { name in
         options.base_model_name_or_path = name
         return layers.withUnsafeBufferPointer { list in
@@ -445,12 +462,10 @@ func exportLoRA(_ args: [String]) throws(Failure) {
     print("wrote \(out): a PEFT LoRA of \(checkpoint.names.count) layers")
 }
 
-func merge(_ args: [String]) throws(Failure) {
-    let command = "merge"
-    let a = try Arguments(args, command: command, values: ["--base", "--out", "--dtype"], flags: [])
-    let path = try a.adapter(command)
-    let base = try a.one("--base", command)!, out = try a.one("--out", command)!
-    let type = try dtype(try a.one("--dtype", command, required: false), command)
+func merge(_ a: Arguments) throws(Failure) {
+    let path = try a.adapter()
+    let base = try a.one("--base")!, out = try a.one("--out")!
+    let type = try dtype(a)
     let checkpoint = try CheckpointFile(path)
     var options = loldu_merge_options()
     loldu_merge_options_default(&options)
@@ -476,8 +491,13 @@ func merge(_ args: [String]) throws(Failure) {
 
 // MARK: Main
 
-let commands: [String: ([String]) throws(Failure) -> Void] = [
-    "inspect": inspect, "verify": verify, "export-lora": exportLoRA, "merge": merge,
+/// Each command: what it accepts and what runs it.
+let commands: [String: (accepts: Options, run: (Arguments) throws(Failure) -> Void)] = [
+    "inspect": (Options(flags: ["--json"]), inspect),
+    "verify": (Options(values: ["--base"]), verify),
+    "export-lora": (Options(values: ["--base", "--out", "--dtype", "--base-name", "--embedding", "--linear"], flags: ["--force"]),
+                    exportLoRA),
+    "merge": (Options(values: ["--base", "--out", "--dtype"]), merge),
 ]
 
 @MainActor func main() -> Int32 {
@@ -500,22 +520,17 @@ let commands: [String: ([String]) throws(Failure) -> Void] = [
     default:
         break
     }
-    guard let run = commands[first] else {
+    guard let command = commands[first] else {
         printError("\(tool): unknown command \"\(first)\"\n  (commands: \(commands.keys.sorted().joined(separator: ", ")); see: loldu --help)\n")
         return Exit.usage.rawValue
     }
-    let rest = Array(args.dropFirst())
-    // -h / --help asks for help unless it is the value of an option (`--base-name --help`).
-    let flags: Set<String> = ["--force", "--json"]
-    let asksHelp = rest.indices.contains { i in
-        ["-h", "--help"].contains(rest[i]) && (i == 0 || !rest[i - 1].hasPrefix("-") || flags.contains(rest[i - 1]))
-    }
-    if asksHelp {
-        print(helps[first]!)
-        return Exit.ok.rawValue
-    }
     do throws(Failure) {
-        try run(rest)
+        let a = try Arguments(Array(args.dropFirst()), command: first, accepts: command.accepts)
+        if a.help {
+            print(helps[first]!)
+        } else {
+            try command.run(a)
+        }
         return Exit.ok.rawValue
     } catch {
         printError("\(tool) \(first): \(error.message)\n")

@@ -52,6 +52,9 @@ def test_version_help_and_usage_errors():
     assert "export-lora" in run("--help").stdout
     for command in ("inspect", "verify", "export-lora", "merge"):
         assert run(command, "--help").stdout.startswith(f"usage: loldu {command}")
+        # help wins over whatever else is wrong on the line, unless it is an option's value
+        assert run(command, "--frob", "-h").stdout.startswith(f"usage: loldu {command}")
+    assert 'cannot read the checkpoint "x"' in run("verify", "x", "--base", "--help", check_code=1).stderr
     assert "usage:" in run(check_code=2).stderr
     bad = run("frobnicate", check_code=2)
     assert 'unknown command "frobnicate"' in bad.stderr and "loldu --help" in bad.stderr
