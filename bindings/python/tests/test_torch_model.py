@@ -108,6 +108,46 @@ def test_regex_targets_and_bad_targets(model):
     assert len(lt.loldu_layers(model)) == 12
 
 
+def peft_targets(model, **config) -> set[str]:
+    """The modules PEFT's LoRA adapts for ``config``, by name in ``model``."""
+    import peft
+
+    lora = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, **config))
+    prefix = "base_model.model."
+    return {n[len(prefix):] for n, m in lora.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def test_all_linear_as_peft(model):
+    """"all-linear" adapts what PEFT's does: every nn.Linear but the output layer (here the pooler
+    too), and leaves a classification head or an LM head out."""
+    import transformers
+
+    expected = peft_targets(model, target_modules="all-linear")
+    lt.add_loldu(model, "ALL-linear", rank=2)
+    names = set(lt.loldu_layers(model))
+    assert len(names) == 6 * 6 + 1 and names == expected
+    lt.add_loldu(model, "all-linear", rank=2, adapter_name="second")  # LoLDU layers around Linear count
+    assert all(set(layer.loldu_config) == {"default", "second"} for layer in lt.loldu_layers(model).values())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the head is new: transformers says so
+        classifier = transformers.BertForSequenceClassification.from_pretrained(str(minilm_dir()), local_files_only=True)
+    expected = peft_targets(classifier, target_modules="all-linear", task_type="SEQ_CLS")
+    lt.add_loldu(classifier, "all-linear", rank=2)
+    names = set(lt.loldu_layers(classifier))
+    assert "classifier" not in names and len(names) == 37 and names == expected
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.lm_head = nn.Linear(8, 8), nn.Linear(8, 32)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+    lm = lt.add_loldu(LM(), "all-linear", rank=2)
+    assert set(lt.loldu_layers(lm)) == {"body"}
+
+
 def test_embeddings_and_full_rank(model):
     lt.add_loldu(model, ["word_embeddings", "output.dense"], rank="full", z_init="ones", residual="init")
     layers = lt.loldu_layers(model)

@@ -31,12 +31,32 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _matches(name: str, target_modules) -> bool:
-    """PEFT's rule: a string is a regex that must match the whole module name; a list holds
-    names that must equal the module name or be its last dotted components."""
+ALL_LINEAR = "all-linear"
+# Heads a classification model keeps at its top level (PEFT's names for them).
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def _targets(root: nn.Module, target_modules):
+    """``target_modules`` as a test of a module's name and the module (PEFT's rules): a string
+    is a regex that must match the whole name; a list holds names that must equal the name or be
+    its last dotted components; ``"all-linear"`` (any case) is every ``nn.Linear`` (or LoLDU layer
+    around one) but the output layer: the model's output embeddings and a top-level
+    ``classifier`` or ``score`` head."""
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        heads = [getattr(root, name, None) for name in CLASSIFIER_HEADS]
+        output = getattr(root, "get_output_embeddings", None)
+        heads.append(output() if callable(output) else None)
+        excluded = {id(h) for h in heads if isinstance(h, nn.Module)}
+
+        def linear(name, module):
+            if id(module) in excluded or (isinstance(module, LoLDULayer) and id(module.base_layer) in excluded):
+                return False
+            return isinstance(module.base_layer if isinstance(module, LoLDULayer) else module, nn.Linear)
+        return linear
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+        return lambda name, module: re.fullmatch(target_modules, name) is not None
+    names = list(target_modules)
+    return lambda name, module: any(name == t or name.endswith("." + t) for t in names)
 
 
 def _stage_adapter(layer: LoLDULayer, adapter_name: str, config: AdapterConfig, made: list):
@@ -104,8 +124,9 @@ def add_loldu(
     """Adds adapter ``adapter_name`` to the modules named by ``target_modules``, in place.
 
     ``target_modules``: a regex matched against the whole module name
-    (``r".*\\.attention\\.self\\.(query|value)"``), or a list of names or name suffixes
-    (``["query", "value"]``), as in PEFT. Matched modules must be ``nn.Linear``, ``nn.Conv1d/2d/3d``
+    (``r".*\\.attention\\.self\\.(query|value)"``), a list of names or name suffixes
+    (``["query", "value"]``), or ``"all-linear"`` (every ``nn.Linear`` but the output layer), as in
+    PEFT. Matched modules must be ``nn.Linear``, ``nn.Conv1d/2d/3d``
     or ``nn.Embedding`` on the CPU in float32, float64, bfloat16 or float16. ``rank``: an int or
     ``"full"`` (``min(m, n)`` per layer, the default); ``alpha``: σ = alpha / rank (``None``: alpha = rank,
     σ = 1). Layer ``i`` (in model order) gets seed ``seed + i``. Modules that are LoLDU layers
@@ -121,8 +142,9 @@ def add_loldu(
     matched = []
     layers = loldu_layers(root)
     inside = tuple(name + "." for name in layers)
+    targeted = _targets(root, target_modules)
     for name, module in root.named_modules():
-        if not name or not _matches(name, target_modules) or name.startswith(inside):
+        if not name or name.startswith(inside) or not targeted(name, module):
             continue  # (a base layer inside a LoLDU layer)
         if not isinstance(module, LoLDULayer) and layer_class(module) is None:
             raise InvalidArgumentError(
