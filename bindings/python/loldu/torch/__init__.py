@@ -3,9 +3,9 @@ helpers for existing models and training scripts::
 
     import loldu.torch as lt
 
-    lt.add_loldu(model, target_modules=["query", "value"])   # full rank; or rank=64, a regex
+    lt.add_loldu(model, target_modules="all-linear")  # full rank; or names, a regex; rank=64
     lt.print_trainable_parameters(model)          # only loldu_z (and loldu_sigma) train
-    opt = torch.optim.AdamW(lt.loldu_parameters(model), lr=1e-3)     # or lt.Optimizer(model, ...)
+    opt = torch.optim.AdamW(lt.loldu_parameters(model), lr=3e-4)     # or lt.Optimizer(model, ...)
     ...the usual training loop...
     lt.save_loldu(model, "ckpt")                  # adapter_model.safetensors + adapter_config.json
     lt.load_loldu(fresh_model, "ckpt")            # wraps the saved layers, restores z and σ
