@@ -41,7 +41,9 @@ def _targets(root: nn.Module, target_modules):
     is a regex that must match the whole name; a list holds names that must equal the name or be
     its last dotted components; ``"all-linear"`` (any case) is every ``nn.Linear`` (or LoLDU layer
     around one) but the output layer: the model's output embeddings and a top-level
-    ``classifier`` or ``score`` head."""
+    ``classifier`` or ``score`` head. (PEFT drops those heads only for ``task_type="SEQ_CLS"``;
+    there is no task type here, and a freshly initialised head is trained, not adapted. PEFT
+    also takes transformers' ``Conv1D``, which LoLDU does not adapt.)"""
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         heads = [getattr(root, name, None) for name in CLASSIFIER_HEADS]
         output = getattr(root, "get_output_embeddings", None)
