@@ -169,7 +169,8 @@ SWEEP: list[tuple[str, list[Setting]]] = [
 # sweep rate, within noise of 1e-3), in case four times the steps favour it; the library's default
 # itself (σ trained), which the sweep found equal to σ frozen; and full rank on every linear
 # layer, the most LoLDU can train within 1/20 of the parameters of LoRA's best setting, at the
-# two best rates of the sweep, and at the better one with σ trained (the new default setup).
+# two best rates of the sweep, and at the better one with σ trained (the new default setup) and
+# the next rate down.
 FINAL: list[Setting] = [
     R(1e-3),
     R(1e-3, "attn"),
@@ -183,6 +184,7 @@ FINAL: list[Setting] = [
     L(rank="full", train_sigma=False, targets="all", lr=3e-4),
     L(rank="full", train_sigma=False, targets="all", lr=1e-3),
     L(rank="full", targets="all", lr=3e-4),
+    L(rank="full", targets="all", lr=1e-4),
 ]
 
 
