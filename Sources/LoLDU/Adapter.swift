@@ -388,7 +388,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         factors.multiplyWeight(batch: batch, x: xG, weight: weight, bias: factors.forwardBias(callBias, wide: wideBias), into: out)
         if let h { factors.project(batch: batch, r: r, x: xG, into: h) }
         if let c = factored, let h, let work {
-            factors.addLowRank(batch: batch, r: r, h: h, .init(table: c, rows: nil), work: work, into: out)
+            factors.addLowRank(batch: batch, r: r, h: h, .init(coefficients: .table(c), rows: nil), work: work, into: out)
         }
         if !E.computesInPlace { E.narrow(out, to: y, count: batch * m) }
     }
@@ -482,7 +482,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
                 h = UnsafePointer(work)
             } else { return }  // unreachable: work holds h whenever h is not given
             scores.zero(count: r)
-            factors.accumulateScores(batch: batch, r: r, h: h, g: g, .init(table: c, rows: nil), into: scores)
+            factors.accumulateScores(batch: batch, r: r, h: h, g: g, rows: nil, into: scores)
         }
         accumulateScores(scores, into: grads)
         accumulateBiasGradient(dy, batch: batch, into: db)
@@ -492,7 +492,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
             factors.multiplyWeightBackward(batch: batch, dy: dyG, weight: mergedWeight, into: out)
         } else if let g, let gWork {
             factors.multiplyWeightBackward(batch: batch, dy: dyG, weight: factors.weightOperand, into: out)
-            factors.addLowRankBackward(batch: batch, r: r, g: g, .init(table: c, rows: nil), work: gWork, into: out)
+            factors.addLowRankBackward(batch: batch, r: r, g: g, .init(coefficients: .table(c), rows: nil), work: gWork, into: out)
         }
         if !E.computesInPlace { E.narrow(out, to: dx, count: batch * n) }
     }

@@ -40,7 +40,7 @@ extension Adapter {
                 for i in adapters.indices {
                     work.pointer[i] = adapters[i].coefficientSource(diagonal: diagonal.baseAddress!)
                 }
-                return body(.init(table: nil, sources: work.pointer, rows: group.rows))
+                return body(.init(coefficients: .sources(work.pointer), rows: group.rows))
             }
         }
     }
@@ -120,13 +120,12 @@ extension Adapter {
         let row = try HeapBuffer<P>(count: m)
         zeroGradsOut()
 
-        let rows = LDUFactors<E, G>.Rows(table: nil, rows: group.rows)  // (the scores' rows)
         let xG = asOperand(x, count: batch * n, work: wideX?.pointer)
         let dyG = asOperand(dy, count: batch * m, work: wideDY?.pointer)
         if count > 0 {
             factors.project(batch: batch, r: r, x: xG, into: h.pointer)
             factors.gather(batch: batch, r: r, dy: dyG, into: g.pointer)
-            factors.accumulateScores(batch: batch, r: r, h: h.pointer, g: g.pointer, rows, into: perAdapter.pointer)
+            factors.accumulateScores(batch: batch, r: r, h: h.pointer, g: g.pointer, rows: group.rows, into: perAdapter.pointer)
             group.adapters.withUnsafeBufferPointer { adapters in
                 for i in adapters.indices {
                     if let dz = grads[i] { adapters[i].accumulateScores(perAdapter.pointer + i * r, into: dz) }

@@ -12,16 +12,24 @@
 /// a grouped call): a rank-`r` adapter uses the first `r` columns of `A` and rows of `U`.
 /// Products run on operands of type `G` into `P` (see ``LDUFactors``); elementwise work is in `P`.
 extension LDUFactors {
-    /// Coefficients per batch row: row `b` uses `table[index(b) * r ..< +r]`, or, with
-    /// `sources`, `sources[index(b)]` computed as it is read (a grouped call: no table of every
-    /// adapter's `c` written first); zeros when `index(b) < 0`; without `rows`, every row uses
-    /// table row 0.
-    struct Rows {
-        let table: UnsafePointer<P>?
-        var sources: UnsafePointer<Source>? = nil
-        let rows: UnsafePointer<Int32>?
+    /// Which adapter batch row `b` uses: `rows[b]` (negative: none), or 0 for every row without
+    /// `rows`.
+    @inline(__always) static func adapterIndex(_ rows: UnsafePointer<Int32>?, _ b: Int) -> Int {
+        rows.map { Int($0[b]) } ?? 0
+    }
 
-        @inline(__always) func index(_ b: Int) -> Int { rows.map { Int($0[b]) } ?? 0 }
+    /// Coefficients per batch row: row `b` uses adapter ``adapterIndex(_:_:)``'s `c`, or zeros
+    /// when it has none.
+    struct Rows {
+        enum Coefficients {
+            /// Adapter `a`'s `c` is `table[a * r ..< +r]`.
+            case table(UnsafePointer<P>)
+            /// Adapter `a`'s `c` is computed from `sources[a]` as it is read (a grouped call: no
+            /// table of every adapter's `c` written first).
+            case sources(UnsafePointer<Source>)
+        }
+        let coefficients: Coefficients
+        let rows: UnsafePointer<Int32>?
     }
 
     /// One adapter's coefficients, `c_k = σ z_k − σ₀ ref_k` for `k < filled` and 0 past it
@@ -92,28 +100,32 @@ extension LDUFactors {
         withUnsafeTemporaryAllocation(of: P.self, capacity: r) { row in
             let row = row.baseAddress!
             for b in 0..<batch {
-                let a = c.index(b)
+                let a = Self.adapterIndex(c.rows, b)
                 let source = v + b * r
                 let target = G.self == P.self ? UnsafeMutableRawPointer(out + b * r).assumingMemoryBound(to: P.self) : row
                 if a < 0 {
                     target.zero(count: r)
-                } else if let sources = c.sources {
-                    let s = sources[a]
-                    P.hadamardCombination(source, s.sigma, s.z, s.sigma0, s.reference, into: target, count: s.filled)
-                    (target + s.filled).zero(count: r - s.filled)
                 } else {
-                    P.hadamard(source, c.table! + a * r, into: target, count: r)
+                    switch c.coefficients {
+                    case .table(let table):
+                        P.hadamard(source, table + a * r, into: target, count: r)
+                    case .sources(let sources):
+                        let s = sources[a]
+                        P.hadamardCombination(source, s.sigma, s.z, s.sigma0, s.reference, into: target, count: s.filled)
+                        (target + s.filled).zero(count: r - s.filled)
+                    }
                 }
                 if G.self != P.self { G.narrow(row, to: out + b * r, count: r) }
             }
         }
     }
 
-    /// `scores[index(b)] += h_b ⊙ g_b` for every row with an adapter (`scores`: one row of `r`
-    /// per table row).
-    func accumulateScores(batch: Int, r: Int, h: UnsafePointer<P>, g: UnsafePointer<P>, _ c: Rows, into scores: UnsafeMutablePointer<P>) {
+    /// `scores[a] += h_b ⊙ g_b` for every row `b` with an adapter `a` (``adapterIndex(_:_:)``;
+    /// `scores`: one row of `r` per adapter).
+    func accumulateScores(batch: Int, r: Int, h: UnsafePointer<P>, g: UnsafePointer<P>, rows: UnsafePointer<Int32>?,
+                          into scores: UnsafeMutablePointer<P>) {
         for b in 0..<batch {
-            let a = c.index(b)
+            let a = Self.adapterIndex(rows, b)
             guard a >= 0 else { continue }
             P.addHadamard(h + b * r, g + b * r, into: scores + a * r, count: r)
         }
