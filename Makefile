@@ -131,7 +131,7 @@ fuzz: $(BUILD)/fuzz $(FUZZ_CORPUS)
 
 # --- the main job: fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes with LoLDU --------------------
 # OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads sleep when idle instead of spinning, so they
-# do not fight libloldu's BLAS threads for the cores (see README, "Performance").
+# do not fight libloldu's BLAS threads for the cores (see README, "Performance notes").
 PY_RUN = LOLDU_LIBRARY=$(LIB) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON)
 
 # The Python examples, short: two adapters trained on two tasks and served in one mixed batch;

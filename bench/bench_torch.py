@@ -1097,7 +1097,7 @@ def main() -> None:
               + (", slowing down as adapters accumulate" if slowing else "")
               + (f"; the {remaining:,} more to N = {max(group_counts):,} would take at least "
                  + " and ".join(f"{remaining * spans[-1][2] / 1e3:.1f} s ({g['m']} × {g['n']})" for g, spans in peft_rates)
-                 + " at the last rate, and they would hold "
+                 + f" at the last rate, and all {max(group_counts):,} would hold "
                  + " and ".join(f"{max(group_counts) * g['lora_bytes'] / 2**30:.2f} GiB ({g['m']} × {g['n']})"
                                 for g in group_rows) if remaining > 0 else "") + ".", ""]
     for g in group_rows:
@@ -1135,8 +1135,7 @@ def main() -> None:
 
     # -- memory
     lines += ["## Memory held per adapted layer beyond W", "",
-              "Ours: the frozen factors A = P L_r, U_r, D_r, the pivots, z, σ, their gradients and small "
-              "per-adapter state, on the factored path (`bytes_factors + bytes_state`); `loldu.torch` borrows "
+              "Ours: the frozen factors A = P L_r, U_r, D_r, the pivots, z and σ, on the factored path (`bytes_factors + bytes_state`); `loldu.torch` borrows "
               "W from the module, so no copy of W is held. The bound is 4·r·(m + n) + 8·m bytes. The merged "
               "weight that `auto` caches on some shapes and the scratch buffers (which grow with the batch) "
               "are on their own lines. Reference: P (m × m), L_r, U_r, z, σ (its residual replaces W). "
@@ -1151,8 +1150,8 @@ def main() -> None:
     lines += ["", f"Target: at most 4·r·(m + n) + 8·m bytes on the factored path: **{status_of(mem_ok)}**."]
     if not all(mem_ok):
         lines += ["What limits it: A and U_r are dense (BLAS needs them so) and take the whole 4·r·(m + n); the "
-                  "rest is O(r) state — z and σ, their gradients, D_r, σ₀·z_ref, and r-vectors that track the "
-                  "coefficients. The 8·m-byte allowance holds 2·m values, so it is exceeded when r is large "
+                  "rest is D_r, the pivots, z and σ (12·r + 4 bytes; loldu.torch writes the gradients into "
+                  "PyTorch's buffers, so the layer holds none). The 8·m-byte allowance holds 2·m values, so it is exceeded when r is large "
                   "against m: here by "
                   + "; ".join(f"{(row['ours'] - row['bound']) / 1024:.1f} KiB at {row['m']} × {row['n']}, r = {row['r']}"
                               for row in memory_rows if row["ours"] > row["bound"])
