@@ -853,7 +853,9 @@ LOLDU_API loldu_status loldu_merge_options_default(loldu_merge_options *options)
  * weight replaced by W + A·diag(c)·U_r, computed in float32 (float64 for F64 tensors) and rounded
  * once to the output type. config.json, the tokenizer and every other file are copied, except
  * hidden ones and weights in other formats (*.bin, *.pt, *.onnx, ...), which would still hold the
- * unmerged weights. transformers' from_pretrained(out_dir) then loads the adapted model.
+ * unmerged weights; *.safetensors files in subdirectories (other modules' weights, such as
+ * sentence-transformers' 2_Dense) are copied. transformers' from_pretrained(out_dir) then loads
+ * the adapted model.
  *
  * Tensors are read (not mapped) one at a time: memory stays near the largest adapted tensor
  * and its factors, whatever the model's size, and a shard truncated by another process during

@@ -2,7 +2,7 @@ import Glibc
 
 /// A directory that appears whole or not at all: an export or a merged model.
 ///
-/// It is written under a temporary name `.NAME.XXXXXX` beside the target, every file flushed
+/// It is written under a temporary name `.NAME.loldu-XXXXXX` beside the target, every file flushed
 /// with `fsync`, then renamed into place in one step: with `RENAME_NOREPLACE` when it is new
 /// (a directory that appeared meanwhile is never overwritten), or swapped with the previous one
 /// by `RENAME_EXCHANGE` when it replaces it (the previous one is then deleted). A failure
@@ -33,7 +33,7 @@ public final class AtomicDirectory {
         var system = SystemRandomNumberGenerator()
         var path = ""
         for attempt in 0... {
-            path = "\(parent)/.\(name)." + String((0..<6).map { _ in letters[Int(system.next() % UInt64(letters.count))] })
+            path = "\(parent)/\(AtomicFile.temporaryPrefix(of: name))" + String((0..<6).map { _ in letters[Int(system.next() % UInt64(letters.count))] })
             if mkdir(path, 0o755) == 0 { break }
             guard errno == EEXIST, attempt < 100 else { throw AtomicFile.failure("cannot create a directory in", parent) }
         }
@@ -92,9 +92,13 @@ public final class AtomicDirectory {
         }
     }
 
-    /// Whether `path` is a directory with nothing in it (as `mkdir out` leaves it).
+    /// Whether `path` is a directory with nothing in it (as `mkdir out` leaves it), not a
+    /// symbolic link to one (``commit(replace:)`` refuses links).
     public static func isEmptyDirectory(_ path: String) -> Bool {
-        AtomicFile.entries(of: path)?.isEmpty ?? false
+        var info = stat()
+        var undecodable = 0
+        return lstat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR
+            && AtomicFile.entries(of: path, undecodable: &undecodable)?.isEmpty == true && undecodable == 0
     }
 
     /// Puts the directory in place: a new `target`, or in place of an empty directory, if

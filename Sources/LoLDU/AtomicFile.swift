@@ -2,7 +2,7 @@ import Glibc
 
 /// Files replaced atomically and read whole, with every failure an `io` error naming the path.
 ///
-/// A replacement is written to a temporary file `.NAME.XXXXXX` beside the target, flushed with
+/// A replacement is written to a temporary file `.NAME.loldu-XXXXXX` beside the target, flushed with
 /// `fsync`, and renamed over the target (atomic on POSIX file systems); the directory is synced
 /// after each rename. Writers hold an exclusive `flock` on the directory while they replace
 /// files in it, so a temporary file found while holding the lock belongs to a writer that was
@@ -49,14 +49,36 @@ public enum AtomicFile {
 
     /// The names in directory `path` (without "." and ".."), or nil when it cannot be read.
     static func entries(of path: String) -> [String]? {
+        var undecodable = 0
+        return entries(of: path, undecodable: &undecodable)
+    }
+
+    /// ``entries(of:)``, counting in `undecodable` the names left out because they are not
+    /// valid UTF-8 (no path given to the library can name them).
+    static func entries(of path: String, undecodable: inout Int) -> [String]? {
         guard let dir = opendir(path) else { return nil }
         defer { closedir(dir) }
         var names: [String] = []
         while let entry = readdir(dir) {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+                String(validatingCString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+            }
+            guard let name else {
+                undecodable += 1
+                continue
             }
             if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
+    /// ``entries(of:)`` of a directory whose every entry matters: `LoLDUError.io` when it
+    /// cannot be read or a name is not valid UTF-8.
+    static func allEntries(of path: String) throws(LoLDUError) -> [String] {
+        var undecodable = 0
+        guard let names = entries(of: path, undecodable: &undecodable) else { throw failure("cannot read", path) }
+        guard undecodable == 0 else {
+            throw LoLDUError(.io, "\"\(path)\" holds \(undecodable) name(s) that are not valid UTF-8; rename them")
         }
         return names
     }
@@ -159,7 +181,7 @@ public enum AtomicFile {
 
         func file(_ name: String) -> String { "\(path)/\(name)" }
 
-        /// Removes `.NAME.XXXXXX` files left by killed writers (call with the exclusive lock).
+        /// Removes `.NAME.loldu-XXXXXX` files left by killed writers (call with the exclusive lock).
         public func removeStaleTemporaries(of names: [String]) {
             for entry in AtomicFile.entries(of: path) ?? [] where names.contains(where: { AtomicFile.isTemporary(entry, of: $0) }) {
                 unlinkat(fd, entry, 0)
@@ -169,7 +191,7 @@ public enum AtomicFile {
         /// Writes a new version of `name` to a temporary file, flushed to disk; returns its path
         /// for ``commit(_:as:)``. On failure nothing is left behind.
         public func prepare(_ name: String, _ body: (Writer) throws(LoLDUError) -> Void) throws(LoLDUError) -> String {
-            var template = Array("\(path)/.\(name).XXXXXX".utf8CString)
+            var template = Array("\(path)/\(AtomicFile.temporaryPrefix(of: name))XXXXXX".utf8CString)
             let out = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
             guard out >= 0 else { throw AtomicFile.failure("cannot create a temporary file in", path) }
             let temporary = String(cString: template.withUnsafeBufferPointer { $0.baseAddress! })
@@ -204,9 +226,15 @@ public enum AtomicFile {
         }
     }
 
-    /// Whether `entry` is a temporary file of `name` (`.NAME.` and mkstemp's six characters).
+    /// The start of the name of a temporary file or directory of `name`, before six random
+    /// letters or digits: distinctive, so that the clean-up of leftovers never takes another
+    /// program's `.NAME.something`.
+    static func temporaryPrefix(of name: String) -> String { ".\(name).loldu-" }
+
+    /// Whether `entry` is a temporary file or directory of `name` (``temporaryPrefix(of:)`` and
+    /// six letters or digits).
     static func isTemporary(_ entry: String, of name: String) -> Bool {
-        let prefix = ".\(name)."
+        let prefix = temporaryPrefix(of: name)
         guard entry.hasPrefix(prefix) else { return false }
         let suffix = entry.utf8.dropFirst(prefix.utf8.count)
         return suffix.count == 6 && suffix.allSatisfy { c in

@@ -87,8 +87,9 @@ public enum JSON: Equatable, Sendable {
 
     public static func number(_ value: Int) -> JSON { .number(String(value)) }
 
-    /// A finite double, written so that it reads back exactly.
-    public static func number(_ value: Double) -> JSON { .number(value.description) }
+    /// A double, written so that it reads back exactly; `null` if it is not finite (JSON has no
+    /// infinities or NaN).
+    public static func number(_ value: Double) -> JSON { value.isFinite ? .number(value.description) : .null }
 
     static func quote(_ s: String) -> String {
         var out = "\""

@@ -96,8 +96,7 @@ public enum LoRAExport {
         guard (info.st_mode & S_IFMT) == S_IFDIR else {
             throw LoLDUError(.io, "\"\(directory)\" is \(AtomicFile.kind(info.st_mode)), not an earlier export")
         }
-        guard let names = AtomicFile.entries(of: directory) else { throw AtomicFile.failure("cannot read", directory) }
-        for name in names {
+        for name in try AtomicFile.allEntries(of: directory) {
             guard exportFiles.contains(name) else {
                 throw LoLDUError(.io, "\"\(directory)\" holds \"\(name)\", so it is not an earlier LoRA export; it is not replaced")
             }

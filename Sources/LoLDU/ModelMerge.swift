@@ -134,19 +134,20 @@ public enum ModelMerge {
     }
 
     /// Copies the files under `base/relative` into `out`, following links, skipping hidden
-    /// entries, `skipping` (top level) and weights in other formats.
+    /// entries, `skipping` (top level) and weights in other formats (but safetensors files in
+    /// subdirectories, other modules' weights such as sentence-transformers' `2_Dense`).
     static func copyTree(from base: String, _ relative: String, into out: AtomicDirectory, skipping: Set<String>, depth: Int) throws(LoLDUError) {
         let directory = relative.isEmpty ? base : "\(base)/\(relative)"
         guard depth < 16 else { throw LoLDUError(.io, "\"\(directory)\" is nested too deep (a link loop?)") }
-        guard let names = AtomicFile.entries(of: directory) else { throw AtomicFile.failure("cannot read", directory) }
-        for name in names.sorted() where !name.hasPrefix(".") {
+        for name in try AtomicFile.allEntries(of: directory).sorted() where !name.hasPrefix(".") {
             let path = relative.isEmpty ? name : "\(relative)/\(name)"
             if depth == 0 && skipping.contains(name) { continue }
             var info = stat()
             guard stat("\(base)/\(path)", &info) == 0 else { throw AtomicFile.failure("cannot read", "\(base)/\(path)") }
             switch info.st_mode & S_IFMT {
             case S_IFDIR: try copyTree(from: base, path, into: out, skipping: skipping, depth: depth + 1)
-            case S_IFREG where otherWeights.contains(where: { name.hasSuffix($0) }): continue
+            case S_IFREG where otherWeights.contains(where: { name.hasSuffix($0) }) && !(depth > 0 && name.hasSuffix(".safetensors")):
+                continue
             case S_IFREG: try out.copy("\(base)/\(path)", as: path)
             default: throw LoLDUError(.io, "\"\(base)/\(path)\" is \(AtomicFile.kind(info.st_mode)); a model directory holds files and directories")
             }

@@ -22,15 +22,28 @@ struct Failure: Error {
 
 let tool = "loldu"
 
-/// Writes `text` to standard error.
-func printError(_ text: String) {
+/// Writes all of `text` to the file descriptor `fd`; false (and `errno`) when a write fails.
+@discardableResult func writeAll(_ fd: Int32, _ text: String) -> Bool {
     var bytes = Array(text.utf8)
     var done = 0
     while done < bytes.count {
-        let n = bytes.withUnsafeMutableBytes { write(2, $0.baseAddress! + done, $0.count - done) }
-        if n <= 0 { return }
+        let n = bytes.withUnsafeMutableBytes { write(fd, $0.baseAddress! + done, $0.count - done) }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { return false }
         done += n
     }
+    return true
+}
+
+/// Writes `text` to standard error (a failure has nowhere to be reported).
+func printError(_ text: String) { writeAll(2, text) }
+
+/// The `errno` of the first failed write to standard output (0: none), reported at exit.
+nonisolated(unsafe) var outputError: Int32 = 0
+
+/// Writes `text` and a newline to standard output, unbuffered, remembering a failure.
+func printLine(_ text: String) {
+    if outputError == 0 && !writeAll(1, text + "\n") { outputError = errno == 0 ? EIO : errno }
 }
 
 let usage = """
@@ -101,7 +114,8 @@ let helps: [String: String] = [
         Writes a copy of MODEL with ADAPTER merged into its weights: the same files (one, or the
         same shards and index), tensor names and types, W + ΔW computed in float32 and rounded
         once; config.json, the tokenizer and other files copied (not weights in other formats,
-        such as *.bin or *.onnx, which would still hold the unmerged weights).
+        such as *.bin or *.onnx, which would still hold the unmerged weights; safetensors files
+        in subdirectories, other modules' weights, are copied).
         transformers' from_pretrained(DIR) loads the result.
 
           --base MODEL   the base model directory
@@ -218,14 +232,18 @@ struct Arguments {
                 positional.append(arg)
                 continue
             }
-            if arg == "-h" || arg == "--help" {
-                help = true
-                return
-            }
             var name = arg, value: String?
             if let eq = arg.firstIndex(of: "=") {
                 name = String(arg[..<eq])
                 value = String(arg[arg.index(after: eq)...])
+            }
+            if name == "-h" || name == "--help" {
+                guard value == nil else {
+                    failure = failure ?? usage("\(name) takes no value")
+                    continue
+                }
+                help = true
+                return
             }
             if known.flags.contains(name) {
                 if value != nil { failure = failure ?? usage("\(name) takes no value") }
@@ -251,6 +269,7 @@ struct Arguments {
         let given = options[name] ?? []
         if given.count > 1 { throw usage("\(name) is given \(given.count) times") }
         if required && given.isEmpty { throw usage("\(name) is required") }
+        if given.first?.isEmpty == true { throw usage("\(name) needs a non-empty value") }
         return given.first
     }
 
@@ -258,7 +277,18 @@ struct Arguments {
         guard positional.count == 1 else {
             throw usage(positional.isEmpty ? "ADAPTER is missing" : "one ADAPTER expected, got \(positional.count) arguments")
         }
+        guard !positional[0].isEmpty else { throw usage("ADAPTER must not be empty") }
         return positional[0]
+    }
+
+    /// `--out`: a directory to create, named by its last component (not `.` or `..`).
+    func output() throws(Failure) -> String {
+        let out = try one("--out")!
+        let last = out.split(separator: "/").last ?? ""
+        guard last != ".", last != ".." else {
+            throw usage("--out \"\(out)\" must name the new directory (or an empty one) by its name, not \"\(last)\"")
+        }
+        return out
     }
 
     /// A usage error of this command.
@@ -293,7 +323,18 @@ func number(_ x: Double) -> String {
         while text.contains(".") && (text.hasSuffix("0") || text.hasSuffix(".")) { text.removeLast() }
         return text
     }
-    return "\(Float(x))"
+    let short = Float(x)  // (7 digits, for a table; float64 values beyond its range as they are)
+    return short.isFinite && short != 0 ? "\(short)" : "\(x)"
+}
+
+/// Mean and standard deviation of `z` (not empty), without overflow for any finite values.
+func meanAndDeviation(_ z: [Double]) -> (mean: Double, std: Double) {
+    let scale = z.reduce(0) { max($0, abs($1)) }
+    guard scale > 0 else { return (0, 0) }
+    let count = Double(z.count)
+    let mean = z.reduce(0) { $0 + ($1 / scale) / count }
+    let variance = z.reduce(0) { $0 + ($1 / scale - mean) * ($1 / scale - mean) } / count
+    return (mean * scale, variance.squareRoot() * scale)
 }
 
 extension String {
@@ -321,9 +362,7 @@ func inspect(_ a: Arguments) throws(Failure) {
         var sigma = 0.0
         var weightPrint = [CChar](repeating: 0, count: 17), pivotsPrint = [CChar](repeating: 0, count: 17)
         try check(loldu_checkpoint_values(checkpoint.handle, name, &z, &sigma, &weightPrint, &pivotsPrint), "layer \"\(name)\"")
-        let count = Double(z.count)
-        let mean = z.reduce(0, +) / count
-        let std = (z.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / count).squareRoot()
+        let (mean, std) = meanAndDeviation(z)
         let dtypeName = DType(rawValue: Int32(type.rawValue))?.name ?? "?"
         func text(_ c: [CChar]) -> String { String(decoding: c.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
         let wp = text(weightPrint), pp = text(pivotsPrint)
@@ -343,16 +382,16 @@ func inspect(_ a: Arguments) throws(Failure) {
     let version = String(cString: loldu_version_string())
     let bytes = fileBytes(path)
     if a.flags.contains("--json") {
-        print(JSON.object([
+        printLine(JSON.object([
             "checkpoint": .string(path), "library_version": .string(version), "bytes": .number(bytes),
             "trainable": .number(trainable), "layers": .array(layers),
         ]).pretty())
         return
     }
-    print("checkpoint \(path): \(checkpoint.names.count) layers, \(trainable) trainable values, \(bytes) bytes (loldu \(version))")
+    printLine("checkpoint \(path): \(checkpoint.names.count) layers, \(trainable) trainable values, \(bytes) bytes (loldu \(version))")
     let widths = (0..<lines[0].count).map { column in lines.map { $0[column].count }.max() ?? 0 }
     for line in lines {
-        print(zip(line, widths).map { $0 + String(repeating: " ", count: $1 - $0.count) }.joined(separator: "  "))
+        printLine(zip(line, widths).map { $0 + String(repeating: " ", count: $1 - $0.count) }.joined(separator: "  "))
     }
 }
 
@@ -367,17 +406,17 @@ func verify(_ a: Arguments) throws(Failure) {
         do throws(Failure) {
             loldu_adapter_free(try checkpoint.adapter(name, base: base))
             progress.finish()
-            print("ok       \(name)")
+            printLine("ok       \(name)")
         } catch where error.code == .mismatch {
             progress.finish()
-            print("MISMATCH \(name): \(String(cString: loldu_last_error()))")
+            printLine("MISMATCH \(name): \(String(cString: loldu_last_error()))")
             bad += 1
         }
     }
     guard bad == 0 else {
         throw Failure(code: .mismatch, message: "\(bad) of \(checkpoint.names.count) layers do not match \(base)")
     }
-    print("all \(checkpoint.names.count) layers match \(base)")
+    printLine("all \(checkpoint.names.count) layers match \(base)")
 }
 
 /// Names that the export-lora help lists as an embedding's ("embed" anywhere, or a last
@@ -389,7 +428,7 @@ func namedLikeEmbedding(_ name: String) -> Bool {
 
 func exportLoRA(_ a: Arguments) throws(Failure) {
     let path = try a.adapter()
-    let base = try a.one("--base")!, out = try a.one("--out")!
+    let base = try a.one("--base")!, out = try a.output()
     let type = try dtype(a) ?? LOLDU_FLOAT32
     let checkpoint = try CheckpointFile(path)
     let embeddings = Set(a.options["--embedding"] ?? []), linear = Set(a.options["--linear"] ?? [])
@@ -459,12 +498,12 @@ func exportLoRA(_ a: Arguments) throws(Failure) {
     }
     progress.finish()
     try check(status, "cannot export to \"\(out)\"")
-    print("wrote \(out): a PEFT LoRA of \(checkpoint.names.count) layers")
+    printLine("wrote \(out): a PEFT LoRA of \(checkpoint.names.count) layers")
 }
 
 func merge(_ a: Arguments) throws(Failure) {
     let path = try a.adapter()
-    let base = try a.one("--base")!, out = try a.one("--out")!
+    let base = try a.one("--base")!, out = try a.output()
     let type = try dtype(a)
     let checkpoint = try CheckpointFile(path)
     var options = loldu_merge_options()
@@ -486,7 +525,7 @@ func merge(_ a: Arguments) throws(Failure) {
     }
     progress.finish()
     try check(status, "cannot merge into \"\(out)\"")
-    print("wrote \(out): \(base) with \(checkpoint.names.count) layers merged")
+    printLine("wrote \(out): \(base) with \(checkpoint.names.count) layers merged")
 }
 
 // MARK: Main
@@ -500,22 +539,61 @@ let commands: [String: (accepts: Options, run: (Arguments) throws(Failure) -> Vo
     "merge": (Options(values: ["--base", "--out", "--dtype"]), merge),
 ]
 
+/// Opens the standard streams that are closed on `/dev/null`, so that no file a command opens
+/// takes their numbers (a report printed into a model file); returns whether standard output
+/// was closed.
+func reopenClosedStandardStreams() -> Bool {
+    var outputClosed = false
+    for fd: Int32 in 0...2 where fcntl(fd, F_GETFD) == -1 {
+        let null = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY)
+        if null >= 0 && null != fd {
+            dup2(null, fd)
+            close(null)
+        }
+        if fd == 1 { outputClosed = true }
+    }
+    return outputClosed
+}
+
+/// Runs the command line and reports a failed write to standard output (a full disk, a closed
+/// stream) as a failure.
 @MainActor func main() -> Int32 {
-    let args = Array(CommandLine.arguments.dropFirst())
+    let outputClosed = reopenClosedStandardStreams()
+    for i in 1..<Int(CommandLine.argc) where String(validatingCString: CommandLine.unsafeArgv[i]!) == nil {
+        printError("\(tool): argument \(i) is not valid UTF-8; paths and names must be UTF-8\n")
+        return Exit.usage.rawValue
+    }
+    let code = run(Array(CommandLine.arguments.dropFirst()))
+    if outputClosed || outputError != 0 {
+        printError("\(tool): cannot write to standard output: \(outputClosed ? "it is closed" : String(cString: strerror(outputError)))\n")
+        return code == Exit.ok.rawValue ? Exit.failure.rawValue : code
+    }
+    return code
+}
+
+@MainActor func run(_ args: [String]) -> Int32 {
     guard let first = args.first else {
         printError(usage + "\n")
         return Exit.usage.rawValue
     }
     switch first {
     case "-h", "--help", "help":
-        if args.count > 1, let help = helps[args[1]] { print(help) } else { print(usage) }
+        guard args.count > 1 else {
+            printLine(usage)
+            return Exit.ok.rawValue
+        }
+        guard args.count == 2, let help = helps[args[1]] else {
+            printError("\(tool): \(first) takes one command, one of \(commands.keys.sorted().joined(separator: ", ")); got \(args.dropFirst().joined(separator: " "))\n")
+            return Exit.usage.rawValue
+        }
+        printLine(help)
         return Exit.ok.rawValue
     case "--version", "version":
         guard args.count == 1 else {
             printError("loldu: \(first) takes no arguments, got \(args.dropFirst().joined(separator: " "))\n")
             return Exit.usage.rawValue
         }
-        print("loldu \(String(cString: loldu_version_string()))")
+        printLine("loldu \(String(cString: loldu_version_string()))")
         return Exit.ok.rawValue
     default:
         break
@@ -527,12 +605,13 @@ let commands: [String: (accepts: Options, run: (Arguments) throws(Failure) -> Vo
     do throws(Failure) {
         let a = try Arguments(Array(args.dropFirst()), command: first, accepts: command.accepts)
         if a.help {
-            print(helps[first]!)
+            printLine(helps[first]!)
         } else {
             try command.run(a)
         }
         return Exit.ok.rawValue
     } catch {
+        if isatty(2) == 1 { printError("\r\u{1B}[K") }  // (after a progress line)
         printError("\(tool) \(first): \(error.message)\n")
         return error.code.rawValue
     }

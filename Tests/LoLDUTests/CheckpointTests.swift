@@ -318,6 +318,23 @@ import Testing
         #expect(try FileManager.default.contentsOfDirectory(atPath: directory) == ["file"])
     }
 
+    @Test func saveRemovesItsOwnLeftoversOnly() throws {
+        var random = TestRandom(109)
+        let a = try TestAdapter<Float>(m: 4, n: 3, weight: random.array(12)) { $0.rank = 2 }
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        // A killed save's temporary file, and another program's files of a similar name.
+        let ours = ".adapter_model.safetensors.loldu-Ab3xY9"
+        let others = [".adapter_model.safetensors.Ab3xY9", ".adapter_config.json.backup", ".adapter_model.safetensors.loldu-toolong"]
+        for name in [ours] + others {
+            #expect(FileManager.default.createFile(atPath: directory + "/" + name, contents: Data("keep".utf8)))
+        }
+        let status = withCStrings(["layer"]) { loldu_checkpoint_save(directory, [a.handle], $0, 1) }
+        #expect(status == LOLDU_OK)
+        let hidden = try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasPrefix(".") }
+        #expect(Set(hidden) == Set(others))
+    }
+
     @Test func failedSaveKeepsThePreviousCheckpoint() throws {
         let saved = try Self.saveTrained(Float.self)
         defer { try? FileManager.default.removeItem(atPath: saved.directory) }

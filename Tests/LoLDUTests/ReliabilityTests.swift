@@ -286,8 +286,8 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
                 #expect(status != LOLDU_OK, "state \(i) should not load")
             }
             // The next save finishes or discards the interrupted one and removes stale files.
-            try Data("partial".utf8).write(to: URL(fileURLWithPath: dir + "/.adapter_model.safetensors.Ab12Yz"))
-            try Data("partial".utf8).write(to: URL(fileURLWithPath: dir + "/.adapter_config.json.q9W0xk"))
+            try Data("partial".utf8).write(to: URL(fileURLWithPath: dir + "/.adapter_model.safetensors.loldu-Ab12Yz"))
+            try Data("partial".utf8).write(to: URL(fileURLWithPath: dir + "/.adapter_config.json.loldu-q9W0xk"))
             #expect(withCStrings(["b"]) { loldu_checkpoint_save(dir, [adapters[1].handle], $0, 1) } == LOLDU_OK)
             #expect(Set(try fm.contentsOfDirectory(atPath: dir)) == [model, config], "state \(i): leftovers")
             #expect(Self.layerNames(dir).1 == ["b"])

@@ -31,7 +31,7 @@ EMBEDDING = ("--embedding", "embeddings.word_embeddings")
 
 def run(*args, check_code: int | None = 0, **kwargs) -> subprocess.CompletedProcess:
     assert CLI.is_file(), f"{CLI} is missing: build it with `make build`"
-    result = subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
+    result = subprocess.run([str(CLI), *map(str, args)], **{"capture_output": True, "text": True, "timeout": 300, **kwargs})
     if check_code is not None:
         assert result.returncode == check_code, (result.returncode, result.stdout, result.stderr)
     return result
@@ -63,6 +63,31 @@ def test_version_help_and_usage_errors():
     assert "unknown option --frob" in run("inspect", "x", "--frob", check_code=2).stderr
     assert "--dtype must be f32, f16 or bf16" in run("merge", "c", "--base", "b", "--out", "o", "--dtype", "int8",
                                                      check_code=2).stderr
+    assert "ADAPTER must not be empty" in run("inspect", "", check_code=2).stderr
+    assert "--base needs a non-empty value" in run("merge", "c", "--base", "", "--out", "o", check_code=2).stderr
+    assert "--out \"..\" must name the new directory" in run("merge", "c", "--base", "b", "--out", "..",
+                                                            check_code=2).stderr
+    assert "--help takes no value" in run("inspect", "x", "--help=x", check_code=2).stderr
+    assert "help takes one command" in run("help", "frob", check_code=2).stderr
+    # A name that is not UTF-8 is refused, never changed into another name.
+    raw = subprocess.run([str(CLI), "inspect", b"ck\xff"], capture_output=True, timeout=60)
+    assert raw.returncode == 2 and b"argument 2 is not valid UTF-8" in raw.stderr
+
+
+def test_a_failed_write_to_standard_output_is_a_failure(tmp_path):
+    weight = np.random.default_rng(0).standard_normal((6, 5))
+    adapter = loldu.Adapter(weight, rank=4)
+    adapter.z[:] = [1e308, 1e308, 1e308, -1e300]  # float64 values whose sum overflows
+    loldu.save(tmp_path / "ckpt", {"layer": adapter})
+    report = json.loads(run("inspect", tmp_path / "ckpt", "--json").stdout)["layers"][0]["z"]
+    assert report["max"] == 1e308 and report["mean"] == pytest.approx(0.75e308 - 0.25e300, rel=1e-12)
+    assert "1e+308" in run("inspect", tmp_path / "ckpt").stdout
+    with open("/dev/full", "w") as full:
+        failed = run("inspect", tmp_path / "ckpt", stdout=full, stderr=subprocess.PIPE, capture_output=False, check_code=1)
+    assert "cannot write to standard output: No space left on device" in failed.stderr
+    closed = run("inspect", tmp_path / "ckpt", stdout=None, capture_output=False, stderr=subprocess.PIPE,
+                 preexec_fn=lambda: os.close(1), check_code=1)
+    assert "standard output: it is closed" in closed.stderr
 
 
 def test_inspect_reports_what_the_checkpoint_holds(trained_minilm):
@@ -177,6 +202,11 @@ def test_merge_writes_what_the_library_writes_and_refuses_bad_input(trained_mini
     assert "model.safetensors" in cut.stderr and "damaged" in cut.stderr
     assert not (tmp_path / "x").exists()
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")  # refused before any work, as a file would be
+    assert "already exists" in run("merge", checkpoint, "--base", minilm_dir(), "--out", tmp_path / "link",
+                                   check_code=1).stderr
+    assert os.listdir(tmp_path / "empty") == [] and (tmp_path / "link").is_symlink()
 
 
 def test_a_killed_merge_leaves_no_output_and_the_next_one_cleans_up(trained_minilm, tmp_path):
@@ -198,8 +228,12 @@ def test_a_killed_merge_leaves_no_output_and_the_next_one_cleans_up(trained_mini
             finished += 1
             shutil.rmtree(out)
     assert finished < 12, "every merge finished before its kill: the test did not interrupt any"
+    others = [".merged.backup", ".merged.Ab3xY9"]  # not the merges' own: kept
+    for name in others:
+        os.mkdir(tmp_path / name)
+        (tmp_path / name / "notes.txt").write_text("keep")
     run("merge", checkpoint, "--base", minilm_dir(), "--out", out)
-    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # the next merge removed the remains
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == sorted(others)  # the next merge removed the remains
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "timing" / "model.safetensors").read_bytes()
 
 

@@ -251,8 +251,19 @@ def test_a_sharded_copy_merges_to_the_same_tensors_and_shards(trained_minilm, tm
 
     checkpoint, tokens = trained_minilm
     split_into_shards(minilm_dir(), tmp_path / "sharded")
+    # Another module's weights in a subdirectory (sentence-transformers' Dense) are copied; other
+    # copies of the model's weights (which would not be merged) are not.
+    (tmp_path / "sharded" / "2_Dense").mkdir()
+    save_file({"linear.weight": np.ones((4, 384), dtype=np.float32)}, str(tmp_path / "sharded" / "2_Dense" / "model.safetensors"))
+    (tmp_path / "sharded" / "onnx").mkdir()
+    (tmp_path / "sharded" / "onnx" / "model.onnx").write_bytes(b"unmerged")
+    (tmp_path / "sharded" / "pytorch_model.bin").write_bytes(b"unmerged")
     loldu.merge_model(checkpoint, minilm_dir(), tmp_path / "single")
     loldu.merge_model(checkpoint, tmp_path / "sharded", tmp_path / "merged")
+    dense = "2_Dense/model.safetensors"
+    assert (tmp_path / "merged" / dense).read_bytes() == (tmp_path / "sharded" / dense).read_bytes()
+    assert not (tmp_path / "merged" / "onnx" / "model.onnx").exists()
+    assert not (tmp_path / "merged" / "pytorch_model.bin").exists()
     single, sharded = merged_tensors(tmp_path / "single"), merged_tensors(tmp_path / "merged")
     assert set(single) == set(sharded) and all(torch.equal(single[k], sharded[k]) for k in single)
     shards = sorted(n for n in os.listdir(tmp_path / "merged") if n.endswith(".safetensors"))

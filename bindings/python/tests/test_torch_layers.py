@@ -635,6 +635,17 @@ def test_copy_pickle_and_dtype_conversions():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     torch.testing.assert_close(loaded(x), y)
+    # A merged model's copies are merged too (as PEFT's): z gets no gradient there either.
+    lt.merge_loldu(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert copied[0].merged and copied[2].merged
+        copied(x.clone().requires_grad_()).sum().backward()
+        assert copied[0].loldu_z["default"].grad is None
+        torch.testing.assert_close(copied(x), y)
+    lt.unmerge_loldu(model)
     z = model[0].loldu_z["default"].detach().clone()
     model.double()
     assert model[0].adapter.dtype == np.float64 and model[0].loldu_z["default"].dtype == torch.float64
@@ -643,6 +654,29 @@ def test_copy_pickle_and_dtype_conversions():
     torch.testing.assert_close(model(x.double()).float(), y, rtol=1e-5, atol=1e-5)
     model.float()
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_runs_the_layers_eagerly_and_the_rest_compiled():
+    """torch.compile cannot see into the library: each LoLDU layer is a graph break, and the
+    compiled model computes what the eager one does, gradients included."""
+    torch.manual_seed(10)
+    layers = [nn.Linear(6, 5), nn.Tanh(), nn.Unflatten(1, (5, 1)), nn.Conv1d(5, 4, 1), nn.Flatten(), nn.Linear(4, 3)]
+    model = lt.add_loldu(nn.Sequential(*layers), ["0", "3", "5"], rank=3, z_init="s_normal", residual="init")
+    x = torch.randn(3, 6)
+
+    def step(m):
+        for p in lt.loldu_parameters(m):
+            p.grad = None
+        y = m(x)
+        y.square().sum().backward()
+        return y.detach(), [p.grad.clone() for p in lt.loldu_parameters(m)]
+
+    expected, grads = step(model)
+    torch._dynamo.reset()
+    got, compiled_grads = step(torch.compile(model, backend="aot_eager"))
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(compiled_grads, grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_library_threads_follow_torch_on_first_use(monkeypatch):

@@ -133,19 +133,41 @@ def test_all_linear_as_peft(model):
         warnings.simplefilter("ignore")  # the head is new: transformers says so
         classifier = transformers.BertForSequenceClassification.from_pretrained(str(minilm_dir()), local_files_only=True)
     expected = peft_targets(classifier, target_modules="all-linear", task_type="SEQ_CLS")
-    lt.add_loldu(classifier, "all-linear", rank=2)
+    with pytest.warns(loldu.LoLDUWarning, match=r"leaves the model's head 'classifier' out.*requires_grad_\(True\)"):
+        lt.add_loldu(classifier, "all-linear", rank=2)
     names = set(lt.loldu_layers(classifier))
     assert "classifier" not in names and len(names) == 37 and names == expected
 
-    class LM(nn.Module):
+    class LM(nn.Module):  # (a head made of layers, as RoBERTa's classifier: none of them adapted)
         def __init__(self):
             super().__init__()
             self.body, self.lm_head = nn.Linear(8, 8), nn.Linear(8, 32)
+            self.classifier = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
 
         def get_output_embeddings(self):
             return self.lm_head
-    lm = lt.add_loldu(LM(), "all-linear", rank=2)
+    with pytest.warns(loldu.LoLDUWarning, match="head 'classifier'"):
+        lm = lt.add_loldu(LM(), "all-linear", rank=2)
     assert set(lt.loldu_layers(lm)) == {"body"}
+
+
+def test_an_adapter_added_without_mark_trainable_is_inactive_and_frozen(model):
+    """As PEFT's add_adapter: a new adapter neither becomes active nor trains, on new layers
+    as on layers that have others; the model computes what it did."""
+    lt.add_loldu(model, ["query"], rank=4)
+    lt.add_loldu(model, ["query", "key"], rank=4, adapter_name="b", mark_trainable=False, z_init="s_normal",
+                 residual="init")
+    with torch.no_grad():
+        for layer in lt.loldu_layers(model).values():
+            layer.loldu_z["b"].add_(1.0)  # b would change the output if it computed
+    before = output(model)
+    assert {tuple(layer.active_adapters) for layer in lt.loldu_layers(model).values()} == {("default",)}
+    assert not any(layer.loldu_z["b"].requires_grad for layer in lt.loldu_layers(model).values())
+    assert lt.get_nb_trainable_parameters(model)[0] == 6 * (4 + 1)
+    lt.set_adapter(model, lt.active_adapters(model))
+    torch.testing.assert_close(output(model), before, rtol=0, atol=0)
+    lt.set_adapter(model, "b")
+    assert all(layer.loldu_z["b"].requires_grad for layer in lt.loldu_layers(model).values())
 
 
 def test_embeddings_and_full_rank(model):

@@ -29,6 +29,7 @@ negation resolved (the library reads memory, not torch's negative bit).
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 
 import numpy as np
@@ -118,6 +119,21 @@ def _bias_grad(dy: torch.Tensor, shape):
 def _bias_shape(bias) -> torch.Size | None:
     """What ``_bias_grad`` needs of a bias: None for none or a plain ``(m,)`` one."""
     return None if bias is None or bias.dim() == 1 and bias.numel() > 1 else bias.shape
+
+
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # (torch < 2.3)
+
+
+def eager_under_compile(forward):
+    """``forward`` of a layer whose work happens in the library, which ``torch.compile`` cannot
+    see into: under it the layer runs eagerly (a graph break: the rest of the model is
+    compiled); outside it, one cheap check per call."""
+    eager = torch.compiler.disable(forward)
+
+    @functools.wraps(forward)
+    def wrapped(self, *args, **kwargs):
+        return (eager if _is_compiling() else forward)(self, *args, **kwargs)
+    return wrapped
 
 
 def refuse_tracing() -> None:

@@ -37,7 +37,7 @@ from .._arrays import NUMPY_DTYPES
 from ..adapter import Adapter, AdapterConfig, init_change_advice
 from ..errors import DeviceError, DTypeError, InvalidArgumentError, LoLDUWarning, ShapeError, StateError, check
 from ._functions import (LIBRARY_DTYPES, AdapterGroup, GroupedLinearFunction, LinearFunction, WeightFunction, grouped_linear,
-                         library_input, linear, parameter_dtype, refuse_tracing)
+                         eager_under_compile, library_input, linear, parameter_dtype, refuse_tracing)
 
 BASE_NAME = "__base__"  # PEFT's name for rows that use no adapter in a mixed batch
 _process_configured = False
@@ -384,12 +384,15 @@ class LoLDULayer(nn.Module):
         require grad, the others' do not (as PEFT's ``set_adapter``). Names the layer does not have
         are kept, as PEFT keeps them: they compute nothing here (``loldu.torch.set_adapter``
         checks that each is on some layer of the model)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self.active_adapters = names
+        self.active_adapters = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self._adapters:
-            active = name in names
-            self.loldu_z[name].requires_grad_(active)
-            self.loldu_sigma[name].requires_grad_(active and self.loldu_config[name].train_sigma)
+            self._follow_active(name)
+
+    def _follow_active(self, name: str) -> None:
+        """Adapter ``name``'s parameters require grad if it is active (σ if it is trained too)."""
+        active = name in self.active_adapters
+        self.loldu_z[name].requires_grad_(active)
+        self.loldu_sigma[name].requires_grad_(active and self.loldu_config[name].train_sigma)
 
     def refactor(self) -> None:
         """Factors the base weight again (after its values changed or its type did), keeping every
@@ -686,14 +689,18 @@ class LoLDULayer(nn.Module):
         state = self.__dict__.copy()
         state["_adapters"], state["_factors"], state["_stamp"], state["_companions"] = {}, None, None, {}
         state["_grouping"] = None
+        state["_merged_names"] = [name for name in self._adapters if self._is_merged(name)]
         return state
 
     def __setstate__(self, state):
         state.setdefault("_grouping", None)
         state.setdefault("_changes", 0)
+        merged = state.pop("_merged_names", [])
         super().__setstate__(state)
         if not self._adapters and self.loldu_config:
             self._rebuild()
+            for name in merged:
+                self._merge(name)
 
     def extra_repr(self) -> str:
         parts = []
@@ -728,6 +735,7 @@ class LoLDULinear(LoLDULayer):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
+    @eager_under_compile
     def forward(self, x: torch.Tensor, *, adapter_names=None) -> torch.Tensor:
         base = self._modules["base_layer"]
         if (adapter_names is None and self._mixed is None and not self._disabled and type(x) is torch.Tensor
@@ -867,6 +875,7 @@ class LoLDUConv(_WeightSpaceLayer):
         bias = base.bias if base.bias is None or base.bias.dtype == weight.dtype else base.bias.to(weight.dtype)
         return base._conv_forward(x, weight, bias)
 
+    @eager_under_compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._compute_dtype()
         x = self._check_float_input(x, dtype)
@@ -894,6 +903,7 @@ class LoLDUEmbedding(_WeightSpaceLayer):
         return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
                            base.sparse)
 
+    @eager_under_compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_input(x)
         if x.dtype not in (torch.int64, torch.int32):

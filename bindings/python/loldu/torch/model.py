@@ -36,22 +36,31 @@ ALL_LINEAR = "all-linear"
 CLASSIFIER_HEADS = ("classifier", "score")
 
 
+def _heads(root: nn.Module) -> list[str]:
+    """The names of the model's output layers that ``"all-linear"`` leaves out: its output
+    embeddings and a top-level ``classifier`` or ``score`` head."""
+    heads = [getattr(root, name, None) for name in CLASSIFIER_HEADS]
+    output = getattr(root, "get_output_embeddings", None)
+    heads.append(output() if callable(output) else None)
+    ids = {id(h) for h in heads if isinstance(h, nn.Module)}
+    return [name for name, module in root.named_modules() if name and id(module) in ids]
+
+
 def _targets(root: nn.Module, target_modules):
     """``target_modules`` as a test of a module's name and the module (PEFT's rules): a string
     is a regex that must match the whole name; a list holds names that must equal the name or be
     its last dotted components; ``"all-linear"`` (any case) is every ``nn.Linear`` (or LoLDU layer
     around one) but the output layer: the model's output embeddings and a top-level
-    ``classifier`` or ``score`` head. (PEFT drops those heads only for ``task_type="SEQ_CLS"``;
+    ``classifier`` or ``score`` head, with the layers inside it (RoBERTa's ``classifier.dense``
+    and ``classifier.out_proj``). (PEFT drops those heads only for ``task_type="SEQ_CLS"``;
     there is no task type here, and a freshly initialised head is trained, not adapted. PEFT
     also takes transformers' ``Conv1D``, which LoLDU does not adapt.)"""
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-        heads = [getattr(root, name, None) for name in CLASSIFIER_HEADS]
-        output = getattr(root, "get_output_embeddings", None)
-        heads.append(output() if callable(output) else None)
-        excluded = {id(h) for h in heads if isinstance(h, nn.Module)}
+        heads = _heads(root)
+        inside = tuple(h + "." for h in heads)
 
         def linear(name, module):
-            if id(module) in excluded or (isinstance(module, LoLDULayer) and id(module.base_layer) in excluded):
+            if name in heads or name.startswith(inside):
                 return False
             return isinstance(module.base_layer if isinstance(module, LoLDULayer) else module, nn.Linear)
         return linear
@@ -134,7 +143,10 @@ def add_loldu(
     σ = 1). Layer ``i`` (in model order) gets seed ``seed + i``. Modules that are LoLDU layers
     already get the new adapter beside their others (on the same factors); an adapter they have
     already is left as it is. With ``mark_trainable`` (as PEFT's ``get_peft_model``) only the
-    LoLDU parameters stay trainable, and ``adapter_name`` becomes the active adapter.
+    LoLDU parameters stay trainable, and ``adapter_name`` becomes the active adapter; without it
+    (as PEFT's ``add_adapter``) the new adapter is active and trainable only if it is already
+    active or the model has no other (new layers compute the model's active adapters), and
+    nothing else changes.
     Returns the model; ``InvalidArgumentError`` (a ``ValueError``) if nothing matches or for an
     ``adapter_name`` the layers cannot hold (``check_adapter_name``). All or nothing: a failure
     leaves the model as it was.
@@ -143,6 +155,7 @@ def add_loldu(
     root = unwrap(model)
     matched = []
     layers = loldu_layers(root)
+    previous = active_adapters(root)
     inside = tuple(name + "." for name in layers)
     targeted = _targets(root, target_modules)
     for name, module in root.named_modules():
@@ -158,7 +171,7 @@ def add_loldu(
         raise InvalidArgumentError(
             f"target_modules {target_modules!r} matched no module of the model; adaptable modules are "
             f"named e.g. {sample}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    installs, made, frozen = [], [], {}  # every layer's adapter made first; the model changes only once all are
+    installs, made, frozen, touched = [], [], {}, []  # every layer's adapter made first; the model changes only once all are
     with warnings.catch_warnings(record=True) as caught:  # one warning for the model, not one per layer
         warnings.simplefilter("always", LoLDUWarning)
         try:
@@ -171,8 +184,13 @@ def add_loldu(
                         _, adapter, install = _stage_adapter(module, adapter_name, config, made)
                         module._warn_init_change(adapter)
                         installs.append(install)
+                        touched.append(module)
                 else:
-                    installs.append(_stage_layer(root, name, module, config, adapter_name, made, frozen)[1])
+                    layer, install = _stage_layer(root, name, module, config, adapter_name, made, frozen)
+                    installs.append(install)
+                    touched.append(layer)
+                    if previous:  # (as PEFT: a new layer computes the model's active adapters)
+                        layer.active_adapters = list(previous)
         except BaseException:  # all or nothing: nothing was installed
             _discard(made, frozen)
             raise
@@ -188,7 +206,23 @@ def add_loldu(
     if mark_trainable:
         set_adapter(model, adapter_name)
         mark_only_loldu_as_trainable(model)
+        if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+            _warn_frozen_heads(root)
+    else:
+        for layer in touched:  # (as PEFT: a new adapter trains only if it is active)
+            layer._follow_active(adapter_name)
     return model
+
+
+def _warn_frozen_heads(root: nn.Module) -> None:
+    """Says that the classification head ``"all-linear"`` left out is frozen now, and the fix."""
+    for name in CLASSIFIER_HEADS:
+        head = getattr(root, name, None)
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            warnings.warn(
+                f"target_modules='all-linear' leaves the model's head {name!r} out, and only LoLDU parameters train "
+                f"now: to train the head too, call model.{name}.requires_grad_(True) after add_loldu and save its "
+                "weights yourself (a LoLDU checkpoint holds the adapters only)", LoLDUWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +253,10 @@ def set_adapter(model: nn.Module, adapter_name) -> None:
     """Makes ``adapter_name`` (a name, or a list) the active adapter(s) of every LoLDU layer, as
     PEFT's ``set_adapter``: a layer that lacks an active adapter skips it (without any, it computes
     its base layer); only the active adapters' parameters require grad. ``InvalidArgumentError``
-    if a name is on no layer."""
+    if a name is on no layer. A layer computes one adapter at a time: one that has several of
+    the active adapters refuses to compute (``StateError``; PEFT adds their updates, which
+    ``add_weighted_adapter`` gives exactly as one adapter) until one is chosen or the batch is
+    mixed."""
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     layers = loldu_layers(model)
     _check_known(layers, names, "adapter_name")
@@ -310,7 +347,8 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]):
     ``forward`` does not pass ``adapter_names=`` down (PEFT's mixed-batch inference, usable for
     training too: each adapter gets the gradient of its own samples). As in PEFT, a layer that
     lacks a sample's adapter gives that sample its base output; ``InvalidArgumentError`` if a
-    name is on no layer."""
+    name is on no layer. With gradient checkpointing, call ``backward()`` inside the block (the
+    recomputed forward must see the same rows)."""
     every = loldu_layers(model)
     _check_known(every, [name for name in adapter_names if name != BASE_NAME], "adapter_names")
     layers = list(every.values())
