@@ -9,17 +9,17 @@ import Glibc
 /// removes the temporary directory; a killed writer leaves it behind, and the next writer of
 /// the same target removes it: each writer holds an exclusive `flock` on its temporary
 /// directory, so one that can be locked belongs to nobody.
-public final class AtomicDirectory {
+final class AtomicDirectory {
     /// The final path.
-    public let target: String
+    let target: String
     /// Where the files are written until ``commit()``.
-    public let path: String
+    let path: String
     private let fd: Int32
     private var committed = false
 
     /// Starts writing the directory `target` (whose parent must exist) under a temporary name;
     /// `what` names the argument in errors.
-    public init(_ target: String, what: String) throws(LoLDUError) {
+    init(_ target: String, what: String) throws(LoLDUError) {
         var trimmed = target
         while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed.removeLast() }
         let parent = AtomicFile.parent(of: trimmed)
@@ -54,11 +54,11 @@ public final class AtomicDirectory {
         close(fd)
     }
 
-    public func file(_ name: String) -> String { "\(path)/\(name)" }
+    func file(_ name: String) -> String { "\(path)/\(name)" }
 
     /// Creates `name` (with its missing parent directories inside this one) from what `body`
     /// writes, flushed to disk.
-    public func write(_ name: String, _ body: (AtomicFile.Writer) throws(LoLDUError) -> Void) throws(LoLDUError) {
+    func write(_ name: String, _ body: (AtomicFile.Writer) throws(LoLDUError) -> Void) throws(LoLDUError) {
         var parent = ""
         for component in name.split(separator: "/").dropLast() {
             parent += (parent.isEmpty ? "" : "/") + component
@@ -71,7 +71,7 @@ public final class AtomicDirectory {
     }
 
     /// Copies the regular file `source` to `name`.
-    public func copy(_ source: String, as name: String) throws(LoLDUError) {
+    func copy(_ source: String, as name: String) throws(LoLDUError) {
         guard let (input, size) = try AtomicFile.openRegular(source) else { throw AtomicFile.failure("cannot open", source) }
         defer { close(input) }
         try write(name) { out throws(LoLDUError) in
@@ -94,7 +94,7 @@ public final class AtomicDirectory {
 
     /// Whether `path` is a directory with nothing in it (as `mkdir out` leaves it), not a
     /// symbolic link to one (``commit(replace:)`` refuses links).
-    public static func isEmptyDirectory(_ path: String) -> Bool {
+    static func isEmptyDirectory(_ path: String) -> Bool {
         var info = stat()
         var undecodable = 0
         return lstat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR
@@ -104,7 +104,7 @@ public final class AtomicDirectory {
     /// Puts the directory in place: a new `target`, or in place of an empty directory, if
     /// `replace` is false (one with files is an error); else swapped with the existing one,
     /// which is then deleted.
-    public func commit(replace: Bool) throws(LoLDUError) {
+    func commit(replace: Bool) throws(LoLDUError) {
         guard fsync(fd) == 0 else { throw AtomicFile.failure("cannot flush", path) }
         var info = stat()
         let exists = lstat(target, &info) == 0

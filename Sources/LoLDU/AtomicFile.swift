@@ -141,15 +141,15 @@ public enum AtomicFile {
     }
 
     /// A directory held under `flock` while files in it are read or replaced.
-    public final class LockedDirectory {
-        public let path: String
+    final class LockedDirectory {
+        let path: String
         private let fd: Int32
         /// How long to wait for another process's lock before giving up.
         static let patience: Double = 30
 
         /// Opens (with `create`, first creating) `path` and locks it: exclusively for writers,
         /// shared for readers. A file system without `flock` is used unlocked.
-        public init(_ path: String, exclusive: Bool, create: Bool = false) throws(LoLDUError) {
+        init(_ path: String, exclusive: Bool, create: Bool = false) throws(LoLDUError) {
             if create { try AtomicFile.makeDirectory(path) }
             let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NONBLOCK)
             guard fd >= 0 else {
@@ -182,7 +182,7 @@ public enum AtomicFile {
         func file(_ name: String) -> String { "\(path)/\(name)" }
 
         /// Removes `.NAME.loldu-XXXXXX` files left by killed writers (call with the exclusive lock).
-        public func removeStaleTemporaries(of names: [String]) {
+        func removeStaleTemporaries(of names: [String]) {
             for entry in AtomicFile.entries(of: path) ?? [] where names.contains(where: { AtomicFile.isTemporary(entry, of: $0) }) {
                 unlinkat(fd, entry, 0)
             }
@@ -190,7 +190,7 @@ public enum AtomicFile {
 
         /// Writes a new version of `name` to a temporary file, flushed to disk; returns its path
         /// for ``commit(_:as:)``. On failure nothing is left behind.
-        public func prepare(_ name: String, _ body: (Writer) throws(LoLDUError) -> Void) throws(LoLDUError) -> String {
+        func prepare(_ name: String, _ body: (Writer) throws(LoLDUError) -> Void) throws(LoLDUError) -> String {
             var template = Array("\(path)/\(AtomicFile.temporaryPrefix(of: name))XXXXXX".utf8CString)
             let out = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
             guard out >= 0 else { throw AtomicFile.failure("cannot create a temporary file in", path) }
@@ -208,7 +208,7 @@ public enum AtomicFile {
 
         /// Renames `source` (a path in this directory) to `name`, atomically, and syncs the
         /// directory. On failure `source` is removed when `removeOnFailure`.
-        public func commit(_ source: String, as name: String, removeOnFailure: Bool = true) throws(LoLDUError) {
+        func commit(_ source: String, as name: String, removeOnFailure: Bool = true) throws(LoLDUError) {
             let target = file(name)
             do throws(LoLDUError) {
                 _ = try AtomicFile.replaceable(target, followLinks: false)
@@ -221,7 +221,7 @@ public enum AtomicFile {
         }
 
         /// `prepare` then `commit`: replaces `name` atomically.
-        public func replace(_ name: String, _ body: (Writer) throws(LoLDUError) -> Void) throws(LoLDUError) {
+        func replace(_ name: String, _ body: (Writer) throws(LoLDUError) -> Void) throws(LoLDUError) {
             try commit(try prepare(name, body), as: name)
         }
     }
@@ -311,7 +311,7 @@ public enum AtomicFile {
     }
 
     /// Creates `path` as a directory unless it already is one.
-    public static func makeDirectory(_ path: String) throws(LoLDUError) {
+    static func makeDirectory(_ path: String) throws(LoLDUError) {
         if mkdir(path, 0o755) == 0 { return }
         let code = errno
         var info = stat()

@@ -119,7 +119,7 @@ public struct AdapterConfig: Sendable, Equatable {
     public init() {}
 
     /// This configuration with rank `0` replaced by `fullRank`.
-    public func resolved(fullRank: Int) -> AdapterConfig {
+    func resolved(fullRank: Int) -> AdapterConfig {
         var c = self
         if c.rank == 0 { c.rank = fullRank }
         return c
@@ -130,7 +130,7 @@ public struct AdapterConfig: Sendable, Equatable {
 
     /// Why σ₀ = alpha / rank cannot be a parameter of type `type` (not a finite nonzero value
     /// there), for a message after the configuration's name; nil when it can.
-    public func unusableSigma(as type: DType) -> String? {
+    func unusableSigma(as type: DType) -> String? {
         let value: Double
         switch type {
         case .float64: value = sigma

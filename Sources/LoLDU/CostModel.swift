@@ -8,25 +8,25 @@
 /// When the caller keeps `h` (forward writes it for backward), forward computes `h` on every
 /// path, so keeping it pays off only on the factored path.
 /// The floor is the bare frozen layer, `4Bmn`.
-public struct CostModel: Sendable {
-    public let m: Double, n: Double, r: Double, batch: Double
+struct CostModel: Sendable {
+    let m: Double, n: Double, r: Double, batch: Double
 
-    public init(m: Int, n: Int, rank: Int, batch: Int) {
+    init(m: Int, n: Int, rank: Int, batch: Int) {
         self.m = Double(m); self.n = Double(n); self.r = Double(rank); self.batch = Double(batch)
     }
 
     /// `x Wᵀ` and `dY W`: the floor of a training step.
-    public var bareStep: Double { 4 * batch * m * n }
+    var bareStep: Double { 4 * batch * m * n }
     /// Building `W_eff = W + A diag(c) U_r` once.
-    public var rebuild: Double { 2 * m * n * r }
+    var rebuild: Double { 2 * m * n * r }
     /// `h = x U_rᵀ`.
-    public var project: Double { 2 * batch * n * r }
+    var project: Double { 2 * batch * n * r }
     /// `g = dY A`.
-    public var gather: Double { 2 * batch * m * r }
+    var gather: Double { 2 * batch * m * r }
     /// `dz` from a weight gradient: `G = dYᵀ x` and `diag(Aᵀ G U_rᵀ)`.
-    public var weightGradient: Double { 2 * batch * m * n + 2 * m * n * r }
+    var weightGradient: Double { 2 * batch * m * n + 2 * m * n * r }
 
-    public func step(_ path: ComputePath, keepsH: Bool) -> Double {
+    func step(_ path: ComputePath, keepsH: Bool) -> Double {
         switch path {
         case .factored, .auto:
             return bareStep + 2 * (project + gather) + (keepsH ? 0 : project)
@@ -39,7 +39,7 @@ public struct CostModel: Sendable {
     }
 
     /// The cheapest path for a training step; ties go to the factored path (no `m × n` cache).
-    public func cheapest(keepsH: Bool) -> ComputePath {
+    func cheapest(keepsH: Bool) -> ComputePath {
         var best = ComputePath.factored
         for path in [ComputePath.merged, .mergedWeightGrad] where step(path, keepsH: keepsH) < step(best, keepsH: keepsH) {
             best = path
@@ -48,7 +48,7 @@ public struct CostModel: Sendable {
     }
 
     /// The step's FLOP lower bound as a multiple of the bare layer.
-    public func lowerBoundRatio(keepsH: Bool) -> Double {
+    func lowerBoundRatio(keepsH: Bool) -> Double {
         step(cheapest(keepsH: keepsH), keepsH: keepsH) / bareStep
     }
 }

@@ -52,22 +52,22 @@ extension Double: Element { public typealias Compute = Double }
 
 /// bfloat16: the top half of a float32 (1 sign, 8 exponent, 7 mantissa bits), as PyTorch's
 /// `torch.bfloat16` and numpy's `ml_dtypes.bfloat16`.
-public struct BFloat16: Element, Equatable {
-    public typealias Compute = Float
-    public var bits: UInt16
+struct BFloat16: Element, Equatable {
+    typealias Compute = Float
+    var bits: UInt16
 
-    public init(bits: UInt16) { self.bits = bits }
+    init(bits: UInt16) { self.bits = bits }
 
-    public static var dtype: DType { .bfloat16 }
+    static var dtype: DType { .bfloat16 }
 
-    public static func widen(_ src: UnsafePointer<BFloat16>, to dst: UnsafeMutablePointer<Float>, count: Int) {
+    static func widen(_ src: UnsafePointer<BFloat16>, to dst: UnsafeMutablePointer<Float>, count: Int) {
         let s = UnsafeRawPointer(src).assumingMemoryBound(to: UInt16.self)
         let d = UnsafeMutableRawPointer(dst).assumingMemoryBound(to: UInt32.self)
         for i in 0..<count { d[i] = UInt32(s[i]) << 16 }
     }
 
     /// Round to nearest even on the 16 discarded bits; NaN is kept a (quiet) NaN.
-    public static func narrow(_ src: UnsafePointer<Float>, to dst: UnsafeMutablePointer<BFloat16>, count: Int) {
+    static func narrow(_ src: UnsafePointer<Float>, to dst: UnsafeMutablePointer<BFloat16>, count: Int) {
         let s = UnsafeRawPointer(src).assumingMemoryBound(to: UInt32.self)
         let d = UnsafeMutableRawPointer(dst).assumingMemoryBound(to: UInt16.self)
         for i in 0..<count {
@@ -78,7 +78,7 @@ public struct BFloat16: Element, Equatable {
         }
     }
 
-    public static func allFinite(_ x: UnsafePointer<BFloat16>, count: Int, copyingTo destination: UnsafeMutablePointer<BFloat16>?) -> Bool {
+    static func allFinite(_ x: UnsafePointer<BFloat16>, count: Int, copyingTo destination: UnsafeMutablePointer<BFloat16>?) -> Bool {
         allFiniteBits(x, count: count, copyingTo: destination.map { UnsafeMutableRawPointer($0) },
                       exponentLowBit: UInt16(1) << 7, UInt16.self)
     }

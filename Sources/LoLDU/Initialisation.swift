@@ -4,7 +4,7 @@
 /// `s = std(D_r)` (divisor `r − 1`, as `torch.std`; `0` when `r = 1`). Random inits draw from
 /// ``Xoshiro256`` seeded with `seed`, so they are bit-identical on every machine and binding,
 /// and the same seed gives the same `z₀` in `float` and `double` (up to the final rounding).
-public func initialDiagonal(_ zInit: ZInit, pivots d: [Double], seed: UInt64) -> [Double] {
+func initialDiagonal(_ zInit: ZInit, pivots d: [Double], seed: UInt64) -> [Double] {
     let r = d.count
     let mean = d.reduce(0, +) / Double(r)
     var rng = Xoshiro256(seed: seed)

@@ -11,7 +11,7 @@ public enum JSON: Equatable, Sendable {
     case array([JSON])
     case object([String: JSON])
 
-    public static let maxDepth = 64
+    static let maxDepth = 64
 
     public subscript(key: String) -> JSON? {
         if case .object(let members) = self { return members[key] }

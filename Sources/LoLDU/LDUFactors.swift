@@ -153,7 +153,7 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     }
 
     /// The factorisation, for factors of another element type on the same weight's values.
-    public var factorization: Factorization {
+    var factorization: Factorization {
         Factorization(lower: lower, upper: upper, diagonal: diagonal, pivots: pivots, degeneratePivots: degeneratePivots)
     }
 
@@ -243,11 +243,11 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     }
 
     /// Bytes of the copy of `W` (0 when borrowed).
-    public var weightBytes: Int { (weightStorage?.count ?? 0) * MemoryLayout<E>.stride }
+    var weightBytes: Int { (weightStorage?.count ?? 0) * MemoryLayout<E>.stride }
 
     /// Bytes held beyond the weight and the bias: `A`, `U_r`, `D_r`, the pivots, and the GEMM
     /// operands of another type (a widened `W`, `A` and `U_r` rounded to bf16).
-    public var factorBytes: Int {
+    var factorBytes: Int {
         (lower.count + upper.count + diagonal.count) * MemoryLayout<P>.stride + pivots.count * 4
             + operandStorage.reduce(0) { $0 + $1.count * MemoryLayout<G>.stride }
     }
@@ -308,7 +308,7 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     /// `AᵀA` and `U Uᵀ` (`rank × rank`, row-major) and `‖W‖_F²`, computed once
     /// (`O((m + n) rank² + m n)`) and shared by every adapter on these factors: a rank-`r`
     /// adapter uses the Gram matrices' leading `r × r` blocks.
-    public func grams() throws(LoLDUError) -> (lower: UnsafePointer<P>, upper: UnsafePointer<P>, weight: Double) {
+    func grams() throws(LoLDUError) -> (lower: UnsafePointer<P>, upper: UnsafePointer<P>, weight: Double) {
         pthread_mutex_lock(cacheLock)
         defer { pthread_mutex_unlock(cacheLock) }
         if gramCache == nil {

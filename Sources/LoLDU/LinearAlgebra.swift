@@ -187,7 +187,7 @@ extension Double: GEMMOperand {
 extension BFloat16: GEMMOperand {
     /// oneDNN's bf16 matmul (float32 accumulation and output). Only chosen where oneDNN runs;
     /// should a shape have no primitive, the operands are widened and multiplied in float32.
-    public static func multiply(
+    static func multiply(
         transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
         a: UnsafePointer<BFloat16>, lda: Int, b: UnsafePointer<BFloat16>, ldb: Int,
         bias: UnsafePointer<Float>?, accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int
@@ -445,7 +445,7 @@ public enum BLASThreads {
     }
 
     /// OpenBLAS's kernel family, as it reports it (e.g. "Haswell", "SkylakeX").
-    public static var coreName: String { openblas_get_corename().map { String(cString: $0) } ?? "unknown" }
+    static var coreName: String { openblas_get_corename().map { String(cString: $0) } ?? "unknown" }
 
     /// The libraries and kernels in use, for benchmark reports.
     public static var description: String {

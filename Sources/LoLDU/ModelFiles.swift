@@ -18,8 +18,8 @@ import Glibc
 ///
 /// Its bias, if any, is the tensor of the same name ending in `.bias` instead of `.weight`.
 public final class ModelFiles {
-    public static let singleFile = "model.safetensors"
-    public static let indexFile = "model.safetensors.index.json"
+    static let singleFile = "model.safetensors"
+    static let indexFile = "model.safetensors.index.json"
     public static let configFile = "config.json"
     /// The largest index file read.
     static let indexLimit = 1 << 28

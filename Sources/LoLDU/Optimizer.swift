@@ -29,7 +29,7 @@ public struct OptimizerConfig: Sendable, Equatable {
     public var totalSteps = 0
 
     /// The largest step count: steps are exact in a `Double` (the schedule computes with them).
-    public static let maxSteps = 1 << 53
+    static let maxSteps = 1 << 53
 
     /// torch.optim's defaults for `kind`.
     public init(kind: Kind) {

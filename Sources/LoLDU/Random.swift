@@ -3,10 +3,10 @@
 /// xoshiro256** seeded through SplitMix64. Uniform doubles take the top 53 bits; normal
 /// deviates use Marsaglia's polar method with a logarithm written here in plain IEEE
 /// arithmetic (no libm), so no platform's math library can change a single bit.
-public struct Xoshiro256 {
+struct Xoshiro256 {
     private var s0, s1, s2, s3: UInt64
 
-    public init(seed: UInt64) {
+    init(seed: UInt64) {
         var x = seed
         func splitMix() -> UInt64 {
             x &+= 0x9E37_79B9_7F4A_7C15
@@ -18,7 +18,7 @@ public struct Xoshiro256 {
         s0 = splitMix(); s1 = splitMix(); s2 = splitMix(); s3 = splitMix()
     }
 
-    public mutating func next() -> UInt64 {
+    mutating func next() -> UInt64 {
         let result = rotl(s1 &* 5, 7) &* 9
         let t = s1 << 17
         s2 ^= s0; s3 ^= s1; s1 ^= s2; s0 ^= s3
@@ -28,12 +28,12 @@ public struct Xoshiro256 {
     }
 
     /// Uniform in `[0, 1)`, a multiple of 2⁻⁵³.
-    public mutating func uniform() -> Double {
+    mutating func uniform() -> Double {
         Double(next() >> 11) * 0x1p-53
     }
 
     /// Standard normal deviate (Marsaglia's polar method, one value per accepted pair).
-    public mutating func normal() -> Double {
+    mutating func normal() -> Double {
         while true {
             let u = 2 * uniform() - 1
             let v = 2 * uniform() - 1

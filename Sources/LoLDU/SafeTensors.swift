@@ -9,13 +9,13 @@ import Glibc
 
 public enum SafeTensors {
     /// Element types and their sizes in bytes.
-    public static let dtypeSizes: [String: Int] = [
+    static let dtypeSizes: [String: Int] = [
         "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
         "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8,
     ]
 
     /// The largest header accepted (as the reference implementation: 100 MB).
-    public static let maxHeader = 100_000_000
+    static let maxHeader = 100_000_000
 
     public static func name(of dtype: DType) -> String {
         switch dtype {
@@ -46,7 +46,7 @@ public enum SafeTensors {
         public let metadata: [String: String]
         public let what: String
 
-        public func fail(_ message: String) -> LoLDUError { LoLDUError(.format, "\(what): \(message)") }
+        func fail(_ message: String) -> LoLDUError { LoLDUError(.format, "\(what): \(message)") }
 
         /// Copies the bytes of a tensor of this file to `destination` (`tensor.range.count` bytes).
         func read(_ tensor: Tensor, into destination: UnsafeMutableRawPointer) throws(LoLDUError) {
