@@ -20,8 +20,7 @@ final class AtomicDirectory {
     /// Starts writing the directory `target` (whose parent must exist) under a temporary name;
     /// `what` names the argument in errors.
     init(_ target: String, what: String) throws(LoLDUError) {
-        var trimmed = target
-        while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed.removeLast() }
+        let trimmed = Self.trimmed(target)
         let parent = AtomicFile.parent(of: trimmed)
         let name = trimmed.split(separator: "/").last.map(String.init) ?? trimmed
         guard !name.isEmpty, name != ".", name != ".." else {
@@ -31,19 +30,29 @@ final class AtomicDirectory {
         // mkdir, not mkdtemp: the directory gets the permissions the umask gives (mkdtemp's are 0700).
         let letters = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
         var system = SystemRandomNumberGenerator()
-        var path = ""
+        var path = "", fd: Int32 = -1
         for attempt in 0... {
             path = "\(parent)/\(AtomicFile.temporaryPrefix(of: name))" + String((0..<6).map { _ in letters[Int(system.next() % UInt64(letters.count))] })
-            if mkdir(path, 0o755) == 0 { break }
-            guard errno == EEXIST, attempt < 100 else { throw AtomicFile.failure("cannot create a directory in", parent) }
+            guard mkdir(path, 0o755) == 0 else {
+                guard errno == EEXIST, attempt < 100 else { throw AtomicFile.failure("cannot create a directory in", parent) }
+                continue
+            }
+            fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW)
+            guard fd >= 0 || errno == ENOENT else {
+                let error = AtomicFile.failure("cannot open", path)
+                rmdir(path)
+                throw error
+            }
+            // Between mkdir and flock another writer's clean-up may lock and remove the new
+            // directory: it is ours only if the lock is, and the path still names it.
+            var mine = stat(), named = stat()
+            if fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0 && fstat(fd, &mine) == 0 && lstat(path, &named) == 0
+                && mine.st_dev == named.st_dev && mine.st_ino == named.st_ino {
+                break
+            }
+            if fd >= 0 { close(fd) }
+            guard attempt < 100 else { throw LoLDUError(.io, "cannot create a directory in \"\(parent)\": other writers keep removing it") }
         }
-        let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard fd >= 0 else {
-            let error = AtomicFile.failure("cannot open", path)
-            rmdir(path)
-            throw error
-        }
-        _ = flock(fd, LOCK_EX | LOCK_NB)
         self.target = trimmed
         self.path = path
         self.fd = fd
@@ -92,13 +101,23 @@ final class AtomicDirectory {
         }
     }
 
-    /// Whether `path` is a directory with nothing in it (as `mkdir out` leaves it), not a
-    /// symbolic link to one (``commit(replace:)`` refuses links).
-    static func isEmptyDirectory(_ path: String) -> Bool {
-        var info = stat()
+    /// `target` without trailing slashes: the name ``init(_:what:)`` and ``commit(replace:)``
+    /// give the directory (`out/` is `out`, even when `out` is a link).
+    static func trimmed(_ target: String) -> String {
+        var trimmed = target
+        while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed.removeLast() }
+        return trimmed
+    }
+
+    /// Whether `target` (``trimmed(_:)``) exists, other than as a directory with nothing in it
+    /// (as `mkdir out` leaves it): a file, a symbolic link (``commit(replace:)`` refuses
+    /// links) or a directory with entries; `info` is its `lstat`.
+    static func exists(_ target: String, _ info: inout stat) -> Bool {
+        let path = trimmed(target)
+        guard lstat(path, &info) == 0 else { return false }
         var undecodable = 0
-        return lstat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR
-            && AtomicFile.entries(of: path, undecodable: &undecodable)?.isEmpty == true && undecodable == 0
+        let entries = AtomicFile.entries(of: path, undecodable: &undecodable)
+        return (info.st_mode & S_IFMT) != S_IFDIR || entries?.isEmpty != true || undecodable > 0
     }
 
     /// Puts the directory in place: a new `target`, or in place of an empty directory, if

@@ -54,7 +54,7 @@ public enum AtomicFile {
     }
 
     /// ``entries(of:)``, counting in `undecodable` the names left out because they are not
-    /// valid UTF-8 (no path given to the library can name them).
+    /// valid UTF-8 (no path given to the library can name them), but hidden ones.
     static func entries(of path: String, undecodable: inout Int) -> [String]? {
         guard let dir = opendir(path) else { return nil }
         defer { closedir(dir) }
@@ -64,7 +64,7 @@ public enum AtomicFile {
                 String(validatingCString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
             }
             guard let name else {
-                undecodable += 1
+                if entry.pointee.d_name.0 != 0x2E { undecodable += 1 }  // (not ".")
                 continue
             }
             if name != "." && name != ".." { names.append(name) }
@@ -73,7 +73,7 @@ public enum AtomicFile {
     }
 
     /// ``entries(of:)`` of a directory whose every entry matters: `LoLDUError.io` when it
-    /// cannot be read or a name is not valid UTF-8.
+    /// cannot be read or a name that is not hidden is not valid UTF-8.
     static func allEntries(of path: String) throws(LoLDUError) -> [String] {
         var undecodable = 0
         guard let names = entries(of: path, undecodable: &undecodable) else { throw failure("cannot read", path) }
@@ -184,7 +184,10 @@ public enum AtomicFile {
         /// Removes `.NAME.loldu-XXXXXX` files left by killed writers (call with the exclusive lock).
         func removeStaleTemporaries(of names: [String]) {
             for entry in AtomicFile.entries(of: path) ?? [] where names.contains(where: { AtomicFile.isTemporary(entry, of: $0) }) {
-                unlinkat(fd, entry, 0)
+                var info = stat()  // (regular files only: a link or a directory of that name is not one of them)
+                if fstatat(fd, entry, &info, AT_SYMLINK_NOFOLLOW) == 0 && (info.st_mode & S_IFMT) == S_IFREG {
+                    unlinkat(fd, entry, 0)
+                }
             }
         }
 

@@ -89,7 +89,7 @@ public enum LoRAExport {
     /// Refuses an existing `directory` unless `replace` and it holds an export and nothing else.
     static func checkTarget(_ directory: String, replace: Bool) throws(LoLDUError) {
         var info = stat()
-        guard lstat(directory, &info) == 0, !AtomicDirectory.isEmptyDirectory(directory) else { return }
+        guard AtomicDirectory.exists(directory, &info) else { return }
         guard replace else {
             throw LoLDUError(.io, "\"\(directory)\" already exists; export into a new directory, or replace an earlier export")
         }

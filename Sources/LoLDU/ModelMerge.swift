@@ -58,7 +58,7 @@ public enum ModelMerge {
                              progress: Progress?) throws(LoLDUError) {
         if dtype == .float64 { throw .invalid("dtype must be float32, bfloat16 or float16 (0 keeps the file's types)") }
         var info = stat()
-        if lstat(output, &info) == 0 && !AtomicDirectory.isEmptyDirectory(output) {
+        if AtomicDirectory.exists(output, &info) {
             throw LoLDUError(.io, "\"\(output)\" already exists; a merge writes a new directory (or fills an empty one)")
         }
         let model = try ModelFiles(directory: base)
@@ -80,6 +80,8 @@ public enum ModelMerge {
             target(tensor).map { tensor.shape.reduce(1, *) * $0.byteSize } ?? tensor.range.count
         }
         let total = model.files.reduce(0) { sum, file in file.tensors.values.reduce(sum) { $0 + outputBytes($1) } }
+        let written = Set(model.shards + [ModelFiles.indexFile] + (dtype == nil ? [] : [ModelFiles.configFile]))
+        let others = try filesToCopy(from: base, "", skipping: written, depth: 0)  // (its refusals before any work)
         final class Counter { var done = 0 }
         let counter = Counter()
 
@@ -128,15 +130,16 @@ public enum ModelMerge {
             for key in keys.isEmpty ? ["torch_dtype"] : keys { config[key] = .string(dtype.name) }
             try out.write(ModelFiles.configFile) { writer throws(LoLDUError) in try writer.write(Array((JSON.object(config).pretty() + "\n").utf8)) }
         }
-        let written = Set(model.shards + [ModelFiles.indexFile] + (dtype == nil ? [] : [ModelFiles.configFile]))
-        try copyTree(from: base, "", into: out, skipping: written, depth: 0)
+        for path in others { try out.copy("\(base)/\(path)", as: path) }
         try out.commit(replace: false)
     }
 
-    /// Copies the files under `base/relative` into `out`, following links, skipping hidden
-    /// entries, `skipping` (top level) and weights in other formats (but safetensors files in
-    /// subdirectories, other modules' weights such as sentence-transformers' `2_Dense`).
-    static func copyTree(from base: String, _ relative: String, into out: AtomicDirectory, skipping: Set<String>, depth: Int) throws(LoLDUError) {
+    /// The files under `base/relative` that a merge copies (paths relative to `base`), following
+    /// links, without hidden entries, `skipping` (top level) and weights in other formats (but
+    /// safetensors files in subdirectories, other modules' weights such as sentence-transformers'
+    /// `2_Dense`).
+    static func filesToCopy(from base: String, _ relative: String, skipping: Set<String>, depth: Int) throws(LoLDUError) -> [String] {
+        var files: [String] = []
         let directory = relative.isEmpty ? base : "\(base)/\(relative)"
         guard depth < 16 else { throw LoLDUError(.io, "\"\(directory)\" is nested too deep (a link loop?)") }
         for name in try AtomicFile.allEntries(of: directory).sorted() where !name.hasPrefix(".") {
@@ -145,12 +148,13 @@ public enum ModelMerge {
             var info = stat()
             guard stat("\(base)/\(path)", &info) == 0 else { throw AtomicFile.failure("cannot read", "\(base)/\(path)") }
             switch info.st_mode & S_IFMT {
-            case S_IFDIR: try copyTree(from: base, path, into: out, skipping: skipping, depth: depth + 1)
+            case S_IFDIR: files += try filesToCopy(from: base, path, skipping: skipping, depth: depth + 1)
             case S_IFREG where otherWeights.contains(where: { name.hasSuffix($0) }) && !(depth > 0 && name.hasSuffix(".safetensors")):
                 continue
-            case S_IFREG: try out.copy("\(base)/\(path)", as: path)
+            case S_IFREG: files.append(path)
             default: throw LoLDUError(.io, "\"\(base)/\(path)\" is \(AtomicFile.kind(info.st_mode)); a model directory holds files and directories")
             }
         }
+        return files
     }
 }

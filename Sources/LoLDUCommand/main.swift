@@ -323,8 +323,8 @@ func number(_ x: Double) -> String {
         while text.contains(".") && (text.hasSuffix("0") || text.hasSuffix(".")) { text.removeLast() }
         return text
     }
-    let short = Float(x)  // (7 digits, for a table; float64 values beyond its range as they are)
-    return short.isFinite && short != 0 ? "\(short)" : "\(x)"
+    let short = Float(x)  // (7 digits, for a table; float64 values outside its normal range as they are)
+    return short.isNormal ? "\(short)" : "\(x)"
 }
 
 /// Mean and standard deviation of `z` (not empty), without overflow for any finite values.

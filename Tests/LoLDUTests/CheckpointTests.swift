@@ -329,10 +329,13 @@ import Testing
         for name in [ours] + others {
             #expect(FileManager.default.createFile(atPath: directory + "/" + name, contents: Data("keep".utf8)))
         }
+        // A link named like a temporary file is not one: kept, and not followed.
+        let link = ".adapter_config.json.loldu-Lnk123"
+        try FileManager.default.createSymbolicLink(atPath: directory + "/" + link, withDestinationPath: others[0])
         let status = withCStrings(["layer"]) { loldu_checkpoint_save(directory, [a.handle], $0, 1) }
         #expect(status == LOLDU_OK)
         let hidden = try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasPrefix(".") }
-        #expect(Set(hidden) == Set(others))
+        #expect(Set(hidden) == Set(others + [link]))
     }
 
     @Test func failedSaveKeepsThePreviousCheckpoint() throws {

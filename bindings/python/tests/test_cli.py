@@ -82,6 +82,9 @@ def test_a_failed_write_to_standard_output_is_a_failure(tmp_path):
     report = json.loads(run("inspect", tmp_path / "ckpt", "--json").stdout)["layers"][0]["z"]
     assert report["max"] == 1e308 and report["mean"] == pytest.approx(0.75e308 - 0.25e300, rel=1e-12)
     assert "1e+308" in run("inspect", tmp_path / "ckpt").stdout
+    adapter.z[:] = 2.2e-45  # below float32's normal range: printed as float64
+    loldu.save(tmp_path / "small", {"layer": adapter})
+    assert "2.2e-45" in run("inspect", tmp_path / "small").stdout
     with open("/dev/full", "w") as full:
         failed = run("inspect", tmp_path / "ckpt", stdout=full, stderr=subprocess.PIPE, capture_output=False, check_code=1)
     assert "cannot write to standard output: No space left on device" in failed.stderr
@@ -235,6 +238,58 @@ def test_a_killed_merge_leaves_no_output_and_the_next_one_cleans_up(trained_mini
     run("merge", checkpoint, "--base", minilm_dir(), "--out", out)
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == sorted(others)  # the next merge removed the remains
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "timing" / "model.safetensors").read_bytes()
+
+
+def tiny_model(directory) -> pathlib.Path:
+    """A model directory of two small layers and a LoLDU checkpoint on it (``directory/ckpt``)."""
+    rng = np.random.default_rng(0)
+    weights = {"a.weight": rng.standard_normal((6, 5)).astype(np.float32),
+               "b.weight": rng.standard_normal((4, 6)).astype(np.float32)}
+    base = pathlib.Path(directory) / "base"
+    base.mkdir()
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text("{}")
+    adapters = {name[:-len(".weight")]: loldu.Adapter(w, rank=3) for name, w in weights.items()}
+    for adapter in adapters.values():
+        adapter.z[:] += 0.1
+    loldu.save(pathlib.Path(directory) / "ckpt", adapters)
+    return base
+
+
+def test_concurrent_merges_to_one_directory_give_one_result(tmp_path):
+    """Each merge either writes the directory or says it exists: a merge's fresh temporary
+    directory is never taken by the other's clean-up of leftovers."""
+    base = tiny_model(tmp_path)
+    command = [str(CLI), "merge", str(tmp_path / "ckpt"), "--base", str(base), "--out", str(tmp_path / "out")]
+    for _ in range(150):  # (the race hit about one round in a hundred)
+        processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                     for _ in range(4)]
+        results = [(p.wait(timeout=60), p.stderr.read()) for p in processes]
+        for p in processes:
+            p.stderr.close()
+        assert sorted(code for code, _ in results) == [0, 1, 1, 1], results
+        assert all("already exists" in message for code, message in results if code), results
+        assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+        shutil.rmtree(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["base", "ckpt"]
+
+
+def test_a_merge_refuses_before_any_work(tmp_path):
+    """What a merge would refuse at the end is refused before the first tensor."""
+    base = tiny_model(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    (tmp_path / "file").write_text("x")
+    for out in ("link", "link/", "file/"):
+        seen = []
+        with pytest.raises(loldu.LoLDUIOError, match="already exists"):
+            loldu.merge_model(tmp_path / "ckpt", base, str(tmp_path / out), progress=lambda *a: seen.append(a))
+        assert seen == [], out
+    os.close(os.open(bytes(base) + b"/n\xff", os.O_CREAT | os.O_WRONLY))  # a name no path can give
+    seen = []
+    with pytest.raises(loldu.LoLDUIOError, match="not valid UTF-8"):
+        loldu.merge_model(tmp_path / "ckpt", base, tmp_path / "merged", progress=lambda *a: seen.append(a))
+    assert seen == [] and not (tmp_path / "merged").exists()
 
 
 def can_mount_tmpfs() -> bool:
