@@ -231,8 +231,13 @@ public enum AtomicFile {
 
     /// The start of the name of a temporary file or directory of `name`, before six random
     /// letters or digits: distinctive, so that the clean-up of leftovers never takes another
-    /// program's `.NAME.something`.
-    static func temporaryPrefix(of name: String) -> String { ".\(name).loldu-" }
+    /// program's `.NAME.something`. `NAME` is cut to its first 241 bytes (whole characters), so
+    /// that every name a file system takes (255 bytes) has temporaries.
+    static func temporaryPrefix(of name: String) -> String {
+        var kept = Substring(name)
+        while kept.utf8.count > 255 - ".".utf8.count - ".loldu-".utf8.count - 6 { kept.removeLast() }
+        return ".\(kept).loldu-"
+    }
 
     /// Whether `entry` is a temporary file or directory of `name` (``temporaryPrefix(of:)`` and
     /// six letters or digits).

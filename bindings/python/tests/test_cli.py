@@ -274,6 +274,17 @@ def test_concurrent_merges_to_one_directory_give_one_result(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["base", "ckpt"]
 
 
+def test_outputs_may_have_the_longest_names_the_file_system_takes(tmp_path):
+    base = tiny_model(tmp_path)
+    weights = {name[:-len(".weight")]: w for name, w in load_file(str(base / "model.safetensors")).items()}
+    (tmp_path / "long").mkdir()
+    for name in ("x" * 255, "é" * 127 + "x"):  # 255 bytes each
+        run("merge", tmp_path / "ckpt", "--base", base, "--out", tmp_path / name)
+        assert sorted(os.listdir(tmp_path / name)) == ["config.json", "model.safetensors"]
+        loldu.export_merged(tmp_path / "long" / name, loldu.load(tmp_path / "ckpt", weights))
+    assert len(os.listdir(tmp_path / "long")) == 2
+
+
 def test_a_merge_refuses_before_any_work(tmp_path):
     """What a merge would refuse at the end is refused before the first tensor."""
     base = tiny_model(tmp_path)
