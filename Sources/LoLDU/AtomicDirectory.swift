@@ -115,9 +115,9 @@ final class AtomicDirectory {
     static func exists(_ target: String, _ info: inout stat) -> Bool {
         let path = trimmed(target)
         guard lstat(path, &info) == 0 else { return false }
+        guard (info.st_mode & S_IFMT) == S_IFDIR else { return true }
         var undecodable = 0
-        let entries = AtomicFile.entries(of: path, undecodable: &undecodable)
-        return (info.st_mode & S_IFMT) != S_IFDIR || entries?.isEmpty != true || undecodable > 0
+        return AtomicFile.entries(of: path, undecodable: &undecodable)?.isEmpty != true || undecodable > 0
     }
 
     /// Puts the directory in place: a new `target`, or in place of an empty directory, if

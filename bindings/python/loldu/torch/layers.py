@@ -514,6 +514,9 @@ class LoLDULayer(nn.Module):
         unmerges through it), without a library call."""
         return self._adapters[name]._state[1]
 
+    def _merged_names(self) -> list[str]:
+        return [name for name in self._adapters if self._is_merged(name)]
+
     @staticmethod
     def _training(*tensors) -> bool:
         return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -601,7 +604,7 @@ class LoLDULayer(nn.Module):
         values into the adapters' memory: ``StateError`` if that would change a merged adapter, whose
         merged weight would then be stale (as ``set_loldu_state_dict`` refuses). The same values
         load as they are."""
-        for name in [name for name in self._adapters if self._is_merged(name)]:
+        for name in self._merged_names():
             for holder in self.adapter_layer_names:
                 value, current = state_dict.get(f"{prefix}{holder}.{name}"), getattr(self, holder)[name].detach()
                 if value is not None and not torch.equal(value.detach().to("cpu", current.dtype), current):
@@ -689,7 +692,7 @@ class LoLDULayer(nn.Module):
         state = self.__dict__.copy()
         state["_adapters"], state["_factors"], state["_stamp"], state["_companions"] = {}, None, None, {}
         state["_grouping"] = None
-        state["_merged_names"] = [name for name in self._adapters if self._is_merged(name)]
+        state["_merged_names"] = self._merged_names()
         return state
 
     def __setstate__(self, state):

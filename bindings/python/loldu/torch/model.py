@@ -36,6 +36,10 @@ ALL_LINEAR = "all-linear"
 CLASSIFIER_HEADS = ("classifier", "score")
 
 
+def _is_all_linear(target_modules) -> bool:
+    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+
+
 def _heads(root: nn.Module) -> list[str]:
     """The names of the model's output layers that ``"all-linear"`` leaves out: its output
     embeddings and a top-level ``classifier`` or ``score`` head."""
@@ -55,7 +59,7 @@ def _targets(root: nn.Module, target_modules):
     and ``classifier.out_proj``). (PEFT drops those heads only for ``task_type="SEQ_CLS"``;
     there is no task type here, and a freshly initialised head is trained, not adapted. PEFT
     also takes transformers' ``Conv1D``, which LoLDU does not adapt.)"""
-    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+    if _is_all_linear(target_modules):
         heads = _heads(root)
         inside = tuple(h + "." for h in heads)
 
@@ -206,7 +210,7 @@ def add_loldu(
     if mark_trainable:
         set_adapter(model, adapter_name)
         mark_only_loldu_as_trainable(model)
-        if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        if _is_all_linear(target_modules):
             _warn_frozen_heads(root)
     else:
         for layer in touched:  # (as PEFT: a new adapter trains only if it is active)
