@@ -236,7 +236,8 @@ typedef struct loldu_adapter loldu_adapter;
  *         LOLDU_ERR_INVALID_ARGUMENT for a bad rank, alpha or enum value; LOLDU_ERR_SHAPE;
  *         LOLDU_ERR_NULL_POINTER; LOLDU_ERR_OUT_OF_MEMORY.
  *
- * Cost: one LU of the m × r panel and one triangular solve, O((m + n) r²), plus a copy of W.
+ * Cost: one LU of the m × r panel and one triangular solve, O((m + n) r²), plus a copy of W
+ * and its fingerprint (what loldu_checkpoint_apply compares), O(m n).
  * The elimination runs in double whatever the element type (W's values convert exactly) and
  * the factors are rounded to the element type once: the pivots are those of the first r steps
  * of LAPACK's dgetrf on W's values, up to the numerical rank (below).
@@ -720,8 +721,8 @@ LOLDU_API loldu_status loldu_checkpoint_layer(const loldu_checkpoint *checkpoint
 /**
  * Sets z and σ of `adapter` from layer `name`, both or neither (LOLDU_ERR_NOT_FINITE if σ·z_k
  * would overflow the adapter's type, changing nothing). The adapter's base weight and pivots must have the
- * fingerprints that were saved (of the weight's contents at save time: a borrowed weight must not
- * have changed since the adapter was created), its shape, parameter type (float32 or float64: a
+ * fingerprints that were saved (the weight's is computed when the base is created: a borrowed
+ * weight must not change afterwards), its shape, parameter type (float32 or float64: a
  * checkpoint saved on a bf16 model applies to its float32 copy) and configuration (rank, alpha,
  * z_init, residual, seed, train_sigma: loldu_checkpoint_layer's) must match: otherwise
  * LOLDU_ERR_MISMATCH naming the difference (nothing is changed). Outputs are then bit for bit those of the saved

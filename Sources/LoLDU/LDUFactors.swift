@@ -60,13 +60,16 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     let lowerOperand: UnsafePointer<G>
     let upperOperand: UnsafePointer<G>
     private let operandStorage: [HeapBuffer<G>]
-    /// ``fingerprint`` of `W`'s values, computed once on first use.
-    private var weightPrint: String?
+    /// The fingerprint of `W`'s values (see ``fingerprint(_:)``), computed at creation (a
+    /// base's property, as its factors are: loading a checkpoint onto the base only compares it):
+    /// of their float32 bytes for float32, bfloat16 and float16 weights (so that a bf16 model and
+    /// its float32 copy have the same), of their float64 bytes for float64.
+    public let weightFingerprint: String
     /// `AᵀA`, `U Uᵀ` (`rank × rank` each) and `‖W‖²`, once asked for (see ``grams()``).
     private var gramCache: (lower: HeapBuffer<P>, upper: HeapBuffer<P>, weight: Double)?
     /// `max |W|`, `max |A|`, `max |U_r|`, once asked for (see ``magnitudes()``).
     private var magnitudeCache: (weight: Double, lower: Double, upper: Double)?
-    /// Guards `weightPrint`, `gramCache` and `magnitudeCache`.
+    /// Guards `gramCache` and `magnitudeCache`.
     private let cacheLock: UnsafeMutablePointer<pthread_mutex_t>
 
     /// The scale of the degeneracy test, in units of `ε_double · max(m, r) · g`.
@@ -148,6 +151,11 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
         lowerOperand = try operand(lower.pointer, count: m * r)
         upperOperand = try operand(upper.pointer, count: r * n)
         operandStorage = operands
+        var hasher = Fingerprinter()
+        Self.forEachWeightPiece(weight, count: m * n) { values, count in
+            hasher.add(UnsafeRawBufferPointer(start: values, count: count * MemoryLayout<P>.stride))
+        }
+        weightFingerprint = hasher.finish()
         cacheLock = .allocate(capacity: 1)
         pthread_mutex_init(cacheLock, nil)
     }
@@ -252,22 +260,6 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
             + operandStorage.reduce(0) { $0 + $1.count * MemoryLayout<G>.stride }
     }
 
-    /// The fingerprint of `W`'s values (see ``fingerprint(_:)``), computed once: of their float32
-    /// bytes for float32, bfloat16 and float16 weights (so that a bf16 model and its float32 copy
-    /// have the same), of their float64 bytes for float64.
-    public var weightFingerprint: String {
-        pthread_mutex_lock(cacheLock)
-        defer { pthread_mutex_unlock(cacheLock) }
-        if let weightPrint { return weightPrint }
-        var hasher = Fingerprinter()
-        forEachWeightPiece { values, count in
-            hasher.add(UnsafeRawBufferPointer(start: values, count: count * MemoryLayout<P>.stride))
-        }
-        let print = hasher.finish()
-        weightPrint = print
-        return print
-    }
-
     /// The largest magnitudes of `W`, `A` and `U_r` (all `rank` rows), computed once
     /// (`O(m n + (m + n) rank)`): every entry of `W + A diag(c) U_r` is at most
     /// `max|W| + ‖c‖₁ max|A| max|U_r|`, a bound that tells without computing `W_eff` that it
@@ -292,9 +284,13 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     /// 4096: pieces of `W` itself when the element type is its own compute type, else widened
     /// copies.
     private func forEachWeightPiece(_ body: (UnsafePointer<P>, Int) -> Void) {
+        Self.forEachWeightPiece(weight, count: m * n, body)
+    }
+
+    private static func forEachWeightPiece(_ weight: UnsafePointer<E>, count total: Int, _ body: (UnsafePointer<P>, Int) -> Void) {
         withUnsafeTemporaryAllocation(of: P.self, capacity: 4096) { chunk in
-            for start in stride(from: 0, to: m * n, by: 4096) {
-                let count = Swift.min(4096, m * n - start)
+            for start in stride(from: 0, to: total, by: 4096) {
+                let count = Swift.min(4096, total - start)
                 if E.computesInPlace {
                     body(UnsafeRawPointer(weight + start).assumingMemoryBound(to: P.self), count)
                 } else {
