@@ -426,7 +426,7 @@ static void section_init(int quick, buffer *md, buffer *js) {
     put(md, "## Initialisation, 4096 × 4096, r = 64\n\n"
             "Full LU: a column-major copy of W and LAPACK's `sgetrf`, O(mn·min(m, n)). Ours:\n"
             "`loldu_adapter_create`, a panel LU of the first r columns and one triangular solve,\n"
-            "O((m + n) r²), plus one pass over W to check it is finite (and to copy it, unless borrowed).\n\n"
+            "O((m + n) r²), plus one pass over W to check it is finite (and to copy it, unless borrowed) and one to fingerprint it (what loading a checkpoint compares).\n\n"
             "| full LU | ours, W copied (default) | speed-up | ours, W borrowed | speed-up | `malloc` + `memcpy` of W |\n"
             "|---|---|---|---|---|---|\n| %.1f ms | %.1f ms | %.0f× | %.1f ms | %.0f× | %.1f ms |\n\n"
             "Target: at least 20× faster: **%s** with the copy of W, **%s** with W borrowed. The last\n"
