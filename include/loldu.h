@@ -234,7 +234,9 @@ typedef struct loldu_adapter loldu_adapter;
  * @param config  read: see loldu_config; NULL means the defaults.
  * @return LOLDU_OK; LOLDU_ERR_NOT_FINITE naming the first NaN/Inf element of W or the bias;
  *         LOLDU_ERR_INVALID_ARGUMENT for a bad rank, alpha or enum value; LOLDU_ERR_SHAPE;
- *         LOLDU_ERR_NULL_POINTER; LOLDU_ERR_OUT_OF_MEMORY.
+ *         LOLDU_ERR_NULL_POINTER; LOLDU_ERR_OUT_OF_MEMORY (also when the process's first
+ *         factorisation finds an address-space limit, RLIMIT_AS, with no room for OpenBLAS's
+ *         work buffer: 128 MiB of address space).
  *
  * Cost: one LU of the m × r panel and one triangular solve, O((m + n) r²), plus a copy of W
  * and its fingerprint (what loldu_checkpoint_apply compares), O(m n).
@@ -879,7 +881,9 @@ LOLDU_API loldu_status loldu_merge_model(const char *out_dir, const char *base_d
 
 /**
  * Sets the number of BLAS threads for the whole process (≥ 1; OpenBLAS caps it at the maximum
- * it was built for, which loldu_get_num_threads then reports).
+ * it was built for, which loldu_get_num_threads then reports). LOLDU_ERR_OUT_OF_MEMORY, changing
+ * nothing, when an address-space limit (RLIMIT_AS, ulimit -v) leaves no room for the work
+ * buffers (128 MiB of address space each) of the threads OpenBLAS would start.
  */
 LOLDU_API loldu_status loldu_set_num_threads(int threads);
 

@@ -426,11 +426,83 @@ extension Double: BLASScalar {
     }
 }
 
+/// OpenBLAS's work buffers, and an address-space limit (`RLIMIT_AS`, `ulimit -v`).
+///
+/// OpenBLAS maps one buffer per worker thread when the thread starts, and one more on the
+/// first level-3 or LAPACK call of the process (reused by later calls); when a mapping fails,
+/// Debian's 0.3.21 retries it forever (`blas_memory_alloc`). So the library checks the room
+/// before those mappings: before its first BLAS call (``ensure()``, at each factorisation) it
+/// refuses with `outOfMemory` unless the limit leaves room for one buffer, then maps it with a
+/// small single-threaded LU; ``BLASThreads/set(_:)`` refuses more threads than the room allows
+/// buffers for. What it cannot help: workers that OpenBLAS started, when it loaded, under a
+/// limit too tight for their buffers never run (its threaded calls and the process's exit wait
+/// for them).
+enum BLASWorkBuffers {
+    /// OpenBLAS's `BUFFER_SIZE` on x86-64 (`32 << 22` bytes) and the page its allocator adds.
+    static let bytes = (32 << 22) + 4096
+    /// Room for the allocator's own needs beside the buffer.
+    static let margin = 1 << 20
+    nonisolated(unsafe) private static var mapped = false
+    nonisolated(unsafe) private static let mutex: UnsafeMutablePointer<pthread_mutex_t> = {
+        let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+        pthread_mutex_init(m, nil)
+        return m
+    }()
+
+    /// Maps the calling threads' buffer once, if the address-space limit leaves room for it.
+    static func ensure() throws(LoLDUError) {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        guard !mapped else { return }
+        try check(buffers: 1, for: "OpenBLAS's work buffer")
+        // LAPACK's getrf takes a buffer whatever the size; this one runs on the calling thread.
+        var a: [Double] = [2, 1, 1, 3], pivots: [Int32] = [0, 0]
+        _ = Double.getrf(m: 2, n: 2, a: &a, lda: 2, ipiv: &pivots)
+        mapped = true
+    }
+
+    /// Refuses with `outOfMemory` when the address-space limit leaves less than `buffers`
+    /// buffers (and the margin).
+    static func check(buffers: Int, for what: String) throws(LoLDUError) {
+        guard let room = addressSpaceRoom() else { return }
+        let needed = buffers * bytes + margin
+        guard room >= needed else {
+            throw LoLDUError(.outOfMemory, "the address-space limit (RLIMIT_AS, ulimit -v) leaves \(room >> 20) MiB of address space and \(what) needs \(needed >> 20) MiB: raise the limit")
+        }
+    }
+
+    /// Bytes the address-space limit still allows the process to map, or nil without a limit
+    /// (or when /proc cannot tell the current size).
+    private static func addressSpaceRoom() -> Int? {
+        var limit = rlimit()
+        guard getrlimit(__rlimit_resource_t(RLIMIT_AS.rawValue), &limit) == 0, limit.rlim_cur != rlim_t.max else { return nil }
+        let fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var text = [UInt8](repeating: 0, count: 64)
+        let count = text.withUnsafeMutableBytes { read(fd, $0.baseAddress, 63) }
+        guard count > 0 else { return nil }
+        var pages = 0
+        for byte in text[0..<count] {
+            guard byte >= 48, byte <= 57 else { break }
+            pages = pages &* 10 &+ Int(byte - 48)
+        }
+        let used = pages &* Int(sysconf(Int32(_SC_PAGESIZE)))
+        let allowed = limit.rlim_cur > UInt(Int.max) ? Int.max : Int(limit.rlim_cur)
+        return Swift.max(0, allowed - used)
+    }
+}
+
 /// The number of threads the GEMM libraries use for every later call in this process.
 public enum BLASThreads {
     public static var count: Int { Int(openblas_get_num_threads()) }
 
-    public static func set(_ count: Int) {
+    /// Sets the count; refuses with `outOfMemory` (changing nothing) when the address-space
+    /// limit leaves no room for the work buffers of the threads OpenBLAS would start
+    /// (``BLASWorkBuffers``).
+    public static func set(_ count: Int) throws(LoLDUError) {
+        let more = count - self.count
+        if more > 0 { try BLASWorkBuffers.check(buffers: more, for: "OpenBLAS's work buffers for \(more) more thread(s)") }
         openblas_set_num_threads(Int32(count))
     }
 

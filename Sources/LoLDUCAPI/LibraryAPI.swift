@@ -45,7 +45,7 @@ public func lolduLastError() -> UnsafePointer<CChar> {
 public func lolduSetNumThreads(_ threads: Int32) -> Int32 {
     status { () throws(LoLDUError) in
         guard threads >= 1 else { throw .invalid("threads must be >= 1, got \(threads)") }
-        BLASThreads.set(Int(threads))
+        try BLASThreads.set(Int(threads))
     }
 }
 

@@ -11,7 +11,11 @@
  *   5. a full disk while saving a larger checkpoint over a smaller one: injected ENOSPC at every
  *      stage of the save (this program's write() wraps libc's), and a real full tmpfs where this
  *      process may mount one (root in a private mount namespace): the previous checkpoint loads
- *      unchanged and no temporary file is left.
+ *      unchanged and no temporary file is left;
+ *   6. an address-space limit before the first BLAS call (a fresh process with one OpenBLAS
+ *      thread): too little room for OpenBLAS's work buffer is LOLDU_ERR_OUT_OF_MEMORY naming the
+ *      limit, not a hang inside OpenBLAS; enough room works; loldu_set_num_threads refuses
+ *      threads whose buffers the limit has no room for, keeping the count.
  * Exit status 0 when every check holds; each failure is printed.
  */
 #define _GNU_SOURCE
@@ -499,7 +503,61 @@ static void tmpfs_full_disk(const char mountpoint[256]) {
     printf("tmpfs full disk: %d saves refused on a full 64 KiB tmpfs, previous checkpoint intact each time\n", refused);
 }
 
-int main(void) {
+/* 6. The child (a fresh process, OPENBLAS_NUM_THREADS=1, so no OpenBLAS worker threads): the
+   library's first BLAS call under a tight limit. Before the library checked the room, the call
+   never returned (OpenBLAS retries its failed mapping forever): the parent's watchdog catches
+   that. */
+static int blas_buffer_child(void) {
+    alarm(60);
+    float w[64 * 64];
+    for (int i = 0; i < 64 * 64; i++) w[i] = (float)sin(0.37 * i) + (i % 65 == 0 ? 4.0f : 0.0f);
+    loldu_adapter *a = NULL;
+    struct rlimit saved = limit_address_space(32L << 20);
+    loldu_status tight = loldu_adapter_create(&a, LOLDU_FLOAT32, 64, 64, w, NULL, NULL);
+    setrlimit(RLIMIT_AS, &saved);
+    EXPECT(tight == LOLDU_ERR_OUT_OF_MEMORY && a == NULL, "create under a tight limit returned %d", tight);
+    EXPECT(tight != LOLDU_ERR_OUT_OF_MEMORY || strstr(loldu_last_error(), "RLIMIT_AS"),
+           "the message does not name the limit: %s", loldu_last_error());
+
+    saved = limit_address_space(200L << 20);
+    loldu_status roomy = loldu_adapter_create(&a, LOLDU_FLOAT32, 64, 64, w, NULL, NULL);
+    float x[64], y[64];
+    for (int i = 0; i < 64; i++) x[i] = 1;
+    loldu_status forward = roomy == LOLDU_OK ? loldu_forward(a, 1, x, y, NULL) : roomy;
+    setrlimit(RLIMIT_AS, &saved);
+    EXPECT(roomy == LOLDU_OK && forward == LOLDU_OK, "create/forward with room returned %d/%d: %s", roomy,
+           forward, loldu_last_error());
+
+    saved = limit_address_space(32L << 20);
+    loldu_status more = loldu_set_num_threads(2);
+    int threads = loldu_get_num_threads();
+    setrlimit(RLIMIT_AS, &saved);
+    EXPECT(more == LOLDU_ERR_OUT_OF_MEMORY && threads == 1,
+           "set_num_threads(2) under a tight limit returned %d, threads now %d", more, threads);
+    loldu_adapter_free(a);
+    return failures ? 1 : 0;
+}
+
+static void blas_buffer_under_limit(void) {
+    pid_t child = fork();
+    if (child == 0) {
+        setenv("OPENBLAS_NUM_THREADS", "1", 1);
+        execl("/proc/self/exe", "faults", "--blas-buffer-child", (char *)NULL);
+        _exit(127);
+    }
+    int status = 0;
+    waitpid(child, &status, 0);
+    EXPECT(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+           "the first BLAS call under an address-space limit: child %s %d (SIGALRM: it hung)",
+           WIFSIGNALED(status) ? "killed by signal" : "exited with", WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "--blas-buffer-child")) {
+        mallopt(M_ARENA_MAX, 1);
+        return blas_buffer_child();
+    }
+    blas_buffer_under_limit();
     /* One malloc arena: otherwise a thread's arena may hold reserved address space that the
        allocation under RLIMIT_AS silently uses. */
     mallopt(M_ARENA_MAX, 1);
