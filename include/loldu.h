@@ -234,9 +234,9 @@ typedef struct loldu_adapter loldu_adapter;
  * @param config  read: see loldu_config; NULL means the defaults.
  * @return LOLDU_OK; LOLDU_ERR_NOT_FINITE naming the first NaN/Inf element of W or the bias;
  *         LOLDU_ERR_INVALID_ARGUMENT for a bad rank, alpha or enum value; LOLDU_ERR_SHAPE;
- *         LOLDU_ERR_NULL_POINTER; LOLDU_ERR_OUT_OF_MEMORY (also when the process's first
- *         factorisation finds an address-space limit, RLIMIT_AS, with no room for OpenBLAS's
- *         work buffer: 128 MiB of address space).
+ *         LOLDU_ERR_NULL_POINTER; LOLDU_ERR_OUT_OF_MEMORY (also when an address-space limit,
+ *         RLIMIT_AS, leaves no room for the work buffer OpenBLAS maps on the process's first
+ *         BLAS call: 128 MiB of address space; see README, Limits).
  *
  * Cost: one LU of the m × r panel and one triangular solve, O((m + n) r²), plus a copy of W
  * and its fingerprint (what loldu_checkpoint_apply compares), O(m n).
@@ -907,6 +907,9 @@ typedef enum loldu_backend {
  * The backend adapters of `dtype` created now get, and a description of the libraries and CPU
  * features behind it (static storage), e.g. "oneDNN 2.6.3, ISA avx512_core_bf16".
  * @param description optional, written.
+ * @return LOLDU_OK; LOLDU_ERR_INVALID_ARGUMENT for an unknown dtype; LOLDU_ERR_OUT_OF_MEMORY
+ *         when the choice would make the process's first BLAS call (bfloat16 may time a product)
+ *         and an address-space limit leaves no room for OpenBLAS's work buffer.
  */
 LOLDU_API loldu_status loldu_gemm_backend(loldu_dtype dtype, loldu_backend *backend, const char **description);
 

@@ -95,6 +95,7 @@ extension AdapterMaker {
     /// Builds the adapter for element type `dtype` with the GEMM operands this CPU gets for it
     /// (``GEMMBackend``): the one table from dtypes to Swift types.
     func make(_ dtype: DType) throws(LoLDUError) -> any AnyAdapter {
+        try BLASWorkBuffers.ensure()  // (before the first BLAS call: the factorisation, or timing bf16's GEMMs)
         switch (dtype, GEMMBackend.backend(for: dtype)) {
         case (.float32, _): return try make(Float.self, Float.self)
         case (.float64, _): return try make(Double.self, Double.self)

@@ -168,7 +168,6 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     /// Steps 1–4: the panel LU in double, `U₁₂` by one triangular solve, `D_r` and `U_r` with the
     /// degenerate-pivot fallback, and `A = P L_r`.
     private static func factorize(m: Int, n: Int, rank r: Int, weight w: UnsafePointer<E>) throws(LoLDUError) -> Factorization {
-        try BLASWorkBuffers.ensure()  // (the library's first BLAS call on this thread count)
         // 1. getrf of the m × r panel W[:, :r], gathered column-major in double.
         let panel = try HeapBuffer<Double>(count: m * r)
         var scale = gatherPanel(w, n: n, into: panel.pointer, m: m, r: r)  // g, then with U₁₁ below

@@ -428,47 +428,80 @@ extension Double: BLASScalar {
 
 /// OpenBLAS's work buffers, and an address-space limit (`RLIMIT_AS`, `ulimit -v`).
 ///
-/// OpenBLAS maps one buffer per worker thread when the thread starts, and one more on the
-/// first level-3 or LAPACK call of the process (reused by later calls); when a mapping fails,
-/// Debian's 0.3.21 retries it forever (`blas_memory_alloc`). So the library checks the room
-/// before those mappings: before its first BLAS call (``ensure()``, at each factorisation) it
+/// OpenBLAS maps a 128 MiB buffer for each worker thread when the thread starts, and one for
+/// each caller of a level-3 or LAPACK call that finds no free one (buffers are kept and reused);
+/// when a mapping fails, Debian's 0.3.21 retries it forever (`blas_memory_alloc`). So the
+/// library checks the room before those mappings: before its first BLAS call, and again after
+/// threads were added (``ensure()``, at each adapter creation and `loldu_gemm_backend`), it
 /// refuses with `outOfMemory` unless the limit leaves room for one buffer, then maps it with a
-/// small single-threaded LU; ``BLASThreads/set(_:)`` refuses more threads than the room allows
-/// buffers for. What it cannot help: workers that OpenBLAS started, when it loaded, under a
-/// limit too tight for their buffers never run (its threaded calls and the process's exit wait
-/// for them).
-enum BLASWorkBuffers {
+/// 2 × 2 LU; ``BLASThreads/set(_:)`` refuses threads whose buffers and stacks the room cannot
+/// hold. What it cannot help: calls from several threads of the caller at the same time (each
+/// may map a buffer of its own), and workers that OpenBLAS started, when it loaded, under a
+/// limit too tight for their buffers (they never run: its threaded calls and the process's
+/// exit wait for them).
+public enum BLASWorkBuffers {
     /// OpenBLAS's `BUFFER_SIZE` on x86-64 (`32 << 22` bytes) and the page its allocator adds.
     static let bytes = (32 << 22) + 4096
-    /// Room for the allocator's own needs beside the buffer.
+    /// Room for the allocator's own needs beside the buffers.
     static let margin = 1 << 20
+    /// Whether a buffer for the library's calls is mapped and free between calls.
     nonisolated(unsafe) private static var mapped = false
+    /// The most threads OpenBLAS has had in this process (it never stops a thread it started).
+    nonisolated(unsafe) private static var started = 0
+    /// Guards `mapped`, `started`, and the check and change of a thread count.
     nonisolated(unsafe) private static let mutex: UnsafeMutablePointer<pthread_mutex_t> = {
         let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
         pthread_mutex_init(m, nil)
         return m
     }()
 
-    /// Maps the calling threads' buffer once, if the address-space limit leaves room for it.
-    static func ensure() throws(LoLDUError) {
+    /// Maps a buffer for the library's BLAS calls, if none is, and the address-space limit leaves room for it.
+    public static func ensure() throws(LoLDUError) {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         guard !mapped else { return }
-        try check(buffers: 1, for: "OpenBLAS's work buffer")
+        try check(needed: bytes + margin, for: "OpenBLAS's work buffer")
         // LAPACK's getrf takes a buffer whatever the size; this one runs on the calling thread.
         var a: [Double] = [2, 1, 1, 3], pivots: [Int32] = [0, 0]
         _ = Double.getrf(m: 2, n: 2, a: &a, lda: 2, ipiv: &pivots)
         mapped = true
     }
 
-    /// Refuses with `outOfMemory` when the address-space limit leaves less than `buffers`
-    /// buffers (and the margin).
-    static func check(buffers: Int, for what: String) throws(LoLDUError) {
-        guard let room = addressSpaceRoom() else { return }
-        let needed = buffers * bytes + margin
-        guard room >= needed else {
-            throw LoLDUError(.outOfMemory, "the address-space limit (RLIMIT_AS, ulimit -v) leaves \(room >> 20) MiB of address space and \(what) needs \(needed >> 20) MiB: raise the limit")
+    /// Sets OpenBLAS's thread count after checking that the limit has room for the buffer and
+    /// stack of each thread it would start; a started thread takes the free buffer, so the next
+    /// ``ensure()`` maps another.
+    static func setThreads(_ count: Int) throws(LoLDUError) {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        started = Swift.max(started, BLASThreads.count)
+        let more = Swift.min(count, maxThreads) - started
+        if more > 0 {
+            var attributes = pthread_attr_t(), stack = 0
+            pthread_attr_init(&attributes)
+            pthread_attr_getstacksize(&attributes, &stack)
+            pthread_attr_destroy(&attributes)
+            let (perThread, o1) = (bytes + stack).addingReportingOverflow(Int(sysconf(Int32(_SC_PAGESIZE))))
+            let (threads, o2) = perThread.multipliedReportingOverflow(by: more)
+            try check(needed: o1 || o2 ? Int.max : threads &+ margin,
+                      for: "OpenBLAS's work buffers and stacks for \(more) more thread(s)")
         }
+        openblas_set_num_threads(Int32(count))
+        if more > 0 { mapped = false }
+        started = Swift.max(started, BLASThreads.count)
+    }
+
+    /// Refuses with `outOfMemory` when the address-space limit leaves less than `needed` bytes.
+    private static func check(needed: Int, for what: String) throws(LoLDUError) {
+        guard let room = addressSpaceRoom(), room < needed else { return }
+        throw LoLDUError(.outOfMemory, "the address-space limit (RLIMIT_AS, ulimit -v) leaves \(room >> 20) MiB of address space and \(what) needs \(needed == .max ? "more than that" : "\(needed >> 20) MiB"): raise the limit")
+    }
+
+    /// The most threads this OpenBLAS was built for (`MAX_THREADS=` in its configuration).
+    private static var maxThreads: Int {
+        let config = openblas_get_config().map { String(cString: $0) } ?? ""
+        guard let entry = config.split(separator: " ").first(where: { $0.hasPrefix("MAX_THREADS=") }),
+              let value = Int(entry.dropFirst("MAX_THREADS=".count)) else { return .max }
+        return value
     }
 
     /// Bytes the address-space limit still allows the process to map, or nil without a limit
@@ -480,16 +513,18 @@ enum BLASWorkBuffers {
         guard fd >= 0 else { return nil }
         defer { close(fd) }
         var text = [UInt8](repeating: 0, count: 64)
-        let count = text.withUnsafeMutableBytes { read(fd, $0.baseAddress, 63) }
+        var count = -1
+        repeat { count = text.withUnsafeMutableBytes { read(fd, $0.baseAddress, 63) } } while count < 0 && errno == EINTR
         guard count > 0 else { return nil }
-        var pages = 0
+        var pages = 0  // the first field: the process's size in pages, what RLIMIT_AS limits
         for byte in text[0..<count] {
-            guard byte >= 48, byte <= 57 else { break }
-            pages = pages &* 10 &+ Int(byte - 48)
+            guard byte >= 48, byte <= 57, pages < Int.max / 10 - 9 else { break }
+            pages = pages * 10 + Int(byte - 48)
         }
-        let used = pages &* Int(sysconf(Int32(_SC_PAGESIZE)))
+        let (used, overflow) = pages.multipliedReportingOverflow(by: Int(sysconf(Int32(_SC_PAGESIZE))))
+        guard !overflow else { return 0 }
         let allowed = limit.rlim_cur > UInt(Int.max) ? Int.max : Int(limit.rlim_cur)
-        return Swift.max(0, allowed - used)
+        return allowed > used ? allowed - used : 0
     }
 }
 
@@ -498,12 +533,9 @@ public enum BLASThreads {
     public static var count: Int { Int(openblas_get_num_threads()) }
 
     /// Sets the count; refuses with `outOfMemory` (changing nothing) when the address-space
-    /// limit leaves no room for the work buffers of the threads OpenBLAS would start
-    /// (``BLASWorkBuffers``).
+    /// limit leaves no room for the threads OpenBLAS would start (``BLASWorkBuffers``).
     public static func set(_ count: Int) throws(LoLDUError) {
-        let more = count - self.count
-        if more > 0 { try BLASWorkBuffers.check(buffers: more, for: "OpenBLAS's work buffers for \(more) more thread(s)") }
-        openblas_set_num_threads(Int32(count))
+        try BLASWorkBuffers.setThreads(count)
     }
 
     /// The threads for one `m × n × k` product: one per `perThread` FLOPs, at most ``count``.

@@ -67,6 +67,7 @@ public func lolduGemmBackend(
 ) -> Int32 {
     status { () throws(LoLDUError) in
         let type = try Check.dtype(dtype)
+        try BLASWorkBuffers.ensure()  // (bf16's choice may time a product)
         let chosen = GEMMBackend.backend(for: type)
         backend?.pointee = Check.backendCode(chosen)
         if let description { description.pointee = gemmDescription }

@@ -99,7 +99,7 @@ static struct rlimit limit_address_space(long room) {
     if (!f || fscanf(f, "%ld", &pages) != 1) { fprintf(stderr, "statm\n"); exit(1); }
     fclose(f);
     tight = saved;
-    tight.rlim_cur = (rlim_t)(pages * 4096L + room);
+    tight.rlim_cur = (rlim_t)(pages * sysconf(_SC_PAGESIZE) + room);
     setrlimit(RLIMIT_AS, &tight);
     return saved;
 }
@@ -503,15 +503,21 @@ static void tmpfs_full_disk(const char mountpoint[256]) {
     printf("tmpfs full disk: %d saves refused on a full 64 KiB tmpfs, previous checkpoint intact each time\n", refused);
 }
 
-/* 6. The child (a fresh process, OPENBLAS_NUM_THREADS=1, so no OpenBLAS worker threads): the
-   library's first BLAS call under a tight limit. Before the library checked the room, the call
-   never returned (OpenBLAS retries its failed mapping forever): the parent's watchdog catches
-   that. */
+/* 6. The child (a fresh process, OPENBLAS_NUM_THREADS=1, so no OpenBLAS worker threads yet):
+   the library's first BLAS call and added threads under tight limits. Before the library
+   checked the room, such calls never returned (OpenBLAS retries its failed mapping forever):
+   the child's alarm turns that into SIGALRM. */
 static int blas_buffer_child(void) {
+    signal(SIGALRM, SIG_DFL); /* (an ignored or blocked SIGALRM survives exec) */
+    sigset_t alarm_only;
+    sigemptyset(&alarm_only);
+    sigaddset(&alarm_only, SIGALRM);
+    sigprocmask(SIG_UNBLOCK, &alarm_only, NULL);
     alarm(60);
-    float w[64 * 64];
+    float w[64 * 64], x[64], y[64];
     for (int i = 0; i < 64 * 64; i++) w[i] = (float)sin(0.37 * i) + (i % 65 == 0 ? 4.0f : 0.0f);
-    loldu_adapter *a = NULL;
+    for (int i = 0; i < 64; i++) x[i] = 1;
+    loldu_adapter *a = NULL, *b = NULL;
     struct rlimit saved = limit_address_space(32L << 20);
     loldu_status tight = loldu_adapter_create(&a, LOLDU_FLOAT32, 64, 64, w, NULL, NULL);
     setrlimit(RLIMIT_AS, &saved);
@@ -521,34 +527,62 @@ static int blas_buffer_child(void) {
 
     saved = limit_address_space(200L << 20);
     loldu_status roomy = loldu_adapter_create(&a, LOLDU_FLOAT32, 64, 64, w, NULL, NULL);
-    float x[64], y[64];
-    for (int i = 0; i < 64; i++) x[i] = 1;
     loldu_status forward = roomy == LOLDU_OK ? loldu_forward(a, 1, x, y, NULL) : roomy;
     setrlimit(RLIMIT_AS, &saved);
     EXPECT(roomy == LOLDU_OK && forward == LOLDU_OK, "create/forward with room returned %d/%d: %s", roomy,
            forward, loldu_last_error());
 
-    saved = limit_address_space(32L << 20);
+    /* A second thread needs its own buffer and stack, and takes the caller's free buffer, so
+       the caller's next call maps another: 132 MiB is room for the buffer alone. */
+    int refused = 0;
+    for (long room = 32; room <= 132; room += 100) {
+        saved = limit_address_space(room << 20);
+        loldu_status more = loldu_set_num_threads(2);
+        int threads = loldu_get_num_threads();
+        setrlimit(RLIMIT_AS, &saved);
+        EXPECT(more == LOLDU_ERR_OUT_OF_MEMORY && threads == 1,
+               "set_num_threads(2) with %ld MiB of room returned %d, threads now %d", room, more, threads);
+        refused += more == LOLDU_ERR_OUT_OF_MEMORY;
+    }
+    saved = limit_address_space(600L << 20);
     loldu_status more = loldu_set_num_threads(2);
-    int threads = loldu_get_num_threads();
+    roomy = more == LOLDU_OK ? loldu_adapter_create(&b, LOLDU_FLOAT32, 64, 64, w, NULL, NULL) : more;
+    forward = roomy == LOLDU_OK ? loldu_forward(b, 1, x, y, NULL) : roomy;
     setrlimit(RLIMIT_AS, &saved);
-    EXPECT(more == LOLDU_ERR_OUT_OF_MEMORY && threads == 1,
-           "set_num_threads(2) under a tight limit returned %d, threads now %d", more, threads);
+    EXPECT(more == LOLDU_OK && roomy == LOLDU_OK && forward == LOLDU_OK,
+           "with room for a second thread: set_num_threads %d, create %d, forward %d: %s", more, roomy, forward,
+           loldu_last_error());
     loldu_adapter_free(a);
+    loldu_adapter_free(b);
+    if (!failures) printf("address-space limits: first BLAS call refused (no hang), %d thread increases refused, both work with room\n", refused);
     return failures ? 1 : 0;
 }
 
+extern char **environ;
+
 static void blas_buffer_under_limit(void) {
+    /* The child's environment is built before fork (OpenBLAS's threads run in this process). */
+    int count = 0;
+    while (environ[count]) count++;
+    char **env = calloc((size_t)count + 2, sizeof *env);
+    int kept = 0;
+    for (int i = 0; i < count; i++)
+        if (strncmp(environ[i], "OPENBLAS_NUM_THREADS=", 21)) env[kept++] = environ[i];
+    env[kept++] = "OPENBLAS_NUM_THREADS=1";
+    char *args[] = {"faults", "--blas-buffer-child", NULL};
     pid_t child = fork();
     if (child == 0) {
-        setenv("OPENBLAS_NUM_THREADS", "1", 1);
-        execl("/proc/self/exe", "faults", "--blas-buffer-child", (char *)NULL);
+        execve("/proc/self/exe", args, env);
         _exit(127);
     }
+    free(env);
+    EXPECT(child > 0, "fork: %s", strerror(errno));
+    if (child <= 0) return;
     int status = 0;
-    waitpid(child, &status, 0);
-    EXPECT(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-           "the first BLAS call under an address-space limit: child %s %d (SIGALRM: it hung)",
+    pid_t waited;
+    while ((waited = waitpid(child, &status, 0)) < 0 && errno == EINTR) {}
+    EXPECT(waited == child && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+           "address-space limits: child %s %d (SIGALRM: it hung)",
            WIFSIGNALED(status) ? "killed by signal" : "exited with", WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
 }
 

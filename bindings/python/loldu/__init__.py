@@ -79,7 +79,9 @@ def library_version() -> str:
 def set_num_threads(threads: int) -> None:
     """Sets the number of BLAS threads of the library for the whole process (>= 1).
 
-    Once called, ``loldu.torch`` no longer aligns it with ``torch.get_num_threads()``.
+    ``OutOfMemoryError``, changing nothing, when an address-space limit (``ulimit -v``) leaves
+    no room for the work buffers of the threads OpenBLAS would start. Once called,
+    ``loldu.torch`` no longer aligns it with ``torch.get_num_threads()``.
     """
     global _threads_set_by_user
     check(_capi.loldu_set_num_threads(_arrays.integer(threads, "threads", ctypes.c_int)))

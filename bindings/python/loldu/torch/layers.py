@@ -70,7 +70,9 @@ def configure_process() -> None:
     if not _process_configured:
         _process_configured = True
         if not _loldu.threads_set_by_user():
-            check(_capi.loldu_set_num_threads(max(1, torch.get_num_threads())))
+            status = _capi.loldu_set_num_threads(max(1, torch.get_num_threads()))
+            if status != _capi.LOLDU_ERR_OUT_OF_MEMORY:  # (no room for more threads: keep the count)
+                check(status)
         configure_malloc()
 
 
