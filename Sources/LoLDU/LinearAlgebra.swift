@@ -444,6 +444,8 @@ public enum BLASWorkBuffers {
     static let bytes = (32 << 22) + 4096
     /// Room for the allocator's own needs beside the buffers.
     static let margin = 1 << 20
+    /// The size of a memory page (a thread stack's guard, the unit of `/proc/self/statm`).
+    private static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
     /// Whether a buffer for the library's calls is mapped and free between calls.
     nonisolated(unsafe) private static var mapped = false
     /// The most threads OpenBLAS has had in this process (it never stops a thread it started).
@@ -480,7 +482,7 @@ public enum BLASWorkBuffers {
             pthread_attr_init(&attributes)
             pthread_attr_getstacksize(&attributes, &stack)
             pthread_attr_destroy(&attributes)
-            let (perThread, o1) = (bytes + stack).addingReportingOverflow(Int(sysconf(Int32(_SC_PAGESIZE))))
+            let (perThread, o1) = (bytes + stack).addingReportingOverflow(pageSize)
             let (threads, o2) = perThread.multipliedReportingOverflow(by: more)
             try check(needed: o1 || o2 ? Int.max : threads &+ margin,
                       for: "OpenBLAS's work buffers and stacks for \(more) more thread(s)")
@@ -521,7 +523,7 @@ public enum BLASWorkBuffers {
             guard byte >= 48, byte <= 57, pages < Int.max / 10 - 9 else { break }
             pages = pages * 10 + Int(byte - 48)
         }
-        let (used, overflow) = pages.multipliedReportingOverflow(by: Int(sysconf(Int32(_SC_PAGESIZE))))
+        let (used, overflow) = pages.multipliedReportingOverflow(by: pageSize)
         guard !overflow else { return 0 }
         let allowed = limit.rlim_cur > UInt(Int.max) ? Int.max : Int(limit.rlim_cur)
         return allowed > used ? allowed - used : 0
