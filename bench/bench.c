@@ -131,6 +131,88 @@ static uint16_t *to_bf16(const float *a, long count) {
     return out;
 }
 
+/* bfloat16 bits -> float (exact). */
+static float *from_bf16(const uint16_t *a, long count) {
+    float *out = checked_malloc(sizeof(float) * (size_t)count);
+    for (long i = 0; i < count; i++) {
+        uint32_t u = (uint32_t)a[i] << 16;
+        memcpy(&out[i], &u, sizeof u);
+    }
+    return out;
+}
+
+/* ‖a − ref‖ / ‖ref‖ (Frobenius), `a` as float32 or bf16 bits (`bits` non-NULL). */
+static double relative_error(const float *a, const uint16_t *bits, const float *ref, long count) {
+    double num = 0, den = 0;
+    for (long i = 0; i < count; i++) {
+        float v = a ? a[i] : 0;
+        if (bits) { uint32_t u = (uint32_t)bits[i] << 16; memcpy(&v, &u, sizeof u); }
+        num += ((double)v - ref[i]) * ((double)v - ref[i]);
+        den += (double)ref[i] * ref[i];
+    }
+    return sqrt(num / den);
+}
+
+/* What bf16 operands cost in precision, against a float32 adapter on the same bf16 values (same
+   factors), z = D_r ⊙ (1 + e ξ) with ξ uniform in [−1, 1), σ = 1 and e such that W_eff moves 20%
+   from W (as LoLDU on every linear layer of the study in docs/results.md): relative errors of y
+   from `merged` (the merged path: W_eff built from bf16 operands), from it after loldu_merge (W_eff
+   from float32 operands, rounded once), `factored` and `wide` (float32 operands, y rounded once),
+   and of dz from `wgrad` (merged_wgrad) and `factored`. */
+typedef struct { double y_merged, y_merged_exact, y_factored, y_wide, dz_wgrad, dz_factored; } bf16_precision;
+
+static bf16_precision measure_bf16_precision(loldu_adapter *merged, loldu_adapter *wgrad, loldu_adapter *factored,
+                                             loldu_adapter *wide, const uint16_t *wb, const uint16_t *xb,
+                                             const uint16_t *dyb, int m, int n, int r, int b) {
+    long mn = (long)m * n, bm = (long)b * m;
+    float *wf = from_bf16(wb, mn), *xf = from_bf16(xb, (long)b * n), *dyf = from_bf16(dyb, bm);
+    loldu_config config;
+    CHECK(loldu_config_default(&config));
+    config.rank = r;
+    loldu_adapter *ref = NULL;
+    CHECK(loldu_adapter_create(&ref, LOLDU_FLOAT32, m, n, wf, NULL, &config));
+    float *xi = random_matrix(r, 77, 2.0f), *z = checked_malloc(sizeof(float) * (size_t)r);
+    float *d = checked_malloc(sizeof(float) * (size_t)r), *weff = checked_malloc(sizeof(float) * (size_t)mn);
+    CHECK(loldu_get_factor(ref, LOLDU_FACTOR_DIAG, d));
+    for (int k = 0; k < r; k++) z[k] = d[k] * (1 + xi[k]);  /* e = 1; W_eff − W is linear in e */
+    CHECK(loldu_set_z(ref, z));
+    CHECK(loldu_effective_weight(ref, weff));
+    double e = 0.20 / relative_error(weff, NULL, wf, mn);
+    for (int k = 0; k < r; k++) z[k] = d[k] * (float)(1 + e * xi[k]);
+    loldu_adapter *all[5] = {ref, merged, wgrad, factored, wide};
+    for (int i = 0; i < 5; i++) {
+        CHECK(loldu_set_z(all[i], z));
+        CHECK(loldu_set_sigma(all[i], 1.0));
+        CHECK(loldu_zero_grad(all[i]));
+    }
+    float *y = checked_malloc(sizeof(float) * (size_t)bm);
+    uint16_t *yb = checked_malloc(sizeof(uint16_t) * (size_t)bm);
+    bf16_precision p;
+    CHECK(loldu_forward(ref, b, xf, y, NULL));
+    CHECK(loldu_forward(merged, b, xb, yb, NULL));
+    p.y_merged = relative_error(NULL, yb, y, bm);
+    CHECK(loldu_merge(merged));
+    CHECK(loldu_forward(merged, b, xb, yb, NULL));
+    CHECK(loldu_unmerge(merged));
+    p.y_merged_exact = relative_error(NULL, yb, y, bm);
+    CHECK(loldu_forward(factored, b, xb, yb, NULL));
+    p.y_factored = relative_error(NULL, yb, y, bm);
+    CHECK(loldu_forward(wide, b, xb, yb, NULL));
+    p.y_wide = relative_error(NULL, yb, y, bm);
+    void *g_ref, *g;
+    CHECK(loldu_backward(ref, b, xf, dyf, NULL, NULL));
+    CHECK(loldu_params(ref, NULL, &g_ref));
+    CHECK(loldu_backward(wgrad, b, xb, dyb, NULL, NULL));
+    CHECK(loldu_params(wgrad, NULL, &g));
+    p.dz_wgrad = relative_error(g, NULL, g_ref, r);
+    CHECK(loldu_backward(factored, b, xb, dyb, NULL, NULL));
+    CHECK(loldu_params(factored, NULL, &g));
+    p.dz_factored = relative_error(g, NULL, g_ref, r);
+    loldu_adapter_free(ref);
+    free(wf); free(xf); free(dyf); free(xi); free(z); free(d); free(weff); free(y); free(yb);
+    return p;
+}
+
 static int compare_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
@@ -171,29 +253,6 @@ static double step_flops(int path, double m, double n, double r, double b) {
     case LOLDU_PATH_MERGED: return 2 * m * n * r + 4 * b * m * n + 2 * b * r * (m + n);
     default: return 2 * m * n * r + 4 * b * m * n + 2 * b * m * n + 2 * m * n * r;
     }
-}
-
-/* The part of step_flops in weight space, which runs as float32 GEMMs (the library's float32
-   backend) whatever the element type: the W_eff rebuild and, on merged_wgrad, Aᵀ (dYᵀx) for dz. */
-static double step_flops_weight_space(int path, double m, double n, double r) {
-    switch (path) {
-    case LOLDU_PATH_FACTORED: return 0;
-    case LOLDU_PATH_MERGED: return 2 * m * n * r;
-    default: return 4 * m * n * r;
-    }
-}
-
-/* The bound at the GEMM rates measured in the same run: the element type's GEMMs run at the bare
-   layer's rate, the weight-space part `penalty` times slower (the bare float32 layer over the bare
-   layer of the element type). */
-static double rate_bound(double m, double n, double r, double b, double penalty) {
-    double bound = INFINITY;
-    for (int p = 1; p <= 3; p++) {
-        double wide = step_flops_weight_space(p, m, n, r);
-        double f = step_flops(p, m, n, r, b) - wide + penalty * wide;
-        if (f < bound) bound = f;
-    }
-    return bound / (4.0 * b * m * n);
 }
 
 /* The cheapest path's FLOPs over the bare layer's (4·B·m·n). */
@@ -454,10 +513,15 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
             "of per-repetition ratios (each sample a block of steps lasting at least ~10 ms for the bare layer). *bare bf16* is a disabled bf16 adapter (exactly `x Wᵀ` and `dY W`,\n"
             "rounded to bf16, through the same GEMM library as our bf16 step); *bare f32* likewise in float32.\n"
             "*widened* is the same bf16 adapter created after `loldu_set_widened_half(1)`: bf16 storage,\n"
-            "operands widened to float32 for every GEMM.\n\n",
+            "operands widened to float32 for every GEMM. *Precision*: relative errors (Frobenius) against a\n"
+            "float32 adapter on the same bf16 values (same factors), z = D_r ⊙ (1 + e ξ), ξ uniform in\n"
+            "[−1, 1), σ = 1, e such that ‖W_eff − W‖ / ‖W‖ = 20% (LoLDU's move on every linear layer in\n"
+            "docs/results.md): y on the merged path (W_eff built from bf16 operands), the same with W_eff from\n"
+            "float32 operands (as `loldu_merge` builds it), on the factored path and with float32 operands\n"
+            "throughout, rounded once (the widened adapter); dz on merged_wgrad and factored.\n\n",
         backend_name(f32_backend), backend_name(bf_backend), bf_text, reps);
-    put(md, "| shape (m × n, r, B) | bare bf16 | bare bf16 / bare f32 | bf16 step: auto picks | bf16 step / bare bf16 | FLOP bound | step / bound | factored | merged | merged_wgrad | f32 step / bf16 step | widened bf16 step / bf16 step | widened bare / bare bf16 | bound at measured GEMM rates | step / that |\n");
-    put(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    put(md, "| shape (m × n, r, B) | bare bf16 | bare bf16 / bare f32 | bf16 step: auto picks | bf16 step / bare bf16 | FLOP bound | step / bound | factored | merged | merged_wgrad | f32 step / bf16 step | widened bf16 step / bf16 step | widened bare / bare bf16 | y error: merged | merged, W_eff from float32 | factored | widened | dz error: merged_wgrad | factored |\n");
+    put(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     put(js, "\"bf16\": {\"f32_backend\": \"%s\", \"bf16_backend\": \"%s\", \"description\": \"%s\", \"shapes\": [",
         backend_name(f32_backend), backend_name(bf_backend), bf_text);
     for (int s = 0; s < NSHAPES; s++) {
@@ -518,20 +582,24 @@ static void section_bf16(int reps, buffer *md, buffer *js) {
         double widened_bare = median_ratio(took[WIDE_BARE], took[BF_BARE], reps);
         double paths[3];
         for (int p = 0; p < 3; p++) paths[p] = median_ratio(took[BF_FACTORED + p], took[BF_BARE], reps);
-        double rated = rate_bound(sh.m, sh.n, sh.r, sh.b, 1 / bare_speed);
-        put(md, "| %d × %d, r = %d, B = %d (%s) | %.1f ms | %.3f× | %s | %.3f× | %.3f× | %.3f%s | %.3f× | %.3f× | %.3f× | **%.2f×** | %.2f× | %.2f× | %.3f× | %.3f |\n",
+        bf16_precision prec = measure_bf16_precision(bf_paths[1], bf_paths[2], bf_paths[0], wide, wb, xb, dyb, sh.m, sh.n,
+                                                     sh.r, sh.b);
+        put(md, "| %d × %d, r = %d, B = %d (%s) | %.1f ms | %.3f× | %s | %.3f× | %.3f× | %.3f%s | %.3f× | %.3f× | %.3f× | **%.2f×** | %.2f× | %.2f× | %.2e | %.2e | %.2e | %.2e | %.2e | %.2e |\n",
             sh.m, sh.n, sh.r, sh.b, sh.name, 1e3 * median(took[BF_BARE], reps), bare_speed, path_name(chosen),
             step_bare, bound, step_bare / bound, step_bare <= 1.10 * bound ? "" : " (over 1.10)", paths[0], paths[1],
-            paths[2], speedup, widened, widened_bare, rated, step_bare / rated);
+            paths[2], speedup, widened, widened_bare, prec.y_merged, prec.y_merged_exact, prec.y_factored, prec.y_wide,
+            prec.dz_wgrad, prec.dz_factored);
         put(js, "%s{\"m\": %d, \"n\": %d, \"r\": %d, \"b\": %d, \"bare_bf16_ms\": %.4f, \"bare_f32_ms\": %.4f, "
                 "\"bf16_step_ms\": %.4f, \"f32_step_ms\": %.4f, \"widened_step_ms\": %.4f, \"bare_bf16_over_bare_f32\": %.4f, "
                 "\"auto_path\": \"%s\", \"step_over_bare\": %.4f, \"bound\": %.4f, \"factored\": %.4f, \"merged\": %.4f, "
                 "\"merged_wgrad\": %.4f, \"f32_over_bf16\": %.4f, \"widened_over_bf16\": %.4f, \"widened_bare_over_bare\": %.4f, "
-                "\"backend\": \"%s\", \"widened_backend\": \"%s\", \"rate_bound\": %.4f}",
+                "\"backend\": \"%s\", \"widened_backend\": \"%s\", \"y_error_merged\": %.4g, \"y_error_merged_exact\": %.4g, \"y_error_factored\": %.4g, "
+                "\"y_error_widened\": %.4g, \"dz_error_merged_wgrad\": %.4g, \"dz_error_factored\": %.4g}",
             s ? ", " : "", sh.m, sh.n, sh.r, sh.b, 1e3 * median(took[BF_BARE], reps), 1e3 * median(took[F32_BARE], reps),
             1e3 * median(took[BF_AUTO], reps), 1e3 * median(took[F32_STEP], reps), 1e3 * median(took[WIDE_STEP], reps),
             bare_speed, path_name(chosen), step_bare, bound, paths[0], paths[1], paths[2], speedup, widened,
-            widened_bare, backend_name(bf_backend_used), backend_name(wide_backend_used), rated);
+            widened_bare, backend_name(bf_backend_used), backend_name(wide_backend_used), prec.y_merged, prec.y_merged_exact, prec.y_factored,
+            prec.y_wide, prec.dz_wgrad, prec.dz_factored);
         fprintf(stderr, "bf16: shape %d done\n", s);
         for (int p = 0; p < 3; p++) loldu_adapter_free(bf_paths[p]);
         loldu_adapter_free(f32_bare); loldu_adapter_free(bf_bare); loldu_adapter_free(wide_bare);

@@ -230,10 +230,12 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     // MARK: Single-adapter state: the merged-weight cache and work space
 
     final class Local {
-        /// `W_eff` for `effectiveCoef`, when `effectiveValid`.
+        /// `W_eff` for `effectiveCoef`, when `effectiveValid`; `effectiveExact` when built as
+        /// merges write it (``LDUFactors/buildEffective(r:_:exact:into:scaled:wide:)``).
         var effective: HeapBuffer<G>?
         let effectiveCoef: HeapBuffer<P>
         var effectiveValid = false
+        var effectiveExact = false
         /// The coefficients of the last forward and how many forwards in a row used them.
         let forwardCoef: HeapBuffer<P>
         var forwardsAtCoef = 0
@@ -249,6 +251,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         var output = Scratch<P>()   // y or dX before rounding (B × max(m, n))
         var scaled = Scratch<P>()   // A diag(c) (m × r)
         var large = Scratch<P>()    // G = dYᵀ x, or W_eff before rounding (m × n)
+        var gradient = Scratch<G>() // G = dYᵀ x rounded to operands, on bf16 units (m × n)
         var bias = Scratch<P>()     // a bias given for the call, widened (m)
 
         init(rank r: Int) throws(LoLDUError) {
@@ -262,7 +265,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
             let p = MemoryLayout<P>.stride
             return (effectiveCoef.count + forwardCoef.count + coef.count + scores.count) * p
                 + h.bytes + g.bytes + work.bytes + input.bytes + input2.bytes + output.bytes + scaled.bytes + large.bytes
-                + bias.bytes
+                + gradient.bytes + bias.bytes
         }
     }
 
@@ -282,18 +285,19 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         s.effectiveValid && same(s.effectiveCoef.pointer, c)
     }
 
-    /// Makes sure the cached `W_eff` holds `c`; everything it needs is allocated before the
-    /// cache is touched.
-    private func refreshEffective(_ s: Local, _ c: UnsafePointer<P>) throws(LoLDUError) -> UnsafePointer<G> {
-        if effectiveIsFresh(s, c), let effective = s.effective { return UnsafePointer(effective.pointer) }
+    /// Makes sure the cached `W_eff` holds `c` (built `exact`ly when asked, else as a step's
+    /// product); everything it needs is allocated before the cache is touched.
+    private func refreshEffective(_ s: Local, _ c: UnsafePointer<P>, exact: Bool = false) throws(LoLDUError) -> UnsafePointer<G> {
+        if effectiveIsFresh(s, c), s.effectiveExact || !exact, let effective = s.effective { return UnsafePointer(effective.pointer) }
         let cache: HeapBuffer<G>
         if let effective = s.effective { cache = effective } else { cache = try HeapBuffer<G>(count: m * n) }
         let scaled = try s.scaled.get(m * rank)
         let wide = G.self == P.self ? nil : try s.large.get(m * n)
         s.effective = cache
-        factors.buildEffective(r: rank, c, into: cache.pointer, scaled: scaled, wide: wide)
+        factors.buildEffective(r: rank, c, exact: exact, into: cache.pointer, scaled: scaled, wide: wide)
         s.effectiveCoef.pointer.update(from: c, count: rank)
         s.effectiveValid = true
+        s.effectiveExact = exact || G.self == P.self
         return UnsafePointer(cache.pointer)
     }
 
@@ -459,6 +463,8 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         let work: UnsafeMutablePointer<P>? =
             dzFromWeight ? try s.h.get(r * n) : (hIn == nil ? try s.h.get(batch * r) : nil)
         let gradient: UnsafeMutablePointer<P>? = dzFromWeight ? try s.large.get(m * n) : nil
+        let gradientOperand: UnsafeMutablePointer<G>? =
+            dzFromWeight ? (G.self == P.self ? UnsafeMutableRawPointer(gradient!).assumingMemoryBound(to: G.self) : try s.gradient.get(m * n)) : nil
         let mergedWeight: UnsafePointer<G>? = dx != nil && dxMerged ? try refreshEffective(s, c) : nil
         let out = try dx.map { dx throws(LoLDUError) in try computeBuffer(dx, count: batch * n, &s.output) }
         let gWork: UnsafeMutablePointer<G>? = dx != nil && !dxMerged
@@ -471,10 +477,11 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         // s_k = Σ_b h_bk g_bk = (Aᵀ dYᵀ x U_rᵀ)_kk; then dz = σ s and dσ = z · s.
         if let g { factors.gather(batch: batch, r: r, dy: dyG, into: g) }
         let scores = s.scores.pointer
-        if let gradient, let work, let xG {
+        if let gradient, let gradientOperand, let work, let xG {
             G.multiply(transA: true, transB: false, m: m, n: n, k: batch, a: dyG, lda: m, b: xG, ldb: n,
                        accumulate: false, c: gradient, ldc: n)
-            factors.weightScores(r: r, UnsafePointer(gradient), work: work, into: scores)
+            G.narrow(gradient, to: gradientOperand, count: m * n)  // none when G is P
+            factors.weightScores(r: r, operands: UnsafePointer(gradientOperand), work: work, into: scores)
         } else if let g {
             let h: UnsafePointer<P>
             if let hIn { h = hIn } else if let work, let xG {
@@ -563,7 +570,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         let fitsType = merged || fits(c)  // (a merged weight was checked when merged)
         let source: UnsafePointer<G>
         var image: HeapBuffer<G>? = nil
-        if (merged || effectiveIsFresh(s, c)), let effective = s.effective {
+        if merged || (effectiveIsFresh(s, c) && s.effectiveExact), let effective = s.effective {
             source = UnsafePointer(effective.pointer)
         } else {
             // Built without touching the cache: into the caller's buffer when it certainly fits
@@ -572,7 +579,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
             let scaled = try s.scaled.get(m * rank)
             let wide = G.self == P.self ? nil : try s.large.get(m * n)
             if G.self == E.self && fitsType {
-                factors.buildEffective(r: rank, c, into: UnsafeMutableRawPointer(out).assumingMemoryBound(to: G.self),
+                factors.buildEffective(r: rank, c, exact: true, into: UnsafeMutableRawPointer(out).assumingMemoryBound(to: G.self),
                                        scaled: scaled, wide: wide)
                 return
             }
@@ -583,7 +590,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
                 image = try HeapBuffer<G>(count: m * n)
                 target = image!.pointer
             }
-            factors.buildEffective(r: rank, c, into: target, scaled: scaled, wide: wide)
+            factors.buildEffective(r: rank, c, exact: true, into: target, scaled: scaled, wide: wide)
             source = UnsafePointer(target)
         }
         guard fitsType || Self.representable(source, count: m * n) else {
@@ -625,7 +632,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         guard !merged else { return }
         let s = try localState()
         coefficients(into: s.coef.pointer)
-        let weight = try refreshEffective(s, s.coef.pointer)
+        let weight = try refreshEffective(s, s.coef.pointer, exact: true)
         guard fits(s.coef.pointer) || Self.representable(weight, count: m * n) else {
             s.effectiveValid = false
             throw LoLDUError(.notFinite, "the merged weight would not be finite in \(E.dtype.name) (sigma or z too large); not merged")

@@ -131,18 +131,36 @@ extension LDUFactors {
         }
     }
 
-    /// `s_k = (Aᵀ G U_rᵀ)_kk` for a weight gradient `G` (`m × n`, in `P`), with `work` (`r × n`).
+    /// `s_k = (Aᵀ G U_rᵀ)_kk` for a weight gradient `G` (`m × n`) given by the caller, on `P`
+    /// operands (`loldu_weight_backward`: dz to the parameter type's rounding), with `work`
+    /// (`r × n`).
     func weightScores(r: Int, _ gradient: UnsafePointer<P>, work: UnsafeMutablePointer<P>, into s: UnsafeMutablePointer<P>) {
         P.multiply(transA: true, transB: false, m: r, n: n, k: m, a: lower.pointer, lda: rank,
-               b: gradient, ldb: n, accumulate: false, c: work, ldc: n)
+                   b: gradient, ldb: n, accumulate: false, c: work, ldc: n)
+        diagonalScores(r: r, work, into: s)
+    }
+
+    /// ``weightScores(r:_:work:into:)`` on the step's operands: `gradient` (`dYᵀx`) already
+    /// rounded to `G`, and ``lowerOperand``.
+    func weightScores(r: Int, operands gradient: UnsafePointer<G>, work: UnsafeMutablePointer<P>, into s: UnsafeMutablePointer<P>) {
+        G.multiply(transA: true, transB: false, m: r, n: n, k: m, a: lowerOperand, lda: rank,
+                   b: gradient, ldb: n, accumulate: false, c: work, ldc: n)
+        diagonalScores(r: r, work, into: s)
+    }
+
+    /// `s_k = work_k · U_r[k]` for `work = Aᵀ G` (`r × n`).
+    private func diagonalScores(r: Int, _ work: UnsafePointer<P>, into s: UnsafeMutablePointer<P>) {
         for k in 0..<r { s[k] = P.dot(work + k * n, upper.pointer + k * n, count: n) }
     }
 
-    /// `W + A_r diag(c) U_r` (`m × n`) into `out` as an operand; `scaled` (`m × r` of `P`) and,
-    /// when `G` is not `P`, `wide` (`m × n` of `P`) are work space.
-    func buildEffective(r: Int, _ c: UnsafePointer<P>, into out: UnsafeMutablePointer<G>,
+    /// `W + A_r diag(c) U_r` (`m × n`) into `out` as an operand. `exact`: the product on `P`
+    /// operands, so that the result is the float32 (float64) one rounded once (what merges and
+    /// `loldu_effective_weight` write); else on the step's operands, like every other product
+    /// (`A_r diag(c)` formed in `P` and rounded once to `G`, and ``upperOperand``; the same when
+    /// `G` is `P`). `scaled` (`m × r` of `P`, which also holds `m × r` of `G`) and, when `G` is
+    /// not `P`, `wide` (`m × n` of `P`) are work space.
+    func buildEffective(r: Int, _ c: UnsafePointer<P>, exact: Bool, into out: UnsafeMutablePointer<G>,
                         scaled: UnsafeMutablePointer<P>, wide: UnsafeMutablePointer<P>?) {
-        for i in 0..<m { P.hadamard(lower.pointer + i * rank, c, into: scaled + i * r, count: r) }
         let sum: UnsafeMutablePointer<P>
         if G.self == P.self {
             sum = UnsafeMutableRawPointer(out).assumingMemoryBound(to: P.self)
@@ -151,8 +169,21 @@ extension LDUFactors {
             sum = wide!
             E.widen(weight, to: sum, count: m * n)
         }
-        P.multiply(transA: false, transB: false, m: m, n: n, k: r, a: scaled, lda: r,
-               b: upper.pointer, ldb: n, accumulate: true, c: sum, ldc: n)
+        if exact || G.self == P.self {
+            for i in 0..<m { P.hadamard(lower.pointer + i * rank, c, into: scaled + i * r, count: r) }
+            P.multiply(transA: false, transB: false, m: m, n: n, k: r, a: scaled, lda: r,
+                       b: upper.pointer, ldb: n, accumulate: true, c: sum, ldc: n)
+        } else {
+            let operand = UnsafeMutableRawPointer(scaled).assumingMemoryBound(to: G.self)
+            withUnsafeTemporaryAllocation(of: P.self, capacity: r) { row in
+                for i in 0..<m {
+                    P.hadamard(lower.pointer + i * rank, c, into: row.baseAddress!, count: r)
+                    G.narrow(row.baseAddress!, to: operand + i * r, count: r)
+                }
+            }
+            G.multiply(transA: false, transB: false, m: m, n: n, k: r, a: operand, lda: r,
+                       b: upperOperand, ldb: n, accumulate: true, c: sum, ldc: n)
+        }
         if G.self != P.self { G.narrow(sum, to: out, count: m * n) }
     }
 }

@@ -14,6 +14,9 @@ import Testing
 ///     |y − y₃₂|  ≤ u·|y₃₂|  + 4u·((H ⊙ |c|) |A|ᵀ) + (n + r)·2⁻²³·(|x| |W|ᵀ)
 ///     |dX − dX₃₂| ≤ u·|dX₃₂| + 4u·((Γ ⊙ |c|) |U|)  + (m + r)·2⁻²³·(|dY| |W|)
 ///     |dz_k − dz₃₂,k| ≤ 3u·σ·Σ_b H_bk Γ_bk, and |dσ − dσ₃₂| ≤ 3u·Σ_k |z_k| Σ_b H_bk Γ_bk.
+/// The merged paths round A diag(c) once (instead of h ⊙ c), W_eff = W + A diag(c) U_r once more
+/// (u·|W_eff| ≤ u·(|W| + |A| |c| |U|)), and for dz the weight gradient dYᵀx once (within the dz
+/// bound): y and dX get u·(|x| |W|ᵀ) and u·(|dY| |W|) more.
 /// bf16 units treat subnormal inputs (|v| < 2⁻¹²⁶) as zero: they are not used here.
 @Suite(.serialized) struct HalfPrecisionTests {
     enum Half: String, CaseIterable, Sendable, CustomStringConvertible {
@@ -112,6 +115,12 @@ import Testing
             #expect(loldu_backward(reference, Int64(batch), xf, dyf, &dxRef, nil) == LOLDU_OK)
             let (grads, gradsRef) = (Self.grads(a, r), Self.grads(reference, r))
             let what = "\(half) \(forceWidened ? "widened" : "auto") path \(path.rawValue)"
+            // W_eff as written out is float32's rounded once, whatever operands the step built its
+            // cached W_eff from (bf16 ones on the merged paths on bf16 units).
+            var weff = [UInt16](repeating: 0, count: m * n), weffRef = [Float](repeating: .nan, count: m * n)
+            #expect(loldu_effective_weight(a, &weff) == LOLDU_OK && loldu_effective_weight(reference, &weffRef) == LOLDU_OK)
+            let differing = zip(weff, weffRef).filter { $0 != half.round($1) }.count
+            #expect(differing == 0, "\(what): W_eff is the float32 one rounded once; \(differing) of \(m * n) elements differ")
             if !native {
                 #expect(y == yRef.map(half.round), "\(what): y is the float32 y rounded once")
                 #expect(dx == dxRef.map(half.round), "\(what): dX is the float32 dX rounded once")
@@ -130,14 +139,15 @@ import Testing
             let gBound = matmul(magnitude(dyf), magnitude(lower), batch, m, r)                       // Γ
             let yLow = matmul(hBound.enumerated().map { $0.element * c[$0.offset % r] }, transpose(magnitude(lower), m, r), batch, r, m)
             let yBase = matmul(magnitude(xf), transpose(magnitude(wf), m, n), batch, n, m)
+            let weightRounding = path == LOLDU_PATH_FACTORED ? 0 : u  // W_eff's rounding, on the merged paths
             for i in 0..<(batch * m) {
-                let bound = u * Double(abs(yRef[i])) + 4 * u * yLow[i] + Double(n + r) * 0x1p-23 * yBase[i]
+                let bound = u * Double(abs(yRef[i])) + 4 * u * yLow[i] + (Double(n + r) * 0x1p-23 + weightRounding) * yBase[i]
                 #expect(abs(Double(half.widen(y[i])) - Double(yRef[i])) <= bound, "\(what): y[\(i)] = \(half.widen(y[i])), float32 \(yRef[i]), bound \(bound)")
             }
             let dxLow = matmul(gBound.enumerated().map { $0.element * c[$0.offset % r] }, magnitude(upper), batch, r, n)
             let dxBase = matmul(magnitude(dyf), magnitude(wf), batch, m, n)
             for i in 0..<(batch * n) {
-                let bound = u * Double(abs(dxRef[i])) + 4 * u * dxLow[i] + Double(m + r) * 0x1p-23 * dxBase[i]
+                let bound = u * Double(abs(dxRef[i])) + 4 * u * dxLow[i] + (Double(m + r) * 0x1p-23 + weightRounding) * dxBase[i]
                 #expect(abs(Double(half.widen(dx[i])) - Double(dxRef[i])) <= bound, "\(what): dX[\(i)]")
             }
             let products = (0..<r).map { k in (0..<batch).reduce(0.0) { $0 + hBound[$1 * r + k] * gBound[$1 * r + k] } }

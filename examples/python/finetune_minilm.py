@@ -315,8 +315,12 @@ def demo(args) -> None:
 
     lt.merge_loldu(reloaded.encoder)
     merged = predict(reloaded, test_ids, test_mask)
-    merged_same = torch.equal(merged.argmax(1), reference.argmax(1))
-    print(f"merged: predictions {'identical' if merged_same else 'DIFFERENT'} "
+    merged_agree = float((merged.argmax(1) == reference.argmax(1)).float().mean())
+    # float32: the same weight, the same predictions; bf16: merging rounds W + ΔW computed from
+    # float32 operands, where the training path built W_eff from bf16 operands (as its other
+    # products), so predictions at the decision boundary may flip.
+    merged_same = merged_agree == 1.0 if args.dtype == "float32" else merged_agree >= 0.99
+    print(f"merged: {merged_agree:.2%} of the predictions agree "
           f"(largest logit difference {float((merged - reference).abs().max()):.2e})")
 
     # The way out: the same adapter as a standard PEFT LoRA, loaded by PEFT on a fresh encoder.
