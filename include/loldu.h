@@ -129,7 +129,10 @@ LOLDU_API const char *loldu_last_error(void);
  *   LOLDU_BFLOAT16: uint16_t holding the top half of a float (PyTorch's torch.bfloat16). GEMMs
  *     run in bf16 on AMX-BF16 (through oneDNN); with AVX512-BF16 alone, in bf16 unless a
  *     product timed once per process ran 25% faster widened to float32; widened elsewhere (see
- *     loldu_gemm_backend and loldu_set_widened_half).
+ *     loldu_gemm_backend and loldu_set_widened_half). In bf16, a step's products all take bf16
+ *     operands (A, U_r, and what is formed in float32 on the way, rounded once: A·diag(c) of
+ *     the W_eff it caches, dYᵀx on LOLDU_PATH_MERGED_WGRAD); loldu_effective_weight,
+ *     loldu_merge and the merges into files use float32 operands and round once.
  *   LOLDU_FLOAT16: IEEE binary16 (uint16_t / _Float16). Widened to float32 for the GEMMs (oneDNN
  *     2.6 has no float16 kernels for x86): the memory of float16, the speed of float32.
  */
