@@ -129,10 +129,11 @@ LOLDU_API const char *loldu_last_error(void);
  *   LOLDU_BFLOAT16: uint16_t holding the top half of a float (PyTorch's torch.bfloat16). GEMMs
  *     run in bf16 on AMX-BF16 (through oneDNN); with AVX512-BF16 alone, in bf16 unless a
  *     product timed once per process ran 25% faster widened to float32; widened elsewhere (see
- *     loldu_gemm_backend and loldu_set_widened_half). In bf16, a step's products all take bf16
- *     operands (A, U_r, and what is formed in float32 on the way, rounded once: A·diag(c) of
- *     the W_eff it caches, dYᵀx on LOLDU_PATH_MERGED_WGRAD); loldu_effective_weight,
- *     loldu_merge and the merges into files use float32 operands and round once.
+ *     loldu_gemm_backend and loldu_set_widened_half). Where bf16 GEMMs run in bf16, a training
+ *     step's products all take bf16 operands (A, U_r, and what is formed in float32 on the way,
+ *     rounded once: A·diag(c) of the W_eff it caches, dYᵀx on LOLDU_PATH_MERGED_WGRAD), while
+ *     loldu_effective_weight, loldu_merge and the merges into files build W + ΔW from float32
+ *     operands and round it once, and loldu_weight_backward multiplies float32 operands.
  *   LOLDU_FLOAT16: IEEE binary16 (uint16_t / _Float16). Widened to float32 for the GEMMs (oneDNN
  *     2.6 has no float16 kernels for x86): the memory of float16, the speed of float32.
  */
@@ -456,7 +457,10 @@ LOLDU_API loldu_status loldu_backward_into(loldu_adapter *adapter, int64_t batch
 /**
  * Weight space, for layers that use the weight in another way (convolution, embedding, fused
  * projections): writes the weight the layer currently computes with, W_eff (m × n), into
- * `w`; the pretrained W while disabled; the merged weight while merged.
+ * `w`; the pretrained W while disabled; the merged weight while merged. W_eff is W + ΔW
+ * computed in float32 and rounded once to the element type (where bf16 GEMMs run in bf16, a
+ * training step on a merged path multiplies by a W_eff built from bf16 operands, which may
+ * differ from it in the last bit: see LOLDU_BFLOAT16).
  * @return LOLDU_ERR_NOT_FINITE, writing nothing, if W_eff does not fit the element type (a
  *         float16 value beyond 65504: σ or z too large).
  */

@@ -285,10 +285,12 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         s.effectiveValid && same(s.effectiveCoef.pointer, c)
     }
 
-    /// Makes sure the cached `W_eff` holds `c` (built `exact`ly when asked, else as a step's
-    /// product); everything it needs is allocated before the cache is touched.
+    /// Makes sure the cached `W_eff` holds `c`, built `exact`ly or as a step's product (never the
+    /// other kind: what a step computes does not depend on an earlier merge); everything it
+    /// needs is allocated before the cache is touched.
     private func refreshEffective(_ s: Local, _ c: UnsafePointer<P>, exact: Bool = false) throws(LoLDUError) -> UnsafePointer<G> {
-        if effectiveIsFresh(s, c), s.effectiveExact || !exact, let effective = s.effective { return UnsafePointer(effective.pointer) }
+        let built = exact || G.self == P.self
+        if effectiveIsFresh(s, c), s.effectiveExact == built, let effective = s.effective { return UnsafePointer(effective.pointer) }
         let cache: HeapBuffer<G>
         if let effective = s.effective { cache = effective } else { cache = try HeapBuffer<G>(count: m * n) }
         let scaled = try s.scaled.get(m * rank)
@@ -297,7 +299,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         factors.buildEffective(r: rank, c, exact: exact, into: cache.pointer, scaled: scaled, wide: wide)
         s.effectiveCoef.pointer.update(from: c, count: rank)
         s.effectiveValid = true
-        s.effectiveExact = exact || G.self == P.self
+        s.effectiveExact = built
         return UnsafePointer(cache.pointer)
     }
 

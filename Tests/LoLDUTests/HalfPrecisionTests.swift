@@ -14,9 +14,10 @@ import Testing
 ///     |y − y₃₂|  ≤ u·|y₃₂|  + 4u·((H ⊙ |c|) |A|ᵀ) + (n + r)·2⁻²³·(|x| |W|ᵀ)
 ///     |dX − dX₃₂| ≤ u·|dX₃₂| + 4u·((Γ ⊙ |c|) |U|)  + (m + r)·2⁻²³·(|dY| |W|)
 ///     |dz_k − dz₃₂,k| ≤ 3u·σ·Σ_b H_bk Γ_bk, and |dσ − dσ₃₂| ≤ 3u·Σ_k |z_k| Σ_b H_bk Γ_bk.
-/// The merged paths round A diag(c) once (instead of h ⊙ c), W_eff = W + A diag(c) U_r once more
-/// (u·|W_eff| ≤ u·(|W| + |A| |c| |U|)), and for dz the weight gradient dYᵀx once (within the dz
-/// bound): y and dX get u·(|x| |W|ᵀ) and u·(|dY| |W|) more.
+/// The merged paths round A diag(c) (from float32's A) and U_r once each, and W_eff = W + A diag(c) U_r
+/// once more (u·|W_eff| ≤ u·(|W| + |A| |c| |U|)): three first-order terms of the 4u above, whose
+/// share of |W| gives y and dX u·(|x| |W|ᵀ) and u·(|dY| |W|) more; dz rounds the weight gradient
+/// dYᵀx and A once each (two of the 3u).
 /// bf16 units treat subnormal inputs (|v| < 2⁻¹²⁶) as zero: they are not used here.
 @Suite(.serialized) struct HalfPrecisionTests {
     enum Half: String, CaseIterable, Sendable, CustomStringConvertible {
@@ -121,6 +122,21 @@ import Testing
             #expect(loldu_effective_weight(a, &weff) == LOLDU_OK && loldu_effective_weight(reference, &weffRef) == LOLDU_OK)
             let differing = zip(weff, weffRef).filter { $0 != half.round($1) }.count
             #expect(differing == 0, "\(what): W_eff is the float32 one rounded once; \(differing) of \(m * n) elements differ")
+            if path != LOLDU_PATH_AUTO {  // (auto may change its path on repeated forwards)
+                // Merges (here and in the previous path's turn) leave what a step computes as a
+                // fresh clone computes it, bit for bit.
+                var fresh: OpaquePointer?
+                #expect(loldu_adapter_clone(&fresh, a) == LOLDU_OK && loldu_set_path(fresh, path) == LOLDU_OK)
+                defer { loldu_adapter_free(fresh) }
+                var again = [UInt16](repeating: 0, count: batch * m), yFresh = again
+                #expect(loldu_forward(fresh, Int64(batch), x, &yFresh, nil) == LOLDU_OK)
+                #expect(loldu_merge(a) == LOLDU_OK && loldu_unmerge(a) == LOLDU_OK)
+                #expect(loldu_forward(a, Int64(batch), x, &again, nil) == LOLDU_OK)
+                for (output, label) in [(y, "y"), (again, "y after a merge and an unmerge")] {
+                    let differing = zip(output, yFresh).filter { $0 != $1 }.count
+                    #expect(differing == 0, "\(what): \(label): \(differing) elements differ from a fresh clone's")
+                }
+            }
             if !native {
                 #expect(y == yRef.map(half.round), "\(what): y is the float32 y rounded once")
                 #expect(dx == dxRef.map(half.round), "\(what): dX is the float32 dX rounded once")

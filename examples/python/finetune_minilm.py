@@ -345,7 +345,7 @@ def demo(args) -> None:
     summary = {
         "accuracy_before": before, "accuracy_after": after, "trainable": report,
         "adapter_bytes": adapter_bytes, "step_seconds": step_time, "wall_seconds": elapsed,
-        "reload_identical": same, "merge_identical": merged_same, "peft_identical": peft_same,
+        "reload_identical": same, "merge_agrees": merged_same, "peft_agrees": peft_same,
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
