@@ -141,12 +141,16 @@ static float *from_bf16(const uint16_t *a, long count) {
     return out;
 }
 
-/* ‖a − ref‖ / ‖ref‖ (Frobenius), `a` as float32 or bf16 bits (`bits` non-NULL). */
+/* ‖a − ref‖ / ‖ref‖ (Frobenius), the values as float32 (`a`) or as bf16 bits (`bits`): one of the two. */
 static double relative_error(const float *a, const uint16_t *bits, const float *ref, long count) {
+    if (!a == !bits) {
+        fprintf(stderr, "relative_error: give a or bits\n");
+        exit(1);
+    }
     double num = 0, den = 0;
     for (long i = 0; i < count; i++) {
-        float v = a ? a[i] : 0;
-        if (bits) { uint32_t u = (uint32_t)bits[i] << 16; memcpy(&v, &u, sizeof u); }
+        float v;
+        if (bits) { uint32_t u = (uint32_t)bits[i] << 16; memcpy(&v, &u, sizeof u); } else { v = a[i]; }
         num += ((double)v - ref[i]) * ((double)v - ref[i]);
         den += (double)ref[i] * ref[i];
     }
