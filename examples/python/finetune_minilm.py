@@ -130,6 +130,18 @@ def predict(model, ids, mask, batch: int = 128) -> torch.Tensor:
     return torch.cat(out)
 
 
+def agreement(logits, reference, dtype: str) -> tuple[str, bool]:
+    """A report of the share of predictions ``logits`` have in common with ``reference``, and
+    whether that share passes: all of them in float32; 99% in bf16, where another computation of the
+    same model rounds differently (a merge rounds W + ΔW computed from float32 operands where the
+    training path built W_eff from bf16 ones; PEFT adds its float32 LoRA product to the bf16
+    layer's output), so predictions at the decision boundary may flip."""
+    agree = float((logits.argmax(1) == reference.argmax(1)).float().mean())
+    report = (f"{agree:.2%} of the predictions agree "
+              f"(largest logit difference {float((logits - reference).abs().max()):.2e})")
+    return report, agree == 1.0 if dtype == "float32" else agree >= 0.99
+
+
 def accuracy(logits, labels) -> float:
     return float((logits.argmax(1) == labels).float().mean())
 
@@ -315,13 +327,8 @@ def demo(args) -> None:
 
     lt.merge_loldu(reloaded.encoder)
     merged = predict(reloaded, test_ids, test_mask)
-    merged_agree = float((merged.argmax(1) == reference.argmax(1)).float().mean())
-    # float32: the same weight, the same predictions; bf16: merging rounds W + ΔW computed from
-    # float32 operands, where the training path built W_eff from bf16 operands (as its other
-    # products), so predictions at the decision boundary may flip.
-    merged_same = merged_agree == 1.0 if args.dtype == "float32" else merged_agree >= 0.99
-    print(f"merged: {merged_agree:.2%} of the predictions agree "
-          f"(largest logit difference {float((merged - reference).abs().max()):.2e})")
+    merged_report, merged_same = agreement(merged, reference, args.dtype)
+    print(f"merged: {merged_report}")
 
     # The way out: the same adapter as a standard PEFT LoRA, loaded by PEFT on a fresh encoder.
     import peft
@@ -332,12 +339,8 @@ def demo(args) -> None:
     other.encoder = peft.PeftModel.from_pretrained(other.encoder, lora_dir)
     other.head.load_state_dict(model.head.state_dict())
     through_peft = predict(other, test_ids, test_mask)
-    agree = float((through_peft.argmax(1) == reference.argmax(1)).float().mean())
-    # float32: the same predictions; bf16: PEFT adds its float32 LoRA product to the bf16 layer's
-    # output where LoLDU rounds W_eff, so predictions at the decision boundary may flip.
-    peft_same = agree == 1.0 if args.dtype == "float32" else agree >= 0.99
-    print(f"exported as a PEFT LoRA ({lora_dir}) and loaded by peft.PeftModel: {agree:.2%} of the "
-          f"predictions agree (largest logit difference {float((through_peft - reference).abs().max()):.2e})")
+    peft_report, peft_same = agreement(through_peft, reference, args.dtype)
+    print(f"exported as a PEFT LoRA ({lora_dir}) and loaded by peft.PeftModel: {peft_report}")
 
     png = os.path.join(out, "training.png")
     plot(losses, accuracies, before, png)
