@@ -496,6 +496,41 @@ def test_replaced_parameters_are_rebound():
     np.testing.assert_array_equal(layer.adapter.z, [0.5] * 4)
 
 
+def test_functional_call_computes_with_the_given_values_and_leaves_the_module_as_it_was():
+    """``torch.func.functional_call`` swaps other tensors in for one call: that call computes
+    with their values and gives them the gradients, and the module's own parameters, their
+    values and its later outputs stay as they were (the swapped-in values are not written into
+    the memory the module's parameters share with the library)."""
+    torch.manual_seed(10)
+    layer = lt.LoLDULinear(nn.Linear(8, 6), rank=4)
+    layer.update_layer("b", AdapterConfig(rank=3))
+    layer.set_adapter("default")
+    x = torch.randn(5, 8)
+    own = {k: v.detach().clone() for k, v in layer.named_parameters()}
+    before = layer(x).detach()
+    given = {k: (v.detach() * 1.5 if "loldu_" in k else v.detach()).clone().requires_grad_() for k, v in own.items()}
+    twin = copy.deepcopy(layer)  # the reference: a layer that really has the given values
+    with torch.no_grad():
+        for k, p in twin.named_parameters():
+            p.copy_(given[k])
+    names = ["b", "default", "__base__", "b", "default"]
+    for kwargs in ({}, {"adapter_names": names}):
+        for t in (*given.values(), *twin.parameters()):
+            t.grad = None
+        y = torch.func.functional_call(layer, given, (x,), kwargs)
+        expected = twin(x, **kwargs)
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+        y.square().sum().backward()
+        expected.square().sum().backward()
+        for k, p in twin.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(given[k].grad, p.grad, rtol=1e-6, atol=1e-6, msg=k)
+        for k, v in layer.named_parameters():
+            torch.testing.assert_close(v.detach(), own[k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(layer(x).detach(), before, rtol=0, atol=0)
+    assert layer.loldu_z["default"].data_ptr() == layer.adapter._params_ptr  # (bound again after the mixed call)
+
+
 def test_a_mixed_batch_sees_replaced_parameters_and_added_or_deleted_adapters():
     """The layer keeps its adapters as one group between mixed batches: parameters replaced
     (``.data =``, ``load_state_dict(assign=True)``), adapters added, re-created or deleted since

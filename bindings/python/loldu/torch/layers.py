@@ -23,6 +23,7 @@ import ctypes
 import dataclasses
 import os
 import warnings
+import weakref
 import zlib
 
 import numpy as np
@@ -153,6 +154,7 @@ class LoLDULayer(nn.Module):
         self._plans: dict[tuple[str, int], bool] = {}
         self._grouping: AdapterGroup | None = None  # (_group)
         self._changes = 0  # adapters added, re-created or removed (_group)
+        self._bound_to: dict[str, tuple] = {}  # name -> weak references to the parameters bound (_bind)
         self.base_layer.weight.requires_grad_(False)
         self.update_layer(adapter_name, dataclasses.replace(config or AdapterConfig(), **fields))
         self.active_adapters = [adapter_name]
@@ -194,13 +196,15 @@ class LoLDULayer(nn.Module):
     @property
     def adapter(self) -> Adapter:
         """The active adapter's numpy-level ``loldu.Adapter`` (paths, factors, info...)."""
-        return self._adapters[self.active_adapter]
+        return self.get_adapter(self.active_adapter)
 
     def get_adapter(self, adapter_name: str) -> Adapter:
+        """Adapter ``adapter_name``'s ``loldu.Adapter``, holding the values of the layer's
+        ``loldu_z`` / ``loldu_sigma`` (bound to them again if they were replaced)."""
         if adapter_name not in self._adapters:
             raise InvalidArgumentError(f"{self.loldu_name} has no adapter {adapter_name!r}; it has "
                                        f"{list(self._adapters)}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-        return self._adapters[adapter_name]
+        return self._bound(adapter_name)
 
     @property
     def rank(self) -> int:
@@ -353,13 +357,14 @@ class LoLDULayer(nn.Module):
         else:
             self.loldu_z[name] = nn.Parameter(z, requires_grad=True)
             self.loldu_sigma[name] = nn.Parameter(sigma, requires_grad=train_sigma)
+        self._bound_to[name] = (weakref.ref(self.loldu_z[name]), weakref.ref(self.loldu_sigma[name]))
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Removes an adapter; if it was active, the first remaining adapter becomes active."""
         adapter = self._deletable(adapter_name)
         del self._adapters[adapter_name], self.loldu_config[adapter_name]
         self._changes += 1
-        del self.loldu_z[adapter_name], self.loldu_sigma[adapter_name]
+        del self.loldu_z[adapter_name], self.loldu_sigma[adapter_name], self._bound_to[adapter_name]
         self._forget(adapter_name)
         adapter.close()
         if adapter_name in self.active_adapters:  # as PEFT: another becomes active and trainable
@@ -405,10 +410,10 @@ class LoLDULayer(nn.Module):
 
     # -- checks before use ----------------------------------------------------------------------
 
-    def _prepare(self, name: str) -> Adapter:
-        """Cheap checks before each use: threads, base weight unchanged, parameters bound."""
+    def _prepare(self, name: str, *, call: bool = False) -> Adapter:
+        """Cheap checks before each use: threads, base weight unchanged, parameters bound (``_bound``)."""
         self._check_weight()
-        return self._bound(name)
+        return self._bound(name, call=call)
 
     def _check_weight(self) -> None:
         """The process configured (threads, malloc), and the base weight unchanged since it was factored."""
@@ -428,22 +433,53 @@ class LoLDULayer(nn.Module):
                 )
             self._stamp = (weight._version, weight.data_ptr(), dtype, crc)
 
-    def _bound(self, name: str) -> Adapter:
-        """Adapter ``name``, its ``loldu_z`` / ``loldu_sigma`` still its memory (bound again if replaced)."""
+    def _bound(self, name: str, *, call: bool = False) -> Adapter:
+        """Adapter ``name``, its ``loldu_z`` / ``loldu_sigma`` still its memory. Replaced by other
+        tensors, their values win: for one ``call`` while the parameters bound before live on
+        elsewhere (``torch.func.functional_call`` swaps tensors in for a call, then puts the
+        parameters back), through a stand-in with those values, binding nothing; otherwise
+        (``load_state_dict(assign=True)``, ``.data =``, or not for a call) bound again."""
         adapter = self._adapters[name]
         z = self._modules["loldu_z"]._parameters[name]
         sigma = self._modules["loldu_sigma"]._parameters[name]
         if z.data_ptr() != adapter._params_ptr or sigma.data_ptr() != adapter._params_ptr + adapter.rank * adapter.param_dtype.itemsize:
-            self._rebind_from_parameters(name)
+            replaced = self._replaced_alive(name, (z, sigma))
+            if call and replaced:
+                return self._stand_in(name, z, sigma)
+            self._rebind_from_parameters(name, replaced)
         return adapter
 
-    def _rebind_from_parameters(self, name: str) -> None:
-        """The parameters were replaced (e.g. load_state_dict(assign=True)): their values win."""
+    def _replaced_alive(self, name: str, current) -> list[torch.Tensor]:
+        """The parameters ``_bind`` bound for ``name`` that are no longer in the module but still alive."""
+        return [old for old, now in zip((ref() for ref in self._bound_to.get(name, ())), current)
+                if old is not None and old is not now]
+
+    def _unmergeable_replacement(self, name: str) -> StateError:
+        return StateError(f"{self.loldu_name}: loldu_z / loldu_sigma were replaced while merged; unmerge first",
+                          _capi.LOLDU_ERR_STATE)
+
+    def _stand_in(self, name: str, z: torch.Tensor, sigma: torch.Tensor) -> Adapter:
+        """A clone of adapter ``name`` computing with the values of ``z`` and ``sigma`` (freed with
+        the call's autograd graph)."""
         adapter = self._adapters[name]
         if adapter.merged:
-            raise StateError(f"{self.loldu_name}: loldu_z / loldu_sigma were replaced while merged; unmerge first",
-                             _capi.LOLDU_ERR_STATE)
-        self._restore(adapter, (self.loldu_z[name], self.loldu_sigma[name]))
+            raise self._unmergeable_replacement(name)
+        stand_in = adapter.clone()
+        stand_in.path, stand_in.enabled = adapter.path, adapter.enabled
+        self._restore(stand_in, (z, sigma))
+        return stand_in
+
+    def _rebind_from_parameters(self, name: str, replaced=None) -> None:
+        """The parameters were replaced (e.g. load_state_dict(assign=True)): their values win.
+        Replaced parameters still alive get memory of their own first, keeping their values."""
+        adapter = self._adapters[name]
+        if adapter.merged:
+            raise self._unmergeable_replacement(name)
+        z, sigma = self.loldu_z[name], self.loldu_sigma[name]
+        with torch.no_grad():
+            for old in self._replaced_alive(name, (z, sigma)) if replaced is None else replaced:
+                old.data = old.data.clone()
+        self._restore(adapter, (z, sigma))
         self._bind(name)
 
     def _check_input(self, x) -> torch.Tensor:
@@ -485,7 +521,7 @@ class LoLDULayer(nn.Module):
     def _computing_adapter(self, name: str, dtype: torch.dtype, weight_checked: bool = False) -> Adapter:
         """The adapter that computes ``name`` in ``dtype``: itself, or under autocast its
         conversion to the half type (same factorisation; z and σ copied in before each use)."""
-        adapter = self._bound(name) if weight_checked else self._prepare(name)
+        adapter = self._bound(name, call=True) if weight_checked else self._prepare(name, call=True)
         if dtype == self.dtype:
             return adapter
         companion = self._companions.get((name, dtype))
@@ -693,13 +729,14 @@ class LoLDULayer(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_adapters"], state["_factors"], state["_stamp"], state["_companions"] = {}, None, None, {}
-        state["_grouping"] = None
+        state["_grouping"], state["_bound_to"] = None, {}
         state["_merged_names"] = self._merged_names()
         return state
 
     def __setstate__(self, state):
         state.setdefault("_grouping", None)
         state.setdefault("_changes", 0)
+        state.setdefault("_bound_to", {})
         merged = state.pop("_merged_names", [])
         super().__setstate__(state)
         if not self._adapters and self.loldu_config:
@@ -749,7 +786,7 @@ class LoLDULinear(LoLDULayer):
                 and not torch.is_autocast_enabled("cpu") and x.shape[1] == base.in_features):
             # The common call, every check below passed: attributes read once, as cheaply as can be.
             name = self.active_adapters[0]
-            return self._forward_one(library_input(x), name, self._prepare(name), base._parameters["bias"])
+            return self._forward_one(library_input(x), name, self._prepare(name, call=True), base._parameters["bias"])
         dtype = self._compute_dtype()
         x = self._check_float_input(x, dtype)
         n = base.in_features
@@ -805,7 +842,9 @@ class LoLDULinear(LoLDULayer):
         if group is self._grouping:  # (conversions copy z and σ from the bound adapters)
             for i in used:  # ``_bound``, inline with the group's addresses: this runs per used adapter per batch
                 if (z[owners[i]].data_ptr(), sigma[owners[i]].data_ptr()) != group.memory[i]:
-                    self._rebind_from_parameters(owners[i])
+                    if self._bound(owners[i], call=True) is not group.adapters[i]:  # swapped in for this call
+                        group = AdapterGroup(self._factors, owners[1:], [self._bound(n, call=True) for n in owners[1:]])
+                        break
         rows = group.rows(names, x2.shape[0] // len(names) if len(names) else 1)
         if torch.is_grad_enabled():
             # (A mixed batch is never on a disabled layer: merged adapters are those that do not compute.)

@@ -638,7 +638,7 @@ def merge_loldu(model: nn.Module) -> None:
                 merged.append((layer, name))
     except BaseException:
         for layer, name in merged:
-            layer.get_adapter(name).unmerge()
+            layer._adapters[name].unmerge()
         raise
 
 
