@@ -531,6 +531,38 @@ def test_functional_call_computes_with_the_given_values_and_leaves_the_module_as
     assert layer.loldu_z["default"].data_ptr() == layer.adapter._params_ptr  # (bound again after the mixed call)
 
 
+def test_share_memory_moves_the_borrowed_weight_and_the_layer_follows():
+    """``model.share_memory()`` moves every parameter's memory into shared memory in place,
+    freeing the old: a layer whose library reads the base weight in place (borrowed) must follow
+    it (the library read freed memory, garbage, before). z and σ stay in the library's memory of
+    this process, which the layer says."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    lt.add_loldu(model, ["0", "2"], rank=3)
+    twin = copy.deepcopy(model)
+    x = torch.randn(5, 8)
+    with pytest.warns(loldu.LoLDUWarning, match="share_memory"):
+        model.share_memory()
+    assert model[0].base_layer.weight.is_shared()
+    junk = [torch.full((64,), 7.0e30) for _ in range(1000)]  # (what reuses freed memory)
+    for m in (model, twin):
+        with torch.no_grad():
+            m[0].loldu_z["default"].mul_(0.5)
+        m(x).square().sum().backward()
+    torch.testing.assert_close(model(x), twin(x), rtol=0, atol=0)
+    torch.testing.assert_close(model[0].loldu_z["default"].grad, twin[0].loldu_z["default"].grad, rtol=0, atol=0)
+    del junk
+
+
+def test_refactor_keeps_the_values_of_replaced_parameters():
+    torch.manual_seed(12)
+    layer = lt.LoLDULinear(nn.Linear(8, 6), rank=4)
+    layer.loldu_z["default"].data = torch.arange(1.0, 5.0)  # other memory: the library has not seen it yet
+    layer.refactor()
+    np.testing.assert_array_equal(layer.get_adapter("default").z, [1, 2, 3, 4])
+    assert layer.loldu_z["default"].data_ptr() == layer.adapter._params_ptr
+
+
 def test_a_mixed_batch_sees_replaced_parameters_and_added_or_deleted_adapters():
     """The layer keeps its adapters as one group between mixed batches: parameters replaced
     (``.data =``, ``load_state_dict(assign=True)``), adapters added, re-created or deleted since

@@ -148,6 +148,7 @@ class LoLDULayer(nn.Module):
         self._adapters: dict[str, Adapter] = {}
         self._factors: Adapter | None = None  # owns the shared factors (a rank-R adapter nobody trains)
         self._stamp = None
+        self._borrowed = None  # (tensor, address) of a borrowed base weight, where the library reads it
         self._disabled = False
         self._mixed: list[str] | None = None
         self._companions: dict = {}
@@ -329,6 +330,8 @@ class LoLDULayer(nn.Module):
             factors.close()
             raise
         old, self._factors = self._factors, factors
+        borrowed = factors._handle.keep  # (the base weight the library reads in place, if borrowed)
+        self._borrowed = None if borrowed is None else (borrowed, borrowed.data_ptr())
         previous, self._adapters = self._adapters, moved
         self._changes += 1
         for name in moved:
@@ -403,7 +406,14 @@ class LoLDULayer(nn.Module):
 
     def refactor(self) -> None:
         """Factors the base weight again (after its values changed or its type did), keeping every
-        z and σ; all or nothing (see ``_adopt``). A layer without adapters has nothing to factor."""
+        z and σ (the parameters' values, also of parameters replaced since the last call); all or
+        nothing (see ``_adopt``). A layer without adapters has nothing to factor."""
+        for name in self._adapters:
+            self._bound(name)
+        self._refactor()
+
+    def _refactor(self) -> None:
+        """``refactor`` with the adapters' values of z and σ, whatever the parameters hold."""
         if self._factors is not None:
             matrix = self._weight_matrix(self._base_weight().detach())
             self._factor(matrix, self._factors.rank, self._factors.config.borrow_weight)
@@ -432,6 +442,9 @@ class LoLDULayer(nn.Module):
                     _capi.LOLDU_ERR_STATE,
                 )
             self._stamp = (weight._version, weight.data_ptr(), dtype, crc)
+            borrowed = self._borrowed
+            if borrowed is not None and borrowed[0].data_ptr() != borrowed[1]:
+                self.refactor()  # its memory moved (share_memory_()): the library would read freed memory
 
     def _bound(self, name: str, *, call: bool = False) -> Adapter:
         """Adapter ``name``, its ``loldu_z`` / ``loldu_sigma`` still its memory. Replaced by other
@@ -693,14 +706,20 @@ class LoLDULayer(nn.Module):
         dtype = self.dtype
         for name in self._adapters:
             self._bound(name)  # (parameters replaced since the last call: their values are the ones to keep)
-        saved = _tensors(self)
+        saved, shared = _tensors(self), self._base_weight().is_shared()
         result = super()._apply(fn, recurse)  # (z and σ keep their values and type whatever fn does to them)
         if self._factors is None:
             return result
+        if not shared and self._base_weight().is_shared():
+            warnings.warn("share_memory(): the base weights are shared now, but loldu_z / loldu_sigma live in "
+                          "libloldu's memory of this process, so other processes' updates to them are not seen "
+                          "here: train LoLDU parameters in one process, or with DistributedDataParallel",
+                          LoLDUWarning, stacklevel=3)
         try:
             if LIBRARY_DTYPES[self._base_weight().dtype] != self._factors._dtype_code:
-                self.refactor()  # model.to(dtype): factored again in the new type (all or nothing)
+                self._refactor()  # model.to(dtype): factored again in the new type (all or nothing)
             else:
+                self._check_weight()  # (share_memory_() moves a borrowed weight: factored where it is now)
                 for name in self._adapters:
                     self._bound(name)  # (fn replaced the parameters: their values, bound again)
         except BaseException as error:  # the layer as it was, working: its tensors back in its old type
@@ -729,7 +748,7 @@ class LoLDULayer(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_adapters"], state["_factors"], state["_stamp"], state["_companions"] = {}, None, None, {}
-        state["_grouping"], state["_bound_to"] = None, {}
+        state["_grouping"], state["_bound_to"], state["_borrowed"] = None, {}, None
         state["_merged_names"] = self._merged_names()
         return state
 
@@ -737,6 +756,7 @@ class LoLDULayer(nn.Module):
         state.setdefault("_grouping", None)
         state.setdefault("_changes", 0)
         state.setdefault("_bound_to", {})
+        state.setdefault("_borrowed", None)
         merged = state.pop("_merged_names", [])
         super().__setstate__(state)
         if not self._adapters and self.loldu_config:
