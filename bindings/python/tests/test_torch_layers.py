@@ -563,6 +563,34 @@ def test_refactor_keeps_the_values_of_replaced_parameters():
     assert layer.loldu_z["default"].data_ptr() == layer.adapter._params_ptr
 
 
+def test_a_computed_base_weight_is_refused_with_the_fix():
+    """Pruning and parametrizations replace the weight parameter by a computed tensor: refused
+    when adding (torch's own error about leaf tensors, before) and at the next call when applied
+    afterwards (a KeyError, before), naming the layer and the way out."""
+    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils.parametrizations import weight_norm
+
+    x = torch.randn(3, 8)
+    for computed in (lambda m: prune.l1_unstructured(m, "weight", 0.5), weight_norm):
+        model = nn.Sequential()
+        model.add_module("fc", nn.Linear(8, 6))
+        computed(model.fc)
+        with pytest.raises(loldu.InvalidArgumentError, match=r"fc: the base layer's weight is not a tensor"):
+            lt.add_loldu(model, ["fc"], rank=3)
+        assert lt.loldu_layers(model) == {}
+        model = nn.Sequential()
+        model.add_module("fc", nn.Linear(8, 6))
+        lt.add_loldu(model, ["fc"], rank=3)
+        computed(model.fc.base_layer)
+        with pytest.raises(loldu.StateError, match=r"fc: .*remove_parametrizations"):
+            model(x)
+    parametrize.remove_parametrizations(model.fc.base_layer, "weight")  # a plain weight again (new values)
+    with pytest.raises(loldu.StateError, match="refactor"):
+        model(x)
+    model.fc.refactor()
+    torch.testing.assert_close(model(x), model.fc.base_layer(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_mixed_batch_sees_replaced_parameters_and_added_or_deleted_adapters():
     """The layer keeps its adapters as one group between mixed batches: parameters replaced
     (``.data =``, ``load_state_dict(assign=True)``), adapters added, re-created or deleted since

@@ -77,6 +77,19 @@ def configure_process() -> None:
         configure_malloc()
 
 
+_COMPUTED_WEIGHT = (
+    "the base layer's weight is not a tensor of its own but computed (torch.nn.utils.prune, "
+    "torch.nn.utils.parametrize, weight_norm): LoLDU factors a fixed weight. Make it a plain tensor "
+    "first (prune.remove(module, 'weight'), parametrize.remove_parametrizations(module, 'weight')), or "
+    "prune / parametrize the layers loldu.torch.merge_and_unload(model) returns")
+
+
+def own_weight(module: nn.Module) -> torch.Tensor | None:
+    """``module``'s weight tensor if it holds one (a parameter, or a buffer), not one it computes."""
+    weight = module._parameters.get("weight")
+    return module._buffers.get("weight") if weight is None else weight
+
+
 def check_dtype(dtype: torch.dtype, what: str, advice: str) -> None:
     if dtype not in LIBRARY_DTYPES:
         raise DTypeError(
@@ -139,8 +152,10 @@ class LoLDULayer(nn.Module):
                 _capi.LOLDU_ERR_INVALID_ARGUMENT,
             )
         fields.setdefault("borrow_weight", True)
-        self.base_layer = base_layer
         self.loldu_name = name or type(base_layer).__name__
+        if own_weight(base_layer) is None:
+            raise InvalidArgumentError(f"{self.loldu_name}: {_COMPUTED_WEIGHT}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        self.base_layer = base_layer
         self.loldu_z = nn.ParameterDict()
         self.loldu_sigma = nn.ParameterDict()
         self.loldu_config: dict[str, AdapterConfig] = {}
@@ -167,7 +182,11 @@ class LoLDULayer(nn.Module):
         return weight
 
     def _base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        """The base layer's weight tensor (``StateError`` once pruning or a parametrization computes it)."""
+        weight = own_weight(self._modules["base_layer"])
+        if weight is None:
+            raise StateError(f"{self.loldu_name}: {_COMPUTED_WEIGHT}", _capi.LOLDU_ERR_STATE)
+        return weight
 
     @property
     def dtype(self) -> torch.dtype:
@@ -431,7 +450,7 @@ class LoLDULayer(nn.Module):
             configure_process()
         # (Module attributes read through _modules / _parameters: nn.Module.__getattr__ is slow,
         # and this runs on every call.)
-        weight = self._modules["base_layer"]._parameters["weight"]
+        weight = self._base_weight()
         version, ptr, dtype, crc = self._stamp
         if weight._version != version or weight.data_ptr() != ptr:
             if weight.device.type != "cpu" or weight.dtype != dtype or _crc(self._weight_matrix(weight.detach())) != crc:
@@ -801,7 +820,8 @@ class LoLDULinear(LoLDULayer):
     def forward(self, x: torch.Tensor, *, adapter_names=None) -> torch.Tensor:
         base = self._modules["base_layer"]
         if (adapter_names is None and self._mixed is None and not self._disabled and type(x) is torch.Tensor
-                and x.dim() == 2 and x.dtype == base._parameters["weight"].dtype and x.device.type == "cpu"
+                and x.dim() == 2 and x.dtype == getattr(base._parameters.get("weight"), "dtype", None)
+                and x.device.type == "cpu"
                 and len(self.active_adapters) == 1 and self.active_adapters[0] in self._adapters
                 and not torch.is_autocast_enabled("cpu") and x.shape[1] == base.in_features):
             # The common call, every check below passed: attributes read once, as cheaply as can be.
