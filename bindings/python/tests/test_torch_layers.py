@@ -591,6 +591,46 @@ def test_a_computed_base_weight_is_refused_with_the_fix():
     torch.testing.assert_close(model(x), model.fc.base_layer(x), rtol=1e-5, atol=1e-5)
 
 
+def test_saved_tensor_hooks_that_change_dtype_or_strides_give_the_gradients_of_what_they_return():
+    """``torch.autograd.graph.saved_tensors_hooks`` may hand back a saved tensor in another dtype
+    (compression to bf16) or with other strides: the backward converts it for the library (it
+    wrote float32 into a bf16 buffer, a heap overflow, or read transposed memory, before). In a
+    child process: the failure was a crash."""
+    result = run_python("""
+        import torch
+        from torch import nn
+        import loldu.torch as lt
+        torch.manual_seed(13)
+        model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 6))
+        lt.add_loldu(model, ["0", "1"], rank=4)
+        with torch.no_grad():
+            for p in lt.loldu_parameters(model):
+                p.mul_(1.25)
+        idx, x0 = torch.tensor([[1, 2], [3, 9], [0, 0]]), torch.randn(3, 2, 8)
+
+        def grads(x, hooks=None):
+            x = x.clone().requires_grad_()
+            model.zero_grad()
+            if hooks is None:
+                (model[1](x + model[0](idx))).square().sum().backward()
+            else:
+                with torch.autograd.graph.saved_tensors_hooks(*hooks):
+                    (model[1](x + model[0](idx))).square().sum().backward()
+            return [x.grad] + [p.grad.clone() for p in lt.loldu_parameters(model)]
+
+        plain = grads(x0)
+        restrided = grads(x0, (lambda t: t.mT.contiguous().mT if t.dim() == 2 else t, lambda t: t))
+        for a, b in zip(plain, restrided):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        to_bf16 = (lambda t: t, lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t)
+        for a, b in zip(plain, grads(x0, to_bf16)):  # (every saved tensor rounded, torch's too)
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 def test_a_mixed_batch_sees_replaced_parameters_and_added_or_deleted_adapters():
     """The layer keeps its adapters as one group between mixed batches: parameters replaced
     (``.data =``, ``load_state_dict(assign=True)``), adapters added, re-created or deleted since

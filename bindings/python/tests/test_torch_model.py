@@ -13,6 +13,7 @@ from torch import nn
 import loldu
 import loldu.torch as lt
 from conftest import minilm_dir, run_python
+from reference import torch_weight
 
 QV = ["query", "value"]
 
@@ -361,18 +362,57 @@ def test_failed_model_operations_leave_the_model_as_it_was(tmp_path):
     assert snapshot(model) == before
 
 
-def test_adapters_that_do_not_compute_get_no_gradient_and_twice_differentiating_raises():
-    model = small()
-    lt.add_loldu(model, ["0", "2"], rank=6)
-    x = torch.randn(5, 16, requires_grad=True)
-    y = model(x).square().sum()
-    (g,) = torch.autograd.grad(y, x, create_graph=True)
-    with pytest.raises(RuntimeError, match="twice"):  # not a silently missing term
-        g.square().sum().backward()
+def test_second_derivatives_equal_plain_torch_and_tracing_is_refused():
+    """Under ``create_graph=True`` (gradient penalties, Hessian-vector products) the backward runs
+    as torch operations autograd differentiates again: a gradient penalty's gradients with
+    respect to the input and to z and σ equal a plain-PyTorch LoLDU's (the Linear's term was
+    silently missing from ``autograd.grad``'s second derivative before), for linear and
+    weight-space layers; a mixed batch refuses."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8))
+    lt.add_loldu(model, ["0", "1", "3"], rank=6)
+    with torch.no_grad():
+        for p in lt.loldu_parameters(model):
+            p.mul_(torch.linspace(0.8, 1.2, p.numel()))
+    layers = [model[0], model[1], model[3]]
+
+    def weight(layer):  # the reference: W − σ₀ A diag(D_r) U_r + σ A diag(z) U_r, σ₀ = 1 (alpha = r)
+        a = layer.adapter
+        factors = [torch.from_numpy(a.factor(f)) for f in ("lower", "upper", "diag")]
+        w = layer.base_layer.weight
+        same = w.shape == (a.m, a.n)  # (else the module's weight is the factored matrix transposed)
+        w_eff = torch_weight(w if same else w.T, factors[0], factors[1], factors[2], 1.0,
+                             layer.loldu_z["default"], layer.loldu_sigma["default"])
+        return w_eff if same else w_eff.T
+
+    def plain(idx, x):
+        e = nn.functional.embedding(idx, weight(model[0]))
+        h = torch.tanh(nn.functional.linear(x + e, weight(model[1]), model[1].base_layer.bias))
+        return nn.functional.linear(h, weight(model[3]), model[3].base_layer.bias)
+
+    def ours(idx, x):
+        return model[3](model[2](model[1](x + model[0](idx))))
+
+    idx, x0 = torch.tensor([1, 4, 4, 9, 0]), torch.randn(5, 16)
+    params = [p for layer in layers for p in (layer.loldu_z["default"], layer.loldu_sigma["default"])]
+    results = []
+    for forward in (plain, ours):
+        x = x0.clone().requires_grad_()
+        out = forward(idx, x).square().sum()
+        gx, gz = torch.autograd.grad(out, [x, params[0]], create_graph=True)  # (params[0]: the embedding's z)
+        penalty = gx.square().sum() + gz.square().sum()
+        results.append(torch.autograd.grad(penalty, [x, *params]))
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=2e-4, atol=1e-5)
+    x = x0.clone().requires_grad_()
+    with lt.mixed_batch(model, ["default", "__base__", "default", "default", "__base__"]):
+        out = ours(idx, x).square().sum()
+    with pytest.raises(RuntimeError, match="mixed batch"):
+        torch.autograd.grad(out, x, create_graph=True)
     with pytest.raises(RuntimeError, match="cannot be traced"):
-        torch.jit.trace(model, torch.randn(2, 16))
+        torch.jit.trace(model[1], torch.randn(2, 16))
     with pytest.raises(loldu.ShapeError):
-        model[0](torch.tensor(1.0))
+        model[1](torch.tensor(1.0))
 
 
 def test_deleting_adapters_as_peft_does(tmp_path):

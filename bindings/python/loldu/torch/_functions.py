@@ -23,7 +23,12 @@ forward computed, as autograd's graph would give them. An adapter closed in betw
 re-created by ``refactor`` or a dtype change) raises ``StateError`` saying so.
 
 Tensors handed to the library go through ``library_input``: contiguous, and with torch's lazy
-negation resolved (the library reads memory, not torch's negative bit).
+negation resolved (the library reads memory, not torch's negative bit); saved inputs also back
+in the forward's dtype, whatever a ``saved_tensors_hooks`` unpack returns.
+
+Under ``create_graph=True`` the single-adapter backward passes run as torch operations on the
+adapter's factors instead (``differentiable_by``), so that autograd differentiates them again:
+gradient penalties and Hessian-vector products get every term. A mixed batch refuses.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ import itertools
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _capi
 from ..errors import ShapeError, StateError, check
@@ -97,16 +101,39 @@ def _library_bias(bias, x: torch.Tensor, m: int):
     return bias
 
 
-def first_order(backward):
-    """A backward the library computes to first order only. Under ``create_graph=True`` (grad
-    mode on during backward) it runs as ``once_differentiable``, so differentiating its result
-    raises instead of silently missing terms; otherwise it is called directly (once_differentiable's
-    own no_grad block would cost every step a few microseconds)."""
-    guarded = once_differentiable(backward)
+def differentiable_by(twin):
+    """A backward the library computes (first order); under ``create_graph=True`` (grad mode on
+    during backward) ``twin`` computes it instead, in torch operations that autograd
+    differentiates again (gradient penalties, Hessian-vector products)."""
+    def wrap(backward):
+        def run(ctx, *grads):
+            return twin(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+        return run
+    return wrap
 
-    def run(ctx, *grads):
-        return guarded(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
-    return run
+
+def _torch_weight(adapter, z, sigma, dtype: torch.dtype) -> torch.Tensor:
+    """``W_eff`` as torch operations on ``z`` and ``σ`` (``W_res + σ A diag(z) U_r``) for an
+    enabled, unmerged adapter; else the constant weight it computes with."""
+    if adapter.merged or not adapter.enabled:
+        return torch.from_numpy(adapter.effective_weight()).to(dtype)
+    a, u = torch.from_numpy(adapter.factor("lower")), torch.from_numpy(adapter.factor("upper"))
+    residual = torch.from_numpy(adapter.factor("residual"))
+    return (residual + sigma * (a * z) @ u).to(dtype)
+
+
+def _torch_parameter_grads(adapter, z, sigma, dw: torch.Tensor):
+    """dz and dσ of ``dw`` (the gradient of ``W_eff``) as torch operations:
+    ``s_k = (Aᵀ dW U_rᵀ)_kk``, ``dz = σ s``, ``dσ = Σ z_k s_k``."""
+    a, u = torch.from_numpy(adapter.factor("lower")), torch.from_numpy(adapter.factor("upper"))
+    s = ((a.mT @ dw.to(a.dtype)) * u).sum(1)
+    return sigma * s, (z * s).sum().reshape(1)
+
+
+def _saved_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A saved input as the library reads it, in the forward's dtype, whatever a
+    ``saved_tensors_hooks`` unpack returned (another dtype, other strides)."""
+    return library_input(x.to(dtype))
 
 
 def _bias_grad(dy: torch.Tensor, shape):
@@ -149,24 +176,37 @@ def linear(adapter, x: torch.Tensor, bias, h=None) -> torch.Tensor:
 class LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, z, sigma, bias, adapter, keep_h: bool):
-        h = torch.empty((x.shape[0], adapter.rank), dtype=z.dtype) if keep_h else None
+        h = torch.empty((x.shape[0], adapter.rank), dtype=parameter_dtype(adapter)) if keep_h else None
         y = linear(adapter, x, bias, h)
         ctx.save_for_backward(x, z, sigma)
-        ctx.adapter, ctx.state, ctx.h, ctx.bias_shape = adapter, adapter._state, h, _bias_shape(bias)
+        ctx.adapter, ctx.state, ctx.h, ctx.bias_shape, ctx.dtype = adapter, adapter._state, h, _bias_shape(bias), x.dtype
         return y
 
     @staticmethod
-    @first_order
+    def twin(ctx, dy):
+        x, z, sigma = ctx.saved_tensors
+        adapter = at_forward(ctx.adapter, ctx.state)
+        x, dy = x.to(ctx.dtype), dy.to(ctx.dtype)
+        need_x, need_z, need_sigma, need_bias = ctx.needs_input_grad[:4]
+        dz = dsigma = None
+        if need_z or need_sigma:
+            dz, dsigma = _torch_parameter_grads(adapter, z, sigma, dy.mT @ x)
+        return (dy @ _torch_weight(adapter, z, sigma, ctx.dtype) if need_x else None, dz if need_z else None,
+                dsigma if need_sigma else None, _bias_grad(dy, ctx.bias_shape) if need_bias else None, None, None)
+
+    @staticmethod
+    @differentiable_by(twin)
     def backward(ctx, dy):
         x, z, sigma = ctx.saved_tensors
         adapter, h = at_forward(ctx.adapter, ctx.state), ctx.h
         ctx.h = None
+        x = _saved_input(x, ctx.dtype)
         need_x, need_z, need_sigma, need_bias = ctx.needs_input_grad[:4]
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
         dy = library_input(dy)
         dx = torch.empty_like(x) if need_x else None
-        grads = torch.empty(adapter.rank + 1, dtype=z.dtype)
+        grads = torch.empty(adapter.rank + 1, dtype=parameter_dtype(adapter))
         check(_capi.loldu_backward_into(adapter.handle, x.shape[0], x.data_ptr(), dy.data_ptr(),
                                         None if dx is None else dx.data_ptr(),
                                         None if h is None else h.data_ptr(), grads.data_ptr()))
@@ -216,7 +256,7 @@ class GroupedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, rows, bias, group, used, *parameters):
-        ctx.bias_shape = _bias_shape(bias)
+        ctx.bias_shape, ctx.dtype = _bias_shape(bias), x.dtype
         y = grouped_linear(group, x, rows, bias)
         ctx.save_for_backward(x, rows, *parameters)
         ctx.group, ctx.used = group, used
@@ -224,9 +264,15 @@ class GroupedLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @first_order
+    def twin(ctx, dy):
+        raise RuntimeError("create_graph=True through a mixed batch (adapter_names / mixed_batch) is not supported: "
+                           "take second derivatives with one adapter per batch")
+
+    @staticmethod
+    @differentiable_by(twin)
     def backward(ctx, dy):
         x, rows, *parameters = ctx.saved_tensors
+        x, rows = _saved_input(x, ctx.dtype), library_input(rows.to(torch.int32))
         group, used = ctx.group, ctx.used
         handles = group.handles
         if group.adapters[0]._handle is None:  # the layer's factors were replaced (refactor, dtype change)
@@ -277,14 +323,21 @@ class WeightFunction(torch.autograd.Function):
         return w
 
     @staticmethod
-    @first_order
+    def twin(ctx, dw):
+        z, sigma = ctx.saved_tensors
+        dz, dsigma = _torch_parameter_grads(at_forward(ctx.adapter, ctx.state), z, sigma, dw.to_dense())
+        need_z, need_sigma = ctx.needs_input_grad[:2]
+        return dz if need_z else None, dsigma if need_sigma else None, None, None
+
+    @staticmethod
+    @differentiable_by(twin)
     def backward(ctx, dw):
-        z = ctx.saved_tensors[0]  # (first: autograd's version check)
+        ctx.saved_tensors  # (autograd's version check)
         adapter = at_forward(ctx.adapter, ctx.state)
         if dw.layout != torch.strided:  # sparse embedding gradients
             dw = dw.to_dense()
         dw = library_input(dw.to(ctx.dtype))
-        grads = torch.empty(adapter.rank + 1, dtype=z.dtype)
+        grads = torch.empty(adapter.rank + 1, dtype=parameter_dtype(adapter))
         check(_capi.loldu_weight_backward_into(adapter.handle, dw.data_ptr(), grads.data_ptr()))
         r = adapter.rank
         need_z, need_sigma = ctx.needs_input_grad[:2]
