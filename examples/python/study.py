@@ -160,10 +160,12 @@ SWEEP: list[tuple[str, list[Setting]]] = [
     ("Longer training and trained biases (full rank, q, v, σ₀ = 1 frozen; LoRA alike)",
      [L(rank="full", train_sigma=False, lr=1e-3, epochs=6), R(1e-3, epochs=6),
       L(rank="full", train_sigma=False, lr=1e-3, bias=True), R(1e-3, bias=True)]),
+    ("LoRA r = 16 (every linear layer): learning rate",
+     [R(lr, "all") for lr in (3e-4, 1e-3, 3e-3)]),
 ]
 
 # The finalists, chosen from the sweep: LoRA at its best rate on q, v, on its best targets
-# (q, k, v, o) and on every linear layer; LoLDU full rank on q, v with plain AdamW at its best
+# (q, k, v, o) and on every linear layer (there at 1e-3 and at 3e-3, its best sweep rate); LoLDU full rank on q, v with plain AdamW at its best
 # rate and with the best scale-aware variant; LoLDU on more modules: r = 64 on every linear layer
 # and full rank on the attention projections (its best sweep accuracy); LoLDU at 3e-4 (its best
 # sweep rate, within noise of 1e-3), in case four times the steps favour it; the library's default
@@ -175,6 +177,7 @@ FINAL: list[Setting] = [
     R(1e-3),
     R(1e-3, "attn"),
     R(1e-3, "all"),
+    R(3e-3, "all"),
     L(rank="full", train_sigma=False, lr=1e-3),
     L(rank="full", lr=1e-3),
     L(rank="full", train_sigma=False, lr=3e-4),
