@@ -415,6 +415,53 @@ def test_second_derivatives_equal_plain_torch_and_tracing_is_refused():
         model[1](torch.tensor(1.0))
 
 
+def test_modules_a_loldu_layer_cannot_stand_in_for_are_refused_or_left_out():
+    """A subclass with a forward of its own (a LoLDU layer would compute the base type's forward:
+    silently different outputs, before) and the linear layers whose owner reads their weights
+    instead of calling them (nn.MultiheadAttention's out_proj, nn.TransformerEncoderLayer's
+    linear1/linear2: an AttributeError at every forward, before): refused when named, left out
+    of "all-linear" with a warning."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Scaled(8, 8), nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Linear(8, 3))
+    before = snapshot(model)
+    for name, match in (("0", "Scaled, a subclass of nn.Linear with a forward of its own"),
+                        ("1.self_attn.out_proj", "reads its weight instead of calling it"),
+                        ("1.linear1", "reads its weight instead of calling it")):
+        with pytest.raises(loldu.InvalidArgumentError, match=match):
+            lt.add_loldu(model, [name])
+        assert snapshot(model) == before
+    x = torch.randn(2, 5, 8)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(loldu.LoLDUWarning, match="'all-linear' leaves out 4 linear layers: 0 "):
+        lt.add_loldu(model, "all-linear")
+    assert sorted(lt.loldu_layers(model)) == ["2"]
+    with torch.no_grad():  # (the encoder layer's fast path reads linear1 / linear2 / out_proj weights)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(loldu.InvalidArgumentError, match="and the model has no other"):
+        lt.add_loldu(nn.TransformerEncoderLayer(8, 2, 16), "all-linear")
+
+
+def test_an_unfrozen_base_weight_is_refused_in_training_and_a_sparse_embedding_trains():
+    model = nn.Sequential(nn.Embedding(10, 8, sparse=True), nn.Linear(8, 3))
+    lt.add_loldu(model, ["0", "1"], rank=3)
+    idx = torch.tensor([[1, 2], [7, 7]])
+    model(idx).square().sum().backward()  # (sparse=True: torch's sparse dW could not reach dz before)
+    assert model[0].loldu_z["default"].grad.abs().sum() > 0
+    for layer in (model[0], model[1]):
+        layer.base_layer.weight.requires_grad_(True)
+        with pytest.raises(loldu.StateError, match="base_layer.weight requires grad"):
+            model(idx)
+        with torch.no_grad():
+            model(idx)
+        layer.base_layer.weight.requires_grad_(False)
+    model(idx)
+
+
 def test_deleting_adapters_as_peft_does(tmp_path):
     model = small()
     lt.add_loldu(model, ["0", "2"], rank=4)

@@ -441,23 +441,33 @@ class LoLDULayer(nn.Module):
 
     def _prepare(self, name: str, *, call: bool = False) -> Adapter:
         """Cheap checks before each use: threads, base weight unchanged, parameters bound (``_bound``)."""
-        self._check_weight()
+        self._check_weight(call)
         return self._bound(name, call=call)
 
-    def _check_weight(self) -> None:
-        """The process configured (threads, malloc), and the base weight unchanged since it was factored."""
+    def _check_weight(self, call: bool = False) -> None:
+        """The process configured (threads, malloc), the base weight unchanged since it was factored
+        and, for a ``call`` that records gradients, still frozen."""
         if not _process_configured:
             configure_process()
         # (Module attributes read through _modules / _parameters: nn.Module.__getattr__ is slow,
         # and this runs on every call.)
         weight = self._base_weight()
+        if call and weight.requires_grad and torch.is_grad_enabled():
+            raise StateError(
+                f"{self.loldu_name}: base_layer.weight requires grad, but a LoLDU layer computes with factors of "
+                "the frozen weight, so it would get no gradient. Freeze it again (requires_grad_(False)), or "
+                "train plain layers: loldu.torch.merge_and_unload(model)", _capi.LOLDU_ERR_STATE)
         version, ptr, dtype, crc = self._stamp
         if weight._version != version or weight.data_ptr() != ptr:
             if weight.device.type != "cpu" or weight.dtype != dtype or _crc(self._weight_matrix(weight.detach())) != crc:
+                renorm = getattr(self._modules["base_layer"], "max_norm", None) is not None
                 raise StateError(
                     f"{self.loldu_name}: the base weight changed after it was factored (in-place update, "
-                    "load_state_dict or a new tensor). Call .refactor() on this layer to factor the new "
-                    "weight (z and σ are kept), or restore the original weight.",
+                    "load_state_dict or a new tensor"
+                    + ("; nn.Embedding(max_norm=...) renormalises the rows it looks up in place whenever the "
+                       "base layer runs alone, with adapters disabled or none active" if renorm else "")
+                    + "). Call .refactor() on this layer to factor the new weight (z and σ are kept), or "
+                    "restore the original weight.",
                     _capi.LOLDU_ERR_STATE,
                 )
             self._stamp = (weight._version, weight.data_ptr(), dtype, crc)
@@ -869,7 +879,7 @@ class LoLDULinear(LoLDULayer):
         self._check_names(names, x, batched=x.dim() >= 2)
         if not self._adapters:
             return F.linear(x2, self._base_weight().to(dtype), bias)
-        self._check_weight()
+        self._check_weight(call=True)
         z, sigma = self._modules["loldu_z"]._parameters, self._modules["loldu_sigma"]._parameters
         if dtype == self.dtype:
             group = self._group()
@@ -985,7 +995,7 @@ class LoLDUEmbedding(_WeightSpaceLayer):
     def _compute(self, x, weight):
         base = self.base_layer
         return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
-                           base.sparse)
+                           False)  # (sparse=True: a sparse gradient of W_eff, which dz needs dense anyway)
 
     @eager_under_compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1006,7 +1016,9 @@ LAYER_FOR: list[tuple[type, type[LoLDULayer]]] = [
 
 
 def layer_class(module: nn.Module) -> type[LoLDULayer] | None:
+    """The LoLDU layer for ``module``: one of ``LAYER_FOR``'s types, or a subclass that keeps its
+    ``forward`` (a LoLDU layer computes the base type's forward, not a subclass's own)."""
     for base, layer in LAYER_FOR:
-        if type(module) is base or isinstance(module, base):
-            return layer
+        if isinstance(module, base):
+            return layer if type(module).forward is base.forward else None
     return None

@@ -21,7 +21,7 @@ from ..adapter import Adapter, AdapterConfig
 from ..checkpoint import Checkpoint
 from ..errors import DTypeError, InvalidArgumentError, LoLDUWarning, MismatchError, NotFiniteError, ShapeError, StateError
 from ._functions import LIBRARY_DTYPES
-from .layers import BASE_NAME, LoLDULayer, check_adapter_name, layer_class
+from .layers import BASE_NAME, LAYER_FOR, LoLDULayer, check_adapter_name, layer_class
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -72,6 +72,33 @@ def _targets(root: nn.Module, target_modules):
         return lambda name, module: re.fullmatch(target_modules, name) is not None
     names = list(target_modules)
     return lambda name, module: any(name == t or name.endswith("." + t) for t in names)
+
+
+def _read_directly(root: nn.Module) -> set[int]:
+    """The modules whose owner reads their weights instead of calling them: ``out_proj`` of an
+    ``nn.MultiheadAttention``, ``linear1`` and ``linear2`` of an ``nn.TransformerEncoderLayer``
+    (its inference fast path)."""
+    owned = []
+    for owner in root.modules():
+        if isinstance(owner, nn.MultiheadAttention):
+            owned += owner.children()
+        elif isinstance(owner, nn.TransformerEncoderLayer):
+            owned += [owner.linear1, owner.linear2]
+    return {id(m) for m in owned}
+
+
+def _refusal(module: nn.Module, read_directly: set[int]) -> str | None:
+    """Why ``module`` cannot become a LoLDU layer (``None``: it can)."""
+    if id(module) in read_directly:
+        return ("belongs to an nn.MultiheadAttention or nn.TransformerEncoderLayer, which reads its weight "
+                "instead of calling it: an adapter there would not compute")
+    if layer_class(module) is not None:
+        return None
+    base = next((b for b, _ in LAYER_FOR if isinstance(module, b)), None)
+    if base is not None:
+        return (f"is a {type(module).__name__}, a subclass of nn.{base.__name__} with a forward of its own, which "
+                "a LoLDU layer would not run: adapt the layers its forward calls")
+    return f"is a {type(module).__name__}; LoLDU adapts nn.Linear, nn.Conv1d/2d/3d and nn.Embedding"
 
 
 def _stage_adapter(layer: LoLDULayer, adapter_name: str, config: AdapterConfig, made: list):
@@ -142,7 +169,11 @@ def add_loldu(
     (``r".*\\.attention\\.self\\.(query|value)"``), a list of names or name suffixes
     (``["query", "value"]``), or ``"all-linear"`` (every ``nn.Linear`` but the output layer), as in
     PEFT. Matched modules must be ``nn.Linear``, ``nn.Conv1d/2d/3d``
-    or ``nn.Embedding`` on the CPU in float32, float64, bfloat16 or float16. ``rank``: an int or
+    or ``nn.Embedding`` (or subclasses that keep their ``forward``) on the CPU in float32, float64,
+    bfloat16 or float16, called by their owner: not the ``out_proj`` of an
+    ``nn.MultiheadAttention`` or ``linear1`` / ``linear2`` of an ``nn.TransformerEncoderLayer``,
+    whose weights their owners read directly (``"all-linear"`` leaves such layers out, with a
+    warning). ``rank``: an int or
     ``"full"`` (``min(m, n)`` per layer, the default); ``alpha``: σ = alpha / rank (``None``: alpha = rank,
     σ = 1). Layer ``i`` (in model order) gets seed ``seed + i``. Modules that are LoLDU layers
     already get the new adapter beside their others (on the same factors); an adapter they have
@@ -161,17 +192,26 @@ def add_loldu(
     layers = loldu_layers(root)
     previous = active_adapters(root)
     inside = tuple(name + "." for name in layers)
-    targeted = _targets(root, target_modules)
+    targeted, read_directly, left_out = _targets(root, target_modules), _read_directly(root), []
     for name, module in root.named_modules():
         if not name or name.startswith(inside) or not targeted(name, module):
             continue  # (a base layer inside a LoLDU layer)
-        if not isinstance(module, LoLDULayer) and layer_class(module) is None:
-            raise InvalidArgumentError(
-                f"target module {name!r} is a {type(module).__name__}; LoLDU adapts nn.Linear, "
-                "nn.Conv1d/2d/3d and nn.Embedding", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        refusal = None if isinstance(module, LoLDULayer) else _refusal(module, read_directly)
+        if refusal is not None:
+            if _is_all_linear(target_modules):
+                left_out.append(f"{name} ({refusal})")
+                continue
+            raise InvalidArgumentError(f"target module {name!r} {refusal}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
         matched.append((name, module))
+    if left_out:
+        why = (f"target_modules='all-linear' leaves out {len(left_out)} linear layers: "
+               + "; ".join(left_out[:3]) + ("; ..." if len(left_out) > 3 else ""))
+        if not matched:
+            raise InvalidArgumentError(why + "; and the model has no other", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        warnings.warn(why, LoLDUWarning, stacklevel=2)
     if not matched:
-        sample = [n for n, m in root.named_modules() if layer_class(m) is not None and not n.startswith(inside)][:8]
+        sample = [n for n, m in root.named_modules()
+                  if n and not n.startswith(inside) and _refusal(m, read_directly) is None][:8]
         raise InvalidArgumentError(
             f"target_modules {target_modules!r} matched no module of the model; adaptable modules are "
             f"named e.g. {sample}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
@@ -565,7 +605,7 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
     """
     check_adapter_name(adapter_name)
     root = unwrap(model)
-    modules = dict(root.named_modules())
+    modules, read_directly = dict(root.named_modules()), _read_directly(root)
     installs, made, trials = [], [], []  # what to do once every layer is checked; what was made for it
     frozen = {}
     with Checkpoint(directory) as ckpt:
@@ -577,8 +617,9 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
                                         _capi.LOLDU_ERR_MISMATCH)
                 info = ckpt.layer(name)
                 base = module.base_layer if isinstance(module, LoLDULayer) else module
-                if layer_class(base) is None:
-                    raise MismatchError(f"the checkpoint's layer {name!r} is a {type(base).__name__} in the model",
+                refusal = _refusal(base, read_directly)
+                if refusal is not None:
+                    raise MismatchError(f"the checkpoint's layer {name!r} {refusal} in the model",
                                         _capi.LOLDU_ERR_MISMATCH)
                 code = LIBRARY_DTYPES.get(base.weight.dtype)
                 saved_code = _capi.LOLDU_FLOAT64 if info.dtype == "float64" else _capi.LOLDU_FLOAT32
