@@ -362,7 +362,7 @@ def test_failed_model_operations_leave_the_model_as_it_was(tmp_path):
     assert snapshot(model) == before
 
 
-def test_second_derivatives_equal_plain_torch_and_tracing_is_refused():
+def test_second_derivatives_equal_plain_torch_and_tracing_and_torch_func_are_refused():
     """Under ``create_graph=True`` (gradient penalties, Hessian-vector products) the backward runs
     as torch operations autograd differentiates again: a gradient penalty's gradients with
     respect to the input and to z and σ equal a plain-PyTorch LoLDU's (the Linear's term was
@@ -411,6 +411,11 @@ def test_second_derivatives_equal_plain_torch_and_tracing_is_refused():
         torch.autograd.grad(out, x, create_graph=True)
     with pytest.raises(RuntimeError, match="cannot be traced"):
         torch.jit.trace(model[1], torch.randn(2, 16))
+    for transform in (lambda: torch.func.vmap(model[1])(x0.unsqueeze(1)),
+                      lambda: torch.func.grad(lambda x: model[1](x).sum())(x0),
+                      lambda: torch.func.vmap(model[0])(idx.unsqueeze(1))):
+        with pytest.raises(RuntimeError, match="do not run under torch.func transforms"):
+            transform()
     with pytest.raises(loldu.ShapeError):
         model[1](torch.tensor(1.0))
 

@@ -452,6 +452,12 @@ class LoLDULayer(nn.Module):
         # (Module attributes read through _modules / _parameters: nn.Module.__getattr__ is slow,
         # and this runs on every call.)
         weight = self._base_weight()
+        if call and torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                f"{self.loldu_name}: LoLDU layers do not run under torch.func transforms (vmap, grad, jacrev, "
+                "jvp...): the library computes outside what they can see. Use torch.autograd (backward, "
+                "autograd.grad, create_graph=True for second derivatives), or plain layers: "
+                "loldu.torch.merge_and_unload(model)")
         if call and weight.requires_grad and torch.is_grad_enabled():
             raise StateError(
                 f"{self.loldu_name}: base_layer.weight requires grad, but a LoLDU layer computes with factors of "
