@@ -1,10 +1,11 @@
-"""Checks of numpy buffers before they are handed to the library, and zero-copy views of
-library memory. Internal."""
+"""Checks of the arguments handed to the library (numpy buffers, integers, strings), and
+zero-copy views of library memory. Internal."""
 
 from __future__ import annotations
 
 import ctypes
 import operator
+import os
 
 import numpy as np
 
@@ -27,6 +28,11 @@ LIBRARY_DTYPES = {dtype: code for code, dtype in NUMPY_DTYPES.items()}
 CTYPES = {_capi.LOLDU_FLOAT32: ctypes.c_float, _capi.LOLDU_FLOAT64: ctypes.c_double}
 
 
+def numpy_name(dtype) -> str:
+    """How a numpy user spells ``dtype`` (bfloat16 comes from ml_dtypes)."""
+    return "ml_dtypes.bfloat16" if np.dtype(dtype) == BFLOAT16 else f"np.{np.dtype(dtype)}"
+
+
 def integer(value, what: str, ctype=ctypes.c_int64) -> int:
     """``value`` as a Python int that ``ctype`` holds exactly, or ``InvalidArgumentError``:
     ctypes would silently wrap it (2**32 passed as an int would reach the library as 0)."""
@@ -39,6 +45,22 @@ def integer(value, what: str, ctype=ctypes.c_int64) -> int:
     if not low <= number <= high:
         raise InvalidArgumentError(f"{what} = {number} is outside [{low}, {high}]", _capi.LOLDU_ERR_INVALID_ARGUMENT)
     return number
+
+
+def c_string(value, what: str, *, path: bool = False) -> bytes:
+    """``value`` as the NUL-terminated string the library reads: a ``str`` in UTF-8 or, for a
+    ``path``, anything ``os.fsencode`` takes. ``InvalidArgumentError`` naming ``what`` for other
+    types, text UTF-8 cannot hold (a lone surrogate) and a NUL inside, which would end the string
+    early: a layer name or a path silently cut short."""
+    try:
+        data = os.fsencode(value) if path else value.encode("utf-8")
+    except (TypeError, AttributeError, UnicodeError):
+        raise InvalidArgumentError(f"{what} must be {'a path' if path else 'a str'} that UTF-8 encodes, got {value!r}",
+                                   _capi.LOLDU_ERR_INVALID_ARGUMENT) from None
+    if b"\0" in data:
+        raise InvalidArgumentError(f"{what} contains a NUL character, which would end it early: {value!r}",
+                                   _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    return data
 
 
 def row_indices(rows, count: int, batch: int, what: str) -> np.ndarray:
@@ -102,13 +124,12 @@ def check_array(
     if not isinstance(a, np.ndarray):
         raise DTypeError(
             f"{what} must be a numpy.ndarray of {dtype}, got {type(a).__name__}; "
-            f"use np.ascontiguousarray({what}, dtype=np.{dtype})",
+            f"use np.ascontiguousarray({what}, dtype={numpy_name(dtype)})",
             _capi.LOLDU_ERR_DTYPE,
         )
     if a.dtype != dtype:
         raise DTypeError(
-            f"{what} has dtype {a.dtype}, expected {dtype} (the adapter's element type); "
-            f"convert it with {what}.astype(np.{dtype})",
+            f"{what} has dtype {a.dtype}, expected {dtype}; convert it with {what}.astype({numpy_name(dtype)})",
             _capi.LOLDU_ERR_DTYPE,
         )
     if shape is not None and a.shape != tuple(shape):

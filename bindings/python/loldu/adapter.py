@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 
 from . import _capi
-from ._arrays import NUMPY_DTYPES, check_array, integer, library_dtype, row_indices, view
+from ._arrays import BFLOAT16, NUMPY_DTYPES, check_array, integer, library_dtype, row_indices, view
 from .errors import InvalidArgumentError, InvalidHandleError, LoLDUWarning, ShapeError, check
 
 # Above this ‖W_eff − W‖ / ‖W‖ at creation, the initial z has replaced much of the pretrained
@@ -123,10 +123,10 @@ class AdapterConfig:
             raise InvalidArgumentError(f"rank must be >= 1 or 'full', got {self.rank}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
         else:
             c.rank = int(self.rank)
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.integer, np.floating))):
+            raise InvalidArgumentError(f"alpha must be a number or None, got {self.alpha!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
         c.alpha = float(self.alpha if self.alpha is not None else 0.0)
-        if not 0 <= int(self.seed) < 2**64:
-            raise InvalidArgumentError(f"seed must be in [0, 2**64), got {self.seed}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-        c.seed = int(self.seed)
+        c.seed = integer(self.seed, "seed", ctypes.c_uint64)
         c.train_sigma = 1 if self.train_sigma else 0
         c.borrow_weight = 1 if self.borrow_weight else 0
         return c
@@ -430,8 +430,11 @@ class Adapter:
         self.set_z(values)
 
     def set_z(self, values) -> None:
-        """Sets z from ``rank`` finite values (``loldu_set_z``, which checks them)."""
-        values = np.ascontiguousarray(values, dtype=self.param_dtype)
+        """Sets z from ``rank`` finite real values (``loldu_set_z``, which checks them)."""
+        given = np.asarray(values)
+        if given.dtype.kind not in "fiu" and given.dtype != BFLOAT16:  # (a cast would drop imaginary parts, parse strings, read bools)
+            raise InvalidArgumentError(f"z must hold real numbers, got dtype {given.dtype}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        values = np.ascontiguousarray(given, dtype=self.param_dtype)
         check(_capi.loldu_set_z(self.handle, check_array(values, "z", self.param_dtype, (self.rank,))))
 
     def get_z(self) -> np.ndarray:

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import _capi
-from ._arrays import NUMPY_DTYPES
+from ._arrays import NUMPY_DTYPES, c_string, numpy_name
 from .adapter import Adapter, AdapterConfig, _Handle, _HandleOwner
 from .errors import DTypeError, InvalidArgumentError, MismatchError, check
 
@@ -47,7 +47,7 @@ def _named(adapters: Mapping[str, Adapter], what: str):
         if not isinstance(adapter, Adapter):
             raise InvalidArgumentError(f"{name!r} maps to {type(adapter).__name__}, expected loldu.Adapter",
                                        _capi.LOLDU_ERR_INVALID_ARGUMENT)
-        names.append(name.encode("utf-8"))
+        names.append(c_string(name, "layer name"))
         handles.append(adapter.handle)
     return (
         (_capi.loldu_adapter_p * len(handles))(*handles),
@@ -58,17 +58,31 @@ def _named(adapters: Mapping[str, Adapter], what: str):
 
 def save(directory, adapters: Mapping[str, Adapter]) -> None:
     """Saves adapters under their layer names into ``directory`` (created with its parents if
-    missing, as PEFT's ``save_pretrained``). Each file is written atomically."""
+    missing, as PEFT's ``save_pretrained``; removed again if the save fails). Each file is written
+    atomically."""
     handles, names, count = _named(adapters, "save")
-    os.makedirs(directory, exist_ok=True)
-    check(_capi.loldu_checkpoint_save(os.fsencode(directory), handles, names, count))
+    path = c_string(directory, "directory", path=True)
+    missing, parent = [], os.path.abspath(path)
+    while not os.path.lexists(parent) and parent != os.path.dirname(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(path, exist_ok=True)
+    try:
+        check(_capi.loldu_checkpoint_save(path, handles, names, count))
+    except BaseException:
+        for made in missing:  # (deepest first; a folder something else has filled meanwhile stays)
+            try:
+                os.rmdir(made)
+            except OSError:
+                break
+        raise
 
 
 def export_merged(path, adapters: Mapping[str, Adapter]) -> None:
     """Writes a safetensors file with ``NAME.weight`` = W_eff (and ``NAME.bias``) per layer, for
     serving without this library."""
     handles, names, count = _named(adapters, "export_merged")
-    check(_capi.loldu_export_merged(os.fsencode(path), handles, names, count))
+    check(_capi.loldu_export_merged(c_string(path, "path", path=True), handles, names, count))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +104,7 @@ class Checkpoint(_HandleOwner):
 
     def __init__(self, directory):
         out = _capi.loldu_checkpoint_p()
-        check(_capi.loldu_checkpoint_open(ctypes.byref(out), os.fsencode(directory)))
+        check(_capi.loldu_checkpoint_open(ctypes.byref(out), c_string(directory, "directory", path=True)))
         self._handle = _Handle(out.value, _capi.loldu_checkpoint_free)
         self.directory = os.fspath(directory)
 
@@ -118,7 +132,7 @@ class Checkpoint(_HandleOwner):
         dtype, m, n = _capi.loldu_dtype(), ctypes.c_int64(), ctypes.c_int64()
         config = _capi.loldu_config()
         check(_capi.loldu_config_default(ctypes.byref(config)))
-        check(_capi.loldu_checkpoint_layer(self.handle, name.encode("utf-8"), ctypes.byref(dtype),
+        check(_capi.loldu_checkpoint_layer(self.handle, c_string(name, "name"), ctypes.byref(dtype),
                                            ctypes.byref(m), ctypes.byref(n), ctypes.byref(config)))
         return LayerInfo(name, NUMPY_DTYPES[dtype.value], m.value, n.value, AdapterConfig.from_c(config))
 
@@ -126,7 +140,7 @@ class Checkpoint(_HandleOwner):
         """Sets the adapter's z and σ from layer ``name``; ``MismatchError`` (nothing changed) if
         its base weight, pivots, shape, parameter type (float32 or float64) or configuration differ
         from the saved ones."""
-        check(_capi.loldu_checkpoint_apply(self.handle, name.encode("utf-8"), adapter.handle))
+        check(_capi.loldu_checkpoint_apply(self.handle, c_string(name, "name"), adapter.handle))
 
     def create(self, name: str, weight: np.ndarray, bias=None, *, borrow_weight: bool = False) -> Adapter:
         """Creates the adapter of layer ``name`` on its base ``weight`` (and ``bias``) with the
@@ -134,7 +148,7 @@ class Checkpoint(_HandleOwner):
         info = self.layer(name)
         if isinstance(weight, np.ndarray) and weight.dtype != info.dtype:
             raise DTypeError(f"layer {name!r} was saved in {info.dtype}, its weight is {weight.dtype}; "
-                             f"convert it with weight.astype(np.{info.dtype})", _capi.LOLDU_ERR_DTYPE)
+                             f"convert it with weight.astype({numpy_name(info.dtype)})", _capi.LOLDU_ERR_DTYPE)
         if isinstance(weight, np.ndarray) and weight.shape != (info.m, info.n):
             raise MismatchError(f"layer {name!r} was saved on a {info.m} × {info.n} weight, got shape {weight.shape}",
                                 _capi.LOLDU_ERR_MISMATCH)
@@ -172,7 +186,7 @@ class Checkpoint(_HandleOwner):
         z = np.empty(info.config.rank, np.float64)
         sigma = ctypes.c_double()
         weight, pivots = ctypes.create_string_buffer(17), ctypes.create_string_buffer(17)
-        check(_capi.loldu_checkpoint_values(self.handle, name.encode("utf-8"),
+        check(_capi.loldu_checkpoint_values(self.handle, c_string(name, "name"),
                                             z.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
                                             ctypes.byref(sigma), weight, pivots))
         return {"z": z, "sigma": sigma.value, "weight_fingerprint": weight.value.decode(),
@@ -183,8 +197,8 @@ class Checkpoint(_HandleOwner):
         ``base_dir`` (transformers' safetensors layout, read by mmap; see ``loldu_checkpoint_create``
         for how layer names find tensors), with the saved z and σ."""
         out = _capi.loldu_adapter_p()
-        check(_capi.loldu_checkpoint_create(ctypes.byref(out), self.handle, name.encode("utf-8"),
-                                            os.fsencode(base_dir)))
+        check(_capi.loldu_checkpoint_create(ctypes.byref(out), self.handle, c_string(name, "name"),
+                                            c_string(base_dir, "base_dir", path=True)))
         return Adapter._from_handle(out.value)
 
     def __repr__(self) -> str:

@@ -14,11 +14,10 @@ kinds and names taken from the model).
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Callable, Mapping
 
 from . import _capi
-from ._arrays import integer, library_dtype
+from ._arrays import c_string, integer, library_dtype
 from .adapter import Adapter, _names
 from .checkpoint import Checkpoint, _named
 from .errors import InvalidArgumentError, check
@@ -52,7 +51,11 @@ def export_lora(directory, adapters: Mapping[str, Adapter], *, base_model_name_o
     options.dtype = _dtype_code(dtype, "dtype")
     options.replace = 1 if replace else 0
     if base_model_name_or_path is not None:
-        options.base_model_name_or_path = os.fsencode(base_model_name_or_path)
+        options.base_model_name_or_path = c_string(base_model_name_or_path, "base_model_name_or_path", path=True)
+    unknown = [name for name in (kinds or {}) if name not in adapters]
+    if unknown:
+        raise InvalidArgumentError(f"kinds names layers that are not exported: {unknown[:3]}",
+                                   _capi.LOLDU_ERR_INVALID_ARGUMENT)
     layers = (_capi.loldu_lora_layer * count)()
     for i, name in enumerate(adapters):
         kind = (kinds or {}).get(name, "linear")
@@ -65,7 +68,8 @@ def export_lora(directory, adapters: Mapping[str, Adapter], *, base_model_name_o
         for k, size in enumerate(tuple(kernel)[:3]):
             layers[i].kernel[k] = integer(size, f"kinds[{name!r}] kernel size")
     options.layers = layers
-    check(_capi.loldu_export_lora(os.fsencode(directory), handles, names, count, ctypes.byref(options)))
+    check(_capi.loldu_export_lora(c_string(directory, "directory", path=True), handles, names, count,
+                                  ctypes.byref(options)))
 
 
 def merge_model(checkpoint, base_dir, out_dir, *, dtype=None,
@@ -90,7 +94,8 @@ def merge_model(checkpoint, base_dir, out_dir, *, dtype=None,
         options.progress = _capi.loldu_progress_fn(report)
     opened = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     try:
-        status = _capi.loldu_merge_model(os.fsencode(out_dir), os.fsencode(base_dir), opened.handle,
+        status = _capi.loldu_merge_model(c_string(out_dir, "out_dir", path=True), c_string(base_dir, "base_dir", path=True),
+                                         opened.handle,
                                          ctypes.byref(options))
     finally:
         if opened is not checkpoint:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 
 from . import _capi
-from ._arrays import integer
+from ._arrays import c_string, integer
 from .adapter import Adapter, _choice, _Handle, _HandleOwner, _names
 from .errors import InvalidArgumentError, check
 
@@ -150,12 +149,12 @@ class Optimizer(_HandleOwner):
 
     def save(self, path) -> None:
         """Writes the state (steps, moments, configuration) to a safetensors file, atomically."""
-        check(_capi.loldu_optimizer_save(self.handle, os.fsencode(path)))
+        check(_capi.loldu_optimizer_save(self.handle, c_string(path, "path", path=True)))
 
     def load(self, path) -> None:
         """Restores a state saved by ``save`` for the same configuration and adapters;
         ``MismatchError`` naming what differs otherwise (nothing changes then)."""
-        check(_capi.loldu_optimizer_load(self.handle, os.fsencode(path)))
+        check(_capi.loldu_optimizer_load(self.handle, c_string(path, "path", path=True)))
 
     def __repr__(self) -> str:
         if self._handle is None:

@@ -210,3 +210,27 @@ def test_special_files_are_refused_at_once_and_hostile_counts_refused(minilm, tm
     with pytest.raises(loldu.FormatError, match="steps"):
         opt.load(tmp_path / "state.safetensors")
     assert opt.steps == 0
+
+
+def test_a_failed_save_leaves_no_new_folders_and_bad_config_values_are_named(tmp_path):
+    a = loldu.Adapter(np.random.default_rng(4).standard_normal((4, 6)).astype(np.float32), rank=2)
+    for adapters, error in (({"": a}, loldu.InvalidArgumentError), ({"x": a}, loldu.NotFiniteError)):
+        if error is loldu.NotFiniteError:
+            a.params[0] = np.nan  # (through the live view: the library refuses to save it)
+        with pytest.raises(error):
+            loldu.save(tmp_path / "new" / "deeper", adapters)
+        assert list(tmp_path.iterdir()) == []  # (the folders the save made are gone again)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(loldu.NotFiniteError):
+        loldu.save(tmp_path / "kept" / "new", {"x": a})
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+    w = np.eye(4, dtype=np.float32)
+    for fields, message in (({"seed": 1.7}, "seed must be an integer"), ({"seed": -1}, "seed = -1 is outside"),
+                            ({"alpha": "2"}, "alpha must be a number")):
+        with pytest.raises(loldu.InvalidArgumentError, match=message):
+            loldu.Adapter(w, rank=2, **fields)
+    for values in ([1 + 2j, 3], ["1", "2"], [True, False]):
+        with pytest.raises(loldu.InvalidArgumentError, match="z must hold real numbers"):
+            loldu.Adapter(w, rank=2).set_z(values)
+    with pytest.raises(loldu.DTypeError, match=r"astype\(ml_dtypes.bfloat16\)"):
+        loldu.Adapter(w.astype(loldu.bfloat16), rank=2).forward(np.ones((1, 4), np.float32))

@@ -166,6 +166,28 @@ def test_convolutions_export_in_peft_shapes_and_odd_ones_are_refused(tmp_path):
         assert not (tmp_path / "huge").exists()
 
 
+def test_exports_that_would_not_be_exact_or_would_be_cut_short_are_refused(tmp_path):
+    """An embedding with max_norm (PEFT renormalises W's rows before adding the update, the layer
+    W_eff's: a silently different model, before), a ``kinds`` entry for a layer not exported
+    (ignored before), and a NUL in a name or path (cut there by the C string, before)."""
+    model = nn.Sequential(nn.Embedding(10, 6, max_norm=1.0))
+    lt.add_loldu(model, ["0"], rank=3)
+    with pytest.raises(loldu.InvalidArgumentError, match=r"layer '0'.*max_norm"):
+        lt.export_lora(model, tmp_path / "renorm")
+    a = loldu.Adapter(np.random.default_rng(3).standard_normal((4, 6)).astype(np.float32), rank=2)
+    with pytest.raises(loldu.InvalidArgumentError, match=r"kinds names layers that are not exported: \['b'\]"):
+        loldu.export_lora(tmp_path / "kinds", {"a": a}, kinds={"b": "embedding"})
+    for call, what in ((lambda: loldu.export_lora(tmp_path / "nul", {"a\0b": a}), "layer name"),
+                       (lambda: loldu.export_lora(tmp_path / "nul", {"a": a}, base_model_name_or_path="org/m\0x"),
+                        "base_model_name_or_path"),
+                       (lambda: loldu.export_lora(str(tmp_path / "nul\0x"), {"a": a}), "directory"),
+                       (lambda: loldu.export_merged(str(tmp_path / "m\0.safetensors"), {"a": a}), "path"),
+                       (lambda: loldu.save(str(tmp_path / "s\0x"), {"a": a}), "directory")):
+        with pytest.raises(loldu.InvalidArgumentError, match=f"{what} contains a NUL character"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_an_existing_directory_is_refused_or_replaced_only_if_it_is_an_export(tmp_path):
     rng = np.random.default_rng(1)
     a = loldu.Adapter(rng.standard_normal((6, 5)).astype(np.float32), rank=3)

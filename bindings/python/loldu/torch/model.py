@@ -559,6 +559,11 @@ def _lora_kind(name: str, layer: LoLDULayer):
     """The PEFT representation of a LoLDU layer for ``export_lora``, or a refusal naming it."""
     base = layer.base_layer
     if isinstance(base, nn.Embedding):
+        if base.max_norm is not None:  # (ours renormalises rows of W_eff; PEFT's, rows of W before adding B A)
+            raise InvalidArgumentError(
+                f"layer {name!r}: a LoRA export of an nn.Embedding with max_norm is not exact (PEFT renormalises "
+                "the base weight's rows, then adds the LoRA update; this layer renormalises the rows of the "
+                "adapted weight). Use merge_and_unload or export_merged for it", _capi.LOLDU_ERR_INVALID_ARGUMENT)
         return "embedding"
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         ones = (1,) * len(base.kernel_size)
@@ -579,7 +584,9 @@ def export_lora(model: nn.Module, directory, adapter_name: str | None = None, *,
     the same model class then computes what this model computes. Layer names are module names in
     ``model``; ``base_model_name_or_path`` defaults to the model's ``name_or_path`` (transformers).
     Embeddings and convolutions get PEFT's shapes (a convolution with groups, dilation or
-    non-zero padding is refused, naming the layer). ``dtype``: the tensors' type."""
+    non-zero padding, and an embedding with ``max_norm``, are refused, naming the layer). As PEFT's
+    ``save_pretrained``, it writes the adapter whether or not adapters are disabled (``export_merged``
+    writes the weights the model computes with). ``dtype``: the tensors' type."""
     adapters = _names_and_adapters(model, adapter_name)
     layers = loldu_layers(model)
     kinds = {name: _lora_kind(name, layers[name]) for name in adapters}
