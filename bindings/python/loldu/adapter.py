@@ -412,8 +412,9 @@ class Adapter:
 
     @property
     def params(self) -> np.ndarray:
-        """Live view of the ``rank + 1`` trainable values: ``z[0..r-1]``, then σ."""
-        return self._view(self._params_ptr, self.rank + 1)
+        """Live view of the ``rank + 1`` trainable values: ``z[0..r-1]``, then σ; read-only while
+        merged (as ``z``: a merged adapter computes with the values it merged)."""
+        return self._view(self._params_ptr, self.rank + 1, writable=not self.merged)
 
     @property
     def grad(self) -> np.ndarray:

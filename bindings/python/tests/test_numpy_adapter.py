@@ -214,15 +214,17 @@ def test_merge_unmerge_enable():
             a.set_z(np.zeros(8))
         with pytest.raises(loldu.StateError):
             a.sigma = 3.0
-        assert not a.z.flags.writeable
+        assert not a.z.flags.writeable and not a.params.flags.writeable
         with pytest.raises(ValueError):
             a.z[0] = 1.0
+        with pytest.raises(ValueError):  # (σ too: a merged adapter computes with the values it merged)
+            a.params[-1] = 2.0
         a.zero_grad()
         a.backward(x, np.ones((5, 20)))
         assert not a.grad.any()  # a merged adapter does not depend on z
         a.merge()  # no-op
         a.unmerge()
-        assert not a.merged and a.z.flags.writeable
+        assert not a.merged and a.z.flags.writeable and a.params.flags.writeable
         a.enabled = False
         np.testing.assert_allclose(a.forward(x), x @ w.T + b, rtol=1e-12, atol=1e-12)
         np.testing.assert_array_equal(a.effective_weight(), w)

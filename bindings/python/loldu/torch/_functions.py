@@ -133,7 +133,7 @@ def _torch_parameter_grads(adapter, z, sigma, dw: torch.Tensor):
 def _saved_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A saved input as the library reads it, in the forward's dtype, whatever a
     ``saved_tensors_hooks`` unpack returned (another dtype, other strides)."""
-    return library_input(x.to(dtype))
+    return library_input(x if x.dtype == dtype else x.to(dtype))
 
 
 def _bias_grad(dy: torch.Tensor, shape):

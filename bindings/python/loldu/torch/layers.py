@@ -367,7 +367,7 @@ class LoLDULayer(nn.Module):
         """(Re)binds ``loldu_z[name]`` / ``loldu_sigma[name]`` to the adapter's memory; existing
         parameter objects are kept, so an optimiser holding them keeps working."""
         adapter = self._adapters[name]
-        params = torch.from_numpy(adapter.params)  # writable live view: z then σ
+        params = torch.from_numpy(adapter._view(adapter._params_ptr, adapter.rank + 1))  # writable live view: z, σ
         z, sigma = params[: adapter.rank], params[adapter.rank:]
         train_sigma = self.loldu_config[name].train_sigma
         if name in self.loldu_z:
