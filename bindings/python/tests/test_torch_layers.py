@@ -632,6 +632,28 @@ def test_saved_tensor_hooks_that_change_dtype_or_strides_give_the_gradients_of_w
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+def test_computed_loldu_parameters_are_refused_with_the_fix(tmp_path):
+    """A parametrization on loldu_z replaces the parameter the library's memory backs by a
+    computed tensor: every call names it and the fix (a KeyError before)."""
+    from torch.nn.utils import parametrize
+
+    class Positive(nn.Module):
+        def forward(self, z):
+            return z.abs()
+
+    layer = lt.LoLDULinear(nn.Linear(8, 6), rank=3)
+    x = torch.randn(2, 8)
+    expected = layer(x)
+    layer(x, adapter_names=["default"] * 2)  # (the layer's group of adapters exists)
+    parametrize.register_parametrization(layer.loldu_z, "default", Positive())
+    for call in (lambda: layer(x), lambda: layer(x, adapter_names=["default"] * 2),
+                 lambda: lt.save_loldu(nn.Sequential(layer), tmp_path / "ckpt")):
+        with pytest.raises(loldu.StateError, match=r"loldu_z\['default'\].*remove_parametrizations"):
+            call()
+    parametrize.remove_parametrizations(layer.loldu_z, "default", leave_parametrized=False)  # (the parameter back)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
 def test_a_mixed_batch_sees_replaced_parameters_and_added_or_deleted_adapters():
     """The layer keeps its adapters as one group between mixed batches: parameters replaced
     (``.data =``, ``load_state_dict(assign=True)``), adapters added, re-created or deleted since

@@ -488,14 +488,23 @@ class LoLDULayer(nn.Module):
         parameters back), through a stand-in with those values, binding nothing; otherwise
         (``load_state_dict(assign=True)``, ``.data =``, or not for a call) bound again."""
         adapter = self._adapters[name]
-        z = self._modules["loldu_z"]._parameters[name]
-        sigma = self._modules["loldu_sigma"]._parameters[name]
+        try:
+            z = self._modules["loldu_z"]._parameters[name]
+            sigma = self._modules["loldu_sigma"]._parameters[name]
+        except KeyError:
+            raise self._computed_parameters(name) from None
         if z.data_ptr() != adapter._params_ptr or sigma.data_ptr() != adapter._params_ptr + adapter.rank * adapter.param_dtype.itemsize:
             replaced = self._replaced_alive(name, (z, sigma))
             if call and replaced:
                 return self._stand_in(name, z, sigma)
             self._rebind_from_parameters(name, replaced)
         return adapter
+
+    def _computed_parameters(self, name: str) -> StateError:
+        return StateError(
+            f"{self.loldu_name}: loldu_z[{name!r}] / loldu_sigma[{name!r}] are not parameters of their own but "
+            "computed (torch.nn.utils.parametrize): they are the library's memory, which the layer computes "
+            "with. Remove the parametrization (parametrize.remove_parametrizations)", _capi.LOLDU_ERR_STATE)
 
     def _replaced_alive(self, name: str, current) -> list[torch.Tensor]:
         """The parameters ``_bind`` bound for ``name`` that are no longer in the module but still alive."""
@@ -896,11 +905,14 @@ class LoLDULinear(LoLDULayer):
         owners = group.names
         used = [i for i in map(group.position.get, dict.fromkeys(names)) if i is not None]  # each once
         if group is self._grouping:  # (conversions copy z and σ from the bound adapters)
-            for i in used:  # ``_bound``, inline with the group's addresses: this runs per used adapter per batch
-                if (z[owners[i]].data_ptr(), sigma[owners[i]].data_ptr()) != group.memory[i]:
-                    if self._bound(owners[i], call=True) is not group.adapters[i]:  # swapped in for this call
-                        group = AdapterGroup(self._factors, owners[1:], [self._bound(n, call=True) for n in owners[1:]])
-                        break
+            try:
+                for i in used:  # ``_bound``, inline with the group's addresses: this runs per used adapter per batch
+                    if (z[owners[i]].data_ptr(), sigma[owners[i]].data_ptr()) != group.memory[i]:
+                        if self._bound(owners[i], call=True) is not group.adapters[i]:  # swapped in for this call
+                            group = AdapterGroup(self._factors, owners[1:], [self._bound(n, call=True) for n in owners[1:]])
+                            break
+            except KeyError as missing:
+                raise self._computed_parameters(missing.args[0]) from None
         rows = group.rows(names, x2.shape[0] // len(names) if len(names) else 1)
         if torch.is_grad_enabled():
             # (A mixed batch is never on a disabled layer: merged adapters are those that do not compute.)
