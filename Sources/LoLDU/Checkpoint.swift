@@ -106,6 +106,9 @@ public final class Checkpoint: @unchecked Sendable {
 
         let dir = try AtomicFile.LockedDirectory(directory, exclusive: true, create: true)
         finishInterruptedSave(dir)
+        for name in [modelFile, configFile] {  // (refused before the first rename: a failed save changes nothing)
+            _ = try AtomicFile.replaceable(dir.file(name), followLinks: false)
+        }
         let model = try dir.prepare(modelFile) { file throws(LoLDUError) in
             try SafeTensors.write(entries, metadata: metadata, to: file)
         }

@@ -4,6 +4,7 @@ files readable by the safetensors package, base-weight checks, hostile files, me
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -220,6 +221,11 @@ def test_a_failed_save_leaves_no_new_folders_and_bad_config_values_are_named(tmp
         with pytest.raises(error):
             loldu.save(tmp_path / "new" / "deeper", adapters)
         assert list(tmp_path.iterdir()) == []  # (the folders the save made are gone again)
+    (tmp_path / "odd" / "adapter_config.json").mkdir(parents=True)  # (the new model file went in, before)
+    with pytest.raises(loldu.LoLDUIOError, match="is a directory"):
+        loldu.save(tmp_path / "odd", {"x": loldu.Adapter(np.eye(4, dtype=np.float32), rank=2)})
+    assert [p.name for p in (tmp_path / "odd").iterdir()] == ["adapter_config.json"]
+    shutil.rmtree(tmp_path / "odd")
     (tmp_path / "kept").mkdir()
     with pytest.raises(loldu.NotFiniteError):
         loldu.save(tmp_path / "kept" / "new", {"x": a})
