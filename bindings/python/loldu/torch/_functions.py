@@ -74,9 +74,12 @@ def at_forward(adapter, state: tuple[bool, bool]):
             "the LoLDU adapter this forward computed with was closed before backward: its layer's adapter was "
             "deleted or re-created (delete_adapter, refactor, a dtype change, unload or merge_and_unload) between "
             "forward and backward. Run backward before changing the model.", _capi.LOLDU_ERR_STATE)
-    if adapter._state == state:
-        return adapter
-    stand_in = adapter.clone()  # (enabled, unmerged; freed when backward drops it)
+    return adapter if adapter._state == state else clone_in_state(adapter, state)
+
+
+def clone_in_state(adapter, state: tuple[bool, bool]):
+    """A clone of ``adapter`` (same factors, z, σ and path) in the (enabled, merged) ``state``."""
+    stand_in = adapter.clone()  # (enabled, unmerged)
     stand_in.path = adapter.path
     if not state[0]:
         stand_in.enabled = False
@@ -112,20 +115,22 @@ def differentiable_by(twin):
     return wrap
 
 
-def _torch_weight(adapter, z, sigma, dtype: torch.dtype) -> torch.Tensor:
+def _torch_factors(adapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = P L_r`` and ``U_r`` as tensors (copies), for the ``create_graph=True`` backward."""
+    return torch.from_numpy(adapter.factor("lower")), torch.from_numpy(adapter.factor("upper"))
+
+
+def _torch_weight(adapter, a, u, z, sigma, dtype: torch.dtype) -> torch.Tensor:
     """``W_eff`` as torch operations on ``z`` and ``σ`` (``W_res + σ A diag(z) U_r``) for an
     enabled, unmerged adapter; else the constant weight it computes with."""
     if adapter.merged or not adapter.enabled:
         return torch.from_numpy(adapter.effective_weight()).to(dtype)
-    a, u = torch.from_numpy(adapter.factor("lower")), torch.from_numpy(adapter.factor("upper"))
-    residual = torch.from_numpy(adapter.factor("residual"))
-    return (residual + sigma * (a * z) @ u).to(dtype)
+    return (torch.from_numpy(adapter.factor("residual")) + sigma * (a * z) @ u).to(dtype)
 
 
-def _torch_parameter_grads(adapter, z, sigma, dw: torch.Tensor):
+def _torch_parameter_grads(a, u, z, sigma, dw: torch.Tensor):
     """dz and dσ of ``dw`` (the gradient of ``W_eff``) as torch operations:
     ``s_k = (Aᵀ dW U_rᵀ)_kk``, ``dz = σ s``, ``dσ = Σ z_k s_k``."""
-    a, u = torch.from_numpy(adapter.factor("lower")), torch.from_numpy(adapter.factor("upper"))
     s = ((a.mT @ dw.to(a.dtype)) * u).sum(1)
     return sigma * s, (z * s).sum().reshape(1)
 
@@ -188,10 +193,11 @@ class LinearFunction(torch.autograd.Function):
         adapter = at_forward(ctx.adapter, ctx.state)
         x, dy = x.to(ctx.dtype), dy.to(ctx.dtype)
         need_x, need_z, need_sigma, need_bias = ctx.needs_input_grad[:4]
+        a, u = _torch_factors(adapter)
         dz = dsigma = None
         if need_z or need_sigma:
-            dz, dsigma = _torch_parameter_grads(adapter, z, sigma, dy.mT @ x)
-        return (dy @ _torch_weight(adapter, z, sigma, ctx.dtype) if need_x else None, dz if need_z else None,
+            dz, dsigma = _torch_parameter_grads(a, u, z, sigma, dy.mT @ x)
+        return (dy @ _torch_weight(adapter, a, u, z, sigma, ctx.dtype) if need_x else None, dz if need_z else None,
                 dsigma if need_sigma else None, _bias_grad(dy, ctx.bias_shape) if need_bias else None, None, None)
 
     @staticmethod
@@ -325,7 +331,7 @@ class WeightFunction(torch.autograd.Function):
     @staticmethod
     def twin(ctx, dw):
         z, sigma = ctx.saved_tensors
-        dz, dsigma = _torch_parameter_grads(at_forward(ctx.adapter, ctx.state), z, sigma, dw.to_dense())
+        dz, dsigma = _torch_parameter_grads(*_torch_factors(at_forward(ctx.adapter, ctx.state)), z, sigma, dw.to_dense())
         need_z, need_sigma = ctx.needs_input_grad[:2]
         return dz if need_z else None, dsigma if need_sigma else None, None, None
 

@@ -38,7 +38,7 @@ from .._arrays import NUMPY_DTYPES
 from ..adapter import Adapter, AdapterConfig, init_change_advice
 from ..errors import DeviceError, DTypeError, InvalidArgumentError, LoLDUWarning, ShapeError, StateError, check
 from ._functions import (LIBRARY_DTYPES, AdapterGroup, GroupedLinearFunction, LinearFunction, WeightFunction, grouped_linear,
-                         eager_under_compile, library_input, linear, parameter_dtype, refuse_tracing)
+                         clone_in_state, eager_under_compile, library_input, linear, parameter_dtype, refuse_tracing)
 
 BASE_NAME = "__base__"  # PEFT's name for rows that use no adapter in a mixed batch
 _process_configured = False
@@ -452,17 +452,18 @@ class LoLDULayer(nn.Module):
         # (Module attributes read through _modules / _parameters: nn.Module.__getattr__ is slow,
         # and this runs on every call.)
         weight = self._base_weight()
-        if call and torch._C._are_functorch_transforms_active():
-            raise RuntimeError(
-                f"{self.loldu_name}: LoLDU layers do not run under torch.func transforms (vmap, grad, jacrev, "
-                "jvp...): the library computes outside what they can see. Use torch.autograd (backward, "
-                "autograd.grad, create_graph=True for second derivatives), or plain layers: "
-                "loldu.torch.merge_and_unload(model)")
-        if call and weight.requires_grad and torch.is_grad_enabled():
-            raise StateError(
-                f"{self.loldu_name}: base_layer.weight requires grad, but a LoLDU layer computes with factors of "
-                "the frozen weight, so it would get no gradient. Freeze it again (requires_grad_(False)), or "
-                "train plain layers: loldu.torch.merge_and_unload(model)", _capi.LOLDU_ERR_STATE)
+        if call:
+            if torch._C._are_functorch_transforms_active():
+                raise RuntimeError(
+                    f"{self.loldu_name}: LoLDU layers do not run under torch.func transforms (vmap, grad, jacrev, "
+                    "jvp...): the library computes outside what they can see. Use torch.autograd (backward, "
+                    "autograd.grad, create_graph=True for second derivatives), or plain layers: "
+                    "loldu.torch.merge_and_unload(model)")
+            if weight.requires_grad and torch.is_grad_enabled():
+                raise StateError(
+                    f"{self.loldu_name}: base_layer.weight requires grad, but a LoLDU layer computes with factors of "
+                    "the frozen weight, so it would get no gradient. Freeze it again (requires_grad_(False)), or "
+                    "train plain layers: loldu.torch.merge_and_unload(model)", _capi.LOLDU_ERR_STATE)
         version, ptr, dtype, crc = self._stamp
         if weight._version != version or weight.data_ptr() != ptr:
             if weight.device.type != "cpu" or weight.dtype != dtype or _crc(self._weight_matrix(weight.detach())) != crc:
@@ -494,10 +495,19 @@ class LoLDULayer(nn.Module):
         except KeyError:
             raise self._computed_parameters(name) from None
         if z.data_ptr() != adapter._params_ptr or sigma.data_ptr() != adapter._params_ptr + adapter.rank * adapter.param_dtype.itemsize:
+            if adapter.merged:
+                raise StateError(f"{self.loldu_name}: loldu_z / loldu_sigma were replaced while merged; unmerge first",
+                                 _capi.LOLDU_ERR_STATE)
             replaced = self._replaced_alive(name, (z, sigma))
-            if call and replaced:
-                return self._stand_in(name, z, sigma)
-            self._rebind_from_parameters(name, replaced)
+            if call and replaced:  # a stand-in computing with their values (freed with the call's graph)
+                stand_in = clone_in_state(adapter, adapter._state)
+                self._restore(stand_in, (z, sigma))
+                return stand_in
+            with torch.no_grad():  # (replaced parameters still alive keep their values, in memory of their own)
+                for old in replaced:
+                    old.data = old.data.clone()
+            self._restore(adapter, (z, sigma))
+            self._bind(name)
         return adapter
 
     def _computed_parameters(self, name: str) -> StateError:
@@ -510,34 +520,6 @@ class LoLDULayer(nn.Module):
         """The parameters ``_bind`` bound for ``name`` that are no longer in the module but still alive."""
         return [old for old, now in zip((ref() for ref in self._bound_to.get(name, ())), current)
                 if old is not None and old is not now]
-
-    def _unmergeable_replacement(self, name: str) -> StateError:
-        return StateError(f"{self.loldu_name}: loldu_z / loldu_sigma were replaced while merged; unmerge first",
-                          _capi.LOLDU_ERR_STATE)
-
-    def _stand_in(self, name: str, z: torch.Tensor, sigma: torch.Tensor) -> Adapter:
-        """A clone of adapter ``name`` computing with the values of ``z`` and ``sigma`` (freed with
-        the call's autograd graph)."""
-        adapter = self._adapters[name]
-        if adapter.merged:
-            raise self._unmergeable_replacement(name)
-        stand_in = adapter.clone()
-        stand_in.path, stand_in.enabled = adapter.path, adapter.enabled
-        self._restore(stand_in, (z, sigma))
-        return stand_in
-
-    def _rebind_from_parameters(self, name: str, replaced=None) -> None:
-        """The parameters were replaced (e.g. load_state_dict(assign=True)): their values win.
-        Replaced parameters still alive get memory of their own first, keeping their values."""
-        adapter = self._adapters[name]
-        if adapter.merged:
-            raise self._unmergeable_replacement(name)
-        z, sigma = self.loldu_z[name], self.loldu_sigma[name]
-        with torch.no_grad():
-            for old in self._replaced_alive(name, (z, sigma)) if replaced is None else replaced:
-                old.data = old.data.clone()
-        self._restore(adapter, (z, sigma))
-        self._bind(name)
 
     def _check_input(self, x) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
