@@ -132,12 +132,16 @@ static uint16_t *to_bf16(const float *a, long count) {
 }
 
 /* bfloat16 bits -> float (exact). */
+static float bf16_value(uint16_t bits) {
+    uint32_t u = (uint32_t)bits << 16;
+    float v;
+    memcpy(&v, &u, sizeof u);
+    return v;
+}
+
 static float *from_bf16(const uint16_t *a, long count) {
     float *out = checked_malloc(sizeof(float) * (size_t)count);
-    for (long i = 0; i < count; i++) {
-        uint32_t u = (uint32_t)a[i] << 16;
-        memcpy(&out[i], &u, sizeof u);
-    }
+    for (long i = 0; i < count; i++) out[i] = bf16_value(a[i]);
     return out;
 }
 
@@ -149,8 +153,7 @@ static double relative_error(const float *a, const uint16_t *bits, const float *
     }
     double num = 0, den = 0;
     for (long i = 0; i < count; i++) {
-        float v;
-        if (bits) { uint32_t u = (uint32_t)bits[i] << 16; memcpy(&v, &u, sizeof u); } else { v = a[i]; }
+        float v = bits ? bf16_value(bits[i]) : a[i];
         num += ((double)v - ref[i]) * ((double)v - ref[i]);
         den += (double)ref[i] * ref[i];
     }
