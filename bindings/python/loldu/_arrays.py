@@ -63,11 +63,23 @@ def c_string(value, what: str, *, path: bool = False) -> bytes:
     return data
 
 
+def unmasked(a, what: str):
+    """``a``, unless it is a numpy masked array with masked elements: the library reads every
+    element, so a mask would be ignored silently."""
+    if np.ma.isMaskedArray(a) and np.ma.getmask(a) is not np.ma.nomask and np.ma.getmask(a).any():
+        raise InvalidArgumentError(
+            f"{what} is a masked array with masked elements, which libloldu would read as their "
+            f"underlying values; pass {what}.filled(value) to choose them, or np.asarray({what}) to keep them",
+            _capi.LOLDU_ERR_INVALID_ARGUMENT,
+        )
+    return a
+
+
 def row_indices(rows, count: int, batch: int, what: str) -> np.ndarray:
     """A grouped call's row → adapter indices (one per row of the batch) as int32, refusing what
     a cast would change: values that are not integers, and values outside [-1, count) that
     int32 cannot hold (the library names the others)."""
-    given = rows
+    given = unmasked(rows, f"{what}: rows")
     rows = np.asarray(rows)
     if rows.shape != (batch,):
         raise ShapeError(f"{what}: rows must hold one adapter index per row of x ({batch}), got shape {rows.shape}",
@@ -127,6 +139,7 @@ def check_array(
             f"use np.ascontiguousarray({what}, dtype={numpy_name(dtype)})",
             _capi.LOLDU_ERR_DTYPE,
         )
+    unmasked(a, what)
     if a.dtype != dtype:
         raise DTypeError(
             f"{what} has dtype {a.dtype}, expected {dtype}; convert it with {what}.astype({numpy_name(dtype)})",

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 
 from . import _capi
-from ._arrays import BFLOAT16, NUMPY_DTYPES, check_array, integer, library_dtype, row_indices, view
+from ._arrays import BFLOAT16, NUMPY_DTYPES, check_array, integer, library_dtype, row_indices, unmasked, view
 from .errors import InvalidArgumentError, InvalidHandleError, LoLDUWarning, ShapeError, check
 
 # Above this ‖W_eff − W‖ / ‖W‖ at creation, the initial z has replaced much of the pretrained
@@ -432,7 +432,7 @@ class Adapter:
 
     def set_z(self, values) -> None:
         """Sets z from ``rank`` finite real values (``loldu_set_z``, which checks them)."""
-        given = np.asarray(values)
+        given = np.asarray(unmasked(values, "z"))
         if given.dtype.kind not in "fiu" and given.dtype != BFLOAT16:  # (a cast would drop imaginary parts, parse strings, read bools)
             raise InvalidArgumentError(f"z must hold real numbers, got dtype {given.dtype}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
         values = np.ascontiguousarray(given, dtype=self.param_dtype)

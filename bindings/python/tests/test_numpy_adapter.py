@@ -375,5 +375,14 @@ def test_bad_inputs_raise_documented_exceptions():
             a.factor("bias")
         with pytest.raises(loldu.ShapeError, match="batch must be in"):
             a.plan(-1)
+        # A masked array's mask is not silently dropped (the library reads every element):
+        # refused when something is masked, used as its data when nothing is.
+        hidden = np.ma.masked_array(x, mask=np.zeros(x.shape, bool))
+        np.testing.assert_array_equal(a.forward(hidden), a.forward(x))
+        hidden[1, 2] = np.ma.masked
+        with pytest.raises(loldu.InvalidArgumentError, match=r"x is a masked array with masked elements.*filled"):
+            a.forward(hidden)
+        with pytest.raises(loldu.InvalidArgumentError, match="z is a masked array"):
+            a.set_z(np.ma.masked_array(np.ones(4, np.float32), mask=[0, 1, 0, 0]))
         assert a.bias_grad is None
         np.testing.assert_array_equal(a.forward(np.ones((0, 6), np.float32)), np.ones((0, 8), np.float32))

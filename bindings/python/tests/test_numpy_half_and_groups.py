@@ -73,6 +73,8 @@ def test_derived_adapters_and_a_grouped_batch():
         loldu.grouped_forward(adapters, [0, 1, 2**63] + [0] * 6, x)  # (numpy would make it a float)
     with pytest.raises(loldu.DTypeError, match="integers"):
         loldu.grouped_forward(adapters, np.array([0.9] * 9), x)
+    with pytest.raises(loldu.InvalidArgumentError, match="rows is a masked array"):
+        loldu.grouped_forward(adapters, np.ma.masked_array(rows, mask=rows < 0), x)
     np.testing.assert_array_equal(loldu.grouped_forward(adapters, rows.astype(np.int64), x), y)
     np.testing.assert_array_equal(loldu.grouped_forward(adapters, rows.tolist(), x), y)
     other = loldu.Adapter(rng.standard_normal((20, 12)), rank=8)
