@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _capi
 from ._arrays import BFLOAT16, NUMPY_DTYPES, check_array, integer, library_dtype, row_indices, unmasked, view
-from .errors import InvalidArgumentError, InvalidHandleError, LoLDUWarning, ShapeError, check
+from .errors import InvalidArgumentError, InvalidHandleError, LoLDUWarning, ShapeError, StateError, check
 
 # Above this ‖W_eff − W‖ / ‖W‖ at creation, the initial z has replaced much of the pretrained
 # weight: warn, with the fix.
@@ -172,9 +172,10 @@ class _Handle:
 
 class _HandleOwner:
     """``handle``, ``close()`` and ``with`` for an object that owns one ``_Handle`` (the
-    optimiser, the checkpoint); ``_what`` names it in the closed-handle error."""
+    optimiser, the checkpoint); ``_what`` names it in the closed-handle and pickling errors."""
 
     _what = "object"
+    _instead = ""  # (what to do instead, for the pickling error)
     _handle: _Handle | None = None
 
     @property
@@ -194,6 +195,9 @@ class _HandleOwner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"a loldu {self._what} holds library memory and cannot be pickled or copied{self._instead}")
 
 
 class Adapter:
@@ -296,6 +300,25 @@ class Adapter:
         handle, self._handle = getattr(self, "_handle", None), None
         if handle is not None:
             del handle  # frees now unless a view still holds it
+
+    # -- copy and pickle --------------------------------------------------------------------------
+
+    def __copy__(self) -> "Adapter":
+        """``clone()``, enabled or disabled as this adapter (unmerged only): the factors are
+        immutable and shared, the state copied."""
+        if self.merged:
+            raise StateError("the adapter is merged; unmerge() it before copying", _capi.LOLDU_ERR_STATE)
+        copy = self.clone()
+        copy.enabled = self.enabled
+        return copy
+
+    def __deepcopy__(self, memo) -> "Adapter":
+        return self.__copy__()
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a loldu.Adapter holds library memory and cannot be pickled: save it with "
+                        "loldu.save(directory, {name: adapter}) and load it with loldu.load in the other "
+                        "process (copy.copy and copy.deepcopy give a clone())")
 
     def __enter__(self) -> "Adapter":
         return self

@@ -101,6 +101,7 @@ class Checkpoint(_HandleOwner):
     hostile; problems are ``FormatError`` (malformed) or ``LoLDUIOError`` (unreadable)."""
 
     _what = "checkpoint"
+    _instead = ": open it again from its directory"
 
     def __init__(self, directory):
         out = _capi.loldu_checkpoint_p()

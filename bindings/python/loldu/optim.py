@@ -75,6 +75,7 @@ class Optimizer(_HandleOwner):
     """
 
     _what = "optimiser"
+    _instead = ": save() its state and load() it into a new optimiser over the same adapters"
 
     def __init__(
         self,

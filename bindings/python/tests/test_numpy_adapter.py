@@ -3,7 +3,9 @@ paths, merge, views, lifetime, and the exceptions for bad inputs."""
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 
 import warnings
 
@@ -246,6 +248,31 @@ def test_clone_shares_factors_not_state():
     np.testing.assert_array_equal(c.factor("weight"), w)
     assert c.info["borrow_weight"] and c.info["bytes_weight"] == 0
     c.close()
+
+
+def test_copies_are_clones_and_pickling_is_refused_with_the_way_out():
+    """copy.copy shared the handle (z changed in both) and pickle failed with ctypes' message."""
+    w = np.random.default_rng(7).standard_normal((9, 7)).astype(np.float32)
+    with loldu.Adapter(w, rank=5) as a:
+        a.enabled = False
+        for copy_ in (copy.copy, copy.deepcopy):
+            c = copy_(a)
+            assert c.handle != a.handle and not c.enabled
+            c.z[:] = 3
+            assert not np.array_equal(a.z, c.z)
+            np.testing.assert_array_equal(c.factor("lower"), a.factor("lower"))
+        with pytest.raises(TypeError, match=r"loldu.Adapter .*cannot be pickled.*loldu.save"):
+            pickle.dumps(a)
+        a.enabled = True
+        a.merge()
+        with pytest.raises(loldu.StateError, match="merged"):
+            copy.deepcopy(a)
+        a.unmerge()
+        optimiser = loldu.AdamW([a])
+        with pytest.raises(TypeError, match=r"optimiser .*cannot be pickled or copied: save\(\)"):
+            copy.deepcopy(optimiser)
+        with pytest.raises(TypeError, match="optimiser"):
+            pickle.dumps(optimiser)
 
 
 def test_borrowed_weight_is_kept_alive():
