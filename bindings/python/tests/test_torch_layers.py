@@ -202,6 +202,47 @@ def test_torch_optim_and_the_library_optimiser_train_the_same(minilm):
         assert grad.data_ptr() == layer.adapter._gradient_pointers()[0]
 
 
+def test_the_library_optimiser_resumes_from_its_state_dict_through_torch_save(tmp_path):
+    """torch's checkpoint idiom: model and optimiser state_dicts in one torch.save file, loaded
+    into fresh objects, train on as if never stopped (no state_dict before)."""
+    torch.manual_seed(7)
+    data = [torch.randn(5, 12) for _ in range(6)]
+
+    def train(m, opt, batches):
+        for x in batches:
+            m(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    def fresh():
+        m = lt.add_loldu(nn.Sequential(nn.Linear(12, 9), nn.Tanh(), nn.Linear(9, 4)), ["0", "2"], rank=4)
+        return m, lt.Optimizer(m, "adamw", lr=0.05, schedule="linear", warmup_steps=2, total_steps=6)
+
+    torch.manual_seed(8)
+    straight, opt = fresh()
+    train(straight, opt, data)
+    torch.manual_seed(8)
+    first, opt = fresh()
+    train(first, opt, data[:3])
+    torch.save({"model": first.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "checkpoint.pt")
+    saved = torch.load(tmp_path / "checkpoint.pt")
+    torch.manual_seed(8)  # (the same pretrained base; z as initialised, replaced by the load)
+    resumed, opt = fresh()
+    resumed.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    assert opt.steps == 3
+    train(resumed, opt, data[3:])
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(loldu.InvalidArgumentError, match=r"state_dict must be what loldu.torch.Optimizer.state_dict\(\) "
+                                                         r"returns.*keys \['param_groups', 'state'\]"):
+        opt.load_state_dict(torch.optim.SGD(resumed.parameters(), lr=0.1).state_dict())
+    other = lt.Optimizer(resumed, "sgd", lr=0.05)
+    with pytest.raises(loldu.MismatchError):
+        other.load_state_dict(saved["optimizer"])
+    assert other.steps == 0
+
+
 @pytest.mark.filterwarnings("ignore::loldu.LoLDUWarning")  # a non-lu init on purpose
 def test_disabled_and_merged_layers():
     torch.manual_seed(6)

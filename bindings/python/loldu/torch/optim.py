@@ -3,6 +3,10 @@ model, for training loops driven by PyTorch's autograd."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -12,6 +16,9 @@ from .. import _capi
 from ..errors import InvalidArgumentError, StateError
 from .layers import LoLDULayer
 from .model import _chosen, loldu_layers
+
+
+STATE_KEY = "loldu_optimizer"  # (the one key of state_dict())
 
 
 class Optimizer:
@@ -88,6 +95,31 @@ class Optimizer:
 
     def load(self, path) -> None:
         self._optimizer.load(path)
+
+    def state_dict(self) -> dict:
+        """The state as ``save`` writes it (steps, moments, configuration), for ``torch.save``
+        beside the model's: ``{"loldu_optimizer": <the file's bytes as a uint8 tensor>}``."""
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "optimizer.safetensors")
+            self.save(path)
+            with open(path, "rb") as f:
+                return {STATE_KEY: torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)}
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restores a ``state_dict()`` of an optimiser with the same configuration over the same
+        layers (``load``'s checks: ``MismatchError`` naming what differs; nothing changes then)."""
+        state = state_dict.get(STATE_KEY) if isinstance(state_dict, Mapping) else None
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+            raise InvalidArgumentError(
+                f"state_dict must be what loldu.torch.Optimizer.state_dict() returns ({{{STATE_KEY!r}: a 1-D uint8 "
+                f"tensor}}), got {type(state_dict).__name__}"
+                + (f" with keys {sorted(map(str, state_dict))[:4]}" if isinstance(state_dict, Mapping) else ""),
+                _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "optimizer.safetensors")
+            with open(path, "wb") as f:
+                f.write(state.contiguous().numpy().tobytes())
+            self.load(path)
 
     def close(self) -> None:
         self._optimizer.close()
