@@ -195,7 +195,7 @@ class Checkpoint(_HandleOwner):
 
     def create_from_model(self, name: str, base_dir) -> Adapter:
         """Creates layer ``name``'s adapter on its weight (and bias) in the model directory
-        ``base_dir`` (transformers' safetensors layout, read by mmap; see ``loldu_checkpoint_create``
+        ``base_dir`` (transformers' safetensors layout, read one tensor at a time; see ``loldu_checkpoint_create``
         for how layer names find tensors), with the saved z and σ."""
         out = _capi.loldu_adapter_p()
         check(_capi.loldu_checkpoint_create(ctypes.byref(out), self.handle, c_string(name, "name"),
