@@ -79,7 +79,7 @@ def row_indices(rows, count: int, batch: int, what: str) -> np.ndarray:
     """A grouped call's row → adapter indices (one per row of the batch) as int32, refusing what
     a cast would change: values that are not integers, and values outside [-1, count) that
     int32 cannot hold (the library names the others)."""
-    given = unmasked(rows, f"{what}: rows")
+    given = unmasked(rows, "rows")
     rows = np.asarray(rows)
     if rows.shape != (batch,):
         raise ShapeError(f"{what}: rows must hold one adapter index per row of x ({batch}), got shape {rows.shape}",
