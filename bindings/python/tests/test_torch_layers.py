@@ -398,6 +398,7 @@ def test_an_empty_layer_is_refused_naming_its_empty_dimension():
         assert not lt.loldu_layers(model) and model[0].weight.requires_grad  # nothing changed
 
 
+@pytest.mark.filterwarnings("ignore:.*(prototype stage|beta state):UserWarning")  # MaskedTensor, sparse CSR
 def test_bad_inputs_raise_clear_exceptions():
     layer = lt.LoLDULinear(nn.Linear(5, 3), rank=2, name="head")
 
@@ -420,6 +421,16 @@ def test_bad_inputs_raise_clear_exceptions():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: bf16, as nn.Linear under autocast
         assert layer(torch.zeros(2, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
         assert layer(torch.zeros(2, 5)).dtype == torch.bfloat16
+    # Sparse inputs compute as nn.Linear computes them (a RuntimeError from .contiguous() before);
+    # a tensor subclass with no memory of its own is refused by name ("x is NULL" before).
+    x = torch.zeros(3, 5)
+    x[1, 2], x[2, 4] = 1.5, -2.0
+    for sparse in (x.to_sparse(), x.to_sparse_csr()):
+        torch.testing.assert_close(layer(sparse), layer(x), rtol=0, atol=0)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 1] = False
+    with pytest.raises(loldu.InvalidArgumentError, match="head: the input is a MaskedTensor .*no memory of its own"):
+        layer(torch.masked.masked_tensor(x, mask))
     conv = lt.LoLDUConv(nn.Conv2d(3, 4, 2), rank=2)
     with pytest.raises(loldu.ShapeError, match=r"expected \(N, 3, \.\.\.\)"):
         conv(torch.zeros(1, 2, 5, 5))

@@ -827,7 +827,7 @@ class LoLDULinear(LoLDULayer):
     def forward(self, x: torch.Tensor, *, adapter_names=None) -> torch.Tensor:
         base = self._modules["base_layer"]
         if (adapter_names is None and self._mixed is None and not self._disabled and type(x) is torch.Tensor
-                and x.dim() == 2 and x.dtype == getattr(base._parameters.get("weight"), "dtype", None)
+                and x.layout == torch.strided and x.dim() == 2 and x.dtype == getattr(base._parameters.get("weight"), "dtype", None)
                 and x.device.type == "cpu"
                 and len(self.active_adapters) == 1 and self.active_adapters[0] in self._adapters
                 and not torch.is_autocast_enabled("cpu") and x.shape[1] == base.in_features):
@@ -836,6 +836,8 @@ class LoLDULinear(LoLDULayer):
             return self._forward_one(library_input(x), name, self._prepare(name, call=True), base._parameters["bias"])
         dtype = self._compute_dtype()
         x = self._check_float_input(x, dtype)
+        if x.layout != torch.strided or type(x) is not torch.Tensor:
+            x = self._readable_input(x)
         n = base.in_features
         if x.dim() == 0 or x.shape[-1] != n:
             raise ShapeError(
@@ -858,6 +860,22 @@ class LoLDULinear(LoLDULayer):
         else:
             y = self._forward_one(x2, name, self._computing_adapter(name, dtype), bias)
         return y if flat else y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _readable_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A sparse input made dense (``nn.Linear`` takes them); a tensor subclass without memory
+        of its own the library could read (``MaskedTensor``, ...) refused by name."""
+        if x.layout in (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+            return x.to_dense()
+        try:
+            readable = x.layout == torch.strided and (x.numel() == 0 or x.data_ptr() != 0)
+        except RuntimeError:
+            readable = False
+        if not readable:
+            raise InvalidArgumentError(
+                f"{self.loldu_name}: the input is a {type(x).__name__} ({x.layout}) with no memory of its own that "
+                "the library could read; pass a plain dense tensor (e.g. masked inputs with their values filled in)",
+                _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        return x
 
     def _forward_one(self, x: torch.Tensor, name: str, adapter: Adapter, bias) -> torch.Tensor:
         """``x W_effᵀ + bias`` with adapter ``name`` (computing as ``adapter``), for a 2-D input."""
