@@ -5,6 +5,7 @@ batches through any model, two adapters trained in one mixed batch."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import numpy as np
 import pytest
@@ -236,6 +237,38 @@ def test_mixed_batch_rows_equal_each_adapter_alone():
             model(x)
     with lt.disable_adapters(model):
         torch.testing.assert_close(model[0](x, adapter_names=["zzz"] * 5), model[0](x))
+
+
+def test_mixed_batch_blocks_in_threads_do_not_see_each_other():
+    """Threads serving different mixed batches through one model (a block was model state: a
+    thread's forward ran with another's names, giving a ShapeError or another adapter's rows)."""
+    model = named_model()
+    batches = [(torch.randn(k + 2, 16), [["b", "default", "__base__"][(k + j) % 3] for j in range(k + 2)])
+               for k in range(4)]
+    with torch.no_grad():
+        expected = []
+        for x, names in batches:
+            with lt.mixed_batch(model, names):
+                expected.append(model(x))
+    inside, outcomes = threading.Barrier(len(batches)), [None] * len(batches)
+
+    def serve(k):
+        x, names = batches[k]
+        try:
+            with torch.no_grad(), lt.mixed_batch(model, names):
+                inside.wait()  # every thread's block is open before any forward
+                outcomes[k] = model(x)
+        except Exception as error:  # (reported below)
+            outcomes[k] = error
+
+    threads = [threading.Thread(target=serve, args=(k,)) for k in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(outcomes, expected):
+        assert isinstance(got, torch.Tensor), got
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_two_adapters_trained_in_one_mixed_batch_match_training_apart():

@@ -19,6 +19,7 @@ Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` a float32 layer computes i
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import dataclasses
 import os
@@ -41,6 +42,10 @@ from ._functions import (LIBRARY_DTYPES, AdapterGroup, GroupedLinearFunction, Li
                          clone_in_state, eager_under_compile, library_input, linear, parameter_dtype, refuse_tracing)
 
 BASE_NAME = "__base__"  # PEFT's name for rows that use no adapter in a mixed batch
+# The row → adapter names of the ``mixed_batch`` blocks open in this thread (or asyncio task):
+# {layer: names}, None outside any. Per thread, as PEFT's ``adapter_names=`` is per call: threads
+# that serve different mixed batches through one model do not see each other's.
+MIXED_BATCH: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loldu_mixed_batch", default=None)
 _process_configured = False
 
 # glibc's malloc gives large freed blocks back to the kernel: blocks above M_MMAP_THRESHOLD at
@@ -165,7 +170,6 @@ class LoLDULayer(nn.Module):
         self._stamp = None
         self._borrowed = None  # (tensor, address) of a borrowed base weight, where the library reads it
         self._disabled = False
-        self._mixed: list[str] | None = None
         self._companions: dict = {}
         self._plans: dict[tuple[str, int], bool] = {}
         self._grouping: AdapterGroup | None = None  # (_group)
@@ -667,6 +671,12 @@ class LoLDULayer(nn.Module):
             adapter.unmerge()
 
     @property
+    def _mixed(self) -> list[str] | None:
+        """This thread's ``mixed_batch`` names for this layer, or None."""
+        blocks = MIXED_BATCH.get()
+        return None if blocks is None else blocks.get(self)
+
+    @property
     def enabled(self) -> bool:
         return not self._disabled
 
@@ -779,6 +789,7 @@ class LoLDULayer(nn.Module):
         return state
 
     def __setstate__(self, state):
+        state.pop("_mixed", None)  # (kept in the layer by earlier versions; now in MIXED_BATCH)
         state.setdefault("_grouping", None)
         state.setdefault("_changes", 0)
         state.setdefault("_bound_to", {})
@@ -826,7 +837,7 @@ class LoLDULinear(LoLDULayer):
     @eager_under_compile
     def forward(self, x: torch.Tensor, *, adapter_names=None) -> torch.Tensor:
         base = self._modules["base_layer"]
-        if (adapter_names is None and self._mixed is None and not self._disabled and type(x) is torch.Tensor
+        if (adapter_names is None and MIXED_BATCH.get() is None and not self._disabled and type(x) is torch.Tensor
                 and x.layout == torch.strided and x.dim() == 2 and x.dtype == getattr(base._parameters.get("weight"), "dtype", None)
                 and x.device.type == "cpu"
                 and len(self.active_adapters) == 1 and self.active_adapters[0] in self._adapters

@@ -21,7 +21,7 @@ from ..adapter import Adapter, AdapterConfig
 from ..checkpoint import Checkpoint
 from ..errors import DTypeError, InvalidArgumentError, LoLDUWarning, MismatchError, NotFiniteError, ShapeError, StateError
 from ._functions import LIBRARY_DTYPES
-from .layers import BASE_NAME, LAYER_FOR, LoLDULayer, check_adapter_name, layer_class
+from .layers import BASE_NAME, LAYER_FOR, MIXED_BATCH, LoLDULayer, check_adapter_name, layer_class
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -392,18 +392,16 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]):
     training too: each adapter gets the gradient of its own samples). As in PEFT, a layer that
     lacks a sample's adapter gives that sample its base output; ``InvalidArgumentError`` if a
     name is on no layer. With gradient checkpointing, call ``backward()`` inside the block (the
-    recomputed forward must see the same rows)."""
+    recomputed forward must see the same rows). The block holds for the thread (or asyncio task)
+    that opens it: threads serving different batches through one model do not mix."""
     every = loldu_layers(model)
     _check_known(every, [name for name in adapter_names if name != BASE_NAME], "adapter_names")
-    layers = list(every.values())
-    previous = [layer._mixed for layer in layers]
+    names = list(adapter_names)
+    token = MIXED_BATCH.set({**(MIXED_BATCH.get() or {}), **{layer: names for layer in every.values()}})
     try:
-        for layer in layers:
-            layer._mixed = list(adapter_names)
         yield model
     finally:
-        for layer, names in zip(layers, previous):
-            layer._mixed = names
+        MIXED_BATCH.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------
