@@ -945,3 +945,13 @@ def test_step_buffers_stay_mapped_unless_the_user_opts_out():
     assert lt.layers.configure_malloc({"LOLDU_KEEP_MALLOC": "1"}) is False
     assert lt.layers.configure_malloc({"MALLOC_TRIM_THRESHOLD_": "0"}) is False
     assert lt.layers.configure_malloc({}) is True
+
+
+def test_the_per_batch_size_plans_stay_bounded():
+    """Training on batches of ever new sizes kept one plan per size, without bound."""
+    from loldu.torch.layers import PLANS_KEPT
+    layer = lt.LoLDULinear(nn.Linear(8, 4), rank=3)
+    for rows in range(1, PLANS_KEPT + 50):
+        layer(torch.randn(rows, 8)).sum().backward()
+        assert len(layer._plans) <= PLANS_KEPT
+    assert len(layer._plans) >= 49  # (the cache still serves: it was cleared once, then refilled)

@@ -42,6 +42,7 @@ from ._functions import (LIBRARY_DTYPES, AdapterGroup, GroupedLinearFunction, Li
                          clone_in_state, eager_under_compile, library_input, linear, parameter_dtype, refuse_tracing)
 
 BASE_NAME = "__base__"  # PEFT's name for rows that use no adapter in a mixed batch
+PLANS_KEPT = 1024  # the training path's plans per layer, one per adapter and batch size
 # The row → adapter names of the ``mixed_batch`` blocks open in this thread (or asyncio task):
 # {layer: names}, None outside any. Per thread, as PEFT's ``adapter_names=`` is per call: threads
 # that serve different mixed batches through one model do not see each other's.
@@ -171,7 +172,7 @@ class LoLDULayer(nn.Module):
         self._borrowed = None  # (tensor, address) of a borrowed base weight, where the library reads it
         self._disabled = False
         self._companions: dict = {}
-        self._plans: dict[tuple[str, int], bool] = {}
+        self._plans: dict[tuple[str, int], bool] = {}  # (adapter, rows) → the step keeps h (at most PLANS_KEPT)
         self._grouping: AdapterGroup | None = None  # (_group)
         self._changes = 0  # adapters added, re-created or removed (_group)
         self._bound_to: dict[str, tuple] = {}  # name -> weak references to the parameters bound (_bind)
@@ -897,6 +898,8 @@ class LoLDULinear(LoLDULayer):
         if self._training(x, z, sigma, bias):
             keep_h = self._plans.get((name, x.shape[0]))
             if keep_h is None:
+                if len(self._plans) >= PLANS_KEPT:  # (batches of ever new sizes: a bounded cache)
+                    self._plans.clear()
                 keep_h = self._plans[(name, x.shape[0])] = adapter.plan(x.shape[0], keeps_h=True) == "factored"
             return LinearFunction.apply(x, z, sigma, bias, adapter, keep_h)
         return linear(adapter, x, bias)
