@@ -14,7 +14,8 @@ the adapted layers' biases, or train for 6 epochs, for LoLDU and LoRA alike).
 
 Phases: ``init`` (no training: ‖W_eff − W‖/‖W‖ at initialisation for every z init × alpha ×
 residual), ``sweep`` (1,600 / 800 sentences, seed 0) and ``final`` (6,530 / 2,000 sentences,
-seeds 0, 1, 2, the finalists only). The seed chooses the split, the head's init and the batch
+seeds 0, 1, 2, the finalists only; seeds 3 and 4 for the leaders, LoRA's best setting and
+LoLDU's default, whose seeds spread about as much as their gap). The seed chooses the split, the head's init and the batch
 order, the same for every method, so differences between methods are paired.
 
 Resumable: each finished run appends one JSON line to ``build/study/results.jsonl`` (setting,
