@@ -955,3 +955,40 @@ def test_the_per_batch_size_plans_stay_bounded():
         layer(torch.randn(rows, 8)).sum().backward()
         assert len(layer._plans) <= PLANS_KEPT
     assert len(layer._plans) >= 49  # (the cache still serves: it was cleared once, then refilled)
+
+
+def test_adapters_made_under_inference_mode_train_afterwards(tmp_path):
+    """Parameters made under torch.inference_mode() were inference tensors: set_adapter then
+    failed half-way (some layers switched) and training raised."""
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(12, 9), nn.Tanh(), nn.Linear(9, 4))
+    lt.add_loldu(model, ["0", "2"], rank=4)
+    lt.save_loldu(model, tmp_path / "a")
+    with torch.inference_mode():
+        lt.add_loldu(model, ["0", "2"], rank=3, adapter_name="b", mark_trainable=False)
+        lt.load_loldu(model, tmp_path / "a", adapter_name="c", mark_trainable=False)
+        model.double()
+    assert not any(p.is_inference() for _, p in lt.named_loldu_parameters(model))
+    for name in ("b", "c"):
+        lt.set_adapter(model, name)
+        assert all(layer.active_adapters == [name] for layer in lt.loldu_layers(model).values())
+        model(torch.randn(5, 12, dtype=torch.float64)).square().sum().backward()
+        assert all(layer.loldu_z[name].grad.abs().sum() > 0 for layer in lt.loldu_layers(model).values())
+
+
+def test_an_interrupt_just_after_a_layer_merged_leaves_no_layer_merged(monkeypatch):
+    """A KeyboardInterrupt raised once the library had merged a layer (before merge_loldu
+    recorded it) left that layer merged: the all-or-nothing promise broken."""
+    model = lt.add_loldu(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)), "all-linear")
+    second = model[1].adapter
+    merge = type(second).merge
+
+    def merge_then_interrupt(self):
+        merge(self)
+        if self is second:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(second), "merge", merge_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        lt.merge_loldu(model)
+    assert [layer.adapter.info["merged"] for layer in lt.loldu_layers(model).values()] == [False] * 3

@@ -372,18 +372,19 @@ class LoLDULayer(nn.Module):
         """(Re)binds ``loldu_z[name]`` / ``loldu_sigma[name]`` to the adapter's memory; existing
         parameter objects are kept, so an optimiser holding them keeps working."""
         adapter = self._adapters[name]
-        params = torch.from_numpy(adapter._view(adapter._params_ptr, adapter.rank + 1))  # writable live view: z, σ
-        z, sigma = params[: adapter.rank], params[adapter.rank:]
-        train_sigma = self.loldu_config[name].train_sigma
-        if name in self.loldu_z:
-            with torch.no_grad():
-                self.loldu_z[name].data = z
-                self.loldu_sigma[name].data = sigma
-            self.loldu_z[name].grad = None
-            self.loldu_sigma[name].grad = None
-        else:
-            self.loldu_z[name] = nn.Parameter(z, requires_grad=True)
-            self.loldu_sigma[name] = nn.Parameter(sigma, requires_grad=train_sigma)
+        with torch.inference_mode(False):  # (made under inference mode, they would be inference tensors: untrainable)
+            params = torch.from_numpy(adapter._view(adapter._params_ptr, adapter.rank + 1))  # writable live view: z, σ
+            z, sigma = params[: adapter.rank], params[adapter.rank:]
+            train_sigma = self.loldu_config[name].train_sigma
+            if name in self.loldu_z:
+                with torch.no_grad():
+                    self.loldu_z[name].data = z
+                    self.loldu_sigma[name].data = sigma
+                self.loldu_z[name].grad = None
+                self.loldu_sigma[name].grad = None
+            else:
+                self.loldu_z[name] = nn.Parameter(z, requires_grad=True)
+                self.loldu_sigma[name] = nn.Parameter(sigma, requires_grad=train_sigma)
         self._bound_to[name] = (weakref.ref(self.loldu_z[name]), weakref.ref(self.loldu_sigma[name]))
 
     def delete_adapter(self, adapter_name: str) -> None:

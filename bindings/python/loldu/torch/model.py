@@ -680,11 +680,12 @@ def merge_loldu(model: nn.Module) -> None:
     try:
         for layer, name in chosen:  # (a layer without an active adapter computes its base already)
             if name is not None and not layer._is_merged(name):
+                merged.append((layer, name))  # (first: a KeyboardInterrupt just after the library merged is undone too)
                 layer._merge(name)
-                merged.append((layer, name))
     except BaseException:
         for layer, name in merged:
-            layer._adapters[name].unmerge()
+            if layer._adapters[name].merged:
+                layer._adapters[name].unmerge()
         raise
 
 
