@@ -992,3 +992,20 @@ def test_an_interrupt_just_after_a_layer_merged_leaves_no_layer_merged(monkeypat
     with pytest.raises(KeyboardInterrupt):
         lt.merge_loldu(model)
     assert [layer.adapter.info["merged"] for layer in lt.loldu_layers(model).values()] == [False] * 3
+
+
+def test_overlapping_disable_adapters_blocks_restore_the_state_from_before_the_first():
+    """Blocks that overlap (two threads' requests) restored each other's saved state: the first
+    to close re-enabled the model inside the second, and the second left it disabled for good."""
+    model = lt.add_loldu(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3)), "all-linear")
+    first, second = lt.disable_adapters(model), lt.disable_adapters(model)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert [layer.enabled for layer in lt.loldu_layers(model).values()] == [False, False]  # the second is open
+    second.__exit__(None, None, None)
+    assert [layer.enabled for layer in lt.loldu_layers(model).values()] == [True, True]
+    lt.disable_loldu(model)
+    with lt.disable_adapters(model):
+        pass
+    assert [layer.enabled for layer in lt.loldu_layers(model).values()] == [False, False]  # as before the block

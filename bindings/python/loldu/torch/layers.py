@@ -171,6 +171,7 @@ class LoLDULayer(nn.Module):
         self._stamp = None
         self._borrowed = None  # (tensor, address) of a borrowed base weight, where the library reads it
         self._disabled = False
+        self._disable_blocks, self._enabled_before_blocks = 0, True  # (open disable_adapters blocks)
         self._companions: dict = {}
         self._plans: dict[tuple[str, int], bool] = {}  # (adapter, rows) → the step keeps h (at most PLANS_KEPT)
         self._grouping: AdapterGroup | None = None  # (_group)
@@ -788,10 +789,13 @@ class LoLDULayer(nn.Module):
         state["_adapters"], state["_factors"], state["_stamp"], state["_companions"] = {}, None, None, {}
         state["_grouping"], state["_bound_to"], state["_borrowed"] = None, {}, None
         state["_merged_names"] = self._merged_names()
+        state["_disable_blocks"] = 0  # (a copy is in no block: it keeps the state it has)
         return state
 
     def __setstate__(self, state):
         state.pop("_mixed", None)  # (kept in the layer by earlier versions; now in MIXED_BATCH)
+        state.setdefault("_disable_blocks", 0)
+        state.setdefault("_enabled_before_blocks", True)
         state.setdefault("_grouping", None)
         state.setdefault("_changes", 0)
         state.setdefault("_bound_to", {})

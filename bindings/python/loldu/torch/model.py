@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import math
 import re
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 
@@ -740,16 +741,27 @@ def disable_loldu(model: nn.Module) -> None:
         layer.enable_adapters(False)
 
 
+_DISABLE_BLOCKS = threading.Lock()  # (guards the layers' counts of open disable_adapters blocks)
+
+
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block the LoLDU layers compute the original model exactly (as PEFT's
-    ``model.disable_adapter()``); their previous state is restored afterwards."""
+    ``model.disable_adapter()``: for the whole model, in every thread); their state from before
+    the first open block is restored when the last one closes, so blocks may nest or overlap
+    (threads). For base outputs in one thread only, use ``mixed_batch(model, ["__base__"] * n)``."""
     layers = list(loldu_layers(model).values())
-    previous = [layer.enabled for layer in layers]
-    try:
+    with _DISABLE_BLOCKS:
         for layer in layers:
-            layer.enable_adapters(False)
+            if layer._disable_blocks == 0:
+                layer._enabled_before_blocks = layer.enabled
+                layer.enable_adapters(False)
+            layer._disable_blocks += 1
+    try:
         yield model
     finally:
-        for layer, on in zip(layers, previous):
-            layer.enable_adapters(on)
+        with _DISABLE_BLOCKS:
+            for layer in layers:
+                layer._disable_blocks -= 1
+                if layer._disable_blocks == 0:
+                    layer.enable_adapters(layer._enabled_before_blocks)
