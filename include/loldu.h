@@ -47,6 +47,11 @@
  *     immutable, and loldu_adapter_clone() gives a second adapter that shares them read-only,
  *     with its own z, σ, gradients and caches.
  *   - loldu_last_error() is per thread.
+ *   - fork(): the child may use objects made before the fork, unless another thread of the
+ *     parent was inside a call on that adapter at the moment of the fork: the child's calls on
+ *     it then return LOLDU_ERR_STATE (its state is unknown there), and it must be created or
+ *     loaded again. (BLAS itself may block in a child forked during a BLAS call: load, fork,
+ *     then compute.)
  *
  * Threads: BLAS runs with loldu_set_num_threads() threads (OpenBLAS's default otherwise). In a
  * process that also runs another thread pool (PyTorch, OpenMP), set it to that pool's size or

@@ -1,5 +1,4 @@
 import Glibc
-import Synchronization
 
 /// What defines an adapter on its factors (its configuration, `z`, `σ`, `z_ref`, path), in
 /// `Double`, exact for both compute types: to copy it onto the same or converted factors.
@@ -51,8 +50,8 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     private var biasGradStorage: UnsafeMutablePointer<P>?
     /// Caches and work space of single-adapter calls, on first use.
     private var local: Local?
-    /// Held by the compute calls, which share `local` (a futex word: 4 bytes per adapter).
-    private let callLock = Mutex<Void>(())
+    /// Held by the compute calls, which share `local`.
+    private let callLock = CallLock()
 
     public private(set) var enabled = true
     public private(set) var merged = false
@@ -355,7 +354,7 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
 
     /// Runs `body` holding ``callLock``.
     private func exclusive(_ body: () throws(LoLDUError) -> Void) throws(LoLDUError) {
-        try callLock.withLock { _ throws(LoLDUError) in try body() }
+        try callLock.run(body)
     }
 
     private func forwardAlone(

@@ -413,3 +413,49 @@ def test_bad_inputs_raise_documented_exceptions():
             a.set_z(np.ma.masked_array(np.ones(4, np.float32), mask=[0, 1, 0, 0]))
         assert a.bias_grad is None
         np.testing.assert_array_equal(a.forward(np.ones((0, 6), np.float32)), np.ones((0, 8), np.float32))
+
+
+def test_a_fork_during_a_call_gives_the_child_an_error_not_a_trap_or_a_hang():
+    """The child of a fork made while another thread was inside a call on an adapter died of a
+    trap (the lock held by a thread the child does not have) on its first call to that adapter."""
+    result = run_python("""
+        import os, threading
+        import numpy as np
+        import loldu
+        loldu.set_num_threads(1)
+        rng = np.random.default_rng(0)
+        busy = loldu.Adapter(rng.standard_normal((384, 384)).astype(np.float32), rank=64)
+        idle = loldu.Adapter(rng.standard_normal((32, 16)).astype(np.float32), rank=8)
+        x, small = rng.standard_normal((2048, 384)).astype(np.float32), np.ones((3, 16), np.float32)
+        expected = idle.forward(small)
+        stop = threading.Event()
+        def serve():
+            while not stop.is_set():
+                busy.forward(x)
+        server = threading.Thread(target=serve)
+        server.start()
+        refused = 0
+        for _ in range(20):
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    busy.forward(x[:4])
+                except loldu.StateError as error:
+                    code = 3 if "forked" in str(error) else 4
+                if not np.array_equal(idle.forward(small), expected):
+                    code = 5
+                os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            assert code in (0, 3), code  # 0: the lock happened to be free at the fork
+            refused += code == 3
+            if refused >= 2:
+                break
+        stop.set()
+        server.join()
+        np.testing.assert_array_equal(idle.forward(small), expected)
+        print("refused", refused)
+    """, env={"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "refused 2" in result.stdout, result.stdout
