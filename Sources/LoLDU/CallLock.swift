@@ -5,32 +5,34 @@ import Synchronization
 /// child of a fork made while another thread was inside a call, that thread does not exist and
 /// the lock would stay held for ever (a futex-based `Mutex` traps on it instead). The child's
 /// first call finds it so and refuses, so the process neither blocks nor dies; an adapter that
-/// was idle at the fork works in the child as in the parent.
+/// was idle at the fork works in the child as in the parent. The mutex is made on the first
+/// call, so that adapters only ever used by grouped calls (which take no lock) hold 12 bytes.
 struct CallLock: ~Copyable {
     /// How many forks this process descends from since the first lock was made (bumped in the
     /// child, where only the forking thread runs).
-    private static let forks = Atomic<UInt>(0)
+    private static let forks = Atomic<UInt32>(0)
     private static let watchingForks: Bool = pthread_atfork(nil, nil, { _ = CallLock.forks.add(1, ordering: .relaxed) }) == 0
 
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let mutex = Atomic<UnsafeMutablePointer<pthread_mutex_t>?>(nil)
     /// `forks` when this lock was last known to be free of threads the process does not have.
-    private let checked: Atomic<UInt>
+    private let checked: Atomic<UInt32>
 
     init() {
         _ = Self.watchingForks
-        mutex = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
         checked = Atomic(Self.forks.load(ordering: .relaxed))
     }
 
     deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
+        if let mutex = mutex.load(ordering: .acquiring) {
+            pthread_mutex_destroy(mutex)
+            free(mutex)
+        }
     }
 
     /// Runs `body` holding the lock; `LoLDUError(.state)` in the child of a fork made while a
     /// call held it.
     func run(_ body: () throws(LoLDUError) -> Void) throws(LoLDUError) {
+        let mutex = try made()
         let forks = Self.forks.load(ordering: .relaxed)
         if checked.load(ordering: .acquiring) != forks {  // the first call since a fork
             if pthread_mutex_trylock(mutex) == 0 {
@@ -43,5 +45,19 @@ struct CallLock: ~Copyable {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         try body()
+    }
+
+    /// The mutex, made by the first caller (another thread's, if it was first).
+    private func made() throws(LoLDUError) -> UnsafeMutablePointer<pthread_mutex_t> {
+        if let mutex = mutex.load(ordering: .acquiring) { return mutex }
+        guard let new = malloc(MemoryLayout<pthread_mutex_t>.size)?.assumingMemoryBound(to: pthread_mutex_t.self) else {
+            throw LoLDUError(.outOfMemory, "out of memory for the adapter's lock")
+        }
+        pthread_mutex_init(new, nil)
+        let (exchanged, existing) = mutex.compareExchange(expected: nil, desired: new, ordering: .acquiringAndReleasing)
+        guard !exchanged, let existing else { return new }
+        pthread_mutex_destroy(new)
+        free(new)
+        return existing
     }
 }
