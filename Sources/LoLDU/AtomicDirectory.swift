@@ -56,11 +56,12 @@ final class AtomicDirectory {
         self.target = trimmed
         self.path = path
         self.fd = fd
+        HeldLocks.add(fd)
     }
 
     deinit {
         if !committed { Self.removeTree(path) }
-        close(fd)
+        HeldLocks.close(fd)
     }
 
     func file(_ name: String) -> String { "\(path)/\(name)" }

@@ -163,21 +163,29 @@ public enum AtomicFile {
             }
             self.path = path
             self.fd = fd
-            var waited = 0.0, pause = 0.001
+            HeldLocks.add(fd)
+            let start = Self.now()
+            var pause = 0.001
             while flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0 {
                 guard errno == EWOULDBLOCK || errno == EINTR else { return }  // no flock here
-                guard waited < Self.patience else {
-                    close(fd)
+                guard Self.now() - start < Self.patience else {  // (time that passed: a signal cuts pauses short)
+                    HeldLocks.close(fd)
                     throw LoLDUError(.io, "\"\(path)\" is locked by another process writing into it (waited \(Int(Self.patience)) s)")
                 }
                 var ts = timespec(tv_sec: 0, tv_nsec: Int(pause * 1e9))
                 nanosleep(&ts, nil)
-                waited += pause
                 pause = Swift.min(pause * 2, 0.1)
             }
         }
 
-        deinit { close(fd) }  // releases the lock
+        deinit { HeldLocks.close(fd) }  // releases the lock
+
+        /// Seconds on the monotonic clock.
+        private static func now() -> Double {
+            var ts = timespec()
+            clock_gettime(CLOCK_MONOTONIC, &ts)
+            return Double(ts.tv_sec) + Double(ts.tv_nsec) * 1e-9
+        }
 
         func file(_ name: String) -> String { "\(path)/\(name)" }
 

@@ -240,3 +240,66 @@ def test_a_failed_save_leaves_no_new_folders_and_bad_config_values_are_named(tmp
             loldu.Adapter(w, rank=2).set_z(values)
     with pytest.raises(loldu.DTypeError, match=r"astype\(ml_dtypes.bfloat16\)"):
         loldu.Adapter(w.astype(loldu.bfloat16), rank=2).forward(np.ones((1, 4), np.float32))
+
+
+def test_a_child_forked_during_a_save_does_not_lock_the_directory_against_the_parent(tmp_path):
+    """The child inherited the save's locked descriptors: the parent's next saves waited 30 s and
+    failed ("locked by another process") for as long as the child lived."""
+    result = run_python(f"""
+        import os, signal, threading, time
+        import numpy as np
+        import loldu
+        rng = np.random.default_rng(0)
+        adapters = {{f"layer.{{i}}": loldu.Adapter(rng.standard_normal((24, 16)).astype(np.float32), rank=8)
+                    for i in range(200)}}
+        directory = {str(tmp_path / "ck")!r}
+        loldu.save(directory, adapters)
+        stop = threading.Event()
+        def saver():
+            while not stop.is_set():
+                loldu.save(directory, adapters)
+        thread = threading.Thread(target=saver)
+        thread.start()
+        time.sleep(0.05)
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)  # an idle worker
+            os._exit(0)
+        stop.set()
+        thread.join()
+        start = time.monotonic()
+        loldu.save(directory, adapters)
+        print(f"saved in {{time.monotonic() - start:.1f}} s")
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    """, env={"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split("saved in ")[1].split()[0]) < 5, result.stdout
+
+
+def test_the_wait_for_another_writers_lock_is_measured_not_counted_under_signals(tmp_path):
+    """Each pause cut short by a signal counted as a full one: with a 1 ms timer the 30 s wait
+    for another process's lock gave up after about 0.3 s."""
+    directory = tmp_path / "ck"
+    result = run_python(f"""
+        import fcntl, os, signal, subprocess, sys, time
+        import numpy as np
+        import loldu
+        directory = {str(directory)!r}
+        adapter = loldu.Adapter(np.random.default_rng(0).standard_normal((12, 8)).astype(np.float32), rank=4)
+        loldu.save(directory, {{"layer": adapter}})
+        holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; "
+                                   "fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+                                   "print('held', flush=True); time.sleep(1.5)", directory], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        signal.signal(signal.SIGALRM, lambda *_: None)
+        signal.siginterrupt(signal.SIGALRM, True)
+        signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+        start = time.monotonic()
+        loldu.save(directory, {{"layer": adapter}})
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        print(f"saved after {{time.monotonic() - start:.1f}} s")
+        holder.wait()
+    """, env={"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 1.0 < float(result.stdout.split("saved after ")[1].split()[0]) < 10, result.stdout
