@@ -224,6 +224,11 @@ enum OneDNN {
             pthread_mutex_init(m, nil)
             return m
         }()
+
+        init() {  // (every product looks its primitive up: held across fork(), see Handles.swift)
+            pthread_atfork({ pthread_mutex_lock(OneDNN.cache.mutex) }, { pthread_mutex_unlock(OneDNN.cache.mutex) },
+                           { pthread_mutex_unlock(OneDNN.cache.mutex) })
+        }
     }
     private static let cache = Cache()
 
