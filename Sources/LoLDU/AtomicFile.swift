@@ -164,11 +164,11 @@ public enum AtomicFile {
             self.path = path
             self.fd = fd
             HeldLocks.add(fd)
-            let start = Self.now()
+            let start = monotonicSeconds()
             var pause = 0.001
             while flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0 {
                 guard errno == EWOULDBLOCK || errno == EINTR else { return }  // no flock here
-                guard Self.now() - start < Self.patience else {  // (time that passed: a signal cuts pauses short)
+                guard monotonicSeconds() - start < Self.patience else {  // (time that passed: a signal cuts pauses short)
                     HeldLocks.close(fd)
                     throw LoLDUError(.io, "\"\(path)\" is locked by another process writing into it (waited \(Int(Self.patience)) s)")
                 }
@@ -179,13 +179,6 @@ public enum AtomicFile {
         }
 
         deinit { HeldLocks.close(fd) }  // releases the lock
-
-        /// Seconds on the monotonic clock.
-        private static func now() -> Double {
-            var ts = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &ts)
-            return Double(ts.tv_sec) + Double(ts.tv_nsec) * 1e-9
-        }
 
         func file(_ name: String) -> String { "\(path)/\(name)" }
 

@@ -272,11 +272,9 @@ public enum GEMMBackend: Sendable, Equatable {
         func seconds(_ body: () -> Bool) -> Double? {
             var best = Double.infinity
             for _ in 0..<4 {  // the first run creates the primitive: best of the other three
-                var start = timespec(), end = timespec()
-                clock_gettime(CLOCK_MONOTONIC, &start)
+                let start = monotonicSeconds()
                 guard body() else { return nil }
-                clock_gettime(CLOCK_MONOTONIC, &end)
-                best = Swift.min(best, Double(end.tv_sec - start.tv_sec) + Double(end.tv_nsec - start.tv_nsec) * 1e-9)
+                best = Swift.min(best, monotonicSeconds() - start)
             }
             return best
         }

@@ -24,11 +24,9 @@ private final class Registry: @unchecked Sendable {
         // Every call looks its handles up under the mutex: held across fork() (as glibc does with
         // malloc's locks), so that a child forked while another thread was looking one up does
         // not find it locked for ever.
-        pthread_atfork({ registry.lockForFork() }, { registry.unlockAfterFork() }, { registry.unlockAfterFork() })
+        pthread_atfork({ pthread_mutex_lock(registry.mutex) }, { pthread_mutex_unlock(registry.mutex) },
+                       { pthread_mutex_unlock(registry.mutex) })
     }
-
-    fileprivate func lockForFork() { pthread_mutex_lock(mutex) }
-    fileprivate func unlockAfterFork() { pthread_mutex_unlock(mutex) }
 
     func withLock<R, Failure: Error>(_ body: () throws(Failure) -> R) throws(Failure) -> R {
         pthread_mutex_lock(mutex)

@@ -177,15 +177,9 @@ struct ProgressLine {
     let enabled = isatty(2) == 1
     var last = 0.0
 
-    static func now() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) * 1e-9
-    }
-
     mutating func show(_ text: String, force: Bool = false) {
         guard enabled else { return }
-        let t = Self.now()
+        let t = monotonicSeconds()
         guard force || t - last >= 0.1 else { return }
         last = t
         let columns = 100

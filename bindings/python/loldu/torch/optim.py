@@ -3,6 +3,7 @@ model, for training loops driven by PyTorch's autograd."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -19,6 +20,14 @@ from .model import _chosen, loldu_layers
 
 
 STATE_KEY = "loldu_optimizer"  # (the one key of state_dict())
+
+
+@contextlib.contextmanager
+def _state_file():
+    """A path for the optimiser's state file, in a temporary directory removed afterwards
+    (``state_dict`` and ``load_state_dict`` go through the library's file format)."""
+    with tempfile.TemporaryDirectory() as directory:
+        yield os.path.join(directory, "optimizer.safetensors")
 
 
 class Optimizer:
@@ -99,8 +108,7 @@ class Optimizer:
     def state_dict(self) -> dict:
         """The state as ``save`` writes it (steps, moments, configuration), for ``torch.save``
         beside the model's: ``{"loldu_optimizer": <the file's bytes as a uint8 tensor>}``."""
-        with tempfile.TemporaryDirectory() as directory:
-            path = os.path.join(directory, "optimizer.safetensors")
+        with _state_file() as path:
             self.save(path)
             with open(path, "rb") as f:
                 return {STATE_KEY: torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)}
@@ -115,8 +123,7 @@ class Optimizer:
                 f"tensor}}), got {type(state_dict).__name__}"
                 + (f" with keys {sorted(map(str, state_dict))[:4]}" if isinstance(state_dict, Mapping) else ""),
                 _capi.LOLDU_ERR_INVALID_ARGUMENT)
-        with tempfile.TemporaryDirectory() as directory:
-            path = os.path.join(directory, "optimizer.safetensors")
+        with _state_file() as path:
             with open(path, "wb") as f:
                 f.write(state.contiguous().numpy().tobytes())
             self.load(path)
