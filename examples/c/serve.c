@@ -71,15 +71,19 @@ int main(void) {
         if (a < 0) CHECK(loldu_set_enabled(base, 1));
         for (int b = 0; b < BATCH; b++) {
             if (rows[b] != a) continue;
+            /* Errors relative to the row's largest output: the grouped call multiplies by factors
+             * of the base's rank, the adapter alone by its own, so the sums round differently. */
+            double scale = 0, error = 0;
             for (int i = 0; i < M; i++) {
-                double e = fabs((double)y[b * M + i] - (double)alone[b * M + i]) / (1e-3 + fabs((double)alone[b * M + i]));
-                if (e > worst) worst = e;
+                scale = fmax(scale, fabs((double)alone[b * M + i]));
+                error = fmax(error, fabs((double)y[b * M + i] - (double)alone[b * M + i]));
             }
+            worst = fmax(worst, scale > 0 ? error / scale : error);
             checked++;
         }
     }
     printf("mixed batch of %d rows over %d adapters (and the base): every row equals its own adapter's "
-           "(largest relative difference %.1e)\n", BATCH, ADAPTERS, worst);
+           "(largest difference %.1e of the row's largest output)\n", BATCH, ADAPTERS, worst);
     for (int a = 0; a < ADAPTERS; a++) loldu_adapter_free(adapters[a]);
     loldu_adapter_free(base);
     return checked == BATCH && worst < 1e-5 ? 0 : 1;
