@@ -396,7 +396,7 @@ def run(setting: Setting, seed: int, budget: tuple[int, int], phase: str, progre
         losses, accuracies, step = fm.train(model, groups, data, args, progress=progress,
                                             make_optimizer=make_optimizer)
         final_change = relative_changes(model.encoder)
-        sigmas = [float(layer.loldu_sigma[layer.active_adapter]) for layer in lt.loldu_layers(model.encoder).values()]
+        sigmas = [layer.loldu_sigma[layer.active_adapter].item() for layer in lt.loldu_layers(model.encoder).values()]
         record.update(accuracy=accuracies[-1], accuracy_per_epoch=accuracies, final_loss=losses[-1],
                       final_loss_mean20=float(np.mean(losses[-20:])), step_seconds=step,
                       final_change_median=float(np.median(final_change)),
