@@ -306,7 +306,7 @@ def cold_roundtrip(library_step, reps: int) -> dict:
 # ---- 3. bfloat16 steps -------------------------------------------------------------------------
 
 # PyTorch's bf16 products this many times slower than its float32 ones: the CPU has no bf16 units
-# and PyTorch falls back to reference kernels (measured 22-100x on an AVX2 CPU), where section 3
+# and PyTorch falls back to reference kernels (20-140× measured on an AVX2 CPU), where section 3
 # would take hours and compare against kernels nobody trains with; it is skipped and said so.
 TORCH_BF16_UNUSABLE = 3.0
 
