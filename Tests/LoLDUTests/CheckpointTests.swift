@@ -51,7 +51,6 @@ import Testing
 
         func check<T: TestScalar>(_: T.Type) throws {
             let saved = try Self.saveTrained(T.self)
-            defer { try? FileManager.default.removeItem(atPath: saved.directory) }
             var checkpoint: OpaquePointer?
             #expect(loldu_checkpoint_open(&checkpoint, saved.directory) == LOLDU_OK, "\(String(cString: loldu_last_error()))")
             defer { loldu_checkpoint_free(checkpoint) }
@@ -95,7 +94,6 @@ import Testing
     /// reader, and about 4·(r + 1) bytes per layer plus the header.
     @Test func fileFormatAndSize() throws {
         let saved = try Self.saveTrained(Float.self)
-        defer { try? FileManager.default.removeItem(atPath: saved.directory) }
         let bytes = try Data(contentsOf: URL(fileURLWithPath: saved.directory + "/adapter_model.safetensors"))
         let headerLength = Int(bytes.prefix(8).enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) })
         let header = try #require(try JSONSerialization.jsonObject(with: bytes.subdata(in: 8..<(8 + headerLength))) as? [String: Any])
@@ -132,7 +130,6 @@ import Testing
         a.z = random.array(3)
         b.z = random.array(2)
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         let path = directory + "/merged.safetensors"
         let status = withCStrings(["q", "v"]) { loldu_export_merged(path, [a.handle, b.handle], $0, 2) }
         #expect(status == LOLDU_OK, "\(String(cString: loldu_last_error()))")
@@ -275,7 +272,6 @@ import Testing
     @Test(arguments: corruptions)
     func hostileFilesAreRefused(_ c: Corruption) throws {
         let saved = try Self.saveTrained(Float.self)
-        defer { try? FileManager.default.removeItem(atPath: saved.directory) }
         let path = saved.directory + (c.file == "model" ? "/adapter_model.safetensors" : "/adapter_config.json")
         let original = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
         if let mutated = c.mutate(original) {
@@ -296,7 +292,6 @@ import Testing
         var random = TestRandom(107)
         let a = try TestAdapter<Float>(m: 4, n: 3, weight: random.array(12)) { $0.rank = 2 }
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         let cases: [([String], loldu_status, String)] = [
             ([""], LOLDU_ERR_INVALID_ARGUMENT, "names[0]"),
             (["a\nb"], LOLDU_ERR_INVALID_ARGUMENT, "control character"),
@@ -322,7 +317,6 @@ import Testing
         var random = TestRandom(109)
         let a = try TestAdapter<Float>(m: 4, n: 3, weight: random.array(12)) { $0.rank = 2 }
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         // A killed save's temporary file, and another program's files of a similar name.
         let ours = ".adapter_model.safetensors.loldu-Ab3xY9"
         let others = [".adapter_model.safetensors.Ab3xY9", ".adapter_config.json.backup", ".adapter_model.safetensors.loldu-toolong"]
@@ -340,7 +334,6 @@ import Testing
 
     @Test func failedSaveKeepsThePreviousCheckpoint() throws {
         let saved = try Self.saveTrained(Float.self)
-        defer { try? FileManager.default.removeItem(atPath: saved.directory) }
         let model = saved.directory + "/adapter_model.safetensors"
         let before = try Data(contentsOf: URL(fileURLWithPath: model))
         // A save that fails validation half-way (a dead handle after a live one) writes nothing.

@@ -35,8 +35,6 @@ import Testing
             guard saved == LOLDU_OK else { throw LibraryError(status: saved, message: ExportTests.message()) }
         }
 
-        deinit { try? FileManager.default.removeItem(atPath: directory) }
-
         func checkpoint() throws -> OpaquePointer {
             var c: OpaquePointer?
             let status = loldu_checkpoint_open(&c, "\(directory)/ckpt")

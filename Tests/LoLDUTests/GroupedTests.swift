@@ -280,7 +280,6 @@ import Testing
     /// derived adapter (no factorisation, no copy of W) with exactly its saved z and σ.
     @Test func aThousandCheckpointsLoadOntoOneBase() throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         var random = TestRandom(433)
         let (m, n, count) = (16, 12, 1000)
         let w: [Float] = random.array(m * n)

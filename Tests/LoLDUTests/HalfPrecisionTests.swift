@@ -1,6 +1,5 @@
 import CLoLDU
 import Glibc
-import Foundation
 import Testing
 
 /// bfloat16 and float16 adapters against float32 adapters on the same (half-precision) values.
@@ -259,7 +258,6 @@ import Testing
     /// reason.
     @Test func checkpointsMoveBetweenAHalfModelAndItsFloat32Copy() throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         var random = TestRandom(5)
         let (m, n, r) = (20, 16, 6)
         let w = Self.values(.bf16, m * n, &random)
@@ -288,7 +286,6 @@ import Testing
         let single = try Self.adapter(LOLDU_FLOAT32, m: m, n: n, weight: fine, bias: nil, rank: r)
         defer { loldu_adapter_free(single) }
         let singleDirectory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: singleDirectory) }
         #expect(withCStrings(["layer"]) { loldu_checkpoint_save(singleDirectory, [single], $0, 1) } == LOLDU_OK)
         var saved: OpaquePointer?
         #expect(loldu_checkpoint_open(&saved, singleDirectory) == LOLDU_OK)
@@ -319,7 +316,6 @@ import Testing
         #expect(loldu_effective_weight(a, &out) == LOLDU_ERR_NOT_FINITE)
         #expect(out.allSatisfy { $0 == 0x1234 }, "a refused effective weight was written")
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         var options = loldu_lora_options()
         #expect(loldu_lora_options_default(&options) == LOLDU_OK)
         options.dtype = LOLDU_FLOAT16.i32

@@ -137,7 +137,6 @@ import Testing
     /// A checkpoint of one 8 × 8 rank-8 layer named "layer", for the checkpoint handles.
     nonisolated(unsafe) static let checkpointDirectory: String = {
         let directory = try! temporaryDirectory()
-        atexit { try? FileManager.default.removeItem(atPath: HandleTests.checkpointDirectory) }
         var random = TestRandom(1)
         let a = try! TestAdapter<Float>(m: 8, n: 8, weight: random.array(64)) { $0.rank = 8 }
         _ = withCStrings(["layer"]) { loldu_checkpoint_save(directory, [a.handle], $0, 1) }

@@ -179,7 +179,6 @@ import Testing
         for k in 0..<4 { g!.assumingMemoryBound(to: Float.self)[k] = 1 }
         #expect(loldu_optimizer_step(optimizer, nil) == LOLDU_OK)
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         var reloaded: OpaquePointer?
         #expect(loldu_optimizer_create(&reloaded, &config, [a.handle], 1) == LOLDU_OK)
         defer { loldu_optimizer_free(reloaded) }
@@ -274,7 +273,6 @@ import Testing
 
     @Test func resumedRunIsBitIdentical() throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         let straight = try Self.train(steps: 30)
         let halfway = try Self.train(steps: 30, stopAt: 13, saveTo: directory)
         #expect(halfway.z != straight.z)
@@ -285,7 +283,6 @@ import Testing
 
     @Test func optimizerStateFromAnotherSetupIsRefused() throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         _ = try Self.train(steps: 10, stopAt: 2, saveTo: directory)
         var random = TestRandom(89)
         let a = try TestAdapter<Float>(m: 5, n: 4, weight: random.array(20)) { $0.rank = 3 }
@@ -314,10 +311,4 @@ import Testing
         #expect(loldu_optimizer_load(optimizer, directory + "/adapter_model.safetensors") == LOLDU_ERR_FORMAT)
         #expect(loldu_optimizer_load(optimizer, directory + "/missing") == LOLDU_ERR_IO)
     }
-}
-
-func temporaryDirectory() throws -> String {
-    var template = Array((NSTemporaryDirectory() + "loldu-test-XXXXXX").utf8CString)
-    guard let made = mkdtemp(&template) else { throw LibraryError(status: LOLDU_ERR_IO, message: "mkdtemp failed") }
-    return String(cString: made)
 }

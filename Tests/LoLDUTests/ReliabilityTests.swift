@@ -85,7 +85,6 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
     @Test(arguments: limits)
     func integersAtTheLimitsInAnOptimizerFileAreRefused(_ limit: (key: String, value: String)) throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         let t = try Training()
         #expect(t.step() == LOLDU_OK)
         let path = t.saved(in: directory)
@@ -102,7 +101,6 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
     /// The largest step count a file may hold loads, and the next step is refused (no trap).
     @Test func theLastCountableStepIsRefusedNotTrapped() throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         let t = try Training()
         let path = t.saved(in: directory)
         try Self.rewriteMetadata(path, "steps", "9007199254740992")
@@ -124,7 +122,6 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
     /// at load, naming the tensor, instead of failing every later step.
     @Test func aNegativeSecondMomentIsRefused() throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         let t = try Training()
         #expect(t.step() == LOLDU_OK)
         let path = t.saved(in: directory)
@@ -146,7 +143,6 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
 
     @Test func fifosDevicesAndDirectoriesAreRefusedWithoutBlocking() throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         let t = try Training()
         let good = directory + "/good"
         let saved = withCStrings(["layer"]) { loldu_checkpoint_save(good, [t.adapter.handle], $0, 1) }
@@ -198,7 +194,6 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
     /// that does not exist yet (which is created, as open(O_CREAT) does); the link stays a link.
     @Test func symbolicLinksAreFollowedEvenWhenDangling() throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         let t = try Training()
         try FileManager.default.createDirectory(atPath: directory + "/real", withIntermediateDirectories: false)
         let existing = directory + "/real/existing.st", dangling = directory + "/real/later.st"
@@ -259,7 +254,6 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
     /// and the next save cleans up what it left.
     @Test func everyInterruptedSaveStateLoadsAsOldOrNew() throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         let (old, new, adapters) = try Self.twoVersions(in: directory)
         let fm = FileManager.default
         let (model, config, pending) = ("adapter_model.safetensors", "adapter_config.json", ".adapter_config.json.pending")
@@ -298,7 +292,6 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
 
     @Test func stepsThatWouldLeaveNonFiniteValuesChangeNothing() throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         #expect(throws: LibraryError.self) { _ = try Training { $0.eps = 0 } }
         #expect(Self.lastError().contains("eps"))
         let settings: [(String, (inout loldu_optimizer_config) -> Void)] = [
@@ -335,7 +328,6 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
 
     @Test func saveRefusesNonFiniteParametersAndKeepsThePreviousCheckpoint() throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         let t = try Training()
         let dir = directory + "/ckpt"
         #expect(withCStrings(["encoder.q"]) { loldu_checkpoint_save(dir, [t.adapter.handle], $0, 1) } == LOLDU_OK)
@@ -362,7 +354,6 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
 
     @Test func refusedApplyLeavesTheAdapterUnchanged() throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         var random = TestRandom(3)
         let w: [Float] = random.array(20)
         let source = try TestAdapter<Float>(m: 5, n: 4, weight: w) { $0.rank = 2 }
@@ -395,7 +386,6 @@ struct SendableHandle: @unchecked Sendable { let raw: OpaquePointer? }
 
     @Test func optimizerStateOfAnotherRankOrDtypeIsAMismatch() throws {
         let directory = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         let path = directory + "/state.safetensors"
         let rank4 = try Training(rank: 4)
         #expect(rank4.step() == LOLDU_OK)

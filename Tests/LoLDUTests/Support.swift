@@ -1,5 +1,6 @@
 import CLinearAlgebra
 import CLoLDU
+import Foundation
 import Testing
 
 // Helpers shared by the tests. The library is reached only through include/loldu.h; LAPACK and
@@ -250,3 +251,25 @@ let allInits: [loldu_z_init] = [
     LOLDU_INIT_LU, LOLDU_INIT_CONSTANT, LOLDU_INIT_UNIFORM, LOLDU_INIT_NORMAL,
     LOLDU_INIT_S_UNIFORM, LOLDU_INIT_S_NORMAL, LOLDU_INIT_ONES, LOLDU_INIT_ZEROS,
 ]
+
+/// A new empty directory for one test. All of a test process's directories are made inside one
+/// directory, removed when the process exits, so that no test cleans up after itself.
+func temporaryDirectory() throws -> String {
+    guard let root = TestDirectories.root else { throw LibraryError(status: LOLDU_ERR_IO, message: "mkdtemp failed in \(NSTemporaryDirectory())") }
+    return try makeDirectory(prefix: root + "/test")
+}
+
+private enum TestDirectories {
+    static let root: String? = {
+        let root = try? makeDirectory(prefix: NSTemporaryDirectory() + "loldu-test")
+        atexit { if let root = TestDirectories.root { try? FileManager.default.removeItem(atPath: root) } }
+        return root
+    }()
+}
+
+/// `mkdtemp` of `prefix` + "-XXXXXX".
+private func makeDirectory(prefix: String) throws -> String {
+    var template = Array((prefix + "-XXXXXX").utf8CString)
+    guard let made = mkdtemp(&template) else { throw LibraryError(status: LOLDU_ERR_IO, message: "mkdtemp failed for \(prefix)") }
+    return String(cString: made)
+}
