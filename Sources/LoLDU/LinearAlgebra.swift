@@ -341,22 +341,14 @@ public enum GEMMBackend: Sendable, Equatable {
 /// A flag read and written from any thread.
 public final class AtomicFlag: @unchecked Sendable {
     private var value = false
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t> = {
-        let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-        pthread_mutex_init(m, nil)
-        return m
-    }()
+    private let mutex = ProcessMutex()
 
     public func load() -> Bool {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return value
+        mutex.withLock { value }
     }
 
     public func store(_ new: Bool) {
-        pthread_mutex_lock(mutex)
-        value = new
-        pthread_mutex_unlock(mutex)
+        mutex.withLock { value = new }
     }
 }
 
@@ -449,45 +441,41 @@ public enum BLASWorkBuffers {
     /// The most threads OpenBLAS has had in this process (it never stops a thread it started).
     nonisolated(unsafe) private static var started = 0
     /// Guards `mapped`, `started`, and the check and change of a thread count.
-    nonisolated(unsafe) private static let mutex: UnsafeMutablePointer<pthread_mutex_t> = {
-        let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-        pthread_mutex_init(m, nil)
-        return m
-    }()
+    private static let mutex = ProcessMutex()
 
     /// Maps a buffer for the library's BLAS calls, if none is, and the address-space limit leaves room for it.
     public static func ensure() throws(LoLDUError) {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        guard !mapped else { return }
-        try check(needed: bytes + margin, for: "OpenBLAS's work buffer")
-        // LAPACK's getrf takes a buffer whatever the size; this one runs on the calling thread.
-        var a: [Double] = [2, 1, 1, 3], pivots: [Int32] = [0, 0]
-        _ = Double.getrf(m: 2, n: 2, a: &a, lda: 2, ipiv: &pivots)
-        mapped = true
+        try mutex.withLock { () throws(LoLDUError) in
+            guard !mapped else { return }
+            try check(needed: bytes + margin, for: "OpenBLAS's work buffer")
+            // LAPACK's getrf takes a buffer whatever the size; this one runs on the calling thread.
+            var a: [Double] = [2, 1, 1, 3], pivots: [Int32] = [0, 0]
+            _ = Double.getrf(m: 2, n: 2, a: &a, lda: 2, ipiv: &pivots)
+            mapped = true
+        }
     }
 
     /// Sets OpenBLAS's thread count after checking that the limit has room for the buffer and
     /// stack of each thread it would start; a started thread takes the free buffer, so the next
     /// ``ensure()`` maps another.
     static func setThreads(_ count: Int) throws(LoLDUError) {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        started = Swift.max(started, BLASThreads.count)
-        let more = Swift.min(count, maxThreads) - started
-        if more > 0 {
-            var attributes = pthread_attr_t(), stack = 0
-            pthread_attr_init(&attributes)
-            pthread_attr_getstacksize(&attributes, &stack)
-            pthread_attr_destroy(&attributes)
-            let (perThread, o1) = (bytes + stack).addingReportingOverflow(pageSize)
-            let (threads, o2) = perThread.multipliedReportingOverflow(by: more)
-            try check(needed: o1 || o2 ? Int.max : threads &+ margin,
-                      for: "OpenBLAS's work buffers and stacks for \(more) more thread(s)")
+        try mutex.withLock { () throws(LoLDUError) in
+            started = Swift.max(started, BLASThreads.count)
+            let more = Swift.min(count, maxThreads) - started
+            if more > 0 {
+                var attributes = pthread_attr_t(), stack = 0
+                pthread_attr_init(&attributes)
+                pthread_attr_getstacksize(&attributes, &stack)
+                pthread_attr_destroy(&attributes)
+                let (perThread, o1) = (bytes + stack).addingReportingOverflow(pageSize)
+                let (threads, o2) = perThread.multipliedReportingOverflow(by: more)
+                try check(needed: o1 || o2 ? Int.max : threads &+ margin,
+                          for: "OpenBLAS's work buffers and stacks for \(more) more thread(s)")
+            }
+            openblas_set_num_threads(Int32(count))
+            if more > 0 { mapped = false }
+            started = Swift.max(started, BLASThreads.count)
         }
-        openblas_set_num_threads(Int32(count))
-        if more > 0 { mapped = false }
-        started = Swift.max(started, BLASThreads.count)
     }
 
     /// Refuses with `outOfMemory` when the address-space limit leaves less than `needed` bytes.

@@ -219,46 +219,35 @@ enum OneDNN {
         var primitives: [Shape: Primitive] = [:]
         var failed: Set<Shape> = []
         var clock = 0
-        let mutex: UnsafeMutablePointer<pthread_mutex_t> = {
-            let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-            pthread_mutex_init(m, nil)
-            return m
-        }()
-
-        init() {  // (every product looks its primitive up: held across fork(), see Handles.swift)
-            pthread_atfork({ pthread_mutex_lock(OneDNN.cache.mutex) }, { pthread_mutex_unlock(OneDNN.cache.mutex) },
-                           { pthread_mutex_unlock(OneDNN.cache.mutex) })
-        }
+        let mutex = ProcessMutex()  // (every product looks its primitive up under it)
     }
     private static let cache = Cache()
 
     /// The cached primitive for `shape`, created on first use; `nil` if oneDNN has none.
     static func primitive(_ shape: Shape, api: API) -> Primitive? {
-        pthread_mutex_lock(cache.mutex)
-        defer { pthread_mutex_unlock(cache.mutex) }
-        cache.clock += 1
-        if let found = cache.primitives[shape] {
-            found.lastUse = cache.clock
-            return found
+        cache.mutex.withLock {
+            cache.clock += 1
+            if let found = cache.primitives[shape] {
+                found.lastUse = cache.clock
+                return found
+            }
+            guard !cache.failed.contains(shape), let made = Primitive(shape, api: api) else {
+                cache.failed.insert(shape)
+                return nil
+            }
+            if cache.primitives.count >= cacheLimit,
+               let oldest = cache.primitives.min(by: { $0.value.lastUse < $1.value.lastUse })?.key {
+                cache.primitives[oldest] = nil  // freed when no thread executes it any more
+            }
+            made.lastUse = cache.clock
+            cache.primitives[shape] = made
+            return made
         }
-        guard !cache.failed.contains(shape), let made = Primitive(shape, api: api) else {
-            cache.failed.insert(shape)
-            return nil
-        }
-        if cache.primitives.count >= cacheLimit,
-           let oldest = cache.primitives.min(by: { $0.value.lastUse < $1.value.lastUse })?.key {
-            cache.primitives[oldest] = nil  // freed when no thread executes it any more
-        }
-        made.lastUse = cache.clock
-        cache.primitives[shape] = made
-        return made
     }
 
     /// The implementations the cached primitives use, for reports (e.g. "brg:avx512_core_bf16").
     static var implementations: [String] {
-        pthread_mutex_lock(cache.mutex)
-        defer { pthread_mutex_unlock(cache.mutex) }
-        return Array(Set(cache.primitives.values.map(\.implementation))).sorted()
+        cache.mutex.withLock { Array(Set(cache.primitives.values.map(\.implementation))).sorted() }
     }
 
     // MARK: Per-thread stream and scratchpad

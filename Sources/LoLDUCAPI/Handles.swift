@@ -9,29 +9,15 @@ import LoLDU
 /// look-up); the kinds are consulted together only to name a wrong kind in a message.
 private let registry = Registry()
 
-/// The token counter and the tables, under one pthread mutex (which ThreadSanitizer understands)
-/// that also guards every table's objects.
+/// The token counter and the tables, under one mutex that also guards every table's objects
+/// (every call looks its handles up under it).
 private final class Registry: @unchecked Sendable {
     var next: UInt = 0x10
     var tables: [any KindTable] = []
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t> = {
-        let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-        pthread_mutex_init(m, nil)
-        return m
-    }()
-
-    init() {
-        // Every call looks its handles up under the mutex: held across fork() (as glibc does with
-        // malloc's locks), so that a child forked while another thread was looking one up does
-        // not find it locked for ever.
-        pthread_atfork({ pthread_mutex_lock(registry.mutex) }, { pthread_mutex_unlock(registry.mutex) },
-                       { pthread_mutex_unlock(registry.mutex) })
-    }
+    private let mutex = ProcessMutex()
 
     func withLock<R, Failure: Error>(_ body: () throws(Failure) -> R) throws(Failure) -> R {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
+        try mutex.withLock(body)
     }
 
     /// The kind of a live token, for a message (under the lock).
