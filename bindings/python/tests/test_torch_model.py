@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import warnings
 
 import pytest
@@ -627,6 +628,59 @@ def test_delete_adapter_checks_every_layer_before_deleting_anywhere():
     lt.unmerge_loldu(model)
     lt.delete_adapter(model, "b")
     assert lt.adapter_names(model) == ["default"]
+
+
+def two_adapters() -> nn.Module:
+    model = lt.add_loldu(small(), ["0", "2"], rank=4)
+    return lt.add_loldu(model, ["0", "2"], rank=3, adapter_name="b", mark_trainable=False)
+
+
+def load_as_c(model: nn.Module, directory) -> None:
+    lt.load_loldu(model, directory, adapter_name="c")
+
+
+# (a model-level call, the model it starts from, and the step it takes once per layer)
+CHANGES_LAYER_BY_LAYER = {
+    "add_loldu to LoLDU layers": (lambda m, d: lt.add_loldu(m, ["0", "2"], rank=2, adapter_name="c"),
+                                  two_adapters, (lt.LoLDULayer, "_install")),
+    "add_loldu to plain layers": (lambda m, d: lt.add_loldu(m, ["0", "2"], rank=2), small,
+                                  (lt.model, "_set_submodule")),
+    "load_loldu": (load_as_c, two_adapters, (lt.LoLDULayer, "_install")),
+    "set_adapter": (lambda m, d: lt.set_adapter(m, "b"), two_adapters, (lt.LoLDULayer, "set_adapter")),
+    "delete_adapter": (lambda m, d: lt.delete_adapter(m, "default"), two_adapters, (lt.LoLDULayer, "delete_adapter")),
+    "add_weighted_adapter": (lambda m, d: lt.add_weighted_adapter(m, ["default", "b"], [1.0, -0.5], "c"),
+                             two_adapters, (lt.LoLDULayer, "update_layer")),
+    "disable_loldu": (lambda m, d: lt.disable_loldu(m), two_adapters, (lt.LoLDULayer, "enable_adapters")),
+    "unload": (lambda m, d: lt.unload(m), two_adapters, (lt.model, "_set_submodule")),
+}
+
+
+@pytest.mark.parametrize("call", list(CHANGES_LAYER_BY_LAYER))
+def test_ctrl_c_during_a_model_level_change_leaves_it_whole(call, monkeypatch, tmp_path):
+    """Ctrl-C (SIGINT) while a call changed the layers one by one stopped it halfway: some layers
+    had the new adapter (or active adapter, or were unloaded) and the others not. The call now
+    completes, then raises KeyboardInterrupt: the model is exactly what the call without the
+    interrupt makes."""
+    change, start, (owner, step) = CHANGES_LAYER_BY_LAYER[call]
+    lt.save_loldu(two_adapters(), tmp_path, adapter_name="b")
+    expected = start()
+    change(expected, tmp_path)
+    model = start()
+    original, calls = getattr(owner, step), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)  # (Python raises KeyboardInterrupt at its next instruction)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, step, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        change(model, tmp_path)
+    assert len(calls) >= 2  # (several layers: the interrupt came before the last)
+    assert snapshot(model) == snapshot(expected)
+    assert [layer.enabled for layer in lt.loldu_layers(model).values()] == \
+        [layer.enabled for layer in lt.loldu_layers(expected).values()]
 
 
 def test_merge_and_unload_is_all_or_nothing():

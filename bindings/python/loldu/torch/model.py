@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import math
 import re
+import signal
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
@@ -100,6 +101,26 @@ def _refusal(module: nn.Module, read_directly: set[int]) -> str | None:
         return (f"is a {type(module).__name__}, a subclass of nn.{base.__name__} with a forward of its own, which "
                 "a LoLDU layer would not run: adapt the layers its forward calls")
     return f"is a {type(module).__name__}; LoLDU adapts nn.Linear, nn.Conv1d/2d/3d and nn.Embedding"
+
+
+@contextlib.contextmanager
+def _whole():
+    """Holds Ctrl-C back while a model-level call changes its layers one after the other, so that
+    the model ends wholly changed or not at all: a SIGINT that arrives meanwhile goes to the
+    handler that was installed (``KeyboardInterrupt`` by default) as soon as the block ends.
+    Only in the main thread, where Python runs signal handlers, and only for a Python handler
+    (``SIG_DFL`` ends the process, which leaves no model half changed)."""
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _stage_adapter(layer: LoLDULayer, adapter_name: str, config: AdapterConfig, made: list):
@@ -239,8 +260,15 @@ def add_loldu(
         except BaseException:  # all or nothing: nothing was installed
             _discard(made, frozen)
             raise
+    with _whole():
         for install in installs:
             install()
+        if mark_trainable:
+            set_adapter(model, adapter_name)
+            mark_only_loldu_as_trainable(model)
+        else:
+            for layer in touched:  # (as PEFT: a new adapter trains only if it is active)
+                layer._follow_active(adapter_name)
     changed = [w for w in caught if issubclass(w.category, LoLDUWarning)]
     for w in caught:
         if w not in changed:
@@ -248,14 +276,8 @@ def add_loldu(
     if changed:
         warnings.warn(f"{len(changed)} of {len(matched)} adapted layers, e.g. {changed[0].message}", LoLDUWarning,
                       stacklevel=2)
-    if mark_trainable:
-        set_adapter(model, adapter_name)
-        mark_only_loldu_as_trainable(model)
-        if _is_all_linear(target_modules):
-            _warn_frozen_heads(root)
-    else:
-        for layer in touched:  # (as PEFT: a new adapter trains only if it is active)
-            layer._follow_active(adapter_name)
+    if mark_trainable and _is_all_linear(target_modules):
+        _warn_frozen_heads(root)
     return model
 
 
@@ -305,8 +327,9 @@ def set_adapter(model: nn.Module, adapter_name) -> None:
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     layers = loldu_layers(model)
     _check_known(layers, names, "adapter_name")
-    for layer in layers.values():
-        layer.set_adapter(names)
+    with _whole():
+        for layer in layers.values():
+            layer.set_adapter(names)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -332,11 +355,12 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         layer._deletable(adapter_name)
     was_active = [(layer, list(layer.active_adapters)) for layer in layers.values()
                   if adapter_name in layer.active_adapters]
-    for layer in holders:
-        layer.delete_adapter(adapter_name)
-    first = _names_of(layers)[:1]
-    for layer, active in was_active:
-        layer.set_adapter([a for a in active if a != adapter_name] or first)
+    with _whole():
+        for layer in holders:
+            layer.delete_adapter(adapter_name)
+        first = _names_of(layers)[:1]
+        for layer, active in was_active:
+            layer.set_adapter([a for a in active if a != adapter_name] or first)
 
 
 def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str) -> None:
@@ -359,24 +383,25 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         if adapter_name in layer.loldu_config:
             raise InvalidArgumentError(f"{layer.loldu_name} already has an adapter named {adapter_name!r}",
                                        _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    done = []
-    try:
-        for layer in layers:
-            present = [(a, w) for a, w in zip(adapters, weights) if a in layer.loldu_config]
-            rank = max(layer.get_adapter(a).rank for a, _ in present)
-            c = torch.zeros(rank, dtype=torch.float64)
-            for name, weight in present:
-                coefficients = adapter_coefficients(layer, name)
-                c[: coefficients.numel()] += float(weight) * coefficients
-            config = AdapterConfig(rank=rank, z_init="zeros", residual="init",
-                                   borrow_weight=layer.loldu_config[present[0][0]].borrow_weight)
-            layer.update_layer(adapter_name, config, values=(c.to(layer.param_dtype), torch.ones(1)))
-            done.append(layer)
-            layer.set_adapter(layer.active_adapters)
-    except BaseException:
-        for layer in done:  # all or nothing
-            layer.delete_adapter(adapter_name)
-        raise
+    with _whole():
+        done = []
+        try:
+            for layer in layers:
+                present = [(a, w) for a, w in zip(adapters, weights) if a in layer.loldu_config]
+                rank = max(layer.get_adapter(a).rank for a, _ in present)
+                c = torch.zeros(rank, dtype=torch.float64)
+                for name, weight in present:
+                    coefficients = adapter_coefficients(layer, name)
+                    c[: coefficients.numel()] += float(weight) * coefficients
+                config = AdapterConfig(rank=rank, z_init="zeros", residual="init",
+                                       borrow_weight=layer.loldu_config[present[0][0]].borrow_weight)
+                layer.update_layer(adapter_name, config, values=(c.to(layer.param_dtype), torch.ones(1)))
+                done.append(layer)
+                layer.set_adapter(layer.active_adapters)
+        except BaseException:
+            for layer in done:  # all or nothing
+                layer.delete_adapter(adapter_name)
+            raise
 
 
 def adapter_coefficients(layer: LoLDULayer, adapter_name: str) -> torch.Tensor:
@@ -658,11 +683,12 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
         finally:
             for trial in trials:
                 trial.close()
-        for install in installs:  # every layer checked: now the model changes
-            install()
-    if mark_trainable:
-        set_adapter(model, adapter_name)
-        mark_only_loldu_as_trainable(model)
+        with _whole():
+            for install in installs:  # every layer checked: now the model changes
+                install()
+            if mark_trainable:
+                set_adapter(model, adapter_name)
+                mark_only_loldu_as_trainable(model)
     return model
 
 
@@ -691,8 +717,9 @@ def merge_loldu(model: nn.Module) -> None:
 
 
 def unmerge_loldu(model: nn.Module) -> None:
-    for layer in loldu_layers(model).values():
-        layer.unmerge()
+    with _whole():
+        for layer in loldu_layers(model).values():
+            layer.unmerge()
 
 
 def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
@@ -710,35 +737,39 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Mo
                 weights[name] = layer.effective_weight(chosen)
             except _loldu.LoLDUError as error:
                 raise layer._named(error) from None
-    for name, layer in layers.items():
-        base = layer.base_layer
-        if name in weights:
-            base.weight = nn.Parameter(weights[name], requires_grad=False)
-        _set_submodule(root, name, base)
-        layer.close()
+    with _whole():
+        for name, layer in layers.items():
+            base = layer.base_layer
+            if name in weights:
+                base.weight = nn.Parameter(weights[name], requires_grad=False)
+            _set_submodule(root, name, base)
+            layer.close()
     return model
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Replaces every LoLDU layer by its original base module (the adapters are dropped)."""
     root = unwrap(model)
-    for name, layer in loldu_layers(root).items():
-        _set_submodule(root, name, layer.base_layer)
-        layer.close()
+    with _whole():
+        for name, layer in loldu_layers(root).items():
+            _set_submodule(root, name, layer.base_layer)
+            layer.close()
     return model
 
 
 def enable_loldu(model: nn.Module) -> None:
     """Turns every LoLDU layer on (the initial state), as the reference code's ``enable_loldu``."""
-    for layer in loldu_layers(model).values():
-        layer.enable_adapters(True)
+    with _whole():
+        for layer in loldu_layers(model).values():
+            layer.enable_adapters(True)
 
 
 def disable_loldu(model: nn.Module) -> None:
     """Turns every LoLDU layer off until ``enable_loldu``: the model computes its original
     outputs exactly. See ``disable_adapters`` for a ``with`` block."""
-    for layer in loldu_layers(model).values():
-        layer.enable_adapters(False)
+    with _whole():
+        for layer in loldu_layers(model).values():
+            layer.enable_adapters(False)
 
 
 _DISABLE_BLOCKS = threading.Lock()  # (guards the layers' counts of open disable_adapters blocks)
@@ -751,7 +782,7 @@ def disable_adapters(model: nn.Module):
     the first open block is restored when the last one closes, so blocks may nest or overlap
     (threads). For base outputs in one thread only, use ``mixed_batch(model, ["__base__"] * n)``."""
     layers = list(loldu_layers(model).values())
-    with _DISABLE_BLOCKS:
+    with _whole(), _DISABLE_BLOCKS:
         for layer in layers:
             if layer._disable_blocks == 0:
                 layer._enabled_before_blocks = layer.enabled
@@ -760,7 +791,7 @@ def disable_adapters(model: nn.Module):
     try:
         yield model
     finally:
-        with _DISABLE_BLOCKS:
+        with _whole(), _DISABLE_BLOCKS:
             for layer in layers:
                 layer._disable_blocks -= 1
                 if layer._disable_blocks == 0:
