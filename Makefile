@@ -76,6 +76,8 @@ test: test-swift test-c test-fuzz test-tsan test-python test-examples
 
 test-swift: $(BUILD)/.apt-ready
 	swift test
+	@echo "The Swift suite again with OpenBLAS on kernels older than the CPU, which sends float32 products to oneDNN:"
+	OPENBLAS_CORETYPE=Prescott swift test
 
 # The Swift suite again under ThreadSanitizer (its own build folder).
 test-tsan: $(BUILD)/.apt-ready

@@ -50,11 +50,11 @@
  *   - fork(): the child may use objects made before the fork, unless another thread of the
  *     parent was inside a call on that adapter at the moment of the fork: the child's calls on
  *     it then return LOLDU_ERR_STATE (its state is unknown there), and it must be created or
- *     loaded again. A child does not keep the parent's checkpoint-directory locks. The BLAS
- *     libraries are not fork-safe: a child can block in its first product if the parent computed
- *     with more than one thread (GNU OpenMP, used by oneDNN) or forked while another thread was
- *     inside the library. Fork before computing (load, fork, then compute), call
- *     loldu_set_num_threads(1) before forking, or start workers with exec (spawn).
+ *     loaded again. A child does not keep the parent's checkpoint-directory locks. GNU OpenMP
+ *     (under oneDNN) cannot start threads in a child once the parent started some, so a child's
+ *     oneDNN products run on one thread (OpenBLAS restarts its own threads). A child forked
+ *     while another thread was inside a product can block in its first one: fork while no
+ *     thread computes, or start workers with exec (spawn).
  *
  * Threads: BLAS runs with loldu_set_num_threads() threads (OpenBLAS's default otherwise). In a
  * process that also runs another thread pool (PyTorch, OpenMP), set it to that pool's size or

@@ -57,6 +57,8 @@ enum OneDNN {
         let version: String
         /// OpenMP's thread count of the calling thread (oneDNN runs on OpenMP).
         let setThreads: SetThreads?, getThreads: GetThreads?
+        /// Whether another library (PyTorch) loaded OpenMP first: its threads may have started.
+        let sharedRuntime: Bool
     }
 
     /// The loaded library, or `nil` when it cannot be loaded (then nothing here is used).
@@ -113,7 +115,8 @@ enum OneDNN {
             streamDestroy: streamDestroy, engine: engine, isa: effectiveISA(),
             version: v.map { "oneDNN \($0.major).\($0.minor).\($0.patch)" } ?? "oneDNN",
             setThreads: gomp.flatMap { dlsym($0, "omp_set_num_threads") }.map { unsafeBitCast($0, to: SetThreads.self) },
-            getThreads: gomp.flatMap { dlsym($0, "omp_get_max_threads") }.map { unsafeBitCast($0, to: GetThreads.self) })
+            getThreads: gomp.flatMap { dlsym($0, "omp_get_max_threads") }.map { unsafeBitCast($0, to: GetThreads.self) },
+            sharedRuntime: gompRunning)
     }
 
     // MARK: What this CPU gets
@@ -147,13 +150,15 @@ enum OneDNN {
 
     // MARK: Primitives
 
-    /// What decides a matmul primitive: element types, layout, the bias and the sum post-op.
+    /// What decides a matmul primitive: element types, layout, the bias and the sum post-op, and
+    /// the OpenMP threads it runs on (fixed when it is created: oneDNN splits the work then).
     struct Shape: Hashable {
         let type: UInt32  // dnnl_data_type_t of A and B (C and the bias are f32)
         let transA: Bool, transB: Bool
         let m: Int, n: Int, k: Int, lda: Int, ldb: Int, ldc: Int
         let bias: Bool        // a row of n values added to every row of C, in the kernel
         let accumulate: Bool  // beta = 1
+        let threads: Int
     }
 
     /// A primitive and the memory descriptors its arguments are created with.
@@ -219,9 +224,26 @@ enum OneDNN {
         var primitives: [Shape: Primitive] = [:]
         var failed: Set<Shape> = []
         var clock = 0
+        /// The process in which OpenMP may have started threads: the one that ran a product on
+        /// several, or found another library's OpenMP runtime loaded (`nil`: none yet).
+        var openMPProcess: pid_t? = OneDNN.api?.sharedRuntime == true ? getpid() : nil
         let mutex = ProcessMutex()  // (every product looks its primitive up under it)
     }
     private static let cache = Cache()
+
+    /// The OpenMP threads of an `m × n × k` product: ``BLASThreads/count(m:n:k:)``, at most
+    /// `callers` (the caller's OpenMP thread count, when another library shares the runtime),
+    /// and one in a child of fork() whose parent may have started OpenMP threads: GNU OpenMP
+    /// cannot start threads there, and a product on two would wait for ever.
+    private static func threads(m: Int, n: Int, k: Int, callers: Int32?) -> Int {
+        let wanted = Swift.min(BLASThreads.count(m: m, n: n, k: k), Swift.max(1, Int(callers ?? Int32.max)))
+        let process = getpid()
+        return cache.mutex.withLock {
+            if let started = cache.openMPProcess, started != process { return 1 }
+            if wanted > 1 { cache.openMPProcess = process }
+            return wanted
+        }
+    }
 
     /// The cached primitive for `shape`, created on first use; `nil` if oneDNN has none.
     static func primitive(_ shape: Shape, api: API) -> Primitive? {
@@ -299,8 +321,16 @@ enum OneDNN {
         accumulate: Bool, c: UnsafeMutablePointer<Float>, ldc: Int
     ) -> Bool {
         guard let api, m > 0, n > 0 else { return m == 0 || n == 0 }
+        // oneDNN parallelises with OpenMP over the calling thread's thread count, read when a
+        // primitive is created: use ours for this product (fewer for a small one) while it is
+        // created and run, and give the caller's back (PyTorch shares this runtime).
+        let callers = api.getThreads?()
+        let threads = threads(m: m, n: n, k: k, callers: api.sharedRuntime ? callers : nil)
+        let previous = callers ?? Int32(threads)
+        if previous != Int32(threads) { api.setThreads?(Int32(threads)) }
+        defer { if previous != Int32(threads) { api.setThreads?(previous) } }
         let shape = Shape(type: type.rawValue, transA: transA, transB: transB, m: m, n: n, k: k,
-                          lda: lda, ldb: ldb, ldc: ldc, bias: bias != nil, accumulate: accumulate)
+                          lda: lda, ldb: ldb, ldc: ldc, bias: bias != nil, accumulate: accumulate, threads: threads)
         guard let primitive = primitive(shape, api: api), let thread = resources(api: api) else { return false }
         var scratch: UnsafeMutableRawPointer? = nil
         if primitive.scratchpadBytes > 0 {
@@ -326,13 +356,6 @@ enum OneDNN {
             dnnl_exec_arg_t(arg: loldu_dnnl_arg_scratchpad, memory: memories[3]),
         ]
         if bias != nil { args.append(dnnl_exec_arg_t(arg: loldu_dnnl_arg_bias, memory: memories[4])) }
-        // oneDNN parallelises with OpenMP over the calling thread's thread count: use ours for
-        // this call (fewer for a small product), and give the caller's back (PyTorch shares
-        // this runtime).
-        let threads = BLASThreads.count(m: m, n: n, k: k)
-        let previous = api.getThreads?() ?? Int32(threads)
-        if previous != Int32(threads) { api.setThreads?(Int32(threads)) }
-        defer { if previous != Int32(threads) { api.setThreads?(previous) } }
         return api.execute(primitive.primitive, thread.stream, Int32(args.count), args) == dnnl_success
     }
 }

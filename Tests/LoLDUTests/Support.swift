@@ -77,6 +77,15 @@ func expectClose<A: BinaryFloatingPoint, B: BinaryFloatingPoint>(
             sourceLocation: sourceLocation)
 }
 
+/// Whether the library multiplies `T` with the BLAS `bareLayer` calls (OpenBLAS), so that the
+/// same product gives the same bits: float32 goes to oneDNN where OpenBLAS runs kernels older
+/// than the CPU (`OPENBLAS_CORETYPE=Prescott`, say).
+func sameGEMM<T: TestScalar>(as _: T.Type) -> Bool {
+    var backend = LOLDU_BACKEND_OPENBLAS
+    #expect(loldu_gemm_backend(T.dtype, &backend, nil) == LOLDU_OK)
+    return backend == LOLDU_BACKEND_OPENBLAS
+}
+
 func tolerance<T: TestScalar>(_: T.Type) -> Double { T.self == Float.self ? 2e-4 : 1e-10 }
 
 /// `loldu_adapter_get_info` of a handle.

@@ -5,6 +5,8 @@
  *   backend          run the checks (starts itself as "backend child" in each environment)
  *   backend child    print "core f32 f64 bf16 f16" for this process, then a float32 training
  *                    step's results (sums over y and dX), which must agree whichever library ran
+ *   backend threads  threads and fork(): a small product starts no thread, and a child forked
+ *                    after products on two threads computes the same (exit status 0 if so)
  */
 #define _POSIX_C_SOURCE 200809L
 #include <loldu.h>
@@ -12,6 +14,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -71,6 +75,76 @@ static int step_sums(double sums[4]) {
     return ok;
 }
 
+/* The threads of this process. */
+static int task_count(void) {
+    DIR *d = opendir("/proc/self/task");
+    int n = 0;
+    for (struct dirent *e; d && (e = readdir(d)) != NULL;) n += e->d_name[0] != '.';
+    if (d) closedir(d);
+    return n;
+}
+
+/* A forward of `rows` rows through a fresh square float32 layer of size `size` (rank 16). */
+static int forward_rows(loldu_adapter **a, int size, int rows, float *y) {
+    float *w = malloc(sizeof(float) * (size_t)size * (size_t)size), *x = malloc(sizeof(float) * (size_t)rows * (size_t)size);
+    if (!w || !x) { free(w); free(x); return 0; }
+    for (int i = 0; i < size * size; i++) w[i] = (float)sin(0.37 * i) + (i % (size + 1) == 0 ? 3.0f : 0.0f);
+    for (int i = 0; i < rows * size; i++) x[i] = (float)cos(0.11 * i);
+    loldu_config c;
+    loldu_config_default(&c);
+    c.rank = 16;
+    int ok = (*a != NULL || loldu_adapter_create(a, LOLDU_FLOAT32, size, size, w, NULL, &c) == LOLDU_OK)
+             && loldu_forward(*a, rows, x, y, NULL) == LOLDU_OK;
+    free(w);
+    free(x);
+    return ok;
+}
+
+/* "backend threads": GNU OpenMP (under oneDNN) cannot start threads in a child of fork() once the
+   parent started some: a product on two threads there waited for ever. The library runs a forked
+   child's oneDNN products on one thread; and a product below 8 MFLOP runs on the calling thread
+   alone (oneDNN fixes a primitive's threads when it is created: they are part of its key). */
+static int thread_checks(void) {
+    alarm(120); /* (a hang ends as a failure) */
+    enum { SMALL = 64, BIG = 256 };
+    static float y[BIG * BIG], again[BIG * BIG];
+    loldu_adapter *small = NULL, *big = NULL;
+    CHECK(loldu_set_num_threads(2) == LOLDU_OK, "two threads");
+    int before = task_count();
+    CHECK(forward_rows(&small, SMALL, SMALL, y), "a 64 x 64 forward of 64 rows");
+    CHECK(task_count() == before, "a 0.5 MFLOP product started %d threads", task_count() - before);
+    CHECK(forward_rows(&big, BIG, BIG, y), "a 256 x 256 forward of 256 rows (two threads)");
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        alarm(30);
+        int ok = forward_rows(&big, BIG, BIG, again) && forward_rows(&small, SMALL, SMALL, again + BIG * BIG / 2);
+        for (int i = 0; ok && i < BIG * BIG / 2; i++) ok = fabsf(again[i] - y[i]) <= 1e-4f * (1.0f + fabsf(y[i]));
+        _exit(ok ? 0 : 1);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the forked child's products: %s %d",
+          WIFSIGNALED(status) ? "killed by signal (SIGALRM: it blocked)" : "exit status",
+          WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
+    loldu_adapter_free(small);
+    loldu_adapter_free(big);
+    return failures == 0;
+}
+
+/* Runs this program as "backend threads" with `env`: whether every check passed. */
+static int threads_child(const char *self, char *const env[]) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        char *const args[] = {(char *)self, "threads", NULL};
+        execve(self, args, env);
+        _exit(127);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
 /* Runs this program as a child with `env` and reads its lines. */
 static int child(const char *self, char *const env[], char core[64], int b[4], double sums[4]) {
     int fd[2];
@@ -101,6 +175,7 @@ int main(int argc, char **argv) {
         printf("%.17g %.17g %.17g %.17g\n", sums[0], sums[1], sums[2], sums[3]);
         return 0;
     }
+    if (argc > 1 && strcmp(argv[1], "threads") == 0) return thread_checks() ? 0 : 1;
     const char *description = NULL;
     loldu_backend b;
     CHECK(loldu_gemm_backend(LOLDU_BFLOAT16, &b, &description) == LOLDU_OK && description && *description,
@@ -145,6 +220,13 @@ int main(int argc, char **argv) {
     }
     printf("float32 step on both libraries: y sums %.6g / %.6g, dX sums %.6g / %.6g\n", sums[0][0], sums[1][0],
            sums[0][2], sums[1][2]);
+    int threads_ok = 1;
+    for (int i = 0; i < 2; i++) {
+        int ok = threads_child(argv[0], runs[i].env);
+        CHECK(ok, "%s: threads and fork() (backend threads)", runs[i].what);
+        threads_ok = threads_ok && ok;
+    }
+    if (threads_ok) printf("threads: a small product starts no thread; a child forked after products on two threads computes\n");
     CHECK(loldu_gemm_backend((loldu_dtype)9, &b, NULL) == LOLDU_ERR_INVALID_ARGUMENT, "an unknown dtype is refused");
     if (failures) return 1;
     printf("backend: all checks passed\n");
