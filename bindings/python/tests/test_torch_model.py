@@ -651,6 +651,8 @@ CHANGES_LAYER_BY_LAYER = {
     "add_weighted_adapter": (lambda m, d: lt.add_weighted_adapter(m, ["default", "b"], [1.0, -0.5], "c"),
                              two_adapters, (lt.LoLDULayer, "update_layer")),
     "disable_loldu": (lambda m, d: lt.disable_loldu(m), two_adapters, (lt.LoLDULayer, "enable_adapters")),
+    "mark_only_loldu_as_trainable": (lambda m, d: lt.mark_only_loldu_as_trainable(m, bias="all"), two_adapters,
+                                     (lt.LoLDULayer, "set_adapter")),
     "unload": (lambda m, d: lt.unload(m), two_adapters, (lt.model, "_set_submodule")),
 }
 

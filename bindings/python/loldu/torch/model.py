@@ -457,12 +457,13 @@ def mark_only_loldu_as_trainable(model: nn.Module, bias: str = "none") -> None:
         raise InvalidArgumentError(f"bias must be 'none', 'all' or 'loldu_only', got {bias!r}",
                                    _capi.LOLDU_ERR_INVALID_ARGUMENT)
     root = unwrap(model)
-    for name, p in root.named_parameters():
-        p.requires_grad_(bias == "all" and name.rsplit(".", 1)[-1] == "bias")
-    for layer in loldu_layers(root).values():
-        layer.set_adapter(layer.active_adapters)
-        if bias == "loldu_only" and getattr(layer.base_layer, "bias", None) is not None:
-            layer.base_layer.bias.requires_grad_(True)
+    with _whole():
+        for name, p in root.named_parameters():
+            p.requires_grad_(bias == "all" and name.rsplit(".", 1)[-1] == "bias")
+        for layer in loldu_layers(root).values():
+            layer.set_adapter(layer.active_adapters)
+            if bias == "loldu_only" and getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(True)
 
 
 def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
