@@ -108,13 +108,18 @@ def _whole():
     """Holds Ctrl-C back while a model-level call changes its layers one after the other, so that
     the model ends wholly changed or not at all: a SIGINT that arrives meanwhile goes to the
     handler that was installed (``KeyboardInterrupt`` by default) as soon as the block ends.
-    Only in the main thread, where Python runs signal handlers, and only for a Python handler
-    (``SIG_DFL`` ends the process, which leaves no model half changed)."""
-    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
+    Only in the main thread of the main interpreter, where Python runs signal handlers, and only
+    for a Python handler (``SIG_DFL`` ends the process, which leaves no model half changed)."""
+    received = []
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+        if callable(previous):
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except ValueError:  # (another thread or interpreter)
+        previous = None
+    if not callable(previous):
         yield
         return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
