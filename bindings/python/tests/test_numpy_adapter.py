@@ -415,6 +415,42 @@ def test_bad_inputs_raise_documented_exceptions():
         np.testing.assert_array_equal(a.forward(np.ones((0, 6), np.float32)), np.ones((0, 8), np.float32))
 
 
+def test_a_child_forked_after_two_thread_products_computes_in_a_pytorch_process():
+    """GNU OpenMP (under oneDNN, and PyTorch's) cannot start threads in a child of fork() once the
+    parent started some: the child's first oneDNN product on two threads waited for ever. Here
+    OpenBLAS runs kernels older than the CPU, so float32 goes to oneDNN, in a process where
+    PyTorch loaded OpenMP first (the runtime is shared)."""
+    result = run_python("""
+        import os, signal
+        import numpy as np
+        import torch
+        import loldu
+        if loldu.gemm_backend("float32")[0] != "onednn":
+            print("backend", loldu.gemm_backend("float32"))
+            raise SystemExit(0)
+        loldu.set_num_threads(2)
+        torch.set_num_threads(2)
+        rng = np.random.default_rng(0)
+        a = loldu.Adapter(rng.standard_normal((256, 256)).astype(np.float32), rank=64)
+        x = rng.standard_normal((256, 256)).astype(np.float32)
+        y = a.forward(x)
+        torch.randn(512, 512).exp().sum()  # (PyTorch's OpenMP threads started too)
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(30)
+            ok = np.allclose(a.forward(x), y, rtol=1e-4, atol=1e-3)
+            torch.set_num_threads(1)  # (PyTorch's own operations need it in a forked child)
+            ok = ok and bool(torch.isfinite(torch.randn(512, 512).exp()).all())
+            os._exit(0 if ok else 1)
+        print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    """, env={"OPENBLAS_CORETYPE": "Prescott"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    if "backend" in result.stdout:  # (oneDNN takes float32 from OpenBLAS's old kernels on every AVX2 CPU)
+        assert " avx2 " not in open("/proc/cpuinfo").read().replace("\n", " "), result.stdout
+        pytest.skip(f"a CPU without AVX2: float32 stays on OpenBLAS ({result.stdout.strip()})")
+    assert result.stdout.split("child ")[1].strip() == "0", result.stdout  # (-14: SIGALRM, it blocked)
+
+
 def test_a_fork_during_a_call_gives_the_child_an_error_not_a_trap_or_a_hang():
     """The child of a fork made while another thread was inside a call on an adapter died of a
     trap (the lock held by a thread the child does not have) on its first call to that adapter."""
