@@ -51,14 +51,18 @@
  *     parent was inside a call on that adapter at the moment of the fork: the child's calls on
  *     it then return LOLDU_ERR_STATE (its state is unknown there), and it must be created or
  *     loaded again. A child does not keep the parent's checkpoint-directory locks. GNU OpenMP
- *     (under oneDNN) cannot start threads in a child once the parent started some, so a child's
- *     oneDNN products run on one thread (OpenBLAS restarts its own threads). A child forked
- *     while another thread was inside a product can block in its first one: fork while no
- *     thread computes, or start workers with exec (spawn).
+ *     (under oneDNN) cannot start threads in a child once the parent started some, so a child
+ *     runs oneDNN's products on one thread if the parent had loaded oneDNN (it does so when it
+ *     first picks a GEMM library: at the first adapter or loldu_gemm_backend), or had called
+ *     the library while another library's OpenMP (PyTorch's) was loaded; OpenBLAS restarts its
+ *     own threads. A child forked while another thread was inside a product can block in its
+ *     first one: fork while no thread computes, or start workers with exec (spawn).
  *
- * Threads: BLAS runs with loldu_set_num_threads() threads (OpenBLAS's default otherwise). In a
- * process that also runs another thread pool (PyTorch, OpenMP), set it to that pool's size or
- * to 1 per worker process to avoid oversubscribing the cores.
+ * Threads: BLAS runs with loldu_set_num_threads() threads (OpenBLAS's default otherwise); a
+ * product below 8 MFLOP runs on the calling thread alone, and where another library loaded
+ * OpenMP first (PyTorch), oneDNN's products take at most the calling thread's OpenMP thread
+ * count. In a process that also runs another thread pool (PyTorch, OpenMP), set it to that
+ * pool's size or to 1 per worker process to avoid oversubscribing the cores.
  */
 #ifndef LOLDU_H
 #define LOLDU_H

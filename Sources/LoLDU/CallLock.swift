@@ -8,18 +8,14 @@ import Synchronization
 /// was idle at the fork works in the child as in the parent. The mutex is made on the first
 /// call, so that adapters only ever used by grouped calls (which take no lock) hold 12 bytes.
 struct CallLock: ~Copyable {
-    /// How many forks this process descends from since the first lock was made (bumped in the
-    /// child, where only the forking thread runs).
-    private static let forks = Atomic<UInt32>(0)
-    private static let watchingForks: Bool = pthread_atfork(nil, nil, { _ = CallLock.forks.add(1, ordering: .relaxed) }) == 0
-
     private let mutex = Atomic<UnsafeMutablePointer<pthread_mutex_t>?>(nil)
-    /// `forks` when this lock was last known to be free of threads the process does not have.
+    /// ``ProcessMutex/forks`` when this lock was last known to be free of threads the process
+    /// does not have.
     private let checked: Atomic<UInt32>
 
     init() {
-        _ = Self.watchingForks
-        checked = Atomic(Self.forks.load(ordering: .relaxed))
+        ProcessMutex.watchForks()
+        checked = Atomic(ProcessMutex.forks.load(ordering: .relaxed))
     }
 
     deinit {
@@ -33,7 +29,7 @@ struct CallLock: ~Copyable {
     /// call held it.
     func run(_ body: () throws(LoLDUError) -> Void) throws(LoLDUError) {
         let mutex = try made()
-        let forks = Self.forks.load(ordering: .relaxed)
+        let forks = ProcessMutex.forks.load(ordering: .relaxed)
         if checked.load(ordering: .acquiring) != forks {  // the first call since a fork
             if pthread_mutex_trylock(mutex) == 0 {
                 checked.store(forks, ordering: .releasing)

@@ -59,12 +59,15 @@ enum OneDNN {
         let setThreads: SetThreads?, getThreads: GetThreads?
         /// Whether another library (PyTorch) loaded OpenMP first: its threads may have started.
         let sharedRuntime: Bool
+        /// The process that loaded oneDNN (another one is a child of fork()).
+        let process: pid_t
     }
 
     /// The loaded library, or `nil` when it cannot be loaded (then nothing here is used).
     static let api: API? = load()
 
     private static func load() -> API? {
+        ProcessMutex.watchForks()
         // OpenMP threads that wait passively unless an OpenMP runtime already runs in the
         // process or the caller chose; restored right after loading.
         let gompRunning = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD).map { dlclose($0); return true } ?? false
@@ -116,7 +119,7 @@ enum OneDNN {
             version: v.map { "oneDNN \($0.major).\($0.minor).\($0.patch)" } ?? "oneDNN",
             setThreads: gomp.flatMap { dlsym($0, "omp_set_num_threads") }.map { unsafeBitCast($0, to: SetThreads.self) },
             getThreads: gomp.flatMap { dlsym($0, "omp_get_max_threads") }.map { unsafeBitCast($0, to: GetThreads.self) },
-            sharedRuntime: gompRunning)
+            sharedRuntime: gompRunning, process: getpid())
     }
 
     // MARK: What this CPU gets
@@ -224,25 +227,20 @@ enum OneDNN {
         var primitives: [Shape: Primitive] = [:]
         var failed: Set<Shape> = []
         var clock = 0
-        /// The process in which OpenMP may have started threads: the one that ran a product on
-        /// several, or found another library's OpenMP runtime loaded (`nil`: none yet).
-        var openMPProcess: pid_t? = OneDNN.api?.sharedRuntime == true ? getpid() : nil
         let mutex = ProcessMutex()  // (every product looks its primitive up under it)
     }
     private static let cache = Cache()
 
-    /// The OpenMP threads of an `m × n × k` product: ``BLASThreads/count(m:n:k:)``, at most
-    /// `callers` (the caller's OpenMP thread count, when another library shares the runtime),
-    /// and one in a child of fork() whose parent may have started OpenMP threads: GNU OpenMP
-    /// cannot start threads there, and a product on two would wait for ever.
-    private static func threads(m: Int, n: Int, k: Int, callers: Int32?) -> Int {
-        let wanted = Swift.min(BLASThreads.count(m: m, n: n, k: k), Swift.max(1, Int(callers ?? Int32.max)))
-        let process = getpid()
-        return cache.mutex.withLock {
-            if let started = cache.openMPProcess, started != process { return 1 }
-            if wanted > 1 { cache.openMPProcess = process }
-            return wanted
-        }
+    /// The OpenMP threads of an `m × n × k` product: ``BLASThreads/count(m:n:k:)``, at most the
+    /// caller's OpenMP thread count when another library (PyTorch) shares the runtime, and one in
+    /// a child of fork() whose ancestor may have started OpenMP threads (it loaded oneDNN, or
+    /// another library loaded OpenMP before this process loaded oneDNN): GNU OpenMP cannot start
+    /// threads there, and a product on two would wait for ever.
+    private static func threads(m: Int, n: Int, k: Int, api: API, callers: Int32?) -> Int {
+        let forked = getpid() != api.process || (api.sharedRuntime && ProcessMutex.forks.load(ordering: .relaxed) > 0)
+        if forked { return 1 }
+        let cap = api.sharedRuntime ? Swift.max(1, Int(callers ?? 1)) : Int.max
+        return Swift.min(BLASThreads.count(m: m, n: n, k: k), cap)
     }
 
     /// The cached primitive for `shape`, created on first use; `nil` if oneDNN has none.
@@ -325,7 +323,7 @@ enum OneDNN {
         // primitive is created: use ours for this product (fewer for a small one) while it is
         // created and run, and give the caller's back (PyTorch shares this runtime).
         let callers = api.getThreads?()
-        let threads = threads(m: m, n: n, k: k, callers: api.sharedRuntime ? callers : nil)
+        let threads = threads(m: m, n: n, k: k, api: api, callers: callers)
         let previous = callers ?? Int32(threads)
         if previous != Int32(threads) { api.setThreads?(Int32(threads)) }
         defer { if previous != Int32(threads) { api.setThreads?(previous) } }

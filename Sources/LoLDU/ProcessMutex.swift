@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 
 /// A pthread mutex (which ThreadSanitizer understands) over state the whole process shares: the
 /// handle registry, the oneDNN primitive cache, the held checkpoint locks, the BLAS settings.
@@ -23,13 +24,20 @@ public final class ProcessMutex: @unchecked Sendable {
         return try body()
     }
 
+    /// How many forks this process descends from since the library first made a process mutex
+    /// or called ``watchForks()`` (bumped in the child, where only the forking thread runs).
+    static let forks = Atomic<UInt32>(0)
+
+    /// Counts forks from now on (as making any process mutex does).
+    static func watchForks() { _ = listMutex }
+
     /// Every mutex made, under ``listMutex``.
     nonisolated(unsafe) private static var all: [UnsafeMutablePointer<pthread_mutex_t>] = []
     /// Guards ``all``; held across fork() with them.
     nonisolated(unsafe) private static let listMutex: UnsafeMutablePointer<pthread_mutex_t> = {
         let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
         pthread_mutex_init(mutex, nil)
-        pthread_atfork(ProcessMutex.lockAll, ProcessMutex.unlockAll, ProcessMutex.unlockAll)
+        pthread_atfork(ProcessMutex.lockAll, ProcessMutex.unlockAll, ProcessMutex.child)
         return mutex
     }()
 
@@ -41,5 +49,10 @@ public final class ProcessMutex: @unchecked Sendable {
     private static let unlockAll: @convention(c) () -> Void = {
         for mutex in ProcessMutex.all.reversed() { pthread_mutex_unlock(mutex) }
         pthread_mutex_unlock(ProcessMutex.listMutex)
+    }
+
+    private static let child: @convention(c) () -> Void = {
+        ProcessMutex.forks.add(1, ordering: .relaxed)
+        ProcessMutex.unlockAll()
     }
 }

@@ -7,6 +7,8 @@
  *                    step's results (sums over y and dX), which must agree whichever library ran
  *   backend threads  threads and fork(): a small product starts no thread, and a child forked
  *                    after products on two threads computes the same (exit status 0 if so)
+ *   backend foreign  the same for a child whose parent's OpenMP threads were started by another
+ *                    library, before the parent's first product
  */
 #define _POSIX_C_SOURCE 200809L
 #include <loldu.h>
@@ -15,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <dirent.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -132,11 +135,50 @@ static int thread_checks(void) {
     return failures == 0;
 }
 
-/* Runs this program as "backend threads" with `env`: whether every check passed. */
-static int threads_child(const char *self, char *const env[]) {
+/* Whether a forked child's first products (a 256 x 256 forward of 256 rows, then a small one)
+   finish, within 30 s. */
+static int child_computes(void) {
+    fflush(stdout);
     pid_t pid = fork();
     if (pid == 0) {
-        char *const args[] = {(char *)self, "threads", NULL};
+        alarm(30);
+        static float y[256 * 256];
+        loldu_adapter *big = NULL, *small = NULL;
+        _exit(forward_rows(&big, 256, 256, y) && forward_rows(&small, 64, 64, y) ? 0 : 1);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+static void spin(void *data) { (void)data; }
+
+/* "backend foreign": another library's OpenMP (PyTorch's, say) started two threads before the
+   library loaded oneDNN, which then shares that runtime; a child forked after the library chose
+   its GEMM library, or only after it set its thread count, computes its first products. */
+static int foreign_checks(void) {
+    alarm(120);
+    void *gomp = dlopen("libgomp.so.1", RTLD_NOW | RTLD_GLOBAL);
+    void (*parallel)(void (*)(void *), void *, unsigned, unsigned) = NULL;
+    if (gomp) *(void **)(&parallel) = dlsym(gomp, "GOMP_parallel");
+    CHECK(parallel != NULL, "GNU OpenMP's GOMP_parallel");
+    if (!parallel) return 0;
+    int before = task_count();
+    parallel(spin, NULL, 2, 0);
+    CHECK(task_count() > before, "the other library's OpenMP started a thread");
+    CHECK(loldu_set_num_threads(2) == LOLDU_OK, "two threads");
+    CHECK(child_computes(), "a child forked after the thread count was set computes");
+    loldu_backend b;
+    CHECK(loldu_gemm_backend(LOLDU_FLOAT32, &b, NULL) == LOLDU_OK, "the float32 backend");
+    CHECK(child_computes(), "a child forked after the GEMM library was chosen computes");
+    return failures == 0;
+}
+
+/* Runs this program as "backend `mode`" with `env`: whether every check passed. */
+static int threads_child(const char *self, const char *mode, char *const env[]) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        char *const args[] = {(char *)self, (char *)mode, NULL};
         execve(self, args, env);
         _exit(127);
     }
@@ -176,6 +218,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (argc > 1 && strcmp(argv[1], "threads") == 0) return thread_checks() ? 0 : 1;
+    if (argc > 1 && strcmp(argv[1], "foreign") == 0) return foreign_checks() ? 0 : 1;
     const char *description = NULL;
     loldu_backend b;
     CHECK(loldu_gemm_backend(LOLDU_BFLOAT16, &b, &description) == LOLDU_OK && description && *description,
@@ -222,11 +265,14 @@ int main(int argc, char **argv) {
            sums[0][2], sums[1][2]);
     int threads_ok = 1;
     for (int i = 0; i < 2; i++) {
-        int ok = threads_child(argv[0], runs[i].env);
-        CHECK(ok, "%s: threads and fork() (backend threads)", runs[i].what);
-        threads_ok = threads_ok && ok;
+        for (int foreign = 0; foreign < 2; foreign++) {
+            int ok = threads_child(argv[0], foreign ? "foreign" : "threads", runs[i].env);
+            CHECK(ok, "%s: threads and fork() (backend %s)", runs[i].what, foreign ? "foreign" : "threads");
+            threads_ok = threads_ok && ok;
+        }
     }
-    if (threads_ok) printf("threads: a small product starts no thread; a child forked after products on two threads computes\n");
+    if (threads_ok) printf("threads: a small product starts no thread; a child forked after two-thread products, ours or "
+                           "another library's, computes\n");
     CHECK(loldu_gemm_backend((loldu_dtype)9, &b, NULL) == LOLDU_ERR_INVALID_ARGUMENT, "an unknown dtype is refused");
     if (failures) return 1;
     printf("backend: all checks passed\n");
