@@ -639,6 +639,23 @@ def load_as_c(model: nn.Module, directory) -> None:
     lt.load_loldu(model, directory, adapter_name="c")
 
 
+def disabled() -> nn.Module:
+    model = two_adapters()
+    lt.disable_loldu(model)
+    return model
+
+
+def merged() -> nn.Module:
+    model = two_adapters()
+    lt.merge_loldu(model)
+    return model
+
+
+def through_disable_adapters(model: nn.Module, directory) -> None:
+    with lt.disable_adapters(model):
+        pass
+
+
 # (a model-level call, the model it starts from, and the step it takes once per layer)
 CHANGES_LAYER_BY_LAYER = {
     "add_loldu to LoLDU layers": (lambda m, d: lt.add_loldu(m, ["0", "2"], rank=2, adapter_name="c"),
@@ -654,6 +671,11 @@ CHANGES_LAYER_BY_LAYER = {
     "mark_only_loldu_as_trainable": (lambda m, d: lt.mark_only_loldu_as_trainable(m, bias="all"), two_adapters,
                                      (lt.LoLDULayer, "set_adapter")),
     "unload": (lambda m, d: lt.unload(m), two_adapters, (lt.model, "_set_submodule")),
+    "enable_loldu": (lambda m, d: lt.enable_loldu(m), disabled, (lt.LoLDULayer, "enable_adapters")),
+    "unmerge_loldu": (lambda m, d: lt.unmerge_loldu(m), merged, (lt.LoLDULayer, "unmerge")),
+    "merge_and_unload": (lambda m, d: lt.merge_and_unload(m), two_adapters, (lt.model, "_set_submodule")),
+    "disable_adapters (entering: the block is left again)": (through_disable_adapters, two_adapters,
+                                                             (lt.LoLDULayer, "enable_adapters")),
 }
 
 
@@ -681,8 +703,13 @@ def test_ctrl_c_during_a_model_level_change_leaves_it_whole(call, monkeypatch, t
         change(model, tmp_path)
     assert len(calls) >= 2  # (several layers: the interrupt came before the last)
     assert snapshot(model) == snapshot(expected)
-    assert [layer.enabled for layer in lt.loldu_layers(model).values()] == \
-        [layer.enabled for layer in lt.loldu_layers(expected).values()]
+    def flags(m):
+        return [(layer.enabled, layer._disable_blocks, layer.merged) for layer in lt.loldu_layers(m).values()]
+
+    assert flags(model) == flags(expected)
+    if call == "merge_and_unload":
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(model(x), expected(x), rtol=0, atol=0)
 
 
 def test_merge_and_unload_is_all_or_nothing():

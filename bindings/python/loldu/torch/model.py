@@ -787,18 +787,20 @@ def disable_adapters(model: nn.Module):
     ``model.disable_adapter()``: for the whole model, in every thread); their state from before
     the first open block is restored when the last one closes, so blocks may nest or overlap
     (threads). For base outputs in one thread only, use ``mixed_batch(model, ["__base__"] * n)``."""
-    layers = list(loldu_layers(model).values())
-    with _whole(), _DISABLE_BLOCKS:
-        for layer in layers:
-            if layer._disable_blocks == 0:
-                layer._enabled_before_blocks = layer.enabled
-                layer.enable_adapters(False)
-            layer._disable_blocks += 1
+    layers, entered = list(loldu_layers(model).values()), False
     try:
-        yield model
-    finally:
         with _whole(), _DISABLE_BLOCKS:
             for layer in layers:
-                layer._disable_blocks -= 1
                 if layer._disable_blocks == 0:
-                    layer.enable_adapters(layer._enabled_before_blocks)
+                    layer._enabled_before_blocks = layer.enabled
+                    layer.enable_adapters(False)
+                layer._disable_blocks += 1
+            entered = True  # (a Ctrl-C held back until here is raised on leaving: the block is left again)
+        yield model
+    finally:
+        if entered:
+            with _whole(), _DISABLE_BLOCKS:
+                for layer in layers:
+                    layer._disable_blocks -= 1
+                    if layer._disable_blocks == 0:
+                        layer.enable_adapters(layer._enabled_before_blocks)
