@@ -106,18 +106,17 @@ def _refusal(module: nn.Module, read_directly: set[int]) -> str | None:
 @contextlib.contextmanager
 def _whole():
     """Holds Ctrl-C back while a model-level call changes its layers one after the other, so that
-    the model ends wholly changed or not at all: a SIGINT that arrives meanwhile goes to the
-    handler that was installed (``KeyboardInterrupt`` by default) as soon as the block ends.
-    Only in the main thread of the main interpreter, where Python runs signal handlers, and only
-    for a Python handler (``SIG_DFL`` ends the process, which leaves no model half changed)."""
-    received = []
+    the model ends wholly changed or not at all: the ``KeyboardInterrupt`` of a SIGINT that
+    arrives meanwhile is raised as soon as the block ends. Only in the main thread of the main
+    interpreter, where Python runs signal handlers, and only under Python's own SIGINT handler:
+    one the program installed (asyncio's, a training loop's) runs as usual."""
+    received, previous = [], None
     try:
-        previous = signal.getsignal(signal.SIGINT)
-        if callable(previous):
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     except ValueError:  # (another thread or interpreter)
-        previous = None
-    if not callable(previous):
+        pass
+    if previous is None:
         yield
         return
     try:
