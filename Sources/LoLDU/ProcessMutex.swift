@@ -7,6 +7,8 @@ import Synchronization
 /// malloc's locks: the forking thread takes them all (in the order they were made) and releases
 /// them in parent and child, so that a child forked while another thread held one does not find
 /// it locked for ever. Code holding one never takes another, so that order cannot deadlock.
+/// The same handlers count the forks a process descends from (``forks``), for what a child
+/// cannot use as its parent did (an adapter's call lock, OpenMP's threads).
 public final class ProcessMutex: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
 
@@ -37,6 +39,7 @@ public final class ProcessMutex: @unchecked Sendable {
     nonisolated(unsafe) private static let listMutex: UnsafeMutablePointer<pthread_mutex_t> = {
         let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
         pthread_mutex_init(mutex, nil)
+        _ = ProcessMutex.forks.load(ordering: .relaxed)  // (made here, not first in a child)
         pthread_atfork(ProcessMutex.lockAll, ProcessMutex.unlockAll, ProcessMutex.child)
         return mutex
     }()
