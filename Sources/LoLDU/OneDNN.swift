@@ -59,8 +59,8 @@ enum OneDNN {
         let setThreads: SetThreads?, getThreads: GetThreads?
         /// Whether another library (PyTorch) loaded OpenMP first: its threads may have started.
         let sharedRuntime: Bool
-        /// The process that loaded oneDNN (another one is a child of fork()).
-        let process: pid_t
+        /// ``ProcessMutex/forks`` when oneDNN was loaded (more: a child of fork()).
+        let forksAtLoad: UInt32
     }
 
     /// The loaded library, or `nil` when it cannot be loaded (then nothing here is used).
@@ -119,7 +119,7 @@ enum OneDNN {
             version: v.map { "oneDNN \($0.major).\($0.minor).\($0.patch)" } ?? "oneDNN",
             setThreads: gomp.flatMap { dlsym($0, "omp_set_num_threads") }.map { unsafeBitCast($0, to: SetThreads.self) },
             getThreads: gomp.flatMap { dlsym($0, "omp_get_max_threads") }.map { unsafeBitCast($0, to: GetThreads.self) },
-            sharedRuntime: gompRunning, process: getpid())
+            sharedRuntime: gompRunning, forksAtLoad: ProcessMutex.forks.load(ordering: .relaxed))
     }
 
     // MARK: What this CPU gets
@@ -235,10 +235,11 @@ enum OneDNN {
     /// caller's OpenMP thread count when another library (PyTorch) shares the runtime, and one in
     /// a child of fork() whose ancestor may have started OpenMP threads (it loaded oneDNN, or
     /// another library loaded OpenMP before this process loaded oneDNN): GNU OpenMP cannot start
-    /// threads there, and a product on two would wait for ever.
+    /// threads there, and a product on two would wait for ever. (``load()`` counts forks from
+    /// then on, so a fork after it always counts.)
     private static func threads(m: Int, n: Int, k: Int, api: API, callers: Int32?) -> Int {
-        let forked = getpid() != api.process || (api.sharedRuntime && ProcessMutex.forks.load(ordering: .relaxed) > 0)
-        if forked { return 1 }
+        let forks = ProcessMutex.forks.load(ordering: .relaxed)
+        if forks > (api.sharedRuntime ? 0 : api.forksAtLoad) { return 1 }
         let cap = api.sharedRuntime ? Swift.max(1, Int(callers ?? 1)) : Int.max
         return Swift.min(BLASThreads.count(m: m, n: n, k: k), cap)
     }
