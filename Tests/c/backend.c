@@ -103,52 +103,47 @@ static int forward_rows(loldu_adapter **a, int size, int rows, float *y) {
     return ok;
 }
 
+enum { SMALL = 64, BIG = 256 };
+
+/* Whether a forked child's first products finish within 30 s: a BIG x BIG forward of BIG rows
+   through `*big` (a new layer if NULL), equal to `expected` if given, then a small one through
+   `*small` (likewise). Says why not on stderr. */
+static int child_computes(loldu_adapter **big, loldu_adapter **small, const float *expected) {
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        alarm(30);
+        static float y[BIG * BIG];
+        int ok = forward_rows(big, BIG, BIG, y);
+        for (int i = 0; ok && expected && i < BIG * BIG; i++) ok = fabsf(y[i] - expected[i]) <= 1e-4f * (1.0f + fabsf(expected[i]));
+        _exit(ok && forward_rows(small, SMALL, SMALL, y) ? 0 : 1);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    int ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    if (!ok) fprintf(stderr, "the forked child's products: %s %d\n",
+                     WIFSIGNALED(status) ? "killed by signal (SIGALRM: it blocked)" : "exit status",
+                     WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
+    return ok;
+}
+
 /* "backend threads": GNU OpenMP (under oneDNN) cannot start threads in a child of fork() once the
    parent started some: a product on two threads there waited for ever. The library runs a forked
    child's oneDNN products on one thread; and a product below 8 MFLOP runs on the calling thread
    alone (oneDNN fixes a primitive's threads when it is created: they are part of its key). */
 static int thread_checks(void) {
     alarm(120); /* (a hang ends as a failure) */
-    enum { SMALL = 64, BIG = 256 };
-    static float y[BIG * BIG], again[BIG * BIG];
+    static float y[BIG * BIG];
     loldu_adapter *small = NULL, *big = NULL;
     CHECK(loldu_set_num_threads(2) == LOLDU_OK, "two threads");
     int before = task_count();
     CHECK(forward_rows(&small, SMALL, SMALL, y), "a 64 x 64 forward of 64 rows");
     CHECK(task_count() == before, "a 0.5 MFLOP product started %d threads", task_count() - before);
     CHECK(forward_rows(&big, BIG, BIG, y), "a 256 x 256 forward of 256 rows (two threads)");
-    fflush(stdout);
-    pid_t pid = fork();
-    if (pid == 0) {
-        alarm(30);
-        int ok = forward_rows(&big, BIG, BIG, again) && forward_rows(&small, SMALL, SMALL, again + BIG * BIG / 2);
-        for (int i = 0; ok && i < BIG * BIG / 2; i++) ok = fabsf(again[i] - y[i]) <= 1e-4f * (1.0f + fabsf(y[i]));
-        _exit(ok ? 0 : 1);
-    }
-    int status = 0;
-    waitpid(pid, &status, 0);
-    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the forked child's products: %s %d",
-          WIFSIGNALED(status) ? "killed by signal (SIGALRM: it blocked)" : "exit status",
-          WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
+    CHECK(child_computes(&big, &small, y), "a child forked after products on two threads computes the same");
     loldu_adapter_free(small);
     loldu_adapter_free(big);
     return failures == 0;
-}
-
-/* Whether a forked child's first products (a 256 x 256 forward of 256 rows, then a small one)
-   finish, within 30 s. */
-static int child_computes(void) {
-    fflush(stdout);
-    pid_t pid = fork();
-    if (pid == 0) {
-        alarm(30);
-        static float y[256 * 256];
-        loldu_adapter *big = NULL, *small = NULL;
-        _exit(forward_rows(&big, 256, 256, y) && forward_rows(&small, 64, 64, y) ? 0 : 1);
-    }
-    int status = 0;
-    waitpid(pid, &status, 0);
-    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
 static void spin(void *data) { (void)data; }
@@ -166,11 +161,12 @@ static int foreign_checks(void) {
     int before = task_count();
     parallel(spin, NULL, 2, 0);
     CHECK(task_count() > before, "the other library's OpenMP started a thread");
+    loldu_adapter *big = NULL, *small = NULL; /* (made by each child) */
     CHECK(loldu_set_num_threads(2) == LOLDU_OK, "two threads");
-    CHECK(child_computes(), "a child forked after the thread count was set computes");
+    CHECK(child_computes(&big, &small, NULL), "a child forked after the thread count was set computes");
     loldu_backend b;
     CHECK(loldu_gemm_backend(LOLDU_FLOAT32, &b, NULL) == LOLDU_OK, "the float32 backend");
-    CHECK(child_computes(), "a child forked after the GEMM library was chosen computes");
+    CHECK(child_computes(&big, &small, NULL), "a child forked after the GEMM library was chosen computes");
     return failures == 0;
 }
 
