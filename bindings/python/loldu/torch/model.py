@@ -762,19 +762,21 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def enable_loldu(model: nn.Module) -> None:
-    """Turns every LoLDU layer on (the initial state), as the reference code's ``enable_loldu``."""
+def _enable_all(model: nn.Module, enabled: bool) -> None:
     with _whole():
         for layer in loldu_layers(model).values():
-            layer.enable_adapters(True)
+            layer.enable_adapters(enabled)
+
+
+def enable_loldu(model: nn.Module) -> None:
+    """Turns every LoLDU layer on (the initial state), as the reference code's ``enable_loldu``."""
+    _enable_all(model, True)
 
 
 def disable_loldu(model: nn.Module) -> None:
     """Turns every LoLDU layer off until ``enable_loldu``: the model computes its original
     outputs exactly. See ``disable_adapters`` for a ``with`` block."""
-    with _whole():
-        for layer in loldu_layers(model).values():
-            layer.enable_adapters(False)
+    _enable_all(model, False)
 
 
 _DISABLE_BLOCKS = threading.Lock()  # (guards the layers' counts of open disable_adapters blocks)
