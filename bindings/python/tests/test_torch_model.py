@@ -699,8 +699,14 @@ def test_ctrl_c_during_a_model_level_change_leaves_it_whole(call, monkeypatch, t
         return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, step, interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        change(model, tmp_path)
+    # Python's own SIGINT handler, as in a terminal (a process started in the background has
+    # SIGINT ignored, and Python then installs no handler).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            change(model, tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(calls) >= 2  # (several layers: the interrupt came before the last)
     assert snapshot(model) == snapshot(expected)
     def flags(m):
