@@ -140,7 +140,7 @@ PY_RUN = LOLDU_LIBRARY=$(LIB) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_P
 # the study's finalists, each a few steps on a few sentences.
 test-examples: build python-setup
 	$(PY_RUN) examples/python/many_adapters.py --quick
-	$(PY_RUN) examples/python/study.py --selftest --threads 1
+	$(PY_RUN) examples/python/study.py --selftest
 
 # DTYPE=bfloat16: the encoder in bf16 (bf16 GEMMs on CPUs with bf16 units).
 DTYPE ?= float32
