@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--head-lr", type=float, default=2e-3, help="the heads' learning rate")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.quick:  # about 20 s on 2 cores, long enough for each adapter to clear the gate with a margin
+    if args.quick:  # about 50 s on 2 cores, long enough for each adapter to clear the gate with a margin
         args.train, args.test, args.epochs, args.batch, args.max_length, args.head_lr = 480, 200, 1, 16, 48, 1e-2
     start = time.time()
 
