@@ -3,7 +3,8 @@
  *   1. out of memory (RLIMIT_AS): the call fails with LOLDU_ERR_OUT_OF_MEMORY and writes nothing;
  *   2. a failing write (RLIMIT_FSIZE, so write() returns EFBIG): LOLDU_ERR_IO, the previous
  *      checkpoint's files are byte for byte intact, and no temporary file is left;
- *   3. an interrupted write (SIGKILL in the middle of saving): the file on disk is always a
+ *   3. interrupted writes (SIGKILL in the middle of exporting a merged weight, saving an
+ *      optimiser state, exporting a LoRA directory): the file or directory on disk is always a
  *      complete one, old or new, never a mix;
  *   4. checkpoint saves killed at random moments (SIGKILL, ≥ 100 times, versions with different
  *      layer sets): the directory always loads as exactly one complete version, and temporary
@@ -226,6 +227,7 @@ static char *slurp(const char *path, long *size) {
     if (!f || *size < 0) return NULL;
     char *data = malloc((size_t)*size + 1);
     if (fread(data, 1, (size_t)*size, f) != (size_t)*size) { free(data); data = NULL; }
+    else data[*size] = 0; /* (text files are read as strings) */
     fclose(f);
     return data;
 }
@@ -235,6 +237,16 @@ static int entries_in(const char *dir) {
     int count = 0;
     struct dirent *e;
     while (d && (e = readdir(d))) if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) count++;
+    if (d) closedir(d);
+    return count;
+}
+
+/* Files and directories named ".…" in `dir`: temporaries of writes. */
+static int temporaries_in(const char *dir) {
+    DIR *d = opendir(dir);
+    int count = 0;
+    struct dirent *e;
+    while (d && (e = readdir(d))) if (e->d_name[0] == '.' && strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) count++;
     if (d) closedir(d);
     return count;
 }
@@ -297,38 +309,86 @@ static int complete_safetensors(const char *path) {
     return (long long)(8 + header) + end == size;
 }
 
-/* 3. SIGKILL while exporting a 16 MB file over and over: the file is always complete. */
-static void interrupted_write(const char dir[256]) {
+/* Whether `dir` holds a complete LoRA export: both files, the tensors whole, the JSON closed. */
+static int complete_lora_export(const char *dir) {
     char path[512];
-    snprintf(path, sizeof path, "%.256s/merged.safetensors", dir);
+    snprintf(path, sizeof path, "%.256s/adapter_model.safetensors", dir);
+    if (!complete_safetensors(path)) return 0;
+    snprintf(path, sizeof path, "%.256s/adapter_config.json", dir);
+    long size;
+    char *config = slurp(path, &size);
+    int whole = config && size > 0 && strstr(config, "\"peft_type\"") && strrchr(config, '}')
+                && strspn(strrchr(config, '}') + 1, " \n") == strlen(strrchr(config, '}') + 1);
+    free(config);
+    return whole != 0;
+}
+
+/* 3. SIGKILL in the middle of each kind of write, over and over: what is on disk is always a
+ * complete file (or export directory), old or new. A child writes in a loop, changing z before
+ * each write; the parent kills it at a random moment and checks what it left. */
+enum { WRITE_MERGED, WRITE_OPTIMIZER, WRITE_LORA, WRITE_KINDS };
+static const char *const write_names[WRITE_KINDS] = {"loldu_export_merged", "loldu_optimizer_save",
+                                                     "loldu_export_lora"};
+
+static _Noreturn void write_forever(int kind, const char *path) {
     const char *name = "layer";
+    /* 16 MB merged weight; 8 MB of LoRA tensors (rank 512); the optimiser state is small, so
+     * its loop spends its time in the writes' fsync and rename. */
+    loldu_adapter *a = make_adapter(LOLDU_FLOAT32, 2048, 2048, kind == WRITE_MERGED ? 8 : 512, 1);
+    float *params;
+    loldu_params(a, (void **)&params, NULL);
+    loldu_optimizer *opt = NULL;
+    loldu_optimizer_config oc;
+    loldu_optimizer_config_default(&oc, LOLDU_ADAMW);
+    loldu_lora_options lo;
+    loldu_lora_options_default(&lo);
+    lo.replace = 1;
+    if (kind == WRITE_OPTIMIZER && loldu_optimizer_create(&opt, &oc, &a, 1) != LOLDU_OK) _exit(3);
+    for (;;) {
+        params[0] += 1;
+        loldu_status s = LOLDU_OK;
+        switch (kind) {
+        case WRITE_MERGED: s = loldu_export_merged(path, &a, &name, 1); break;
+        case WRITE_OPTIMIZER:
+            if ((s = loldu_optimizer_step(opt, NULL)) == LOLDU_OK) s = loldu_optimizer_save(opt, path);
+            break;
+        case WRITE_LORA: s = loldu_export_lora(path, &a, &name, 1, &lo); break;
+        }
+        if (s != LOLDU_OK) _exit(4);
+    }
+}
+
+static void interrupted_writes(const char dir[256]) {
     srand(7);
-    int complete = 0, checks = 0;
-    for (int round = 0; round < 12; round++) {
-        pid_t child = fork();
-        if (child == 0) {
-            loldu_adapter *a = make_adapter(LOLDU_FLOAT32, 2048, 2048, 8, 1);
-            float *params;
-            loldu_params(a, (void **)&params, NULL);
-            for (;;) {
-                params[0] += 1;
-                if (loldu_export_merged(path, &a, &name, 1) != LOLDU_OK) _exit(3);
+    for (int kind = 0; kind < WRITE_KINDS; kind++) {
+        char folder[512], path[600];
+        snprintf(folder, sizeof folder, "%.256s/%s", dir, write_names[kind]);
+        snprintf(path, sizeof path, "%s/out", folder);
+        mkdir(folder, 0755);
+        int complete = 0, checks = 0;
+        for (int round = 0; round < 10; round++) {
+            pid_t child = fork();
+            if (child == 0) write_forever(kind, path);
+            struct timespec pause = {0, 200000000L + (long)(rand() % 200) * 1000000L};
+            nanosleep(&pause, NULL);
+            kill(child, SIGKILL);
+            int status;
+            waitpid(child, &status, 0);
+            EXPECT(WIFSIGNALED(status), "%s: the writer exited early (status %d)", write_names[kind], status);
+            if (file_size(path) >= 0) {
+                checks++;
+                complete += kind == WRITE_LORA ? complete_lora_export(path) : complete_safetensors(path);
             }
         }
-        struct timespec pause = {0, 150000000L + (long)(rand() % 200) * 1000000L};
-        nanosleep(&pause, NULL);
-        kill(child, SIGKILL);
-        int status;
-        waitpid(child, &status, 0);
-        EXPECT(WIFSIGNALED(status), "the writer exited early (status %d)", status);
-        if (file_size(path) >= 0) {
-            checks++;
-            complete += complete_safetensors(path);
-        }
+        EXPECT(checks > 0, "%s: no write finished in 10 rounds", write_names[kind]);
+        EXPECT(complete == checks, "%s: %d of %d outputs left by a killed writer were incomplete",
+               write_names[kind], checks - complete, checks);
+        /* Each write removes what killed ones left: at most the last one's remains. */
+        EXPECT(temporaries_in(folder) <= 1, "%s: %d temporaries left by 10 killed writes", write_names[kind],
+               temporaries_in(folder));
+        printf("interrupted writes: %s: %d of %d outputs complete after SIGKILL, %d temporary left\n",
+               write_names[kind], complete, checks, temporaries_in(folder));
     }
-    EXPECT(checks > 0, "no export finished in 12 rounds");
-    EXPECT(complete == checks, "%d of %d files left by a killed writer were incomplete", checks - complete, checks);
-    printf("interrupted writes: %d of %d files complete after SIGKILL\n", complete, checks);
 }
 
 
@@ -393,15 +453,6 @@ static int loaded_version(const char *dir) {
     }
     loldu_checkpoint_free(ckpt);
     return found;
-}
-
-static int temporaries_in(const char *dir) {
-    DIR *d = opendir(dir);
-    int count = 0;
-    struct dirent *e;
-    while (d && (e = readdir(d))) if (e->d_name[0] == '.' && strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) count++;
-    if (d) closedir(d);
-    return count;
 }
 
 /* 4. SIGKILL at random moments of a save loop cycling through the versions. */
@@ -605,7 +656,7 @@ int main(int argc, char **argv) {
     snprintf(export_dir, sizeof export_dir, "%.200s/export", dir);
     mkdir(export_dir, 0755);
     failing_write(save_dir);
-    interrupted_write(export_dir);
+    interrupted_writes(export_dir);
     for (int i = 0; i < VM * VN; i++) version_weight[i] = (float)sin(0.91 * i) + (i % (VN + 1) == 0 ? 3.0f : 0.0f);
     char killed_dir[256], full_dir[256], mountpoint[256];
     snprintf(killed_dir, sizeof killed_dir, "%.200s/killed", dir);
