@@ -325,12 +325,13 @@ static int complete_lora_export(const char *dir) {
 
 /* 3. SIGKILL in the middle of each kind of write, over and over: what is on disk is always a
  * complete file (or export directory), old or new. A child writes in a loop, changing z before
- * each write; the parent kills it at a random moment and checks what it left. */
+ * each write; once its first write is done, the parent kills it at a random moment and checks
+ * what it left. */
 enum { WRITE_MERGED, WRITE_OPTIMIZER, WRITE_LORA, WRITE_KINDS };
 static const char *const write_names[WRITE_KINDS] = {"loldu_export_merged", "loldu_optimizer_save",
                                                      "loldu_export_lora"};
 
-static _Noreturn void write_forever(int kind, const char *path) {
+static _Noreturn void write_forever(int kind, const char *path, int ready) {
     const char *name = "layer";
     /* 16 MB merged weight; 8 MB of LoRA tensors (rank 512); the optimiser state is small, so
      * its loop spends its time in the writes' fsync and rename. */
@@ -355,6 +356,11 @@ static _Noreturn void write_forever(int kind, const char *path) {
         case WRITE_LORA: s = loldu_export_lora(path, &a, &name, 1, &lo); break;
         }
         if (s != LOLDU_OK) _exit(4);
+        if (ready >= 0) { /* one write done: the parent's clock starts */
+            if (write(ready, "w", 1) != 1) _exit(5);
+            close(ready);
+            ready = -1;
+        }
     }
 }
 
@@ -367,20 +373,27 @@ static void interrupted_writes(const char dir[256]) {
         mkdir(folder, 0755);
         int complete = 0, checks = 0;
         for (int round = 0; round < 10; round++) {
+            int ready[2];
+            if (pipe(ready) != 0) { perror("pipe"); exit(1); }
             pid_t child = fork();
-            if (child == 0) write_forever(kind, path);
-            struct timespec pause = {0, 200000000L + (long)(rand() % 200) * 1000000L};
-            nanosleep(&pause, NULL);
+            if (child == 0) {
+                close(ready[0]);
+                write_forever(kind, path, ready[1]);
+            }
+            close(ready[1]);
+            char byte;
+            ssize_t got = read(ready[0], &byte, 1); /* (0: the writer died before its first write) */
+            close(ready[0]);
+            /* A random moment of the next writes (each takes some 5 to 250 ms here). */
+            struct timespec pause = {0, (long)(rand() % 300) * 1000000L};
+            if (got == 1) nanosleep(&pause, NULL);
             kill(child, SIGKILL);
             int status;
             waitpid(child, &status, 0);
             EXPECT(WIFSIGNALED(status), "%s: the writer exited early (status %d)", write_names[kind], status);
-            if (file_size(path) >= 0) {
-                checks++;
-                complete += kind == WRITE_LORA ? complete_lora_export(path) : complete_safetensors(path);
-            }
+            checks++;
+            complete += kind == WRITE_LORA ? complete_lora_export(path) : complete_safetensors(path);
         }
-        EXPECT(checks > 0, "%s: no write finished in 10 rounds", write_names[kind]);
         EXPECT(complete == checks, "%s: %d of %d outputs left by a killed writer were incomplete",
                write_names[kind], checks - complete, checks);
         /* Each write removes what killed ones left: at most the last one's remains. */
