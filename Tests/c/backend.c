@@ -170,38 +170,41 @@ static int foreign_checks(void) {
     return failures == 0;
 }
 
-/* Runs this program as "backend `mode`" with `env`: whether every check passed. */
-static int threads_child(const char *self, const char *mode, char *const env[]) {
+/* Starts this program as "backend `mode`" with `env`, its stdout on `out` (unless -1). */
+static pid_t start_self(const char *self, const char *mode, char *const env[], int out) {
     pid_t pid = fork();
     if (pid == 0) {
+        if (out >= 0) dup2(out, 1);
         char *const args[] = {(char *)self, (char *)mode, NULL};
         execve(self, args, env);
         _exit(127);
     }
+    return pid;
+}
+
+/* Whether the process `pid` exited with status 0. */
+static int exited_ok(pid_t pid) {
     int status = 0;
     waitpid(pid, &status, 0);
     return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+/* Runs this program as "backend `mode`" with `env`: whether every check passed. */
+static int threads_child(const char *self, const char *mode, char *const env[]) {
+    return exited_ok(start_self(self, mode, env, -1));
 }
 
 /* Runs this program as a child with `env` and reads its lines. */
 static int child(const char *self, char *const env[], char core[64], int b[4], double sums[4]) {
     int fd[2];
     if (pipe(fd) != 0) return 0;
-    pid_t pid = fork();
-    if (pid == 0) {
-        dup2(fd[1], 1);
-        char *const args[] = {(char *)self, "child", NULL};
-        execve(self, args, env);
-        _exit(127);
-    }
+    pid_t pid = start_self(self, "child", env, fd[1]);
     close(fd[1]);
     FILE *out = fdopen(fd[0], "r");
     int n = fscanf(out, "%63s %d %d %d %d %lf %lf %lf %lf", core, &b[0], &b[1], &b[2], &b[3],
                    &sums[0], &sums[1], &sums[2], &sums[3]);
     fclose(out);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    return n == 9 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    return exited_ok(pid) && n == 9;
 }
 
 int main(int argc, char **argv) {

@@ -232,24 +232,19 @@ static char *slurp(const char *path, long *size) {
     return data;
 }
 
-static int entries_in(const char *dir) {
+/* Entries of `dir` (without "." and ".."), or only those named ".…": temporaries of writes. */
+static int count_entries(const char *dir, int temporaries_only) {
     DIR *d = opendir(dir);
     int count = 0;
     struct dirent *e;
-    while (d && (e = readdir(d))) if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) count++;
+    while (d && (e = readdir(d)))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..") && (!temporaries_only || e->d_name[0] == '.')) count++;
     if (d) closedir(d);
     return count;
 }
 
-/* Files and directories named ".…" in `dir`: temporaries of writes. */
-static int temporaries_in(const char *dir) {
-    DIR *d = opendir(dir);
-    int count = 0;
-    struct dirent *e;
-    while (d && (e = readdir(d))) if (e->d_name[0] == '.' && strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) count++;
-    if (d) closedir(d);
-    return count;
-}
+static int entries_in(const char *dir) { return count_entries(dir, 0); }
+static int temporaries_in(const char *dir) { return count_entries(dir, 1); }
 
 /* 2. A write that fails half-way (the file size limit) keeps the previous checkpoint. */
 static void failing_write(const char dir[256]) {
@@ -317,8 +312,8 @@ static int complete_lora_export(const char *dir) {
     snprintf(path, sizeof path, "%.256s/adapter_config.json", dir);
     long size;
     char *config = slurp(path, &size);
-    int whole = config && size > 0 && strstr(config, "\"peft_type\"") && strrchr(config, '}')
-                && strspn(strrchr(config, '}') + 1, " \n") == strlen(strrchr(config, '}') + 1);
+    const char *end = config ? strrchr(config, '}') : NULL; /* only blanks may follow it */
+    int whole = end && strstr(config, "\"peft_type\"") && strspn(end + 1, " \n") == strlen(end + 1);
     free(config);
     return whole != 0;
 }
@@ -397,10 +392,10 @@ static void interrupted_writes(const char dir[256]) {
         EXPECT(complete == checks, "%s: %d of %d outputs left by a killed writer were incomplete",
                write_names[kind], checks - complete, checks);
         /* Each write removes what killed ones left: at most the last one's remains. */
-        EXPECT(temporaries_in(folder) <= 1, "%s: %d temporaries left by 10 killed writes", write_names[kind],
-               temporaries_in(folder));
+        int left = temporaries_in(folder);
+        EXPECT(left <= 1, "%s: %d temporaries left by 10 killed writes", write_names[kind], left);
         printf("interrupted writes: %s: %d of %d outputs complete after SIGKILL, %d temporary left\n",
-               write_names[kind], complete, checks, temporaries_in(folder));
+               write_names[kind], complete, checks, left);
     }
 }
 
