@@ -142,6 +142,103 @@ def test_weighted_adapter_is_the_exact_combination():
     torch.testing.assert_close(updates["mix"], 0.5 * updates["default"] + 2.0 * updates["b"], rtol=1e-5, atol=1e-5)
 
 
+def test_several_active_adapters_add_their_updates_as_in_peft():
+    """PEFT's layers add the updates of every active adapter; here, exactly, by adding their
+    coefficient vectors on the shared factors (ranks 6 and 4). Embedding, convolution and linear
+    layers alike; each adapter gets the gradient of its own update; a merged adapter still adds
+    its update; merge_and_unload merges the sum; under autocast the sum computes in bf16."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Embedding(20, 16), nn.Conv1d(5, 8, 3), nn.Linear(14, 8))
+    lt.add_loldu(model, ["0", "1", "2"], rank=6, seed=1)
+    lt.add_loldu(model, ["0", "1", "2"], rank=4, seed=2, z_init="s_normal", residual="init", adapter_name="b")
+    layers = list(lt.loldu_layers(model).values())
+    with torch.no_grad():
+        for layer in layers:
+            layer.loldu_z["default"].mul_(1.3)
+            layer.loldu_sigma["b"].fill_(0.8)
+    both = ["default", "b"]
+    lt.set_adapter(model, both)
+    x = torch.randint(0, 20, (3, 5))
+    with torch.no_grad():
+        inputs = [x, model[0](x), model[1](model[0](x))]  # each layer's input in the model
+        y = model(x)
+    for layer, h in zip(layers, inputs):
+        g = torch.randn_like(layer(h))
+
+        def output_and_grads(names):
+            lt.set_adapter(model, names)
+            params = [p for name in names for p in (layer.loldu_z[name], layer.loldu_sigma[name])]
+            out = layer(h)
+            return out.detach(), torch.autograd.grad((out * g).sum(), params)
+
+        summed, grads = output_and_grads(both)
+        (first, grads_first), (second, grads_second) = output_and_grads(["default"]), output_and_grads(["b"])
+        with lt.disable_adapters(model), torch.no_grad():
+            plain = layer(h)
+        # The output (and weight) with both: each one's update added to the base.
+        torch.testing.assert_close(summed, first + second - plain, rtol=1e-5, atol=1e-5)
+        w = layer.base_layer.weight.detach()
+        lt.set_adapter(model, both)
+        torch.testing.assert_close(layer.effective_weight(),
+                                   layer.effective_weight("default") + layer.effective_weight("b") - w,
+                                   rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(summed, first, atol=1e-3) and not torch.allclose(summed, second, atol=1e-3)
+        # The loss is linear in the output: each adapter's gradient is the one it gets alone.
+        for together, alone in zip(grads, grads_first + grads_second):
+            torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    lt.set_adapter(model, both)
+    # A backward computes with the sum its forward had, whatever forwards ran in between (here
+    # one with other values of z swapped in for the call).
+    linear, h = layers[2], inputs[2].clone().requires_grad_()
+    out = linear(h)
+    g = torch.randn_like(out)
+    (expected,) = torch.autograd.grad((linear(h) * g).sum(), h)
+    other = {f"loldu_z.{name}": 2 * linear.loldu_z[name].detach() for name in both}
+    assert not torch.allclose(torch.func.functional_call(linear, other, (h,)), out)
+    (dx,) = torch.autograd.grad((out * g).sum(), h)
+    torch.testing.assert_close(dx, expected, rtol=1e-6, atol=1e-6)
+    # Both train with torch.optim.
+    before = [p.detach().clone() for p in lt.loldu_parameters(model)]
+    assert len(before) == 12
+    optimizer = torch.optim.SGD(lt.loldu_parameters(model), lr=0.1)
+    model(x).square().mean().backward()
+    optimizer.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, lt.loldu_parameters(model)))
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p, b in zip(lt.loldu_parameters(model), before):
+            p.copy_(b)
+    # And with lt.Optimizer, which takes every active adapter by default.
+    library = lt.Optimizer(model, "sgd", lr=0.1)
+    assert library.entries == [(layer, name) for layer in layers for name in both] and library.layers == layers
+    model(x).square().mean().backward()
+    library.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, lt.loldu_parameters(model)))
+    library.zero_grad()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p, b in zip(lt.loldu_parameters(model), before):
+            p.copy_(b)
+    # A merged adapter (merged while it was the only active one) still adds its update, frozen.
+    lt.set_adapter(model, "default")
+    lt.merge_loldu(model)
+    lt.set_adapter(model, both)
+    out = model(x)
+    torch.testing.assert_close(out.detach(), y, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    assert layers[2].loldu_z["default"].grad is None and layers[2].loldu_z["b"].grad is not None
+    with pytest.raises(loldu.StateError, match=r"2 active adapters .*merge_and_unload"):
+        lt.merge_loldu(model)
+    lt.unmerge_loldu(model)
+    # Under bf16 autocast (the linear layer), to bf16's rounding.
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        torch.testing.assert_close(model[2](inputs[2]).float(), y, rtol=0.05, atol=0.05)
+    # merge_and_unload merges the sum into plain layers.
+    plain = lt.merge_and_unload(model)
+    assert not lt.loldu_layers(plain)
+    torch.testing.assert_close(plain(x), y, rtol=1e-5, atol=1e-5)
+
+
 def assert_rows_equal_each_alone(model, x, names, **tolerance):
     """Sample i of a mixed batch is what the model computes for it with adapter names[i] set
     (``"__base__"``: the adapters disabled)."""

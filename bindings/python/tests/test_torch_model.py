@@ -590,8 +590,8 @@ def test_load_state_dict_refuses_other_values_for_a_merged_adapter():
 
 def test_merging_refuses_several_active_adapters_and_is_all_or_nothing():
     """PEFT merges every active adapter into the base weight; a LoLDU layer merges into one
-    adapter's own weight and computes one adapter at a time, so several active adapters are
-    refused (naming the layer and the way out) before any layer merges. A merge that fails on a
+    adapter's own weight, so merging several active adapters is refused (naming the layer and
+    the ways out) before any layer merges. A merge that fails on a
     later layer (a float16 weight that would overflow) undoes the earlier ones."""
     model = small()
     lt.add_loldu(model, ["0", "2"], rank=4)

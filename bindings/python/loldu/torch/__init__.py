@@ -12,8 +12,9 @@ helpers for existing models and training scripts::
 
 Several named adapters per layer, as PEFT: ``add_loldu(..., adapter_name="b")``,
 ``load_loldu(model, dir, adapter_name="b")``, ``set_adapter``, ``delete_adapter``,
-``active_adapters``, ``add_weighted_adapter`` (exact: adapters on one weight share its factors,
-so their updates combine by their coefficient vectors), and mixed batches where each sample
+``active_adapters`` (several: their updates add up, as in PEFT), ``add_weighted_adapter`` (exact:
+adapters on one weight share its factors, so their updates combine by their coefficient
+vectors), and mixed batches where each sample
 uses its own adapter at one adapter's cost (``layer(x, adapter_names=[...])``, or
 ``with lt.mixed_batch(model, names): model(...)`` for models whose forward does not pass the
 argument down). Training two adapters in one mixed batch works with ``torch.optim`` and

@@ -4,6 +4,8 @@
   library with the call (``loldu_forward_bias``); backward is one
   ``loldu_backward_into``, which writes this call's dz and dσ straight into the gradient tensor
   autograd receives (no zero_grad, no copy).
+- ``SummedLinearFunction``: ``LinearFunction`` for several active adapters at once, through
+  an adapter whose coefficients are the sum of theirs.
 - ``GroupedLinearFunction``: a batch whose rows belong to different adapters on one base
   (``loldu_grouped_forward`` / ``loldu_grouped_backward_into``, over an ``AdapterGroup``); the
   z and σ of every adapter the rows use are inputs, so each gets the gradient of its own rows.
@@ -219,6 +221,21 @@ class LinearFunction(torch.autograd.Function):
         r = adapter.rank
         return (dx, grads[:r] if need_z else None, grads[r:] if need_sigma else None,
                 _bias_grad(dy, ctx.bias_shape) if need_bias else None, None, None)
+
+
+class SummedLinearFunction(LinearFunction):
+    """``LinearFunction`` through the adapter a layer keeps for the sum of several active
+    adapters, whose z (the sum's ``c``, saved as this step's z) a later forward may overwrite:
+    the backward computes with the ``c`` of its forward, through a clone holding it if that changed.
+    (dX depends on ``c``; dz, and ``WeightFunction``'s backward, do not.)"""
+
+    @staticmethod
+    def backward(ctx, dy):
+        c, adapter = ctx.saved_tensors[1], ctx.adapter
+        if not adapter.closed and not np.array_equal(adapter.params[:adapter.rank], c.detach().numpy()):
+            ctx.adapter = clone_in_state(adapter, ctx.state)
+            ctx.adapter.set_z(c.detach().numpy())
+        return LinearFunction.backward(ctx, dy)
 
 
 class AdapterGroup:

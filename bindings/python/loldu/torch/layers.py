@@ -5,10 +5,11 @@ any number of named adapters on that weight, as PEFT's LoRA layers do: ``loldu_z
 ``loldu_sigma[name]`` (``nn.ParameterDict``) are float32 (float64 for float64 models) parameters
 that *share memory* with the library's adapters. All adapters of a layer share one set of
 frozen factors (the LU of the weight, computed once at the largest rank asked for), so an added
-adapter costs its r + 1 numbers. ``active_adapters`` compute by default; a mixed batch gives each
-sample its own adapter (``adapter_names=`` or ``loldu.torch.mixed_batch``). As in PEFT, the active
-names are the model's: a layer skips those it does not have (without any, it computes its base
-layer), and a mixed batch's rows for an adapter the layer lacks get the base layer's output.
+adapter costs its r + 1 numbers. ``active_adapters`` compute by default (several: the sum of their
+updates, as PEFT adds them); a mixed batch gives each sample its own adapter (``adapter_names=`` or
+``loldu.torch.mixed_batch``). As in PEFT, the active names are the model's: a layer skips those it
+does not have (without any, it computes its base layer), and a mixed batch's rows for an adapter
+the layer lacks get the base layer's output.
 
 Element types: the layer computes in its base weight's dtype: float32, float64, bfloat16 or
 float16 (``model.to(torch.bfloat16)``, ``from_pretrained(..., torch_dtype=torch.bfloat16)``).
@@ -38,8 +39,9 @@ from .. import _capi
 from .._arrays import NUMPY_DTYPES
 from ..adapter import Adapter, AdapterConfig, init_change_advice
 from ..errors import DeviceError, DTypeError, InvalidArgumentError, LoLDUWarning, ShapeError, StateError, check
-from ._functions import (LIBRARY_DTYPES, AdapterGroup, GroupedLinearFunction, LinearFunction, WeightFunction, grouped_linear,
-                         clone_in_state, eager_under_compile, library_input, linear, parameter_dtype, refuse_tracing)
+from ._functions import (LIBRARY_DTYPES, AdapterGroup, GroupedLinearFunction, LinearFunction, SummedLinearFunction,
+                         WeightFunction, clone_in_state, eager_under_compile, grouped_linear, library_input, linear,
+                         parameter_dtype, refuse_tracing)
 
 BASE_NAME = "__base__"  # PEFT's name for rows that use no adapter in a mixed batch
 PLANS_KEPT = 1024  # the training path's plans per layer, one per adapter and batch size
@@ -173,6 +175,7 @@ class LoLDULayer(nn.Module):
         self._disabled = False
         self._disable_blocks, self._enabled_before_blocks = 0, True  # (open disable_adapters blocks)
         self._companions: dict = {}
+        self._references: dict[str, tuple] = {}  # name -> (adapter, σ₀ z_ref) (_reference)
         self._plans: dict[tuple[str, int], bool] = {}  # (adapter, rows) → the step keeps h (at most PLANS_KEPT)
         self._grouping: AdapterGroup | None = None  # (_group)
         self._changes = 0  # adapters added, re-created or removed (_group)
@@ -411,9 +414,10 @@ class LoLDULayer(nn.Module):
         return adapter
 
     def _forget(self, name: str) -> None:
-        """Drops the autocast conversions of adapter ``name``."""
+        """Drops the autocast conversions of adapter ``name`` and its ``_reference``."""
         for key in [k for k in self._companions if k[0] == name]:
             self._companions.pop(key).close()
+        self._references.pop(name, None)
 
     def set_adapter(self, adapter_names) -> None:
         """Makes ``adapter_names`` (a name or a list) the active adapters; their parameters
@@ -605,34 +609,35 @@ class LoLDULayer(nn.Module):
     def _training(*tensors) -> bool:
         return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
-    def _single_name(self) -> str | None:
-        """The adapter a call without a mixed batch computes with: the one active adapter the layer
-        has (disabled: any of them); ``None``: the base layer (the layer has none of them)."""
+    def _computing_names(self) -> list[str]:
+        """The adapters a call without a mixed batch computes with: the active adapters the layer
+        has (several: the sum of their updates, as PEFT adds them; disabled: one of them, as each
+        computes the base weight then); none: the base layer."""
         names = self._present_active()
-        if len(names) > 1 and not self._disabled:  # (disabled, each computes the base weight)
-            raise self._several_active(names, "compute with one (set_adapter), combine them (add_weighted_adapter), "
-                                              "or give each sample its own (adapter_names=, loldu.torch.mixed_batch)")
-        return names[0] if names else None
-
-    def _several_active(self, names: list[str], advice: str) -> StateError:
-        return StateError(f"{self.loldu_name}: {len(names)} active adapters {names}; {advice}", _capi.LOLDU_ERR_STATE)
+        return names[:1] if self._disabled else names
 
     def _merge_name(self) -> str | None:
         """The adapter ``merge()`` merges: the one active adapter the layer has (``None``: none,
         nothing to merge). ``StateError`` for several: PEFT merges every active adapter into the
-        base weight, but each LoLDU adapter merges into a weight of its own and a layer computes
-        one at a time."""
+        base weight, but each LoLDU adapter merges into a weight of its own."""
         names = self._present_active()
         if len(names) > 1:
-            raise self._several_active(names, "a LoLDU layer merges one adapter (PEFT would merge them all into the "
-                                              "base weight): merge one (set_adapter), or combine them "
-                                              "(add_weighted_adapter) and merge that")
+            raise StateError(f"{self.loldu_name}: {len(names)} active adapters {names}; a LoLDU layer merges one "
+                             "adapter (PEFT would merge them all into the base weight): merge one (set_adapter), "
+                             "combine them (add_weighted_adapter) and merge that, or merge their sum into plain "
+                             "layers (merge_and_unload)", _capi.LOLDU_ERR_STATE)
         return names[0] if names else None
 
-    def _effective_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        adapter = self._computing_adapter(name, dtype)
-        z, sigma = self.loldu_z[name], self.loldu_sigma[name]
-        if self._computes(name) and self._training(z, sigma):
+    def _effective_weight(self, names: list[str], dtype: torch.dtype) -> torch.Tensor:
+        """``W_eff`` (``m × n``) of adapter ``names[0]``, or of the sum of ``names``' updates."""
+        if len(names) > 1:
+            adapter, z, sigma = self._summed(names, dtype)
+        else:
+            name = names[0]
+            adapter, z, sigma = self._computing_adapter(name, dtype), self.loldu_z[name], self.loldu_sigma[name]
+            if not self._computes(name):
+                z, sigma = z.detach(), sigma.detach()
+        if self._training(z, sigma):
             return WeightFunction.apply(z, sigma, adapter, dtype)
         refuse_tracing()
         w = torch.empty((adapter.m, adapter.n), dtype=dtype)
@@ -640,11 +645,55 @@ class LoLDULayer(nn.Module):
         return w
 
     def effective_weight(self, adapter_name: str | None = None) -> torch.Tensor:
-        """The weight adapter ``adapter_name`` (the active one by default) computes with, in the
-        base weight's shape (a copy)."""
+        """The weight adapter ``adapter_name`` computes with, in the base weight's shape (a copy);
+        by default the active adapters' (several: the base weight plus the sum of their updates)."""
         with torch.no_grad():
-            name = adapter_name or self.active_adapter
-            return self._effective_weight(name, self.dtype).reshape(self._base_weight().shape)
+            names = [adapter_name] if adapter_name else self._computing_names() or [self.active_adapter]
+            return self._effective_weight(names, self.dtype).reshape(self._base_weight().shape)
+
+    def _summed(self, names: list[str], dtype: torch.dtype) -> tuple[Adapter, torch.Tensor, torch.Tensor]:
+        """Several active adapters as one, as PEFT adds their updates: an adapter on the layer's
+        factors (converted to ``dtype`` under autocast) whose coefficients are the sum of theirs,
+        ``c = Σ (σ z − σ₀ z_ref)`` (each zero past its adapter's rank), kept for these names
+        (``_companions``) with its z set to ``c`` when that changed; with ``c`` as torch
+        operations on their z and σ, so that each gets the gradient of its own update, and σ = 1.
+        (A backward whose forward had another ``c`` computes with a stand-in: ``SummedLinearFunction``.)"""
+        self._check_weight(call=True)
+        rank = max(self._bound(name, call=True).rank for name in names)  # (the checks; the values are the parameters')
+        c = torch.zeros(rank, dtype=self.param_dtype)
+        for name in names:
+            z, sigma = self.loldu_z[name], self.loldu_sigma[name]
+            if not self._computes(name):
+                z, sigma = z.detach(), sigma.detach()
+            c[: z.numel()] += sigma * z - self._reference(name)
+        key = (tuple(names), dtype)
+        adapter = self._companions.get(key)
+        if adapter is None or adapter.rank != rank:
+            factors = self._factors if dtype == self.dtype else self._converted_factors(dtype)
+            # (residual "init" with zeros: z_ref = 0, so the coefficients are z itself; σ = 1)
+            adapter = self._companions[key] = factors._derive(AdapterConfig(rank=rank, z_init="zeros", residual="init"))
+            adapter.path = self._adapters[names[0]].path
+        values = c.detach().numpy()
+        if not np.array_equal(adapter.params[:rank], values):
+            try:
+                adapter.set_z(values)
+            except _loldu.LoLDUError as error:
+                raise self._named(error) from None
+        return adapter, c, torch.ones(1, dtype=c.dtype)
+
+    def _reference(self, name: str) -> torch.Tensor:
+        """``σ₀ z_ref`` of adapter ``name`` (its coefficients are ``σ z − σ₀ z_ref``), read once
+        per library adapter: the coefficients of a clone whose z is zero, negated."""
+        adapter = self._adapters[name]
+        kept = self._references.get(name)
+        if kept is None or kept[0] is not adapter:
+            probe = adapter.clone()
+            try:
+                probe.set_z(np.zeros(adapter.rank, adapter.param_dtype))
+                kept = self._references[name] = (adapter, torch.from_numpy(-probe.coefficients()))
+            finally:
+                probe.close()
+        return kept[1]
 
     # -- merge, enable ------------------------------------------------------------------------
 
@@ -787,7 +836,7 @@ class LoLDULayer(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_adapters"], state["_factors"], state["_stamp"], state["_companions"] = {}, None, None, {}
-        state["_grouping"], state["_bound_to"], state["_borrowed"] = None, {}, None
+        state["_grouping"], state["_bound_to"], state["_borrowed"], state["_references"] = None, {}, None, {}
         state["_merged_names"] = self._merged_names()
         state["_disable_blocks"] = 0  # (a copy is in no block: it keeps the state it has)
         return state
@@ -800,6 +849,7 @@ class LoLDULayer(nn.Module):
         state.setdefault("_changes", 0)
         state.setdefault("_bound_to", {})
         state.setdefault("_borrowed", None)
+        state.setdefault("_references", {})
         merged = state.pop("_merged_names", [])
         super().__setstate__(state)
         if not self._adapters and self.loldu_config:
@@ -864,8 +914,8 @@ class LoLDULinear(LoLDULayer):
             )
         names = adapter_names if adapter_names is not None else self._mixed
         mixed = names is not None and not self._disabled
-        name = None if mixed else self._single_name()
-        if not mixed and name is None:
+        computing = None if mixed else self._computing_names()
+        if not mixed and not computing:
             return base(x)  # no active adapter here: the pretrained module, as PEFT computes it
         flat = x.dim() == 2
         x2 = library_input(x if flat else x.reshape(-1, n))
@@ -874,7 +924,10 @@ class LoLDULinear(LoLDULayer):
             bias = bias.to(dtype)
         if mixed:
             y = self._mixed_forward(names, x, x2, bias, dtype)
+        elif len(computing) > 1:
+            y = self._forward_summed(x2, computing, bias, dtype)
         else:
+            name = computing[0]
             y = self._forward_one(x2, name, self._computing_adapter(name, dtype), bias)
         return y if flat else y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -907,6 +960,13 @@ class LoLDULinear(LoLDULayer):
                     self._plans.clear()
                 keep_h = self._plans[(name, x.shape[0])] = adapter.plan(x.shape[0], keeps_h=True) == "factored"
             return LinearFunction.apply(x, z, sigma, bias, adapter, keep_h)
+        return linear(adapter, x, bias)
+
+    def _forward_summed(self, x: torch.Tensor, names: list[str], bias, dtype: torch.dtype) -> torch.Tensor:
+        """``x W_effᵀ + bias`` with the sum of several active adapters' updates (``_summed``)."""
+        adapter, c, sigma = self._summed(names, dtype)
+        if self._training(x, c, bias):
+            return SummedLinearFunction.apply(x, c, sigma, bias, adapter, adapter.plan(x.shape[0], keeps_h=True) == "factored")
         return linear(adapter, x, bias)
 
     def _mixed_forward(self, names, x, x2, bias, dtype) -> torch.Tensor:
@@ -969,10 +1029,10 @@ class _WeightSpaceLayer(LoLDULayer):
     def _forward_weights(self, x: torch.Tensor, dtype: torch.dtype, batched: bool = True) -> torch.Tensor:
         names = self._mixed
         if names is None or self._disabled:
-            name = self._single_name()
-            if name is None:
+            computing = self._computing_names()
+            if not computing:
                 return self.base_layer(x)  # no active adapter here: the pretrained module
-            return self._compute(x, self._effective_weight(name, dtype).reshape(self._base_weight().shape))
+            return self._compute(x, self._effective_weight(computing, dtype).reshape(self._base_weight().shape))
         used, index = self._mixed_rows(names, x, batched)
         outputs = [None] * len(names)
         groups: dict[int, list[int]] = {}  # adapter index (-1: the base) → its samples, in one pass
@@ -983,7 +1043,7 @@ class _WeightSpaceLayer(LoLDULayer):
             if i < 0:  # a copy, as the adapters' weights are: F.embedding(max_norm=) renormalises in place
                 weight = self._base_weight().detach().to(dtype, copy=True)
             else:
-                weight = self._effective_weight(used[i], dtype).reshape(self._base_weight().shape)
+                weight = self._effective_weight([used[i]], dtype).reshape(self._base_weight().shape)
             out = self._compute(part, weight)
             for k, b in enumerate(samples):
                 outputs[b] = out[k]

@@ -324,10 +324,10 @@ def set_adapter(model: nn.Module, adapter_name) -> None:
     """Makes ``adapter_name`` (a name, or a list) the active adapter(s) of every LoLDU layer, as
     PEFT's ``set_adapter``: a layer that lacks an active adapter skips it (without any, it computes
     its base layer); only the active adapters' parameters require grad. ``InvalidArgumentError``
-    if a name is on no layer. A layer computes one adapter at a time: one that has several of
-    the active adapters refuses to compute (``StateError``; PEFT adds their updates, which
-    ``add_weighted_adapter`` gives exactly as one adapter) until one is chosen or the batch is
-    mixed."""
+    if a name is on no layer. A layer that has several of the active adapters computes with the
+    sum of their updates, as PEFT's layers add them (exactly: their coefficient vectors add up,
+    and each adapter gets the gradient of its own update); ``merge_loldu`` refuses them, and
+    ``add_weighted_adapter`` makes their sum one adapter."""
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     layers = loldu_layers(model)
     _check_known(layers, names, "adapter_name")
@@ -728,18 +728,19 @@ def unmerge_loldu(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
-    """Replaces every LoLDU layer by its base module carrying the effective weight of one adapter
-    (the active one by default): a plain PyTorch model again, movable to any device and dtype.
-    In place; returns the model. All or nothing: every effective weight is computed before any
-    layer is replaced (one that does not fit the weight's dtype raises, naming the layer)."""
+    """Replaces every LoLDU layer by its base module carrying the effective weight of adapter
+    ``adapter_name`` (by default, of the active adapters: several add their updates, as PEFT merges
+    them): a plain PyTorch model again, movable to any device and dtype. In place; returns the
+    model. All or nothing: every effective weight is computed before any layer is replaced (one
+    that does not fit the weight's dtype raises, naming the layer)."""
     root = unwrap(model)
     layers = loldu_layers(root)
     weights = {}
     for name, layer in layers.items():
-        chosen = adapter_name or _active(layer)
-        if chosen in layer.loldu_config:  # (else the layer computes its base module already)
+        chosen = [adapter_name] if adapter_name else layer._present_active()
+        if chosen and chosen[0] in layer.loldu_config:  # (else the layer computes its base module already)
             try:
-                weights[name] = layer.effective_weight(chosen)
+                weights[name] = layer.effective_weight(adapter_name)
             except _loldu.LoLDUError as error:
                 raise layer._named(error) from None
     with _whole():

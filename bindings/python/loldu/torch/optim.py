@@ -32,8 +32,9 @@ def _state_file():
 
 class Optimizer:
     """``Optimizer(model_or_layers, kind="adamw", lr=1e-3, adapter_name=None, **options)``
-    (options as ``loldu.Optimizer``: schedule, warm-up, clipping, σ's rate...) over one adapter
-    of each layer (the active one by default), on the layers that have it.
+    (options as ``loldu.Optimizer``: schedule, warm-up, clipping, σ's rate...) over adapter
+    ``adapter_name`` of the layers that have it; by default over the active adapters each layer
+    has (those its forward computes with, and whose parameters require grad).
 
     The parameters' ``.grad`` are the library's own gradient buffers: ``zero_grad()`` sets them
     (zeroed) before the backward, autograd accumulates into them in place, and ``step()`` updates
@@ -54,14 +55,20 @@ class Optimizer:
             raise InvalidArgumentError("Optimizer needs a model with LoLDU layers or a list of LoLDU layers",
                                        _capi.LOLDU_ERR_INVALID_ARGUMENT)
         layers = list(dict.fromkeys(layers))  # a layer shared by two modules is updated once
-        self.entries = list(_chosen(dict(enumerate(layers)), adapter_name, required=True).values())
+        if adapter_name is None:
+            self.entries = [(layer, name) for layer in layers for name in layer._present_active()]
+            if not self.entries:
+                raise InvalidArgumentError("no LoLDU layer has an active adapter (set_adapter)",
+                                           _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        else:
+            self.entries = list(_chosen(dict(enumerate(layers)), adapter_name, required=True).values())
         adapters = [layer._prepare(name) for layer, name in self.entries]
         self._optimizer = _loldu.Optimizer(adapters, kind, lr, **options)
         self.zero_grad()
 
     @property
     def layers(self) -> list[LoLDULayer]:
-        return [layer for layer, _ in self.entries]
+        return list(dict.fromkeys(layer for layer, _ in self.entries))
 
     def _parameters(self):
         for (layer, name), adapter in zip(self.entries, self._optimizer.adapters):
