@@ -166,6 +166,34 @@ def test_convolutions_export_in_peft_shapes_and_odd_ones_are_refused(tmp_path):
         assert not (tmp_path / "huge").exists()
 
 
+def test_several_active_adapters_compute_what_peft_computes_with_both_exported(tmp_path):
+    """Two adapters (ranks 4 and 6) active at once, exported one by one and loaded into one
+    PeftModel with both active: PEFT adds the two LoRA updates, as our layers add theirs."""
+    from peft import PeftModel
+
+    torch.manual_seed(2)
+    base = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 6)).eval()
+    model = copy.deepcopy(base)
+    lt.add_loldu(model, ["0", "2"], rank=4, adapter_name="a")
+    lt.add_loldu(model, ["0", "2"], rank=6, z_init="s_normal", residual="init", adapter_name="b")
+    with torch.no_grad():
+        for layer in lt.loldu_layers(model).values():
+            layer.loldu_z["a"].add_(0.3 * torch.randn(4))
+            layer.loldu_sigma["b"].fill_(1.4)
+    for name in ("a", "b"):
+        lt.export_lora(model, tmp_path / name, adapter_name=name)
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"), adapter_name="a").eval()
+    peft.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    peft.base_model.set_adapter(["a", "b"])
+    lt.set_adapter(model, ["a", "b"])
+    x = torch.randn(5, 10)
+    with torch.no_grad():
+        ours, theirs = model(x), peft(x)
+        lt.set_adapter(model, "a")
+        assert relative_error(model(x), ours) > 1e-3  # (b's update counts)
+    assert relative_error(theirs, ours) < 1e-5
+
+
 def test_exports_that_would_not_be_exact_or_would_be_cut_short_are_refused(tmp_path):
     """An embedding with max_norm (PEFT renormalises W's rows before adding the update, the layer
     W_eff's: a silently different model, before), a ``kinds`` entry for a layer not exported
