@@ -100,6 +100,10 @@ public enum LoRAExport {
             guard exportFiles.contains(name) else {
                 throw LoLDUError(.io, "\"\(directory)\" holds \"\(name)\", so it is not an earlier LoRA export; it is not replaced")
             }
+            var entry = stat()
+            guard lstat("\(directory)/\(name)", &entry) == 0, (entry.st_mode & S_IFMT) == S_IFREG else {
+                throw LoLDUError(.io, "\"\(directory)/\(name)\" is \(AtomicFile.kind(entry.st_mode)), not a file an export writes; \"\(directory)\" is not replaced")
+            }
         }
         let config = try AtomicFile.read("\(directory)/\(configFile)", limit: 1 << 24, missingOK: true)
         let json = try config.map { bytes throws(LoLDUError) in

@@ -235,6 +235,18 @@ def test_an_existing_directory_is_refused_or_replaced_only_if_it_is_an_export(tm
     with pytest.raises(loldu.LoLDUIOError, match="notes.txt"):
         loldu.export_lora(target, {"l": a}, replace=True)
     assert (target / "notes.txt").read_text() == "mine"
+    (target / "notes.txt").unlink()
+    # An export's file names, but not files an export writes: a directory tree, a link.
+    (target / "README.md").mkdir()
+    (target / "README.md" / "results.csv").write_text("mine")
+    with pytest.raises(loldu.LoLDUIOError, match=r"README.md\" is a directory, not a file an export writes"):
+        loldu.export_lora(target, {"l": a}, replace=True)
+    assert (target / "README.md" / "results.csv").read_text() == "mine"
+    shutil.rmtree(target / "README.md")
+    (target / "README.md").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(loldu.LoLDUIOError, match="is a symbolic link"):
+        loldu.export_lora(target, {"l": a}, replace=True)
+    (target / "README.md").unlink()
     checkpoint = tmp_path / "ckpt"
     loldu.save(checkpoint, {"l": a})
     with pytest.raises(loldu.LoLDUIOError, match="not an earlier"):
