@@ -306,6 +306,9 @@ LOLDU_API loldu_status loldu_adapter_derive(loldu_adapter **out, const loldu_ada
  * zero gradients, enabled, unmerged. What a PyTorch layer computes under
  * torch.autocast(dtype=torch.bfloat16): the same parameters on the rounded weight. float32,
  * bfloat16 and float16 convert among themselves (their parameters are float); float64 does not.
+ * Its checkpoints carry the fingerprint of `src`'s weight, the one factored: they load onto
+ * adapters of that weight, and an adapter created on the rounded weight (another
+ * factorisation) refuses them with LOLDU_ERR_MISMATCH.
  * @return LOLDU_ERR_INVALID_ARGUMENT for float64 on either side; LOLDU_ERR_NOT_FINITE if W
  *         overflows `dtype` (float16's range is ±65504).
  */

@@ -140,7 +140,8 @@ private struct Converting<E: Element, G: GEMMOperand>: AdapterMaker where G.Comp
             E2.widen(rounded.pointer, to: wide.pointer, count: f.m)
             bias = wide
         }
-        let factors = try LDUFactors<E2, G2>(m: f.m, n: f.n, sharing: parts, bias: bias) { out in
+        let factors = try LDUFactors<E2, G2>(m: f.m, n: f.n, sharing: parts, sourceFingerprint: f.weightFingerprint,
+                                             bias: bias) { out in
             withUnsafeTemporaryAllocation(of: E.Compute.self, capacity: 4096) { chunk in
                 for start in stride(from: 0, to: f.m * f.n, by: 4096) {
                     let count = Swift.min(4096, f.m * f.n - start)

@@ -63,7 +63,8 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     /// The fingerprint of `W`'s values (see ``fingerprint(_:)``), computed at creation (a
     /// base's property, as its factors are: loading a checkpoint onto the base only compares it):
     /// of their float32 bytes for float32, bfloat16 and float16 weights (so that a bf16 model and
-    /// its float32 copy have the same), of their float64 bytes for float64.
+    /// its float32 copy have the same), of their float64 bytes for float64. Factors converted to
+    /// another element type keep the fingerprint of the weight they factor.
     public let weightFingerprint: String
     /// `AᵀA`, `U Uᵀ` (`rank × rank` each) and `‖W‖²`, once asked for (see ``grams()``).
     private var gramCache: (lower: HeapBuffer<P>, upper: HeapBuffer<P>, weight: Double)?
@@ -96,15 +97,19 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     }
 
     /// `factorization` (of another element type's weight with the same compute type) for its
-    /// weight rounded to `E`: `fill` writes the `m × n` rounded weight; `bias` is shared.
+    /// weight rounded to `E`: `fill` writes the `m × n` rounded weight; `bias` is shared. The
+    /// fingerprint stays `sourceFingerprint`, that of the weight the factorisation is of: a
+    /// checkpoint saved on these factors loads onto factors of that weight, not onto the
+    /// different factorisation of the rounded one.
     public convenience init(
-        m: Int, n: Int, sharing parts: Factorization, bias: HeapBuffer<P>?,
+        m: Int, n: Int, sharing parts: Factorization, sourceFingerprint: String, bias: HeapBuffer<P>?,
         weight fill: (UnsafeMutablePointer<E>) -> Void
     ) throws(LoLDUError) {
         let storage = try HeapBuffer<E>(count: m * n)
         fill(storage.pointer)
         try checkFinite(UnsafePointer(storage.pointer), count: m * n, name: "the weight rounded to \(E.dtype.name)", columns: n)
-        try self.init(m: m, n: n, weight: UnsafePointer(storage.pointer), storage: storage, bias: bias, parts: parts)
+        try self.init(m: m, n: n, weight: UnsafePointer(storage.pointer), storage: storage, bias: bias, parts: parts,
+                      fingerprint: sourceFingerprint)
     }
 
     private static func bias(_ source: UnsafePointer<E>?, m: Int) throws(LoLDUError) -> HeapBuffer<P>? {
@@ -116,7 +121,8 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     }
 
     private init(
-        m: Int, n: Int, weight: UnsafePointer<E>, storage: HeapBuffer<E>?, bias: HeapBuffer<P>?, parts: Factorization
+        m: Int, n: Int, weight: UnsafePointer<E>, storage: HeapBuffer<E>?, bias: HeapBuffer<P>?, parts: Factorization,
+        fingerprint: String? = nil
     ) throws(LoLDUError) {
         let r = parts.diagonal.count
         self.m = m
@@ -151,11 +157,15 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
         lowerOperand = try operand(lower.pointer, count: m * r)
         upperOperand = try operand(upper.pointer, count: r * n)
         operandStorage = operands
-        var hasher = Fingerprinter()
-        Self.forEachWeightPiece(weight, count: m * n) { values, count in
-            hasher.add(UnsafeRawBufferPointer(start: values, count: count * MemoryLayout<P>.stride))
+        if let fingerprint {
+            weightFingerprint = fingerprint
+        } else {
+            var hasher = Fingerprinter()
+            Self.forEachWeightPiece(weight, count: m * n) { values, count in
+                hasher.add(UnsafeRawBufferPointer(start: values, count: count * MemoryLayout<P>.stride))
+            }
+            weightFingerprint = hasher.finish()
         }
-        weightFingerprint = hasher.finish()
         cacheLock = .allocate(capacity: 1)
         pthread_mutex_init(cacheLock, nil)
     }

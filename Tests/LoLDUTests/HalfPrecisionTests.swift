@@ -245,6 +245,20 @@ import Testing
         defer { loldu_adapter_free(again) }
         var z = [Float](repeating: .nan, count: r)
         #expect(loldu_get_z(again, &z) == LOLDU_OK && z == source.z)
+        // Its checkpoint is of the float32 weight it factors: it loads onto that weight's
+        // adapter, and the bf16 adapter created on the rounded weight (whose factorisation
+        // differs, with the same pivots here) refuses it.
+        let directory = try temporaryDirectory()
+        #expect(withCStrings(["layer"]) { loldu_checkpoint_save(directory, [again], $0, 1) } == LOLDU_OK)
+        var checkpoint: OpaquePointer?
+        #expect(loldu_checkpoint_open(&checkpoint, directory) == LOLDU_OK)
+        defer { loldu_checkpoint_free(checkpoint) }
+        #expect(loldu_get_pivots(direct, &pivots) == LOLDU_OK && pivots == source.pivots)
+        #expect(loldu_checkpoint_apply(checkpoint, "layer", direct) == LOLDU_ERR_MISMATCH)
+        #expect(String(cString: loldu_last_error()).contains("the base weight differs"))
+        let copy = try TestAdapter<Float>(m: m, n: n, weight: w, bias: b) { $0.rank = Int64(r) }
+        #expect(loldu_checkpoint_apply(checkpoint, "layer", copy.handle) == LOLDU_OK, "\(String(cString: loldu_last_error()))")
+        #expect(copy.z == source.z)
         var failed: OpaquePointer?
         #expect(loldu_adapter_convert(&failed, source.handle, LOLDU_FLOAT64) == LOLDU_ERR_INVALID_ARGUMENT)
         let big = try TestAdapter<Float>(m: 2, n: 2, weight: [1e5, 1, 2, 3]) { $0.rank = 1 }
