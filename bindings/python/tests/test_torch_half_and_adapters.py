@@ -10,10 +10,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 import loldu
 import loldu.torch as lt
+from loldu.adapter import AdapterConfig
 
 
 def small_model(dtype=torch.float32, seed=0):
@@ -44,6 +46,21 @@ def test_half_precision_models_train_with_float32_parameters(dtype):
         opt.zero_grad()
     assert losses[-1] < 0.8 * losses[0]
     assert model(x).dtype == dtype
+
+
+def test_a_half_model_under_autocast_takes_float32_inputs_as_torch_layers_do():
+    """Under CPU autocast nn.Linear and nn.Conv casts a float32 input to the half type; so do
+    LoLDU layers of a bf16 or f16 model (outside autocast, such an input is refused)."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv1d(3, 16, 1), nn.Flatten(1), nn.Linear(16 * 4, 8)).to(torch.bfloat16)
+    model = lt.add_loldu(copy.deepcopy(plain), ["0", "2"], rank=3)
+    x = torch.randn(2, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = model(x), plain(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, rtol=0.02, atol=0.02)
+    with pytest.raises(loldu.DTypeError, match="the input is torch.float32, the layer computes in torch.bfloat16"):
+        model(x)
 
 
 def test_model_to_bfloat16_keeps_z_and_a_bf16_checkpoint_loads_on_the_float32_model(tmp_path):
@@ -142,7 +159,7 @@ def test_weighted_adapter_is_the_exact_combination():
     torch.testing.assert_close(updates["mix"], 0.5 * updates["default"] + 2.0 * updates["b"], rtol=1e-5, atol=1e-5)
 
 
-def test_several_active_adapters_add_their_updates_as_in_peft():
+def test_several_active_adapters_add_their_updates_as_in_peft(tmp_path):
     """PEFT's layers add the updates of every active adapter; here, exactly, by adding their
     coefficient vectors on the shared factors (ranks 6 and 4). Embedding, convolution and linear
     layers alike; each adapter gets the gradient of its own update; a merged adapter still adds
@@ -187,6 +204,35 @@ def test_several_active_adapters_add_their_updates_as_in_peft():
         for together, alone in zip(grads, grads_first + grads_second):
             torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
     lt.set_adapter(model, both)
+    # Gradient checkpointing, both of torch's kinds, gives the same gradients.
+    linear, h = layers[2], inputs[2].clone().requires_grad_()
+    wanted = [h, linear.loldu_z["default"], linear.loldu_sigma["b"]]
+
+    def gradients(forward):
+        for t in wanted:
+            t.grad = None
+        forward(h).square().sum().backward()  # (reentrant checkpoints take no autograd.grad)
+        return [t.grad.clone() for t in wanted]
+
+    expected = gradients(linear)
+    for reentrant in (True, False):
+        got = gradients(lambda h: torch.utils.checkpoint.checkpoint(linear, h, use_reentrant=reentrant))
+        for g, want in zip(got, expected):
+            torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+    # export_merged writes the weights the model computes with: the sum; the calls that take
+    # one adapter ask which.
+    lt.export_merged(model, tmp_path / "merged.safetensors")
+    with safe_open(str(tmp_path / "merged.safetensors"), "pt") as f:
+        for name, layer in lt.loldu_layers(model).items():
+            torch.testing.assert_close(f.get_tensor(f"{name}.weight").reshape(layer.base_layer.weight.shape),
+                                       layer.effective_weight(), rtol=0, atol=0)
+    for call in (lambda: lt.save_loldu(model, tmp_path / "ckpt"), lambda: lt.export_lora(model, tmp_path / "lora"),
+                 lambda: lt.loldu_state_dict(model)):
+        with pytest.raises(loldu.StateError, match=r"2 active adapters \['default', 'b'\]; name the one to use"):
+            call()
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "lora").exists()
+    lt.save_loldu(model, tmp_path / "ckpt", adapter_name="b")
     # A backward computes with the sum its forward had, whatever forwards ran in between (here
     # one with other values of z swapped in for the call).
     linear, h = layers[2], inputs[2].clone().requires_grad_()
@@ -285,6 +331,46 @@ def test_an_adapter_on_some_layers_is_active_everywhere_and_computes_the_base_wh
     lt.set_adapter(model, "b")
     lt.delete_adapter(model, "b")
     assert [layer.active_adapters for layer in lt.loldu_layers(model).values()] == [["default"], ["default"]]
+
+
+def test_only_active_adapters_train_however_added_or_loaded(tmp_path):
+    """As PEFT's update_layer and load_adapter: an adapter added or loaded without being made
+    active computes nothing and trains nothing, whether its layer is new or not; a replaced
+    adapter's σ trains only if its new configuration says so."""
+    model = lt.add_loldu(small_model(), ["0"], rank=4)
+    layer = model[0]
+    layer.update_layer("extra", AdapterConfig(rank=3))
+    assert layer.active_adapters == ["default"]
+    assert [n for n, p in lt.named_loldu_parameters(model) if p.requires_grad] == ["0.loldu_z.default",
+                                                                                  "0.loldu_sigma.default"]
+    layer.update_layer("default", AdapterConfig(rank=4, train_sigma=False))
+    assert layer.loldu_z["default"].requires_grad and not layer.loldu_sigma["default"].requires_grad
+
+    saved = lt.add_loldu(small_model(), ["0", "2"], rank=4, seed=3, adapter_name="b")
+    with torch.no_grad():
+        for i in (0, 2):
+            saved[i].loldu_z["b"].mul_(1.5)
+    lt.save_loldu(saved, tmp_path / "b", adapter_name="b")
+    model = lt.add_loldu(small_model(), ["0"], rank=4)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        before = model(x)
+    lt.load_loldu(model, tmp_path / "b", adapter_name="b", mark_trainable=False)  # layer 2 is wrapped anew
+    assert [layer.active_adapters for layer in lt.loldu_layers(model).values()] == [["default"], ["default"]]
+    assert [n for n, p in lt.named_loldu_parameters(model) if p.requires_grad] == ["0.loldu_z.default",
+                                                                                  "0.loldu_sigma.default"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+        lt.set_adapter(model, "b")
+        torch.testing.assert_close(model(x), saved(x), rtol=1e-6, atol=1e-6)
+
+
+def test_an_empty_mixed_batch_gives_an_empty_output_on_every_layer_kind():
+    model = nn.Sequential(nn.Embedding(20, 16), nn.Conv1d(5, 8, 3, padding=1), nn.Linear(16, 8))
+    lt.add_loldu(model, ["0", "1", "2"], rank=4)
+    with lt.mixed_batch(model, []):
+        assert model(torch.zeros(0, 5, dtype=torch.long)).shape == (0, 8, 8)
+        assert model[1](torch.randn(0, 5, 16)).shape == (0, 8, 16)
 
 
 def test_weighted_adapter_of_small_weights_keeps_full_precision(tmp_path):

@@ -926,6 +926,7 @@ def faults_per_step(steps=10):
     for _ in range(steps):
         step()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+faults_per_step(30)  # (warm-up: the BLAS's buffers, the heap growing)
 print(sorted(faults_per_step() for _ in range(5))[2])
 """
 
@@ -936,9 +937,10 @@ def test_step_buffers_stay_mapped_unless_the_user_opts_out():
     package keeps them mapped (configure_malloc), unless LOLDU_KEEP_MALLOC=1 or glibc's own
     variables are set. The opted-out run fixes glibc's threshold at its initial 128 KiB: left
     adaptive, how many buffers it hands back depends on the allocation history (225 to 750
-    faults per step measured). Measured as the median of five blocks of ten steps: the
-    first steps also fault in memory once (the BLAS's buffers, the heap growing; up to 190 pages
-    per step over the first 25 steps on an AVX2 CPU), which is not the per-step cost."""
+    faults per step measured). Measured as the median of five blocks of ten steps after 30
+    steps of warm-up: the first steps also fault in memory once (the BLAS's buffers, the heap
+    growing; up to 190 pages per step over the first 25 steps on an AVX2 CPU, and a median
+    block of 154 once without the warm-up), which is not the per-step cost."""
     clean = {"MALLOC_MMAP_THRESHOLD_": None, "MALLOC_TRIM_THRESHOLD_": None, "LOLDU_KEEP_MALLOC": None}
     kept = run_python(STEP_FAULTS, env=clean)
     default = run_python(STEP_FAULTS, env={**clean, "LOLDU_KEEP_MALLOC": "1", "MALLOC_MMAP_THRESHOLD_": "131072"})

@@ -225,16 +225,21 @@ class LinearFunction(torch.autograd.Function):
 
 class SummedLinearFunction(LinearFunction):
     """``LinearFunction`` through the adapter a layer keeps for the sum of several active
-    adapters, whose z (the sum's ``c``, saved as this step's z) a later forward may overwrite:
+    adapters, whose z (the sum's ``c``) a later forward may overwrite:
     the backward computes with the ``c`` of its forward, through a clone holding it if that changed.
     (dX depends on ``c``; dz, and ``WeightFunction``'s backward, do not.)"""
 
     @staticmethod
+    def forward(ctx, x, c, sigma, bias, adapter, keep_h: bool):
+        ctx.coefficients = c.detach().numpy().copy()  # (not from saved_tensors in backward: they unpack once)
+        return LinearFunction.forward(ctx, x, c, sigma, bias, adapter, keep_h)
+
+    @staticmethod
     def backward(ctx, dy):
-        c, adapter = ctx.saved_tensors[1], ctx.adapter
-        if not adapter.closed and not np.array_equal(adapter.params[:adapter.rank], c.detach().numpy()):
+        adapter = ctx.adapter
+        if not adapter.closed and not np.array_equal(adapter.params[:adapter.rank], ctx.coefficients):
             ctx.adapter = clone_in_state(adapter, ctx.state)
-            ctx.adapter.set_z(c.detach().numpy())
+            ctx.adapter.set_z(ctx.coefficients)
         return LinearFunction.backward(ctx, dy)
 
 

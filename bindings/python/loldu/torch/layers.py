@@ -182,7 +182,7 @@ class LoLDULayer(nn.Module):
         self._bound_to: dict[str, tuple] = {}  # name -> weak references to the parameters bound (_bind)
         self.base_layer.weight.requires_grad_(False)
         self.update_layer(adapter_name, dataclasses.replace(config or AdapterConfig(), **fields))
-        self.active_adapters = [adapter_name]
+        self.set_adapter(adapter_name)
 
     # -- the weight as a matrix ----------------------------------------------------------------
 
@@ -311,6 +311,7 @@ class LoLDULayer(nn.Module):
         self._adapters[adapter_name] = adapter
         self.loldu_config[adapter_name] = config
         self._bind(adapter_name)
+        self._follow_active(adapter_name)  # (as PEFT's update_layer: trainable if active; σ if trained)
         if old is not None:
             old.close()
         self._forget(adapter_name)
@@ -559,8 +560,10 @@ class LoLDULayer(nn.Module):
     def _check_float_input(self, x, dtype: torch.dtype) -> torch.Tensor:
         x = self._check_input(x)
         if x.dtype != dtype:
-            if dtype != self.dtype or (x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled("cpu")):
-                return x.to(dtype)  # autocast: the layer's compute dtype decides
+            half = (torch.float16, torch.bfloat16)
+            if dtype != self.dtype or torch.is_autocast_enabled("cpu") and (
+                    x.dtype in half or x.dtype == torch.float32 and dtype in half):
+                return x.to(dtype)  # autocast: the layer's compute dtype decides (as nn.Linear casts a float32 input)
             advice = f"Convert the input with x.to({dtype}), or the model with model.to({x.dtype})."
             if x.dtype not in LIBRARY_DTYPES:
                 advice = f"Convert the input with x.to({dtype})."
@@ -825,11 +828,15 @@ class LoLDULayer(nn.Module):
         values after unpickling (which restores neither), keeping the parameter objects."""
         values = {name: (self.loldu_z[name].detach().clone(), self.loldu_sigma[name].detach().clone())
                   for name in self.loldu_config}
+        trains = {name: (self.loldu_z[name].requires_grad, self.loldu_sigma[name].requires_grad) for name in values}
         matrix = self._weight_matrix(self._base_weight().detach())
         rank = max(self._resolved_rank(c, matrix) for c in self.loldu_config.values())
         self._factor(matrix, rank, next(iter(self.loldu_config.values())).borrow_weight)
         for name, config in list(self.loldu_config.items()):
             self.update_layer(name, config, values=values[name])
+        for name, (z, sigma) in trains.items():  # (as they were pickled, not as update_layer sets them)
+            self.loldu_z[name].requires_grad_(z)
+            self.loldu_sigma[name].requires_grad_(sigma)
 
     # -- copy and pickle --------------------------------------------------------------------------
 
@@ -1047,6 +1054,8 @@ class _WeightSpaceLayer(LoLDULayer):
             out = self._compute(part, weight)
             for k, b in enumerate(samples):
                 outputs[b] = out[k]
+        if not outputs:  # an empty batch: the shape the base layer gives it
+            return self._compute(x, self._base_weight().detach().to(dtype))
         return torch.stack(outputs)
 
 

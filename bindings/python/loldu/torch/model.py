@@ -137,13 +137,16 @@ def _stage_adapter(layer: LoLDULayer, adapter_name: str, config: AdapterConfig, 
 
 
 def _stage_layer(root: nn.Module, name: str, module: nn.Module, config: AdapterConfig, adapter_name: str,
-                 made: list, frozen: dict):
+                 made: list, frozen: dict, active: list[str]):
     """A LoLDU layer around the plain ``module``, not yet in the model (listed in ``made``; the
     base weight's ``requires_grad``, which the layer turns off, in ``frozen``): the layer and the
-    call that installs it."""
+    call that installs it. As PEFT, a new layer computes the model's ``active`` adapters (its
+    own if the model has none)."""
     frozen[module.weight] = module.weight.requires_grad
     layer = layer_class(module)(module, config, name=name, adapter_name=adapter_name)
     made.append(layer)
+    if active:
+        layer.set_adapter(active)
     return layer, lambda: _set_submodule(root, name, layer)
 
 
@@ -241,7 +244,7 @@ def add_loldu(
         raise InvalidArgumentError(
             f"target_modules {target_modules!r} matched no module of the model; adaptable modules are "
             f"named e.g. {sample}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    installs, made, frozen, touched = [], [], {}, []  # every layer's adapter made first; the model changes only once all are
+    installs, made, frozen = [], [], {}  # every layer's adapter made first; the model changes only once all are
     with warnings.catch_warnings(record=True) as caught:  # one warning for the model, not one per layer
         warnings.simplefilter("always", LoLDUWarning)
         try:
@@ -254,25 +257,17 @@ def add_loldu(
                         _, adapter, install = _stage_adapter(module, adapter_name, config, made)
                         module._warn_init_change(adapter)
                         installs.append(install)
-                        touched.append(module)
                 else:
-                    layer, install = _stage_layer(root, name, module, config, adapter_name, made, frozen)
-                    installs.append(install)
-                    touched.append(layer)
-                    if previous:  # (as PEFT: a new layer computes the model's active adapters)
-                        layer.active_adapters = list(previous)
+                    installs.append(_stage_layer(root, name, module, config, adapter_name, made, frozen, previous)[1])
         except BaseException:  # all or nothing: nothing was installed
             _discard(made, frozen)
             raise
     with _whole():
-        for install in installs:
+        for install in installs:  # (as PEFT: a new adapter trains only if it is active)
             install()
         if mark_trainable:
             set_adapter(model, adapter_name)
             mark_only_loldu_as_trainable(model)
-        else:
-            for layer in touched:  # (as PEFT: a new adapter trains only if it is active)
-                layer._follow_active(adapter_name)
     changed = [w for w in caught if issubclass(w.category, LoLDUWarning)]
     for w in caught:
         if w not in changed:
@@ -552,9 +547,14 @@ def _active(layer: LoLDULayer) -> str | None:
 
 def _chosen(layers: Mapping, adapter_name: str | None, *, required: bool = False) -> dict:
     """``{key: (layer, adapter)}`` for the layers that have adapter ``adapter_name`` (by default
-    each layer's first active adapter); with ``required``, ``InvalidArgumentError`` if none has."""
+    each layer's active adapter: ``StateError`` if it has several, naming them, as which one is
+    meant is not said); with ``required``, ``InvalidArgumentError`` if none has."""
     out = {}
     for key, layer in layers.items():
+        if adapter_name is None and len(layer.active_adapters) > 1:
+            raise StateError(f"{layer.loldu_name}: {len(layer.active_adapters)} active adapters {layer.active_adapters}; "
+                             "name the one to use (adapter_name=), or make their sum one adapter "
+                             "(add_weighted_adapter)", _capi.LOLDU_ERR_STATE)
         adapter = adapter_name or _active(layer)
         if adapter in layer.loldu_config:
             out[key] = (layer, adapter)
@@ -580,8 +580,21 @@ def save_loldu(model: nn.Module, directory, adapter_name: str | None = None) -> 
 
 def export_merged(model: nn.Module, path, adapter_name: str | None = None) -> None:
     """Writes ``NAME.weight`` = W_eff per LoLDU layer to a safetensors file (reshape conv
-    weights to the module's weight shape when loading; biases stay in the base modules)."""
-    _loldu.export_merged(path, _names_and_adapters(model, adapter_name))
+    weights to the module's weight shape when loading; biases stay in the base modules): of
+    adapter ``adapter_name``, by default the weights the model computes with (several active
+    adapters: the base weight plus the sum of their updates; disabled: the base weight)."""
+    if adapter_name is not None:
+        return _loldu.export_merged(path, _names_and_adapters(model, adapter_name))
+    adapters = {}
+    for name, layer in loldu_layers(model).items():
+        computing = layer._computing_names()
+        if len(computing) > 1:
+            adapters[name] = layer._summed(computing, layer.dtype)[0]
+        elif computing:
+            adapters[name] = layer._prepare(computing[0])
+    if not adapters:
+        raise InvalidArgumentError("no LoLDU layer has an active adapter", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+    _loldu.export_merged(path, adapters)
 
 
 def _lora_kind(name: str, layer: LoLDULayer):
@@ -637,11 +650,13 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
     its factors' rank suffices); a plain module is wrapped. ``MismatchError`` if a name is not in
     the model or a base weight is not the one the checkpoint was saved on: every layer is checked
     before any changes, so a failed load leaves the model as it was. With ``mark_trainable``,
-    ``adapter_name`` becomes active and trainable.
+    ``adapter_name`` becomes active and trainable; without, the active adapters stay (as
+    ``add_loldu``'s: a layer wrapped anew computes the model's active adapters, and the loaded
+    adapter trains only if it is one of them).
     """
     check_adapter_name(adapter_name)
     root = unwrap(model)
-    modules, read_directly = dict(root.named_modules()), _read_directly(root)
+    modules, read_directly, previous = dict(root.named_modules()), _read_directly(root), active_adapters(root)
     installs, made, trials = [], [], []  # what to do once every layer is checked; what was made for it
     frozen = {}
     with Checkpoint(directory) as ckpt:
@@ -665,8 +680,8 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
                         f"model first (model.to(torch.{info.dtype}))", _capi.LOLDU_ERR_DTYPE)
                 saved = dataclasses.replace(info.config, borrow_weight=borrow_weight)
                 if not isinstance(module, LoLDULayer):
-                    layer, install = _stage_layer(root, name, base, saved, adapter_name, made, frozen)
-                    ckpt.apply(name, layer.adapter)
+                    layer, install = _stage_layer(root, name, base, saved, adapter_name, made, frozen, previous)
+                    ckpt.apply(name, layer.get_adapter(adapter_name))
                     installs.append(install)
                     continue
                 current = module.loldu_config.get(adapter_name)
