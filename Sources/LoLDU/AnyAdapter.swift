@@ -127,7 +127,7 @@ private struct Converting<E: Element, G: GEMMOperand>: AdapterMaker where G.Comp
 
     func make<E2: Element, G2: GEMMOperand>(_: E2.Type, _: G2.Type) throws(LoLDUError) -> any AnyAdapter where G2.Compute == E2.Compute {
         guard E2.Compute.self == E.Compute.self else {
-            throw .invalid("cannot convert a \(E.dtype.name) adapter to \(E2.dtype.name): the parameters would change type")
+            throw .invalid("dtype = \(E2.dtype.name): cannot convert a \(E.dtype.name) adapter (src) to it: the parameters would change type")
         }
         let f = source.factors
         // Same compute type (checked): the parts are the same types, reinterpreted statically.
@@ -136,7 +136,11 @@ private struct Converting<E: Element, G: GEMMOperand>: AdapterMaker where G.Comp
         if let source = f.bias {  // rounded to E2 too, as autocast rounds it
             let rounded = try HeapBuffer<E2>(count: f.m), wide = try HeapBuffer<E2.Compute>(count: f.m)
             E2.narrow(UnsafeRawPointer(source.pointer).assumingMemoryBound(to: E2.Compute.self), to: rounded.pointer, count: f.m)
-            try checkFinite(UnsafePointer(rounded.pointer), count: f.m, name: "the bias rounded to \(E2.dtype.name)")
+            do {
+                try checkFinite(UnsafePointer(rounded.pointer), count: f.m, name: "bias")
+            } catch {
+                throw LoLDUError(.notFinite, "dtype = \(E2.dtype.name): the bias does not fit it once rounded (\(error.message))")
+            }
             E2.widen(rounded.pointer, to: wide.pointer, count: f.m)
             bias = wide
         }

@@ -107,7 +107,11 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
     ) throws(LoLDUError) {
         let storage = try HeapBuffer<E>(count: m * n)
         fill(storage.pointer)
-        try checkFinite(UnsafePointer(storage.pointer), count: m * n, name: "the weight rounded to \(E.dtype.name)", columns: n)
+        do {
+            try checkFinite(UnsafePointer(storage.pointer), count: m * n, name: "weight", columns: n)
+        } catch {
+            throw LoLDUError(.notFinite, "dtype = \(E.dtype.name): the weight does not fit it once rounded (\(error.message))")
+        }
         try self.init(m: m, n: n, weight: UnsafePointer(storage.pointer), storage: storage, bias: bias, parts: parts,
                       fingerprint: sourceFingerprint)
     }

@@ -65,7 +65,7 @@ public func lolduAdapterGetInfo(_ handle: OpaquePointer?, _ info: UnsafeMutableP
         let info = try Check.nonNull(info, "info")
         let expected = MemoryLayout<loldu_adapter_info>.size
         guard size == expected else {
-            throw .invalid("info_size must be sizeof(loldu_adapter_info) = \(expected), got \(size)")
+            throw .invalid("info_size must be sizeof(loldu_adapter_info) = \(expected), got \(UInt(bitPattern: size))")
         }
         var i = loldu_adapter_info()
         i.dtype = a.dtype.rawValue
@@ -291,7 +291,7 @@ private func backward(
 private func group(
     _ list: UnsafePointer<OpaquePointer?>?, _ count: Int, _ batch: Int64, _ rows: UnsafePointer<Int32>?
 ) throws(LoLDUError) -> (base: any AnyAdapter, used: [any AnyAdapter], listIndex: [Int], rows: HeapBuffer<Int32>?, batch: Int) {
-    guard count >= 1, count <= Int(Int32.max) else { throw .invalid("count must be in [1, \(Int32.max)], got \(count)") }
+    guard count >= 1, count <= Int(Int32.max) else { throw .invalid("count must be in [1, \(Int32.max)], got \(UInt(bitPattern: count))") }
     let list = try Check.nonNull(list, "adapters")
     let base = try adapters.get(list[0], "adapters[0]")
     let b = try batchSize(batch, base)

@@ -101,7 +101,7 @@ public func lolduCheckpointName(_ handle: OpaquePointer?, _ index: Int, _ name: 
         let c = try checkpoints.get(handle, "checkpoint")
         let out = try Check.nonNull(name, "name")
         guard index >= 0, index < c.names.count else {
-            throw .invalid("index must be in [0, \(c.names.count)), got \(index)")
+            throw .invalid("index must be in [0, \(c.names.count)), got \(UInt(bitPattern: index))")
         }
         out.pointee = UnsafePointer(c.names[index])
     }

@@ -39,7 +39,7 @@ extension Check {
 
     /// `count` live adapter handles from a C array.
     static func adapterList(_ list: UnsafePointer<OpaquePointer?>?, _ count: Int) throws(LoLDUError) -> [any AnyAdapter] {
-        guard count >= 1, count <= 1 << 24 else { throw .invalid("count must be in [1, \(1 << 24)], got \(count)") }
+        guard count >= 1, count <= 1 << 24 else { throw .invalid("count must be in [1, \(1 << 24)], got \(UInt(bitPattern: count))") }
         let list = try nonNull(list, "adapters")
         var result: [any AnyAdapter] = []
         for i in 0..<count { result.append(try adapters.get(list[i], "adapters[\(i)]")) }

@@ -224,6 +224,20 @@ import Testing
                 return loldu_backward_into(a, 2, buffer, buffer + 8, nil, nil, buffer)
             }
         },
+        Case(name: "grouped count SIZE_MAX", expected: LOLDU_ERR_INVALID_ARGUMENT,
+             mentions: "count must be in [1, 2147483647], got 18446744073709551615") {
+            withAdapter { a in
+                var x = [Float](repeating: 1, count: 8), y = x
+                return loldu_grouped_forward([a], Int.max &* 2 &+ 1, 2, [0, -1], &x, &y)
+            }
+        },
+        Case(name: "convert to float64", expected: LOLDU_ERR_INVALID_ARGUMENT,
+             mentions: "dtype = float64: cannot convert a float32 adapter (src) to it") {
+            withAdapter { a in
+                var out: OpaquePointer?
+                return loldu_adapter_convert(&out, a, LOLDU_FLOAT64)
+            }
+        },
         Case(name: "grouped y over x", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "y overlaps x") {
             withAdapter { a in
                 let buffer = UnsafeMutablePointer<Float>.allocate(capacity: 8)
