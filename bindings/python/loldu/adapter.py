@@ -592,8 +592,14 @@ class Adapter:
     def derive(self, config: AdapterConfig | None = None, **fields) -> "Adapter":
         """A new adapter on these frozen factors with its own configuration (``rank`` at most
         this adapter's ``factor_rank``), in O(rank): no factorisation, no copy of the weight
-        (``loldu_adapter_derive``). ``fields`` override ``config`` (default: this adapter's)."""
-        derived = self._derive(dataclasses.replace(config or self.config, **fields))
+        (``loldu_adapter_derive``). ``fields`` override ``config`` (default: this adapter's; at
+        another ``rank``, alpha keeps its meaning: the default, alpha = rank, stays the default,
+        σ = 1, rather than becoming this adapter's rank)."""
+        if config is None:
+            config = self.config
+            if "rank" in fields and "alpha" not in fields and config.alpha == config.rank:
+                config = dataclasses.replace(config, alpha=0.0)
+        derived = self._derive(dataclasses.replace(config, **fields))
         _warn_init_change(derived)
         return derived
 

@@ -45,6 +45,9 @@ def test_derived_adapters_and_a_grouped_batch():
     for a in adapters:
         a.z = a.z * rng.uniform(0.5, 1.5, a.rank)
     assert [a.factor_rank for a in adapters] == [8, 8, 8] and adapters[2].rank == 3
+    # At another rank the default alpha (= rank, σ = 1) stays the default; a chosen one is kept.
+    assert adapters[2].sigma == 1.0 and adapters[2].config.alpha == 3
+    assert loldu.Adapter(w, rank=8, alpha=2.0).derive(rank=4).sigma == 0.5
     assert adapters[2].info["bytes_state"] == 4 * 8  # z and σ only
     x = rng.standard_normal((9, 12))
     rows = np.array([0, 1, 2, -1, 2, 1, 0, 0, -1], np.int32)
