@@ -712,7 +712,9 @@ LOLDU_API loldu_status loldu_optimizer_load(loldu_optimizer *optimizer, const ch
  * flock works there. Tools that read only adapter_config.json see the old config until then.
  *
  * @return LOLDU_ERR_NOT_FINITE naming the layer if a z_k or σ is NaN or infinite (written
- *         through loldu_params): a checkpoint holds finite values only, and nothing is written.
+ *         through loldu_params): a checkpoint holds finite values only, and nothing is written;
+ *         LOLDU_ERR_STATE naming the layer if its z or σ were written while it is merged
+ *         (through loldu_params memory): they are not what its merged weight computes.
  */
 LOLDU_API loldu_status loldu_checkpoint_save(const char *dir, loldu_adapter *const *adapters,
                                              const char *const *names, size_t count);
@@ -846,8 +848,10 @@ LOLDU_API loldu_status loldu_lora_options_default(loldu_lora_options *options);
  *
  * @param options NULL for the defaults.
  * @return LOLDU_ERR_NOT_FINITE naming the layer if its z or σ is not finite, or naming the
- *         tensor if a value is beyond the range of options->dtype; LOLDU_ERR_IO if dir
- *         exists and is not an empty directory (without replace) or cannot be written.
+ *         tensor if a value is beyond the range of options->dtype; LOLDU_ERR_STATE naming the
+ *         layer if its z or σ were written while it is merged (as loldu_checkpoint_save);
+ *         LOLDU_ERR_IO if dir exists and is not an empty directory (without replace) or
+ *         cannot be written.
  */
 LOLDU_API loldu_status loldu_export_lora(const char *dir, loldu_adapter *const *adapters, const char *const *names,
                                          size_t count, const loldu_lora_options *options);

@@ -715,6 +715,17 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         return nil
     }
 
+    /// Whether `z` or `σ` were written while merged, through memory taken before the merge
+    /// (`loldu_params`, a numpy view): the merged weight computes with the coefficients it
+    /// merged, so a checkpoint of these values would not be what the layer computes.
+    public var changedWhileMerged: Bool {
+        guard merged, let s = local else { return false }
+        return withUnsafeTemporaryAllocation(of: P.self, capacity: rank) { c in
+            coefficients(into: c.baseAddress!)
+            return !same(s.effectiveCoef.pointer, c.baseAddress!)
+        }
+    }
+
     /// Bytes held: the copies of `W` and the bias, the frozen factors (shared with clones and
     /// derived adapters), this adapter's own state, the cached merged weight, and scratch.
     public var memory: (weight: Int, factors: Int, state: Int, mergedCache: Int, scratch: Int) {

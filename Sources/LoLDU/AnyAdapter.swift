@@ -72,6 +72,8 @@ public protocol AnyAdapter: AnyObject, Sendable {
     func setParameters(z: [Double], sigma: Double) throws(LoLDUError)
     /// The first trainable value that is not finite (`"z[k]"`, `"sigma"`), if any.
     var firstNonFiniteParameter: String? { get }
+    /// ``Adapter/changedWhileMerged``.
+    var changedWhileMerged: Bool { get }
     /// ``fingerprint(_:)`` of the base weight's values, and of this adapter's pivots.
     var weightFingerprint: String { get }
     var pivotsFingerprint: String { get }

@@ -68,12 +68,22 @@ public final class Checkpoint: @unchecked Sendable {
         ]
     }
 
+    /// Refuses an adapter whose values are not what a file of `what` may hold: not finite, or
+    /// written while merged (the layer computes with the merged values).
+    static func checkSavable(_ adapter: any AnyAdapter, _ name: String, _ what: String) throws(LoLDUError) {
+        if let bad = adapter.firstNonFiniteParameter {
+            throw LoLDUError(.notFinite, "layer \"\(name)\": \(bad) is not finite; \(what) holds finite values only")
+        }
+        if adapter.changedWhileMerged {
+            throw .state("layer \"\(name)\": z or sigma were written while the adapter is merged (through memory taken before the merge), so they are not what it computes with; unmerge it, set the values meant, and merge again")
+        }
+    }
+
     /// Saves adapters under names into `directory`, atomically as a whole (see the type).
     public static func save(_ adapters: [any AnyAdapter], names: [String], to directory: String) throws(LoLDUError) {
         try validate(names: names)
         for (adapter, name) in zip(adapters, names) {
-            guard let bad = adapter.firstNonFiniteParameter else { continue }
-            throw LoLDUError(.notFinite, "layer \"\(name)\": \(bad) is not finite; a checkpoint holds finite values only")
+            try checkSavable(adapter, name, "a checkpoint")
         }
         let generation = randomGeneration()
         var metadata = ["format": "pt", "loldu.version": libraryVersion, generationKey: generation]

@@ -57,9 +57,7 @@ public enum LoRAExport {
                              to directory: String) throws(LoLDUError) {
         try Checkpoint.validate(names: names)
         for (adapter, name) in zip(adapters, names) {
-            if let bad = adapter.firstNonFiniteParameter {
-                throw LoLDUError(.notFinite, "layer \"\(name)\": \(bad) is not finite; an export holds finite values only")
-            }
+            try Checkpoint.checkSavable(adapter, name, "an export")
         }
         try checkTarget(directory, replace: options.replace)
         let rank = adapters.map(\.rank).max() ?? 1

@@ -462,7 +462,7 @@ func exportLoRA(_ a: Arguments) throws(Failure) {
             }
         } else if embeddings.contains(name) {
             layer.kind = Int32(LOLDU_LORA_EMBEDDING.rawValue)
-        } else if declared == nil && namedLikeEmbedding(name) {
+        } else if declared == nil && !shape.isEmpty && namedLikeEmbedding(name) {  // (a layer the base lacks: a mismatch, below)
             throw a.usage("layer \"\(name)\" is named like an embedding, which PEFT stores differently; pass --embedding \(name) if it is an nn.Embedding, --linear \(name) if it is an nn.Linear")
         }
         layers.append(layer)
@@ -504,22 +504,40 @@ func merge(_ a: Arguments) throws(Failure) {
     loldu_merge_options_default(&options)
     if let type { options.dtype = Int32(type.rawValue) }
     var progress = ProgressLine()
+    stopOnSignals()
     let status: loldu_status = withUnsafeMutablePointer(to: &progress) { line in
-        if line.pointee.enabled {
-            options.user = UnsafeMutableRawPointer(line)
-            options.progress = { user, done, total, tensor in
-                let line = user!.assumingMemoryBound(to: ProgressLine.self)
+        options.user = line.pointee.enabled ? UnsafeMutableRawPointer(line) : nil
+        options.progress = { user, done, total, tensor in
+            guard stopSignal == 0 else { return 1 }  // (the library then removes what it wrote)
+            if let line = user?.assumingMemoryBound(to: ProgressLine.self) {
                 let percent = total == 0 ? 100 : Int(done * 100 / total)
                 line.pointee.show("merging \(percent)% (\(done >> 20) of \(total >> 20) MiB) \(String(cString: tensor!))",
                                   force: done == total)
-                return 0
             }
+            return 0
         }
         return loldu_merge_model(out, base, checkpoint.handle, &options)
     }
     progress.finish()
+    if stopSignal != 0 {  // die of the signal, as the shell expects, once the library has cleaned up
+        printError(status == LOLDU_ERR_CANCELLED ? "\(tool) merge: stopped by signal \(stopSignal); \"\(out)\" was not written\n"
+                   : "\(tool) merge: signal \(stopSignal) after the last tensor; \"\(out)\" is complete\n")
+        signal(stopSignal, SIG_DFL)
+        raise(stopSignal)
+    }
     try check(status, "cannot merge into \"\(out)\"")
     printLine("wrote \(out): \(base) with \(checkpoint.names.count) layers merged")
+}
+
+/// The signal (SIGINT, SIGTERM) that asked a long command to stop, 0 until one arrives: set by
+/// the handler ``stopOnSignals()`` installs, polled by the command between steps so that the
+/// library can remove what it had written.
+nonisolated(unsafe) var stopSignal: Int32 = 0
+
+func stopOnSignals() {
+    for s in [SIGINT, SIGTERM] {
+        signal(s) { stopSignal = $0 }
+    }
 }
 
 // MARK: Main

@@ -47,6 +47,17 @@ def integer(value, what: str, ctype=ctypes.c_int64) -> int:
     return number
 
 
+def real(value, what: str) -> float:
+    """``value`` as a Python float, or ``InvalidArgumentError`` naming ``what`` (a string, None, a
+    sequence: ``float()`` would raise a bare error, or parse a string)."""
+    if not isinstance(value, (str, bytes)):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise InvalidArgumentError(f"{what} must be a number, got {value!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+
+
 def c_string(value, what: str, *, path: bool = False) -> bytes:
     """``value`` as the NUL-terminated string the library reads: a ``str`` in UTF-8 or, for a
     ``path``, anything ``os.fsencode`` takes. ``InvalidArgumentError`` naming ``what`` for other

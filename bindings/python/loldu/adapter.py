@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 
 from . import _capi
-from ._arrays import BFLOAT16, NUMPY_DTYPES, check_array, integer, library_dtype, row_indices, unmasked, view
+from ._arrays import BFLOAT16, NUMPY_DTYPES, check_array, integer, library_dtype, real, row_indices, unmasked, view
 from .errors import InvalidArgumentError, InvalidHandleError, LoLDUWarning, ShapeError, StateError, check
 
 # Above this ‖W_eff − W‖ / ‖W‖ at creation, the initial z has replaced much of the pretrained
@@ -482,7 +482,7 @@ class Adapter:
 
     @sigma.setter
     def sigma(self, value: float) -> None:
-        check(_capi.loldu_set_sigma(self.handle, float(value)))
+        check(_capi.loldu_set_sigma(self.handle, real(value, "sigma")))
 
     @property
     def grad_z(self) -> np.ndarray:
@@ -621,15 +621,18 @@ class Adapter:
         return int(self._raw_info().factor_rank)
 
 
-def _group(adapters, rows, x, width: int, what: str):
+def _group(adapters, rows, x, what: str):
     """The C arguments of a grouped call: the adapter array, the row indices, x's pointer and
     its number of rows."""
-    adapters = list(adapters)
+    try:
+        adapters = list(adapters)
+    except TypeError:
+        adapters = []
     if not adapters or not all(isinstance(a, Adapter) for a in adapters):
         raise InvalidArgumentError(f"{what}: adapters must be a non-empty sequence of loldu.Adapter",
                                    _capi.LOLDU_ERR_INVALID_ARGUMENT)
     base = adapters[0]
-    x_ptr, batch = base._rows(x, "x", width)
+    x_ptr, batch = base._rows(x, "x", base.n)
     rows = row_indices(rows, len(adapters), batch, what)
     handles = (_capi.loldu_adapter_p * len(adapters))(*[a.handle for a in adapters])
     return base, handles, len(adapters), rows, x_ptr, batch
@@ -641,7 +644,7 @@ def grouped_forward(adapters, rows, x: np.ndarray, out: np.ndarray | None = None
     layer), at one adapter's cost (``loldu_grouped_forward``). The adapters must share one base's
     factors (``derive``, ``clone``); ``x`` is ``(..., n)``, ``rows`` holds one index per row.
     ``bias``: the layer's bias for this call, for factors created without one (as ``forward``)."""
-    base, handles, count, rows, x_ptr, batch = _group(adapters, rows, x, adapters[0].n if adapters else 0, "grouped_forward")
+    base, handles, count, rows, x_ptr, batch = _group(adapters, rows, x, "grouped_forward")
     if out is None:
         out = np.empty(x.shape[:-1] + (base.m,), base.dtype)
     y_ptr = check_array(out, "out", base.dtype, x.shape[:-1] + (base.m,), writable=True)
@@ -655,7 +658,7 @@ def grouped_backward(adapters, rows, x: np.ndarray, dy: np.ndarray, dx: np.ndarr
                      need_dx: bool = True) -> np.ndarray | None:
     """Backward of ``grouped_forward``: returns ``dX`` and accumulates each adapter's dz, dσ and db
     from its own rows only (``loldu_grouped_backward``)."""
-    base, handles, count, rows, x_ptr, batch = _group(adapters, rows, x, adapters[0].n if adapters else 0, "grouped_backward")
+    base, handles, count, rows, x_ptr, batch = _group(adapters, rows, x, "grouped_backward")
     dy_ptr = check_array(dy, "dy", base.dtype, x.shape[:-1] + (base.m,))
     if dx is None and need_dx:
         dx = np.empty(x.shape, base.dtype)

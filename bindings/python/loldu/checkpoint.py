@@ -30,7 +30,7 @@ import numpy as np
 from . import _capi
 from ._arrays import NUMPY_DTYPES, c_string, numpy_name
 from .adapter import Adapter, AdapterConfig, _Handle, _HandleOwner
-from .errors import DTypeError, InvalidArgumentError, MismatchError, check
+from .errors import DTypeError, InvalidArgumentError, LoLDUIOError, MismatchError, check
 
 MODEL_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -66,7 +66,11 @@ def save(directory, adapters: Mapping[str, Adapter]) -> None:
     while not os.path.lexists(parent) and parent != os.path.dirname(parent):
         missing.append(parent)
         parent = os.path.dirname(parent)
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:  # (a file, a FIFO... in the way: the library's own refusal, which says what it is)
+        if not os.path.lexists(path):
+            raise LoLDUIOError(f"cannot create directory {directory!r}: {error.strerror}", _capi.LOLDU_ERR_IO) from None
     try:
         check(_capi.loldu_checkpoint_save(path, handles, names, count))
     except BaseException:
@@ -257,6 +261,9 @@ def load(directory, weights: Mapping | None = None, *, base: Mapping[str, Adapte
 
         def create(name):
             entry = weights[name]
+            if isinstance(entry, tuple) and len(entry) != 2:
+                raise InvalidArgumentError(f"weights[{name!r}] must be a weight array or a (weight, bias) pair, got a "
+                                           f"tuple of {len(entry)}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
             weight, bias = entry if isinstance(entry, tuple) else (entry, None)
             return ckpt.create(name, weight, bias, borrow_weight=borrow_weight)
         return _every_layer(ckpt, create)

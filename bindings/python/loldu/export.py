@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 
 from . import _capi
 from ._arrays import c_string, integer, library_dtype
+from ._interrupts import interrupts_held
 from .adapter import Adapter, _names
 from .checkpoint import Checkpoint, _named
 from .errors import InvalidArgumentError, check
@@ -58,11 +59,16 @@ def export_lora(directory, adapters: Mapping[str, Adapter], *, base_model_name_o
                                    _capi.LOLDU_ERR_INVALID_ARGUMENT)
     layers = (_capi.loldu_lora_layer * count)()
     for i, name in enumerate(adapters):
-        kind = (kinds or {}).get(name, "linear")
-        kind, kernel = (kind, ()) if isinstance(kind, str) else kind
-        if kind not in LORA_KINDS:
-            raise InvalidArgumentError(f"kinds[{name!r}] must be one of {LORA_KINDS} (conv with its kernel size), "
-                                       f"got {kind!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        given = (kinds or {}).get(name, "linear")
+        if isinstance(given, str):
+            kind, kernel = given, ()
+        elif isinstance(given, (tuple, list)) and len(given) == 2 and isinstance(given[1], (tuple, list)):
+            kind, kernel = given
+        else:
+            kind = kernel = None
+        if kind not in LORA_KINDS or (kind == "conv") != bool(kernel):
+            raise InvalidArgumentError(f"kinds[{name!r}] must be 'linear', 'embedding' or ('conv', kernel_size) with "
+                                       f"kernel_size a tuple of ints, got {given!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
         layers[i].kind = LORA_KINDS.index(kind)
         layers[i].kernel_dims = len(kernel)
         for k, size in enumerate(tuple(kernel)[:3]):
@@ -83,20 +89,25 @@ def merge_model(checkpoint, base_dir, out_dir, *, dtype=None,
     check(_capi.loldu_merge_options_default(ctypes.byref(options)))
     options.dtype = _dtype_code(dtype, "dtype", allow_keep=True)
     errors: list[BaseException] = []
-    if progress is not None:
-        def report(_user, done, total, tensor):
-            try:
-                progress(int(done), int(total), tensor.decode("utf-8", "replace"))
-                return 0
-            except BaseException as error:  # stops the merge; raised again after the call
-                errors.append(error)
-                return 1
-        options.progress = _capi.loldu_progress_fn(report)
     opened = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     try:
-        status = _capi.loldu_merge_model(c_string(out_dir, "out_dir", path=True), c_string(base_dir, "base_dir", path=True),
-                                         opened.handle,
-                                         ctypes.byref(options))
+        # Ctrl-C is held back during the call (raised in a callback, it would be lost in ctypes):
+        # the callback stops the merge once one arrived, and it is raised after the call.
+        with interrupts_held() as interrupted:
+            def report(_user, done, total, tensor):
+                if interrupted or errors:
+                    return 1
+                try:
+                    if progress is not None:
+                        progress(int(done), int(total), tensor.decode("utf-8", "replace"))
+                    return 0
+                except BaseException as error:  # stops the merge; raised again after the call
+                    errors.append(error)
+                    return 1
+            options.progress = _capi.loldu_progress_fn(report)
+            status = _capi.loldu_merge_model(c_string(out_dir, "out_dir", path=True),
+                                             c_string(base_dir, "base_dir", path=True), opened.handle,
+                                             ctypes.byref(options))
     finally:
         if opened is not checkpoint:
             opened.close()

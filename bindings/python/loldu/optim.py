@@ -16,7 +16,7 @@ import ctypes
 import math
 
 from . import _capi
-from ._arrays import c_string, integer
+from ._arrays import c_string, integer, real
 from .adapter import Adapter, _choice, _Handle, _HandleOwner, _names
 from .errors import InvalidArgumentError, check
 
@@ -99,17 +99,19 @@ class Optimizer(_HandleOwner):
         self.adapters = tuple(_adapter_list(adapters))
         c = _capi.loldu_optimizer_config()
         check(_capi.loldu_optimizer_config_default(ctypes.byref(c), _choice(kind, KINDS, "kind")))
-        c.lr = float(lr)
-        c.lr_sigma = -1.0 if lr_sigma is None else float(lr_sigma)
+        c.lr = real(lr, "lr")
+        c.lr_sigma = -1.0 if lr_sigma is None else real(lr_sigma, "lr_sigma")
         if weight_decay is not None:
-            c.weight_decay = float(weight_decay)
-        c.weight_decay_sigma = float(weight_decay_sigma)
-        c.momentum = float(momentum)
-        c.dampening = float(dampening)
+            c.weight_decay = real(weight_decay, "weight_decay")
+        c.weight_decay_sigma = real(weight_decay_sigma, "weight_decay_sigma")
+        c.momentum = real(momentum, "momentum")
+        c.dampening = real(dampening, "dampening")
         c.nesterov = 1 if nesterov else 0
-        c.beta1, c.beta2 = (float(b) for b in betas)
-        c.eps = float(eps)
-        c.max_grad_norm = float(max_grad_norm)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise InvalidArgumentError(f"betas must be a pair of numbers, got {betas!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        c.beta1, c.beta2 = real(betas[0], "betas[0]"), real(betas[1], "betas[1]")
+        c.eps = real(eps, "eps")
+        c.max_grad_norm = real(max_grad_norm, "max_grad_norm")
         c.schedule = _choice(schedule, SCHEDULES, "schedule")
         c.warmup_steps = integer(warmup_steps, "warmup_steps")
         c.total_steps = integer(total_steps, "total_steps")

@@ -240,6 +240,23 @@ def test_a_killed_merge_leaves_no_output_and_the_next_one_cleans_up(trained_mini
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "timing" / "model.safetensors").read_bytes()
 
 
+def test_ctrl_c_or_sigterm_stops_a_merge_and_leaves_nothing_behind(trained_minilm, tmp_path):
+    """Caught, the signal stops the merge at its next tensor; the library removes what it had
+    written, and the tool then dies of the signal (as the shell expects)."""
+    checkpoint, _ = trained_minilm
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / f"merged-{sig.name}"
+        process = subprocess.Popen([str(CLI), "merge", str(checkpoint), "--base", str(minilm_dir()), "--out", str(out)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while process.poll() is None and not any(n.startswith(f".{out.name}.") for n in os.listdir(tmp_path)):
+            time.sleep(0.001)  # (until the merge writes: its temporary directory appears)
+        process.send_signal(sig)
+        _, stderr = process.communicate()
+        assert process.returncode == -sig, stderr
+        assert f'stopped by signal {int(sig)}; "{out}" was not written' in stderr
+        assert os.listdir(tmp_path) == []  # no output, no temporary left
+
+
 def tiny_model(directory) -> pathlib.Path:
     """A model directory of two small layers and a LoLDU checkpoint on it (``directory/ckpt``)."""
     rng = np.random.default_rng(0)
@@ -254,6 +271,23 @@ def tiny_model(directory) -> pathlib.Path:
         adapter.z[:] += 0.1
     loldu.save(pathlib.Path(directory) / "ckpt", adapters)
     return base
+
+
+def test_a_base_without_a_layer_is_a_mismatch_for_every_command_whatever_its_name(tmp_path):
+    """A layer named like an embedding asks for --embedding / --linear only when the base has it:
+    missing, it is a mismatch (exit 3), as merge and verify say."""
+    weights = {"embed_tokens.weight": np.random.default_rng(1).standard_normal((6, 5)).astype(np.float32)}
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loldu.save(tmp_path / "ckpt", {"embed_tokens": loldu.Adapter(weights["embed_tokens.weight"], rank=2)})
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({"lm_head.weight": weights["embed_tokens.weight"]}, str(other / "model.safetensors"),
+              metadata={"format": "pt"})
+    (other / "config.json").write_text("{}")
+    for command in ("export-lora", "merge"):
+        failed = run(command, tmp_path / "ckpt", "--base", other, "--out", tmp_path / command, check_code=3)
+        assert "embed_tokens" in failed.stderr and "--embedding" not in failed.stderr, failed.stderr
+    run("verify", tmp_path / "ckpt", "--base", other, check_code=3)
 
 
 def test_concurrent_merges_to_one_directory_give_one_result(tmp_path):

@@ -9,6 +9,9 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -369,6 +372,28 @@ def test_bf16_base_in_bf16_out(tmp_path):
     bf16_model = AutoModel.from_pretrained(str(tmp_path / "merged")).eval()
     assert bf16_model.dtype == torch.bfloat16
     assert relative_error(hidden(bf16_model, tokens), hidden(model, tokens)) < 3e-2
+
+
+def test_ctrl_c_stops_a_merge_and_is_raised_after_it(trained_minilm, tmp_path):
+    """A SIGINT while the library merges (here from another thread, while the progress callback
+    of a slowed merge runs) stops the merge at its next tensor, leaves no output, and is raised
+    as KeyboardInterrupt once the call returns: raised inside a ctypes callback, it would be
+    lost (printed as "Exception ignored") and the merge would end as cancelled, or complete."""
+    checkpoint, _ = trained_minilm
+    calls = []
+
+    def progress(done, total, tensor):
+        calls.append(tensor)
+        time.sleep(0.01)  # (a merge long enough for the timer: about 100 tensors)
+
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loldu.merge_model(checkpoint, minilm_dir(), tmp_path / "merged", progress=progress)
+    finally:
+        timer.cancel()
+    assert 0 < len(calls) < 100 and os.listdir(tmp_path) == []
 
 
 def test_bad_model_directories_are_refused_and_leave_no_output(trained_minilm, tmp_path):

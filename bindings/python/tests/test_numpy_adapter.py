@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import pickle
-
 import warnings
 
 import ml_dtypes
@@ -200,6 +200,24 @@ def test_z_is_a_live_zero_copy_view():
         assert a.params[4] == a.sigma == 1.0
         a.params[4] = 2.0
         assert a.sigma == 2.0
+
+
+def test_values_written_while_merged_through_an_older_view_are_not_saved(tmp_path):
+    """A view of z taken before the merge stays writable (numpy cannot take that back); the
+    merged weight keeps computing with the values it merged, so saving or exporting the
+    written ones is refused, naming the layer, and nothing is written."""
+    w = np.random.default_rng(5).standard_normal((6, 5))
+    a = loldu.Adapter(w, rank=3)
+    z = a.z
+    a.merge()
+    z[:] = 5.0
+    for call in (lambda: loldu.save(tmp_path / "ckpt", {"l": a}), lambda: loldu.export_lora(tmp_path / "lora", {"l": a})):
+        with pytest.raises(loldu.StateError, match='layer "l": z or sigma were written while the adapter is merged'):
+            call()
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "lora").exists()
+    a.unmerge()  # (the values meant, merged again: saved)
+    a.merge()
+    loldu.save(tmp_path / "ckpt", {"l": a})
 
 
 @pytest.mark.filterwarnings("ignore::loldu.LoLDUWarning")  # a non-lu init on purpose
@@ -500,3 +518,35 @@ def test_a_fork_during_a_call_gives_the_child_an_error_not_a_trap_or_a_hang():
     """, env={"OMP_NUM_THREADS": "1"}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout.split("refused ")[1]) >= 2, result.stdout
+
+
+def test_malformed_arguments_are_loldu_errors_naming_them(tmp_path):
+    """Arguments of the wrong kind raise the library's errors, naming the argument, not Python's
+    own from deep inside the binding (AttributeError, unpacking errors, FileExistsError)."""
+    w = np.random.default_rng(3).standard_normal((6, 5)).astype(np.float32)
+    a = loldu.Adapter(w, rank=3)
+    x = np.ones((2, 5), np.float32)
+    (tmp_path / "file").write_text("")
+    os.mkfifo(tmp_path / "fifo")
+    loldu.save(tmp_path / "ckpt", {"l": a})
+    cases = [
+        (lambda: loldu.grouped_forward([None], [0, 0], x), loldu.InvalidArgumentError, "adapters must be"),
+        (lambda: loldu.grouped_backward(["a"], [0, 0], x, np.ones((2, 6), np.float32)), loldu.InvalidArgumentError,
+         "adapters must be"),
+        (lambda: loldu.export_lora(tmp_path / "l", {"l": a}, kinds={"l": ("conv",)}), loldu.InvalidArgumentError,
+         r"kinds\['l'\] must be"),
+        (lambda: loldu.export_lora(tmp_path / "l", {"l": a}, kinds={"l": ("conv", 5)}), loldu.InvalidArgumentError,
+         r"kinds\['l'\] must be"),
+        (lambda: loldu.load(tmp_path / "ckpt", {"l": (w, None, None)}), loldu.InvalidArgumentError,
+         r"weights\['l'\] must be a weight array or a \(weight, bias\) pair"),
+        (lambda: loldu.save(tmp_path / "file", {"l": a}), loldu.LoLDUIOError, "is a regular file, not a directory"),
+        (lambda: loldu.save(tmp_path / "fifo", {"l": a}), loldu.LoLDUIOError, "is a FIFO, not a directory"),
+        (lambda: setattr(a, "sigma", "abc"), loldu.InvalidArgumentError, "sigma must be a number, got 'abc'"),
+        (lambda: loldu.Optimizer([a], "adamw", lr="x"), loldu.InvalidArgumentError, "lr must be a number"),
+        (lambda: loldu.Optimizer([a], "adamw", betas=(0.9,)), loldu.InvalidArgumentError, "betas must be a pair"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    assert a.sigma == 1.0 and not (tmp_path / "l").exists()
+    np.testing.assert_array_equal(loldu.grouped_forward(iter([a]), [0, 0], x), a.forward(x))  # (any iterable)

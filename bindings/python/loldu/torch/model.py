@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import math
 import re
-import signal
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
@@ -19,6 +18,7 @@ import loldu as _loldu
 
 from .. import _capi
 from .._arrays import NUMPY_DTYPES
+from .._interrupts import interrupts_held
 from ..adapter import Adapter, AdapterConfig
 from ..checkpoint import Checkpoint
 from ..errors import DTypeError, InvalidArgumentError, LoLDUWarning, MismatchError, NotFiniteError, ShapeError, StateError
@@ -101,30 +101,6 @@ def _refusal(module: nn.Module, read_directly: set[int]) -> str | None:
         return (f"is a {type(module).__name__}, a subclass of nn.{base.__name__} with a forward of its own, which "
                 "a LoLDU layer would not run: adapt the layers its forward calls")
     return f"is a {type(module).__name__}; LoLDU adapts nn.Linear, nn.Conv1d/2d/3d and nn.Embedding"
-
-
-@contextlib.contextmanager
-def _whole():
-    """Holds Ctrl-C back while a model-level call changes its layers one after the other, so that
-    the model ends wholly changed or not at all: the ``KeyboardInterrupt`` of a SIGINT that
-    arrives meanwhile is raised as soon as the block ends. Only in the main thread of the main
-    interpreter, where Python runs signal handlers, and only under Python's own SIGINT handler:
-    one the program installed (asyncio's, a training loop's) runs as usual."""
-    received, previous = [], None
-    try:
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    except ValueError:  # (another thread or interpreter)
-        pass
-    if previous is None:
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            signal.raise_signal(signal.SIGINT)
 
 
 def _stage_adapter(layer: LoLDULayer, adapter_name: str, config: AdapterConfig, made: list):
@@ -262,7 +238,7 @@ def add_loldu(
         except BaseException:  # all or nothing: nothing was installed
             _discard(made, frozen)
             raise
-    with _whole():
+    with interrupts_held():
         for install in installs:  # (as PEFT: a new adapter trains only if it is active)
             install()
         if mark_trainable:
@@ -326,7 +302,7 @@ def set_adapter(model: nn.Module, adapter_name) -> None:
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     layers = loldu_layers(model)
     _check_known(layers, names, "adapter_name")
-    with _whole():
+    with interrupts_held():
         for layer in layers.values():
             layer.set_adapter(names)
 
@@ -354,7 +330,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         layer._deletable(adapter_name)
     was_active = [(layer, list(layer.active_adapters)) for layer in layers.values()
                   if adapter_name in layer.active_adapters]
-    with _whole():
+    with interrupts_held():
         for layer in holders:
             layer.delete_adapter(adapter_name)
         first = _names_of(layers)[:1]
@@ -382,7 +358,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         if adapter_name in layer.loldu_config:
             raise InvalidArgumentError(f"{layer.loldu_name} already has an adapter named {adapter_name!r}",
                                        _capi.LOLDU_ERR_INVALID_ARGUMENT)
-    with _whole():
+    with interrupts_held():
         done = []
         try:
             for layer in layers:
@@ -456,7 +432,7 @@ def mark_only_loldu_as_trainable(model: nn.Module, bias: str = "none") -> None:
         raise InvalidArgumentError(f"bias must be 'none', 'all' or 'loldu_only', got {bias!r}",
                                    _capi.LOLDU_ERR_INVALID_ARGUMENT)
     root = unwrap(model)
-    with _whole():
+    with interrupts_held():
         for name, p in root.named_parameters():
             p.requires_grad_(bias == "all" and name.rsplit(".", 1)[-1] == "bias")
         for layer in loldu_layers(root).values():
@@ -703,7 +679,7 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
         finally:
             for trial in trials:
                 trial.close()
-        with _whole():
+        with interrupts_held():
             for install in installs:  # every layer checked: now the model changes
                 install()
             if mark_trainable:
@@ -737,7 +713,7 @@ def merge_loldu(model: nn.Module) -> None:
 
 
 def unmerge_loldu(model: nn.Module) -> None:
-    with _whole():
+    with interrupts_held():
         for layer in loldu_layers(model).values():
             layer.unmerge()
 
@@ -758,7 +734,7 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Mo
                 weights[name] = layer.effective_weight(adapter_name)
             except _loldu.LoLDUError as error:
                 raise layer._named(error) from None
-    with _whole():
+    with interrupts_held():
         for name, layer in layers.items():
             base = layer.base_layer
             if name in weights:
@@ -771,7 +747,7 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Mo
 def unload(model: nn.Module) -> nn.Module:
     """Replaces every LoLDU layer by its original base module (the adapters are dropped)."""
     root = unwrap(model)
-    with _whole():
+    with interrupts_held():
         for name, layer in loldu_layers(root).items():
             _set_submodule(root, name, layer.base_layer)
             layer.close()
@@ -779,7 +755,7 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _enable_all(model: nn.Module, enabled: bool) -> None:
-    with _whole():
+    with interrupts_held():
         for layer in loldu_layers(model).values():
             layer.enable_adapters(enabled)
 
@@ -806,7 +782,7 @@ def disable_adapters(model: nn.Module):
     (threads). For base outputs in one thread only, use ``mixed_batch(model, ["__base__"] * n)``."""
     layers, entered = list(loldu_layers(model).values()), False
     try:
-        with _whole(), _DISABLE_BLOCKS:
+        with interrupts_held(), _DISABLE_BLOCKS:
             for layer in layers:
                 if layer._disable_blocks == 0:
                     layer._enabled_before_blocks = layer.enabled
@@ -816,7 +792,7 @@ def disable_adapters(model: nn.Module):
         yield model
     finally:
         if entered:
-            with _whole(), _DISABLE_BLOCKS:
+            with interrupts_held(), _DISABLE_BLOCKS:
                 for layer in layers:
                     layer._disable_blocks -= 1
                     if layer._disable_blocks == 0:
