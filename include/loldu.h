@@ -633,7 +633,7 @@ LOLDU_API loldu_status loldu_optimizer_config_default(loldu_optimizer_config *co
 typedef struct loldu_optimizer loldu_optimizer;
 
 /**
- * Creates an optimiser over `count` ≥ 1 different adapters (`adapters` read; the optimiser keeps
+ * Creates an optimiser over `count` different adapters, 1 ≤ count ≤ 2^24 (`adapters` read; the optimiser keeps
  * them alive until it is freed; adapters of any element types may be mixed). Its state
  * (momentum, first and second moments) is in each adapter's parameter type (float32; float64 for
  * float64 adapters), like z and σ.

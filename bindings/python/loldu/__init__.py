@@ -17,9 +17,9 @@ Three layers:
 
 Import-time behaviour:
 
-- ``libloldu.so`` is looked for through ``LOLDU_LIBRARY``, then this package's folder, then
-  the repository's ``.build/release``, then the system's library path (see ``loldu._capi``);
-  ``FileNotFoundError`` lists them.
+- ``libloldu.so`` is looked for through ``LOLDU_LIBRARY`` (when set, only there), else in this
+  package's folder, then the repository's ``.build/release``, then the system's library path
+  (see ``loldu._capi``); ``FileNotFoundError`` lists the places tried.
 - ``OPENBLAS_CORETYPE``: Debian's OpenBLAS 0.3.21 misdetects recent Intel CPUs and falls back
   to very slow kernels. Unless you set it, the package sets ``OPENBLAS_CORETYPE`` before the
   library (and with it OpenBLAS) is loaded: ``SkylakeX`` when ``/proc/cpuinfo`` has

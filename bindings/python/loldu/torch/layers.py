@@ -922,8 +922,8 @@ class LoLDULinear(LoLDULayer):
         names = adapter_names if adapter_names is not None else self._mixed
         mixed = names is not None and not self._disabled
         computing = None if mixed else self._computing_names()
-        if not mixed and not computing:
-            return base(x)  # no active adapter here: the pretrained module, as PEFT computes it
+        if not mixed and (self._disabled or not computing):
+            return base(x)  # no active adapter here, or disabled: the pretrained module, exactly, as PEFT computes it
         flat = x.dim() == 2
         x2 = library_input(x if flat else x.reshape(-1, n))
         bias = base.bias
