@@ -14,12 +14,12 @@ Several named adapters per layer, as PEFT: ``add_loldu(..., adapter_name="b")``,
 ``load_loldu(model, dir, adapter_name="b")``, ``set_adapter``, ``delete_adapter``,
 ``active_adapters`` (several: their updates add up, as in PEFT), ``add_weighted_adapter`` (exact:
 adapters on one weight share its factors, so their updates combine by their coefficient
-vectors), and mixed batches where each sample
-uses its own adapter at one adapter's cost (``layer(x, adapter_names=[...])``, or
-``with lt.mixed_batch(model, names): model(...)`` for models whose forward does not pass the
-argument down). Training two adapters in one mixed batch works with ``torch.optim`` and
-``lt.Optimizer``. An adapter may be on some layers only: ``set_adapter`` makes it active on
-every layer, and a layer without it computes its base layer (for its rows, in a mixed batch).
+vectors), and mixed batches where each sample uses its own adapter at one adapter's cost
+(``layer(x, adapter_names=[...])``, or ``with lt.mixed_batch(model, names): model(...)`` for
+models whose forward does not pass the argument down). Training two adapters in one mixed
+batch works with ``torch.optim`` and ``lt.Optimizer``. An adapter may be on some layers only:
+``set_adapter`` makes it active on every layer, and a layer without it computes its base layer
+(for its rows, in a mixed batch).
 
 The package is split as PEFT splits its tuners:
 

@@ -225,9 +225,9 @@ class LinearFunction(torch.autograd.Function):
 
 class SummedLinearFunction(LinearFunction):
     """``LinearFunction`` through the adapter a layer keeps for the sum of several active
-    adapters, whose z (the sum's ``c``) a later forward may overwrite:
-    the backward computes with the ``c`` of its forward, through a clone holding it if that changed.
-    (dX depends on ``c``; dz, and ``WeightFunction``'s backward, do not.)"""
+    adapters, whose z (the sum's ``c``) a later forward may overwrite: the backward computes
+    with the ``c`` of its forward, through a clone holding it if that changed. (dX depends on
+    ``c``; dz, and ``WeightFunction``'s backward, do not.)"""
 
     @staticmethod
     def forward(ctx, x, c, sigma, bias, adapter, keep_h: bool):
