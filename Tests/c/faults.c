@@ -468,7 +468,7 @@ static void killed_saves(const char dir[256]) {
     enum { KILLS = 120 };
     EXPECT(save_version(dir, 0) == LOLDU_OK, "first save");
     srand(11);
-    int loaded[VERSIONS] = {0}, broken = 0, most_temporaries = 0;
+    int loaded[VERSIONS] = {0}, broken = 0, most_temporaries = 0, interrupted = 0;
     for (int round = 0; round < KILLS; round++) {
         int ready[2];
         if (pipe(ready) != 0) { perror("pipe"); exit(1); }
@@ -495,14 +495,16 @@ static void killed_saves(const char dir[256]) {
         if (v < 0) broken++; else loaded[v]++;
         int t = temporaries_in(dir);
         if (t > most_temporaries) most_temporaries = t;
+        if (t > 0) interrupted++;  /* (the kill landed inside a save: its temporaries are left) */
     }
+    EXPECT(interrupted > 0, "no kill landed inside a save: the test interrupted none");
     EXPECT(broken == 0, "%d of %d killed saves left a directory that is neither version", broken, KILLS);
     /* At most what the last killed save left (its two temporary files and its pending config). */
     EXPECT(most_temporaries <= 3, "up to %d temporary files piled up", most_temporaries);
     EXPECT(save_version(dir, 2) == LOLDU_OK && temporaries_in(dir) == 0 && entries_in(dir) == 2,
            "the next save left %d temporary files", temporaries_in(dir));
-    printf("killed saves: %d kills, loaded as version 0/1/2: %d/%d/%d, torn: %d, at most %d temporary files\n",
-           KILLS, loaded[0], loaded[1], loaded[2], broken, most_temporaries);
+    printf("killed saves: %d kills (%d inside a save), loaded as version 0/1/2: %d/%d/%d, torn: %d, at most %d "
+           "temporary files\n", KILLS, interrupted, loaded[0], loaded[1], loaded[2], broken, most_temporaries);
 }
 
 /* 5a. ENOSPC injected after every prefix of a larger save: the smaller checkpoint stays. */

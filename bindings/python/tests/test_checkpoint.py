@@ -91,9 +91,9 @@ def test_load_checks_the_base_weight(minilm, tmp_path):
     with pytest.raises(loldu.DTypeError, match="saved in float32"):
         loldu.load(tmp_path, {n: w.astype(np.float64) for n, w in weights.items()})
     with loldu.Checkpoint(tmp_path) as ckpt, loldu.Adapter(weights[NAMES[0]], rank=8) as wrong_rank:
+        before = wrong_rank.z.copy()
         with pytest.raises(loldu.MismatchError, match="different rank"):
             ckpt.apply(NAMES[0], wrong_rank)
-        before = wrong_rank.z.copy()
         np.testing.assert_array_equal(wrong_rank.z, before)  # nothing changed
     restored = loldu.load(tmp_path, weights, borrow_weight=True)
     assert restored[NAMES[0]].info["borrow_weight"]

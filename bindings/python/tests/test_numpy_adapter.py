@@ -100,6 +100,7 @@ def test_every_path_and_the_h_buffer_agree(minilm, dtype):
             dx2 = a.backward(x, dy)
             np.testing.assert_array_equal(y, y2)
             np.testing.assert_allclose(a.grad, grads, rtol=1e-4 if dtype == np.float32 else 1e-12)
+            np.testing.assert_allclose(dx2, dx, rtol=1e-6 if dtype == np.float32 else 1e-12)
             results[path] = (y, dx, grads)
         a.path = "auto"
         assert a.plan(64) in loldu.PATHS[1:] and a.plan(64, keeps_h=True) in loldu.PATHS[1:]

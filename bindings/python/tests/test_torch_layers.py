@@ -737,6 +737,9 @@ def test_a_mixed_batch_sees_replaced_parameters_and_added_or_deleted_adapters():
     check()
     np.testing.assert_array_equal(layer.get_adapter("default").z, [1, 2, 3, 4])
     layer.update_layer("c", AdapterConfig(rank=2, residual="init", z_init="normal", seed=2))
+    with torch.no_grad():  # (an update of its own: rows that missed it would get the base output)
+        layer.loldu_z["c"].add_(0.5)
+        assert not torch.allclose(layer(x, adapter_names=["c"] * 4), layer.base_layer(x))
     names = ["c", "b", "default", "c"]
     check()
     layer.update_layer("b", AdapterConfig(rank=4, residual="init", z_init="normal", seed=3))  # re-created

@@ -285,10 +285,14 @@ def test_export_merged(model, tmp_path):
     from safetensors.torch import load_file
 
     lt.add_loldu(model, target_modules=["value"], rank=8, z_init="s_uniform", residual="init")
+    for layer in lt.loldu_layers(model).values():
+        with torch.no_grad():  # (trained: W_eff is not W)
+            layer.loldu_z["default"].add_(0.5)
     lt.export_merged(model, tmp_path / "merged.safetensors")
     tensors = load_file(str(tmp_path / "merged.safetensors"))
     for name, layer in lt.loldu_layers(model).items():
         torch.testing.assert_close(tensors[f"{name}.weight"], layer.effective_weight(), rtol=0, atol=0)
+        assert not torch.equal(tensors[f"{name}.weight"], layer.base_layer.weight)
 
 
 def test_add_loldu_warns_once_when_the_initial_z_replaces_the_pretrained_layers():
@@ -480,6 +484,10 @@ def test_deleting_adapters_as_peft_does(tmp_path):
     lt.add_loldu(model, ["0"], rank=4, adapter_name="only0")
     reference = small()
     x = torch.randn(3, 16)
+    lt.set_adapter(model, "default")
+    with torch.no_grad():  # (an update of its own: deleted, it must stop computing)
+        model[2].loldu_z["default"].add_(0.5)
+        assert not torch.allclose(model(x), reference[2](model[1](model[0](x))))
     lt.delete_adapter(model, "default")
     assert not lt.loldu_layers(model)["2"].loldu_config and lt.active_adapters(model) == ["only0"]
     with torch.no_grad():
@@ -542,8 +550,11 @@ def test_a_layer_without_adapters_is_its_base_module_everywhere(tmp_path):
     reference = small()
     lt.add_loldu(model, ["0", "2"], rank=4)
     lt.add_loldu(model, ["0"], rank=4, adapter_name="b")
-    lt.delete_adapter(model, "default")  # layer 2 has none left
     x = torch.randn(3, 16)
+    with torch.no_grad():  # (an update of its own: deleted, it must stop computing)
+        model[2].loldu_z["default"].add_(0.5)
+        assert not torch.allclose(model(x), reference(x))
+    lt.delete_adapter(model, "default")  # layer 2 has none left
     with lt.mixed_batch(model, ["__base__"] * 3), torch.no_grad():
         torch.testing.assert_close(model(x), reference(x))
     lt.merge_loldu(model)
