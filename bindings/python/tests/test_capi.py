@@ -357,6 +357,8 @@ def test_last_error_is_per_thread():
             except loldu.InvalidArgumentError as e:
                 if f"got {rank_value}" not in str(e):
                     failures.append(str(e))
+            else:
+                failures.append(f"rank {rank_value} was accepted")
 
     threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 6, 7, 99)]
     for t in threads:
