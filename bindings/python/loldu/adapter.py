@@ -270,6 +270,7 @@ class Adapter:
         self._state = (bool(info.enabled), bool(info.merged))
         # The library allocates gradients on first use: a served adapter never holds them.
         self._grads_ptr = self._bias_grad_ptr = None
+        self._reference_values = None  # (_reference)
 
     def _gradient_pointers(self) -> tuple[int, int | None]:
         if self._grads_ptr is None:
@@ -473,6 +474,15 @@ class Adapter:
         out = np.empty(self.rank, self.param_dtype)
         check(_capi.loldu_get_coefficients(self.handle, out.ctypes.data))
         return out
+
+    def _reference(self) -> np.ndarray:
+        """``σ₀ z_ref``, the part of ``c`` that does not move with z and σ (read once; not to be
+        written): the coefficients of a clone whose z is zero, negated."""
+        if self._reference_values is None:
+            with self.clone() as probe:
+                probe.set_z(np.zeros(self.rank, self.param_dtype))
+                self._reference_values = -probe.coefficients()
+        return self._reference_values
 
     @property
     def sigma(self) -> float:

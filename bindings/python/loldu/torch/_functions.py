@@ -231,7 +231,7 @@ class SummedLinearFunction(LinearFunction):
 
     @staticmethod
     def forward(ctx, x, c, sigma, bias, adapter, keep_h: bool):
-        ctx.coefficients = c.detach().numpy().copy()  # (not from saved_tensors in backward: they unpack once)
+        ctx.coefficients = c.detach().numpy()  # (c is this call's own; saved_tensors unpack once)
         return LinearFunction.forward(ctx, x, c, sigma, bias, adapter, keep_h)
 
     @staticmethod

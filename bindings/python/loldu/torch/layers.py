@@ -175,7 +175,6 @@ class LoLDULayer(nn.Module):
         self._disabled = False
         self._disable_blocks, self._enabled_before_blocks = 0, True  # (open disable_adapters blocks)
         self._companions: dict = {}
-        self._references: dict[str, tuple] = {}  # name -> (adapter, σ₀ z_ref) (_reference)
         self._plans: dict[tuple[str, int], bool] = {}  # (adapter, rows) → the step keeps h (at most PLANS_KEPT)
         self._grouping: AdapterGroup | None = None  # (_group)
         self._changes = 0  # adapters added, re-created or removed (_group)
@@ -415,10 +414,9 @@ class LoLDULayer(nn.Module):
         return adapter
 
     def _forget(self, name: str) -> None:
-        """Drops the autocast conversions of adapter ``name`` and its ``_reference``."""
+        """Drops the autocast conversions of adapter ``name``."""
         for key in [k for k in self._companions if k[0] == name]:
             self._companions.pop(key).close()
-        self._references.pop(name, None)
 
     def set_adapter(self, adapter_names) -> None:
         """Makes ``adapter_names`` (a name or a list) the active adapters; their parameters
@@ -595,6 +593,13 @@ class LoLDULayer(nn.Module):
             factors = self._companions[(None, dtype)] = self._factors.convert(NUMPY_DTYPES[LIBRARY_DTYPES[dtype]])
         return factors
 
+    def _parameters_of(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``name``'s z and σ as a call uses them: detached unless they take part
+        (``_computes``), so that autograd gives them no gradient."""
+        z = self._modules["loldu_z"]._parameters[name]
+        sigma = self._modules["loldu_sigma"]._parameters[name]
+        return (z, sigma) if self._computes(name) else (z.detach(), sigma.detach())
+
     def _computes(self, name: str) -> bool:
         """Whether adapter ``name``'s z and σ take part in this call: not while it is merged or
         the layer disabled (as PEFT, they then get no gradient, and torch.optim leaves them alone)."""
@@ -625,21 +630,21 @@ class LoLDULayer(nn.Module):
         base weight, but each LoLDU adapter merges into a weight of its own."""
         names = self._present_active()
         if len(names) > 1:
-            raise StateError(f"{self.loldu_name}: {len(names)} active adapters {names}; a LoLDU layer merges one "
-                             "adapter (PEFT would merge them all into the base weight): merge one (set_adapter), "
-                             "combine them (add_weighted_adapter) and merge that, or merge their sum into plain "
-                             "layers (merge_and_unload)", _capi.LOLDU_ERR_STATE)
+            raise self._several_active(names, "a LoLDU layer merges one adapter (PEFT would merge them all into "
+                                              "the base weight): merge one (set_adapter), combine them "
+                                              "(add_weighted_adapter) and merge that, or merge their sum into "
+                                              "plain layers (merge_and_unload)")
         return names[0] if names else None
+
+    def _several_active(self, names: list[str], advice: str) -> StateError:
+        return StateError(f"{self.loldu_name}: {len(names)} active adapters {names}; {advice}", _capi.LOLDU_ERR_STATE)
 
     def _effective_weight(self, names: list[str], dtype: torch.dtype) -> torch.Tensor:
         """``W_eff`` (``m × n``) of adapter ``names[0]``, or of the sum of ``names``' updates."""
         if len(names) > 1:
             adapter, z, sigma = self._summed(names, dtype)
         else:
-            name = names[0]
-            adapter, z, sigma = self._computing_adapter(name, dtype), self.loldu_z[name], self.loldu_sigma[name]
-            if not self._computes(name):
-                z, sigma = z.detach(), sigma.detach()
+            adapter, (z, sigma) = self._computing_adapter(names[0], dtype), self._parameters_of(names[0])
         if self._training(z, sigma):
             return WeightFunction.apply(z, sigma, adapter, dtype)
         refuse_tracing()
@@ -665,10 +670,8 @@ class LoLDULayer(nn.Module):
         rank = max(self._bound(name, call=True).rank for name in names)  # (the checks; the values are the parameters')
         c = torch.zeros(rank, dtype=self.param_dtype)
         for name in names:
-            z, sigma = self.loldu_z[name], self.loldu_sigma[name]
-            if not self._computes(name):
-                z, sigma = z.detach(), sigma.detach()
-            c[: z.numel()] += sigma * z - self._reference(name)
+            z, sigma = self._parameters_of(name)
+            c[: z.numel()] += sigma * z - torch.from_numpy(self._adapters[name]._reference())
         key = (tuple(names), dtype)
         adapter = self._companions.get(key)
         if adapter is None or adapter.rank != rank:
@@ -683,20 +686,6 @@ class LoLDULayer(nn.Module):
             except _loldu.LoLDUError as error:
                 raise self._named(error) from None
         return adapter, c, torch.ones(1, dtype=c.dtype)
-
-    def _reference(self, name: str) -> torch.Tensor:
-        """``σ₀ z_ref`` of adapter ``name`` (its coefficients are ``σ z − σ₀ z_ref``), read once
-        per library adapter: the coefficients of a clone whose z is zero, negated."""
-        adapter = self._adapters[name]
-        kept = self._references.get(name)
-        if kept is None or kept[0] is not adapter:
-            probe = adapter.clone()
-            try:
-                probe.set_z(np.zeros(adapter.rank, adapter.param_dtype))
-                kept = self._references[name] = (adapter, torch.from_numpy(-probe.coefficients()))
-            finally:
-                probe.close()
-        return kept[1]
 
     # -- merge, enable ------------------------------------------------------------------------
 
@@ -843,7 +832,7 @@ class LoLDULayer(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_adapters"], state["_factors"], state["_stamp"], state["_companions"] = {}, None, None, {}
-        state["_grouping"], state["_bound_to"], state["_borrowed"], state["_references"] = None, {}, None, {}
+        state["_grouping"], state["_bound_to"], state["_borrowed"] = None, {}, None
         state["_merged_names"] = self._merged_names()
         state["_disable_blocks"] = 0  # (a copy is in no block: it keeps the state it has)
         return state
@@ -856,7 +845,6 @@ class LoLDULayer(nn.Module):
         state.setdefault("_changes", 0)
         state.setdefault("_bound_to", {})
         state.setdefault("_borrowed", None)
-        state.setdefault("_references", {})
         merged = state.pop("_merged_names", [])
         super().__setstate__(state)
         if not self._adapters and self.loldu_config:
@@ -956,10 +944,7 @@ class LoLDULinear(LoLDULayer):
 
     def _forward_one(self, x: torch.Tensor, name: str, adapter: Adapter, bias) -> torch.Tensor:
         """``x W_effᵀ + bias`` with adapter ``name`` (computing as ``adapter``), for a 2-D input."""
-        z = self._modules["loldu_z"]._parameters[name]
-        sigma = self._modules["loldu_sigma"]._parameters[name]
-        if not self._computes(name):
-            z, sigma = z.detach(), sigma.detach()
+        z, sigma = self._parameters_of(name)
         if self._training(x, z, sigma, bias):
             keep_h = self._plans.get((name, x.shape[0]))
             if keep_h is None:

@@ -528,9 +528,8 @@ def _chosen(layers: Mapping, adapter_name: str | None, *, required: bool = False
     out = {}
     for key, layer in layers.items():
         if adapter_name is None and len(layer.active_adapters) > 1:
-            raise StateError(f"{layer.loldu_name}: {len(layer.active_adapters)} active adapters {layer.active_adapters}; "
-                             "name the one to use (adapter_name=), or make their sum one adapter "
-                             "(add_weighted_adapter)", _capi.LOLDU_ERR_STATE)
+            raise layer._several_active(layer.active_adapters, "name the one to use (adapter_name=), or make their "
+                                                               "sum one adapter (add_weighted_adapter)")
         adapter = adapter_name or _active(layer)
         if adapter in layer.loldu_config:
             out[key] = (layer, adapter)
