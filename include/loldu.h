@@ -31,7 +31,9 @@
  *     a file is expected is LOLDU_ERR_IO, without blocking); every file is replaced atomically
  *     (temporary file, fsync, rename) under an exclusive flock of its directory, so a failed or
  *     interrupted write leaves the previous file intact, and temporary files of killed writers
- *     are removed by the next write into that directory.
+ *     are removed by the next write into that directory. A call that finds the directory locked
+ *     by another process waits for it up to 30 s, then returns LOLDU_ERR_IO. A checkpoint save
+ *     that fails removes the directory if it created it.
  *
  * Thread safety
  *   - Different adapters may be used from different threads at the same time.
@@ -270,8 +272,8 @@ typedef struct loldu_adapter loldu_adapter;
  * or zero columns, exact low-rank products) is caught in every element type; a float W rounded
  * from a low-rank product is not rank deficient as given, and its small pivots are kept. A
  * factor that overflows the element type (entries near FLT_MAX in float) is
- * LOLDU_ERR_NOT_FINITE, and an alpha that makes σ or σ·z₀ overflow (or σ round to 0) is
- * LOLDU_ERR_INVALID_ARGUMENT.
+ * LOLDU_ERR_NOT_FINITE, and an alpha that makes σ, σ·z₀ or the initial coefficients
+ * σ·z₀ − σ₀·z_ref overflow (or σ round to 0) is LOLDU_ERR_INVALID_ARGUMENT.
  */
 LOLDU_API loldu_status loldu_adapter_create(loldu_adapter **out, loldu_dtype dtype, int64_t m, int64_t n,
                                             const void *weight, const void *bias,
@@ -332,7 +334,9 @@ typedef struct loldu_adapter_info {
     uint64_t seed;
     int32_t residual;          /* loldu_residual */
     int32_t path;              /* loldu_path as set with loldu_set_path */
-    int32_t has_bias, train_sigma, borrow_weight, enabled, merged;
+    int32_t has_bias, train_sigma, borrow_weight, enabled, merged;  /* borrow_weight: the
+                                  factors keep the caller's W, not a copy (a derived or cloned
+                                  adapter: its base's factors) */
     int64_t bytes_weight;      /* the copies of W (0 when borrowed) and of the bias */
     int64_t bytes_factors;     /* memory held for A, U_r, D_r, pivots (and GEMM copies of W, A, U_r
                                   in another type), shared with clones and derived adapters */

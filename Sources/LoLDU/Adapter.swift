@@ -88,8 +88,11 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
         if let why = config.unusableSigma(as: P.dtype) { throw .invalid("config.\(why)") }
         let s0 = P(config.sigma)
         let referenceIsInit = config.residual == .initial && config.zInit != .lu
-        for k in 0..<r where !z0[k].isFinite || !(s0 * (referenceIsInit ? z0[k] : factors.diagonal[k])).isFinite {
-            throw .invalid("config.alpha = \(config.effectiveAlpha): sigma times the initial diagonal overflows \(P.dtype.name); use a smaller alpha")
+        for k in 0..<r {  // (σ₀ z₀, σ₀ z_ref and the coefficient σ₀ z₀ − σ₀ z_ref, as every call computes them)
+            let own = s0 * z0[k], reference = s0 * (referenceIsInit ? z0[k] : factors.diagonal[k])
+            guard own.isFinite, reference.isFinite, (own - reference).isFinite else {
+                throw .invalid("config.alpha = \(config.effectiveAlpha): sigma times the initial diagonal overflows \(P.dtype.name); use a smaller alpha")
+            }
         }
         guard let params = Self.allocate(r + 1) else { throw LoLDUError(.outOfMemory, "out of memory allocating z") }
         var zRef: UnsafeMutablePointer<P>? = nil
@@ -351,6 +354,8 @@ public final class Adapter<E: Element, G: GEMMOperand>: @unchecked Sendable wher
     ) throws(LoLDUError) {
         try exclusive { () throws(LoLDUError) in try forwardAlone(batch: batch, x: x, y: y, h: hOut, bias: callBias) }
     }
+
+    public func checkUsable() throws(LoLDUError) { try callLock.checkUsable() }
 
     /// Runs `body` holding ``callLock``.
     private func exclusive(_ body: () throws(LoLDUError) -> Void) throws(LoLDUError) {

@@ -14,10 +14,15 @@ public protocol AnyAdapter: AnyObject, Sendable {
     var hasBias: Bool { get }
     /// A bias given for one forward is only for layers created without one (`state` otherwise).
     func checkCallBias(_ bias: UnsafeRawPointer?) throws(LoLDUError)
+    /// `state` in the child of a fork made while another thread was inside one of the
+    /// adapter's locked calls (every call on an adapter checks it).
+    func checkUsable() throws(LoLDUError)
     var enabled: Bool { get }
     var merged: Bool { get }
     var path: ComputePath { get set }
     var trainableCount: Int { get }
+    /// Whether the factors keep the caller's `W` instead of a copy (a derived adapter: its base's).
+    var borrowsWeight: Bool { get }
     var degeneratePivots: Int { get }
     var sigmaValue: Double { get }
     /// Which library runs this adapter's GEMMs.
@@ -168,6 +173,7 @@ extension Adapter: AnyAdapter {
         try factors.checkCallBias(bias?.assumingMemoryBound(to: E.self))
     }
     public var degeneratePivots: Int { factors.degeneratePivots }
+    public var borrowsWeight: Bool { factors.borrowsWeight }
     public var sigmaValue: Double { Double(sigma) }
     public var backend: GEMMBackend {
         guard G.self == E.self else { return .widened }

@@ -144,13 +144,15 @@ public enum AtomicFile {
     final class LockedDirectory {
         let path: String
         private let fd: Int32
+        /// Whether this lock created the directory (so that a failed first write can remove it).
+        let created: Bool
         /// How long to wait for another process's lock before giving up.
         static let patience: Double = 30
 
         /// Opens (with `create`, first creating) `path` and locks it: exclusively for writers,
         /// shared for readers. A file system without `flock` is used unlocked.
         init(_ path: String, exclusive: Bool, create: Bool = false) throws(LoLDUError) {
-            if create { try AtomicFile.makeDirectory(path) }
+            created = create ? try AtomicFile.makeDirectory(path) : false
             let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NONBLOCK)
             guard fd >= 0 else {
                 let code = errno
@@ -320,12 +322,14 @@ public enum AtomicFile {
     }
 
     /// Creates `path` as a directory unless it already is one.
-    static func makeDirectory(_ path: String) throws(LoLDUError) {
-        if mkdir(path, 0o755) == 0 { return }
+    /// Creates directory `path` unless it exists; returns whether it created it.
+    @discardableResult
+    static func makeDirectory(_ path: String) throws(LoLDUError) -> Bool {
+        if mkdir(path, 0o755) == 0 { return true }
         let code = errno
         var info = stat()
         if code == EEXIST, stat(path, &info) == 0 {
-            if (info.st_mode & S_IFMT) == S_IFDIR { return }
+            if (info.st_mode & S_IFMT) == S_IFDIR { return false }
             throw LoLDUError(.io, "\"\(path)\" is \(kind(info.st_mode)), not a directory")
         }
         errno = code

@@ -29,6 +29,20 @@ struct CallLock: ~Copyable {
     /// call held it.
     func run(_ body: () throws(LoLDUError) -> Void) throws(LoLDUError) {
         let mutex = try made()
+        try checkFork(mutex)
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        try body()
+    }
+
+    /// `LoLDUError(.state)` in the child of a fork made while a call held the lock, for the
+    /// calls that do not take it (they must not overlap one that does, a fork included).
+    func checkUsable() throws(LoLDUError) {
+        guard let mutex = mutex.load(ordering: .acquiring) else { return }  // (never held)
+        try checkFork(mutex)
+    }
+
+    private func checkFork(_ mutex: UnsafeMutablePointer<pthread_mutex_t>) throws(LoLDUError) {
         let forks = ProcessMutex.forks.load(ordering: .relaxed)
         if checked.load(ordering: .acquiring) != forks {  // the first call since a fork
             if pthread_mutex_trylock(mutex) == 0 {
@@ -38,9 +52,6 @@ struct CallLock: ~Copyable {
                 throw LoLDUError(.state, "the adapter was inside a call on another thread when this process was forked; that thread does not exist here, so the adapter cannot be used in this process: create or load it again here (objects made before a fork() work in the child only if no call was running)")
             }
         }
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        try body()
     }
 
     /// The mutex, made by the first caller (another thread's, if it was first).

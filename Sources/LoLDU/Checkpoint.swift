@@ -116,19 +116,23 @@ public final class Checkpoint: @unchecked Sendable {
 
         let dir = try AtomicFile.LockedDirectory(directory, exclusive: true, create: true)
         finishInterruptedSave(dir)
-        for name in [modelFile, configFile] {  // (refused before the first rename: a failed save changes nothing)
-            _ = try AtomicFile.replaceable(dir.file(name), followLinks: false)
-        }
-        let model = try dir.prepare(modelFile) { file throws(LoLDUError) in
-            try SafeTensors.write(entries, metadata: metadata, to: file)
-        }
+        var model: String? = nil
         do {
+            for name in [modelFile, configFile] {  // (refused before the first rename: a failed save changes nothing)
+                _ = try AtomicFile.replaceable(dir.file(name), followLinks: false)
+            }
+            let prepared = try dir.prepare(modelFile) { file throws(LoLDUError) in
+                try SafeTensors.write(entries, metadata: metadata, to: file)
+            }
+            model = prepared
             try dir.replace(pendingFile) { file throws(LoLDUError) in try file.write(Array((JSON.text(config) + "\n").utf8)) }
+            try dir.commit(prepared, as: modelFile)
         } catch {
-            unlink(model)
+            if let model { unlink(model) }  // (not renamed into place)
+            unlink(dir.file(pendingFile))  // (it never took effect)
+            if dir.created { rmdir(directory) }  // (a directory this save made, left empty)
             throw error
         }
-        try dir.commit(model, as: modelFile)
         // From here the directory loads as the new checkpoint, with or without this rename.
         try dir.commit(dir.file(pendingFile), as: configFile, removeOnFailure: false)
     }
@@ -273,8 +277,8 @@ public final class Checkpoint: @unchecked Sendable {
             if let why = c.unusableSigma(as: dtype.parameterType) { throw fail("layers[\"\(name)\"].\(why)") }
 
             func hex(_ key: String) throws(LoLDUError) -> String {
-                guard let value = model.metadata["\(name).\(key)"], value.count == 16,
-                      value.allSatisfy({ $0.isHexDigit && !$0.isUppercase })
+                guard let value = model.metadata["\(name).\(key)"], value.utf8.count == 16,
+                      value.utf8.allSatisfy({ (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) || (UInt8(ascii: "a")...UInt8(ascii: "f")).contains($0) })
                 else { throw model.fail("__metadata__ has no valid \"\(name).\(key)\"") }
                 return value
             }

@@ -132,8 +132,8 @@ extension Float16: Element {
 }
 
 /// Converts `count` elements of type `from` at `src` to type `to` at `dst`: exact when widening,
-/// one rounding to nearest even when narrowing among float32, bfloat16 and float16 (float64
-/// passes through float32 on its way to a half type).
+/// one rounding to nearest even when narrowing (float64 to a half type through float32 rounded
+/// to odd, which keeps it one rounding).
 func convertElements(_ src: UnsafeRawPointer, _ from: DType, _ dst: UnsafeMutableRawPointer, _ to: DType, count: Int) {
     if from == to {
         dst.copyMemory(from: src, byteCount: count * from.byteSize)
@@ -146,7 +146,10 @@ func convertElements(_ src: UnsafeRawPointer, _ from: DType, _ dst: UnsafeMutabl
         withUnsafeTemporaryAllocation(of: Float.self, capacity: 4096) { chunk in
             for start in stride(from: 0, to: count, by: 4096) {
                 let n = Swift.min(4096, count - start)
-                widenToFloats(src + start * from.byteSize, from, chunk.baseAddress!, count: n)
+                switch from {
+                case .float64: roundToOddFloats((src + start * from.byteSize).assumingMemoryBound(to: Double.self), chunk.baseAddress!, count: n)
+                default: widenToFloats(src + start * from.byteSize, from, chunk.baseAddress!, count: n)
+                }
                 narrowFloats(chunk.baseAddress!, to: dst + start * to.byteSize, to, count: n)
             }
         }
@@ -192,6 +195,21 @@ private func widenToFloats(_ src: UnsafeRawPointer, _ from: DType, _ dst: Unsafe
     case .float64:
         let s = src.assumingMemoryBound(to: Double.self)
         for i in 0..<count { dst[i] = Float(s[i]) }
+    }
+}
+
+/// float64 to float32 rounded to odd: toward zero, then the last bit set if that was inexact.
+/// Rounded again to nearest even into a type of at most 22 significant bits (float16, bfloat16),
+/// the result is the one correctly rounded from the double, as if rounded once.
+private func roundToOddFloats(_ src: UnsafePointer<Double>, _ dst: UnsafeMutablePointer<Float>, count: Int) {
+    for i in 0..<count {
+        let x = src[i]
+        var f = Float(x)
+        if x.isFinite, Double(f) != x {
+            if abs(Double(f)) > abs(x) { f = f.sign == .minus ? f.nextUp : f.nextDown }  // (±Inf included)
+            f = Float(bitPattern: f.bitPattern | 1)
+        }
+        dst[i] = f
     }
 }
 

@@ -294,7 +294,7 @@ public enum JSON: Equatable, Sendable {
 }
 
 extension String {
-    /// Whether the string holds a control character (U+0000–U+001F, U+007F), as a JSON string
+    /// Whether the string holds a control character (U+0000–U+001F, U+007F–U+009F), as a JSON string
     /// may through escapes: refused in names that become paths, keys or C strings.
-    var containsControlCharacter: Bool { unicodeScalars.contains { $0.value < 0x20 || $0.value == 0x7F } }
+    var containsControlCharacter: Bool { unicodeScalars.contains { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) } }
 }

@@ -196,8 +196,10 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
         }
 
         // Row permutation: row i of PᵀW is W[perm[i]].
-        var perm = Array(0..<m)
-        for j in 0..<r { perm.swapAt(j, Int(ipiv[j]) - 1) }
+        let permutation = try HeapBuffer<Int>(count: m)  // (m can be large: an allocation that may fail)
+        let perm = permutation.pointer
+        for i in 0..<m { perm[i] = i }
+        for j in 0..<r { swap(&perm[j], &perm[Int(ipiv[j]) - 1]) }
 
         // 2. The top r rows of U: U₁₁ from the panel, U₁₂ = L₁₁⁻¹ (PᵀW)[:r, r:].
         let top = try HeapBuffer<Double>(count: r * n)
@@ -263,6 +265,9 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
         pthread_mutex_destroy(cacheLock)
         cacheLock.deallocate()
     }
+
+    /// Whether `W` is the caller's buffer (``init(m:n:rank:weight:bias:borrowWeight:)``).
+    var borrowsWeight: Bool { weightStorage == nil }
 
     /// Bytes of the copy of `W` (0 when borrowed).
     var weightBytes: Int { (weightStorage?.count ?? 0) * MemoryLayout<E>.stride }

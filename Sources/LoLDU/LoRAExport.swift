@@ -120,8 +120,8 @@ public enum LoRAExport {
         // A diag(c) (m × R) and U_r (R × n), in double: each product of two parameters is exact
         // there, so the one rounding is to `dtype`.
         let (lower, upper) = try factors(adapter)
-        func scaled(_ i: Int, _ k: Int) -> Double { k < r ? lower[i * r + k] : 0 }
-        func up(_ k: Int, _ j: Int) -> Double { k < r ? upper[k * n + j] : 0 }
+        func scaled(_ i: Int, _ k: Int) -> Double { k < r ? lower.pointer[i * r + k] : 0 }
+        func up(_ k: Int, _ j: Int) -> Double { k < r ? upper.pointer[k * n + j] : 0 }
 
         func entry(_ key: String, _ shape: [Int], _ value: @escaping (Int) -> Double) -> SafeTensors.Entry {
             .init(name: prefix + key, dtype: type, shape: shape) { out throws(LoLDUError) in
@@ -153,21 +153,22 @@ public enum LoRAExport {
     }
 
     /// `A diag(c)` (`m × r`) and `U_r` (`r × n`) of `adapter`, as doubles.
-    static func factors(_ adapter: any AnyAdapter) throws(LoLDUError) -> (lower: [Double], upper: [Double]) {
+    /// (Buffers whose allocation may fail: the factors are as large as the layer.)
+    static func factors(_ adapter: any AnyAdapter) throws(LoLDUError) -> (lower: HeapBuffer<Double>, upper: HeapBuffer<Double>) {
         let (m, n, r) = (adapter.m, adapter.n, adapter.rank)
         let type = adapter.dtype.parameterType
-        func read(_ count: Int, _ body: (UnsafeMutableRawPointer) -> Void) throws(LoLDUError) -> [Double] {
+        func read(_ count: Int, _ body: (UnsafeMutableRawPointer) -> Void) throws(LoLDUError) -> HeapBuffer<Double> {
             let raw = try HeapBuffer<UInt8>(count: count * type.byteSize)
             body(UnsafeMutableRawPointer(raw.pointer))
-            var values = [Double](repeating: 0, count: count)
-            values.withUnsafeMutableBytes { convertElements(UnsafeRawPointer(raw.pointer), type, $0.baseAddress!, .float64, count: count) }
+            let values = try HeapBuffer<Double>(count: count)
+            convertElements(UnsafeRawPointer(raw.pointer), type, values.pointer, .float64, count: count)
             return values
         }
-        var lower = try read(m * r) { adapter.writeFactor(.lower, $0) }
+        let lower = try read(m * r) { adapter.writeFactor(.lower, $0) }
         let upper = try read(r * n) { adapter.writeFactor(.upper, $0) }
         let c = try read(r) { adapter.writeCoefficients($0) }
         for i in 0..<m {
-            for k in 0..<r { lower[i * r + k] *= c[k] }
+            for k in 0..<r { lower.pointer[i * r + k] *= c.pointer[k] }
         }
         return (lower, upper)
     }

@@ -117,6 +117,7 @@ public final class Optimizer: @unchecked Sendable {
     /// overflow), every parameter, gradient and state buffer is restored and the step count is
     /// unchanged, and the error names the adapter and the value.
     public func step() throws(LoLDUError) -> Double {
+        for adapter in adapters { try adapter.checkUsable() }
         for (i, adapter) in adapters.enumerated() where adapter.merged {
             throw .state("adapter \(i) is merged; unmerge it before training")
         }
@@ -125,11 +126,16 @@ public final class Optimizer: @unchecked Sendable {
         }
         var grads: [UnsafeMutableRawPointer] = []
         for adapter in adapters { grads.append(try adapter.gradsPointer()) }
-        var sum = 0.0
-        for (i, state) in states.enumerated() {
-            sum += state.sumOfSquares(grads[i], count: trainable(i))
+        func globalNorm(dividedBy divisor: Double) -> Double {
+            var sum = 0.0
+            for (i, state) in states.enumerated() { sum += state.sumOfSquares(grads[i], count: trainable(i), dividedBy: divisor) }
+            return divisor * sum.squareRoot()
         }
-        let norm = sum.squareRoot()
+        var norm = globalNorm(dividedBy: 1)
+        if norm == .infinity {  // finite gradients whose squares overflow (float64): scaled, as BLAS nrm2
+            let largest = states.indices.map { states[$0].largestMagnitude(grads[$0], count: trainable($0)) }.max() ?? 0
+            if largest.isFinite { norm = globalNorm(dividedBy: largest) }
+        }
         guard norm.isFinite else {
             throw LoLDUError(.notFinite, "a gradient is NaN or infinite (global norm \(norm)); no parameter was updated")
         }
@@ -312,7 +318,10 @@ private struct Snapshot {
 protocol ParameterState: AnyObject {
     var buffers: [UnsafeBufferPointer<UInt8>] { get }
     var initialized: Bool { get set }
-    func sumOfSquares(_ grads: UnsafeMutableRawPointer, count: Int) -> Double
+    /// `Σ (g / divisor)²`, in double.
+    func sumOfSquares(_ grads: UnsafeMutableRawPointer, count: Int, dividedBy divisor: Double) -> Double
+    /// `max |g|` (NaN if a value is NaN).
+    func largestMagnitude(_ grads: UnsafeMutableRawPointer, count: Int) -> Double
     func scale(_ grads: UnsafeMutableRawPointer, count: Int, by factor: Double)
     func update(params: UnsafeMutableRawPointer, grads: UnsafeMutableRawPointer, rank: Int, trainSigma: Bool,
                 config: OptimizerConfig, step: Int, lr: Double, lrSigma: Double)
@@ -340,11 +349,26 @@ final class State<T: BLASScalar>: ParameterState {
         }
     }
 
-    func sumOfSquares(_ grads: UnsafeMutableRawPointer, count: Int) -> Double {
+    func sumOfSquares(_ grads: UnsafeMutableRawPointer, count: Int, dividedBy divisor: Double) -> Double {
         let g = grads.assumingMemoryBound(to: T.self)
         var sum = 0.0
-        for k in 0..<count { sum += Double(g[k]) * Double(g[k]) }
+        if divisor == 1 {
+            for k in 0..<count { sum += Double(g[k]) * Double(g[k]) }
+        } else {
+            for k in 0..<count { sum += (Double(g[k]) / divisor) * (Double(g[k]) / divisor) }
+        }
         return sum
+    }
+
+    func largestMagnitude(_ grads: UnsafeMutableRawPointer, count: Int) -> Double {
+        let g = grads.assumingMemoryBound(to: T.self)
+        var largest = 0.0
+        for k in 0..<count {
+            let v = abs(Double(g[k]))
+            if v.isNaN { return v }
+            largest = max(largest, v)
+        }
+        return largest
     }
 
     func scale(_ grads: UnsafeMutableRawPointer, count: Int, by factor: Double) {

@@ -85,7 +85,7 @@ public func lolduAdapterGetInfo(_ handle: OpaquePointer?, _ info: UnsafeMutableP
         i.path = a.path.rawValue
         i.has_bias = a.hasBias ? 1 : 0
         i.train_sigma = a.config.trainSigma ? 1 : 0
-        i.borrow_weight = a.config.borrowWeight ? 1 : 0
+        i.borrow_weight = a.borrowsWeight ? 1 : 0
         i.enabled = a.enabled ? 1 : 0
         i.merged = a.merged ? 1 : 0
         let memory = a.memory

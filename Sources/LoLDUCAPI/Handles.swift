@@ -37,9 +37,12 @@ final class HandleTable<Object: Sendable>: KindTable, @unchecked Sendable {
     let kind: String
     /// Under the registry's lock.
     private var objects: [UInt: Object] = [:]
+    /// Whether a live object may be used in this process (run on every look-up but `remove`).
+    private let usable: (Object) throws(LoLDUError) -> Void
 
-    init(kind: String) {
+    init(kind: String, usable: @escaping (Object) throws(LoLDUError) -> Void = { _ in }) {
         self.kind = kind
+        self.usable = usable
         registry.withLock { registry.tables.append(self) }
     }
 
@@ -66,7 +69,10 @@ final class HandleTable<Object: Sendable>: KindTable, @unchecked Sendable {
             throw LoLDUError(.nullPointer, "\(name()) is NULL; expected a live \(kind) handle")
         }
         let token = Self.token(handle)
-        if let object = objects[token] { return object }
+        if let object = objects[token] {
+            try usable(object)
+            return object
+        }
         if let other = registry.kind(of: token) {
             throw LoLDUError(.invalidHandle, "\(name()) is a \(other) handle, not a \(kind) handle")
         }
@@ -97,7 +103,8 @@ final class HandleTable<Object: Sendable>: KindTable, @unchecked Sendable {
     }
 }
 
-let adapters = HandleTable<any AnyAdapter>(kind: "loldu_adapter")
+/// (An adapter that a thread of the parent was computing with at a fork is refused in the child.)
+let adapters = HandleTable<any AnyAdapter>(kind: "loldu_adapter") { adapter throws(LoLDUError) in try adapter.checkUsable() }
 
 // MARK: Thread-local last error
 

@@ -82,6 +82,17 @@ import Testing
         Case(name: "sigma overflows float", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "sigma") {
             create { $0.alpha = 1e39 }
         },
+        Case(name: "initial coefficients overflow float", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "config.alpha") {
+            // σ₀ z₀ = 3e38 and σ₀ D = −2.7e38 are finite, their difference is not.
+            var config = loldu_config()
+            _ = loldu_config_default(&config)
+            config.z_init = LOLDU_INIT_ONES.i32
+            config.alpha = 3e38
+            var handle: OpaquePointer?
+            let status = loldu_adapter_create(&handle, LOLDU_FLOAT32, 1, 1, [Float(-0.9)], nil, &config)
+            loldu_adapter_free(handle)
+            return status
+        },
         Case(name: "sigma rounds to zero", expected: LOLDU_ERR_INVALID_ARGUMENT, mentions: "nonzero") {
             create { $0.alpha = 1e-50 }
         },

@@ -243,6 +243,14 @@ import Testing
                 h.replacingOccurrences(of: "\"encoder.layer.0.attention.self.query.weight_fingerprint\":\"", with: "\"encoder.layer.0.attention.self.query.weight_fingerprint\":\"X")
             }
         },
+        Corruption(name: "fingerprint of fullwidth letters", file: "model", expected: LOLDU_ERR_FORMAT, mentions: "weight_fingerprint") {
+            rewriteHeader($0) { h in  // (16 characters that are hexadecimal digits to Unicode, not ASCII)
+                let key = "\"encoder.layer.0.attention.self.query.weight_fingerprint\":\""
+                guard let start = h.range(of: key) else { return h }
+                let end = h.index(start.upperBound, offsetBy: 16)
+                return h.replacingCharacters(in: start.upperBound..<end, with: String(repeating: "\u{FF42}", count: 16))
+            }
+        },
         Corruption(name: "missing model file", file: "model", expected: LOLDU_ERR_IO, mentions: "cannot open") { _ in nil },
         Corruption(name: "config is not JSON", file: "config", expected: LOLDU_ERR_FORMAT, mentions: "invalid JSON") { Array($0.dropLast(5)) },
         Corruption(name: "config without layers", file: "config", expected: LOLDU_ERR_FORMAT, mentions: "layers") {
@@ -295,6 +303,7 @@ import Testing
         let cases: [([String], loldu_status, String)] = [
             ([""], LOLDU_ERR_INVALID_ARGUMENT, "names[0]"),
             (["a\nb"], LOLDU_ERR_INVALID_ARGUMENT, "control character"),
+            (["a\u{85}b"], LOLDU_ERR_INVALID_ARGUMENT, "control character"),
             ([String(repeating: "x", count: 513)], LOLDU_ERR_INVALID_ARGUMENT, "512"),
         ]
         for (names, expected, mention) in cases {

@@ -190,6 +190,35 @@ import Testing
         #expect(String(cString: loldu_last_error()).contains("merged"))
     }
 
+    /// Finite float64 gradients whose squares overflow double: their global norm is computed
+    /// scaled (as BLAS nrm2), so SGD steps and clipping work instead of calling them infinite.
+    @Test func float64GradientsBeyondTheSquareRootOfDoubleMaxStep() throws {
+        let a = try TestAdapter<Double>(m: 3, n: 3, weight: [2, 1, 0, 1, 3, 1, 0, 1, 4]) { $0.rank = 2 }
+        for clip in [0.0, 1.0] {
+            var config = loldu_optimizer_config()
+            _ = loldu_optimizer_config_default(&config, LOLDU_SGD)
+            config.lr = 1e-200
+            config.max_grad_norm = clip
+            var optimizer: OpaquePointer?
+            #expect(loldu_optimizer_create(&optimizer, &config, [a.handle], 1) == LOLDU_OK)
+            defer { loldu_optimizer_free(optimizer) }
+            var g: UnsafeMutableRawPointer?
+            _ = loldu_params(a.handle, nil, &g)
+            let grads = g!.assumingMemoryBound(to: Double.self)
+            grads[0] = 3e160
+            grads[1] = 4e160
+            a.z = clip > 0 ? [1e-199, 1e-199] : [1e-39, 1e-39]  // (where a step of lr g shows)
+            let before = a.z
+            var norm = 0.0
+            #expect(loldu_optimizer_step(optimizer, &norm) == LOLDU_OK, "\(String(cString: loldu_last_error()))")
+            #expect(abs(norm - 5e160) <= 1e-15 * 5e160)
+            // SGD: z −= lr g, with g scaled to norm 1 when clipped.
+            let expected = clip > 0 ? [0.6e-200, 0.8e-200] : [3e-40, 4e-40]
+            for k in 0..<2 { #expect(abs(before[k] - expected[k] - a.z[k]) <= 1e-15 * before[k]) }
+            a.zeroGrad()
+        }
+    }
+
     @Test func badConfigurationsAreRefused() throws {
         var random = TestRandom(79)
         let a = try TestAdapter<Float>(m: 5, n: 4, weight: random.array(20)) { $0.rank = 3 }

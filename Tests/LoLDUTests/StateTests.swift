@@ -297,6 +297,13 @@ import Testing
             var info = loldu_adapter_info()
             #expect(loldu_adapter_get_info(handle, &info, MemoryLayout<loldu_adapter_info>.size) == LOLDU_OK)
             #expect(info.borrow_weight == 1 && info.bytes_weight == 0)
+            // A derived adapter reports its base's borrowed W; one derived from a copying base
+            // does not borrow, whatever its config said.
+            var derived: OpaquePointer?, fromCopy: OpaquePointer?
+            #expect(loldu_adapter_derive(&derived, handle, &config) == LOLDU_OK)
+            #expect(loldu_adapter_derive(&fromCopy, copied.handle, &config) == LOLDU_OK)
+            defer { loldu_adapter_free(derived); loldu_adapter_free(fromCopy) }
+            #expect(adapterInfo(derived!).borrow_weight == 1 && adapterInfo(fromCopy!).borrow_weight == 0)
             #expect(copied.info.bytes_weight == Int64(m * n * 4))
             let z: [Float] = random.array(r)
             copied.z = z

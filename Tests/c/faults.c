@@ -1,8 +1,10 @@
 /*
  * faults.c — the library under real failures, through the C ABI (run by `make test`):
- *   1. out of memory (RLIMIT_AS): the call fails with LOLDU_ERR_OUT_OF_MEMORY and writes nothing;
+ *   1. out of memory (RLIMIT_AS): the call fails with LOLDU_ERR_OUT_OF_MEMORY and writes nothing
+ *      (in compute calls, file readers, the factorisation and the LoRA export of a tall layer);
  *   2. a failing write (RLIMIT_FSIZE, so write() returns EFBIG): LOLDU_ERR_IO, the previous
- *      checkpoint's files are byte for byte intact, and no temporary file is left;
+ *      checkpoint's files are byte for byte intact, no temporary file is left, and a save into
+ *      a new directory leaves no directory;
  *   3. interrupted writes (SIGKILL in the middle of exporting a merged weight, saving an
  *      optimiser state, exporting a LoRA directory): the file or directory on disk is always a
  *      complete one, old or new, never a mix;
@@ -216,6 +218,39 @@ static void huge_files_out_of_memory(const char *dir) {
     loldu_adapter_free(a);
 }
 
+/* 1d. A tall layer (4 Mi × 1, its weight borrowed) factored, then exported as a LoRA, under
+   ever larger address-space limits: working buffers that scale with m (the row permutation, the
+   exported factors in double) are allocations that may fail, so every call succeeds or returns
+   LOLDU_ERR_OUT_OF_MEMORY, and some room suffices for both. */
+static void tall_layer_out_of_memory(const char *dir) {
+    enum { M = 1 << 22 };
+    float *w = malloc(sizeof(float) * M);
+    if (!w) { fprintf(stderr, "malloc\n"); exit(1); }
+    for (int i = 0; i < M; i++) w[i] = (float)sin(0.37 * i) + (i == 0 ? 4.0f : 0.0f);
+    loldu_config c;
+    loldu_config_default(&c);
+    c.rank = 1;
+    c.borrow_weight = 1;
+    const char *name = "tall";
+    int created = 0, exported = 0;
+    for (long room = 0; room <= (320L << 20); room += 16L << 20) {
+        char out[512];
+        snprintf(out, sizeof out, "%.300s/tall-lora-%ld", dir, room >> 20);
+        loldu_adapter *a = NULL;
+        struct rlimit saved = limit_address_space(room);
+        loldu_status create = loldu_adapter_create(&a, LOLDU_FLOAT32, M, 1, w, NULL, &c);
+        loldu_status export = create == LOLDU_OK ? loldu_export_lora(out, &a, &name, 1, NULL) : LOLDU_OK;
+        setrlimit(RLIMIT_AS, &saved);
+        EXPECT(create == LOLDU_OK || create == LOLDU_ERR_OUT_OF_MEMORY, "create of a %d × 1 layer with %ld MB of room returned %d", M, room >> 20, create);
+        EXPECT(export == LOLDU_OK || export == LOLDU_ERR_OUT_OF_MEMORY, "export_lora with %ld MB of room returned %d", room >> 20, export);
+        created += create == LOLDU_OK;
+        exported += create == LOLDU_OK && export == LOLDU_OK;
+        loldu_adapter_free(a);
+    }
+    EXPECT(created > 0 && exported > 0, "a %d × 1 layer was created %d times and exported %d times with up to 320 MB of room", M, created, exported);
+    free(w);
+}
+
 static long file_size(const char *path) {
     struct stat st;
     return stat(path, &st) == 0 ? (long)st.st_size : -1;
@@ -267,9 +302,15 @@ static void failing_write(const char dir[256]) {
     tight.rlim_cur = 100; /* the header alone is larger */
     setrlimit(RLIMIT_FSIZE, &tight);
     loldu_status s = loldu_checkpoint_save(dir, &a, &name, 1);
+    char fresh[512];  /* a save into a directory it creates, failing the same way */
+    snprintf(fresh, sizeof fresh, "%.256s-fresh", dir);
+    loldu_status s_fresh = loldu_checkpoint_save(fresh, &a, &name, 1);
     setrlimit(RLIMIT_FSIZE, &saved);
     EXPECT(s == LOLDU_ERR_IO, "save under a 100-byte file size limit returned %d", s);
     EXPECT(strstr(loldu_last_error(), "cannot write") != NULL, "message \"%s\"", loldu_last_error());
+    EXPECT(s_fresh == LOLDU_ERR_IO, "save into a new directory under the limit returned %d", s_fresh);
+    struct stat st;
+    EXPECT(stat(fresh, &st) != 0 && errno == ENOENT, "a failed save left the directory it created");
 
     long size;
     char *model_after = slurp(model, &size);
@@ -661,6 +702,7 @@ int main(int argc, char **argv) {
     out_of_memory();
     grouped_out_of_memory();
     huge_files_out_of_memory(dir);
+    tall_layer_out_of_memory(dir);
     char save_dir[256], export_dir[256];
     snprintf(save_dir, sizeof save_dir, "%.200s/ckpt", dir);
     snprintf(export_dir, sizeof export_dir, "%.200s/export", dir);

@@ -87,6 +87,25 @@ def test_lora_tensors_are_the_factors_and_coefficients(tmp_path):
         assert np.all(np.abs(w.astype(np.float64) + delta - a.effective_weight()) <= bound)
 
 
+def test_half_precision_lora_tensors_are_rounded_once(tmp_path):
+    """lora_B = A diag(c) is exact in double and rounded once to the export dtype, not through
+    float32 first: these products lie just above a tie of the half type, where rounding to
+    float32 first lands on the tie, and the tie rounds to even, down."""
+    for dtype, a, correct in ((np.float16, 2.0 ** -12, 1 + 2.0 ** -10), (loldu.bfloat16, 2.0 ** -8 - 2.0 ** -16, 1 + 2.0 ** -7)):
+        b = 2.0 ** -12 if dtype == np.float16 else 2.0 ** -16
+        # W = [8, 4 (1 + a)]ᵀ: pivot 8, L = [1, (1 + a) / 2]; z = 9 + b makes c = z − 8 = 1 + b.
+        adapter = loldu.Adapter(np.array([[8.0], [4.0 * (1 + a)]], np.float32), rank=1)
+        adapter.z = np.array([9.0 + b], np.float32)
+        exact, correct = (1 + a) * (1 + b) / 2, correct / 2
+        assert float(adapter.factor("lower")[1, 0]) * float(adapter.coefficients()[0]) == exact
+        assert float(np.float32(exact).astype(dtype)) != correct  # (rounded through float32: wrong)
+        out = tmp_path / str(np.dtype(dtype))
+        loldu.export_lora(out, {"layer": adapter}, dtype=dtype)
+        with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+            lora_b = f.get_tensor("base_model.model.layer.lora_B.weight").double().numpy()
+        assert lora_b[1, 0] == correct, (np.dtype(dtype), lora_b[1, 0], correct)
+
+
 def vllm_problems(config: dict, max_lora_rank: int = 16) -> list[str]:
     """What vLLM's PEFTHelper refuses in an adapter_config.json (vllm/lora/peft_helper.py)."""
     problems = [f"missing {key}" for key in ("r", "lora_alpha", "target_modules") if key not in config]
