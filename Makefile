@@ -13,6 +13,8 @@ PYTHON ?= $(CURDIR)/$(VENV)/bin/python
 LIBDIR := $(CURDIR)/.build/release
 LIB := $(LIBDIR)/libloldu.so
 VERSION := $(shell sed -n 's/^\#define LOLDU_VERSION_STRING "\(.*\)"/\1/p' include/loldu.h)
+# The ABI's name: libloldu.so.MAJOR, or libloldu.so.0.MINOR while the major version is 0.
+SONAME := libloldu.so.$(shell echo $(VERSION) | awk -F. '{ print ($$1 == 0 ? $$1 "." $$2 : $$1) }')
 
 # Debian's OpenBLAS 0.3.21 does not recognise recent Intel cores and falls back to its slowest
 # kernels (Prescott); name the right family unless the caller already chose one.
@@ -27,7 +29,8 @@ endif
 APT_PACKAGES := pkg-config libopenblas-dev liblapacke-dev libdnnl-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup build test test-swift test-c test-fuzz test-tsan test-examples fuzz demo compare study bench install clean FORCE
+.PHONY: all setup build test test-swift test-c test-install test-fuzz test-tsan test-examples fuzz demo compare study bench install uninstall clean FORCE
+COMMA := ,
 
 all: build
 
@@ -50,14 +53,19 @@ setup: $(BUILD)/.apt-ready
 # --- build: libloldu.so with the Swift runtime linked in, exporting only loldu_* ---------------
 # Always asks SwiftPM, which rebuilds only what changed (sources or flags): a `swift test -c release`
 # by hand relinks .build/release/libloldu.so without -static-stdlib, and a timestamp would miss it.
+# Programs linked against it load it by its SONAME, a link next to it.
+NEED_SWIFT = @command -v swift >/dev/null || { echo "error: building needs a Swift 6 toolchain, swift on the PATH (https://www.swift.org/install/linux/)"; exit 1; }
 $(LIB): FORCE | $(BUILD)/.apt-ready
+	$(NEED_SWIFT)
 	swift build -c release --product loldu -Xswiftc -static-stdlib \
-	  -Xlinker --version-script=$(CURDIR)/Sources/LoLDUCAPI/exports.map
+	  -Xlinker --version-script=$(CURDIR)/Sources/LoLDUCAPI/exports.map -Xlinker -soname=$(SONAME)
 	@if ldd $@ | grep -q libswift; then echo "error: $@ links the Swift runtime dynamically"; exit 1; fi
+	@ln -sf libloldu.so $(LIBDIR)/$(SONAME)
 
 # The `loldu` command-line tool, the library and the Swift runtime linked in.
 CLI := $(BUILD)/bin/loldu
 $(CLI): FORCE | $(BUILD)/.apt-ready
+	$(NEED_SWIFT)
 	swift build -c release --product loldu-cli -Xswiftc -static-stdlib
 	@mkdir -p $(BUILD)/bin && cp -p .build/release/loldu-cli $@
 	@if ldd $@ | grep -q libswift; then echo "error: $@ links the Swift runtime dynamically"; exit 1; fi
@@ -103,6 +111,19 @@ test-c: $(BUILD)/quickstart $(BUILD)/train $(BUILD)/serve $(BUILD)/faults $(BUIL
 	$(BUILD)/serve
 	$(BUILD)/faults
 	$(BUILD)/backend
+	$(MAKE) --no-print-directory test-install
+
+# `make install` into a scratch prefix: the library carries its SONAME, a program built with the
+# installed loldu.pc runs with no LD_LIBRARY_PATH, and `make uninstall` removes every file.
+test-install: build
+	rm -rf $(BUILD)/prefix
+	$(MAKE) --no-print-directory install PREFIX=$(CURDIR)/$(BUILD)/prefix
+	readelf -d $(BUILD)/prefix/lib/libloldu.so | grep -q 'SONAME.*\[$(SONAME)\]'
+	cc -std=c11 $(CFLAGS_STRICT) -O2 examples/c/quickstart.c \
+	  $$(PKG_CONFIG_PATH=$(BUILD)/prefix/lib/pkgconfig pkg-config --cflags --libs loldu) -lm -o $(BUILD)/quickstart-installed
+	env -u LD_LIBRARY_PATH $(BUILD)/quickstart-installed
+	$(MAKE) --no-print-directory uninstall PREFIX=$(CURDIR)/$(BUILD)/prefix
+	@left=$$(find $(BUILD)/prefix -type f -o -type l); [ -z "$$left" ] || { echo "uninstall left: $$left"; exit 1; }
 
 # --- fuzzing: the readers of untrusted bytes (safetensors, JSON, checkpoints, optimiser states) under libFuzzer and
 # AddressSanitizer, compiled into the core module. `make test` runs a fixed number of runs from a
@@ -164,13 +185,24 @@ bench: $(BUILD)/bench python-setup
 	$(PY_RUN) bench/bench_torch.py --c-bench $(BUILD)/bench --out docs/benchmarks.md --png docs/benchmarks.png --readme README.md
 
 # --- install -----------------------------------------------------------------------------------
+# The library as libloldu.so.VERSION with its SONAME and development links, stripped; the
+# installed loldu.pc gives programs an rpath to it unless PREFIX is /usr (the loader's own
+# path), and as root ldconfig updates the loader's cache.
+INSTALLED := bin/loldu lib/libloldu.so.$(VERSION) lib/$(SONAME) lib/libloldu.so include/loldu.h lib/pkgconfig/loldu.pc
 install: build
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
-	install -m 755 $(LIB) $(DESTDIR)$(PREFIX)/lib/
-	install -m 755 $(CLI) $(DESTDIR)$(PREFIX)/bin/loldu
+	install -m 755 -s $(LIB) $(DESTDIR)$(PREFIX)/lib/libloldu.so.$(VERSION)
+	ln -sf libloldu.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(PREFIX)/lib/libloldu.so
+	install -m 755 -s $(CLI) $(DESTDIR)$(PREFIX)/bin/loldu
 	install -m 644 include/loldu.h $(DESTDIR)$(PREFIX)/include/
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$${prefix}/lib|' -e 's|@INCLUDEDIR@|$${prefix}/include|' \
-	    -e 's|@VERSION@|$(VERSION)|' -e 's|@RPATH@||' loldu.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/loldu.pc
+	    -e 's|@VERSION@|$(VERSION)|' -e 's|@RPATH@|$(if $(filter /usr,$(PREFIX)),,-Wl$(COMMA)-rpath$(COMMA)$${libdir} )|' \
+	    loldu.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/loldu.pc
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ] && command -v ldconfig >/dev/null; then ldconfig; fi
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(PREFIX)/,$(INSTALLED))
 
 clean:
 	rm -rf $(BUILD) .build .build-tsan

@@ -127,20 +127,26 @@ let helps: [String: String] = [
 
 // MARK: Calling the library
 
-/// Runs a library call; a failure becomes a message with advice.
-func check(_ status: loldu_status, _ what: String) throws(Failure) {
+/// Runs a library call; a failure becomes a message with advice (`ifExists`: for an output
+/// that is already there).
+func check(_ status: loldu_status, _ what: String, ifExists: String = "") throws(Failure) {
     guard status != LOLDU_OK else { return }
-    let message = String(cString: loldu_last_error())
+    throw failure(status, String(cString: loldu_last_error()), what, ifExists: ifExists)
+}
+
+/// A library error as the command reports it: `what` failed, the message, then advice.
+func failure(_ status: loldu_status, _ message: String, _ what: String, ifExists: String = "") -> Failure {
     let advice: String
     switch status {
     case LOLDU_ERR_MISMATCH: advice = "check that --base is the model the adapter was trained on"
-    case LOLDU_ERR_IO: advice = "check the path and its permissions"
+    case LOLDU_ERR_IO where message.contains("already exists") || message.contains("not empty"): advice = ifExists
+    case LOLDU_ERR_IO where message.contains("Permission denied") || message.contains("Read-only"): advice = "check the path's permissions"
     case LOLDU_ERR_FORMAT: advice = "the file is damaged or not of the expected kind"
     case LOLDU_ERR_OUT_OF_MEMORY: advice = "free memory, or merge on a machine with more"
     default: advice = ""
     }
-    throw Failure(code: status == LOLDU_ERR_MISMATCH ? .mismatch : .failure,
-                  message: (message.hasPrefix(what) ? message : "\(what): \(message)") + (advice.isEmpty ? "" : "\n  (\(advice))"))
+    return Failure(code: status == LOLDU_ERR_MISMATCH ? .mismatch : .failure,
+                   message: (message.hasPrefix(what) ? message : "\(what): \(message)") + (advice.isEmpty ? "" : "\n  (\(advice))"))
 }
 
 final class CheckpointFile {
@@ -385,7 +391,17 @@ func inspect(_ a: Arguments) throws(Failure) {
     printLine("checkpoint \(path): \(checkpoint.names.count) layers, \(trainable) trainable values, \(bytes) bytes (loldu \(version))")
     let widths = (0..<lines[0].count).map { column in lines.map { $0[column].count }.max() ?? 0 }
     for line in lines {
-        printLine(zip(line, widths).map { $0 + String(repeating: " ", count: $1 - $0.count) }.joined(separator: "  "))
+        let padded = zip(line, widths).map { $0 + String(repeating: " ", count: $1 - $0.count) }.joined(separator: "  ")
+        printLine(String(padded.reversed().drop(while: { $0 == " " }).reversed()))
+    }
+}
+
+/// The model files at `--base`, or a failure naming it.
+func baseModel(_ base: String) throws(Failure) -> ModelFiles {
+    do {
+        return try ModelFiles(directory: base)
+    } catch {
+        throw failure(loldu_status(UInt32(error.code.rawValue)), error.message, "cannot read the base model \"\(base)\" (--base)")
     }
 }
 
@@ -393,6 +409,7 @@ func verify(_ a: Arguments) throws(Failure) {
     let path = try a.adapter()
     let base = try a.one("--base")!
     let checkpoint = try CheckpointFile(path)
+    _ = try baseModel(base)
     var progress = ProgressLine()
     var bad = 0
     for (i, name) in checkpoint.names.enumerated() {
@@ -434,12 +451,7 @@ func exportLoRA(_ a: Arguments) throws(Failure) {
     if let both = embeddings.intersection(linear).sorted().first {
         throw a.usage("layer \"\(both)\" is given as both --embedding and --linear")
     }
-    let model: ModelFiles
-    do {
-        model = try ModelFiles(directory: base)
-    } catch {
-        throw Failure(code: .failure, message: "cannot read the base model \"\(base)\": \(error.message)")
-    }
+    let model = try baseModel(base)
     // Each layer's kind, before any work: a weight of more than 2 dimensions is a convolution;
     // a 2-dimensional one is linear unless declared an embedding, and one named like an
     // embedding must be declared (exported as linear, PEFT would load it with a warning and
@@ -491,7 +503,7 @@ func exportLoRA(_ a: Arguments) throws(Failure) {
         }
     }
     progress.finish()
-    try check(status, "cannot export to \"\(out)\"")
+    try check(status, "cannot export to \"\(out)\"", ifExists: "pass --force to replace an earlier export")
     printLine("wrote \(out): a PEFT LoRA of \(checkpoint.names.count) layers")
 }
 
@@ -500,6 +512,7 @@ func merge(_ a: Arguments) throws(Failure) {
     let base = try a.one("--base")!, out = try a.output()
     let type = try dtype(a)
     let checkpoint = try CheckpointFile(path)
+    _ = try baseModel(base)
     var options = loldu_merge_options()
     loldu_merge_options_default(&options)
     if let type { options.dtype = Int32(type.rawValue) }
@@ -525,7 +538,7 @@ func merge(_ a: Arguments) throws(Failure) {
         signal(stopSignal, SIG_DFL)
         raise(stopSignal)
     }
-    try check(status, "cannot merge into \"\(out)\"")
+    try check(status, "cannot merge into \"\(out)\"", ifExists: "merge into a new directory (--out)")
     printLine("wrote \(out): \(base) with \(checkpoint.names.count) layers merged")
 }
 

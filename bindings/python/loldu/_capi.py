@@ -178,7 +178,9 @@ def _load() -> tuple[ctypes.CDLL, str]:
     try:
         return ctypes.CDLL(path), path
     except OSError as error:
-        raise OSError(f"could not load {path}: {error}") from error
+        hint = ("; it needs OpenBLAS and LAPACKE at run time (Debian, Ubuntu: apt-get install libopenblas0 liblapacke)"
+                if "libopenblas" in str(error) or "liblapacke" in str(error) else "")
+        raise OSError(f"could not load {path}: {error}{hint}") from error
 
 
 lib, library_path = _load()

@@ -109,6 +109,7 @@ def test_inspect_reports_what_the_checkpoint_holds(trained_minilm):
         assert layer["rank"] == (4 if "embeddings" in layer["name"] else 8)
     text = run("inspect", checkpoint).stdout
     assert f"{len(saved.names)} layers" in text and "encoder.layer.5.intermediate.dense" in text and "1536×384" in text
+    assert not any(line.endswith(" ") for line in text.splitlines())
     assert "cannot read the checkpoint" in run("inspect", checkpoint / "nowhere", check_code=1).stderr
 
 
@@ -147,7 +148,7 @@ def test_export_lora_writes_what_the_library_writes(trained_minilm, tmp_path):
     assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
 
     again = run("export-lora", checkpoint, "--base", minilm_dir(), "--out", out, *EMBEDDING, check_code=1)
-    assert "already exists" in again.stderr
+    assert "already exists" in again.stderr and "pass --force" in again.stderr and "permissions" not in again.stderr
     named = tmp_path / "named"  # an option's value that reads like --help is a value, not a request for help
     run("export-lora", checkpoint, "--base", minilm_dir(), "--out", named, *EMBEDDING, "--base-name", "--help")
     assert json.loads((named / "adapter_config.json").read_text())["base_model_name_or_path"] == "--help"
@@ -194,9 +195,10 @@ def test_merge_writes_what_the_library_writes_and_refuses_bad_input(trained_mini
     assert tensors(tmp_path / "f16")["encoder.layer.0.attention.self.query.weight"].dtype == torch.float16
 
     exists = run("merge", checkpoint, "--base", minilm_dir(), "--out", out, check_code=1)
-    assert "already exists" in exists.stderr
+    assert "already exists" in exists.stderr and "new directory" in exists.stderr
     missing = run("merge", checkpoint, "--base", tmp_path / "nowhere", "--out", tmp_path / "x", check_code=1)
-    assert "nowhere" in missing.stderr and "check the path" in missing.stderr
+    assert "cannot read the base model" in missing.stderr and "nowhere" in missing.stderr and "(--base)" in missing.stderr
+    assert "(--base)" in run("verify", checkpoint, "--base", tmp_path / "nowhere", check_code=1).stderr
     truncated = tmp_path / "truncated"
     shutil.copytree(minilm_dir(), truncated)
     with open(truncated / "model.safetensors", "r+b") as f:

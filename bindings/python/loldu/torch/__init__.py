@@ -57,6 +57,14 @@ each step's fresh outputs are not page-faulted in again (``layers.configure_mall
 
 from __future__ import annotations
 
+try:
+    import torch as _torch  # noqa: F401  (here, to say what to install)
+except ModuleNotFoundError as _error:
+    if _error.name != "torch":
+        raise
+    raise ModuleNotFoundError("loldu.torch needs PyTorch: pip install torch (or the package as loldu[torch]); "
+                              "the numpy API, import loldu, works without it", name="torch") from None
+
 from . import layers as _layers
 from .layers import BASE_NAME, LoLDUConv, LoLDUEmbedding, LoLDULayer, LoLDULinear
 from .model import (
