@@ -321,8 +321,7 @@ public enum AtomicFile {
         return bytes
     }
 
-    /// Creates `path` as a directory unless it already is one.
-    /// Creates directory `path` unless it exists; returns whether it created it.
+    /// Creates `path` as a directory unless it already is one; returns whether it created it.
     @discardableResult
     static func makeDirectory(_ path: String) throws(LoLDUError) -> Bool {
         if mkdir(path, 0o755) == 0 { return true }

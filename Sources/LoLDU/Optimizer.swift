@@ -352,10 +352,9 @@ final class State<T: BLASScalar>: ParameterState {
     func sumOfSquares(_ grads: UnsafeMutableRawPointer, count: Int, dividedBy divisor: Double) -> Double {
         let g = grads.assumingMemoryBound(to: T.self)
         var sum = 0.0
-        if divisor == 1 {
-            for k in 0..<count { sum += Double(g[k]) * Double(g[k]) }
-        } else {
-            for k in 0..<count { sum += (Double(g[k]) / divisor) * (Double(g[k]) / divisor) }
+        for k in 0..<count {
+            let v = Double(g[k]) / divisor  // (exact when divisor = 1)
+            sum += v * v
         }
         return sum
     }
