@@ -47,8 +47,8 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     // The whole input as a safetensors file, each tensor read as both element types.
     if let file = try? SafeTensors.parse(bytes, what: "fuzz") {
         for (name, tensor) in file.tensors {
-            _ = try? file.values(name, shape: tensor.shape, as: Float.self)
-            _ = try? file.values(name, shape: tensor.shape, as: Double.self)
+            _ = try? file.values(name, shape: tensor.shape, as: .float32)
+            _ = try? file.values(name, shape: tensor.shape, as: .float64)
         }
     }
     // The whole input as an optimiser state; a step after any accepted state must not trap.

@@ -74,7 +74,7 @@ public protocol AnyAdapter: AnyObject, Sendable {
     func converted(to dtype: DType) throws(LoLDUError) -> any AnyAdapter
     func checkMutable(_ what: String) throws(LoLDUError)
     /// Sets `z` (`rank` values) and `σ`, rounded to the parameter type, both or neither.
-    func setParameters(z: [Double], sigma: Double) throws(LoLDUError)
+    func setParameters(z: HeapBuffer<Double>, sigma: Double) throws(LoLDUError)
     /// The first trainable value that is not finite (`"z[k]"`, `"sigma"`), if any.
     var firstNonFiniteParameter: String? { get }
     /// ``Adapter/changedWhileMerged``.
@@ -298,9 +298,10 @@ extension Adapter: AnyAdapter {
         try Converting(source: self).make(dtype)
     }
 
-    public func setParameters(z values: [Double], sigma: Double) throws(LoLDUError) {
-        let z = values.map { P($0) }
-        try z.withUnsafeBufferPointer { buffer throws(LoLDUError) in try setParameters(z: buffer.baseAddress!, sigma: P(sigma)) }
+    public func setParameters(z values: HeapBuffer<Double>, sigma: Double) throws(LoLDUError) {
+        let z = try HeapBuffer<P>(count: values.count)
+        for k in 0..<values.count { z.pointer[k] = P(values.pointer[k]) }
+        try setParameters(z: z.pointer, sigma: P(sigma))
     }
 
     public var weightFingerprint: String { factors.weightFingerprint }

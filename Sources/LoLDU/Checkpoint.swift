@@ -37,12 +37,14 @@ public final class Checkpoint: @unchecked Sendable {
         public let config: AdapterConfig
         public let weightFingerprint: String
         public let pivotsFingerprint: String
-        public let z: [Double]
+        public let z: HeapBuffer<Double>
         public let sigma: Double
     }
 
     /// Layers in saved order.
     public let layers: [Layer]
+    /// Each layer's place in ``layers`` (a checkpoint may hold many: a look-up is not a search).
+    private let index: [String: Int]
 
     // MARK: Saving
 
@@ -284,15 +286,9 @@ public final class Checkpoint: @unchecked Sendable {
             }
             let zName = "\(name).loldu_z", sigmaName = "\(name).loldu_sigma"
             expectedTensors.formUnion([zName, sigmaName])
-            let z: [Double], sigma: Double
-            switch dtype {  // z and σ are in the parameter type
-            case .float32, .bfloat16, .float16:
-                z = try model.values(zName, shape: [c.rank], as: Float.self).map(Double.init)
-                sigma = Double(try model.values(sigmaName, shape: [1], as: Float.self)[0])
-            case .float64:
-                z = try model.values(zName, shape: [c.rank], as: Double.self)
-                sigma = try model.values(sigmaName, shape: [1], as: Double.self)[0]
-            }
+            // (z and σ are in the parameter type)
+            let z = try model.values(zName, shape: [c.rank], as: dtype.parameterType)
+            let sigma = try model.values(sigmaName, shape: [1], as: dtype.parameterType).pointer[0]
             layers.append(Layer(name: name, dtype: dtype, m: m, n: n, config: c,
                                 weightFingerprint: try hex("weight_fingerprint"),
                                 pivotsFingerprint: try hex("pivots_fingerprint"), z: z, sigma: sigma))
@@ -301,13 +297,14 @@ public final class Checkpoint: @unchecked Sendable {
             throw model.fail("unexpected tensor \"\(extra)\" (no such layer in \(Self.configFile))")
         }
         self.layers = layers
+        index = Dictionary(uniqueKeysWithValues: layers.enumerated().map { ($0.element.name, $0.offset) })
     }
 
     public func layer(_ name: String) throws(LoLDUError) -> Layer {
-        guard let layer = layers.first(where: { $0.name == name }) else {
+        guard let i = index[name] else {
             throw LoLDUError(.mismatch, "the checkpoint has no layer named \"\(name)\"")
         }
-        return layer
+        return layers[i]
     }
 
     /// What to check when a base weight's fingerprint is not the saved one.

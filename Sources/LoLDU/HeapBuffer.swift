@@ -44,6 +44,13 @@ public final class HeapBuffer<T>: @unchecked Sendable {
     public var buffer: UnsafeMutableBufferPointer<T> { .init(start: pointer, count: count) }
 }
 
+/// Checks that `bytes` could be allocated now (allocated and released at once) before work that
+/// builds Swift collections of about that size from outside data: their allocation failure
+/// traps, so a lack of memory (an address-space limit) is an error here instead.
+public func ensureRoom(_ bytes: Int) throws(LoLDUError) {
+    _ = try HeapBuffer<UInt8>(count: bytes)
+}
+
 /// Scratch memory that grows on demand and is reused across calls (one per adapter).
 struct Scratch<T> {
     private var storage: HeapBuffer<T>?

@@ -443,14 +443,26 @@ public enum BLASWorkBuffers {
     /// Guards `mapped`, `started`, and the check and change of a thread count.
     private static let mutex = ProcessMutex()
 
-    /// Maps a buffer for the library's BLAS calls, if none is, and the address-space limit leaves room for it.
+    /// Maps the buffers the library's BLAS calls use, if not done yet, when the address-space
+    /// limit leaves room for them: one for the calling thread, and one for each worker thread,
+    /// which takes a buffer of its own at its first threaded product and keeps it (so a first
+    /// threaded product under a limit set later would map a new one for the caller).
     public static func ensure() throws(LoLDUError) {
         try mutex.withLock { () throws(LoLDUError) in
             guard !mapped else { return }
-            try check(needed: bytes + margin, for: "OpenBLAS's work buffer")
+            let threads = Swift.max(1, BLASThreads.count)
+            try check(needed: threads * bytes + margin,
+                      for: threads == 1 ? "OpenBLAS's work buffer" : "OpenBLAS's work buffers for its \(threads) threads (loldu_set_num_threads(1) needs one)")
             // LAPACK's getrf takes a buffer whatever the size; this one runs on the calling thread.
             var a: [Double] = [2, 1, 1, 3], pivots: [Int32] = [0, 0]
             _ = Double.getrf(m: 2, n: 2, a: &a, lda: 2, ipiv: &pivots)
+            if threads > 1 {  // a product OpenBLAS splits among all its threads (beyond 2^18 multiply-adds)
+                let m = Swift.max(128, 8 * threads), k = 64
+                let operands = try HeapBuffer<Double>(zeros: 2 * m * k + k * k)
+                let p = operands.pointer
+                Double.gemm(transA: false, transB: false, m: m, n: k, k: k, alpha: 1, a: p, lda: k,
+                            b: p + m * k, ldb: k, beta: 0, c: p + m * k + k * k, ldc: k)
+            }
             mapped = true
         }
     }

@@ -81,15 +81,15 @@ public enum SafeTensors {
             return t
         }
 
-        /// The values of an F32 or F64 tensor, converted to `T`; every value must be finite.
-        public func values<T: BLASScalar>(_ name: String, shape: [Int], as _: T.Type) throws(LoLDUError) -> [T] {
-            let t = try tensor(name, dtype: SafeTensors.name(of: T.dtype), shape: shape)
-            let count = shape.reduce(1, *)
-            let raw = try HeapBuffer<T>(count: count)
-            try read(t, into: raw.pointer)
-            let values = Array(UnsafeBufferPointer(start: raw.pointer, count: count))
-            if let bad = values.firstIndex(where: { !$0.isFinite }) {
-                throw fail("tensor \"\(name)\" element \(bad) is \(values[bad]); every value must be finite")
+        /// The values of a tensor of element type `dtype` (float32 or float64), as doubles (exact),
+        /// in a buffer whose allocation may fail (its size comes from the file); every value must
+        /// be finite.
+        public func values(_ name: String, shape: [Int], as dtype: DType) throws(LoLDUError) -> HeapBuffer<Double> {
+            let t = try tensor(name, dtype: SafeTensors.name(of: dtype), shape: shape)
+            let values = try HeapBuffer<Double>(count: shape.reduce(1, *))  // (the shape of a parsed tensor)
+            try read(t, into: values.pointer, as: dtype, to: .float64)
+            if let bad = values.buffer.firstIndex(where: { !$0.isFinite }) {
+                throw fail("tensor \"\(name)\" element \(bad) is \(values.pointer[bad]); every value must be finite")
             }
             return values
         }

@@ -299,7 +299,9 @@ private func group(
     let rows = try Check.nonNull(rows, "rows")
     // Each used adapter's place in `used`: a table over `count` when that is small next to the
     // batch, else a dictionary (only the entries the rows use are read, so `count` may be large).
-    // The tables sized by the caller's counts are heap buffers: no memory is an error, not a trap.
+    // The tables sized by the caller's counts are heap buffers, and room for the collections
+    // of up to `b` used adapters is checked first: no memory is an error, not a trap.
+    try ensureRoom(b > Int.max / 128 ? Int.max : 128 * b)
     let slot = count <= 4 * b + 4096 ? try HeapBuffer<Int32>(repeating: -1, count: count) : nil
     var slots: [Int: Int32] = [:]
     var listIndex: [Int] = []

@@ -139,7 +139,7 @@ public func lolduCheckpointValues(
     status { () throws(LoLDUError) in
         let c = try checkpoints.get(handle, "checkpoint")
         let layer = try c.checkpoint.layer(try Check.layerName(name))
-        if let z { z.update(from: layer.z, count: layer.z.count) }
+        if let z { z.update(from: layer.z.pointer, count: layer.z.count) }
         sigma?.pointee = layer.sigma
         for (print, out) in [(layer.weightFingerprint, weightPrint), (layer.pivotsFingerprint, pivotsPrint)] {
             guard let out else { continue }

@@ -18,7 +18,8 @@
  *   6. an address-space limit before the first BLAS call (a fresh process with one OpenBLAS
  *      thread): too little room for OpenBLAS's work buffer is LOLDU_ERR_OUT_OF_MEMORY naming the
  *      limit, not a hang inside OpenBLAS; enough room works; loldu_set_num_threads refuses
- *      threads whose buffers the limit has no room for, keeping the count.
+ *      threads whose buffers the limit has no room for, keeping the count; with two threads, a
+ *      first threaded product under a limit set after the adapter was made returns.
  * Exit status 0 when every check holds; each failure is printed.
  */
 #define _GNU_SOURCE
@@ -168,6 +169,20 @@ static void grouped_out_of_memory(void) {
     for (int i = 0; i < B; i++) untouched &= y[i] == -7;
     EXPECT(untouched, "a failed grouped forward wrote y");
     EXPECT(loldu_grouped_forward(&a, 1, B, rows, x, y) == LOLDU_OK, "grouped forward after the limit is lifted");
+    /* Every row its own entry of a list much longer than the batch (the used adapters are then
+       found through collections that grow with the batch): OK or out of memory at any room. */
+    size_t count = 4 * (size_t)B + 5000;
+    loldu_adapter **list = malloc(count * sizeof *list);
+    if (!list) { fprintf(stderr, "malloc\n"); exit(1); }
+    for (size_t i = 0; i < count; i++) list[i] = a;
+    for (int i = 0; i < B; i++) rows[i] = i;
+    for (long room = 8; room <= 512; room *= 2) {
+        saved = limit_address_space(room << 20);
+        loldu_status s = loldu_grouped_forward(list, count, B, rows, x, y);
+        setrlimit(RLIMIT_AS, &saved);
+        EXPECT(s == LOLDU_OK || s == LOLDU_ERR_OUT_OF_MEMORY, "grouped forward over %zu adapters with %ld MiB of room returned %d", count, room, s);
+    }
+    free(list);
     free(x);
     free(y);
     free(rows);
@@ -662,7 +677,36 @@ static int blas_buffer_child(void) {
 
 extern char **environ;
 
-static void blas_buffer_under_limit(void) {
+/* 6b. A fresh process whose OpenBLAS runs two threads: its first threaded product (a 1 × 1 layer
+   on 2^20 rows), under limits set after the adapter was made, returns (OK or out of memory)
+   instead of waiting for ever in OpenBLAS, which gives each worker a buffer at its first product. */
+static int threaded_product_child(void) {
+    signal(SIGALRM, SIG_DFL);
+    sigset_t alarm_only;
+    sigemptyset(&alarm_only);
+    sigaddset(&alarm_only, SIGALRM);
+    sigprocmask(SIG_UNBLOCK, &alarm_only, NULL);
+    alarm(60);
+    enum { B = 1 << 20 };
+    double w = 2, *x = malloc(sizeof(double) * B), *y = malloc(sizeof(double) * B);
+    if (!x || !y) { fprintf(stderr, "malloc\n"); exit(1); }
+    for (int i = 0; i < B; i++) x[i] = 1;
+    loldu_adapter *a = NULL;
+    EXPECT(loldu_adapter_create(&a, LOLDU_FLOAT64, 1, 1, &w, NULL, NULL) == LOLDU_OK, "create");
+    for (long room = 4; room <= 64; room *= 2) {
+        struct rlimit saved = limit_address_space(room << 20);
+        loldu_status s = loldu_forward(a, B, x, y, NULL);
+        setrlimit(RLIMIT_AS, &saved);
+        EXPECT(s == LOLDU_OK || s == LOLDU_ERR_OUT_OF_MEMORY, "forward of %d rows with %ld MiB of room returned %d", B, room, s);
+    }
+    loldu_adapter_free(a);
+    free(x);
+    free(y);
+    return failures ? 1 : 0;
+}
+
+/* Runs this program as `mode` in a fresh process with `threads` OpenBLAS threads. */
+static void blas_child(const char *mode, const char *threads) {
     /* The child's environment is built before fork (OpenBLAS's threads run in this process). */
     int count = 0;
     while (environ[count]) count++;
@@ -670,8 +714,10 @@ static void blas_buffer_under_limit(void) {
     int kept = 0;
     for (int i = 0; i < count; i++)
         if (strncmp(environ[i], "OPENBLAS_NUM_THREADS=", 21)) env[kept++] = environ[i];
-    env[kept++] = "OPENBLAS_NUM_THREADS=1";
-    char *args[] = {"faults", "--blas-buffer-child", NULL};
+    char variable[64];
+    snprintf(variable, sizeof variable, "OPENBLAS_NUM_THREADS=%s", threads);
+    env[kept++] = variable;
+    char *args[] = {"faults", (char *)mode, NULL};
     pid_t child = fork();
     if (child == 0) {
         execve("/proc/self/exe", args, env);
@@ -684,7 +730,7 @@ static void blas_buffer_under_limit(void) {
     pid_t waited;
     while ((waited = waitpid(child, &status, 0)) < 0 && errno == EINTR) {}
     EXPECT(waited == child && WIFEXITED(status) && WEXITSTATUS(status) == 0,
-           "address-space limits: child %s %d (SIGALRM: it hung)",
+           "address-space limits: child %s %s %d (SIGALRM: it hung)", mode,
            WIFSIGNALED(status) ? "killed by signal" : "exited with", WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
 }
 
@@ -693,7 +739,12 @@ int main(int argc, char **argv) {
         mallopt(M_ARENA_MAX, 1);
         return blas_buffer_child();
     }
-    blas_buffer_under_limit();
+    if (argc > 1 && !strcmp(argv[1], "--threaded-product-child")) {
+        mallopt(M_ARENA_MAX, 1);
+        return threaded_product_child();
+    }
+    blas_child("--blas-buffer-child", "1");
+    blas_child("--threaded-product-child", "2");
     /* One malloc arena: otherwise a thread's arena may hold reserved address space that the
        allocation under RLIMIT_AS silently uses. */
     mallopt(M_ARENA_MAX, 1);

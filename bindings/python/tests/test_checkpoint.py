@@ -304,3 +304,47 @@ def test_the_wait_for_another_writers_lock_is_measured_not_counted_under_signals
     """, env={"OMP_NUM_THREADS": "1"}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 1.0 < float(result.stdout.split("saved after ")[1].split()[0]) < 10, result.stdout
+
+
+def test_large_values_in_files_under_an_address_space_limit_are_errors_not_aborts(tmp_path):
+    """A checkpoint whose z (rank 2^24: 64 MiB, from the file) or whose config JSON (10 MB of
+    array) is large, opened under address-space limits: it opens, or raises OutOfMemoryError;
+    the process never aborts (Swift arrays built from such values trapped when their allocation
+    failed)."""
+    loldu.save(tmp_path / "small", {"layer": loldu.Adapter(np.diag([4.0, 3.0, 2.0, 1.0]).astype(np.float32))})
+    config = json.loads((tmp_path / "small" / "adapter_config.json").read_text())
+    model = (tmp_path / "small" / "adapter_model.safetensors").read_bytes()
+    header = json.loads(model[8:8 + int.from_bytes(model[:8], "little")])
+    rank = 1 << 24
+    big = tmp_path / "big"
+    big.mkdir()
+    for layer in [config, config["layers"]["layer"]]:
+        layer.update({key: rank for key in ("r", "m", "n") if key in layer})
+    (big / "adapter_config.json").write_text(json.dumps(config))
+    header["layer.loldu_sigma"].update(shape=[1], data_offsets=[0, 4])
+    header["layer.loldu_z"].update(shape=[rank], data_offsets=[4, 4 + 4 * rank])
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(big / "adapter_model.safetensors", "wb") as f:  # σ = 1, z = 0 (sparse)
+        f.write(len(text).to_bytes(8, "little") + text + np.float32(1).tobytes())
+        f.truncate(8 + len(text) + 4 + 4 * rank)
+    padded = tmp_path / "padded"
+    shutil.copytree(tmp_path / "small", padded)
+    small_config = json.loads((padded / "adapter_config.json").read_text())
+    (padded / "adapter_config.json").write_text(json.dumps({**small_config, "pad": [0] * 5_000_000}))
+    assert loldu.Checkpoint(big).names == ["layer"] and loldu.Checkpoint(padded).names == ["layer"]
+    for path, rooms in ((big, (16, 64, 128, 256, 512)), (padded, (64, 256, 512))):
+        for room in rooms:
+            result = run_python("""
+                import resource, sys
+                import loldu
+                pages = int(open("/proc/self/statm").read().split()[0])
+                resource.setrlimit(resource.RLIMIT_AS, (pages * resource.getpagesize() + (int(sys.argv[2]) << 20), resource.RLIM_INFINITY))
+                try:
+                    loldu.Checkpoint(sys.argv[1])
+                    print("opened")
+                except MemoryError:  # (OutOfMemoryError, or Python's own)
+                    print("out of memory")
+            """, str(path), str(room), timeout=120)
+            assert result.returncode == 0 and result.stdout.strip() in ("opened", "out of memory"), \
+                (path.name, room, result.returncode, result.stderr[-1500:])
