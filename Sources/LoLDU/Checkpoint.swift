@@ -288,7 +288,7 @@ public final class Checkpoint: @unchecked Sendable {
             expectedTensors.formUnion([zName, sigmaName])
             // (z and σ are in the parameter type)
             let z = try model.values(zName, shape: [c.rank], as: dtype.parameterType)
-            let sigma = try model.values(sigmaName, shape: [1], as: dtype.parameterType).pointer[0]
+            let sigma = try model.values(sigmaName, shape: [1], as: dtype.parameterType)[0]
             layers.append(Layer(name: name, dtype: dtype, m: m, n: n, config: c,
                                 weightFingerprint: try hex("weight_fingerprint"),
                                 pivotsFingerprint: try hex("pivots_fingerprint"), z: z, sigma: sigma))

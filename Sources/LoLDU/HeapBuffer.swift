@@ -42,6 +42,13 @@ public final class HeapBuffer<T>: @unchecked Sendable {
     deinit { free(pointer) }
 
     public var buffer: UnsafeMutableBufferPointer<T> { .init(start: pointer, count: count) }
+
+    /// Element `i`, read while the buffer is alive (through ``pointer``, a temporary buffer may
+    /// be freed before the read).
+    subscript(i: Int) -> T { pointer[i] }
+
+    /// The elements as an array.
+    var array: [T] { Array(buffer) }
 }
 
 /// Checks that `bytes` could be allocated now (allocated and released at once) before work that

@@ -270,7 +270,7 @@ public final class Optimizer: @unchecked Sendable {
             var values: [[Double]] = []
             for name in State<Float>.names {
                 let key = "adapter.\(i).\(name)"
-                values.append(Array(try file.values(key, shape: shape, as: adapter.dtype.parameterType).buffer))  // (rank + 1 values)
+                values.append(try file.values(key, shape: shape, as: adapter.dtype.parameterType).array)  // (rank + 1 values)
                 // A second moment is a running mean of squares: a negative one has no square root.
                 if name == "exp_avg_sq", let bad = values.last!.firstIndex(where: { $0 < 0 }) {
                     throw file.fail("tensor \"\(key)\" element \(bad) is \(values.last![bad]); a second moment is never negative")
