@@ -747,3 +747,47 @@ def test_merge_and_unload_is_all_or_nothing():
     lt.merge_and_unload(model)
     assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
     assert torch.allclose(model(x), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_unknown_names_and_wrong_kinds_are_refused_before_anything_changes(tmp_path):
+    """A mistyped adapter name merged every layer away as its base (merge_and_unload) or read and
+    loaded nothing (loldu_state_dict, set_loldu_state_dict); a value that is not a tensor, a
+    checkpoint naming a module inside a LoLDU layer, torch.jit.script and adapter_names that are
+    not names each failed deep inside; merge_and_unload of disabled adapters kept the base."""
+    import numpy as np
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    lt.add_loldu(model, "all-linear", rank=4, adapter_name="a")
+    with torch.no_grad():
+        for layer in lt.loldu_layers(model).values():
+            layer.loldu_z["a"].add_(0.1)
+    x = torch.randn(3, 6)
+    adapted = model(x)
+    for call in (lambda: lt.merge_and_unload(model, "typo"), lambda: lt.loldu_state_dict(model, adapter_name="typo"),
+                 lambda: lt.set_loldu_state_dict(model, {"0.loldu_z": torch.zeros(4)}, adapter_name="typo")):
+        with pytest.raises(loldu.InvalidArgumentError, match="adapter 'typo'"):
+            call()
+    with pytest.raises(loldu.InvalidArgumentError, match=r"state_dict\['0.loldu_z'\] is a ndarray"):
+        lt.set_loldu_state_dict(model, {"0.loldu_z": np.ones(4, np.float32)}, adapter_name="a")
+    with pytest.raises(loldu.InvalidArgumentError, match="adapter_names must be a list of adapter names"):
+        model[0](x, adapter_names=[0, 1, 0])
+    for call, argument in ((lambda: lt.set_adapter(model, None), "adapter_name"),
+                           (lambda: lt.delete_adapter(model, ["a"]), "adapter_name"),
+                           (lambda: lt.add_weighted_adapter(model, "aa", [1, 1], "c"), "adapters"),  # (not its letters)
+                           (lambda: lt.add_weighted_adapter(model, ["a"], ["x"], "c"), r"weights\[0\]"),
+                           (lambda: lt.mixed_batch(model, None).__enter__(), "adapter_names")):
+        with pytest.raises(loldu.InvalidArgumentError, match=f"^{argument}"):
+            call()
+    with pytest.raises(RuntimeError, match="scripted by torch.jit"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (torch.jit.script is deprecated)
+        torch.jit.script(model)
+    saved = tmp_path / "inner"
+    loldu.save(saved, {"0.base_layer": loldu.Adapter(model[0].base_layer.weight.detach().numpy(),
+                                                      model[0].base_layer.bias.detach().numpy(), rank=3)})
+    with pytest.raises(loldu.MismatchError, match="inside a LoLDU layer"):
+        lt.load_loldu(model, saved, adapter_name="n")
+    assert lt.adapter_names(model) == ["a"] and torch.equal(model(x), adapted)
+    lt.disable_loldu(model)
+    assert not torch.equal(model(x), adapted)
+    torch.testing.assert_close(lt.merge_and_unload(model, "a")(x), adapted, rtol=1e-5, atol=1e-6)
+    assert type(model[0]) is nn.Linear

@@ -162,11 +162,14 @@ def eager_under_compile(forward):
     return torch.compiler.disable(forward)
 
 
+JIT_REFUSAL = ("loldu.torch layers cannot be traced or scripted by torch.jit (the library's work is invisible to "
+               "it); trace or script loldu.torch.merge_and_unload(model) instead")
+
+
 def refuse_tracing() -> None:
     """``torch.jit.trace`` cannot see into the library: it would record an empty output."""
     if torch._C._is_tracing():  # (torch.jit.is_tracing, without its Python layers)
-        raise RuntimeError("loldu.torch layers cannot be traced by torch.jit (the library's work is invisible to "
-                           "the tracer); trace loldu.torch.merge_and_unload(model) instead")
+        raise RuntimeError(JIT_REFUSAL)
 
 
 def linear(adapter, x: torch.Tensor, bias, h=None) -> torch.Tensor:

@@ -39,9 +39,9 @@ from .. import _capi
 from .._arrays import NUMPY_DTYPES
 from ..adapter import Adapter, AdapterConfig, init_change_advice
 from ..errors import DeviceError, DTypeError, InvalidArgumentError, LoLDUWarning, ShapeError, StateError, check
-from ._functions import (LIBRARY_DTYPES, AdapterGroup, GroupedLinearFunction, LinearFunction, SummedLinearFunction,
-                         WeightFunction, clone_in_state, eager_under_compile, grouped_linear, library_input, linear,
-                         parameter_dtype, refuse_tracing)
+from ._functions import (JIT_REFUSAL, LIBRARY_DTYPES, AdapterGroup, GroupedLinearFunction, LinearFunction,
+                         SummedLinearFunction, WeightFunction, clone_in_state, eager_under_compile, grouped_linear,
+                         library_input, linear, parameter_dtype, refuse_tracing)
 
 BASE_NAME = "__base__"  # PEFT's name for rows that use no adapter in a mixed batch
 PLANS_KEPT = 1024  # the training path's plans per layer, one per adapter and batch size
@@ -750,6 +750,10 @@ class LoLDULayer(nn.Module):
     def _check_names(self, names, x: torch.Tensor, batched: bool = True) -> None:
         """``names`` has one entry per sample of ``x`` (its first dimension; ``batched``: whether
         ``x`` is a batch at all, not one unbatched sample)."""
+        if isinstance(names, str) or not all(kind is str for kind in set(map(type, names))):
+            raise InvalidArgumentError(f"{self.loldu_name}: adapter_names must be a list of adapter names (str), one "
+                                       f"per sample, got {type(names).__name__} {str(names)[:80]}",
+                                       _capi.LOLDU_ERR_INVALID_ARGUMENT)
         if not batched:
             raise ShapeError(f"{self.loldu_name}: adapter_names needs a batch, samples along the first dimension; "
                              f"the input has shape {tuple(x.shape)}", _capi.LOLDU_ERR_SHAPE)
@@ -826,6 +830,10 @@ class LoLDULayer(nn.Module):
         for name, (z, sigma) in trains.items():  # (as they were pickled, not as update_layer sets them)
             self.loldu_z[name].requires_grad_(z)
             self.loldu_sigma[name].requires_grad_(sigma)
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first: refused as tracing is (``refuse_tracing``)."""
+        raise RuntimeError(JIT_REFUSAL)
 
     # -- copy and pickle --------------------------------------------------------------------------
 

@@ -291,6 +291,20 @@ def _check_known(layers: Mapping[str, LoLDULayer], names, argument: str) -> None
             f"{known}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
 
 
+def _name_list(value, argument: str, *, single: bool = True, several: bool = True) -> list[str]:
+    """``value`` as a list of adapter names: a name (with ``single``) or a list or tuple of names
+    (with ``several``); ``InvalidArgumentError`` naming ``argument`` otherwise (a bare string
+    where a list is expected is refused, not read as its letters)."""
+    if isinstance(value, str) and single:
+        return [value]
+    if several and isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
+        return list(value)
+    expected = " or ".join(what for what, allowed in (("an adapter name (str)", single),
+                                                      ("a list of adapter names", several)) if allowed)
+    raise InvalidArgumentError(f"{argument} must be {expected}, got {type(value).__name__} {str(value)[:80]}",
+                               _capi.LOLDU_ERR_INVALID_ARGUMENT)
+
+
 def set_adapter(model: nn.Module, adapter_name) -> None:
     """Makes ``adapter_name`` (a name, or a list) the active adapter(s) of every LoLDU layer, as
     PEFT's ``set_adapter``: a layer that lacks an active adapter skips it (without any, it computes
@@ -299,7 +313,7 @@ def set_adapter(model: nn.Module, adapter_name) -> None:
     sum of their updates, as PEFT's layers add them (exactly: their coefficient vectors add up,
     and each adapter gets the gradient of its own update); ``merge_loldu`` refuses them, and
     ``add_weighted_adapter`` makes their sum one adapter."""
-    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    names = _name_list(adapter_name, "adapter_name")
     layers = loldu_layers(model)
     _check_known(layers, names, "adapter_name")
     with interrupts_held():
@@ -324,7 +338,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     it was active, the other active adapters stay so, or, if none, the model's first remaining
     adapter becomes active, on every layer alike."""
     layers = loldu_layers(model)
-    _check_known(layers, [adapter_name], "adapter_name")
+    _check_known(layers, _name_list(adapter_name, "adapter_name", several=False), "adapter_name")
     holders = [layer for layer in layers.values() if adapter_name in layer.loldu_config]
     for layer in holders:  # every refusal (merged) before any layer changes
         layer._deletable(adapter_name)
@@ -345,12 +359,18 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     The new adapter has rank max(ranks), σ = 1 (alpha = rank), ``z_init="zeros"`` and residual
     ``init`` (so ``W_res = W`` and its coefficients are its z): ``z = c = Σ w_i c_i``, summed in
     float64 and rounded once to the parameter type. It saves and loads as any adapter."""
+    adapters = _name_list(adapters, "adapters", single=False)
+    check_adapter_name(adapter_name)
     if len(adapters) != len(weights) or not adapters:
         raise InvalidArgumentError("adapters and weights must be non-empty lists of the same length",
                                    _capi.LOLDU_ERR_INVALID_ARGUMENT)
     for i, weight in enumerate(weights):
-        if not math.isfinite(float(weight)):
-            raise InvalidArgumentError(f"weights[{i}] = {weight} must be finite", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        try:
+            value = float(weight) if not isinstance(weight, (str, bytes)) else math.nan
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise InvalidArgumentError(f"weights[{i}] = {weight!r} must be a finite number", _capi.LOLDU_ERR_INVALID_ARGUMENT)
     every = loldu_layers(model)
     _check_known(every, adapters, "adapters")
     layers = [layer for layer in every.values() if any(a in layer.loldu_config for a in adapters)]
@@ -395,9 +415,9 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]):
     name is on no layer. With gradient checkpointing, call ``backward()`` inside the block (the
     recomputed forward must see the same rows). The block holds for the thread (or asyncio task)
     that opens it: threads serving different batches through one model do not mix."""
+    names = _name_list(adapter_names, "adapter_names", single=False)
     every = loldu_layers(model)
-    _check_known(every, [name for name in adapter_names if name != BASE_NAME], "adapter_names")
-    names = list(adapter_names)
+    _check_known(every, [name for name in names if name != BASE_NAME], "adapter_names")
     token = MIXED_BATCH.set({**(MIXED_BATCH.get() or {}), **{layer: names for layer in every.values()}})
     try:
         yield model
@@ -465,7 +485,7 @@ def loldu_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[
     default): the tensors a checkpoint holds, without the adapter name (PEFT's
     ``get_peft_model_state_dict``)."""
     out = {}
-    for name, (layer, adapter) in _chosen(loldu_layers(model), adapter_name).items():
+    for name, (layer, adapter) in _chosen(loldu_layers(model), adapter_name, required=adapter_name is not None).items():
         out[f"{name}.loldu_z"] = layer.loldu_z[adapter].detach().clone()
         out[f"{name}.loldu_sigma"] = layer.loldu_sigma[adapter].detach().clone()
     return out
@@ -476,7 +496,7 @@ def set_loldu_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     """Copies ``NAME.loldu_z`` / ``NAME.loldu_sigma`` values into one adapter (the active one by
     default); returns ``(missing, unexpected)`` keys. ``StateError`` if it is merged."""
     own = {}
-    for name, chosen in _chosen(loldu_layers(model), adapter_name).items():
+    for name, chosen in _chosen(loldu_layers(model), adapter_name, required=adapter_name is not None).items():
         own[f"{name}.loldu_z"] = own[f"{name}.loldu_sigma"] = chosen
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -485,6 +505,9 @@ def set_loldu_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         if key not in own:
             continue
         layer, adapter = own[key]
+        if not isinstance(value, torch.Tensor):
+            raise InvalidArgumentError(f"state_dict[{key!r}] is a {type(value).__name__}; expected a torch.Tensor",
+                                       _capi.LOLDU_ERR_INVALID_ARGUMENT)
         a = layer._prepare(adapter)
         if a.merged:
             raise StateError(f"{layer.loldu_name} is merged; unmerge before loading values", _capi.LOLDU_ERR_STATE)
@@ -632,6 +655,7 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
     check_adapter_name(adapter_name)
     root = unwrap(model)
     modules, read_directly, previous = dict(root.named_modules()), _read_directly(root), active_adapters(root)
+    inside = tuple(name + "." for name in loldu_layers(root))
     installs, made, trials = [], [], []  # what to do once every layer is checked; what was made for it
     frozen = {}
     with Checkpoint(directory) as ckpt:
@@ -641,6 +665,9 @@ def load_loldu(model: nn.Module, directory, *, adapter_name: str = "default", bo
                 if module is None:
                     raise MismatchError(f"the checkpoint's layer {name!r} is not a module of the model",
                                         _capi.LOLDU_ERR_MISMATCH)
+                if name.startswith(inside):  # (as add_loldu skips them)
+                    raise MismatchError(f"the checkpoint's layer {name!r} is inside a LoLDU layer of the model (the "
+                                        "checkpoint was saved on another structure)", _capi.LOLDU_ERR_MISMATCH)
                 info = ckpt.layer(name)
                 base = module.base_layer if isinstance(module, LoLDULayer) else module
                 refusal = _refusal(base, read_directly)
@@ -720,19 +747,26 @@ def unmerge_loldu(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Replaces every LoLDU layer by its base module carrying the effective weight of adapter
     ``adapter_name`` (by default, of the active adapters: several add their updates, as PEFT merges
-    them): a plain PyTorch model again, movable to any device and dtype. In place; returns the
-    model. All or nothing: every effective weight is computed before any layer is replaced (one
-    that does not fit the weight's dtype raises, naming the layer)."""
+    them), whether or not adapters are disabled (as PEFT merges them): a plain PyTorch model again,
+    movable to any device and dtype. In place; returns the model. ``InvalidArgumentError`` if no
+    layer has ``adapter_name``. All or nothing: every effective weight is computed before any
+    layer is replaced (one that does not fit the weight's dtype raises, naming the layer)."""
     root = unwrap(model)
     layers = loldu_layers(root)
+    if adapter_name is not None:  # (a name no layer has would unload every layer as its base)
+        _check_known(layers, [adapter_name], "adapter_name")
     weights = {}
     for name, layer in layers.items():
         chosen = [adapter_name] if adapter_name else layer._present_active()
         if chosen and chosen[0] in layer.loldu_config:  # (else the layer computes its base module already)
+            disabled = layer._disabled  # (merged all the same, as PEFT merges disabled adapters)
+            layer.enable_adapters(True)
             try:
                 weights[name] = layer.effective_weight(adapter_name)
             except _loldu.LoLDUError as error:
                 raise layer._named(error) from None
+            finally:
+                layer.enable_adapters(not disabled)
     with interrupts_held():
         for name, layer in layers.items():
             base = layer.base_layer
