@@ -109,6 +109,22 @@ class AdapterConfig:
     train_sigma: bool = True
     borrow_weight: bool = False
 
+    @staticmethod
+    def of(config, fields: dict) -> "AdapterConfig":
+        """``config`` (default: ``AdapterConfig()``) with ``fields`` replaced; ``InvalidArgumentError``
+        for a config of another kind or a field this class lacks (say, a misspelt option)."""
+        if config is None:
+            config = AdapterConfig()
+        elif not isinstance(config, AdapterConfig):
+            raise InvalidArgumentError(f"config must be a loldu.AdapterConfig or None, got {type(config).__name__}",
+                                       _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        known = [field.name for field in dataclasses.fields(AdapterConfig)]
+        unknown = [name for name in fields if name not in known]
+        if unknown:
+            raise InvalidArgumentError(f"unknown adapter option(s) {unknown}; the options are {known}",
+                                       _capi.LOLDU_ERR_INVALID_ARGUMENT)
+        return dataclasses.replace(config, **fields)
+
     def to_c(self) -> _capi.loldu_config:
         """The ``loldu_config`` struct (from ``loldu_config_default``, then these fields)."""
         c = _capi.loldu_config()
@@ -127,8 +143,11 @@ class AdapterConfig:
             raise InvalidArgumentError(f"alpha must be a number or None, got {self.alpha!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
         c.alpha = float(self.alpha if self.alpha is not None else 0.0)
         c.seed = integer(self.seed, "seed", ctypes.c_uint64)
-        c.train_sigma = 1 if self.train_sigma else 0
-        c.borrow_weight = 1 if self.borrow_weight else 0
+        for name in ("train_sigma", "borrow_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_, int, np.integer)) or value not in (0, 1):
+                raise InvalidArgumentError(f"{name} must be True or False, got {value!r}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
+            setattr(c, name, int(value))
         return c
 
     @classmethod
@@ -218,7 +237,7 @@ class Adapter:
     """
 
     def __init__(self, weight, bias=None, config: AdapterConfig | None = None, **fields):
-        config = dataclasses.replace(config or AdapterConfig(), **fields)
+        config = AdapterConfig.of(config, fields)
         if not isinstance(weight, np.ndarray):
             check_array(weight, "weight", np.dtype(np.float32))
         dtype_code = library_dtype(weight.dtype, "weight")
@@ -609,7 +628,7 @@ class Adapter:
             config = self.config
             if "rank" in fields and "alpha" not in fields and config.alpha == config.rank:
                 config = dataclasses.replace(config, alpha=0.0)
-        derived = self._derive(dataclasses.replace(config, **fields))
+        derived = self._derive(AdapterConfig.of(config, fields))
         _warn_init_change(derived)
         return derived
 

@@ -85,6 +85,9 @@ def merge_model(checkpoint, base_dir, out_dir, *, dtype=None,
     directory ``out_dir`` (``loldu_merge_model``): same files, names and types (or every float
     tensor converted to ``dtype``), written atomically; ``progress(done, total, tensor)`` after
     each tensor. ``checkpoint`` is a ``loldu.Checkpoint`` or a checkpoint directory."""
+    if progress is not None and not callable(progress):
+        raise InvalidArgumentError(f"progress must be a function (done, total, tensor) or None, got {type(progress).__name__}",
+                                   _capi.LOLDU_ERR_INVALID_ARGUMENT)
     options = _capi.loldu_merge_options()
     check(_capi.loldu_merge_options_default(ctypes.byref(options)))
     options.dtype = _dtype_code(dtype, "dtype", allow_keep=True)

@@ -549,6 +549,13 @@ def test_malformed_arguments_are_loldu_errors_naming_them(tmp_path):
         (lambda: setattr(a, "sigma", "abc"), loldu.InvalidArgumentError, "sigma must be a number, got 'abc'"),
         (lambda: loldu.Optimizer([a], "adamw", lr="x"), loldu.InvalidArgumentError, "lr must be a number"),
         (lambda: loldu.Optimizer([a], "adamw", betas=(0.9,)), loldu.InvalidArgumentError, "betas must be a pair"),
+        (lambda: loldu.Adapter(w, rnk=4), loldu.InvalidArgumentError, r"unknown adapter option\(s\) \['rnk'\]"),
+        (lambda: a.derive(config={"rank": 2}), loldu.InvalidArgumentError, "config must be a loldu.AdapterConfig"),
+        (lambda: loldu.Adapter(w, train_sigma="no"), loldu.InvalidArgumentError, "train_sigma must be True or False"),
+        (lambda: a.convert(None), loldu.DTypeError, "dtype has dtype None"),  # (not numpy's float64)
+        (lambda: loldu.gemm_backend("foo"), loldu.DTypeError, "dtype = 'foo' is not a dtype"),
+        (lambda: loldu.merge_model(tmp_path / "ckpt", tmp_path, tmp_path / "m", progress=3), loldu.InvalidArgumentError,
+         "progress must be a function"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):

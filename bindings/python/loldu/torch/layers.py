@@ -180,7 +180,7 @@ class LoLDULayer(nn.Module):
         self._changes = 0  # adapters added, re-created or removed (_group)
         self._bound_to: dict[str, tuple] = {}  # name -> weak references to the parameters bound (_bind)
         self.base_layer.weight.requires_grad_(False)
-        self.update_layer(adapter_name, dataclasses.replace(config or AdapterConfig(), **fields))
+        self.update_layer(adapter_name, AdapterConfig.of(config, fields))
         self.set_adapter(adapter_name)
 
     # -- the weight as a matrix ----------------------------------------------------------------
