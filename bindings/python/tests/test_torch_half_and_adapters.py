@@ -157,6 +157,10 @@ def test_weighted_adapter_is_the_exact_combination():
     w = layer.base_layer.weight.detach().double()
     updates = {name: layer.effective_weight(name).double() - w for name in ("default", "b", "mix")}
     torch.testing.assert_close(updates["mix"], 0.5 * updates["default"] + 2.0 * updates["b"], rtol=1e-5, atol=1e-5)
+    # A combination beyond the parameter type is refused naming the layer and the weights; no layer gets it.
+    with pytest.raises(loldu.NotFiniteError, match=r"the weighted sum of \['default', 'b'\] with weights \[1e\+300, 1\]"):
+        lt.add_weighted_adapter(model, ["default", "b"], [1e300, 1], "huge")
+    assert "huge" not in lt.adapter_names(model)
 
 
 def test_several_active_adapters_add_their_updates_as_in_peft(tmp_path):

@@ -38,7 +38,8 @@ import loldu as _loldu
 from .. import _capi
 from .._arrays import NUMPY_DTYPES
 from ..adapter import Adapter, AdapterConfig, init_change_advice
-from ..errors import DeviceError, DTypeError, InvalidArgumentError, LoLDUWarning, ShapeError, StateError, check
+from ..errors import (DeviceError, DTypeError, InvalidArgumentError, LoLDUWarning, NotFiniteError, ShapeError, StateError,
+                      check)
 from ._functions import (JIT_REFUSAL, LIBRARY_DTYPES, AdapterGroup, GroupedLinearFunction, LinearFunction,
                          SummedLinearFunction, WeightFunction, clone_in_state, eager_under_compile, grouped_linear,
                          library_input, linear, parameter_dtype, refuse_tracing)
@@ -733,8 +734,14 @@ class LoLDULayer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args):
         """Before ``loldu_z`` / ``loldu_sigma`` (children, loaded after this) copy the state dict's
         values into the adapters' memory: ``StateError`` if that would change a merged adapter, whose
-        merged weight would then be stale (as ``set_loldu_state_dict`` refuses). The same values
-        load as they are."""
+        merged weight would then be stale (as ``set_loldu_state_dict`` refuses), and
+        ``NotFiniteError`` for a value that is not finite. The same values load as they are."""
+        for name in self.loldu_config:
+            for holder in self.adapter_layer_names:
+                value = state_dict.get(f"{prefix}{holder}.{name}")
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value.detach()).all():
+                    raise NotFiniteError(f"{self.loldu_name}: the state dict's {holder}[{name!r}] holds a value that is "
+                                         "not finite", _capi.LOLDU_ERR_NOT_FINITE)
         for name in self._merged_names():
             for holder in self.adapter_layer_names:
                 value, current = state_dict.get(f"{prefix}{holder}.{name}"), getattr(self, holder)[name].detach()

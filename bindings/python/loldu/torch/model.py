@@ -388,9 +388,13 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                 for name, weight in present:
                     coefficients = adapter_coefficients(layer, name)
                     c[: coefficients.numel()] += float(weight) * coefficients
+                values = c.to(layer.param_dtype)
+                if not torch.isfinite(values).all():
+                    raise NotFiniteError(f"{layer.loldu_name}: the weighted sum of {adapters} with weights "
+                                         f"{list(weights)} overflows {layer.param_dtype}", _capi.LOLDU_ERR_NOT_FINITE)
                 config = AdapterConfig(rank=rank, z_init="zeros", residual="init",
                                        borrow_weight=layer.loldu_config[present[0][0]].borrow_weight)
-                layer.update_layer(adapter_name, config, values=(c.to(layer.param_dtype), torch.ones(1)))
+                layer.update_layer(adapter_name, config, values=(values, torch.ones(1)))
                 done.append(layer)
                 layer.set_adapter(layer.active_adapters)
         except BaseException:
