@@ -187,7 +187,7 @@ bench: $(BUILD)/bench python-setup
 # --- install -----------------------------------------------------------------------------------
 # The library as libloldu.so.VERSION with its SONAME and development links, stripped; the
 # installed loldu.pc gives programs an rpath to it unless PREFIX is /usr (the loader's own
-# path), and as root ldconfig updates the loader's cache.
+# path), and as root ldconfig updates the loader's cache for /usr and /usr/local.
 INSTALLED := bin/loldu lib/libloldu.so.$(VERSION) lib/$(SONAME) lib/libloldu.so include/loldu.h lib/pkgconfig/loldu.pc
 install: build
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
@@ -199,7 +199,7 @@ install: build
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$${prefix}/lib|' -e 's|@INCLUDEDIR@|$${prefix}/include|' \
 	    -e 's|@VERSION@|$(VERSION)|' -e 's|@RPATH@|$(if $(filter /usr,$(PREFIX)),,-Wl$(COMMA)-rpath$(COMMA)$${libdir} )|' \
 	    loldu.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/loldu.pc
-	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ] && command -v ldconfig >/dev/null; then ldconfig; fi
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ] && [ "$(filter /usr /usr/local,$(PREFIX))" ] && command -v ldconfig >/dev/null; then ldconfig; fi
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(PREFIX)/,$(INSTALLED))

@@ -300,8 +300,8 @@ extension Adapter: AnyAdapter {
 
     public func setParameters(z values: HeapBuffer<Double>, sigma: Double) throws(LoLDUError) {
         let z = try HeapBuffer<P>(count: values.count)
-        for k in 0..<values.count { z.pointer[k] = P(values.pointer[k]) }
-        try setParameters(z: z.pointer, sigma: P(sigma))
+        for k in 0..<values.count { z.pointer[k] = P(values[k]) }
+        try withExtendedLifetime(z) { () throws(LoLDUError) in try setParameters(z: z.pointer, sigma: P(sigma)) }
     }
 
     public var weightFingerprint: String { factors.weightFingerprint }

@@ -152,27 +152,43 @@ public enum AtomicFile {
         /// Opens (with `create`, first creating) `path` and locks it: exclusively for writers,
         /// shared for readers. A file system without `flock` is used unlocked.
         init(_ path: String, exclusive: Bool, create: Bool = false) throws(LoLDUError) {
-            created = create ? try AtomicFile.makeDirectory(path) : false
-            let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NONBLOCK)
-            guard fd >= 0 else {
-                let code = errno
-                var info = stat()
-                if code == ENOTDIR, stat(path, &info) == 0 {
-                    throw LoLDUError(.io, "\"\(path)\" is \(AtomicFile.kind(info.st_mode)), not a directory")
-                }
-                errno = code
-                throw AtomicFile.failure("cannot open directory", path)
-            }
+            (fd, created) = try Self.openLocked(path, exclusive: exclusive, create: create)
             self.path = path
-            self.fd = fd
-            HeldLocks.add(fd)
+        }
+
+        /// The locked directory's descriptor, and whether this call created it. The lock is
+        /// taken on the directory opened, while files are named by path: a lock obtained on a
+        /// directory that was removed meanwhile (a failed save removes one it created) is let go,
+        /// and the directory now at `path` locked instead.
+        private static func openLocked(_ path: String, exclusive: Bool, create: Bool) throws(LoLDUError) -> (Int32, Bool) {
             let start = monotonicSeconds()
+            var created = false
             var pause = 0.001
-            while flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0 {
-                guard errno == EWOULDBLOCK || errno == EINTR else { return }  // no flock here
-                guard monotonicSeconds() - start < Self.patience else {  // (time that passed: a signal cuts pauses short)
-                    HeldLocks.close(fd)
-                    throw LoLDUError(.io, "\"\(path)\" is locked by another process writing into it (waited \(Int(Self.patience)) s)")
+            while true {
+                if create, try AtomicFile.makeDirectory(path) { created = true }
+                let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NONBLOCK)
+                guard fd >= 0 else {
+                    let code = errno
+                    if created { rmdir(path) }
+                    var info = stat()
+                    if code == ENOTDIR, stat(path, &info) == 0 {
+                        throw LoLDUError(.io, "\"\(path)\" is \(AtomicFile.kind(info.st_mode)), not a directory")
+                    }
+                    errno = code
+                    throw AtomicFile.failure("cannot open directory", path)
+                }
+                HeldLocks.add(fd)
+                if flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0 {
+                    var held = stat(), current = stat()
+                    if fstat(fd, &held) == 0, stat(path, &current) == 0, held.st_dev == current.st_dev, held.st_ino == current.st_ino {
+                        return (fd, created)
+                    }
+                } else if errno != EWOULDBLOCK && errno != EINTR {
+                    return (fd, created)  // no flock here
+                }
+                HeldLocks.close(fd)
+                guard monotonicSeconds() - start < patience else {  // (time that passed: a signal cuts pauses short)
+                    throw LoLDUError(.io, "\"\(path)\" is locked by another process writing into it (waited \(Int(patience)) s)")
                 }
                 var ts = timespec(tv_sec: 0, tv_nsec: Int(pause * 1e9))
                 nanosleep(&ts, nil)

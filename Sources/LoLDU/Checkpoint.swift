@@ -118,7 +118,7 @@ public final class Checkpoint: @unchecked Sendable {
 
         let dir = try AtomicFile.LockedDirectory(directory, exclusive: true, create: true)
         finishInterruptedSave(dir)
-        var model: String? = nil
+        var model: String? = nil, wrotePending = false
         do {
             for name in [modelFile, configFile] {  // (refused before the first rename: a failed save changes nothing)
                 _ = try AtomicFile.replaceable(dir.file(name), followLinks: false)
@@ -128,10 +128,11 @@ public final class Checkpoint: @unchecked Sendable {
             }
             model = prepared
             try dir.replace(pendingFile) { file throws(LoLDUError) in try file.write(Array((JSON.text(config) + "\n").utf8)) }
+            wrotePending = true
             try dir.commit(prepared, as: modelFile)
         } catch {
             if let model { unlink(model) }  // (not renamed into place)
-            unlink(dir.file(pendingFile))  // (it never took effect)
+            if wrotePending { unlink(dir.file(pendingFile)) }  // (this save's, which never took effect)
             if dir.created { rmdir(directory) }  // (a directory this save made, left empty)
             throw error
         }

@@ -197,6 +197,7 @@ public final class LDUFactors<E: Element, G: GEMMOperand>: @unchecked Sendable w
 
         // Row permutation: row i of PᵀW is W[perm[i]].
         let permutation = try HeapBuffer<Int>(count: m)  // (m can be large: an allocation that may fail)
+        defer { withExtendedLifetime(permutation) {} }  // (used through its pointer below)
         let perm = permutation.pointer
         for i in 0..<m { perm[i] = i }
         for j in 0..<r { swap(&perm[j], &perm[Int(ipiv[j]) - 1]) }

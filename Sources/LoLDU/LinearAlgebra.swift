@@ -457,11 +457,13 @@ public enum BLASWorkBuffers {
             var a: [Double] = [2, 1, 1, 3], pivots: [Int32] = [0, 0]
             _ = Double.getrf(m: 2, n: 2, a: &a, lda: 2, ipiv: &pivots)
             if threads > 1 {  // a product OpenBLAS splits among all its threads (beyond 2^18 multiply-adds)
-                let m = Swift.max(128, 8 * threads), k = 64
+                let m = 64 * threads, k = 64
                 let operands = try HeapBuffer<Double>(zeros: 2 * m * k + k * k)
-                let p = operands.pointer
-                Double.gemm(transA: false, transB: false, m: m, n: k, k: k, alpha: 1, a: p, lda: k,
-                            b: p + m * k, ldb: k, beta: 0, c: p + m * k + k * k, ldc: k)
+                withExtendedLifetime(operands) {
+                    let p = operands.pointer
+                    Double.gemm(transA: false, transB: false, m: m, n: k, k: k, alpha: 1, a: p, lda: k,
+                                b: p + m * k, ldb: k, beta: 0, c: p + m * k + k * k, ldc: k)
+                }
             }
             mapped = true
         }

@@ -159,16 +159,18 @@ public enum LoRAExport {
         let type = adapter.dtype.parameterType
         func read(_ count: Int, _ body: (UnsafeMutableRawPointer) -> Void) throws(LoLDUError) -> HeapBuffer<Double> {
             let raw = try HeapBuffer<UInt8>(count: count * type.byteSize)
-            body(UnsafeMutableRawPointer(raw.pointer))
             let values = try HeapBuffer<Double>(count: count)
-            convertElements(UnsafeRawPointer(raw.pointer), type, values.pointer, .float64, count: count)
+            withExtendedLifetime(raw) {
+                body(UnsafeMutableRawPointer(raw.pointer))
+                convertElements(UnsafeRawPointer(raw.pointer), type, values.pointer, .float64, count: count)
+            }
             return values
         }
         let lower = try read(m * r) { adapter.writeFactor(.lower, $0) }
         let upper = try read(r * n) { adapter.writeFactor(.upper, $0) }
         let c = try read(r) { adapter.writeCoefficients($0) }
         for i in 0..<m {
-            for k in 0..<r { lower.pointer[i * r + k] *= c.pointer[k] }
+            for k in 0..<r { lower.pointer[i * r + k] *= c[k] }
         }
         return (lower, upper)
     }

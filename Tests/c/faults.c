@@ -247,14 +247,17 @@ static void tall_layer_out_of_memory(const char *dir) {
     c.rank = 1;
     c.borrow_weight = 1;
     const char *name = "tall";
+    char out[512];  /* one export directory, replaced by each (16 MB) */
+    snprintf(out, sizeof out, "%.300s/tall-lora", dir);
+    loldu_lora_options options;
+    loldu_lora_options_default(&options);
+    options.replace = 1;
     int created = 0, exported = 0;
     for (long room = 0; room <= (320L << 20); room += 16L << 20) {
-        char out[512];
-        snprintf(out, sizeof out, "%.300s/tall-lora-%ld", dir, room >> 20);
         loldu_adapter *a = NULL;
         struct rlimit saved = limit_address_space(room);
         loldu_status create = loldu_adapter_create(&a, LOLDU_FLOAT32, M, 1, w, NULL, &c);
-        loldu_status export = create == LOLDU_OK ? loldu_export_lora(out, &a, &name, 1, NULL) : LOLDU_OK;
+        loldu_status export = create == LOLDU_OK ? loldu_export_lora(out, &a, &name, 1, &options) : LOLDU_OK;
         setrlimit(RLIMIT_AS, &saved);
         EXPECT(create == LOLDU_OK || create == LOLDU_ERR_OUT_OF_MEMORY, "create of a %d × 1 layer with %ld MB of room returned %d", M, room >> 20, create);
         EXPECT(export == LOLDU_OK || export == LOLDU_ERR_OUT_OF_MEMORY, "export_lora with %ld MB of room returned %d", room >> 20, export);

@@ -54,6 +54,16 @@ def swift_package() -> pathlib.Path:
                      "sdist made from one, or set LOLDU_PREBUILT to a built libloldu.so")
 
 
+def soname() -> str:
+    """The library's SONAME, as the Makefile links it (``SONAME``: libloldu.so.MAJOR, or
+    libloldu.so.0.MINOR while the major version is 0), so that a build here does not relink
+    the checkout's library without it."""
+    namespace: dict = {}
+    exec((HERE / "loldu" / "_version.py").read_text(), namespace)
+    major, minor, _ = namespace["__version__"].split(".")
+    return f"libloldu.so.{major}.{minor}" if major == "0" else f"libloldu.so.{major}"
+
+
 def build_library() -> pathlib.Path:
     """The libloldu.so to ship: LOLDU_PREBUILT, or a fresh SwiftPM build of ``swift_package()``."""
     prebuilt = os.environ.get("LOLDU_PREBUILT")
@@ -67,7 +77,8 @@ def build_library() -> pathlib.Path:
     if swift is None:
         raise SystemExit(NO_TOOLCHAIN)
     command = [swift, "build", "-c", "release", "--product", "loldu", "-Xswiftc", "-static-stdlib",
-               "-Xlinker", f"--version-script={root / 'Sources' / 'LoLDUCAPI' / 'exports.map'}"]
+               "-Xlinker", f"--version-script={root / 'Sources' / 'LoLDUCAPI' / 'exports.map'}",
+               "-Xlinker", f"-soname={soname()}"]
     print(f"loldu: building libloldu.so in {root}:", " ".join(command), flush=True)
     result = subprocess.run(command, cwd=root)
     if result.returncode != 0:

@@ -122,7 +122,9 @@ def library_dtype(dtype, what: str) -> int:
     """The ``loldu_dtype`` of a numpy dtype, or ``DTypeError`` (also for None, which numpy would
     read as float64, and for what is not a dtype)."""
     try:
-        dtype = np.dtype(dtype) if dtype is not None else None
+        if dtype is None:
+            raise TypeError
+        dtype = np.dtype(dtype)
     except TypeError:
         raise DTypeError(f"{what} = {dtype!r} is not a dtype; libloldu takes float32, float64, float16 or "
                          "bfloat16 (ml_dtypes.bfloat16)", _capi.LOLDU_ERR_DTYPE) from None

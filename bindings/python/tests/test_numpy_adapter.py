@@ -552,7 +552,7 @@ def test_malformed_arguments_are_loldu_errors_naming_them(tmp_path):
         (lambda: loldu.Adapter(w, rnk=4), loldu.InvalidArgumentError, r"unknown adapter option\(s\) \['rnk'\]"),
         (lambda: a.derive(config={"rank": 2}), loldu.InvalidArgumentError, "config must be a loldu.AdapterConfig"),
         (lambda: loldu.Adapter(w, train_sigma="no"), loldu.InvalidArgumentError, "train_sigma must be True or False"),
-        (lambda: a.convert(None), loldu.DTypeError, "dtype has dtype None"),  # (not numpy's float64)
+        (lambda: a.convert(None), loldu.DTypeError, "dtype = None is not a dtype"),  # (not numpy's float64)
         (lambda: loldu.gemm_backend("foo"), loldu.DTypeError, "dtype = 'foo' is not a dtype"),
         (lambda: loldu.merge_model(tmp_path / "ckpt", tmp_path, tmp_path / "m", progress=3), loldu.InvalidArgumentError,
          "progress must be a function"),

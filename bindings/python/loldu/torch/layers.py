@@ -757,7 +757,7 @@ class LoLDULayer(nn.Module):
     def _check_names(self, names, x: torch.Tensor, batched: bool = True) -> None:
         """``names`` has one entry per sample of ``x`` (its first dimension; ``batched``: whether
         ``x`` is a batch at all, not one unbatched sample)."""
-        if isinstance(names, str) or not all(kind is str for kind in set(map(type, names))):
+        if isinstance(names, str) or not all(issubclass(kind, str) for kind in set(map(type, names))):
             raise InvalidArgumentError(f"{self.loldu_name}: adapter_names must be a list of adapter names (str), one "
                                        f"per sample, got {type(names).__name__} {str(names)[:80]}",
                                        _capi.LOLDU_ERR_INVALID_ARGUMENT)

@@ -292,13 +292,20 @@ def _check_known(layers: Mapping[str, LoLDULayer], names, argument: str) -> None
 
 
 def _name_list(value, argument: str, *, single: bool = True, several: bool = True) -> list[str]:
-    """``value`` as a list of adapter names: a name (with ``single``) or a list or tuple of names
-    (with ``several``); ``InvalidArgumentError`` naming ``argument`` otherwise (a bare string
-    where a list is expected is refused, not read as its letters)."""
-    if isinstance(value, str) and single:
-        return [value]
-    if several and isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
-        return list(value)
+    """``value`` as a list of adapter names: a name (with ``single``) or an iterable of names
+    (with ``several``: a list, a tuple, an array of strings, dict keys...); ``InvalidArgumentError``
+    naming ``argument`` otherwise (a bare string where several are expected is refused, not read
+    as its letters)."""
+    if isinstance(value, str):
+        if single:
+            return [value]
+    elif several:
+        try:
+            names = list(value)
+        except TypeError:
+            names = None
+        if names is not None and all(isinstance(name, str) for name in names):
+            return names
     expected = " or ".join(what for what, allowed in (("an adapter name (str)", single),
                                                       ("a list of adapter names", several)) if allowed)
     raise InvalidArgumentError(f"{argument} must be {expected}, got {type(value).__name__} {str(value)[:80]}",
