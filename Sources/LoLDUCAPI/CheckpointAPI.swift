@@ -31,9 +31,12 @@ extension Check {
     /// `count` names from a C array of C strings.
     static func names(_ list: UnsafePointer<UnsafePointer<CChar>?>?, _ count: Int) throws(LoLDUError) -> [String] {
         let list = try nonNull(list, "names")
+        try ensureRoom(128 * count)  // (count ≤ 2^24: the adapters' count, checked first)
         var result: [String] = []
         for i in 0..<count {
-            guard let name = String(validatingCString: try nonNull(list[i], "names[\(i)]")) else {
+            let text = try nonNull(list[i], "names[\(i)]")
+            guard strnlen(text, 513) <= 512 else { throw .invalid("names[\(i)] must be 1 to 512 bytes long, got more") }
+            guard let name = String(validatingCString: text) else {
                 throw .invalid("names[\(i)] is not valid UTF-8")
             }
             result.append(name)
