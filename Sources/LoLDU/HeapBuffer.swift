@@ -51,10 +51,13 @@ public final class HeapBuffer<T>: @unchecked Sendable {
     var array: [T] { Array(buffer) }
 }
 
-/// Checks that `bytes` could be allocated now (allocated and released at once) before work that
-/// builds Swift collections of about that size from outside data: their allocation failure
-/// traps, so a lack of memory (an address-space limit) is an error here instead.
-public func ensureRoom(_ bytes: Int) throws(LoLDUError) {
+/// Checks that `count` × `bytesEach` bytes could be allocated now (allocated and released at
+/// once) before work that builds Swift collections of about that size from outside data: their
+/// allocation failure traps, so a lack of memory (an address-space limit) is an error here
+/// instead (a size beyond `Int` too).
+public func ensureRoom(_ count: Int, bytesEach: Int) throws(LoLDUError) {
+    let (bytes, overflow) = count.multipliedReportingOverflow(by: bytesEach)
+    guard !overflow else { throw LoLDUError(.outOfMemory, "cannot allocate \(count) × \(bytesEach) bytes") }
     _ = try HeapBuffer<UInt8>(count: bytes)
 }
 

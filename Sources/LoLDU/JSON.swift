@@ -118,9 +118,7 @@ public enum JSON: Equatable, Sendable {
     public static func parse(_ bytes: UnsafeRawBufferPointer, what: String) throws(LoLDUError) -> JSON {
         // The values take up to about 20 times the text (`[0,0,…]`: an enum per 2 bytes, arrays
         // that grow by doubling): room for them is checked first.
-        let (room, overflow) = bytes.count.multipliedReportingOverflow(by: 32)
-        guard !overflow else { throw LoLDUError(.outOfMemory, "\(what): \(bytes.count) bytes of JSON are too many to parse") }
-        try ensureRoom(room)
+        try ensureRoom(bytes.count, bytesEach: 32)
         var parser = Parser(bytes: bytes, what: what)
         parser.skipSpace()
         let value = try parser.value(depth: 0)

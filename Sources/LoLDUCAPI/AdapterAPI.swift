@@ -301,7 +301,7 @@ private func group(
     // batch, else a dictionary (only the entries the rows use are read, so `count` may be large).
     // The tables sized by the caller's counts are heap buffers, and room for the collections
     // of up to `b` used adapters is checked first: no memory is an error, not a trap.
-    try ensureRoom(b > Int.max / 128 ? Int.max : 128 * b)
+    try ensureRoom(b, bytesEach: 128)
     let slot = count <= 4 * b + 4096 ? try HeapBuffer<Int32>(repeating: -1, count: count) : nil
     var slots: [Int: Int32] = [:]
     var listIndex: [Int] = []

@@ -31,7 +31,7 @@ extension Check {
     /// `count` names from a C array of C strings.
     static func names(_ list: UnsafePointer<UnsafePointer<CChar>?>?, _ count: Int) throws(LoLDUError) -> [String] {
         let list = try nonNull(list, "names")
-        try ensureRoom(128 * count)  // (count ≤ 2^24: the adapters' count, checked first)
+        try ensureRoom(count, bytesEach: 128)
         var result: [String] = []
         for i in 0..<count {
             let text = try nonNull(list[i], "names[\(i)]")

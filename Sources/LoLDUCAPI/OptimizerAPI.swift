@@ -41,7 +41,7 @@ extension Check {
     static func adapterList(_ list: UnsafePointer<OpaquePointer?>?, _ count: Int) throws(LoLDUError) -> [any AnyAdapter] {
         guard count >= 1, count <= 1 << 24 else { throw .invalid("count must be in [1, \(1 << 24)], got \(UInt(bitPattern: count))") }
         let list = try nonNull(list, "adapters")
-        try ensureRoom(128 * count)  // (up to 2^24 references in Swift collections)
+        try ensureRoom(count, bytesEach: 128)  // (up to 2^24 references in Swift collections)
         var result: [any AnyAdapter] = []
         for i in 0..<count { result.append(try adapters.get(list[i], "adapters[\(i)]")) }
         return result

@@ -17,7 +17,7 @@ from torch import nn
 import loldu as _loldu
 
 from .. import _capi
-from .._arrays import NUMPY_DTYPES
+from .._arrays import NUMPY_DTYPES, real
 from .._interrupts import interrupts_held
 from ..adapter import Adapter, AdapterConfig
 from ..checkpoint import Checkpoint
@@ -372,11 +372,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         raise InvalidArgumentError("adapters and weights must be non-empty lists of the same length",
                                    _capi.LOLDU_ERR_INVALID_ARGUMENT)
     for i, weight in enumerate(weights):
-        try:
-            value = float(weight) if not isinstance(weight, (str, bytes)) else math.nan
-        except (TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value):
+        if not math.isfinite(real(weight, f"weights[{i}]")):
             raise InvalidArgumentError(f"weights[{i}] = {weight!r} must be a finite number", _capi.LOLDU_ERR_INVALID_ARGUMENT)
     every = loldu_layers(model)
     _check_known(every, adapters, "adapters")
