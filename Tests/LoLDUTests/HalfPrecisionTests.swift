@@ -193,7 +193,7 @@ import Testing
         for i in 0..<n { identity[i * n + i] = half.round(1) }
         var random = TestRandom(77)
         // x and b whose float32 sum needs rounding: mixed magnitudes, subnormals, overflow.
-        let magnitudes: [Float] = half == .f16 ? [1e-7, 6e-8, 3e-5, 1, 1000, 60000, 65504] : [1e-39, 1e-20, 1, 3e38]
+        let magnitudes: [Float] = half == .f16 ? [1e-7, 6e-8, 3e-5, 1, 1000, 60000, 65504] : [Float.leastNormalMagnitude / 12, 1e-20, 1, 3e38]
         var x: [UInt16] = [], b: [UInt16] = []
         for i in 0..<(4 * n) {
             let scale = magnitudes[i % magnitudes.count]

@@ -135,7 +135,7 @@ import Testing
     ]
 
     /// A checkpoint of one 8 × 8 rank-8 layer named "layer", for the checkpoint handles.
-    nonisolated(unsafe) static let checkpointDirectory: String = {
+    static let checkpointDirectory: String = {
         let directory = try! temporaryDirectory()
         var random = TestRandom(1)
         let a = try! TestAdapter<Float>(m: 8, n: 8, weight: random.array(64)) { $0.rank = 8 }
