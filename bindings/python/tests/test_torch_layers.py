@@ -8,6 +8,7 @@ import copy
 import gc
 import io
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -478,6 +479,33 @@ def test_base_weight_changes_are_detected():
         base.weight.add_(1)
     with pytest.raises(loldu.StateError):
         layer(x)
+    # Writes that autograd does not count as versions of the tensor (through .data, a numpy view)
+    # are seen too, on every path (the merged one computes with a W_eff made from the old weight).
+    layer.refactor()
+    for path in ("factored", "merged"):
+        layer.adapter.path = path
+        y = layer(x)
+        view = base.weight.detach().numpy()
+        for write in (lambda: base.weight.data.mul_(2), lambda: np.multiply(view, 2, out=view)):
+            version = base.weight._version
+            write()
+            assert base.weight._version == version
+            with pytest.raises(loldu.StateError, match="write through .data or a numpy view"):
+                layer(x)
+            base.weight.data.div_(2)  # (exact: the values it was factored with)
+            torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+
+
+def test_nested_inputs_are_refused_by_name():
+    layer = lt.LoLDULinear(nn.Linear(5, 3), rank=2)
+    for parts, layout in (([torch.randn(2, 5), torch.randn(3, 5)], torch.jagged),
+                          ([torch.randn(2, 5), torch.randn(3, 5)], torch.strided),
+                          ([torch.randn(5), torch.randn(5)], torch.strided)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (torch: the strided layout is a prototype)
+            nested = torch.nested.nested_tensor(parts, layout=layout)
+        with pytest.raises(loldu.InvalidArgumentError, match="nested tensor"):
+            layer(nested)
 
 
 def test_the_modules_bias_goes_to_the_library_with_each_call():
@@ -745,8 +773,14 @@ def test_a_mixed_batch_sees_replaced_parameters_and_added_or_deleted_adapters():
     layer.update_layer("b", AdapterConfig(rank=4, residual="init", z_init="normal", seed=3))  # re-created
     check()
     layer.delete_adapter("c")
-    with torch.no_grad():  # a deleted adapter's rows: the base layer's output, as PEFT gives
-        torch.testing.assert_close(layer(x, adapter_names=names)[0], layer.base_layer(x)[0])
+    other = lt.LoLDULinear(nn.Linear(6, 6), rank=2)
+    other.update_layer("c", AdapterConfig(rank=2))
+    # A deleted adapter's rows, in a model where another layer has it: the base layer's output,
+    # as PEFT gives; named to the layer itself, refused.
+    with torch.no_grad(), lt.mixed_batch(nn.Sequential(layer, other), names):
+        torch.testing.assert_close(layer(x)[0], layer.base_layer(x)[0])
+    with pytest.raises(loldu.InvalidArgumentError, match=r"names \['c'\], which this layer does not have"):
+        layer(x, adapter_names=names)
     # An adapter the batch does not use, deleted between forward and backward: the gradients of
     # what the forward computed.
     xg = x.clone().requires_grad_()

@@ -790,9 +790,20 @@ def test_unknown_names_and_wrong_kinds_are_refused_before_anything_changes(tmp_p
     torch.testing.assert_close(model(x), adapted, rtol=1e-6, atol=1e-6)  # (auto may switch to the merged path)
     state = model.state_dict()
     state["0.loldu_z.a"] = torch.full_like(state["0.loldu_z.a"], float("nan"))
-    with pytest.raises(loldu.NotFiniteError, match=r"0: the state dict's loldu_z\['a'\]"):
+    with pytest.raises(loldu.NotFiniteError, match=r"0: the state dict's values of adapter 'a'"):
         model.load_state_dict(state)  # (as set_loldu_state_dict refuses it)
     torch.testing.assert_close(model(x), adapted, rtol=1e-6, atol=1e-6)
+    # finite values whose σ·z overflows float32 (or beyond float32 itself): refused the same way
+    for z, sigma in ((3e38, 4.0), (1e300, None)):
+        state = model.state_dict()
+        state["0.loldu_z.a"] = torch.full(state["0.loldu_z.a"].shape, z, dtype=torch.float64)
+        if sigma is not None:
+            state["0.loldu_sigma.a"] = torch.tensor([sigma])
+        with pytest.raises(loldu.NotFiniteError, match=r"0: the state dict's values of adapter 'a'.*σ·z"):
+            model.load_state_dict(state)
+        with pytest.raises(loldu.NotFiniteError, match=r"0: state_dict's 0.loldu_z / 0.loldu_sigma"):
+            lt.set_loldu_state_dict(model, {"0.loldu_z": state["0.loldu_z.a"], "0.loldu_sigma": state["0.loldu_sigma.a"]})
+        torch.testing.assert_close(model(x), adapted, rtol=1e-6, atol=1e-6)
     lt.disable_loldu(model)
     assert not torch.equal(model(x), adapted)
     torch.testing.assert_close(lt.merge_and_unload(model, "a")(x), adapted, rtol=1e-5, atol=1e-6)

@@ -124,6 +124,28 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(library_input(t.detach()).view(torch.uint8).numpy().reshape(-1))
 
 
+SAMPLED = 64  # elements of the base weight read on every call (see ``_stamp_of``)
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # bit patterns numpy can view, by element size
+
+
+def _sampled(weight: torch.Tensor) -> tuple:
+    """A view of ``weight``'s memory, positions of ``SAMPLED`` elements spread over it, and their
+    current bit patterns: writes that do not count as versions of the tensor (through ``.data``,
+    a numpy view, ctypes) show up there unless they miss every sampled element."""
+    memory = weight.detach()
+    if memory.is_neg():  # (a lazy negation: its memory holds the values before it)
+        memory = torch._neg_view(memory)
+    view = memory.view(_SAME_SIZE_INT[memory.element_size()]).numpy()
+    positions = np.unravel_index(np.linspace(0, view.size - 1, min(SAMPLED, view.size)).astype(np.int64), view.shape)
+    return view, positions, view[positions].tobytes()
+
+
+def _stamp_of(weight: torch.Tensor, crc: int) -> tuple:
+    """What ``_check_weight`` compares on every call: the version counter, address, dtype and a
+    sample (``_sampled``) of the weight whose whole CRC is ``crc``."""
+    return weight._version, weight.data_ptr(), weight.dtype, crc, _sampled(weight)
+
+
 def _tensors(module: nn.Module) -> list:
     """Every parameter and buffer of ``module`` with what ``nn.Module._apply`` replaces of it (its
     data, its gradient's data, the object in its slot), for ``_put_back``."""
@@ -366,7 +388,7 @@ class LoLDULayer(nn.Module):
         for name in moved:
             self._bind(name)
         weight = self._base_weight()
-        self._stamp = (weight._version, weight.data_ptr(), weight.dtype, _crc(self._weight_matrix(weight.detach())))
+        self._stamp = _stamp_of(weight, _crc(self._weight_matrix(weight.detach())))
         self._companions.clear()
         for adapter in previous.values():
             adapter.close()
@@ -475,23 +497,37 @@ class LoLDULayer(nn.Module):
                     f"{self.loldu_name}: base_layer.weight requires grad, but a LoLDU layer computes with factors of "
                     "the frozen weight, so it would get no gradient. Freeze it again (requires_grad_(False)), or "
                     "train plain layers: loldu.torch.merge_and_unload(model)", _capi.LOLDU_ERR_STATE)
-        version, ptr, dtype, crc = self._stamp
-        if weight._version != version or weight.data_ptr() != ptr:
+        version, ptr, dtype, crc, (view, positions, sample) = self._stamp
+        if weight._version != version or weight.data_ptr() != ptr or view[positions].tobytes() != sample:
             if weight.device.type != "cpu" or weight.dtype != dtype or _crc(self._weight_matrix(weight.detach())) != crc:
                 renorm = getattr(self._modules["base_layer"], "max_norm", None) is not None
                 raise StateError(
                     f"{self.loldu_name}: the base weight changed after it was factored (in-place update, "
-                    "load_state_dict or a new tensor"
+                    "load_state_dict, a new tensor, or a write through .data or a numpy view"
                     + ("; nn.Embedding(max_norm=...) renormalises the rows it looks up in place whenever the "
                        "base layer runs alone, with adapters disabled or none active" if renorm else "")
                     + "). Call .refactor() on this layer to factor the new weight (z and σ are kept), or "
                     "restore the original weight.",
                     _capi.LOLDU_ERR_STATE,
                 )
-            self._stamp = (weight._version, weight.data_ptr(), dtype, crc)
+            self._stamp = _stamp_of(weight, crc)
             borrowed = self._borrowed
             if borrowed is not None and borrowed[0].data_ptr() != borrowed[1]:
                 self.refactor()  # its memory moved (share_memory_()): the library would read freed memory
+
+    def _check_values(self, name: str, z: torch.Tensor | None, sigma: torch.Tensor | None, what: str) -> None:
+        """``NotFiniteError`` naming ``what`` unless adapter ``name`` can take these values of z and
+        σ (None: its own): the library's own rule (each finite in the parameter type, and every
+        σ·z_k − σ₀·z_ref,k), tried on a throwaway clone."""
+        adapter = self._adapters[name]
+        with adapter.clone() as trial, np.errstate(over="ignore", invalid="ignore"):
+            if z is not None:  # (a value beyond the parameter type becomes ±inf here, and is refused below)
+                trial.params[:-1] = z.detach().to("cpu", torch.float64).reshape(-1).numpy()
+            try:
+                trial.sigma = adapter.sigma if sigma is None else float(sigma.detach().reshape(-1)[0])
+            except NotFiniteError as error:
+                raise NotFiniteError(f"{self.loldu_name}: {what}: z and σ must be finite in {self.param_dtype} and "
+                                     f"so must σ·z − σ₀·z_ref ({error.message})", error.status) from None
 
     def _bound(self, name: str, *, call: bool = False) -> Adapter:
         """Adapter ``name``, its ``loldu_z`` / ``loldu_sigma`` still its memory. Replaced by other
@@ -737,11 +773,11 @@ class LoLDULayer(nn.Module):
         merged weight would then be stale (as ``set_loldu_state_dict`` refuses), and
         ``NotFiniteError`` for a value that is not finite. The same values load as they are."""
         for name in self.loldu_config:
-            for holder in self.adapter_layer_names:
-                value = state_dict.get(f"{prefix}{holder}.{name}")
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value.detach()).all():
-                    raise NotFiniteError(f"{self.loldu_name}: the state dict's {holder}[{name!r}] holds a value that is "
-                                         "not finite", _capi.LOLDU_ERR_NOT_FINITE)
+            values = [state_dict.get(f"{prefix}{holder}.{name}") for holder in self.adapter_layer_names]
+            values = [v if isinstance(v, torch.Tensor) and v.numel() == n else None  # (others: torch's own errors)
+                      for v, n in zip(values, (self._adapters[name].rank, 1))]
+            if values != [None, None]:
+                self._check_values(name, *values, f"the state dict's values of adapter {name!r}")
         for name in self._merged_names():
             for holder in self.adapter_layer_names:
                 value, current = state_dict.get(f"{prefix}{holder}.{name}"), getattr(self, holder)[name].detach()
@@ -754,9 +790,10 @@ class LoLDULayer(nn.Module):
 
     # -- mixed batches ------------------------------------------------------------------------
 
-    def _check_names(self, names, x: torch.Tensor, batched: bool = True) -> None:
+    def _check_names(self, names, x: torch.Tensor, batched: bool = True, known: bool = False) -> None:
         """``names`` has one entry per sample of ``x`` (its first dimension; ``batched``: whether
-        ``x`` is a batch at all, not one unbatched sample)."""
+        ``x`` is a batch at all, not one unbatched sample) and, if ``known`` (names given to this
+        layer itself, not a model's ``mixed_batch``), names only adapters of this layer."""
         if isinstance(names, str) or not all(issubclass(kind, str) for kind in set(map(type, names))):
             raise InvalidArgumentError(f"{self.loldu_name}: adapter_names must be a list of adapter names (str), one "
                                        f"per sample, got {type(names).__name__} {str(names)[:80]}",
@@ -767,6 +804,13 @@ class LoLDULayer(nn.Module):
         if len(names) != x.shape[0]:
             raise ShapeError(f"{self.loldu_name}: adapter_names has {len(names)} entries for a batch of "
                              f"{x.shape[0]} samples", _capi.LOLDU_ERR_SHAPE)
+        unknown = sorted(set(names) - self._adapters.keys() - {BASE_NAME}) if known else None
+        if unknown:
+            raise InvalidArgumentError(
+                f"{self.loldu_name}: adapter_names names {unknown}, which this layer does not have (it has "
+                f"{list(self._adapters)}, and {BASE_NAME!r} for the pretrained layer). Through a model whose layers "
+                "hold different adapters, use loldu.torch.mixed_batch(model, names): there a layer lacking a "
+                "sample's adapter gives it the base output", _capi.LOLDU_ERR_INVALID_ARGUMENT)
 
     def _mixed_rows(self, names, x: torch.Tensor, batched: bool = True) -> tuple[list[str], np.ndarray]:
         """The distinct adapters of a mixed batch that the layer has and, per sample, its index
@@ -904,7 +948,7 @@ class LoLDULinear(LoLDULayer):
     def forward(self, x: torch.Tensor, *, adapter_names=None) -> torch.Tensor:
         base = self._modules["base_layer"]
         if (adapter_names is None and MIXED_BATCH.get() is None and not self._disabled and type(x) is torch.Tensor
-                and x.layout == torch.strided and x.dim() == 2 and x.dtype == getattr(base._parameters.get("weight"), "dtype", None)
+                and x.layout == torch.strided and not x.is_nested and x.dim() == 2 and x.dtype == getattr(base._parameters.get("weight"), "dtype", None)
                 and x.device.type == "cpu"
                 and len(self.active_adapters) == 1 and self.active_adapters[0] in self._adapters
                 and not torch.is_autocast_enabled("cpu") and x.shape[1] == base.in_features):
@@ -913,7 +957,7 @@ class LoLDULinear(LoLDULayer):
             return self._forward_one(library_input(x), name, self._prepare(name, call=True), base._parameters["bias"])
         dtype = self._compute_dtype()
         x = self._check_float_input(x, dtype)
-        if x.layout != torch.strided or type(x) is not torch.Tensor:
+        if x.layout != torch.strided or type(x) is not torch.Tensor or x.is_nested:
             x = self._readable_input(x)
         n = base.in_features
         if x.dim() == 0 or x.shape[-1] != n:
@@ -933,7 +977,7 @@ class LoLDULinear(LoLDULayer):
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         if mixed:
-            y = self._mixed_forward(names, x, x2, bias, dtype)
+            y = self._mixed_forward(names, x, x2, bias, dtype, known=adapter_names is not None)
         elif len(computing) > 1:
             y = self._forward_summed(x2, computing, bias, dtype)
         else:
@@ -942,8 +986,13 @@ class LoLDULinear(LoLDULayer):
         return y if flat else y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _readable_input(self, x: torch.Tensor) -> torch.Tensor:
-        """A sparse input made dense (``nn.Linear`` takes them); a tensor subclass without memory
-        of its own the library could read (``MaskedTensor``, ...) refused by name."""
+        """A sparse input made dense (``nn.Linear`` takes them); a nested tensor, or a tensor
+        subclass without memory of its own the library could read (``MaskedTensor``, ...), refused
+        by name."""
+        if x.is_nested:
+            raise InvalidArgumentError(
+                f"{self.loldu_name}: the input is a nested tensor, which the library cannot read; pass a dense "
+                "tensor (x.to_padded_tensor(0.0), or the samples one by one)", _capi.LOLDU_ERR_INVALID_ARGUMENT)
         if x.layout in (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
             return x.to_dense()
         try:
@@ -976,8 +1025,8 @@ class LoLDULinear(LoLDULayer):
             return SummedLinearFunction.apply(x, c, sigma, bias, adapter, adapter.plan(x.shape[0], keeps_h=True) == "factored")
         return linear(adapter, x, bias)
 
-    def _mixed_forward(self, names, x, x2, bias, dtype) -> torch.Tensor:
-        self._check_names(names, x, batched=x.dim() >= 2)
+    def _mixed_forward(self, names, x, x2, bias, dtype, known: bool) -> torch.Tensor:
+        self._check_names(names, x, batched=x.dim() >= 2, known=known)
         if not self._adapters:
             return F.linear(x2, self._base_weight().to(dtype), bias)
         self._check_weight(call=True)

@@ -507,7 +507,7 @@ def set_loldu_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         own[f"{name}.loldu_z"] = own[f"{name}.loldu_sigma"] = chosen
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    targets = {}
+    targets, given = {}, {}
     for key, value in state_dict.items():  # every refusal before any value changes
         if key not in own:
             continue
@@ -521,9 +521,10 @@ def set_loldu_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         expected = a.rank if key.endswith(".loldu_z") else 1
         if value.numel() != expected:
             raise ShapeError(f"{key} has {value.numel()} values; the adapter has {expected}", _capi.LOLDU_ERR_SHAPE)
-        if not torch.isfinite(value.detach()).all():
-            raise NotFiniteError(f"{key} holds a value that is not finite", _capi.LOLDU_ERR_NOT_FINITE)
+        given.setdefault((layer, adapter, key.rpartition(".")[0]), [None, None])[key.endswith(".loldu_sigma")] = value
         targets[a._params_ptr] = a
+    for (layer, adapter, name), (z, sigma) in given.items():
+        layer._check_values(adapter, z, sigma, f"state_dict's {name}.loldu_z / {name}.loldu_sigma")
     saved = {ptr: a.params.copy() for ptr, a in targets.items()}
     try:
         for key, value in state_dict.items():
