@@ -809,7 +809,7 @@ static void section_grouped(int reps, buffer *md, buffer *js) {
             MAX_ADAPTERS, per_opt_create, per_opt_step);
         put(js, "], \"alone_forward\": %.4f, \"alone_forward_path\": \"%s\", \"alone_forward_ms\": %.4f, "
                 "\"alone_step\": %.4f, \"alone_step_path\": \"%s\", \"alone_step_ms\": %.4f, \"within\": %s, "
-                "\"extra_us_per_adapter_forward\": %.3f, \"extra_us_per_adapter_step\": %.3f}",
+                "\"extra_us_per_adapter_forward\": %.9g, \"extra_us_per_adapter_step\": %.9g}",  /* (full precision: the report rounds once) */
             alone_fwd_ratio, path_name(alone_fwd_path), 1e3 * alone_fwd, alone_step_ratio, path_name(alone_step_path),
             1e3 * alone_step_best, within ? "true" : "false", 1e6 * extra_f, 1e6 * extra_s);
         fprintf(stderr, "grouped: shape %d done\n", gs);

@@ -60,10 +60,10 @@
  *     own threads. A child forked while another thread was inside a product can block in its
  *     first one: fork while no thread computes, or start workers with exec (spawn).
  *
- * Threads: BLAS runs with loldu_set_num_threads() threads (OpenBLAS's default otherwise); a
- * product below 8 MFLOP runs on the calling thread alone, and where another library loaded
- * OpenMP first (PyTorch), oneDNN's products take at most the calling thread's OpenMP thread
- * count. In a process that also runs another thread pool (PyTorch, OpenMP), set it to that
+ * Threads: BLAS runs with loldu_set_num_threads() threads (OpenBLAS's default otherwise; OpenBLAS
+ * splits each of its products as it sees fit); a oneDNN product takes one thread per 8 MFLOP,
+ * so one below that runs on the calling thread alone, and where another library loaded OpenMP
+ * first (PyTorch), at most the calling thread's OpenMP thread count. In a process that also runs another thread pool (PyTorch, OpenMP), set it to that
  * pool's size or to 1 per worker process to avoid oversubscribing the cores.
  */
 #ifndef LOLDU_H
@@ -290,7 +290,7 @@ LOLDU_API loldu_status loldu_adapter_clone(loldu_adapter **out, const loldu_adap
  * Creates a new adapter on `base`'s frozen factors with its own configuration: rank (at most the
  * rank `base` was created with: LU factors are nested, so a rank-r adapter uses the first r
  * columns of A and rows of U_r), alpha, z init, residual mode, seed and train_sigma
- * (config->borrow_weight is ignored: the weight is `base`'s). O(r) time and memory: no
+ * (config->borrow_weight is checked, 0 or 1, and has no effect: the weight is `base`'s). O(r) time and memory: no
  * factorisation, no copy of W. Thousands of adapters on one base cost one set of factors plus,
  * each, z and σ (4·(r + 1) bytes in float) and a few hundred bytes; gradients and work space are
  * allocated on first use. Derived adapters compute, to rounding, what an adapter created directly
@@ -851,11 +851,13 @@ LOLDU_API loldu_status loldu_lora_options_default(loldu_lora_options *options);
  * directory holding other files is refused (LOLDU_ERR_IO), never deleted.
  *
  * @param options NULL for the defaults.
- * @return LOLDU_ERR_NOT_FINITE naming the layer if its z or σ is not finite, or naming the
- *         tensor if a value is beyond the range of options->dtype; LOLDU_ERR_STATE naming the
- *         layer if its z or σ were written while it is merged (as loldu_checkpoint_save);
- *         LOLDU_ERR_IO if dir exists and is not an empty directory (without replace) or
- *         cannot be written.
+ * @return LOLDU_ERR_NOT_FINITE naming the layer if its z or σ is not finite, or if W + lora_B·lora_A
+ *         (the weight PEFT computes with, as loldu_merge) is not finite in the adapter's element
+ *         type, or naming the tensor if a value is beyond the range of options->dtype;
+ *         LOLDU_ERR_STATE naming the layer if its z or σ were written while it is merged (as
+ *         loldu_checkpoint_save); LOLDU_ERR_INVALID_ARGUMENT if the last component of dir is
+ *         ".", "..", or longer than its file system takes (checked first); LOLDU_ERR_IO if dir
+ *         exists and is not an empty directory (without replace) or cannot be written.
  */
 LOLDU_API loldu_status loldu_export_lora(const char *dir, loldu_adapter *const *adapters, const char *const *names,
                                          size_t count, const loldu_lora_options *options);
@@ -890,17 +892,22 @@ LOLDU_API loldu_status loldu_merge_options_default(loldu_merge_options *options)
  * sentence-transformers' 2_Dense) are copied. transformers' from_pretrained(out_dir) then loads
  * the adapted model.
  *
- * Tensors are read (not mapped) one at a time: memory stays near the largest adapted tensor
- * and its factors, whatever the model's size, and a shard truncated by another process during
- * the merge is LOLDU_ERR_FORMAT, not a SIGBUS. Every layer is matched and its base weight's
- * fingerprint checked before anything is written. A value that options->dtype cannot hold
+ * Tensors are read (not mapped) one at a time, and the ones copied in pieces of 8 MiB: memory
+ * stays near the largest adapted tensor and its factors, whatever the model's size, and a shard
+ * truncated by another process during the merge is LOLDU_ERR_FORMAT, not a SIGBUS. Every layer
+ * is matched and its base weight's fingerprint checked before anything is written. An embedding
+ * matrix (vocab_size rows) of a model that ties its input and output embeddings (config.json:
+ * tie_word_embeddings not false, and an architecture with a language-model head, or none named)
+ * is refused, LOLDU_ERR_INVALID_ARGUMENT: merged, it would change both, the adapter one. A
+ * config.json with Python's NaN / Infinity is read, and kept as it is. A value that options->dtype cannot hold
  * (beyond float16's 65504) is LOLDU_ERR_NOT_FINITE naming the tensor. `out_dir` appears whole
  * or not at all (see loldu_export_lora): a failure (a full disk, a corrupt shard, a weight that
  * is not the saved one) or a kill leaves no output.
  *
  * @param options NULL for the defaults.
- * @return LOLDU_ERR_IO if out_dir exists and is not an empty directory; as loldu_checkpoint_create
- *         for the model files.
+ * @return LOLDU_ERR_INVALID_ARGUMENT for an out_dir named ".", "..", or longer than its file
+ *         system takes (checked first); LOLDU_ERR_IO if out_dir exists and is not an empty
+ *         directory; as loldu_checkpoint_create for the model files.
  */
 LOLDU_API loldu_status loldu_merge_model(const char *out_dir, const char *base_dir, const loldu_checkpoint *checkpoint,
                                          const loldu_merge_options *options);

@@ -20,12 +20,7 @@ final class AtomicDirectory {
     /// Starts writing the directory `target` (whose parent must exist) under a temporary name;
     /// `what` names the argument in errors.
     init(_ target: String, what: String) throws(LoLDUError) {
-        let trimmed = Self.trimmed(target)
-        let parent = AtomicFile.parent(of: trimmed)
-        let name = trimmed.split(separator: "/").last.map(String.init) ?? trimmed
-        guard !name.isEmpty, name != ".", name != ".." else {
-            throw .invalid("\(what) \"\(target)\" must name a new directory")
-        }
+        let (trimmed, parent, name) = try Self.parts(target, what: what)
         Self.removeStale(in: parent, of: name)
         // mkdir, not mkdtemp: the directory gets the permissions the umask gives (mkdtemp's are 0700).
         let letters = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
@@ -57,6 +52,23 @@ final class AtomicDirectory {
         self.path = path
         self.fd = fd
         HeldLocks.add(fd)
+    }
+
+    /// `target` without trailing slashes, its parent and its name; `invalid` (naming `what`) for
+    /// a name that is empty, `.`, `..`, or longer than the parent's file system takes (checked
+    /// now, not when the finished directory is renamed into place).
+    static func parts(_ target: String, what: String) throws(LoLDUError) -> (trimmed: String, parent: String, name: String) {
+        let trimmed = Self.trimmed(target)
+        let parent = AtomicFile.parent(of: trimmed)
+        let name = trimmed.split(separator: "/").last.map(String.init) ?? trimmed
+        guard !name.isEmpty, name != ".", name != ".." else {
+            throw .invalid("\(what) \"\(target)\" must name the new directory (or an empty one) by its name, not \"\(name)\"")
+        }
+        let limit = pathconf(parent, Int32(_PC_NAME_MAX))  // (-1 if unknown: the parent is checked when it is written in)
+        guard limit < 0 || name.utf8.count <= limit else {
+            throw .invalid("\(what) \"\(target)\": the name \"\(name.prefix(24))…\" is \(name.utf8.count) bytes; the file system of \"\(parent)\" takes names of at most \(limit) bytes")
+        }
+        return (trimmed, parent, name)
     }
 
     deinit {
@@ -200,4 +212,10 @@ final class AtomicDirectory {
             unlink(path)
         }
     }
+}
+
+/// Refuses (`invalid`, naming `what`) a directory name an export or a merge could not create
+/// (see ``AtomicDirectory/parts(_:what:)``): for callers with long work to do before writing.
+public func checkNewDirectoryName(_ target: String, what: String) throws(LoLDUError) {
+    _ = try AtomicDirectory.parts(target, what: what)
 }

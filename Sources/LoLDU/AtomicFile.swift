@@ -35,6 +35,9 @@ public enum AtomicFile {
             try rethrowing { try bytes.withUnsafeBytes { raw in try write(raw) } }
         }
 
+        /// Bytes written so far: the file's offset.
+        var offset: Int { Int(lseek(fd, 0, SEEK_CUR)) }
+
         /// Runs `body` on the newly created file `fd` (at `path`), then flushes it to disk and
         /// closes it; `fd` is closed whatever happens.
         static func fill(_ fd: Int32, _ path: String, _ body: (Writer) throws(LoLDUError) -> Void) throws(LoLDUError) {

@@ -158,12 +158,13 @@ func convertElements(_ src: UnsafeRawPointer, _ from: DType, _ dst: UnsafeMutabl
 
 /// ``convertElements(_:_:_:_:count:)``, refusing (`notFinite`, naming `what`) a finite value
 /// that the conversion turns into ±Inf: one beyond the range of `to` (float16 ends at 65504).
+/// `first`: the index of `src`'s first element in what `what` names, for the message.
 func convertElementsInRange(_ src: UnsafeRawPointer, _ from: DType, _ dst: UnsafeMutableRawPointer, _ to: DType,
-                            count: Int, what: String) throws(LoLDUError) {
+                            count: Int, what: String, first: Int = 0) throws(LoLDUError) {
     convertElements(src, from, dst, to, count: count)
     guard !allFinite(dst, to, count: count) else { return }
     for j in 0..<count where element(src, from, j).isFinite && !element(dst, to, j).isFinite {
-        throw LoLDUError(.notFinite, "\(what): element \(j) = \(element(src, from, j)) is beyond the range of \(to.name)")
+        throw LoLDUError(.notFinite, "\(what): element \(first + j) = \(element(src, from, j)) is beyond the range of \(to.name)")
     }
 }
 

@@ -1,6 +1,7 @@
 /// A JSON value, with a parser that treats its input as hostile and a writer.
 ///
-/// The parser is strict RFC 8259: no trailing commas, comments, NaN, or leading zeros; strings
+/// The parser is strict RFC 8259 (NaN and Infinity only when asked for, as Python writes them):
+/// no trailing commas, comments, or leading zeros; strings
 /// must be valid UTF-8 without raw control characters; duplicate object keys are an error;
 /// nesting is limited to ``maxDepth``. Numbers keep their text, so integers are read exactly.
 public enum JSON: Equatable, Sendable {
@@ -114,12 +115,14 @@ public enum JSON: Equatable, Sendable {
 
     // MARK: Parsing
 
-    /// Parses `bytes` as one JSON value; `what` names the input in error messages.
-    public static func parse(_ bytes: UnsafeRawBufferPointer, what: String) throws(LoLDUError) -> JSON {
+    /// Parses `bytes` as one JSON value; `what` names the input in error messages. `nonFinite`
+    /// also accepts Python's extension, the numbers `NaN`, `Infinity` and `-Infinity` (which
+    /// `json.dumps` writes, and so transformers' `config.json` may hold), kept as that text.
+    public static func parse(_ bytes: UnsafeRawBufferPointer, what: String, nonFinite: Bool = false) throws(LoLDUError) -> JSON {
         // The values take up to about 20 times the text (`[0,0,…]`: an enum per 2 bytes, arrays
         // that grow by doubling): room for them is checked first.
         try ensureRoom(bytes.count, bytesEach: 32)
-        var parser = Parser(bytes: bytes, what: what)
+        var parser = Parser(bytes: bytes, what: what, nonFinite: nonFinite)
         parser.skipSpace()
         let value = try parser.value(depth: 0)
         parser.skipSpace()
@@ -135,6 +138,7 @@ public enum JSON: Equatable, Sendable {
     private struct Parser {
         let bytes: UnsafeRawBufferPointer
         let what: String
+        let nonFinite: Bool
         var at = 0
 
         func fail(_ message: String) -> LoLDUError {
@@ -165,6 +169,10 @@ public enum JSON: Equatable, Sendable {
             case UInt8(ascii: "t"): return try expect("true", .bool(true))
             case UInt8(ascii: "f"): return try expect("false", .bool(false))
             case UInt8(ascii: "n"): return try expect("null", .null)
+            case UInt8(ascii: "N") where nonFinite: return try expect("NaN", .number("NaN"))
+            case UInt8(ascii: "I") where nonFinite: return try expect("Infinity", .number("Infinity"))
+            case UInt8(ascii: "-") where nonFinite && at + 1 < bytes.count && bytes[at + 1] == UInt8(ascii: "I"):
+                return try expect("-Infinity", .number("-Infinity"))
             case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"): return try number()
             default: throw fail("unexpected character")
             }

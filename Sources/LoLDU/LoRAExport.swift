@@ -58,7 +58,9 @@ public enum LoRAExport {
         try Checkpoint.validate(names: names)
         for (adapter, name) in zip(adapters, names) {
             try Checkpoint.checkSavable(adapter, name, "an export")
+            try checkFinite(adapter, name)
         }
+        try checkNewDirectoryName(directory, what: "dir")
         try checkTarget(directory, replace: options.replace)
         let rank = adapters.map(\.rank).max() ?? 1
         var entries: [SafeTensors.Entry] = []
@@ -109,6 +111,18 @@ public enum LoRAExport {
         }
         guard json?["peft_type"]?.string == "LORA" else {
             throw LoLDUError(.io, "\"\(directory)\" has no LoRA \(configFile), so it is not an earlier export; it is not replaced")
+        }
+    }
+
+    /// `notFinite` naming the layer unless `W + lora_B lora_A`, the weight PEFT computes with (or
+    /// merges), is finite in the adapter's element type: the adapted weight the library merges
+    /// (and refuses the same way).
+    static func checkFinite(_ adapter: any AnyAdapter, _ name: String) throws(LoLDUError) {
+        let scratch = try HeapBuffer<UInt8>(count: adapter.m * adapter.n * adapter.dtype.byteSize)
+        do {
+            try adapter.writeEffectiveWeight(scratch.pointer)
+        } catch where error.code == .notFinite {
+            throw LoLDUError(.notFinite, "layer \"\(name)\": as a LoRA, W + lora_B lora_A would not be finite (\(error.message))")
         }
     }
 

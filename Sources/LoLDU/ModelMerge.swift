@@ -57,17 +57,26 @@ public enum ModelMerge {
     public static func merge(_ checkpoint: Checkpoint, base: String, into output: String, dtype: DType?,
                              progress: Progress?) throws(LoLDUError) {
         if dtype == .float64 { throw .invalid("dtype must be float32, bfloat16 or float16 (0 keeps the file's types)") }
+        try checkNewDirectoryName(output, what: "out_dir")
         var info = stat()
         if AtomicDirectory.exists(output, &info) {
             throw LoLDUError(.io, "\"\(output)\" already exists; a merge writes a new directory (or fills an empty one)")
         }
         let model = try ModelFiles(directory: base)
+        let configPath = "\(base)/\(ModelFiles.configFile)"
+        var config: [String: JSON]? = nil
+        if let bytes = try AtomicFile.read(configPath, limit: 1 << 24, missingOK: true) {
+            let json = try rethrowing { try bytes.withUnsafeBytes { raw in try JSON.parse(raw, what: configPath, nonFinite: true) } }
+            guard let object = json.object else { throw LoLDUError(.format, "\(configPath): not a JSON object") }
+            config = object
+        }
         var layerOf: [String: String] = [:]
         for layer in checkpoint.layers {  // every layer checked before anything is written
             let (_, weight) = try checkpoint.checkedWeight(layer.name, in: model)
             if let other = layerOf[weight.key] {
                 throw LoLDUError(.mismatch, "layers \"\(other)\" and \"\(layer.name)\" both map to tensor \"\(weight.key)\"")
             }
+            try checkUntied(weight, layer: layer.name, config: config, path: configPath)
             layerOf[weight.key] = layer.name
         }
 
@@ -77,7 +86,7 @@ public enum ModelMerge {
             return dtype
         }
         func outputBytes(_ tensor: SafeTensors.Tensor) -> Int {
-            target(tensor).map { tensor.shape.reduce(1, *) * $0.byteSize } ?? tensor.range.count
+            target(tensor).map { tensor.count * $0.byteSize } ?? tensor.range.count
         }
         let total = model.files.reduce(0) { sum, file in file.tensors.values.reduce(sum) { $0 + outputBytes($1) } }
         let written = Set(model.shards + [ModelFiles.indexFile] + (dtype == nil ? [] : [ModelFiles.configFile]))
@@ -91,26 +100,32 @@ public enum ModelMerge {
             for key in file.order {
                 let tensor = file.tensors[key]!
                 let type = target(tensor)
-                let count = tensor.shape.reduce(1, *)
-                entries.append(.init(name: key, dtype: type.map(SafeTensors.name(of:)) ?? tensor.dtype, shape: tensor.shape) { buffer throws(LoLDUError) in
-                    if let layer = layerOf[key] {
-                        let adapter = try checkpoint.adapter(layer, in: model, fileType: false)
-                        guard adapter.m * adapter.n == count else {  // (one tensor per name: ModelFiles)
-                            throw LoLDUError(.mismatch, "tensor \"\(key)\" has \(count) values, layer \"\(layer)\" \(adapter.m) × \(adapter.n)")
-                        }
-                        let merged = try HeapBuffer<UInt8>(count: count * adapter.dtype.byteSize)
-                        try adapter.writeEffectiveWeight(merged.pointer)
-                        try convertElementsInRange(merged.pointer, adapter.dtype, buffer.baseAddress!, type!, count: count,
-                                                   what: "tensor \"\(key)\" merged with layer \"\(layer)\"")
-                    } else if let type, let source = SafeTensors.dtype(named: tensor.dtype) {
-                        try file.read(tensor, into: buffer.baseAddress!, as: source, to: type, what: "tensor \"\(key)\"")
-                    } else {
-                        try file.read(tensor, into: buffer.baseAddress!)
-                    }
-                    counter.done += buffer.count
+                let count = tensor.count
+                func written() throws(LoLDUError) {
+                    counter.done += outputBytes(tensor)
                     if let progress, !progress(counter.done, total, key) {
                         throw LoLDUError(.cancelled, "the merge was cancelled by its progress callback after \(key)")
                     }
+                }
+                let name = type.map(SafeTensors.name(of:)) ?? tensor.dtype
+                guard let layer = layerOf[key] else {  // copied (and converted) piece by piece
+                    entries.append(.init(name: key, dtype: name, shape: tensor.shape, body: .stream { writer throws(LoLDUError) in
+                        try file.forEachPiece(of: tensor, as: type == nil ? nil : SafeTensors.dtype(named: tensor.dtype), to: type,
+                                              what: "tensor \"\(key)\"") { piece throws(LoLDUError) in try writer.write(piece) }
+                        try written()
+                    }))
+                    continue
+                }
+                entries.append(.init(name: key, dtype: name, shape: tensor.shape) { buffer throws(LoLDUError) in
+                    let adapter = try checkpoint.adapter(layer, in: model, fileType: false)
+                    guard adapter.m * adapter.n == count else {  // (one tensor per name: ModelFiles)
+                        throw LoLDUError(.mismatch, "tensor \"\(key)\" has \(count) values, layer \"\(layer)\" \(adapter.m) × \(adapter.n)")
+                    }
+                    let merged = try HeapBuffer<UInt8>(count: count * adapter.dtype.byteSize)
+                    try adapter.writeEffectiveWeight(merged.pointer)
+                    try convertElementsInRange(merged.pointer, adapter.dtype, buffer.baseAddress!, type!, count: count,
+                                               what: "tensor \"\(key)\" merged with layer \"\(layer)\"")
+                    try written()
                 })
             }
             try out.write(shard) { writer throws(LoLDUError) in try SafeTensors.write(entries, metadata: file.metadata, to: writer) }
@@ -122,16 +137,29 @@ public enum ModelMerge {
             }
             try out.write(ModelFiles.indexFile) { writer throws(LoLDUError) in try writer.write(Array((JSON.object(index).pretty() + "\n").utf8)) }
         }
-        let configPath = "\(base)/\(ModelFiles.configFile)"
-        if let dtype, let bytes = try AtomicFile.read(configPath, limit: 1 << 24, missingOK: true) {
-            let json = try rethrowing { try bytes.withUnsafeBytes { raw in try JSON.parse(raw, what: configPath) } }
-            guard var config = json.object else { throw LoLDUError(.format, "\(configPath): not a JSON object") }
+        if let dtype, var config {
             let keys = ["torch_dtype", "dtype"].filter { config[$0] != nil }
             for key in keys.isEmpty ? ["torch_dtype"] : keys { config[key] = .string(dtype.name) }
             try out.write(ModelFiles.configFile) { writer throws(LoLDUError) in try writer.write(Array((JSON.object(config).pretty() + "\n").utf8)) }
         }
         for path in others { try out.copy("\(base)/\(path)", as: path) }
         try out.commit(replace: false)
+    }
+
+    /// Architectures whose output embedding (`lm_head`, a masked-LM decoder) transformers ties to
+    /// the input embedding when `tie_word_embeddings` is true, its default: their names end in
+    /// one of these (`BertForMaskedLM`, `GPT2LMHeadModel`, `T5ForConditionalGeneration`, …).
+    static let tyingArchitectures = ["LM", "LMHeadModel", "WithLMHead", "ForPreTraining", "ForConditionalGeneration"]
+
+    /// Refuses (`invalid`) to merge into an embedding matrix (`vocab_size` rows) of a model whose
+    /// input and output embeddings are one tensor when loaded: the adapter changed one of them,
+    /// the merged file would change both. A config without `architectures` cannot say, and is
+    /// taken as tying.
+    static func checkUntied(_ weight: ModelFiles.Weight, layer: String, config: [String: JSON]?, path: String) throws(LoLDUError) {
+        guard let config, config["vocab_size"]?.int == weight.m, config["tie_word_embeddings"]?.bool != false else { return }
+        let architectures = config["architectures"]?.array?.compactMap(\.string)
+        guard architectures?.contains(where: { name in tyingArchitectures.contains { name.hasSuffix($0) } }) ?? true else { return }
+        throw .invalid("layer \"\(layer)\": tensor \"\(weight.key)\" is a \(weight.m)-row embedding matrix of a model that ties its input and output embeddings (\(path): tie_word_embeddings is \(config["tie_word_embeddings"] == nil ? "unset, so true" : "true"), architectures \(architectures.map { "\($0)" } ?? "unset")); merged, it would change both, but the adapter changed one. Merge into a copy of the model saved untied (tie_word_embeddings false, the output embedding a tensor of its own), or adapt other layers")
     }
 
     /// The files under `base/relative` that a merge copies (paths relative to `base`), following

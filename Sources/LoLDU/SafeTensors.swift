@@ -29,9 +29,24 @@ public enum SafeTensors {
     /// The library's element type stored as safetensors dtype `name`, if any.
     public static func dtype(named name: String) -> DType? { DType.allCases.first { self.name(of: $0) == name } }
 
+    /// The number of elements of `shape`: 0 when a dimension is 0, whatever the others are
+    /// (`[2⁴⁰, 2⁴⁰, 0]` is a valid empty tensor); nil when the product overflows.
+    static func elements(of shape: [Int]) -> Int? {
+        if shape.contains(0) { return 0 }
+        var product = 1
+        for d in shape {
+            let (next, overflow) = product.multipliedReportingOverflow(by: d)
+            if overflow { return nil }
+            product = next
+        }
+        return product
+    }
+
     public struct Tensor: Sendable {
         public let dtype: String
         public let shape: [Int]
+        /// The number of elements (see ``SafeTensors/elements(of:)``).
+        public let count: Int
         /// Byte range in the file.
         public let range: Range<Int>
     }
@@ -67,10 +82,39 @@ public enum SafeTensors {
         func read(_ tensor: Tensor, into destination: UnsafeMutableRawPointer, as dtype: DType, to type: DType,
                          what: String = "") throws(LoLDUError) {
             guard dtype != type else { return try read(tensor, into: destination) }
-            let raw = try HeapBuffer<UInt8>(count: tensor.range.count)
-            try read(tensor, into: raw.pointer)
-            try convertElementsInRange(raw.pointer, dtype, destination, type, count: tensor.range.count / dtype.byteSize,
-                                       what: what.isEmpty ? self.what : what)
+            var next = destination
+            try forEachPiece(of: tensor, as: dtype, to: type, what: what.isEmpty ? self.what : what) { piece throws(LoLDUError) in
+                next.copyMemory(from: piece.baseAddress!, byteCount: piece.count)
+                next += piece.count
+            }
+        }
+
+        /// The bytes of `tensor` (of element type `dtype`, or raw bytes when nil) converted to
+        /// `type` (nil: as they are) in pieces of at most `pieceBytes` bytes of the file, each
+        /// passed to `body`: the memory of one piece, whatever the tensor's size. A finite value
+        /// beyond the range of `type` is refused (`notFinite`, naming `what`).
+        func forEachPiece(of tensor: Tensor, as dtype: DType?, to type: DType?, pieceBytes: Int = 8 << 20, what: String,
+                          _ body: (UnsafeRawBufferPointer) throws(LoLDUError) -> Void) throws(LoLDUError) {
+            let size = dtype?.byteSize ?? 1, count = tensor.range.count / size
+            let step = max(1, pieceBytes / size)
+            let raw = try HeapBuffer<UInt8>(count: min(count, step) * size)
+            var conversion: (from: DType, to: DType, into: HeapBuffer<UInt8>)? = nil
+            if let dtype, let type, dtype != type {
+                conversion = (dtype, type, try HeapBuffer<UInt8>(count: min(count, step) * type.byteSize))
+            }
+            var first = 0
+            while first < count {
+                let n = min(step, count - first)
+                let begin = tensor.range.lowerBound + first * size
+                try source.read(begin..<(begin + n * size), into: raw.pointer)
+                if let (from, to, into) = conversion {
+                    try convertElementsInRange(raw.pointer, from, into.pointer, to, count: n, what: what, first: first)
+                    try body(UnsafeRawBufferPointer(start: into.pointer, count: n * to.byteSize))
+                } else {
+                    try body(UnsafeRawBufferPointer(start: raw.pointer, count: n * size))
+                }
+                first += n
+            }
         }
 
         /// The named tensor, which must have this dtype and shape.
@@ -146,13 +190,12 @@ public enum SafeTensors {
             }
             guard let dims = fields["shape"]?.array else { throw fail("tensor \"\(name)\" has no shape") }
             var shape: [Int] = []
-            var elements = 1
             for dim in dims {
                 guard let d = dim.int, d >= 0 else { throw fail("tensor \"\(name)\" has a bad dimension in its shape") }
-                let (product, overflow) = elements.multipliedReportingOverflow(by: d)
-                guard !overflow, product <= dataLength else { throw fail("tensor \"\(name)\" is larger than the file") }
-                elements = product
                 shape.append(d)
+            }
+            guard let elements = Self.elements(of: shape), elements <= dataLength else {
+                throw fail("tensor \"\(name)\" is larger than the file")
             }
             guard let offsets = fields["data_offsets"]?.array, offsets.count == 2,
                   let begin = offsets[0].int, let end = offsets[1].int,
@@ -163,7 +206,7 @@ public enum SafeTensors {
             guard end - begin == elements * size else {
                 throw fail("tensor \"\(name)\": shape \(shape) of \(dtype) needs \(elements * size) bytes, data_offsets give \(end - begin)")
             }
-            tensors[name] = Tensor(dtype: dtype, shape: shape, range: (headerEnd + begin)..<(headerEnd + end))
+            tensors[name] = Tensor(dtype: dtype, shape: shape, count: elements, range: (headerEnd + begin)..<(headerEnd + end))
             spans.append((begin, end, name))
         }
         spans.sort { ($0.begin, $0.end) < ($1.begin, $1.end) }
@@ -178,21 +221,32 @@ public enum SafeTensors {
         return File(source: source, order: spans.map(\.name), tensors: tensors, metadata: metadata, what: what)
     }
 
-    /// One tensor to write: its bytes are produced by `fill` into a buffer of `byteCount` bytes.
+    /// One tensor to write: its `byteCount` bytes are produced by `fill` into one buffer, or
+    /// written by `stream` to the file in pieces of its choosing (a copied tensor: memory for
+    /// one piece, not the tensor).
     public struct Entry {
         public let name: String
         public let dtype: String
         public let shape: [Int]
-        public let fill: (UnsafeMutableRawBufferPointer) throws(LoLDUError) -> Void
+        let body: Body
+
+        enum Body {
+            case fill((UnsafeMutableRawBufferPointer) throws(LoLDUError) -> Void)
+            case stream((AtomicFile.Writer) throws(LoLDUError) -> Void)
+        }
 
         public init(name: String, dtype: String, shape: [Int], fill: @escaping (UnsafeMutableRawBufferPointer) throws(LoLDUError) -> Void) {
+            self.init(name: name, dtype: dtype, shape: shape, body: .fill(fill))
+        }
+
+        init(name: String, dtype: String, shape: [Int], body: Body) {
             self.name = name
             self.dtype = dtype
             self.shape = shape
-            self.fill = fill
+            self.body = body
         }
 
-        public var byteCount: Int { shape.reduce(1, *) * (SafeTensors.dtypeSizes[dtype] ?? 0) }
+        public var byteCount: Int { (SafeTensors.elements(of: shape) ?? 0) * (SafeTensors.dtypeSizes[dtype] ?? 0) }
     }
 
     /// Writes a file atomically: header, then each tensor in order (one buffer at a time).
@@ -220,10 +274,19 @@ public enum SafeTensors {
         try file.write(length)
         try file.write(header)
         for entry in entries {
-            let buffer = try HeapBuffer<UInt8>(count: entry.byteCount)
-            let body = UnsafeMutableRawBufferPointer(start: buffer.pointer, count: entry.byteCount)
-            try entry.fill(body)
-            try file.write(UnsafeRawBufferPointer(body))
+            switch entry.body {
+            case .fill(let fill):
+                let buffer = try HeapBuffer<UInt8>(count: entry.byteCount)
+                let body = UnsafeMutableRawBufferPointer(start: buffer.pointer, count: entry.byteCount)
+                try fill(body)
+                try file.write(UnsafeRawBufferPointer(body))
+            case .stream(let stream):
+                let start = file.offset
+                try stream(file)
+                guard file.offset - start == entry.byteCount else {
+                    throw LoLDUError(.io, "\(file.path): tensor \"\(entry.name)\" wrote \(file.offset - start) bytes of \(entry.byteCount)")
+                }
+            }
         }
     }
 }

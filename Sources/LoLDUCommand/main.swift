@@ -281,13 +281,10 @@ struct Arguments {
         return positional[0]
     }
 
-    /// `--out`: a directory to create, named by its last component (not `.` or `..`).
+    /// `--out`: a directory to create, named by its last component (``checkNewDirectoryName``).
     func output() throws(Failure) -> String {
         let out = try one("--out")!
-        let last = out.split(separator: "/").last ?? ""
-        guard last != ".", last != ".." else {
-            throw usage("--out \"\(out)\" must name the new directory (or an empty one) by its name, not \"\(last)\"")
-        }
+        do { try checkNewDirectoryName(out, what: "--out") } catch { throw usage(error.message) }
         return out
     }
 

@@ -337,6 +337,11 @@ def test_a_merge_refuses_before_any_work(tmp_path):
     with pytest.raises(loldu.LoLDUIOError, match="not valid UTF-8"):
         loldu.merge_model(tmp_path / "ckpt", base, tmp_path / "merged", progress=lambda *a: seen.append(a))
     assert seen == [] and not (tmp_path / "merged").exists()
+    with pytest.raises(loldu.InvalidArgumentError, match="is 256 bytes; the file system .* at most 255 bytes"):
+        loldu.merge_model(tmp_path / "ckpt", base, tmp_path / ("é" * 128), progress=lambda *a: seen.append(a))
+    assert seen == []
+    assert "is 256 bytes" in run("merge", tmp_path / "ckpt", "--base", base, "--out", tmp_path / ("x" * 256),
+                                 check_code=2).stderr
 
 
 def can_mount_tmpfs() -> bool:

@@ -234,6 +234,15 @@ def test_exports_that_would_not_be_exact_or_would_be_cut_short_are_refused(tmp_p
                        (lambda: loldu.save(str(tmp_path / "s\0x"), {"a": a}), "directory")):
         with pytest.raises(loldu.InvalidArgumentError, match=f"{what} contains a NUL character"):
             call()
+    # z so large that c is finite but W + lora_B lora_A is not (PEFT would compute ±inf): refused,
+    # as a merge refuses it.
+    big = loldu.Adapter(np.random.default_rng(4).standard_normal((4, 6)).astype(np.float32), rank=2)
+    big.z = np.full(2, 3e38, np.float32)
+    with pytest.raises(loldu.NotFiniteError, match=r'layer "a": as a LoRA, W \+ lora_B lora_A would not be finite'):
+        loldu.export_lora(tmp_path / "big", {"a": big})
+    # A name longer than the file system takes: refused before any work, not at the final rename.
+    with pytest.raises(loldu.InvalidArgumentError, match="is 256 bytes; the file system .* at most 255 bytes"):
+        loldu.export_lora(tmp_path / ("x" * 256), {"a": a})
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -482,6 +491,59 @@ def test_bad_model_directories_are_refused_and_leave_no_output(trained_minilm, t
     with pytest.raises(loldu.LoLDUIOError, match="already exists"):
         loldu.merge_model(checkpoint, minilm_dir(), out)
     assert os.listdir(out) == ["keep"]
+
+
+def with_header(path, change) -> None:
+    """Rewrites a safetensors file's header through ``change(header dict)``, data as it was."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def test_what_python_and_transformers_write_merges_and_tied_embeddings_are_refused(trained_minilm, tmp_path):
+    """A config.json holding Python's Infinity (json.dumps writes it), and an empty tensor with
+    dimensions whose product without the 0 overflows: merged, and kept as they are. A model that
+    ties its word embeddings to its output layer: merging into them is refused (the adapter
+    changed the input embeddings only), until the config unties them."""
+    checkpoint, _ = trained_minilm
+    base = tmp_path / "base"
+    shutil.copytree(minilm_dir(), base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "clamp_value": float("inf")}, indent=2))
+    tensors = load_file(str(base / "model.safetensors"))
+    save_file({**tensors, "empty": np.zeros(0, np.float32)}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with_header(base / "model.safetensors", lambda header: header["empty"].update(shape=[1 << 40, 1 << 40, 0]))
+    loldu.merge_model(checkpoint, base, tmp_path / "merged", dtype="bfloat16")
+    written = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert written == {**config, "clamp_value": float("inf"), "torch_dtype": "bfloat16"}
+    raw = (tmp_path / "merged" / "model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert header["empty"]["shape"] == [1 << 40, 1 << 40, 0] and header["empty"]["dtype"] == "BF16"
+    begin, end = header["empty"]["data_offsets"]
+    assert begin == end
+
+    for architectures, tied, refused in ((["BertForMaskedLM"], None, True), (["BertForMaskedLM"], True, True),
+                                         (None, None, True), (["GPT2LMHeadModel"], None, True),
+                                         (["BertForMaskedLM"], False, False), (["XLMRobertaModel"], None, False)):
+        changed = {**config, "architectures": architectures}
+        if tied is not None:
+            changed["tie_word_embeddings"] = tied
+        if architectures is None:
+            del changed["architectures"]
+        (base / "config.json").write_text(json.dumps(changed))
+        out = tmp_path / "tied"
+        if refused:
+            with pytest.raises(loldu.InvalidArgumentError,
+                               match=r'"embeddings.word_embeddings".*ties its input and output embeddings.*tie_word_embeddings'):
+                loldu.merge_model(checkpoint, base, out)
+            assert not out.exists()
+        else:
+            loldu.merge_model(checkpoint, base, out)
+            shutil.rmtree(out)
 
 
 def test_adapters_load_from_model_files_without_building_the_model(trained_minilm):

@@ -53,3 +53,31 @@ def test_merge_peak_memory_is_near_one_tensor_not_the_model(tmp_path):
     # One 4 MiB tensor read, one written, the adapted layer's copy of W, its factors and W_eff:
     # about 30 MiB; 64 MiB of room, a third of the model.
     assert merged - idle < 64, f"merge peaked at {merged:.0f} MiB, {idle:.0f} MiB idle, model {model_mib:.0f} MiB"
+
+
+def test_merge_copies_a_large_tensor_in_pieces(tmp_path):
+    """A copied tensor much larger than the adapted one (an embedding matrix, say) costs a piece
+    of it, not its size, kept in its type or converted (--dtype)."""
+    base = tmp_path / "base"
+    base.mkdir()
+    rng = np.random.default_rng(1)
+    tensors = {"embed.weight": rng.standard_normal((32768, 1024), dtype=np.float32),  # 128 MiB
+               "layer.weight": rng.standard_normal((256, 256), dtype=np.float32)}
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text('{"model_type": "test"}')
+    adapter = loldu.Adapter(tensors["layer.weight"], rank=16)
+    adapter.z = adapter.z * 1.01
+    loldu.save(tmp_path / "ckpt", {"layer": adapter})
+    del tensors
+
+    idle = peak_rss_mib("--version")
+    for dtype in ([], ["--dtype", "bf16"]):
+        out = tmp_path / f"merged{len(dtype)}"
+        merged = peak_rss_mib("merge", tmp_path / "ckpt", "--base", base, "--out", out, *dtype)
+        assert merged - idle < 40, f"merge {dtype} peaked at {merged:.0f} MiB, {idle:.0f} MiB idle, the tensor 128 MiB"
+    from safetensors.numpy import load_file
+    import ml_dtypes
+    kept, halved = load_file(str(tmp_path / "merged0" / "model.safetensors")), load_file(str(tmp_path / "merged2" / "model.safetensors"))
+    original = load_file(str(base / "model.safetensors"))["embed.weight"]
+    np.testing.assert_array_equal(kept["embed.weight"], original)
+    np.testing.assert_array_equal(halved["embed.weight"], original.astype(ml_dtypes.bfloat16))
