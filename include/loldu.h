@@ -896,10 +896,11 @@ LOLDU_API loldu_status loldu_merge_options_default(loldu_merge_options *options)
  * stays near the largest adapted tensor and its factors, whatever the model's size, and a shard
  * truncated by another process during the merge is LOLDU_ERR_FORMAT, not a SIGBUS. Every layer
  * is matched and its base weight's fingerprint checked before anything is written. An embedding
- * matrix (vocab_size rows) of a model that ties its input and output embeddings (config.json:
- * tie_word_embeddings not false, and an architecture with a language-model head, or none named)
- * is refused, LOLDU_ERR_INVALID_ARGUMENT: merged, it would change both, the adapter one. A
- * config.json with Python's NaN / Infinity is read, and kept as it is. A value that options->dtype cannot hold
+ * matrix (vocab_size rows, in config.json or its text_config) of a model that may tie its input
+ * and output embeddings (tie_word_embeddings not false, and an architecture other than a task
+ * head or the bare model of its model_type, or none named) is refused,
+ * LOLDU_ERR_INVALID_ARGUMENT: merged, it would change both, the adapter one. config.json is
+ * copied as it is, NaN / Infinity included (rewritten only for options->dtype). A value that options->dtype cannot hold
  * (beyond float16's 65504) is LOLDU_ERR_NOT_FINITE naming the tensor. `out_dir` appears whole
  * or not at all (see loldu_export_lora): a failure (a full disk, a corrupt shard, a weight that
  * is not the saved one) or a kill leaves no output.

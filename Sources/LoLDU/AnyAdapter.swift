@@ -57,6 +57,9 @@ public protocol AnyAdapter: AnyObject, Sendable {
     func writePivots(_ out: UnsafeMutablePointer<Int32>)
     /// `c = σ z − σ₀ z_ref` (`rank` values of the parameter type): `ΔW = A diag(c) U_r`.
     func writeCoefficients(_ out: UnsafeMutableRawPointer)
+    /// Whether `W_eff` certainly fits the element type, by a bound on its magnitude (no product;
+    /// false says only that the bound cannot tell).
+    var effectiveWeightSurelyFits: Bool { get }
     /// How much the adapter moved the pretrained weight at creation (``Adapter/initialChange()``).
     func initialChange() throws(LoLDUError) -> Double
     func setZ(rawPointer z: UnsafeRawPointer) throws(LoLDUError)
@@ -278,6 +281,13 @@ extension Adapter: AnyAdapter {
 
     public func writeCoefficients(_ out: UnsafeMutableRawPointer) {
         coefficients(into: out.assumingMemoryBound(to: P.self))
+    }
+
+    public var effectiveWeightSurelyFits: Bool {
+        withUnsafeTemporaryAllocation(of: P.self, capacity: Swift.max(rank, 1)) { c in
+            coefficients(into: c.baseAddress!)
+            return fits(UnsafePointer(c.baseAddress!))
+        }
     }
 
     public func setZ(rawPointer z: UnsafeRawPointer) throws(LoLDUError) {

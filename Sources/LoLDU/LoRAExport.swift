@@ -55,13 +55,13 @@ public enum LoRAExport {
     /// new directory `directory`, atomically as a whole (see ``AtomicDirectory``).
     public static func write(_ adapters: [any AnyAdapter], names: [String], layers: [Layer], options: Options,
                              to directory: String) throws(LoLDUError) {
+        try checkNewDirectoryName(directory, what: "dir")
+        try checkTarget(directory, replace: options.replace)
         try Checkpoint.validate(names: names)
         for (adapter, name) in zip(adapters, names) {
             try Checkpoint.checkSavable(adapter, name, "an export")
             try checkFinite(adapter, name)
         }
-        try checkNewDirectoryName(directory, what: "dir")
-        try checkTarget(directory, replace: options.replace)
         let rank = adapters.map(\.rank).max() ?? 1
         var entries: [SafeTensors.Entry] = []
         for ((adapter, name), layer) in zip(zip(adapters, names), layers) {
@@ -118,6 +118,7 @@ public enum LoRAExport {
     /// merges), is finite in the adapter's element type: the adapted weight the library merges
     /// (and refuses the same way).
     static func checkFinite(_ adapter: any AnyAdapter, _ name: String) throws(LoLDUError) {
+        guard !adapter.effectiveWeightSurelyFits else { return }  // (the common case: no m × n buffer)
         let scratch = try HeapBuffer<UInt8>(count: adapter.m * adapter.n * adapter.dtype.byteSize)
         do {
             try adapter.writeEffectiveWeight(scratch.pointer)

@@ -56,8 +56,8 @@ public enum ModelMerge {
     /// `torch_dtype`), or nil to keep each tensor's type.
     public static func merge(_ checkpoint: Checkpoint, base: String, into output: String, dtype: DType?,
                              progress: Progress?) throws(LoLDUError) {
-        if dtype == .float64 { throw .invalid("dtype must be float32, bfloat16 or float16 (0 keeps the file's types)") }
         try checkNewDirectoryName(output, what: "out_dir")
+        if dtype == .float64 { throw .invalid("dtype must be float32, bfloat16 or float16 (0 keeps the file's types)") }
         var info = stat()
         if AtomicDirectory.exists(output, &info) {
             throw LoLDUError(.io, "\"\(output)\" already exists; a merge writes a new directory (or fills an empty one)")
@@ -65,10 +65,15 @@ public enum ModelMerge {
         let model = try ModelFiles(directory: base)
         let configPath = "\(base)/\(ModelFiles.configFile)"
         var config: [String: JSON]? = nil
-        if let bytes = try AtomicFile.read(configPath, limit: 1 << 24, missingOK: true) {
-            let json = try rethrowing { try bytes.withUnsafeBytes { raw in try JSON.parse(raw, what: configPath, nonFinite: true) } }
-            guard let object = json.object else { throw LoLDUError(.format, "\(configPath): not a JSON object") }
-            config = object
+        do throws(LoLDUError) {
+            if let bytes = try AtomicFile.read(configPath, limit: 1 << 24, missingOK: true) {
+                let json = try rethrowing { try bytes.withUnsafeBytes { raw in try JSON.parse(raw, what: configPath, nonFinite: true) } }
+                guard let object = json.object else { throw LoLDUError(.format, "\(configPath): not a JSON object") }
+                config = object
+            }
+        } catch where dtype == nil {
+            // Copied as it is: a config this parser refuses but Python reads (duplicate keys, lone
+            // surrogates) only goes without the check of tied embeddings.
         }
         var layerOf: [String: String] = [:]
         for layer in checkpoint.layers {  // every layer checked before anything is written
@@ -146,20 +151,31 @@ public enum ModelMerge {
         try out.commit(replace: false)
     }
 
-    /// Architectures whose output embedding (`lm_head`, a masked-LM decoder) transformers ties to
-    /// the input embedding when `tie_word_embeddings` is true, its default: their names end in
-    /// one of these (`BertForMaskedLM`, `GPT2LMHeadModel`, `T5ForConditionalGeneration`, …).
-    static let tyingArchitectures = ["LM", "LMHeadModel", "WithLMHead", "ForPreTraining", "ForConditionalGeneration"]
+    /// Architectures without an output embedding (a task head, or the bare encoder): a model whose
+    /// architectures all end in one of these, or are the base model of its `model_type`
+    /// (`BertModel` for "bert", `XLMRobertaModel` for "xlm-roberta"), ties nothing. Every other
+    /// architecture (`BertForMaskedLM`, `GPT2LMHeadModel`, `MarianMTModel`, …) may have an
+    /// `lm_head` that transformers ties to the input embedding.
+    static let headless = ["ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                           "ForMultipleChoice", "ForNextSentencePrediction", "ForCTC", "EncoderModel"]
 
-    /// Refuses (`invalid`) to merge into an embedding matrix (`vocab_size` rows) of a model whose
-    /// input and output embeddings are one tensor when loaded: the adapter changed one of them,
-    /// the merged file would change both. A config without `architectures` cannot say, and is
-    /// taken as tying.
+    /// Refuses (`invalid`) to merge into an embedding matrix (`vocab_size` rows, from the config
+    /// or its `text_config`) of a model that may tie its input and output embeddings
+    /// (`tie_word_embeddings` not false, transformers' default, and an architecture with a head
+    /// that may be an output embedding, or none named): when loaded they are one tensor, so the
+    /// merged file would change both where the adapter changed one.
     static func checkUntied(_ weight: ModelFiles.Weight, layer: String, config: [String: JSON]?, path: String) throws(LoLDUError) {
-        guard let config, config["vocab_size"]?.int == weight.m, config["tie_word_embeddings"]?.bool != false else { return }
-        let architectures = config["architectures"]?.array?.compactMap(\.string)
-        guard architectures?.contains(where: { name in tyingArchitectures.contains { name.hasSuffix($0) } }) ?? true else { return }
-        throw .invalid("layer \"\(layer)\": tensor \"\(weight.key)\" is a \(weight.m)-row embedding matrix of a model that ties its input and output embeddings (\(path): tie_word_embeddings is \(config["tie_word_embeddings"] == nil ? "unset, so true" : "true"), architectures \(architectures.map { "\($0)" } ?? "unset")); merged, it would change both, but the adapter changed one. Merge into a copy of the model saved untied (tie_word_embeddings false, the output embedding a tensor of its own), or adapt other layers")
+        guard let config else { return }
+        let text = config["text_config"]?.object  // (multimodal models keep their language model's settings there)
+        let tie = config["tie_word_embeddings"] ?? text?["tie_word_embeddings"]
+        guard tie?.bool != false, [config["vocab_size"]?.int, text?["vocab_size"]?.int].contains(weight.m) else { return }
+        let family = (config["model_type"]?.string ?? "").lowercased().filter { $0.isLetter || $0.isNumber }
+        let architectures = config["architectures"]?.array?.compactMap(\.string) ?? []
+        let untied = !architectures.isEmpty && architectures.allSatisfy { name in
+            headless.contains { name.hasSuffix($0) } || name.lowercased() == family + "model"
+        }
+        guard !untied else { return }
+        throw .invalid("layer \"\(layer)\": tensor \"\(weight.key)\" is a \(weight.m)-row embedding matrix (vocab_size) of a model that may tie its input and output embeddings (\(path): tie_word_embeddings \(tie == nil ? "unset, so true" : "true"), architectures \(architectures.isEmpty ? "unset" : architectures.joined(separator: ", "))); merged, it would change both, but the adapter changed one. Merge into a copy of the model saved untied (tie_word_embeddings false, the output embedding a tensor of its own), or adapt other layers")
     }
 
     /// The files under `base/relative` that a merge copies (paths relative to `base`), following

@@ -242,7 +242,7 @@ def test_exports_that_would_not_be_exact_or_would_be_cut_short_are_refused(tmp_p
         loldu.export_lora(tmp_path / "big", {"a": big})
     # A name longer than the file system takes: refused before any work, not at the final rename.
     with pytest.raises(loldu.InvalidArgumentError, match="is 256 bytes; the file system .* at most 255 bytes"):
-        loldu.export_lora(tmp_path / ("x" * 256), {"a": a})
+        loldu.export_lora(tmp_path / ("x" * 256), {"a": big})  # (the name first, before any work)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -409,12 +409,14 @@ def test_ctrl_c_stops_a_merge_and_is_raised_after_it(trained_minilm, tmp_path):
     checkpoint, _ = trained_minilm
     calls = []
 
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+
     def progress(done, total, tensor):
+        if not calls:  # (started by the first tensor: the checks before it take longer on a busy machine)
+            timer.start()
         calls.append(tensor)
         time.sleep(0.01)  # (a merge long enough for the timer: about 100 tensors)
 
-    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             loldu.merge_model(checkpoint, minilm_dir(), tmp_path / "merged", progress=progress)
@@ -526,24 +528,37 @@ def test_what_python_and_transformers_write_merges_and_tied_embeddings_are_refus
     begin, end = header["empty"]["data_offsets"]
     assert begin == end
 
+    # (MiniLM's config says model_type "bert": BertModel is its bare encoder)
     for architectures, tied, refused in ((["BertForMaskedLM"], None, True), (["BertForMaskedLM"], True, True),
                                          (None, None, True), (["GPT2LMHeadModel"], None, True),
-                                         (["BertForMaskedLM"], False, False), (["XLMRobertaModel"], None, False)):
+                                         (["MarianMTModel"], None, True), (["BertModel", "BertForMaskedLM"], None, True),
+                                         (["BertForMaskedLM"], False, False), (["BertModel"], None, False),
+                                         (["BertForSequenceClassification"], None, False), ("text_config", None, True)):
         changed = {**config, "architectures": architectures}
         if tied is not None:
             changed["tie_word_embeddings"] = tied
         if architectures is None:
             del changed["architectures"]
+        if architectures == "text_config":  # a multimodal model's language settings
+            changed.update(architectures=["LlavaForConditionalGeneration"], model_type="llava",
+                           text_config={"vocab_size": changed.pop("vocab_size")})
         (base / "config.json").write_text(json.dumps(changed))
         out = tmp_path / "tied"
         if refused:
             with pytest.raises(loldu.InvalidArgumentError,
-                               match=r'"embeddings.word_embeddings".*ties its input and output embeddings.*tie_word_embeddings'):
+                               match=r'"embeddings.word_embeddings".*tie its input and output embeddings.*tie_word_embeddings'):
                 loldu.merge_model(checkpoint, base, out)
             assert not out.exists()
         else:
             loldu.merge_model(checkpoint, base, out)
             shutil.rmtree(out)
+    # A config Python reads but this parser does not (a duplicate key): copied as it is without
+    # --dtype (the tie check then cannot look); with it, which rewrites the config, refused.
+    (base / "config.json").write_text('{"architectures": ["BertForMaskedLM"], "vocab_size": 1, "vocab_size": 2}')
+    loldu.merge_model(checkpoint, base, tmp_path / "duplicate")
+    assert (tmp_path / "duplicate" / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    with pytest.raises(loldu.FormatError, match='duplicate key "vocab_size"'):
+        loldu.merge_model(checkpoint, base, tmp_path / "duplicate16", dtype="float16")
 
 
 def test_adapters_load_from_model_files_without_building_the_model(trained_minilm):
