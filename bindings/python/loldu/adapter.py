@@ -475,11 +475,35 @@ class Adapter:
 
     def set_z(self, values) -> None:
         """Sets z from ``rank`` finite real values (``loldu_set_z``, which checks them)."""
+        values = self._z_values(values)
+        check(_capi.loldu_set_z(self.handle, check_array(values, "z", self.param_dtype, (self.rank,))))
+
+    def set_values(self, z, sigma: float) -> None:
+        """Sets z and σ as one pair: each finite in the parameter type, and every σ·z_k − σ₀·z_ref,k
+        (``loldu_set_sigma``'s rule, applied to the new z). Setting them one after the other would
+        check the new z with the old σ, or the old z with the new σ, and may refuse a valid pair.
+        On refusal the adapter keeps its values."""
+        if self.merged:
+            raise StateError("z and σ cannot be set while the adapter is merged; unmerge first", _capi.LOLDU_ERR_STATE)
+        values = self._z_values(z)
+        check_array(values, "z", self.param_dtype, (self.rank,))
+        params = self.params
+        before = params.copy()
+        params[:-1] = values
+        try:
+            self.sigma = sigma
+        except BaseException:
+            params[:] = before
+            raise
+
+    def _z_values(self, values) -> np.ndarray:
+        """``values`` as a contiguous array of the parameter type (a finite value beyond its range
+        becomes ±inf, for the library to refuse)."""
         given = np.asarray(unmasked(values, "z"))
         if given.dtype.kind not in "fiu" and given.dtype != BFLOAT16:  # (a cast would drop imaginary parts, parse strings, read bools)
             raise InvalidArgumentError(f"z must hold real numbers, got dtype {given.dtype}", _capi.LOLDU_ERR_INVALID_ARGUMENT)
-        values = np.ascontiguousarray(given, dtype=self.param_dtype)
-        check(_capi.loldu_set_z(self.handle, check_array(values, "z", self.param_dtype, (self.rank,))))
+        with np.errstate(over="ignore"):
+            return np.ascontiguousarray(given, dtype=self.param_dtype)
 
     def get_z(self) -> np.ndarray:
         """A copy of z."""

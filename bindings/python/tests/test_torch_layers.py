@@ -773,14 +773,8 @@ def test_a_mixed_batch_sees_replaced_parameters_and_added_or_deleted_adapters():
     layer.update_layer("b", AdapterConfig(rank=4, residual="init", z_init="normal", seed=3))  # re-created
     check()
     layer.delete_adapter("c")
-    other = lt.LoLDULinear(nn.Linear(6, 6), rank=2)
-    other.update_layer("c", AdapterConfig(rank=2))
-    # A deleted adapter's rows, in a model where another layer has it: the base layer's output,
-    # as PEFT gives; named to the layer itself, refused.
-    with torch.no_grad(), lt.mixed_batch(nn.Sequential(layer, other), names):
-        torch.testing.assert_close(layer(x)[0], layer.base_layer(x)[0])
-    with pytest.raises(loldu.InvalidArgumentError, match=r"names \['c'\], which this layer does not have"):
-        layer(x, adapter_names=names)
+    with torch.no_grad():  # a deleted adapter's rows: the base layer's output, as PEFT gives
+        torch.testing.assert_close(layer(x, adapter_names=names)[0], layer.base_layer(x)[0])
     # An adapter the batch does not use, deleted between forward and backward: the gradients of
     # what the forward computed.
     xg = x.clone().requires_grad_()

@@ -808,3 +808,29 @@ def test_unknown_names_and_wrong_kinds_are_refused_before_anything_changes(tmp_p
     assert not torch.equal(model(x), adapted)
     torch.testing.assert_close(lt.merge_and_unload(model, "a")(x), adapted, rtol=1e-5, atol=1e-6)
     assert type(model[0]) is nn.Linear
+
+
+def test_loading_values_checks_them_as_pairs_and_before_any_layer_changes():
+    """z and σ are checked and set as one pair (a valid pair is not refused for the order of its
+    keys), and a model's load_state_dict refuses before torch copies anything into any layer."""
+    torch.manual_seed(3)
+    model = lt.add_loldu(nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6)), ["0", "1"], rank=3)
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        model[1].loldu_sigma["default"].fill_(4.0)
+    pair = {"1.loldu_z": torch.full((3,), 1e38), "1.loldu_sigma": torch.tensor([1.0])}  # 4e38 with σ = 4
+    for order in (list(pair), list(pair)[::-1]):
+        lt.set_loldu_state_dict(model, {k: pair[k] for k in order})
+        assert model[1].loldu_z["default"][0].item() == pytest.approx(1e38) and model[1].loldu_sigma["default"].item() == 1
+        with torch.no_grad():
+            model[1].loldu_sigma["default"].fill_(1.0)
+            model[1].loldu_z["default"].fill_(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    y = model(x)
+    state = {k: v + 1 for k, v in before.items()}  # every tensor changed: layer 0's weight and z too
+    state["1.loldu_z.default"] = torch.full((3,), 3e38)
+    state["1.loldu_sigma.default"] = torch.tensor([2.0])
+    with pytest.raises(loldu.NotFiniteError, match=r"1: the state dict's values of adapter 'default'"):
+        model.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(x), y, rtol=0, atol=0)

@@ -241,6 +241,9 @@ def add_loldu(
     with interrupts_held():
         for install in installs:  # (as PEFT: a new adapter trains only if it is active)
             install()
+        if not root.__dict__.get("_loldu_checks_loads"):
+            root.register_load_state_dict_pre_hook(_check_loaded_values)
+            root._loldu_checks_loads = True
         if mark_trainable:
             set_adapter(model, adapter_name)
             mark_only_loldu_as_trainable(model)
@@ -254,6 +257,15 @@ def add_loldu(
     if mark_trainable and _is_all_linear(target_modules):
         _warn_frozen_heads(root)
     return model
+
+
+def _check_loaded_values(module: nn.Module, state_dict, prefix: str, *args) -> None:
+    """``load_state_dict``'s hook on a model ``add_loldu`` adapted, run before torch copies
+    anything into it: every LoLDU layer's refusals (``LoLDULayer._check_state_dict``) come first,
+    so that a refused load leaves the whole model as it was, not the layers before the refused
+    one loaded (torch loads module by module)."""
+    for name, layer in loldu_layers(module).items():
+        layer._check_state_dict(state_dict, f"{prefix}{name}." if name else prefix)
 
 
 def _warn_frozen_heads(root: nn.Module) -> None:
@@ -527,16 +539,11 @@ def set_loldu_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         layer._check_values(adapter, z, sigma, f"state_dict's {name}.loldu_z / {name}.loldu_sigma")
     saved = {ptr: a.params.copy() for ptr, a in targets.items()}
     try:
-        for key, value in state_dict.items():
-            if key not in own:
-                continue
-            layer, adapter = own[key]
+        for (layer, adapter, _), (z, sigma) in given.items():  # (each pair at once: checked so)
             a = layer._adapters[adapter]
-            if key.endswith(".loldu_z"):
-                a.set_z(value.detach().cpu().to(layer.param_dtype).reshape(-1).numpy())
-            else:
-                a.sigma = float(value.reshape(-1)[0])
-    except BaseException:  # (σ·z overflowing the parameter type): every adapter as it was
+            a.set_values(a.z if z is None else z.detach().cpu().to(layer.param_dtype).reshape(-1).numpy(),
+                         a.sigma if sigma is None else float(sigma.reshape(-1)[0]))
+    except BaseException:  # (an interruption): every adapter as it was
         for ptr, a in targets.items():
             a.params[:] = saved[ptr]
         raise
