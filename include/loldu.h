@@ -63,8 +63,9 @@
  * Threads: BLAS runs with loldu_set_num_threads() threads (OpenBLAS's default otherwise; OpenBLAS
  * splits each of its products as it sees fit); a oneDNN product takes one thread per 8 MFLOP,
  * so one below that runs on the calling thread alone, and where another library loaded OpenMP
- * first (PyTorch), at most the calling thread's OpenMP thread count. In a process that also runs another thread pool (PyTorch, OpenMP), set it to that
- * pool's size or to 1 per worker process to avoid oversubscribing the cores.
+ * first (PyTorch), at most the calling thread's OpenMP thread count. In a process that also
+ * runs another thread pool (PyTorch, OpenMP), set it to that pool's size or to 1 per worker
+ * process to avoid oversubscribing the cores.
  */
 #ifndef LOLDU_H
 #define LOLDU_H
@@ -290,8 +291,8 @@ LOLDU_API loldu_status loldu_adapter_clone(loldu_adapter **out, const loldu_adap
  * Creates a new adapter on `base`'s frozen factors with its own configuration: rank (at most the
  * rank `base` was created with: LU factors are nested, so a rank-r adapter uses the first r
  * columns of A and rows of U_r), alpha, z init, residual mode, seed and train_sigma
- * (config->borrow_weight is checked, 0 or 1, and has no effect: the weight is `base`'s). O(r) time and memory: no
- * factorisation, no copy of W. Thousands of adapters on one base cost one set of factors plus,
+ * (config->borrow_weight is checked, 0 or 1, and has no effect: the weight is `base`'s). O(r)
+ * time and memory: no factorisation, no copy of W. Thousands of adapters on one base cost one set of factors plus,
  * each, z and σ (4·(r + 1) bytes in float) and a few hundred bytes; gradients and work space are
  * allocated on first use. Derived adapters compute, to rounding, what an adapter created directly
  * with that rank computes, and load its checkpoints (the pivots' fingerprint is of the first r).
@@ -900,8 +901,8 @@ LOLDU_API loldu_status loldu_merge_options_default(loldu_merge_options *options)
  * and output embeddings (tie_word_embeddings not false, and an architecture other than a task
  * head or the bare model of its model_type, or none named) is refused,
  * LOLDU_ERR_INVALID_ARGUMENT: merged, it would change both, the adapter one. config.json is
- * copied as it is, NaN / Infinity included (rewritten only for options->dtype). A value that options->dtype cannot hold
- * (beyond float16's 65504) is LOLDU_ERR_NOT_FINITE naming the tensor. `out_dir` appears whole
+ * copied as it is, NaN / Infinity included (rewritten only for options->dtype). A value that
+ * options->dtype cannot hold (beyond float16's 65504) is LOLDU_ERR_NOT_FINITE naming the tensor. `out_dir` appears whole
  * or not at all (see loldu_export_lora): a failure (a full disk, a corrupt shard, a weight that
  * is not the saved one) or a kill leaves no output.
  *

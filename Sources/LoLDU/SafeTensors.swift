@@ -82,37 +82,45 @@ public enum SafeTensors {
         func read(_ tensor: Tensor, into destination: UnsafeMutableRawPointer, as dtype: DType, to type: DType,
                          what: String = "") throws(LoLDUError) {
             guard dtype != type else { return try read(tensor, into: destination) }
-            var next = destination
-            try forEachPiece(of: tensor, as: dtype, to: type, what: what.isEmpty ? self.what : what) { piece throws(LoLDUError) in
-                next.copyMemory(from: piece.baseAddress!, byteCount: piece.count)
-                next += piece.count
+            try forEachRawPiece(of: tensor, size: dtype.byteSize) { raw, first, n throws(LoLDUError) in
+                try convertElementsInRange(raw, dtype, destination + first * type.byteSize, type, count: n,
+                                           what: what.isEmpty ? self.what : what, first: first)
             }
         }
 
         /// The bytes of `tensor` (of element type `dtype`, or raw bytes when nil) converted to
-        /// `type` (nil: as they are) in pieces of at most `pieceBytes` bytes of the file, each
-        /// passed to `body`: the memory of one piece, whatever the tensor's size. A finite value
-        /// beyond the range of `type` is refused (`notFinite`, naming `what`).
-        func forEachPiece(of tensor: Tensor, as dtype: DType?, to type: DType?, pieceBytes: Int = 8 << 20, what: String,
+        /// `type` (nil: as they are) in pieces of at most 8 MiB of the file, each passed to
+        /// `body`: the memory of one piece, whatever the tensor's size. A finite value beyond the
+        /// range of `type` is refused (`notFinite`, naming `what`).
+        func forEachPiece(of tensor: Tensor, as dtype: DType?, to type: DType?, what: String,
                           _ body: (UnsafeRawBufferPointer) throws(LoLDUError) -> Void) throws(LoLDUError) {
-            let size = dtype?.byteSize ?? 1, count = tensor.range.count / size
-            let step = max(1, pieceBytes / size)
-            let raw = try HeapBuffer<UInt8>(count: min(count, step) * size)
-            var conversion: (from: DType, to: DType, into: HeapBuffer<UInt8>)? = nil
-            if let dtype, let type, dtype != type {
-                conversion = (dtype, type, try HeapBuffer<UInt8>(count: min(count, step) * type.byteSize))
+            let size = dtype?.byteSize ?? 1
+            guard let dtype, let type, dtype != type else {
+                return try forEachRawPiece(of: tensor, size: size) { raw, _, n throws(LoLDUError) in
+                    try body(UnsafeRawBufferPointer(start: raw, count: n * size))
+                }
             }
+            var converted: HeapBuffer<UInt8>? = nil  // (sized by the first piece, the largest)
+            try forEachRawPiece(of: tensor, size: size) { raw, first, n throws(LoLDUError) in
+                if converted == nil { converted = try HeapBuffer<UInt8>(count: n * type.byteSize) }
+                let into = converted!
+                try convertElementsInRange(raw, dtype, into.pointer, type, count: n, what: what, first: first)
+                try body(UnsafeRawBufferPointer(start: into.pointer, count: n * type.byteSize))
+            }
+        }
+
+        /// `tensor`'s bytes read in pieces of at most `pieceBytes` (whole elements of `size`
+        /// bytes) into one buffer: `body(piece, its first element, its element count)`.
+        private func forEachRawPiece(of tensor: Tensor, size: Int, pieceBytes: Int = 8 << 20,
+                                     _ body: (UnsafeRawPointer, Int, Int) throws(LoLDUError) -> Void) throws(LoLDUError) {
+            let count = tensor.range.count / size, step = max(1, pieceBytes / size)
+            let raw = try HeapBuffer<UInt8>(count: min(count, step) * size)
             var first = 0
             while first < count {
                 let n = min(step, count - first)
                 let begin = tensor.range.lowerBound + first * size
                 try source.read(begin..<(begin + n * size), into: raw.pointer)
-                if let (from, to, into) = conversion {
-                    try convertElementsInRange(raw.pointer, from, into.pointer, to, count: n, what: what, first: first)
-                    try body(UnsafeRawBufferPointer(start: into.pointer, count: n * to.byteSize))
-                } else {
-                    try body(UnsafeRawBufferPointer(start: raw.pointer, count: n * size))
-                }
+                try body(UnsafeRawPointer(raw.pointer), first, n)
                 first += n
             }
         }
