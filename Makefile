@@ -172,8 +172,8 @@ demo: build python-setup
 compare: build python-setup
 	$(PY_RUN) examples/python/finetune_minilm.py --compare
 
-# The learning-fidelity study: hours of CPU, resumable (build/study/results.jsonl keeps
-# finished runs; start it again to continue); rewrites the study section of docs/results.md.
+# The learning-fidelity study: hours of CPU, resumable (docs/results.jsonl keeps finished
+# runs; start it again to continue); rewrites the study section of docs/results.md.
 study: build python-setup
 	$(PY_RUN) examples/python/study.py $(STUDY_ARGS)
 

@@ -9,6 +9,7 @@
  *     grouped_loop N CALLS [M N_IN RANK BATCH]   (default 384 384 384 256)
  *
  * Rows are spread round-robin over N adapters derived from one base; prints the time per call.
+ * With LOLDU_LOOP_BACKWARD=1 in the environment each call is a forward and a backward with dX.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <loldu.h>
@@ -34,10 +35,12 @@ int main(int argc, char **argv) {
     int r = argc == 7 ? atoi(argv[5]) : 384, batch = argc == 7 ? atoi(argv[6]) : 256;
     if (count < 1 || calls < 1 || m < 1 || n < 1 || r < 1 || batch < 1) return 2;
     float *w = malloc(sizeof(float) * (size_t)m * n), *x = malloc(sizeof(float) * (size_t)batch * n);
-    float *y = malloc(sizeof(float) * (size_t)batch * m);
+    float *y = malloc(sizeof(float) * (size_t)batch * m), *dx = malloc(sizeof(float) * (size_t)batch * n);
+    const char *mode = getenv("LOLDU_LOOP_BACKWARD");
+    int backward = mode && mode[0] == '1';
     int32_t *rows = malloc(sizeof(int32_t) * (size_t)batch);
     loldu_adapter **list = malloc(sizeof(loldu_adapter *) * (size_t)count);
-    if (!w || !x || !y || !rows || !list) return 1;
+    if (!w || !x || !y || !dx || !rows || !list) return 1;
     unsigned long long s = 1;
     for (long i = 0; i < (long)m * n; i++) { s = s * 6364136223846793005ull + 1442695040888963407ull; w[i] = (float)(s >> 40) / (float)(1ull << 24) - 0.5f; }
     for (long i = 0; i < (long)batch * n; i++) { s = s * 6364136223846793005ull + 1442695040888963407ull; x[i] = (float)(s >> 40) / (float)(1ull << 24) - 0.5f; }
@@ -53,13 +56,16 @@ int main(int argc, char **argv) {
     }
     int stride = count > batch ? count / batch : 1;
     for (int b = 0; b < batch; b++) rows[b] = (int32_t)(((long)b * stride) % count);
-    CHECK(loldu_grouped_forward(list, (size_t)count, batch, rows, x, y));
-    double t0 = now();
-    for (int i = 0; i < calls; i++) CHECK(loldu_grouped_forward(list, (size_t)count, batch, rows, x, y));
-    printf("N = %d, %d × %d, r = %d, B = %d: %.3f ms per loldu_grouped_forward\n", count, m, n, r, batch,
-           1e3 * (now() - t0) / calls);
+    double t0 = 0;
+    for (int i = -1; i < calls; i++) {  /* call -1 warms up */
+        if (i == 0) t0 = now();
+        CHECK(loldu_grouped_forward(list, (size_t)count, batch, rows, x, y));
+        if (backward) CHECK(loldu_grouped_backward(list, (size_t)count, batch, rows, x, y, dx));
+    }
+    printf("N = %d, %d × %d, r = %d, B = %d: %.3f ms per loldu_grouped_forward%s\n", count, m, n, r, batch,
+           1e3 * (now() - t0) / calls, backward ? " + loldu_grouped_backward" : "");
     for (int i = 0; i < count; i++) loldu_adapter_free(list[i]);
     loldu_adapter_free(base);
-    free(w); free(x); free(y); free(rows); free(list);
+    free(w); free(x); free(y); free(dx); free(rows); free(list);
     return 0;
 }

@@ -18,10 +18,13 @@ seeds 0, 1, 2, the finalists only; seeds 3 and 4 for the leaders, LoRA's best se
 LoLDU's default, whose seeds spread about as much as their gap). The seed chooses the split, the head's init and the batch
 order, the same for every method, so differences between methods are paired.
 
-Resumable: each finished run appends one JSON line to ``build/study/results.jsonl`` (setting,
+Resumable: each finished run appends one JSON line to ``docs/results.jsonl`` (setting,
 seed, budget, accuracy per epoch, final loss, trainable parameters, median step time, wall time,
 ‖ΔW‖/‖W‖ at init and at the end); runs already in that file are skipped, so the script can be
-stopped at any point and started again. The section of docs/results.md between the study
+stopped at any point and started again. The file is part of the repository: the tables can be
+rendered again anywhere, and new runs add to them. (Records marked ``recovered`` were rebuilt
+from the rendered tables after the original file was lost: their values are the tables' rounded
+ones, and their loss, ‖ΔW‖/‖W‖ and step time are the per-setting figures of the table.) The section of docs/results.md between the study
 markers is regenerated from that file (``make compare`` keeps it).
 
 The scale-aware update is prototyped here (``ScaledAdamW``), in torch, since the library's
@@ -61,7 +64,7 @@ import loldu  # noqa: E402
 import loldu.torch as lt  # noqa: E402
 import finetune_minilm as fm  # noqa: E402
 
-RESULTS = os.path.join(ROOT, "build", "study", "results.jsonl")
+RESULTS = os.path.join(ROOT, "docs", "results.jsonl")
 DOC = os.path.join(ROOT, "docs", "results.md")
 BEGIN, END = fm.STUDY_BEGIN, "<!-- study:end -->"
 
@@ -96,11 +99,13 @@ class Setting:
     residual: str = "pivots"
     update: str = "adamw"            # "adamw", or the scale-aware "rel" / "effect" (z only)
     bias: bool = False               # the adapted layers' biases train too (PEFT's bias="lora_only")
+    norms: bool = False              # the encoder's LayerNorm weights and biases train too
     epochs: int = 3
 
     def key(self) -> str:
         # Axes added later appear only when not at their default, so earlier runs keep their ids.
-        extra = ("|bias" if self.bias else "") + (f"|epochs={self.epochs}" if self.epochs != 3 else "")
+        extra = (("|bias" if self.bias else "") + ("|norms" if self.norms else "")
+                 + (f"|epochs={self.epochs}" if self.epochs != 3 else ""))
         if self.method == "lora":
             return f"lora|r={self.rank}|t={self.targets}|lr={self.lr:g}" + extra
         return (f"loldu|r={self.rank}|alpha={'r' if self.alpha is None else f'{self.alpha:g}'}|"
@@ -108,7 +113,8 @@ class Setting:
                 f"t={self.targets}|upd={self.update}|lr={self.lr:g}" + extra)
 
     def suffix(self) -> str:
-        return ("; biases trained" if self.bias else "") + (f"; {self.epochs} epochs" if self.epochs != 3 else "")
+        return (("; biases trained" if self.bias else "") + ("; LayerNorms trained" if self.norms else "")
+                + (f"; {self.epochs} epochs" if self.epochs != 3 else ""))
 
     def label(self) -> str:
         if self.method == "lora":
@@ -376,6 +382,10 @@ def build(setting: Setting, seed: int):
         lt.add_loldu(model.encoder, target_modules=targets, rank=setting.rank, alpha=setting.alpha,
                      z_init=setting.z_init, residual=setting.residual, train_sigma=setting.train_sigma)
         lt.mark_only_loldu_as_trainable(model.encoder, bias="loldu_only" if setting.bias else "none")
+    if setting.norms:
+        for module in model.encoder.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.requires_grad_(True)
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     groups = [{"params": list(model.head.parameters()), "lr": 2e-3, "weight_decay": 0.0},
               {"params": encoder_params, "lr": setting.lr, "weight_decay": 0.0}]
@@ -467,7 +477,8 @@ def render(results: list[dict]) -> str:
     lines = [BEGIN, "", "## Learning-fidelity study", ""]
     lines += [
         "Produced by `make study` (`python3 examples/python/study.py`; resumable: runs are appended to "
-        "`build/study/results.jsonl` and skipped when done; this section is rewritten from that file). "
+        "`docs/results.jsonl`, kept in the repository, and skipped when done; this section is rewritten from that "
+        "file). "
         f"Protocol of `make compare`: all-MiniLM-L6-v2, Rotten Tomatoes, mean pooling and a linear head "
         "(trained at 2e-3 in every method), AdamW with 30 warm-up steps then linear decay, 3 epochs of "
         "batches of 32, no weight decay, no dropout; only the adapter, its learning rate and its update "
